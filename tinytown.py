@@ -1559,7 +1559,7 @@ class Town:
         config_path = root / CONFIG_FILE
         created = not config_path.exists()
         if created:
-            name = _check_name(name, "town name") if name else _sanitize_name(root.name)
+            name = _check_name(name, "town name") if name is not None else _sanitize_name(root.name)
             root.mkdir(parents=True, exist_ok=True)
             _write_atomic(config_path, _default_config_text(name))
             try:
