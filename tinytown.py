@@ -153,16 +153,25 @@ PRESETS: dict[str, tuple[str, dict[str, str]]] = {
     "opencode": ("opencode run --auto", {}),
     "amp": ("amp -x --dangerously-allow-all", {}),
     "goose": ("goose run --no-session -q -i -", {"GOOSE_MODE": "auto"}),
-    # The scripted stand-in (section "Demo agent"); {python} and {module} are filled in.
-    "demo": ("{python} {module} demo-agent", {}),
+    # The scripted stand-in (section "Demo agent"); {tt} runs this module.
+    "demo": ("{tt} demo-agent", {}),
 }
+
+
+def _self_command() -> str:
+    """A shell command running this very module (installed or vendored) as `-m`.
+
+    `-m` rather than the file's path: an imported module is compiled once and cached,
+    a script is compiled on every start (slower, and 8 MB more memory per loop).
+    """
+    module = Path(__file__).resolve()
+    return (f"PYTHONPATH={shlex.quote(str(module.parent))}${{PYTHONPATH:+:$PYTHONPATH}} "
+            f"{shlex.quote(sys.executable)} -m {module.stem}")
 
 
 def _fill_command(command: str, prompt_file: Path) -> str:
     """A CLI command line with its placeholders filled in (all shell-quoted)."""
-    return (command.replace("{prompt_file}", shlex.quote(str(prompt_file)))
-            .replace("{python}", shlex.quote(sys.executable))
-            .replace("{module}", shlex.quote(str(Path(__file__).resolve()))))
+    return command.replace("{prompt_file}", shlex.quote(str(prompt_file))).replace("{tt}", _self_command())
 
 
 def _now() -> str:
@@ -927,13 +936,13 @@ class RedisServer:
         if done.returncode != 0:
             raise RedisServerError(f"{binary} failed to start: {(done.stderr or done.stdout).strip()}")
         deadline = time.monotonic() + SERVER_START_TIMEOUT
-        pause = 0.002
+        pause = 0.001
         while not self.ping():
             if time.monotonic() > deadline:
                 raise RedisServerError(f"redis-server did not answer on {self.display_url} within"
                                        f" {SERVER_START_TIMEOUT:.0f}s; {self._log_tail()}")
             time.sleep(pause)  # readiness is a PING, polled finely under a deadline
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 1.5, 0.02)
         log.info("started redis-server on %s", self.display_url)
 
     def _log_tail(self) -> str:
@@ -1703,12 +1712,14 @@ class Town:
         """Start `agent-loop` detached: its own session, output to .tt/logs/NAME.log."""
         logs = self._root / RUNTIME_DIR / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        module = Path(__file__).resolve()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(module.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
         with open(logs / f"{name}.log", "ab") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "-t", str(self._root),
-                 "agent-loop", agent_id],
+            proc = subprocess.Popen(  # `ps` shows which town the loop serves
+                [sys.executable, "-m", module.stem, "-t", str(self._root), "agent-loop", agent_id],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                cwd=self._root, start_new_session=True, close_fds=True)
+                cwd=self._root, env=env, start_new_session=True, close_fds=True)
         self._spawned[agent_id] = proc
         self.redis.hset(self.keys.agent(agent_id), "pid", proc.pid)
 
@@ -2164,7 +2175,7 @@ class _ForcedStop(BaseException):
     """Raised by the signal handler to leave the loop now (not a TinytownError)."""
 
 
-_SHIM = '#!/bin/sh\n# tinytown CLI for agents of this town (written by the agent loop)\nexec {python} {module} "$@"\n'
+_SHIM = '#!/bin/sh\n# tinytown CLI for agents of this town (written by the agent loop)\n{tt} "$@"\n'
 
 
 def _write_shims(root: Path) -> Path:
@@ -2468,7 +2479,11 @@ class AgentLoop:
         """Run the CLI once in its own process group; (exit code or None, outcome)."""
         uses_file = "{prompt_file}" in self.cli.command
         command = _fill_command(self.cli.command, prompt_file)
-        env = {**os.environ, **self.cli.env,
+        # The loop's PYTHONPATH names this module's folder (see _launch_loop); the CLI's need not.
+        module_dir = str(Path(__file__).resolve().parent)
+        python_path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                      if p and p != module_dir)
+        env = {**os.environ, "PYTHONPATH": python_path, **self.cli.env,
                "TINYTOWN_AGENT_ID": agent.id, "TINYTOWN_AGENT_NAME": agent.name,
                "TINYTOWN_TOWN": str(self.town.root),
                "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
@@ -2877,12 +2892,21 @@ def _cmd_history(args: Any) -> tuple[Any, str]:
     with _open_town(args) as town:
         agent_id = town.resolve_agent(args.agent) if args.agent else None
         events = town.channel.events(args.n, agent_id)
-        return events, "\n".join(_event_line(e) for e in events) or "no events"
+        names = _agent_names(town)
+        return events, "\n".join(_event_line(e, names) for e in events) or "no events"
 
 
-def _event_line(event: dict[str, str]) -> str:
-    rest = " ".join(f"{k}={v[:60]}" for k, v in event.items() if k not in ("id", "event", "at"))
+def _event_line(event: dict[str, str], names: dict[str, str]) -> str:
+    def shown(key: str, value: str) -> str:
+        if key == "agent":
+            return names.get(value, value[:8])
+        return value[:8] if key == "task" else value[:60]
+    rest = " ".join(f"{k}={shown(k, v)}" for k, v in event.items() if k not in ("id", "event", "at"))
     return f"{event.get('at', '')} {event.get('event', ''):<18} {rest}"
+
+
+def _agent_names(town: Town) -> dict[str, str]:
+    return {CONDUCTOR_ID: "conductor", **{a.id: a.name for a in town.list_agents()}}
 
 
 def _cmd_events(args: Any) -> int | tuple[Any, str]:
@@ -2891,10 +2915,13 @@ def _cmd_events(args: Any) -> int | tuple[Any, str]:
         agent_id = town.resolve_agent(args.agent) if args.agent else None
         if not args.follow:
             events = town.channel.events(args.count, agent_id)
-            return events, "\n".join(_event_line(e) for e in events) or "no events"
+            names = _agent_names(town)
+            return events, "\n".join(_event_line(e, names) for e in events) or "no events"
+        names = _agent_names(town)
         for event in town.channel.follow_events():
             if event and (agent_id is None or event.get("agent") == agent_id):
-                print(json.dumps(event) if args.json else _event_line(event), flush=True)
+                names = names if event.get("agent", CONDUCTOR_ID) in names else _agent_names(town)
+                print(json.dumps(event) if args.json else _event_line(event, names), flush=True)
         return 0
 
 

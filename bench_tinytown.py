@@ -1,0 +1,359 @@
+"""Performance targets of SPEC section 10, each a ratio against a raw baseline.
+
+Every figure is the median of several repetitions, measured in the same run on the
+same machine and Redis as its baseline.  Prints a table and writes
+bench_results.json.  `python bench_tinytown.py [--quick] [--only P1,P2]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import redis
+
+import tinytown
+from tinytown import Message, Task, Town
+
+MODULE = str(Path(tinytown.__file__).resolve())
+REPEATS = 5
+
+
+def median_of(fn, repeats=REPEATS):
+    return statistics.median(fn() for _ in range(repeats))
+
+
+class Bench:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.root = Path(tempfile.mkdtemp(prefix="tt-bench-"))
+        os.environ.pop("REDIS_URL", None)
+        self.town = Town.init(self.root / "town", "bench", max_agents=100, agent={"heartbeat_secs": 5})
+        self.client = self.town.redis
+        self.results: list[dict] = []
+
+    def close(self):
+        self.town.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def record(self, pid, what, value, baseline, target, unit="ms", note=""):
+        ratio = value / baseline if baseline else float("nan")
+        self.results.append({"id": pid, "what": what, "value": round(value, 4),
+                             "baseline": round(baseline, 4), "unit": unit, "ratio": round(ratio, 2),
+                             "target": target, "met": ratio <= target, "note": note})
+        print(f"{pid:<3} {what:<58} {value:>9.3f} {unit:<3} vs {baseline:>9.3f} {unit:<3}"
+              f" = {ratio:5.2f}x (target <= {target}x) {'ok' if ratio <= target else 'MISSED'}"
+              f"{'  ' + note if note else ''}", flush=True)
+
+    # P1 ----------------------------------------------------------------------
+    def p1_round_trip(self):
+        n = 500 if self.quick else 2000
+        channel = self.town.channel
+        agent = self.town.spawn_agent("p1", "demo", start=False)
+        blob = Message(type="task", to=agent.id, body={"description": "x" * 100}).to_json()
+
+        def raw():
+            start = time.perf_counter()
+            for _ in range(n):
+                self.client.rpush("bench:raw", blob)
+                self.client.blpop(["bench:raw"], timeout=1)
+            return (time.perf_counter() - start) / n * 1000
+
+        def ours():
+            start = time.perf_counter()
+            for _ in range(n):
+                channel.send(Message(type="task", to=agent.id, body={"description": "x" * 100}))
+                channel.receive(agent.id, timeout=1)
+            return (time.perf_counter() - start) / n * 1000
+
+        self.record("P1", "send -> receive round trip (Channel vs RPUSH+BLPOP)",
+                    median_of(ours), median_of(raw), 1.5)
+
+    # P2 ----------------------------------------------------------------------
+    def p2_wake_up(self):
+        n = 20 if self.quick else 50
+        # Baseline: a child process answering BLPOP ping-pong; one-way = round trip / 2.
+        child = subprocess.Popen([sys.executable, "-c", (
+            "import redis,sys\n"
+            f"r = redis.Redis(unix_socket_path={str(self.town.server.socket_path)!r})\n"
+            "while True:\n"
+            "    _, v = r.blpop(['bench:ping'])\n"
+            "    if v == b'quit': break\n"
+            "    r.rpush('bench:pong', v)\n")])
+
+        def raw():
+            start = time.perf_counter()
+            for _ in range(n):
+                self.client.rpush("bench:ping", "x")
+                self.client.blpop(["bench:pong"], timeout=5)
+            return (time.perf_counter() - start) / n / 2 * 1000
+
+        baseline = median_of(raw)
+        self.client.rpush("bench:ping", "quit")
+        child.wait(10)
+
+        config_path = self.town.root / "tinytown.toml"
+        tinytown.set_config_value(config_path, "agent_clis.noop.command", "true")
+        tinytown.set_config_value(config_path, "agent.max_rounds", 100000)
+        town = Town(self.town.root)
+        agent = town.spawn_agent("p2", "noop")
+        self._wait_state(town, agent.id, "idle")
+        events = town.keys.events
+
+        def ours():
+            samples = []
+            for _ in range(n):
+                self._wait_state(town, agent.id, "idle")
+                after = town.channel.last_event_id()
+                start = time.perf_counter()
+                town.channel.send(Message(type="task", to=agent.id, body={"description": "go"}))
+                while True:
+                    reply = town.redis.xread({events: after}, block=5000)
+                    entries = reply[0][1] if reply else []
+                    after = entries[-1][0] if entries else after
+                    if any(e.get("event") == "agent_working" for _, e in entries):
+                        samples.append((time.perf_counter() - start) * 1000)
+                        break
+            return statistics.median(samples)
+
+        value = median_of(ours, 3)
+        town.kill_agent(agent.id)
+        town.wait_agent(agent.id, 30)
+        town.release()
+        town.close()
+        self.record("P2", "wake-up: send -> idle loop's round starts (vs BLPOP one-way)",
+                    value, baseline, 3.0, note="includes the XREAD hop that observes it")
+
+    def _wait_state(self, town, agent_id, state, timeout=30):
+        deadline = time.monotonic() + timeout
+        while town.channel.get_agent(agent_id).state != state:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent never became {state}")
+            time.sleep(0.005)
+
+    # P3 ----------------------------------------------------------------------
+    def p3_list(self):
+        for i in range(10):
+            self.town.spawn_agent(f"p3-{i}", "demo", start=False)
+
+        def timed(argv):
+            def once():
+                start = time.perf_counter()
+                subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+                return (time.perf_counter() - start) * 1000
+            once()  # warm the page cache
+            return median_of(once, 7)
+
+        baseline = timed([sys.executable, "-c", "import redis"])
+        ours = timed([sys.executable, MODULE, "-t", str(self.town.root), "list"])
+        self.record("P3", "`tt list` wall time, 10 agents (vs python -c 'import redis')",
+                    ours, baseline, 1.25)
+
+    # P4 ----------------------------------------------------------------------
+    def p4_status(self):
+        agents_n, tasks_n = (200, 20_000) if self.quick else (1000, 100_000)
+        keys = tinytown.Keys("big")
+        pipe = self.client.pipeline(transaction=False)
+        ids = []
+        for i in range(agents_n):
+            agent = tinytown.Agent(id=str(uuid.uuid4()), name=f"a{i}", state="idle", cli="demo",
+                                   created_at=tinytown._now())
+            ids.append(agent.id)
+            pipe.hset(keys.agent(agent.id), mapping=tinytown._to_hash(agent))
+            pipe.hset(keys.agents, agent.name, agent.id)
+        for i in range(tasks_n):
+            task = Task(description=f"task {i}", state="completed", assigned_to=ids[i % agents_n])
+            pipe.hset(keys.task(task.id), mapping=tinytown._to_hash(task))
+            pipe.zadd(keys.tasks, {task.id: i})
+            if i % 5000 == 0:
+                pipe.execute()
+        pipe.hset(keys.task_counts, "completed", tasks_n)
+        pipe.execute()
+        root = self.root / "big"
+        root.mkdir()
+        (root / "tinytown.toml").write_text('name = "big"\n')
+        url = f"unix://{self.town.server.socket_path}"
+        env = {**os.environ, "REDIS_URL": url}
+
+        def raw():
+            start = time.perf_counter()
+            client = redis.Redis(unix_socket_path=str(self.town.server.socket_path), decode_responses=True)
+            names = client.hgetall(keys.agents)
+            pipe = client.pipeline(transaction=False)
+            for agent_id in names.values():
+                pipe.hgetall(keys.agent(agent_id))
+            json.dumps(pipe.execute())
+            return (time.perf_counter() - start) * 1000
+
+        def ours():
+            os.environ["REDIS_URL"] = url
+            try:
+                start = time.perf_counter()
+                with Town(root) as town:
+                    json.dumps(town.status(), default=str)
+                return (time.perf_counter() - start) * 1000
+            finally:
+                os.environ.pop("REDIS_URL")
+
+        value, baseline = median_of(ours), median_of(raw)
+        wall = median_of(lambda: self._wall([sys.executable, MODULE, "-t", str(root), "status", "--json"], env), 3)
+        self.record("P4", f"status, {agents_n} agents + {tasks_n} tasks (vs raw pipelined fetch)",
+                    value, baseline, 3.0, note=f"`tt status --json` wall {wall:.0f} ms")
+
+    @staticmethod
+    def _wall(argv, env):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+        return (time.perf_counter() - start) * 1000
+
+    # P5 ----------------------------------------------------------------------
+    def p5_idle_commands(self):
+        seconds = 20 if self.quick else 60
+        folder = self.root / "p5"
+        with Town.init(folder, "p5", agent={"heartbeat_secs": 5}) as town:  # its own server
+            agent = town.spawn_agent("idle", "demo")
+            self._wait_state(town, agent.id, "idle")
+            time.sleep(1)
+            town.redis.config_resetstat()
+            time.sleep(seconds)
+            stats = town.redis.info("commandstats")
+            calls = sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config"))
+            per_minute = calls * 60 / seconds
+            town.kill_agent(agent.id)
+        # The anchor polls several times a second: call that 3/s = 180 a minute.
+        self.record("P5", f"Redis commands of one idle loop per minute (measured {seconds}s)",
+                    per_minute, 30, 1.0, unit="cmd", note="baseline = the 30/min budget")
+
+    # P6 ----------------------------------------------------------------------
+    def p6_drain(self):
+        agents_n, tasks_n = 8, (200 if self.quick else 2000)
+        folder = self.root / "p6"
+        with Town.init(folder, "p6", max_agents=10, agent={"max_rounds": 100000}) as town:
+            # Bare cost: the demo CLI itself on a one-task prompt, outside any loop.
+            env = {**os.environ, "TINYTOWN_TOWN": str(folder), "TINYTOWN_AGENT_NAME": "bare"}
+
+            def bare():
+                task = town.backlog_add("bare task")
+                town.redis.lrem(town.keys.backlog, 0, task.id)
+                prompt = tinytown.build_prompt(town, tinytown.Agent(id="x", name="bare"), [
+                    Message(type="task_assign", to="x", body={"task_id": task.id, "description": "bare"})], 1)
+                start = time.perf_counter()
+                subprocess.run([sys.executable, MODULE, "demo-agent"], input=prompt.encode(),
+                               env=env, check=True, stdout=subprocess.DEVNULL)
+                return (time.perf_counter() - start) * 1000
+
+            bare_ms = median_of(bare)
+            for i in range(tasks_n):
+                town.backlog_add(f"job {i}")
+            start = time.perf_counter()
+            for i in range(agents_n):
+                town.spawn_agent(f"w{i}", "demo")
+            while town.channel.task_counts().get("completed", 0) < tasks_n + REPEATS:
+                town.redis.blpop(["bench:never"], timeout=0.5)
+            wall = time.perf_counter() - start
+            rounds = sum(a.rounds_completed for a in town.list_agents())
+        # 8 loops share 2 cores: per round, the machine spent wall * cores / rounds.
+        cores = os.cpu_count() or 1
+        per_round = wall * 1000 * min(cores, agents_n) / rounds
+        self.record("P6", f"{agents_n} demo agents drain {tasks_n} tasks: cost per round",
+                    per_round, bare_ms, 2.0,
+                    note=f"{rounds} rounds in {wall:.1f}s; baseline = the demo CLI run alone")
+
+    # P7 ----------------------------------------------------------------------
+    def p7_init(self):
+        binary = str(tinytown.find_redis_server())
+
+        def bare():
+            folder = Path(tempfile.mkdtemp(dir=self.root))
+            sock = folder / "r.sock"
+            start = time.perf_counter()
+            subprocess.run([binary, "-"], input=(
+                f"daemonize yes\nport 0\nunixsocket {sock}\ndir {folder}\npidfile {folder}/r.pid\n"
+                f"logfile {folder}/r.log\nappendonly yes\nappendfsync everysec\nsave \"\"\n"),
+                text=True, check=True)
+            client = redis.Redis(unix_socket_path=str(sock))
+            while True:
+                try:
+                    client.ping()
+                    break
+                except (redis.ConnectionError, FileNotFoundError):
+                    time.sleep(0.002)
+            elapsed = (time.perf_counter() - start) * 1000
+            client.shutdown(nosave=True)
+            return elapsed
+
+        def ours():
+            folder = Path(tempfile.mkdtemp(dir=self.root))
+            start = time.perf_counter()
+            town = Town.init(folder, "p7")
+            elapsed = (time.perf_counter() - start) * 1000
+            town.close()
+            return elapsed
+
+        self.record("P7", "Town.init to ready (vs bare redis-server start-to-PING)",
+                    median_of(ours), median_of(bare), 1.5)
+
+    # P8 ----------------------------------------------------------------------
+    def p8_rss(self):
+        def rss_kb(pid):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+            return 0
+
+        bare = subprocess.Popen([sys.executable, "-c", (
+            "import redis, time\n"
+            f"r = redis.Redis(unix_socket_path={str(self.town.server.socket_path)!r}); r.ping()\n"
+            "time.sleep(30)\n")])
+        agent = self.town.spawn_agent("p8", "demo")
+        self._wait_state(self.town, agent.id, "idle")
+        time.sleep(1)
+        pid = int(self.town.channel.get_agent(agent.id).pid)
+        ours, baseline = rss_kb(pid) / 1024, rss_kb(bare.pid) / 1024
+        bare.kill()
+        bare.wait()
+        self.town.kill_agent(agent.id)
+        self.record("P8", "RSS of one idle agent loop (vs python + redis idle)", ours, baseline,
+                    1.3, unit="MiB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter windows")
+    parser.add_argument("--only", help="comma-separated ids, e.g. P1,P3")
+    parser.add_argument("--out", default="bench_results.json")
+    args = parser.parse_args()
+    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8").upper().split(","))
+    bench = Bench(args.quick)
+    steps = {"P1": bench.p1_round_trip, "P2": bench.p2_wake_up, "P3": bench.p3_list,
+             "P4": bench.p4_status, "P5": bench.p5_idle_commands, "P6": bench.p6_drain,
+             "P7": bench.p7_init, "P8": bench.p8_rss}
+    try:
+        for key, step in steps.items():
+            if key in chosen:
+                step()
+    finally:
+        bench.close()
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+                         f"Python {platform.python_version()}",
+              "redis": ".".join(map(str, tinytown.redis_server_version(tinytown.find_redis_server()))),
+              "quick": args.quick, "results": bench.results}
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
