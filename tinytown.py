@@ -1461,6 +1461,18 @@ class Channel:
     def backlog(self) -> list[Task]:
         return self._tasks_by_id(self.redis.lrange(self.keys.backlog, 0, -1))
 
+    def backlog_matching(self, wanted: Callable[[Task], bool], limit: int, page: int = 50) -> list[Task]:
+        """The first `limit` backlog tasks `wanted` accepts, read a page at a time."""
+        found: list[Task] = []
+        start = 0
+        while len(found) < limit:
+            task_ids = self.redis.lrange(self.keys.backlog, start, start + page - 1)
+            found += [task for task in self._tasks_by_id(task_ids) if wanted(task)]
+            if len(task_ids) < page:
+                break
+            start += page
+        return found[:limit]
+
     def _tasks_by_id(self, task_ids: list[str]) -> list[Task]:
         pipe = self.redis.pipeline(transaction=False)
         for task_id in task_ids:
@@ -1964,15 +1976,23 @@ class Town:
         names = set(self.redis.smembers(self.keys.resume))
         if record.exists():
             names |= set(json.loads(record.read_text()))
-        restarted = []
+        restarted, elsewhere = [], []
+        here = socket.gethostname()
         for name in sorted(names):
             try:
+                agent = self._channel.get_agent(self.resolve_agent(name))
+                if agent and agent.host and agent.host != here:
+                    elsewhere.append(name)  # its own host's `tt start` brings it back
+                    continue
                 self.restart_agent(name)
                 restarted.append(name)
             except (AgentNotFound, InvalidTransition) as exc:
                 log.info("not restarting %s: %s", name, exc)
         self.redis.delete(self.keys.resume)
         record.unlink(missing_ok=True)
+        if elsewhere:
+            self.redis.sadd(self.keys.resume, *elsewhere)
+            _write_atomic(record, json.dumps(elsewhere))
         return {"agents": restarted}
 
     # -- messages and tasks ------------------------------------------------------
@@ -2232,7 +2252,7 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
         lines += ["## For your information", ""]
         lines += [f"- {m.type} from {who(m.from_)}: {m.text}" for m in informational]
         lines.append("")
-    matching = [t for t in town.backlog() if _tags_match(t.tags, agent)][:5]
+    matching = town.channel.backlog_matching(lambda task: _tags_match(task.tags, agent), 5)
     if matching:
         lines += ["## Backlog you could claim", ""]
         lines += [f"- {t.id[:8]}: {t.description} (`tt backlog claim {t.id[:8]} {agent.name}`)"
@@ -2278,6 +2298,7 @@ class AgentLoop:
         self._stop_requested = False
         self._signals = 0
         self._in_round = False
+        self._finishing = False
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -2310,7 +2331,7 @@ class AgentLoop:
         # signal while idle, where there is nothing to finish) leaves at once.
         self._signals += 1
         self._stop_requested = True
-        if self._signals > 1 or not self._in_round:
+        if not self._finishing and (self._signals > 1 or not self._in_round):
             raise _ForcedStop()
 
     def _begin(self) -> None:
@@ -2328,6 +2349,7 @@ class AgentLoop:
         log.info("agent %s: loop %s serving town %s", self.agent.name, self.identity, self.town.name)
 
     def _finish(self, final: str, error: str | None) -> None:
+        self._finishing = True  # from here on a signal must not cut the bookkeeping short
         try:
             self.channel.redis.connection_pool.disconnect()  # a signal may have cut a reply short
             self.channel.settle(self.agent.id, set(), "the loop stopped mid-round", count_attempt=False)
@@ -2408,11 +2430,14 @@ class AgentLoop:
 
     def _claim_backlog(self) -> bool:
         agent = self.channel.get_agent(self.agent.id) or self.agent
-        for task in self.channel.backlog():
-            if _tags_match(task.tags, agent) and self.channel.claim(task.id, agent.id, sender=agent.id):
-                log.info("agent %s: claimed backlog task %s", agent.name, task.id[:8])
-                return True
-        return False
+        while True:  # each lost race means another agent took a task: the backlog shrinks
+            candidates = self.channel.backlog_matching(lambda task: _tags_match(task.tags, agent), 10)
+            if not candidates:
+                return False
+            for task in candidates:
+                if self.channel.claim(task.id, agent.id, sender=agent.id):  # None: lost the race
+                    log.info("agent %s: claimed backlog task %s", agent.name, task.id[:8])
+                    return True
 
     # -- a round -----------------------------------------------------------------
 
@@ -2660,8 +2685,9 @@ def _cmd_status(args: Any) -> tuple[Any, str]:
     """The town, its Redis, its agents (liveness, inbox, task) and task counts."""
     with _open_town(args) as town:
         status = town.status(deep=args.deep)
+        tasks = town.tasks() if args.tasks else []
         if args.tasks:
-            status["task_list"] = [t.to_dict() for t in town.tasks()]
+            status["task_list"] = [t.to_dict() for t in tasks]
         lines = [f"town {status['town']} at {status['root']}",
                  f"redis {status['redis']['url']}" + (f" (pid {status['redis']['pid']})"
                                                      if status['redis']['pid'] else ""),
@@ -2677,8 +2703,7 @@ def _cmd_status(args: Any) -> tuple[Any, str]:
         counts = ", ".join(f"{n} {s}" for s, n in status["tasks"].items()) or "none"
         lines.append(f"tasks: {counts}; backlog: {status['backlog']};"
                      f" conductor inbox: {status['conductor_inbox']}")
-        if args.tasks:
-            lines += ["  " + _task_line(_from_hash(Task, _to_hash(Task(**t)))) for t in status["task_list"]]
+        lines += ["  " + _task_line(task) for task in tasks]
         return status, "\n".join(lines)
 
 
