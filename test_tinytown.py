@@ -7,6 +7,7 @@ session (unix socket); `town`, a fresh town on that server (REDIS_URL, unique na
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,8 +22,9 @@ import pytest
 import redis
 
 import tinytown
-from tinytown import (AgentAmbiguous, AgentNotFound, ConfigError, InvalidName, Message, Priority,
-                      RedisServerError, Task, TaskNotFound, Town, main)
+from tinytown import (AgentAmbiguous, AgentNotFound, ConfigError, InvalidName, InvalidTransition,
+                      Message, Priority, RedisServerError, SpawnError, Task, TaskNotFound, Town,
+                      main)
 
 MODULE = Path(tinytown.__file__).resolve()
 
@@ -385,6 +387,481 @@ def test_long_project_path_uses_a_short_socket(tmp_path, monkeypatch):
         assert town.redis.ping()
         assert len(str(town.server.socket_path)) < 108
         assert (deep / ".tt" / "socket").read_text().strip() == str(town.server.socket_path)
+
+
+# Channel and town records ###################################################
+# Delivery order, the reliable take/settle cycle, tasks, the backlog, concurrency,
+# isolation of towns, agent references and names.  Agents are registered without a
+# loop (`start=False`), so every message stays where the test puts it.
+
+@pytest.fixture(autouse=True)
+def _as_the_conductor(monkeypatch):
+    monkeypatch.delenv("TINYTOWN_AGENT_ID", raising=False)  # `tt inbox` then means the conductor
+
+
+def worker(town, name="w1", **options):
+    return town.spawn_agent(name, "demo", start=False, **options)
+
+
+def assignment_id(messages):
+    return next(m.id for m in messages if m.type == "task_assign")
+
+
+def fail_cli(*argv, town_path=None):
+    """A CLI call that must fail: exit 1 and exactly one `tt: error:` line, no traceback."""
+    code, out, err = tt(*argv, town_path=town_path)
+    assert code == 1, (out, err)
+    assert err.startswith("tt: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+# -- priority order --
+
+def test_urgent_then_high_then_normal_and_low_fifo_within_each(town):
+    w = worker(town)
+    sent = [w.send(text, priority=prio) for text, prio in [
+        ("n1", "normal"), ("h1", "high"), ("l1", "low"), ("u1", "urgent"),
+        ("n2", "normal"), ("h2", "high"), ("u2", "urgent")]]
+    order = ["u1", "u2", "h1", "h2", "n1", "l1", "n2"]  # low shares the normal queue, FIFO
+    assert [m.text for m in w.inbox()] == order  # peek leaves them in place
+    assert [m["description"] for m in tt_json("inbox", "w1")] == order
+    assert [m["id"] for m in tt_json("inbox", w.id)] == [m.id for m in town.channel.peek(w.id)]
+    assert w.inbox_len() == 7
+
+    assert town.channel.receive(w.id, timeout=5).text == "u1"
+    received = []
+    while (message := town.channel.try_receive(w.id)) is not None:
+        received.append(message.text)
+    assert received == order[1:]
+    assert w.inbox_len() == 0 and town.channel.receive(w.id, timeout=0.05) is None
+
+
+def test_receive_blocks_until_a_send_wakes_it(town):
+    w = worker(town)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(town.channel.receive(w.id, timeout=30)))
+    reader.start()
+    message = w.send("wake up", type="query")
+    reader.join(30)
+    assert got[0].id == message.id and got[0].text == "wake up"
+
+
+# -- reliable take / settle cycle --
+
+def test_take_and_settle_ack_requeue_to_front_and_dead_letter_after_max_attempts(town):
+    channel, w = town.channel, worker(town)
+    assert town.config.agent.max_attempts == 3
+    normal = w.send("normal one")
+    high = w.send("high one", priority="high")
+    task = w.assign("build it")
+    acked = w.send("answered", type="query")
+
+    stop, state, taken = channel.take(w.id)
+    assert (stop, state) == ("", "starting")
+    assert [m.id for m in taken] == [high.id, normal.id, assignment_id(taken), acked.id]
+    assert w.inbox_len() == 0 and town.redis.llen(town.keys.processing(w.id)) == 4
+
+    late = w.send("arrived meanwhile")
+    assert channel.settle(w.id, {acked.id}, "run failed") == []
+    assert town.redis.llen(town.keys.processing(w.id)) == 0
+    # Back to the FRONT of their own queue, original order, attempts + 1; the acked one is gone.
+    assert [(m.id, m.attempts) for m in w.inbox()] == [
+        (high.id, 1), (normal.id, 1), (assignment_id(taken), 1), (late.id, 0)]
+    assert town.task(task.id).state == "assigned" and town.task(task.id).attempts == 1
+
+    for attempt in (2, 3):
+        channel.take(w.id)
+        buried = channel.settle(w.id, set(), f"failure {attempt}")
+    assert {m.id for m in buried} == {high.id, normal.id, assignment_id(taken)}
+    dead = [tinytown.Message.from_json(raw) for raw in town.redis.lrange(town.keys.dead(w.id), 0, -1)]
+    assert [(m.id, m.attempts) for m in dead] == [(high.id, 3), (normal.id, 3),
+                                                  (assignment_id(taken), 3)]
+    assert [(m.id, m.attempts) for m in w.inbox()] == [(late.id, 2)]  # not out of attempts yet
+    failed = town.task(task.id)
+    assert (failed.state, failed.result, failed.attempts) == ("failed", "failure 3", 3)
+    assert failed.completed_at and town.channel.task_counts() == {"failed": 1}
+
+    channel.take(w.id)  # e.g. a stop: give the messages back without counting an attempt
+    assert channel.settle(w.id, set(), "stopping", count_attempt=False) == []
+    assert [(m.id, m.attempts) for m in w.inbox()] == [(late.id, 2)]
+
+
+# -- malformed messages --
+
+MALFORMED = [
+    b"not json at all", b"[1, 2]", b'{"type": "task"}', b'{"type": "task", "to": "x", "priority": "asap"}',
+    b'{"type": "task", "to": "x", "attempts": "many"}',
+    b"\xff\xfe\x00garbage", b'{"type": "task", "to": "x", "attempts": 1e400}', b"[" * 100_000,
+    b'{"type": "task", "to": "x", "from": null}',
+]
+MALFORMED_IDS = ["text", "list", "no-to", "bad-priority", "bad-attempts", "not-utf8", "huge-attempts",
+                 "deep", "null-from"]
+
+
+@pytest.mark.parametrize("raw", MALFORMED, ids=MALFORMED_IDS)
+@pytest.mark.parametrize("consume", ["take", "try_receive"])
+def test_malformed_message_goes_to_dead_and_never_raises(town, redis_url, raw, consume):
+    w = worker(town)
+    raw_client = redis.Redis.from_url(redis_url)  # bytes in, bytes out: like redis-cli
+    raw_client.rpush(town.keys.inbox(w.id), raw)
+    good = w.send("fine")
+    assert [m.id for m in w.inbox()] == [good.id]  # peek skips what it cannot read
+    if consume == "take":
+        _, _, messages = town.channel.take(w.id)
+        assert raw_client.lrange(town.keys.processing(w.id), 0, -1) == [good.to_json().encode()]
+    else:
+        messages = [town.channel.try_receive(w.id)]
+    assert [m.id for m in messages] == [good.id]
+    assert raw_client.lrange(town.keys.dead(w.id), 0, -1) == [raw]
+    assert town.channel.events(1)[0]["event"] == "message_dead"
+
+
+@pytest.mark.parametrize("raw", MALFORMED, ids=MALFORMED_IDS)
+def test_malformed_message_never_breaks_status_or_inbox_listings(town, redis_url, raw):
+    w = worker(town)
+    redis.Redis.from_url(redis_url).rpush(town.keys.inbox(w.id), raw)
+    good = w.send("fine")
+    for argv in (("status",), ("inbox", "w1"), ("inbox", "--all")):
+        code, out, err = tt(*argv)
+        assert code == 0, err
+    assert [m["id"] for m in tt_json("inbox", "w1")] == [good.id]
+    assert sum(tt_json("status")["agents"][0]["pending"].values()) == 2  # both still queued
+
+
+# -- atomic assign --
+
+def test_assign_creates_task_message_and_event_at_once(town):
+    w = worker(town)
+    task = tt_json("assign", "w1", "write the docs", "--tags", "docs,api")
+    assert set(task) == {f.name for f in dataclasses.fields(tinytown.Task)}
+    assert task["description"] == "write the docs" and task["tags"] == ["docs", "api"]
+    assert (task["state"], task["assigned_to"], task["attempts"]) == ("assigned", w.id, 0)
+    assert task["created_at"].endswith("Z") and task["completed_at"] is None
+    assert town.task(task["id"][:8]).to_dict() == task
+
+    [message] = w.inbox()
+    assert (message.type, message.body["task_id"], message.from_) == ("task_assign", task["id"], "conductor")
+    event = town.channel.events(1)[0]
+    assert (event["event"], event["task"], event["agent"]) == ("task_assigned", task["id"], w.id)
+
+    api_task = w.assign("second", priority="urgent")
+    assert w.inbox()[0].body["task_id"] == api_task.id  # the urgent assignment is read first
+    assert town.channel.task_counts() == {"assigned": 2}
+    assert [t.id for t in town.tasks(agent="w1")] == [task["id"], api_task.id]
+
+
+def test_assign_to_unknown_agent_leaves_nothing_behind(town):
+    with pytest.raises(AgentNotFound):
+        town.assign("ghost", "lost work")
+    fail_cli("assign", "ghost", "lost work")
+    assert town.tasks() == [] and town.channel.task_counts() == {}
+
+
+# -- backlog --
+
+def test_backlog_add_list_claim_assign_all_remove_via_cli(town):
+    w = worker(town)
+    one = tt_json("backlog", "add", "one", "--tags", "a,b")
+    assert (one["state"], one["tags"], one["assigned_to"]) == ("pending", ["a", "b"], None)
+    two, three, four = (tt_json("backlog", "add", d)["id"] for d in ("two", "three", "four"))
+    assert [t["id"] for t in tt_json("backlog", "list")] == [one["id"], two, three, four]
+
+    claimed = tt_json("backlog", "claim", one["id"][:8], "w1")
+    assert (claimed["state"], claimed["assigned_to"]) == ("assigned", w.id)
+    assert [m.body["task_id"] for m in w.inbox()] == [one["id"]]
+    assert "not in the backlog" in fail_cli("backlog", "claim", one["id"], "w1")
+
+    assert "no agent 'ghost'" in fail_cli("backlog", "claim", two, "ghost")
+    assert town.task(two).state == "pending" and two in [t.id for t in town.backlog()]
+
+    removed = tt_json("backlog", "remove", three)
+    assert (removed["state"], removed["result"]) == ("cancelled", "removed from the backlog")
+    assert "not in the backlog" in fail_cli("backlog", "remove", three)
+
+    assert [t["id"] for t in tt_json("backlog", "assign-all", "w1")] == [two, four]
+    assert tt_json("backlog", "list") == []
+    assert [m.body["task_id"] for m in w.inbox()] == [one["id"], two, four]
+    assert town.channel.task_counts() == {"assigned": 3, "cancelled": 1}
+
+
+def test_backlog_through_the_python_api(town):
+    w = worker(town)
+    first, second = town.backlog_add("first", tags=["x"]), town.backlog_add("second")
+    with pytest.raises(AgentNotFound):
+        town.claim(first.id, "nobody")
+    assert [t.id for t in town.backlog()] == [first.id, second.id]
+    assert town.claim(first.id, "w1").assigned_to == w.id
+    with pytest.raises(InvalidTransition):
+        town.claim(first.id, "w1")
+    with pytest.raises(TaskNotFound):
+        town.claim("no-such-task", "w1")
+    assert town.backlog_remove(second.id).state == "cancelled"
+    assert town.assign_all("w1") == [] and town.backlog() == []
+
+
+def test_backlog_remove_racing_a_claim_has_one_winner(town, monkeypatch):
+    w = worker(town)
+    task = town.backlog_add("contested")
+    load = town.channel._load_task_in
+    raced = []
+
+    def claim_in_between(client, task_id):  # a claim lands inside remove's WATCH window
+        if not raced:
+            raced.append(None)
+            raced[0] = town.channel.claim(task.id, w.id)
+        return load(client, task_id)
+    monkeypatch.setattr(town.channel, "_load_task_in", claim_in_between)
+    with pytest.raises(InvalidTransition, match="not in the backlog"):
+        town.backlog_remove(task.id)
+    assert raced[0].state == "assigned" and town.task(task.id).state == "assigned"
+
+
+# -- completion --
+
+def test_completing_a_terminal_task_changes_and_counts_nothing(town):
+    w = worker(town)
+    task = w.assign("do it")
+    done = tt_json("task", "complete", task.id, "--result", "done")
+    assert (done["state"], done["result"]) == ("completed", "done")
+    snapshot = (town.task(task.id).to_dict(), town.channel.task_counts(), w.record().tasks_completed)
+    assert snapshot[1:] == ({"completed": 1}, 1)
+
+    for argv in (("complete", task.id, "--result", "again"), ("fail", task.id, "--error", "x"),
+                 ("cancel", task.id)):
+        assert tt_json("task", *argv)["state"] == "completed"
+    assert town.complete_task(task.id, "api").result == "done"
+    assert town.fail_task(task.id, "late").state == "completed"
+    assert (town.task(task.id).to_dict(), town.channel.task_counts(),
+            w.record().tasks_completed) == snapshot
+    assert [e["event"] for e in town.channel.events(100) if e.get("task") == task.id] == [
+        "task_assigned", "task_completed"]
+
+
+def test_complete_fail_cancel_from_pending_leave_the_backlog_and_wait_reports(town):
+    completed, failed, cancelled, open_ = (town.backlog_add(d).id for d in "abcd")
+    assert tt_json("task", "complete", completed)["state"] == "completed"
+    assert tt_json("task", "fail", failed, "--error", "broken")["result"] == "broken"
+    assert tt_json("task", "cancel", cancelled)["state"] == "cancelled"
+    assert [t.id for t in town.backlog()] == [open_]
+    assert town.channel.task_counts() == {"completed": 1, "failed": 1, "cancelled": 1, "pending": 1}
+
+    assert tt("task", "wait", completed, "--timeout", "1")[0] == 0
+    assert tt("task", "wait", failed, "--timeout", "1")[0] == 1
+    assert tt("task", "wait", cancelled, "--timeout", "1")[0] == 1
+    code, _, err = tt("task", "wait", open_, "--timeout", "1")
+    assert code == 1 and "timed out" in err
+    assert town.wait_task(completed, timeout=1).state == "completed"
+
+
+# -- concurrency --
+
+def run_together(n, action):
+    """Run action(i) in n threads released at once; returns results (exceptions included)."""
+    barrier, results = threading.Barrier(n), [None] * n
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = action(i)
+        except Exception as exc:  # noqa: BLE001 - the losers' errors are part of the result
+            results[i] = exc
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_eight_threads_completing_one_task_count_it_once(town):
+    w = worker(town)
+    task = w.assign("contended")
+    results = run_together(8, lambda i: town.complete_task(task.id, f"by {i}"))
+    assert all(r.state == "completed" for r in results)
+    assert town.task(task.id).result in {f"by {i}" for i in range(8)}
+    assert town.channel.task_counts() == {"completed": 1}
+    assert w.record().tasks_completed == 1
+    assert sum(e["event"] == "task_completed" for e in town.channel.events(100)) == 1
+
+
+def test_racing_complete_and_fail_leave_exactly_one_terminal_state(town):
+    task = town.backlog_add("raced")
+    run_together(8, lambda i: (town.complete_task if i % 2 else town.fail_task)(task.id, "x"))
+    counts = town.channel.task_counts()
+    assert sum(counts.values()) == 1 and set(counts) == {town.task(task.id).state}
+
+
+def test_concurrent_claims_of_one_backlog_task_have_one_winner(town):
+    workers = [worker(town, f"w{i}") for i in range(8)]
+    task = town.backlog_add("only one gets it")
+    results = run_together(8, lambda i: town.claim(task.id, f"w{i}"))
+    winners = [r for r in results if isinstance(r, tinytown.Task)]
+    assert len(winners) == 1 and all(isinstance(r, InvalidTransition) for r in results if r not in winners)
+    assert sum(w.inbox_len() for w in workers) == 1
+    assert town.task(task.id).assigned_to == winners[0].assigned_to
+    assert town.channel.task_counts() == {"assigned": 1} and town.backlog() == []
+
+
+def test_concurrent_sends_lose_nothing_and_keep_each_senders_order(town):
+    w = worker(town)
+    results = run_together(8, lambda i: [w.send(f"{i}:{n}").id for n in range(50)])
+    inbox = w.inbox()
+    assert len(inbox) == 400 and {m.id for m in inbox} == {mid for ids in results for mid in ids}
+    for i, ids in enumerate(results):
+        assert [m.id for m in inbox if m.text.startswith(f"{i}:")] == ids
+
+
+# -- towns sharing one redis --
+
+def test_two_towns_on_one_redis_are_isolated(town, tmp_path_factory):
+    other_root = tmp_path_factory.mktemp("other")
+    with Town.init(other_root, f"other-{town.name}") as other:
+        try:
+            mine, theirs = worker(town), worker(other)  # the same agent name in both towns
+            mine.send("for town one")
+            theirs.assign("for town two")
+            assert [a.id for a in town.list_agents()] == [mine.id]
+            assert town.tasks() == [] and len(other.tasks()) == 1
+
+            def other_keys():
+                return sorted(other.redis.scan_iter(match=other.keys.prefix + "*"))
+            before = other_keys()
+            preview = tt_json("reset")
+            assert preview["would_delete"] and all(k.startswith(town.keys.prefix)
+                                                   for k in preview["would_delete"])
+            assert mine.inbox_len() == 1  # the preview deleted nothing
+            assert tt_json("reset", "--force")["deleted"] == preview["would_delete"]
+            assert list(town.redis.scan_iter(match=town.keys.prefix + "*")) == []
+            assert other_keys() == before
+            assert theirs.inbox_len() == 1 and other.channel.task_counts() == {"assigned": 1}
+        finally:
+            other.reset(force=True)
+
+
+# -- agent references --
+
+def test_agents_are_found_by_name_id_prefix_and_nickname(town):
+    w = worker(town, "builder", nickname="Opal")
+    for ref in ("builder", "BUILDER", w.id, w.id[:8], "opal", "OPAL", " Opal "):
+        assert town.resolve_agent(ref) == w.id, ref
+    assert town.agent("opal").name == "builder"
+    assert tt_json("send", "Opal", "hello")["to"] == w.id
+
+
+def test_ambiguous_and_unknown_references_are_clear_errors(town):
+    a, b = worker(town, "left", nickname="Twin"), worker(town, "right", nickname="Twin")
+    with pytest.raises(AgentAmbiguous) as info:
+        town.resolve_agent("twin")
+    assert info.value.candidates == [f"left ({a.id[:8]})", f"right ({b.id[:8]})"]
+    assert "ambiguous" in fail_cli("send", "twin", "hi") and a.inbox_len() == b.inbox_len() == 0
+    with pytest.raises(AgentNotFound):
+        town.agent("nobody")
+    assert "no agent 'nobody'" in fail_cli("send", "nobody", "hi")
+
+
+# -- reserved and invalid names, limits --
+
+def test_conductor_names_are_a_mailbox_not_an_agent(town):
+    for reserved in ("supervisor", "conductor", "Conductor"):
+        with pytest.raises(InvalidName, match="reserved"):
+            worker(town, reserved)
+    assert "reserved" in fail_cli("spawn", "supervisor", "--cli", "demo")
+    assert town.list_agents() == []
+
+    to_sup = town.send("supervisor", "done with the docs", type="info")
+    assert to_sup.to == "conductor"
+    tt("send", "conductor", "need a decision", "--query")
+    assert [m["type"] for m in tt_json("inbox")] == ["info", "query"]
+    assert tt_json("inbox", "supervisor") == tt_json("inbox")
+    assert town.channel.try_receive("conductor").id == to_sup.id
+
+
+@pytest.mark.parametrize("bad", ["a:b", "../x", "*", "", "a b", "x" * 65])
+def test_invalid_agent_names_are_refused(town, bad):
+    with pytest.raises(InvalidName):
+        worker(town, bad)
+    fail_cli("spawn", bad, "--cli", "demo")
+    assert town.list_agents() == []
+
+
+def test_duplicate_live_name_and_max_agents_are_refused(town):
+    first = worker(town)
+    with pytest.raises(SpawnError, match="already exists"):
+        worker(town)
+    tt("config", "max_agents", "2")
+    with Town(town.root) as again:
+        worker(again, "w2")
+        with pytest.raises(SpawnError, match=r"already has 2 live agents \(max_agents = 2\)"):
+            worker(again, "w3")
+        town.channel.set_agent_state(first.id, "stopped")  # a stopped agent frees its place
+        worker(again, "w3")
+        with pytest.raises(SpawnError, match="restart"):
+            worker(again, "w1")  # the name still belongs to the stopped agent
+
+
+# -- no keys, ever --
+
+def test_no_command_uses_keys(town):
+    def keys_calls():
+        return town.redis.info("commandstats").get("cmdstat_keys", {}).get("calls", 0)
+    w = worker(town, nickname="Vera")
+    before = keys_calls()
+    task = w.assign("t")
+    town.backlog_add("b")
+    for argv in (("status",), ("status", "--deep", "--tasks"), ("list",), ("inbox", "--all"),
+                 ("inbox", "vera"), ("reset",), ("reset", "--agents-only"), ("task", "list"),
+                 ("task", "show", task.id[:6]), ("task", "current", "w1"), ("backlog", "list"),
+                 ("history",), ("events", "--count", "5")):
+        tt_json(*argv)
+    town.task(task.id[:5]), town.tasks(state="pending"), town.status(deep=True), town.agent("vera")
+    town.reclaim()
+    assert keys_calls() == before
+
+
+# -- broadcast --
+
+def test_broadcast_reaches_every_live_agent_durably(town):
+    a, b, gone = worker(town, "a"), worker(town, "b"), worker(town, "gone")
+    town.channel.set_agent_state(gone.id, "stopped")
+    copies = town.broadcast("standup in 5")
+    assert sorted(m.to for m in copies) == sorted([a.id, b.id])
+    assert len({m.id for m in copies}) == 2 and len({m.correlation_id for m in copies}) == 1
+    for handle in (a, b):
+        [message] = handle.inbox()
+        assert (message.type, message.text) == ("info", "standup in 5")
+    assert gone.inbox_len() == 0
+
+    printed = tt_json("broadcast", "freeze merges", "--urgent", "--from", "a")
+    assert [m["to"] for m in printed] == [b.id]  # the sender does not get its own copy
+    assert b.inbox()[0].text == "freeze merges" and a.inbox_len() == 1
+
+
+# -- status and events --
+
+def test_status_shows_pending_by_type_task_counts_and_events(town):
+    w = worker(town)
+    w.assign("first")
+    w.send("a question?", type="query")
+    w.send("fyi", type="info", priority="high")
+    town.backlog_add("later")
+    town.send("conductor", "hello boss", type="info")
+
+    status = tt_json("status")
+    [entry] = status["agents"]
+    assert (entry["name"], entry["state"], entry["dead"]) == ("w1", "starting", False)
+    assert entry["pending"] == {"info": 1, "task_assign": 1, "query": 1}
+    assert status["tasks"] == {"assigned": 1, "pending": 1}
+    assert (status["backlog"], status["conductor_inbox"]) == (1, 1)
+
+    town.channel.take(w.id, limit=2)
+    assert tt_json("status")["agents"][0]["pending"] == {"processing": 2, "query": 1}
+
+    events = tt_json("events", "--count", "3")
+    assert [e["event"] for e in events] == ["message", "task_created", "message"]
+    assert all(e["id"] and e["at"].endswith("Z") for e in events)
+    assert events == town.channel.events(3)
+    mine = tt_json("history", "-n", "50", "--agent", "w1")
+    assert [e["event"] for e in mine] == ["agent_spawned", "task_assigned", "message", "message"]
 
 
 # CLI #########################################################################

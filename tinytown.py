@@ -692,16 +692,38 @@ class Message:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Message:
-        """Parse a queued message; ValueError when it is not one."""
-        data = json.loads(raw)
-        if not isinstance(data, dict) or not isinstance(data.get("type"), str) or "to" not in data:
+        """Parse a queued message; ValueError for anything that is not one."""
+        try:
+            if isinstance(raw, str):
+                raw.encode()  # lone surrogates stand for bytes that were not UTF-8
+            data = json.loads(raw)
+        except (ValueError, RecursionError, UnicodeError) as exc:
+            raise ValueError(f"not JSON: {type(exc).__name__}") from None
+        if not isinstance(data, dict):
             raise ValueError("not a message object")
+        data.setdefault("from", CONDUCTOR_ID)
+        for key in ("type", "to", "from"):
+            if not isinstance(data.get(key), str):
+                raise ValueError(f"{key!r} must be a string")
         if data.get("priority", "normal") not in Priority.__members__.values():
             raise ValueError(f"unknown priority {data.get('priority')!r}")
+        attempts = data.get("attempts") or 0
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+            raise ValueError(f"bad attempts {attempts!r}")
+        for key in ("id", "created_at", "correlation_id"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ValueError(f"{key!r} must be a string")
         head = {k: data.pop(k) for k in ("id", "type", "to", "priority", "created_at",
-                                          "correlation_id", "attempts") if k in data}
-        head["attempts"] = int(head.get("attempts") or 0)
-        return cls(from_=data.pop("from", CONDUCTOR_ID), body=data, **head)
+                                          "correlation_id") if k in data}
+        data.pop("attempts", None)
+        return cls(from_=data.pop("from"), attempts=attempts, body=data, **head)
+
+
+def _parse_message(raw: str) -> Message | None:
+    try:
+        return Message.from_json(raw)
+    except ValueError:
+        return None
 
 
 # Redis server ################################################################
@@ -832,6 +854,7 @@ class RedisServer:
         """A client; `probe` ones fail fast (no retries, short timeouts)."""
         options: dict[str, Any] = dict(
             decode_responses=True,
+            encoding_errors="surrogateescape",  # bytes that are not UTF-8 survive a round trip
             socket_timeout=2.0 if probe else None,  # None: blocking calls carry their own timeout
             socket_connect_timeout=2.0 if probe else 10.0,
             retry=Retry(NoBackoff(), 0) if probe else Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
@@ -1120,7 +1143,7 @@ class Channel:
         """A message, or None after moving a malformed one to the dead-letter list."""
         try:
             return Message.from_json(raw)
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             log.warning("agent %s: malformed message dead-lettered: %s", agent_id, exc)
             pipe = self.redis.pipeline()
             if source:
@@ -1165,13 +1188,8 @@ class Channel:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.lrange(key, 0, -1)
-        messages = []
-        for raw in (raw for batch in pipe.execute() for raw in batch):
-            try:
-                messages.append(Message.from_json(raw))
-            except (ValueError, TypeError):
-                continue  # it goes to dead: when the agent takes it
-        return messages
+        parsed = (_parse_message(raw) for batch in pipe.execute() for raw in batch)
+        return [message for message in parsed if message]  # a malformed one goes to dead: on take
 
     def take(self, agent_id: str, limit: int = MESSAGES_PER_ROUND) -> tuple[str, str, list[Message]]:
         """Move pending messages into processing; returns (stop request, state, messages)."""
@@ -1199,9 +1217,8 @@ class Channel:
             dead: list[str] = []
             buried: list[Message] = []
             for raw in raws:
-                try:
-                    message = Message.from_json(raw)
-                except (ValueError, TypeError):
+                message = _parse_message(raw)
+                if message is None:
                     dead.append(raw)
                     continue
                 if message.id in acked:
@@ -1258,8 +1275,8 @@ class Channel:
             by_type: dict[str, int] = {}
             for index in range(4):
                 for raw in next(replies):
-                    kind = _message_type(raw)
-                    label = kind if index < 3 else "processing"
+                    message = _parse_message(raw)
+                    label = "processing" if index == 3 else message.type if message else "malformed"
                     by_type[label] = by_type.get(label, 0) + 1
             dead = next(replies)
             if dead:
@@ -1438,12 +1455,12 @@ class Channel:
             return {"state": state, "result": result, "completed_at": _now()}
         return self.change_task(task_id, decide)
 
-    def claim(self, task_id: str, agent_id: str, sender: str = CONDUCTOR_ID) -> Task | None:
-        """Move a backlog task to an agent (record, backlog and inbox in one transaction).
+    def _off_backlog(self, task_id: str, change: Callable[[Any, Task], Task]) -> Task | None:
+        """Take a task off the backlog and `change(pipe, task)` it, in one transaction.
 
-        Returns None when the task is no longer in the backlog (another claimed it).
+        Returns None when the task is no longer in the backlog (a claim got there first).
         """
-        def claim_in(pipe: Any) -> Task | None:
+        def off_backlog_in(pipe: Any) -> Task | None:
             task = self._load_task_in(pipe, task_id)
             if task is None:
                 raise TaskNotFound(task_id)
@@ -1451,12 +1468,23 @@ class Channel:
                 return None
             pipe.multi()
             pipe.lrem(self.keys.backlog, 0, task_id)
+            return change(pipe, task)
+
+        return self.redis.transaction(off_backlog_in, self.keys.backlog, self.keys.task(task_id),
+                                      value_from_callable=True)
+
+    def claim(self, task_id: str, agent_id: str, sender: str = CONDUCTOR_ID) -> Task | None:
+        """Move a backlog task to an agent: record, backlog and inbox at once (None: gone)."""
+        def assign(pipe: Any, task: Task) -> Task:
             claimed = self._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=agent_id)
             self._push(pipe, self._assignment(claimed, agent_id, sender))
             return claimed
+        return self._off_backlog(task_id, assign)
 
-        return self.redis.transaction(claim_in, self.keys.backlog, self.keys.task(task_id),
-                                      value_from_callable=True)
+    def unbacklog(self, task_id: str) -> Task | None:
+        """Cancel a backlog task (None: it was claimed meanwhile)."""
+        return self._off_backlog(task_id, lambda pipe, task: self._queue_task_change(
+            pipe, task, state=TaskState.CANCELLED, result="removed from the backlog", completed_at=_now()))
 
     def backlog(self) -> list[Task]:
         return self._tasks_by_id(self.redis.lrange(self.keys.backlog, 0, -1))
@@ -1501,20 +1529,6 @@ class Channel:
     def task_counts(self) -> dict[str, int]:
         return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
                 if int(n)}
-
-
-def _parse_message(raw: str) -> Message | None:
-    try:
-        return Message.from_json(raw)
-    except (ValueError, TypeError):
-        return None
-
-
-def _message_type(raw: str) -> str:
-    try:
-        return str(json.loads(raw).get("type", "malformed"))
-    except (ValueError, AttributeError):
-        return "malformed"
 
 
 # Town ########################################################################
@@ -1657,7 +1671,7 @@ class Town:
         agents = self._channel.agents()
         folded = ref.casefold()
         for matches in ([a for a in agents if a.id == ref or a.name.casefold() == folded],
-                        [a for a in agents if len(ref) >= 4 and a.id.startswith(ref.lower())],
+                        [a for a in agents if len(ref) >= 8 and a.id.startswith(ref.lower())],
                         [a for a in agents if (a.nickname or "").casefold() == folded]):
             if len(matches) == 1:
                 return matches[0].id
@@ -1943,10 +1957,13 @@ class Town:
             proc = self._spawned.pop(agent.id, None)
             pid = int(agent.pid) if agent.pid and agent.host in (here, None) else (proc.pid if proc else None)
             if pid and _pid_alive(pid):
-                for _ in range(0 if agent.terminal else 2):  # a second signal forces the loop out
+                # An idle loop leaves on the first signal; one mid-round needs a second one
+                # (sent apart: two pending signals of one kind would merge into one).
+                for _ in range(0 if agent.terminal else 2):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
-                    time.sleep(0.05)
+                    if _wait_for_exit(pid, 0.2):
+                        break
                 if not _wait_for_exit(pid, 5.0):  # a terminal loop is only tearing down
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pid, signal.SIGKILL)
@@ -2078,9 +2095,10 @@ class Town:
     def backlog_remove(self, task_ref: str) -> Task:
         """Take a task off the backlog; it is cancelled, not deleted."""
         task = self.task(task_ref)
-        if self.redis.lpos(self.keys.backlog, task.id) is None:
-            raise InvalidTransition(f"task {task.id[:8]} is not in the backlog")
-        return self._channel.finish_task(task.id, TaskState.CANCELLED, "removed from the backlog")
+        removed = self._channel.unbacklog(task.id)
+        if removed is None:
+            raise InvalidTransition(f"task {task.id[:8]} is not in the backlog (it is {task.state})")
+        return removed
 
     def reset(self, *, agents_only: bool = False, force: bool = False) -> list[str]:
         """Delete the town's keys (SCAN, never KEYS); without `force` only list them."""
