@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import errno
 import fcntl
 import hashlib
 import json
