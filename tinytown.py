@@ -1021,6 +1021,17 @@ end
 return out
 """
 
+# KEYS[1] = the recipient's queue, KEYS[2] = wake:<id>, KEYS[3] = events
+# ARGV[1] = the message (JSON), ARGV[2] = wake tokens to keep, ARGV[3..] = event fields
+# Channel.send in one command: the hot path's version of Channel._push plus an event.
+_SEND_LUA = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], '1')
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(ARGV, 3))
+return 1
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+
 # KEYS[1..3] = urgent:<id>, high:<id>, inbox:<id>
 # Pops the next message in delivery order (a plain, destructive receive).
 _POP_LUA = """
@@ -1043,11 +1054,11 @@ if ARGV[2] ~= '*' and not string.find(' ' .. ARGV[2] .. ' ', ' ' .. old .. ' ', 
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 5))
 if old ~= ARGV[1] then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*',
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', EVENTS_MAXLEN, '*',
              'event', 'agent_' .. ARGV[1], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
 end
 return old
-"""
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
 _LIVE_STATES = " ".join(s.value for s in AgentState if s not in TERMINAL_AGENT_STATES)
 
@@ -1066,6 +1077,7 @@ class Channel:
         self.redis = client
         self.keys = keys
         self.settings = settings
+        self._send = client.register_script(_SEND_LUA)
         self._take = client.register_script(_TAKE_LUA)
         self._pop = client.register_script(_POP_LUA)
         self._set_state = client.register_script(_SET_STATE_LUA)
@@ -1120,10 +1132,10 @@ class Channel:
 
     def send(self, message: Message) -> Message:
         """Queue a message for `message.to` (an agent id or the conductor) and wake it."""
-        pipe = self.redis.pipeline()
-        self._push(pipe, message)
-        self._event(pipe, "message", agent=message.to, type=message.type, sender=message.from_)
-        pipe.execute()
+        self._send(keys=[self.keys.queue_for(message.to, message.priority), self.keys.wake(message.to),
+                         self.keys.events],
+                   args=[message.to_json(), WAKE_KEEP, "event", "message", "at", _now(),
+                         "agent", message.to, "type", message.type, "sender", message.from_])
         return message
 
     def broadcast(self, message: Message, agent_ids: Iterable[str]) -> list[Message]:
