@@ -7,10 +7,13 @@ session (unix socket); `town`, a fresh town on that server (REDIS_URL, unique na
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,8 +26,8 @@ import redis
 
 import tinytown
 from tinytown import (AgentAmbiguous, AgentNotFound, ConfigError, InvalidName, InvalidTransition,
-                      Message, Priority, RedisServerError, SpawnError, Task, TaskNotFound, Town,
-                      main)
+                      Message, RedisServerError, SpawnError, TaskNotFound,
+                      TinytownError, Town, main)
 
 MODULE = Path(tinytown.__file__).resolve()
 
@@ -315,7 +318,7 @@ def test_two_processes_connecting_at_once_start_one_server(tmp_path, monkeypatch
         assert len({json.loads(out)["redis"]["pid"] for out, _ in results}) == 1
         assert len(serving(tmp_path)) == 1
     finally:
-        run_module("stop", "-t", tmp_path)
+        assert run_module("-t", tmp_path, "stop").returncode == 0
 
 
 def test_tcp_mode_with_password_keeps_it_off_the_command_line(tmp_path, monkeypatch):
@@ -419,8 +422,8 @@ def fail_cli(*argv, town_path=None):
 
 def test_urgent_then_high_then_normal_and_low_fifo_within_each(town):
     w = worker(town)
-    sent = [w.send(text, priority=prio) for text, prio in [
-        ("n1", "normal"), ("h1", "high"), ("l1", "low"), ("u1", "urgent"),
+    [w.send(text, priority=prio) for text, prio in [
+     ("n1", "normal"), ("h1", "high"), ("l1", "low"), ("u1", "urgent"),
         ("n2", "normal"), ("h2", "high"), ("u2", "urgent")]]
     order = ["u1", "u2", "h1", "h2", "n1", "l1", "n2"]  # low shares the normal queue, FIFO
     assert [m.text for m in w.inbox()] == order  # peek leaves them in place
@@ -862,6 +865,547 @@ def test_status_shows_pending_by_type_task_counts_and_events(town):
     assert events == town.channel.events(3)
     mine = tt_json("history", "-n", "50", "--agent", "w1")
     assert [e["event"] for e in mine] == ["agent_spawned", "task_assigned", "message", "message"]
+
+
+# Agent loop ##################################################################
+# Every loop here is a real detached `agent-loop` process on the session's server;
+# synchronisation is by the event stream (wait_task / wait_agent / _wait_until) or,
+# for files written by scripted CLIs, a short bounded poll.
+
+# -- helpers --
+
+@pytest.fixture
+def configure(town):
+    """Add [agent_clis] tables / config keys to the town's file, return a reconnected Town."""
+    opened = []
+
+    def apply(clis=None, **settings):
+        path = town.root / "tinytown.toml"
+        for name, command in (clis or {}).items():  # json.dumps: always read as a TOML string
+            tinytown.set_config_value(path, f"agent_clis.{name}.command", json.dumps(command))
+        for key, value in settings.items():
+            tinytown.set_config_value(path, key if key == "max_agents" else f"agent.{key}", value)
+        fresh = Town(town.root)
+        opened.append(fresh)
+        return fresh
+
+    yield apply
+    for fresh in opened:  # the `town` fixture kills the loops afterwards
+        fresh.release()
+        fresh.close()
+
+
+def wait_for(town, check, timeout=30, what="a condition"):
+    """Block on the town's event stream until check() returns something."""
+    return town._wait_until(check, timeout, what)
+
+
+def wait_state(town, agent_id, states, timeout=30):
+    states = {states} if isinstance(states, str) else set(states)
+
+    def check():
+        agent = town.channel.get_agent(agent_id)
+        return agent if agent and agent.state in states else None
+    return wait_for(town, check, timeout, f"agent in {states}")
+
+
+def wait_rounds(town, agent_id, rounds, timeout=30):
+    def check():
+        agent = town.channel.get_agent(agent_id)
+        return agent if agent and agent.rounds_completed >= rounds else None
+    return wait_for(town, check, timeout, f"{rounds} rounds")
+
+
+def wait_task_state(town, task_id, state, timeout=30):
+    def check():
+        task = town.channel.get_task(task_id)
+        return task if task and task.state == state else None
+    return wait_for(town, check, timeout, f"task {state}")
+
+
+def wait_file(path, timeout=20, words=1):
+    """A file written by a scripted CLI (no event to block on): short bounded poll."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists() and len(path.read_text().split()) >= words:
+            return path.read_text()
+        assert time.monotonic() < deadline, f"{path} not written within {timeout}s"
+        time.sleep(0.02)
+
+
+def dead_letters(town, agent_id):
+    return [Message.from_json(raw) for raw in town.redis.lrange(town.keys.dead(agent_id), 0, -1)]
+
+
+def gated_demo(gate):
+    """A CLI that waits for `gate` to exist, then acts as the demo agent."""
+    return (f"while [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.05; done;"
+            " exec tt demo-agent")  # `tt`: the loop's shim, first on PATH
+
+
+# -- a task is done --
+
+def test_demo_agent_completes_an_assigned_task_via_the_api(town):
+    worker = town.spawn_agent("w1", "demo")
+    task = worker.assign("write the greeting file")
+    done = town.wait_task(task.id, timeout=30)
+    assert done.state == "completed" and done.result.startswith("w1 did it")
+    assert done.assigned_to == worker.id and done.started_at and done.completed_at
+    agent = wait_rounds(town, worker.id, 1)
+    agent = wait_state(town, worker.id, "idle")
+    assert (agent.rounds_completed, agent.tasks_completed) == (1, 1)
+    assert agent.alive and agent.pid and agent.current_task in (None, "")
+    runtime = town.root / ".tt"
+    round_log = (runtime / "logs" / "w1" / "round-1.log").read_text()
+    assert round_log.startswith("$ ") and "demo-agent" in round_log
+    assert f"did task {task.id}" in round_log
+    prompt = (runtime / "agents" / "w1" / "prompt.md").read_text()
+    assert "You are w1" in prompt and f"### Task {task.id}" in prompt
+    assert f"tt task complete {task.id} --result" in prompt
+    assert (runtime / "agents" / "w1" / "work" / f"{task.id[:8]}.txt").exists()
+    assert "serving town" in (runtime / "logs" / "w1.log").read_text()
+    assert worker.inbox_len() == 0 and not town.redis.llen(town.keys.processing(worker.id))
+
+
+def test_tt_assign_and_task_wait_on_the_command_line(town):
+    code, _, err = tt("spawn", "w2", "--cli", "demo")
+    assert code == 0, err
+    task = tt_json("assign", "w2", "make a file")
+    code, out, err = tt("task", "wait", task["id"][:8], "--timeout", "30", "--json")
+    assert code == 0, err
+    assert json.loads(out)["state"] == "completed"
+    agent_id = town.resolve_agent("w2")
+    wait_rounds(town, agent_id, 1)
+    [listed] = tt_json("list")
+    assert listed["name"] == "w2" and listed["tasks_completed"] == 1 and listed["rounds_completed"] == 1
+
+
+# -- a failing cli --
+
+@pytest.mark.parametrize("cli, description", [("demo", "[fail] break on purpose"),
+                                              ("broken", "any work")])
+def test_failing_cli_requeues_then_dead_letters_and_fails_the_task(town, configure, cli, description):
+    fresh = configure(clis={"broken": "false"})
+    worker = fresh.spawn_agent("failer", cli)
+    task = worker.assign(description)
+    failed = town.wait_task(task.id, timeout=30)
+    assert failed.state == "failed" and failed.result == "CLI exited with 1"
+    assert failed.attempts == 3
+    [dead] = dead_letters(town, worker.id)
+    assert (dead.type, dead.body["task_id"], dead.attempts) == ("task_assign", task.id, 3)
+    agent = wait_rounds(town, worker.id, 3)
+    assert (agent.rounds_completed, agent.tasks_completed) == (3, 0)
+    requeues = [e for e in town.channel.events(200, worker.id) if e["event"] == "requeued"]
+    assert [(e["count"], e["dead"]) for e in requeues] == [("1", "0"), ("1", "0"), ("0", "1")]
+    assert worker.inbox_len() == 0 and not town.redis.llen(town.keys.processing(worker.id))
+    assert not town.tasks(state="running")
+
+
+# -- a cli that exits 0 without completing --
+
+def test_unfinished_task_is_requeued_with_attempts_then_failed(town):
+    worker = town.spawn_agent("skipper", "demo", max_rounds=1)  # one round per loop: observable steps
+    task = worker.assign("[skip] think about it")
+    for attempt in (1, 2):
+        assert worker.wait(timeout=30).state == "stopped"
+        pending = worker.inbox()
+        assert [(m.type, m.body["task_id"], m.attempts) for m in pending] == [
+            ("task_assign", task.id, attempt)]
+        current = town.task(task.id)
+        assert current.state == "assigned" and current.attempts == attempt
+        assert not town.tasks(state="running")  # nobody works on it, so it is not `running`
+        worker.restart()
+    failed = town.wait_task(task.id, timeout=30)
+    assert failed.state == "failed" and failed.result == "not completed after 3 rounds"
+    assert worker.wait(timeout=30).rounds_completed == 3
+    [dead] = dead_letters(town, worker.id)
+    assert dead.body["task_id"] == task.id and dead.attempts == 3
+    assert worker.inbox_len() == 0 and not town.tasks(state="running")
+    assert "leaving task" in (town.root / ".tt" / "logs" / "skipper" / "round-3.log").read_text()
+
+
+# -- round timeout --
+
+def test_round_timeout_kills_the_whole_process_group(town, configure, tmp_path):
+    pids = tmp_path / "cli-pids"
+    inner = (f"sleep 300 & echo $! >> {pids}; sleep 301 & echo $! >> {pids};"
+             f" echo $$ >> {pids}; wait")
+    fresh = configure(clis={"stuck": f"sh -c {shlex.quote(inner)}"}, round_timeout_secs=1)
+    worker = fresh.spawn_agent("stuck", "stuck", max_rounds=1)
+    worker.send("wait forever")
+    try:
+        agent = worker.wait(timeout=30)
+        recorded = [int(p) for p in wait_file(pids, words=3).split()]
+        assert len(recorded) == 3
+        assert all(_wait_gone(pid, 10) for pid in recorded), "grandchildren survived the timeout"
+    finally:
+        for pid in [int(p) for p in pids.read_text().split()] if pids.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert agent.state == "stopped" and agent.rounds_completed == 1
+    log_text = (town.root / ".tt" / "logs" / "stuck" / "round-1.log").read_text()
+    assert "[tinytown] killed after 1s" in log_text
+    [activity] = town.redis.lrange(town.keys.activity(worker.id), 0, -1)
+    assert "timed out after 1s" in activity
+    [requeued] = worker.inbox()  # the timed-out message went back with one attempt counted
+    assert requeued.text == "wait forever" and requeued.attempts == 1
+
+
+# -- sigkill of the loop, recover, restart --
+
+def test_sigkilled_loop_is_recovered_and_restarted_and_the_task_completes(town, configure, tmp_path):
+    marker = tmp_path / "first-run-pid"
+    quoted = shlex.quote(str(marker))
+    script = (f"if [ -e {quoted} ]; then exec tt demo-agent;"
+              f" else echo $$ > {quoted}; exec sleep 300; fi")
+    fresh = configure(clis={"once": script})
+    worker = fresh.spawn_agent("phoenix", "once", force=True)
+    task = worker.assign("survive a crash")
+    cli_pid = int(wait_file(marker))
+    try:
+        agent = town.channel.get_agent(worker.id)
+        assert agent.state == "working" and town.task(task.id).state == "running"
+        loop_pid = int(agent.pid)
+        os.kill(loop_pid, signal.SIGKILL)
+        assert _wait_gone(loop_pid, 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(cli_pid, signal.SIGKILL)  # a SIGKILLed loop cannot clean up its CLI
+    assert town.redis.llen(town.keys.processing(worker.id)) == 1  # taken, not lost
+    alive = town.keys.alive(worker.id)
+    deadline = time.monotonic() + 15
+    while town.redis.exists(alive):  # the heartbeat TTL (3 s) runs out: no event to block on
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    [shown] = tt_json("status")["agents"]
+    assert shown["dead"] and shown["state"] == "working"
+    recovered = tt_json("recover")
+    assert [a["name"] for a in recovered] == ["phoenix"]
+    agent = town.channel.get_agent(worker.id)
+    assert agent.state == "stopped" and "heartbeat expired" in agent.error
+    assert not town.redis.llen(town.keys.processing(worker.id))
+    [back] = worker.inbox()
+    assert back.body["task_id"] == task.id and back.attempts == 1
+    assert town.task(task.id).state == "assigned"
+    code, _, err = tt("restart", "phoenix")
+    assert code == 0, err
+    done = town.wait_task(task.id, timeout=30)
+    assert done.state == "completed" and done.result.startswith("phoenix did it")
+    assert wait_rounds(town, worker.id, 1).tasks_completed == 1
+
+
+# -- lifecycle: kill, close, interrupt / resume, wait --
+
+def test_kill_lets_the_current_run_finish_then_stops(town, configure, tmp_path):
+    gate = tmp_path / "gate"
+    fresh = configure(clis={"gated": gated_demo(gate)})
+    worker = fresh.spawn_agent("killme", "gated", force=True)
+    task = worker.assign("finish me")
+    wait_task_state(town, task.id, "running")
+    code, out, err = tt("kill", "killme", "--json")
+    assert code == 0, err
+    assert json.loads(out)["state"] == "working"  # the run goes on
+    assert town.redis.get(town.keys.stop(worker.id)) == "kill"
+    gate.touch()
+    agent = worker.wait(timeout=30)
+    assert agent.state == "stopped" and agent.rounds_completed == 1 and not agent.pid
+    assert town.task(task.id).state == "completed"
+    later = worker.assign("too late")  # a stopped agent takes nothing
+    assert [m.body["task_id"] for m in worker.inbox()] == [later.id]
+    assert not town.redis.exists(town.keys.alive(worker.id), town.keys.stop(worker.id))
+
+
+def test_close_drains_the_queue_then_goes_cold(town, configure, tmp_path):
+    gate = tmp_path / "gate"
+    fresh = configure(clis={"gated": gated_demo(gate)})
+    worker = fresh.spawn_agent("closer", "gated", force=True)
+    first = worker.assign("first job")
+    wait_task_state(town, first.id, "running")
+    second = worker.assign("second job")  # queued behind the running round
+    code, out, err = tt("close", "closer", "--json")
+    assert code == 0, err
+    assert json.loads(out)["state"] == "draining"
+    gate.touch()
+    agent = worker.wait(timeout=30)
+    assert agent.state == "cold"
+    assert town.task(first.id).state == "completed" and town.task(second.id).state == "completed"
+    assert agent.tasks_completed == 2 and worker.inbox_len() == 0
+
+
+def test_interrupt_pauses_at_once_and_resume_continues(town, configure, tmp_path):
+    gate = tmp_path / "gate"
+    fresh = configure(clis={"gated": gated_demo(gate)})
+    worker = fresh.spawn_agent("pauser", "gated", force=True)
+    first = worker.assign("first job")
+    wait_task_state(town, first.id, "running")
+    code, out, err = tt("interrupt", "pauser", "--json")
+    assert code == 0, err
+    assert json.loads(out)["state"] == "paused"
+    assert worker.state() == "paused"  # as soon as the command returns, mid-round
+    gate.touch()
+    assert town.wait_task(first.id, timeout=30).state == "completed"  # the running round ends
+    wait_rounds(town, worker.id, 1)
+    second = worker.assign("second job")
+    with pytest.raises(TinytownError, match="timed out"):
+        town.wait_task(second.id, timeout=2)  # paused: no new round starts
+    assert worker.state() == "paused"  # the round's end did not overwrite it with idle
+    assert [m.body["task_id"] for m in worker.inbox()] == [second.id]
+    assert town.task(second.id).state == "assigned"
+    assert worker.record().rounds_completed == 1
+    assert not (town.root / ".tt" / "logs" / "pauser" / "round-2.log").exists()
+    code, out, err = tt("resume", "pauser", "--json")
+    assert code == 0, err
+    assert json.loads(out)["state"] in ("idle", "working")  # woken at once: it may have begun
+    assert town.wait_task(second.id, timeout=30).state == "completed"
+    with pytest.raises(InvalidTransition):
+        worker.resume()  # not paused any more
+
+
+def test_wait_blocks_until_terminal_and_exits_1_on_timeout(town):
+    worker = town.spawn_agent("waiter", "demo")
+    wait_state(town, worker.id, "idle")
+    code, _, err = tt("wait", "waiter", "--timeout", "0.5")
+    assert code == 1 and "timed out" in err and "Traceback" not in err
+    assert tt("kill", "waiter")[0] == 0
+    code, out, err = tt("wait", "waiter", "--timeout", "30", "--json")
+    assert code == 0, err
+    assert json.loads(out)["state"] == "stopped"
+
+
+# -- one loop per agent --
+
+def test_restart_refuses_a_live_agent(town):
+    worker = town.spawn_agent("solo", "demo")
+    agent = wait_state(town, worker.id, "idle")
+    with pytest.raises(InvalidTransition, match="only a stopped"):
+        worker.restart()
+    code, _, err = tt("restart", "solo")
+    assert code == 1 and "only a stopped" in err
+    assert worker.record().pid == agent.pid and worker.state() == "idle"
+
+
+def test_a_second_loop_for_the_same_agent_exits_and_leaves_the_first_alone(town):
+    worker = town.spawn_agent("solo", "demo")
+    agent = wait_state(town, worker.id, "idle")
+    identity = f"{agent.pid}@{socket.gethostname()}"
+    assert town.redis.get(town.keys.alive(worker.id)) == identity
+    try:
+        second = subprocess.run([sys.executable, str(MODULE), "-t", str(town.root), "agent-loop",
+                                 worker.id], capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0
+        assert "already has a live loop" in second.stdout + second.stderr
+        assert tinytown._pid_alive(int(agent.pid))
+        after = worker.record()
+        assert after.state == "idle" and after.pid == agent.pid and not after.error
+        assert town.redis.get(town.keys.alive(worker.id)) == identity  # only the first holds it
+        task = worker.assign("still serving")
+        assert town.wait_task(task.id, timeout=30).state == "completed"
+    finally:  # the record may say `error` while the first loop lives on: end it ourselves
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(agent.pid), signal.SIGTERM)
+        assert _wait_gone(int(agent.pid), 15)
+
+
+# -- an idle loop is quiet --
+
+def test_idle_loop_issues_only_a_few_redis_commands(town, redis_url):
+    worker = town.spawn_agent("idler", "demo")
+    wait_state(town, worker.id, "idle")
+    probe = redis.Redis.from_url(redis_url, single_connection_client=True, decode_responses=True)
+    deadline = time.monotonic() + 15
+    while not any(c["cmd"] == "blpop" and "b" in c["flags"] for c in probe.client_list()):
+        assert time.monotonic() < deadline, "the loop never blocked on its wake list"
+        time.sleep(0.05)  # until the loop's first take and claim pass is over and it blocks
+
+    def calls():
+        return {name: stats["calls"] for name, stats in probe.info("commandstats").items()}
+    before, started = calls(), time.monotonic()
+    time.sleep(5)  # a measurement window, not a synchronisation
+    after, elapsed = calls(), time.monotonic() - started
+    delta = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+    delta["cmdstat_info"] = delta.get("cmdstat_info", 0) - 1  # our own first INFO
+    total = sum(delta.values())
+    rate = total / elapsed
+    print(f"\nidle loop, heartbeat_secs=1: {total} commands in {elapsed:.2f}s = {rate:.2f}/s"
+          f" (= {rate * 60 / 5:.1f}/min at heartbeat_secs=5); {delta}")
+    probe.close()
+    assert worker.record().rounds_completed == 0
+    assert rate <= 3, delta
+
+
+# -- spawn refusals --
+
+def test_spawn_beyond_max_agents_is_refused(town, configure):
+    fresh = configure(max_agents=2)
+    fresh.spawn_agent("a1", "demo", start=False)
+    fresh.spawn_agent("a2", "demo", start=False)
+    with pytest.raises(SpawnError, match="max_agents = 2"):
+        fresh.spawn_agent("a3", "demo", start=False)
+    code, _, err = tt("spawn", "a3", "--cli", "demo")
+    assert code == 1 and "max_agents = 2" in err and "Traceback" not in err
+    assert sorted(a.name for a in town.list_agents()) == ["a1", "a2"]
+
+
+def test_missing_cli_binary_is_refused_unless_forced(town, configure):
+    fresh = configure(clis={"ghost": "no-such-binary-xyz --go"})
+    with pytest.raises(SpawnError, match="no-such-binary-xyz"):
+        fresh.spawn_agent("g1", "ghost")
+    code, _, err = tt("spawn", "g1", "--cli", "ghost")
+    assert code == 1 and "not on PATH" in err and "Traceback" not in err
+    assert town.list_agents() == []
+    forced = tt_json("spawn", "g1", "--cli", "ghost", "--force")
+    assert forced["name"] == "g1" and forced["cli"] == "ghost"
+    task = town.assign("g1", "cannot be done")
+    failed = town.wait_task(task.id, timeout=30)  # every round: `sh: no-such-binary-xyz: not found`
+    assert failed.state == "failed" and failed.result == "CLI exited with 127"
+
+
+def test_spawn_accepts_a_shell_script_command(town, configure):
+    fresh = configure(clis={"script": "if true; then exec tt demo-agent; fi",
+                            "looped": "while false; do :; done; tt demo-agent",
+                            "builtin": "command -v tt >/dev/null && tt demo-agent"})
+    for cli in ("script", "looped", "builtin"):
+        fresh.spawn_agent(f"sh-{cli}", cli, start=False)
+
+
+# -- a vendored copy --
+
+def _python_with_redis_only(folder):
+    """A venv whose only extra package is redis (tinytown is not installed there)."""
+    venv = folder / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   capture_output=True, timeout=120)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    libs = folder / "libs"
+    libs.mkdir()
+    (libs / "redis").symlink_to(Path(redis.__file__).parent)
+    (site / "redis_only.pth").write_text(f"{libs}\n")
+    return venv / "bin" / "python"
+
+
+def test_vendored_copy_runs_agents_with_its_own_shim(tmp_path, redis_url):
+    python = _python_with_redis_only(tmp_path)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "TINYTOWN_TOWN", "TINYTOWN_AGENT_ID")}
+    env["REDIS_URL"] = redis_url
+    check = subprocess.run([str(python), "-c", "import importlib.util as u, redis;"
+                            " print(u.find_spec('tinytown') is None)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert check.stdout.strip() == "True", check.stderr
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy = repo / "tinytown.py"
+    text = MODULE.read_text()
+    marker = f'__version__ = "{tinytown.__version__}+vendored"'
+    copy.write_text(text.replace(f'__version__ = "{tinytown.__version__}"', marker, 1))
+    assert marker in copy.read_text()  # so we can tell which copy a process runs
+
+    def vtt(*argv):
+        return subprocess.run([str(python), "tinytown.py", *argv], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=60)
+    name = f"v-{uuid.uuid4().hex[:8]}"
+    assert vtt("init", "--name", name).returncode == 0
+    pid = None
+    try:
+        spawned = vtt("spawn", "v1", "--cli", "demo", "--json")
+        assert spawned.returncode == 0, spawned.stderr
+        task = json.loads(vtt("assign", "v1", "vendored work", "--json").stdout)
+        waited = vtt("task", "wait", task["id"], "--timeout", "30", "--json")
+        assert waited.returncode == 0, waited.stderr
+        assert json.loads(waited.stdout)["state"] == "completed"
+        shim_path = repo / ".tt" / "bin" / "tt"
+        shim = shim_path.read_text()
+        assert str(python) in shim and str(repo) in shim and str(MODULE.parent) not in shim
+        version = subprocess.run([str(shim_path), "--version"], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert version.stdout.strip().endswith("+vendored"), version.stderr  # the shim runs the copy
+        listed = subprocess.run([str(shim_path), "-t", str(repo), "list", "--json"], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=60)
+        [agent] = json.loads(listed.stdout)
+        assert agent["tasks_completed"] == 1
+        pid = int(agent["pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[0] == str(python).encode() and str(repo).encode() in b" ".join(cmdline)
+        first_line = (repo / ".tt" / "logs" / "v1" / "round-1.log").read_text().splitlines()[0]
+        assert str(repo) in first_line and str(MODULE.parent) not in first_line
+    finally:
+        vtt("kill", "v1")
+        if pid:
+            assert _wait_gone(pid, 15)
+        vtt("reset", "--force")
+
+
+# -- tt stop / tt start --
+
+def test_stop_then_start_resumes_exactly_the_live_agents(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("TINYTOWN_TOWN", raising=False)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    assert run_module("init", "--name", "stopstart", cwd=proj).returncode == 0
+    try:
+        for name in ("a1", "a2", "a3"):
+            spawned = run_module("spawn", name, "--cli", "demo", cwd=proj)
+            assert spawned.returncode == 0, spawned.stderr
+        with Town(proj) as town:
+            assert not town.owns_server
+            for agent in town.list_agents():
+                wait_state(town, agent.id, "idle")
+            town.kill_agent("a3")
+            town.wait_agent("a3", timeout=30)
+            pids = [int(a.pid) for a in town.list_agents() if a.name != "a3"]
+        stop = run_module("stop", "--json", cwd=proj)
+        assert stop.returncode == 0, stop.stderr
+        assert sorted(json.loads(stop.stdout)["agents"]) == ["a1", "a2"]
+        assert json.loads(stop.stdout)["redis_stopped"]
+        assert all(_wait_gone(pid, 15) for pid in pids)
+        assert json.loads((proj / ".tt" / "resume.json").read_text()) == ["a1", "a2"]
+        start = run_module("start", "--json", cwd=proj)
+        assert start.returncode == 0, start.stderr
+        assert json.loads(start.stdout)["agents"] == ["a1", "a2"]
+        with Town(proj) as town:
+            states = {a.name: wait_state(town, a.id, ("idle", "stopped")) for a in town.list_agents()}
+            assert {n: a.state for n, a in states.items()} == {"a1": "idle", "a2": "idle", "a3": "stopped"}
+            assert not {int(states["a1"].pid), int(states["a2"].pid)} & set(pids)
+            assert not (proj / ".tt" / "resume.json").exists()
+            assert not town.redis.exists(town.keys.resume)
+            task = town.assign("a1", "after the restart")
+            assert town.wait_task(task.id, timeout=30).state == "completed"
+    finally:
+        run_module("stop", cwd=proj)
+
+
+# -- auto-claim --
+
+def test_idle_agent_claims_matching_backlog_tasks_only(town):
+    worker = town.spawn_agent("builder-1", "demo", role="builder")
+    wait_state(town, worker.id, "idle")
+    other = town.backlog_add("review the build", tags=["reviewer"])
+    mine = town.backlog_add("build the thing", tags=["builder"])
+    named = town.backlog_add("build for me by name", tags=["builder-1"])
+    anyone = town.backlog_add("sweep the floor")
+    for task in (mine, named, anyone):
+        done = town.wait_task(task.id, timeout=30)
+        assert done.state == "completed" and done.assigned_to == worker.id
+    assert [t.id for t in town.backlog()] == [other.id]
+    left = town.task(other.id)
+    assert left.state == "pending" and not left.assigned_to
+    assert wait_rounds(town, worker.id, 3).tasks_completed == 3
+
+
+# -- an agent talks through the shim --
+
+def test_agent_cli_sends_to_the_conductor_through_the_tt_shim(town, configure):
+    script = 'command -v tt > where.txt; tt send conductor "hi from $TINYTOWN_AGENT_NAME" --info'
+    fresh = configure(clis={"talker": script})
+    worker = fresh.spawn_agent("herald", "talker", force=True)
+    worker.send("please say hi")
+    wait_rounds(town, worker.id, 1)
+    assert (town.root / "where.txt").read_text().strip() == str(town.root / ".tt" / "bin" / "tt")
+    [message] = tt_json("inbox")
+    assert message["type"] == "info" and message["from"] == worker.id
+    assert message["summary"] == "hi from herald" and message["to"] == "conductor"
+    assert worker.inbox_len() == 0 and dead_letters(town, worker.id) == []
 
 
 # CLI #########################################################################

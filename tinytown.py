@@ -1726,10 +1726,12 @@ class Town:
     def _check_cli_installed(self, agent_cli: AgentCLI) -> None:
         command = _fill_command(agent_cli.command, Path("prompt.md"))
         try:
-            words = [w for w in shlex.split(command) if "=" not in w.split("/")[0]]
+            words = [w for w in shlex.split(command) if not re.match(r"[A-Za-z_]\w*=", w)]
         except ValueError as exc:
             raise SpawnError(f"cannot parse the {agent_cli.name} command {command!r}: {exc}") from None
-        if words and not shutil.which(words[0]):
+        # `command -v` knows what `sh -c` will: programs on PATH, builtins and keywords (if, while).
+        if words and subprocess.run(["sh", "-c", 'command -v "$1" >/dev/null', "sh", words[0]],
+                                    env={**os.environ, **agent_cli.env}).returncode != 0:
             raise SpawnError(f"the {agent_cli.name} CLI needs `{words[0]}`, which is not on PATH;"
                              " install it, pick another --cli (e.g. demo), or pass --force")
 
@@ -2334,6 +2336,7 @@ class AgentLoop:
     def run(self) -> str:
         """Serve rounds until stopped; returns the final state (always written)."""
         final, error = AgentState.STOPPED, None
+        self._hold_heartbeat()  # outside the try: a refused loop owns nothing to tear down
         self._install_signal_handlers()
         try:
             self._begin()
@@ -2363,12 +2366,14 @@ class AgentLoop:
         if not self._finishing and (self._signals > 1 or not self._in_round):
             raise _ForcedStop()
 
-    def _begin(self) -> None:
+    def _hold_heartbeat(self) -> None:
+        """Take `alive:<id>` (SET NX): the one guarantee that an agent never has two loops."""
         alive = self.keys.alive(self.agent.id)
-        ttl = self._heartbeat_ttl()
-        if not self.channel.redis.set(alive, self.identity, nx=True, ex=ttl):
+        if not self.channel.redis.set(alive, self.identity, nx=True, ex=self._heartbeat_ttl()):
             holder = self.channel.redis.get(alive)
             raise SpawnError(f"agent {self.agent.name} already has a live loop ({holder})")
+
+    def _begin(self) -> None:
         # A loop that died before us may have left messages in processing: put them back.
         self.channel.settle(self.agent.id, set(), "the previous loop died mid-round")
         self.channel.update_agent(self.agent.id, pid=os.getpid(), host=socket.gethostname(),
