@@ -422,9 +422,9 @@ def fail_cli(*argv, town_path=None):
 
 def test_urgent_then_high_then_normal_and_low_fifo_within_each(town):
     w = worker(town)
-    [w.send(text, priority=prio) for text, prio in [
-     ("n1", "normal"), ("h1", "high"), ("l1", "low"), ("u1", "urgent"),
-        ("n2", "normal"), ("h2", "high"), ("u2", "urgent")]]
+    for text, prio in [("n1", "normal"), ("h1", "high"), ("l1", "low"), ("u1", "urgent"),
+                       ("n2", "normal"), ("h2", "high"), ("u2", "urgent")]:
+        w.send(text, priority=prio)
     order = ["u1", "u2", "h1", "h2", "n1", "l1", "n2"]  # low shares the normal queue, FIFO
     assert [m.text for m in w.inbox()] == order  # peek leaves them in place
     assert [m["description"] for m in tt_json("inbox", "w1")] == order
