@@ -62,7 +62,7 @@ __all__ = [
     "RedisServer", "find_redis_server", "redact_url",
     "TinytownError", "TownNotFound", "ConfigError", "RedisServerError", "RedisUnreachable",
     "AgentNotFound", "AgentAmbiguous", "TaskNotFound", "InvalidName", "InvalidTransition",
-    "SpawnError", "main",
+    "SpawnError", "WaitTimeout", "main",
 ]  # Keys and the Lua scripts are left out: they are the storage layout, not the API.
 
 log = logging.getLogger("tinytown")
@@ -240,6 +240,10 @@ class InvalidTransition(TinytownError):
 
 class SpawnError(TinytownError):
     """An agent could not be started."""
+
+
+class WaitTimeout(TinytownError):
+    """A blocking wait (for an agent or a task) ran out of time."""
 
 
 # Config ######################################################################
@@ -447,14 +451,14 @@ def _toml_value(value: Any) -> str:
 def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
     """Set one dotted key in tinytown.toml, keeping the file's comments and layout.
 
-    A string `raw_value` is read as a TOML value when it is one ("8", "true"), else
-    as a plain string.  The file is validated before it is replaced, so a bad value
-    never leaves a broken config behind.
+    A string `raw_value` is read as a TOML value ("8", "true", '{ A = "1" }') unless the
+    key holds text, where it is taken as it is ("true" stays the command `true`).  The
+    file is validated before it is replaced, so a bad value never leaves a broken config.
     """
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     value = raw_value
-    if isinstance(raw_value, str):
+    if isinstance(raw_value, str) and (_key_type(key) is not str or raw_value[:1] in ('"', "'")):
         try:
             value = tomllib.loads(f"v = {raw_value}")["v"]
         except tomllib.TOMLDecodeError:
@@ -489,6 +493,16 @@ def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
         raise ConfigError(str(exc).replace(str(scratch), str(path))) from None
     os.replace(scratch, path)
     return value
+
+
+def _key_type(key: str) -> type | None:
+    """The type a dotted config key holds (None: unknown or a table)."""
+    section, _, leaf = key.rpartition(".")
+    if not section:
+        return _TOP_LEVEL.get(leaf)
+    if section.startswith("agent_clis."):
+        return str if leaf in ("name", "command", "cwd") else None
+    return _field_types(_SECTIONS[section]).get(leaf) if section in _SECTIONS else None
 
 
 def get_config_value(config: Config, key: str) -> Any:
@@ -1566,10 +1580,6 @@ def _ensure_gitignore(root: Path) -> None:
     path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + ".tt/\n", encoding="utf-8")
 
 
-class _WaitTimeout(TinytownError):
-    pass
-
-
 class Town:
     """A town: the project folder, its config, its Redis, and the agents in it.
 
@@ -1819,7 +1829,7 @@ class Town:
                 return result
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise _WaitTimeout(f"timed out after {timeout:g}s waiting for {what}")
+                raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what}")
             block = self._config.agent.heartbeat_secs * 2
             block = min(block, remaining) if remaining is not None else block
             reply = self.redis.xread({self.keys.events: after}, block=max(int(block * 1000), 1), count=500)
@@ -3165,7 +3175,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = args.handler(args)
     except KeyboardInterrupt:
         return 130
-    except _WaitTimeout as exc:
+    except WaitTimeout as exc:
         print(f"tt: {exc}", file=sys.stderr)
         return 1
     except (TinytownError, redis.RedisError, OSError) as exc:
