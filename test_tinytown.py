@@ -460,7 +460,7 @@ def test_take_and_settle_ack_requeue_to_front_and_dead_letter_after_max_attempts
     acked = w.send("answered", type="query")
 
     stop, state, taken = channel.take(w.id)
-    assert (stop, state) == ("", "starting")
+    assert (stop, state) == ("", "working")  # taking actionable work starts the round
     assert [m.id for m in taken] == [high.id, normal.id, assignment_id(taken), acked.id]
     assert w.inbox_len() == 0 and town.redis.llen(town.keys.processing(w.id)) == 4
 
@@ -860,11 +860,12 @@ def test_status_shows_pending_by_type_task_counts_and_events(town):
     assert tt_json("status")["agents"][0]["pending"] == {"processing": 2, "query": 1}
 
     events = tt_json("events", "--count", "3")
-    assert [e["event"] for e in events] == ["message", "task_created", "message"]
+    assert [e["event"] for e in events] == ["task_created", "message", "agent_working"]
     assert all(e["id"] and e["at"].endswith("Z") for e in events)
     assert events == town.channel.events(3)
     mine = tt_json("history", "-n", "50", "--agent", "w1")
-    assert [e["event"] for e in mine] == ["agent_spawned", "task_assigned", "message", "message"]
+    assert [e["event"] for e in mine] == ["agent_spawned", "task_assigned", "message", "message",
+                                          "agent_working"]
 
 
 # Agent loop ##################################################################

