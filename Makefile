@@ -34,7 +34,7 @@ demo: $(STAMP)
 	echo "== tt stop"; $$tt stop
 
 bench: $(STAMP)
-	$(BIN)/python bench_tinytown.py
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python bench_tinytown.py
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
