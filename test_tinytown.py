@@ -1376,6 +1376,58 @@ def test_stop_then_start_resumes_exactly_the_live_agents(tmp_path, monkeypatch):
         run_module("stop", cwd=proj)
 
 
+# -- a killed redis-server --
+
+def test_killed_redis_loses_nothing_and_the_loop_carries_on(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("TINYTOWN_TOWN", raising=False)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    assert run_module("init", "--name", "crashy", cwd=proj).returncode == 0
+    try:
+        assert run_module("spawn", "a1", "--cli", "demo", cwd=proj).returncode == 0
+        first = run_module("assign", "a1", "before the crash", cwd=proj).stdout.strip()
+        assert run_module("task", "wait", first, "--timeout", "30", cwd=proj).returncode == 0
+        assert run_module("send", "conductor", "keep me", "--info", cwd=proj).returncode == 0
+        pid = int((proj / ".tt" / "redis.pid").read_text())
+        os.kill(pid, signal.SIGKILL)  # no SHUTDOWN SAVE: only what the AOF already has
+        assert _wait_gone(pid, 10)
+        # The next command restarts the managed server; the loop reconnects by itself.
+        second = run_module("assign", "a1", "after the crash", cwd=proj)
+        assert second.returncode == 0, second.stderr
+        done = run_module("task", "wait", second.stdout.strip(), "--timeout", "60", "--json", cwd=proj)
+        assert done.returncode == 0, done.stderr
+        with Town(proj) as town:
+            assert town.task(first).state == "completed"
+            assert [m.text for m in town.channel.peek("conductor")] == ["keep me"]
+            assert town.server.read_pid() != pid
+            [agent] = town.list_agents()
+            assert agent.alive and agent.tasks_completed == 2
+    finally:
+        run_module("stop", cwd=proj)
+
+
+# -- git worktrees --
+
+def test_spawn_with_worktree_gives_the_agent_its_own_checkout(town):
+    git = ["git", "-C", str(town.root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(town.root)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    handle = town.spawn_agent("wt", "demo", worktree=True, start=False)
+    worktree = Path(handle.record().worktree)
+    assert worktree == town.root / ".tt" / "agents" / "wt" / "worktree"
+    assert (worktree / ".git").is_file()  # a linked worktree, on its own branch
+    branch = subprocess.run(["git", "-C", str(worktree), "branch", "--show-current"],
+                            capture_output=True, text=True).stdout.strip()
+    assert branch == "tt/wt"
+
+
+def test_worktree_outside_a_git_repository_is_a_clear_error(town):
+    code, _, err = tt("spawn", "wt", "--cli", "demo", "--worktree")
+    assert code == 1 and "cannot create a git worktree" in err
+    assert town.list_agents() == []
+
+
 # -- auto-claim --
 
 def test_idle_agent_claims_matching_backlog_tasks_only(town):
@@ -1422,3 +1474,30 @@ def test_json_anywhere_prints_one_document(town):
     assert status["town"] == town.name
     code, out, _ = tt("--json", "list")
     assert code == 0 and json.loads(out) == []
+
+
+def test_conductor_without_a_terminal_prints_its_context(town):
+    town.spawn_agent("w1", "demo", start=False)
+    code, out, _ = tt("conductor")
+    assert code == 0
+    assert town.name in out and "w1" in out and "tt assign AGENT" in out and "reviewer" in out.lower()
+
+
+def test_events_follow_streams_new_events_as_they_happen(town):
+    worker = town.spawn_agent("w1", "demo", start=False)
+    follower = subprocess.Popen([sys.executable, str(MODULE), "-t", str(town.root), "events",
+                                 "--follow", "--json"], stdout=subprocess.PIPE, text=True)
+    try:
+        import selectors
+        with selectors.DefaultSelector() as selector:
+            selector.register(follower.stdout, selectors.EVENT_READ)
+            for _ in range(40):  # until the follower is subscribed: it sees new events only
+                worker.send("ping?", type="query")
+                if selector.select(timeout=0.5):
+                    break
+            event = json.loads(follower.stdout.readline())
+        assert event["event"] == "message" and event["agent"] == worker.id
+    finally:
+        follower.terminate()
+        follower.wait(10)
+

@@ -84,6 +84,7 @@ MESSAGES_PER_ROUND = 50
 SERVER_START_TIMEOUT = 10.0
 STOP_GRACE_SECS = 10.0
 STALE_START_SECS = 30.0  # a `starting` agent with no heartbeat after this is dead
+REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to come back
 
 # 1920s first names for nicknames, picked by the agent id.
 NICKNAMES = (
@@ -2378,6 +2379,7 @@ class AgentLoop:
         self._in_round = False
         self._finishing = False
         self._last_beat = time.monotonic()  # _hold_heartbeat sets the key first
+        self._outage = threading.Event()  # never set: a wait that signals can interrupt
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -2388,7 +2390,7 @@ class AgentLoop:
         self._install_signal_handlers()
         try:
             self._begin()
-            while self.step():
+            while self._step_surviving_outages():
                 pass
             final = AgentState.COLD if self.draining else AgentState.STOPPED
         except _ForcedStop:
@@ -2456,6 +2458,27 @@ class AgentLoop:
         if not due_only or now - self._last_beat >= self.settings.heartbeat_secs:
             self.channel.redis.set(self.keys.alive(self.agent.id), self.identity, ex=self._heartbeat_ttl())
             self._last_beat = now
+
+    def _step_surviving_outages(self) -> bool:
+        """step(), riding out a Redis that went away: back off, restart a managed server,
+        and hand back what an interrupted round had taken (at-least-once, never lost)."""
+        outage_started, attempts = None, 0
+        while True:
+            try:
+                if outage_started is not None:
+                    self.town.server.ensure_running()
+                    self.channel.settle(self.agent.id, set(), "Redis went away mid-round",
+                                        count_attempt=False)
+                    self._beat(due_only=False)
+                    log.info("agent %s: Redis is back", self.agent.name)
+                return self.step()
+            except (redis.ConnectionError, redis.TimeoutError, RedisServerError, RedisUnreachable) as exc:
+                outage_started = outage_started or time.monotonic()
+                if time.monotonic() - outage_started > REDIS_OUTAGE_SECS:
+                    raise
+                log.warning("agent %s: Redis unavailable (%s); retrying", self.agent.name, exc)
+                self._outage.wait(min(0.05 * 2 ** attempts, 5.0))
+                attempts += 1
 
     # -- one iteration -----------------------------------------------------------
 
