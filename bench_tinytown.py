@@ -34,6 +34,12 @@ def median_of(fn, repeats=REPEATS):
     return statistics.median(fn() for _ in range(repeats))
 
 
+def paired(ours, raw, repeats=REPEATS):
+    """Medians of both, measured alternately, so a noisy neighbour hits both alike."""
+    samples = [(ours(), raw()) for _ in range(repeats)]
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
+
+
 class Bench:
     def __init__(self, quick: bool):
         self.quick = quick
@@ -42,6 +48,9 @@ class Bench:
         self.town = Town.init(self.root / "town", "bench", max_agents=100, agent={"heartbeat_secs": 5})
         self.client = self.town.redis
         self.results: list[dict] = []
+        if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+            print("note: PYTHONDONTWRITEBYTECODE is set: every process compiles tinytown.py anew"
+                  " (`make bench` unsets it)")
 
     def close(self):
         self.town.close()
@@ -78,7 +87,7 @@ class Bench:
             return (time.perf_counter() - start) / n * 1000
 
         self.record("P1", "send -> receive round trip (Channel vs RPUSH+BLPOP)",
-                    median_of(ours), median_of(raw), 1.5)
+                    *paired(ours, raw, 7), 1.5)
 
     # P2 ----------------------------------------------------------------------
     def p2_wake_up(self):
@@ -162,12 +171,12 @@ class Bench:
                 subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
                 return (time.perf_counter() - start) * 1000
             once()  # warm the page cache
-            return median_of(once, 7)
+            return once
 
-        baseline = timed([sys.executable, "-c", "import redis"])
         ours = timed([sys.executable, "-m", "tinytown", "-t", str(self.town.root), "list"])  # as `tt`
+        baseline = timed([sys.executable, "-c", "import redis"])
         self.record("P3", "`tt list` wall time, 10 agents (vs python -c 'import redis')",
-                    ours, baseline, 1.25)
+                    *paired(ours, baseline, 9), 1.25)
 
     # P4 ----------------------------------------------------------------------
     def p4_status(self):
@@ -311,7 +320,7 @@ class Bench:
             return elapsed
 
         self.record("P7", "Town.init to ready (vs bare redis-server start-to-PING)",
-                    median_of(ours), median_of(bare), 1.5)
+                    *paired(ours, bare, 7), 1.5)
 
     # P8 ----------------------------------------------------------------------
     def p8_rss(self):

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import enum
 import fcntl
+import functools
 import hashlib
 import inspect
 import json
@@ -335,13 +336,14 @@ def _line_of(text: str, section: str | None, key: str) -> int | None:
     return None
 
 
-def _typed(value: Any, expected: type, where: str) -> Any:
+def _typed(value: Any, expected: type, where: Callable[[], str]) -> Any:
+    """`value` checked against `expected`; where() names the place, only for an error."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected):
-        raise ConfigError(f"{where} must be {_TYPE_NAMES[expected]}, not {value!r}")
+        raise ConfigError(f"{where()} must be {_TYPE_NAMES[expected]}, not {value!r}")
     if expected in (int, float) and value < 0:
-        raise ConfigError(f"{where} must not be negative, not {value!r}")
+        raise ConfigError(f"{where()} must not be negative, not {value!r}")
     return value
 
 
@@ -366,7 +368,7 @@ def load_config(path: Path) -> Config:
     config = Config(name=path.parent.name, path=path)
     for key, value in data.items():
         if key in _TOP_LEVEL:
-            setattr(config, key, _typed(value, _TOP_LEVEL[key], where(None, key)))
+            setattr(config, key, _typed(value, _TOP_LEVEL[key], functools.partial(where, None, key)))
         elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where(None, key)} must be a [{key}] table")
@@ -376,7 +378,7 @@ def load_config(path: Path) -> Config:
                 if sub not in types:
                     raise ConfigError(f"{where(key, sub)}: unknown key; known keys of [{key}]"
                                       f" are {', '.join(types)}")
-                setattr(target, sub, _typed(subvalue, types[sub], where(key, sub)))
+                setattr(target, sub, _typed(subvalue, types[sub], functools.partial(where, key, sub)))
         elif key == "agent_clis":
             for cli_name, table in value.items():
                 config.agent_clis[cli_name] = _parse_agent_cli(cli_name, table, where)
@@ -407,10 +409,10 @@ def _parse_agent_cli(name: str, table: Any, where: Callable[[str | None, str], s
     env = table.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where(section, 'env')} must be a table of strings")
-    return AgentCLI(name=_typed(table.get("name", name), str, where(section, "name")),
-                    command=_typed(table["command"], str, where(section, "command")),
+    return AgentCLI(name=_typed(table.get("name", name), str, lambda: where(section, "name")),
+                    command=_typed(table["command"], str, lambda: where(section, "command")),
                     env=dict(env),
-                    cwd=_typed(table["cwd"], str, where(section, "cwd")) if "cwd" in table else None)
+                    cwd=_typed(table["cwd"], str, lambda: where(section, "cwd")) if "cwd" in table else None)
 
 
 def _default_config_text(name: str) -> str:
