@@ -150,10 +150,17 @@ def test_init_writes_the_seed_config_with_defaults(managed_town):
     assert config.cli("goose").env == {"GOOSE_MODE": "auto"}
 
 
-def test_unknown_config_key_is_reported_with_file_and_line(tmp_path):
+@pytest.mark.parametrize("text, error", [
+    ('name = "x"\n\n[redis]\nuse_socket = true\nflavour = "cherry"\n',
+     r"tinytown.toml:5: redis.flavour: unknown key"),
+    ('name = "x"\nmax_agents = "many"\n', r"tinytown.toml:2: max_agents must be a whole number"),
+    ('name = "x"\n[agent]\nheartbeat_secs = -1\n', r":3: agent.heartbeat_secs must not be negative"),
+    ('name = "x"\n[agent_clis.mine]\nname = "mine"\n', r"\[agent_clis.mine\] needs a command"),
+])
+def test_bad_config_names_the_file_key_and_line(tmp_path, error, text):
     path = tmp_path / "tinytown.toml"
-    path.write_text('name = "x"\n\n[redis]\nuse_socket = true\nflavour = "cherry"\n')
-    with pytest.raises(ConfigError, match=r"tinytown.toml:5: redis.flavour: unknown key"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=error):
         tinytown.load_config(path)
 
 
@@ -162,13 +169,6 @@ def test_corrupt_config_is_a_clear_error(tmp_path):
     code, out, err = tt("status", town_path=tmp_path)
     assert code == 1
     assert "invalid TOML" in err and "line 2" in err and "Traceback" not in err
-
-
-def test_bad_value_type_names_key_and_line(tmp_path):
-    path = tmp_path / "tinytown.toml"
-    path.write_text('name = "x"\nmax_agents = "many"\n')
-    with pytest.raises(ConfigError, match=r":2: max_agents must be a whole number"):
-        tinytown.load_config(path)
 
 
 def test_config_get_and_set_keep_comments(town):
