@@ -496,9 +496,10 @@ MALFORMED = [
     b'{"type": "task", "to": "x", "attempts": "many"}',
     b"\xff\xfe\x00garbage", b'{"type": "task", "to": "x", "attempts": 1e400}', b"[" * 100_000,
     b'{"type": "task", "to": "x", "from": null}',
+    b'{"type": "task_assign", "to": "x", "task_id": "t", "description": null}',
 ]
 MALFORMED_IDS = ["text", "list", "no-to", "bad-priority", "bad-attempts", "not-utf8", "huge-attempts",
-                 "deep", "null-from"]
+                 "deep", "null-from", "null-description"]
 
 
 @pytest.mark.parametrize("raw", MALFORMED, ids=MALFORMED_IDS)
@@ -856,7 +857,7 @@ def test_status_shows_pending_by_type_task_counts_and_events(town):
     assert status["tasks"] == {"assigned": 1, "pending": 1}
     assert (status["backlog"], status["conductor_inbox"]) == (1, 1)
 
-    town.channel.take(w.id, limit=2)
+    town.channel.take(w.id, limit=1)  # one actionable message; the info one rides along
     assert tt_json("status")["agents"][0]["pending"] == {"processing": 2, "query": 1}
 
     events = tt_json("events", "--count", "3")
@@ -958,7 +959,7 @@ def test_demo_agent_completes_an_assigned_task_via_the_api(town):
     assert agent.alive and agent.pid and agent.current_task in (None, "")
     runtime = town.root / ".tt"
     round_log = (runtime / "logs" / "w1" / "round-1.log").read_text()
-    assert round_log.startswith("$ ") and "demo-agent" in round_log
+    assert round_log.startswith("[tinytown] ") and "demo-agent" in round_log.splitlines()[0]
     assert f"did task {task.id}" in round_log
     prompt = (runtime / "agents" / "w1" / "prompt.md").read_text()
     assert "You are w1" in prompt and f"### Task {task.id}" in prompt
@@ -1374,6 +1375,68 @@ def test_stop_then_start_resumes_exactly_the_live_agents(tmp_path, monkeypatch):
             assert town.wait_task(task.id, timeout=30).state == "completed"
     finally:
         run_module("stop", cwd=proj)
+
+
+# -- quiet and safe under odd input --
+
+def test_informational_messages_neither_spin_the_loop_nor_block_work(town, redis_url):
+    worker = town.spawn_agent("calm", "demo")
+    wait_state(town, worker.id, "idle")
+    for i in range(60):  # more than a round takes: they must not keep the task out of reach
+        worker.send(f"fyi {i}", type="info")
+    time.sleep(1)  # let the loop look at them (each wake-up does)
+    probe = redis.Redis.from_url(redis_url, decode_responses=True)
+    before = sum(v["calls"] for v in probe.info("commandstats").values())
+    time.sleep(2)
+    calls = sum(v["calls"] for v in probe.info("commandstats").values()) - before
+    assert calls < 30, f"{calls} commands in 2 s from an agent with only info messages"
+    task = worker.assign("the real work")
+    assert town.wait_task(task.id, timeout=30).state == "completed"
+    assert worker.inbox_len() == 0  # the info messages went along with that round
+
+
+def test_a_paused_agent_with_an_idle_timeout_stays_quiet_and_alive(town, configure, redis_url):
+    fresh = configure(idle_timeout_secs=1)
+    worker = fresh.spawn_agent("napper", "demo")
+    wait_state(town, worker.id, "idle")
+    worker.interrupt()
+    probe = redis.Redis.from_url(redis_url, decode_responses=True)
+    before = sum(v["calls"] for v in probe.info("commandstats").values())
+    time.sleep(2.5)
+    calls = sum(v["calls"] for v in probe.info("commandstats").values()) - before
+    assert calls < 30 and worker.record().alive and worker.state() == "paused"
+
+
+def test_cancelled_work_is_not_handed_to_the_cli(town):
+    worker = town.spawn_agent("careful", "demo")
+    wait_state(town, worker.id, "idle")
+    worker.interrupt()
+    task = worker.assign("never mind")
+    town.cancel_task(task.id)
+    worker.resume()
+    later = worker.assign("this one")
+    assert town.wait_task(later.id, timeout=30).state == "completed"
+    assert wait_rounds(town, worker.id, 1).rounds_completed == 1  # one round: "this one" only
+    assert not (town.root / ".tt" / "agents" / "careful" / "work" / f"{task.id[:8]}.txt").exists()
+    assert worker.inbox_len() == 0
+
+
+def test_a_stalled_loop_that_lost_its_lease_leaves_the_new_loop_alone(town):
+    worker = town.spawn_agent("stally", "demo")
+    old = int(wait_state(town, worker.id, "idle").pid)
+    os.kill(old, signal.SIGSTOP)
+    try:
+        wait_for(town, lambda: worker.record() if worker.record().dead else None, 30, "dead")
+        assert [a.name for a in town.recover()] == ["stally"]
+        worker.restart()
+        new = int(wait_state(town, worker.id, "idle").pid)
+    finally:
+        os.kill(old, signal.SIGCONT)
+    assert _wait_gone(old, 30)  # its next heartbeat finds the lease taken: it just leaves
+    agent = worker.record()
+    assert (agent.state, int(agent.pid), agent.alive) == ("idle", new, True)
+    task = worker.assign("still served")
+    assert town.wait_task(task.id, timeout=30).state == "completed"
 
 
 # -- a killed redis-server --

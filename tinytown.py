@@ -573,7 +573,8 @@ TERMINAL_TASK_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskSta
 ACTIONABLE_TYPES = frozenset({MessageType.TASK, MessageType.QUERY, MessageType.TASK_ASSIGN,
                               MessageType.STATUS_REQUEST, MessageType.SHUTDOWN, MessageType.CUSTOM})
 # The field that carries each type's text, for prompts and listings.
-TEXT_FIELDS = {"task": "description", "query": "question", "info": "summary", "ack": "reason",
+TEXT_FIELDS = {"task": "description", "task_assign": "description", "query": "question",
+               "info": "summary", "ack": "reason",
                "task_done": "result", "task_failed": "error", "status_response": "status"}
 
 
@@ -729,6 +730,9 @@ class Message:
             raise ValueError(f"bad attempts {attempts!r}")
         for key in ("id", "created_at", "correlation_id"):
             if data.get(key) is not None and not isinstance(data[key], str):
+                raise ValueError(f"{key!r} must be a string")
+        for key in ("task_id", TEXT_FIELDS.get(data["type"])):  # what prompts are made of
+            if key in data and not isinstance(data[key], str):
                 raise ValueError(f"{key!r} must be a string")
         head = {k: data.pop(k) for k in ("id", "type", "to", "priority", "created_at",
                                           "correlation_id") if k in data}
@@ -1038,36 +1042,34 @@ class RedisServer:
 # KEYS[1] = stop:<id>, KEYS[2] = agent:<id>, KEYS[3] = wake:<id>,
 # KEYS[4..6] = urgent:<id>, high:<id>, inbox:<id> (delivery order), KEYS[7] = processing:<id>,
 # KEYS[8] = events
-# ARGV[1] = most messages to take, ARGV[2] = agent id, ARGV[3] = timestamp
+# ARGV[1] = most actionable messages to take, ARGV[2] = agent id, ARGV[3] = timestamp
 # Moves pending messages into processing and returns {stop request, state, messages...}.
 # Nothing is taken on a kill request or while paused: the messages wait where they are.
-# An idle agent that takes an actionable message is `working` from here on: the round
-# starts in the same command that woke it.
+# Informational messages ride along without counting (so a pile of them never keeps a
+# task out of reach).  An idle agent that takes actionable work is `working` from here
+# on: the round starts in the same command that woke it.
 _TAKE_LUA = """
 local stop = redis.call('GET', KEYS[1]) or ''
 local state = redis.call('HGET', KEYS[2], 'state') or ''
 redis.call('DEL', KEYS[3])
 local out = {stop, state}
 if stop == 'kill' or state == 'paused' then return out end
-local limit = tonumber(ARGV[1])
+local actionable = {ACTIONABLE}
+local limit, work = tonumber(ARGV[1]), 0
 for i = 4, 6 do
-  while #out - 2 < limit do
+  while work < limit and #out < 1000 do
     local message = redis.call('LMOVE', KEYS[i], KEYS[7], 'LEFT', 'RIGHT')
     if not message then break end
     out[#out + 1] = message
+    local ok, decoded = pcall(cjson.decode, message)
+    if ok and type(decoded) == 'table' and actionable[decoded['type']] then work = work + 1 end
   end
 end
-if state ~= 'idle' and state ~= 'starting' then return out end
-local actionable = {ACTIONABLE}
-for i = 3, #out do
-  local ok, message = pcall(cjson.decode, out[i])
-  if ok and type(message) == 'table' and actionable[message['type']] then
-    redis.call('HSET', KEYS[2], 'state', 'working')
-    redis.call('XADD', KEYS[8], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_working',
-               'agent', ARGV[2], 'from', state, 'at', ARGV[3])
-    out[2] = 'working'
-    break
-  end
+if work > 0 and (state == 'idle' or state == 'starting') then
+  redis.call('HSET', KEYS[2], 'state', 'working')
+  redis.call('XADD', KEYS[8], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_working',
+             'agent', ARGV[2], 'from', state, 'at', ARGV[3])
+  out[2] = 'working'
 end
 return out
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace(
@@ -1112,6 +1114,34 @@ end
 return old
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
+# KEYS[1] = alive:<id>; ARGV[1] = the loop's identity (pid@host), ARGV[2] = TTL in seconds
+# Refreshes the heartbeat lease for its holder only: a loop that stalled past its TTL
+# must not take the agent back from a newer loop.  Returns 0 when another loop holds it.
+_REFRESH_LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] = alive:<id>, KEYS[2] = stop:<id>, KEYS[3] = agent:<id>, KEYS[4] = events
+# ARGV[1] = the loop's identity, ARGV[2] = final state, ARGV[3] = agent id, ARGV[4] = timestamp,
+# ARGV[5..] = more field/value pairs to set
+# Ends a loop's tenure at once: heartbeat and stop request gone, final state written, so
+# nobody sees the agent dead in between, nor terminal with a loop still holding it.
+# Returns 0 (changing nothing) when another loop holds the agent.
+_RELEASE_LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+local old = redis.call('HGET', KEYS[3], 'state')
+if not old then return 1 end
+redis.call('HSET', KEYS[3], 'state', ARGV[2], unpack(ARGV, 5))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_' .. ARGV[2],
+           'agent', ARGV[3], 'from', old, 'at', ARGV[4])
+return 1
+""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+
 _LIVE_STATES = " ".join(s.value for s in AgentState if s not in TERMINAL_AGENT_STATES)
 
 
@@ -1133,6 +1163,8 @@ class Channel:
         self._take = client.register_script(_TAKE_LUA)
         self._pop = client.register_script(_POP_LUA)
         self._set_state = client.register_script(_SET_STATE_LUA)
+        self._refresh_lease = client.register_script(_REFRESH_LEASE_LUA)
+        self._release_lease = client.register_script(_RELEASE_LEASE_LUA)
 
     # -- events ------------------------------------------------------------------
 
@@ -1264,13 +1296,14 @@ class Channel:
         parsed = (self._parse_or_bury(agent_id, raw, processing) for raw in raws)
         return stop, state, [message for message in parsed if message]
 
-    def settle(self, agent_id: str, acked: set[str], reason: str, *, count_attempt: bool = True
-               ) -> list[Message]:
+    def settle(self, agent_id: str, acked: set[str], reason: str, *, count_attempt: bool = True,
+               wake: bool = True) -> list[Message]:
         """Finish what `agent_id` took: drop the `acked` message ids, requeue the rest.
 
         Requeued messages go back to the front of their queue in their original order
-        (attempts + 1 when `count_attempt`); those out of attempts go to the dead-letter
-        list and their tasks fail with `reason`.  One transaction; returns the dead ones.
+        (attempts + 1 when `count_attempt`; the agent is woken unless `wake` is False);
+        those out of attempts go to the dead-letter list and their tasks fail with
+        `reason`.  One transaction; returns the dead ones.
         """
         processing = self.keys.processing(agent_id)
         max_attempts = self.settings.max_attempts
@@ -1316,9 +1349,8 @@ class Channel:
                     self._queue_task_change(pipe, task, state=TaskState.ASSIGNED,
                                             attempts=message.attempts)
             pipe.delete(processing)
-            if back:
-                pipe.rpush(self.keys.wake(agent_id), "1")
-                pipe.ltrim(self.keys.wake(agent_id), -WAKE_KEEP, -1)
+            if back and wake:
+                self.wake_all(pipe, [agent_id])
             if back or dead:
                 self._event(pipe, "requeued", agent=agent_id, count=len(back), dead=len(dead),
                             reason=reason)
@@ -1361,6 +1393,23 @@ class Channel:
         extra = [str(v) if v is not None else "" for pair in fields.items() for v in pair]
         return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events],
                                args=[state, allowed, agent_id, _now(), *extra], client=pipe)
+
+    def refresh_lease(self, agent_id: str, identity: str, ttl: int, verify: bool = True) -> bool:
+        """Keep `alive:<id>` for the loop `identity`; False when another loop holds it.
+
+        `verify=False` skips the check (one command, not three) for a holder that knows
+        its lease cannot have expired.
+        """
+        if not verify:
+            return bool(self.redis.set(self.keys.alive(agent_id), identity, ex=ttl))
+        return bool(self._refresh_lease(keys=[self.keys.alive(agent_id)], args=[identity, ttl]))
+
+    def release_lease(self, agent_id: str, identity: str, final: str, **fields: Any) -> bool:
+        """Drop the lease and write the final state at once; False when not ours."""
+        extra = [str(v) if v is not None else "" for pair in fields.items() for v in pair]
+        return bool(self._release_lease(
+            keys=[self.keys.alive(agent_id), self.keys.stop(agent_id), self.keys.agent(agent_id),
+                  self.keys.events], args=[identity, final, agent_id, _now(), *extra]))
 
     def update_agent(self, agent_id: str, **fields: Any) -> None:
         self.redis.hset(self.keys.agent(agent_id),
@@ -1590,6 +1639,13 @@ class Channel:
             return [prefix]
         return sorted({member for member, _ in self.redis.zscan_iter(
             self.keys.tasks, match=re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*", count=1000)})
+
+    def task_states(self, task_ids: list[str]) -> list[str | None]:
+        """The state of each task (None: no such task), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(self.keys.task(task_id), "state")
+        return pipe.execute() if task_ids else []
 
     def task_counts(self) -> dict[str, int]:
         return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
@@ -2276,6 +2332,10 @@ class _ForcedStop(BaseException):
     """Raised by the signal handler to leave the loop now (not a TinytownError)."""
 
 
+class _LostLease(Exception):
+    """Another loop holds the agent now (this one stalled past its heartbeat)."""
+
+
 _SHIM = '#!/bin/sh\n# tinytown CLI for agents of this town (written by the agent loop)\n{tt} "$@"\n'
 
 
@@ -2349,6 +2409,11 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
     return "\n".join(lines)
 
 
+def _task_over(state: str | None) -> bool:
+    """A task that is finished, or gone: there is no work left in its assignment."""
+    return state is None or state in TERMINAL_TASK_STATES
+
+
 def _tags_match(tags: list[str], agent: Agent) -> bool:
     return not tags or agent.name in tags or (agent.role is not None and agent.role in tags)
 
@@ -2358,7 +2423,8 @@ class AgentLoop:
 
     A step takes the agent's messages (moved into processing, never popped), runs
     the CLI once over a prompt made of them, and acknowledges or requeues them.
-    Idle, it blocks in Redis on its wake list; heartbeats keep ``alive:<id>`` fresh.
+    Idle, it blocks in Redis on its wake list.  The loop holds the agent through
+    ``alive:<id>``, a heartbeat lease only its holder may refresh or release.
     """
 
     def __init__(self, town: Town, agent_id: str):
@@ -2370,7 +2436,6 @@ class AgentLoop:
             raise AgentNotFound(agent_id)
         self.agent = agent
         self.settings = town.config.agent
-        self.cli = town.config.cli(agent.cli or town.config.default_cli)
         self.max_rounds = agent.max_rounds or self.settings.max_rounds
         self.identity = f"{os.getpid()}@{socket.gethostname()}"
         self.rounds_run = 0
@@ -2378,30 +2443,31 @@ class AgentLoop:
         self.idle_since = time.monotonic()
         self._stop_requested = False
         self._signals = 0
-        self._in_round = False
-        self._finishing = False
-        self._last_beat = time.monotonic()  # _hold_heartbeat sets the key first
-        self._outage = threading.Event()  # never set: a wait that signals can interrupt
+        self._interruptible = ""  # "idle" or "cli" while a signal may cut a wait short
+        self._last_beat = time.monotonic()  # _hold_lease sets the key first
+        self._backoff = threading.Event()  # never set: an interruptible pause between retries
 
     # -- lifetime ----------------------------------------------------------------
 
     def run(self) -> str:
         """Serve rounds until stopped; returns the final state (always written)."""
         final, error = AgentState.STOPPED, None
-        self._hold_heartbeat()  # outside the try: a refused loop owns nothing to tear down
+        self._hold_lease()  # outside the try: a refused loop owns nothing to tear down
         self._install_signal_handlers()
         try:
             self._begin()
             while self._step_surviving_outages():
                 pass
             final = AgentState.COLD if self.draining else AgentState.STOPPED
+        except _LostLease:
+            log.error("agent %s: another loop holds the agent now; leaving it alone", self.agent.name)
+            return AgentState.STOPPED
         except _ForcedStop:
             log.info("agent %s: stopped by signal", self.agent.name)
         except Exception as exc:  # the final state must say why the loop died
             final, error = AgentState.ERROR, f"{type(exc).__name__}: {exc}"
             log.exception("agent %s: loop failed", self.agent.name)
-        finally:
-            self._finish(final, error)
+        self._finish(final, error)
         return final
 
     def _install_signal_handlers(self) -> None:
@@ -2411,23 +2477,25 @@ class AgentLoop:
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # Only flags: the first signal finishes the current round, a second one (or any
-        # signal while idle, where there is nothing to finish) leaves at once.
+        # Flags, and a raise only where it is safe: in an idle wait (nothing to finish)
+        # or, on a second signal, in the wait for the CLI (whose group is then killed).
         self._signals += 1
         self._stop_requested = True
-        if not self._finishing and (self._signals > 1 or not self._in_round):
+        if self._interruptible == "idle" or (self._interruptible == "cli" and self._signals > 1):
+            self._interruptible = ""  # one raise: a further signal cannot cut the cleanup
             raise _ForcedStop()
 
-    def _hold_heartbeat(self) -> None:
-        """Take `alive:<id>` (SET NX): the one guarantee that an agent never has two loops."""
+    def _hold_lease(self) -> None:
+        """Take `alive:<id>` (SET NX): a second loop for the agent is refused here."""
         alive = self.keys.alive(self.agent.id)
         if not self.channel.redis.set(alive, self.identity, nx=True, ex=self._heartbeat_ttl()):
             holder = self.channel.redis.get(alive)
             raise SpawnError(f"agent {self.agent.name} already has a live loop ({holder})")
 
     def _begin(self) -> None:
+        self.cli = self.town.config.cli(self.agent.cli or self.town.config.default_cli)
         # A loop that died before us may have left messages in processing: put them back.
-        self.channel.settle(self.agent.id, set(), "the previous loop died mid-round")
+        self._settle(set(), "the previous loop died mid-round")
         self.channel.update_agent(self.agent.id, pid=os.getpid(), host=socket.gethostname(),
                                   last_heartbeat=_now(), error="")
         self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "starting stopped cold error")
@@ -2435,31 +2503,42 @@ class AgentLoop:
         log.info("agent %s: loop %s serving town %s", self.agent.name, self.identity, self.town.name)
 
     def _finish(self, final: str, error: str | None) -> None:
-        self._finishing = True  # from here on a signal must not cut the bookkeeping short
+        self._interruptible = ""
         try:
             self.channel.redis.connection_pool.disconnect()  # a signal may have cut a reply short
-            self.channel.settle(self.agent.id, set(), "the loop stopped mid-round", count_attempt=False)
-            # The heartbeat goes with the final state in one transaction: nobody sees the
-            # agent dead in between, nor terminal with a loop still holding it.
-            pipe = self.channel.redis.pipeline()
-            pipe.delete(self.keys.alive(self.agent.id), self.keys.stop(self.agent.id))
-            self.channel.set_agent_state(self.agent.id, final, "*", pipe=pipe, error=error or "",
-                                         pid="", current_task="")
-            pipe.execute()
+            # A loop that died of an error may have died of a message: count the attempt,
+            # so a poisonous one ends in dead: instead of killing every next loop.
+            self._settle(set(), error or "the loop stopped mid-round", count_attempt=bool(error))
+            if not self.channel.release_lease(self.agent.id, self.identity, final, error=error or "",
+                                              pid="", current_task=""):
+                log.error("agent %s: another loop holds the agent now", self.agent.name)
+                return
             log.info("agent %s: %s after %d rounds%s", self.agent.name, final, self.rounds_run,
                      f" ({error})" if error else "")
-        except redis.RedisError as exc:
+        except (_LostLease, redis.RedisError) as exc:
             log.error("agent %s: could not record the final state %s: %s", self.agent.name, final, exc)
 
     def _heartbeat_ttl(self) -> int:
         return max(int(self.settings.heartbeat_secs * 3 + 0.999), 2)
 
     def _beat(self, due_only: bool = True) -> None:
-        """Refresh `alive:<id>`; with `due_only`, only once a heartbeat period has passed."""
+        """Refresh the lease; with `due_only`, only once a heartbeat period has passed."""
         now = time.monotonic()
-        if not due_only or now - self._last_beat >= self.settings.heartbeat_secs:
-            self.channel.redis.set(self.keys.alive(self.agent.id), self.identity, ex=self._heartbeat_ttl())
-            self._last_beat = now
+        since = now - self._last_beat
+        if due_only and since < self.settings.heartbeat_secs:
+            return
+        # Only expiry frees a lease, so one refreshed well within its TTL is still ours
+        # and a plain SET will do; a loop that stalled longer must ask first.
+        ttl = self._heartbeat_ttl()
+        if not self.channel.refresh_lease(self.agent.id, self.identity, ttl, verify=since > ttl - 1):
+            raise _LostLease()
+        self._last_beat = now
+
+    def _settle(self, acked: set[str], reason: str, *, count_attempt: bool = True,
+                wake: bool = True) -> None:
+        """Channel.settle, by the lease's holder only: what a loop took is its own."""
+        self._beat(due_only=False)
+        self.channel.settle(self.agent.id, acked, reason, count_attempt=count_attempt, wake=wake)
 
     def _step_surviving_outages(self) -> bool:
         """step(), riding out a Redis that went away: back off, restart a managed server,
@@ -2469,9 +2548,7 @@ class AgentLoop:
             try:
                 if outage_started is not None:
                     self.town.server.ensure_running()
-                    self.channel.settle(self.agent.id, set(), "Redis went away mid-round",
-                                        count_attempt=False)
-                    self._beat(due_only=False)
+                    self._settle(set(), "Redis went away mid-round", count_attempt=False)
                     log.info("agent %s: Redis is back", self.agent.name)
                 return self.step()
             except (redis.ConnectionError, redis.TimeoutError, RedisServerError, RedisUnreachable) as exc:
@@ -2479,7 +2556,11 @@ class AgentLoop:
                 if time.monotonic() - outage_started > REDIS_OUTAGE_SECS:
                     raise
                 log.warning("agent %s: Redis unavailable (%s); retrying", self.agent.name, exc)
-                self._outage.wait(min(0.05 * 2 ** attempts, 5.0))
+                self._interruptible = "idle"
+                try:
+                    self._backoff.wait(min(0.05 * 2 ** attempts, 5.0))
+                finally:
+                    self._interruptible = ""
                 attempts += 1
 
     # -- one iteration -----------------------------------------------------------
@@ -2492,10 +2573,9 @@ class AgentLoop:
         if stop == "kill" or not state or state in TERMINAL_AGENT_STATES:
             return False
         if state == AgentState.PAUSED:
-            self._block()
-            return True
+            return self._block(idle_limit=False)
         self.draining = self.draining or stop == "close"
-        handled = self._answer_by_itself(messages)
+        handled = self._settle_without_ai(messages)
         if any(m.actionable and m.id not in handled for m in messages):
             self._round(messages, handled, state)
             self.idle_since = time.monotonic()
@@ -2503,34 +2583,43 @@ class AgentLoop:
             return self.rounds_run < self.max_rounds and not self._stop_requested
         if state == AgentState.WORKING:  # the take started a round that is not needed after all
             self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "working")
-        if messages:  # only informational ones: they wait for the next real round
-            self.channel.settle(self.agent.id, handled, "", count_attempt=False)
+        if messages:  # only informational ones left: they wait, unwoken, for the next round
+            self._settle(handled, "", count_attempt=False, wake=False)
         if self._stop_requested or (self.draining and self.channel.inbox_len(self.agent.id) == 0):
             return False
         if self.settings.auto_claim and not self.draining and self._claim_backlog():
             return True
         return self._block()
 
-    def _block(self) -> bool:
+    def _block(self, idle_limit: bool = True) -> bool:
         """Wait on the wake list (heartbeat each timeout); False when idle too long."""
         wake = self.keys.wake(self.agent.id)
-        while True:
+        while not self._stop_requested:
             timeout = self.settings.heartbeat_secs
-            if self.settings.idle_timeout_secs:
+            if idle_limit and self.settings.idle_timeout_secs:
                 left = self.settings.idle_timeout_secs - (time.monotonic() - self.idle_since)
                 if left <= 0:
                     log.info("agent %s: idle for %gs, stopping", self.agent.name,
                              self.settings.idle_timeout_secs)
                     return False
                 timeout = min(timeout, left)
-            woken = self.channel.redis.blpop([wake], timeout=max(timeout, 0.01))
+            self._interruptible = "idle"
+            try:
+                woken = self.channel.redis.blpop([wake], timeout=max(timeout, 0.01))
+            finally:
+                self._interruptible = ""
             self._beat(due_only=bool(woken))  # a wake-up goes straight to its round
-            if woken or self._stop_requested:
+            if woken:
                 return True
+        return True
 
-    def _answer_by_itself(self, messages: list[Message]) -> set[str]:
-        """Pings, status requests and shutdowns need no AI: answer them here."""
+    def _settle_without_ai(self, messages: list[Message]) -> set[str]:
+        """Ids of the messages that need no AI: pings and status requests (answered
+        here), shutdowns, and assignments of tasks that are already over."""
         handled = set()
+        assignments = [m for m in messages if m.type == MessageType.TASK_ASSIGN]
+        states = self.channel.task_states([m.body.get("task_id", "") for m in assignments])
+        handled |= {m.id for m, state in zip(assignments, states) if _task_over(state)}
         for message in messages:
             reply_type = {MessageType.PING: MessageType.PONG,
                           MessageType.STATUS_REQUEST: MessageType.STATUS_RESPONSE}.get(message.type)
@@ -2563,8 +2652,9 @@ class AgentLoop:
         if state != AgentState.WORKING and not self.draining and self.channel.set_agent_state(
                 agent_id, AgentState.WORKING, "idle starting") is None:
             # paused or stopped between the take and now: the messages wait, uncounted
-            self.channel.settle(agent_id, handled, "", count_attempt=False)
+            self._settle(handled, "", count_attempt=False)
             return
+        messages = [m for m in messages if m.id not in handled]  # the AI sees only its work
         agent = self.channel.get_agent(agent_id) or self.agent
         round_no = agent.rounds_completed + 1
         task_ids = [m.body["task_id"] for m in messages
@@ -2581,20 +2671,16 @@ class AgentLoop:
         log_file = self.town.root / RUNTIME_DIR / "logs" / agent.name / f"round-{round_no}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        self._in_round = True
-        try:
-            code, outcome = self._run_cli(prompt, prompt_file, log_file, agent)
-        finally:
-            self._in_round = False
+        code, outcome = self._run_cli(prompt, prompt_file, log_file, agent)
         seconds = time.monotonic() - started
         if code == 0:
-            unfinished = {t for t in task_ids if not (self.channel.get_task(t) or Task("")).terminal}
-            acked = {m.id for m in messages if not (m.type == MessageType.TASK_ASSIGN
-                                                   and m.body.get("task_id") in unfinished)}
+            states = dict(zip(task_ids, self.channel.task_states(task_ids)))
+            acked = handled | {m.id for m in messages if m.type != MessageType.TASK_ASSIGN
+                               or _task_over(states.get(m.body.get("task_id")))}
             reason = f"not completed after {self.settings.max_attempts} rounds"
         else:
             acked, reason = handled, outcome
-        self.channel.settle(agent_id, acked, reason)
+        self._settle(acked, reason)
         self.rounds_run += 1
         summary = f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
         pipe = self.channel.redis.pipeline()
@@ -2631,8 +2717,8 @@ class AgentLoop:
                "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
         cwd = Path(agent.worktree) if agent.worktree else self.town.root / (self.cli.cwd or ".")
         timeout = self.settings.round_timeout_secs
-        with open(log_file, "wb") as output:
-            output.write(f"$ {command}\n".encode())
+        with open(log_file, "ab") as output:  # a round run again after an outage appends
+            output.write(f"[tinytown] {_now()} $ {command}\n".encode())
             output.flush()
             proc = subprocess.Popen(["sh", "-c", command], cwd=cwd, env=env, stdout=output,
                                     stderr=subprocess.STDOUT, start_new_session=True,
@@ -2645,19 +2731,30 @@ class AgentLoop:
                     wait = self.settings.heartbeat_secs
                     if deadline is not None:
                         wait = min(wait, max(deadline - time.monotonic(), 0))
+                    self._interruptible = "cli"
                     try:
                         code = proc.wait(timeout=wait)
                         break
                     except subprocess.TimeoutExpired:
-                        self._beat(due_only=False)  # a long run is still a live agent
+                        self._interruptible = ""
+                        self._beat_during_run()
                         if deadline is not None and time.monotonic() >= deadline:
                             _kill_group(proc)
                             output.write(f"\n[tinytown] killed after {timeout:g}s\n".encode())
                             return None, f"timed out after {timeout:g}s"
+                    finally:
+                        self._interruptible = ""
             except BaseException:
                 _kill_group(proc)
                 raise
         return code, "ok" if code == 0 else f"CLI exited with {code}"
+
+    def _beat_during_run(self) -> None:
+        """A long run is still a live agent; a Redis blip must not kill the run."""
+        try:
+            self._beat(due_only=False)
+        except redis.RedisError as exc:
+            log.warning("agent %s: heartbeat failed during a run (%s)", self.agent.name, exc)
 
 
 def _feed(pipe: Any, text: str) -> None:
