@@ -187,6 +187,15 @@ def test_redaction_of_urls_and_config():
     assert tinytown.redact_url("redis://user:s3cret@host:6379/0") == "redis://user:****@host:6379/0"
     assert tinytown.redact_url("rediss://:pw@h:1") == "rediss://:****@h:1"
     assert tinytown.redact_url("redis://host:6379") == "redis://host:6379"
+    assert tinytown.redact_url("redis://default:p@ss@host:1/0") == "redis://default:****@host:1/0"
+    assert tinytown.redact_url("redis://justapassword@host") == "redis://****@host"
+
+
+def test_renaming_a_town_with_data_is_refused(town):
+    town.spawn_agent("w1", "demo", start=False)
+    code, _, err = tt("config", "name", "other")
+    assert code == 1 and "would strand" in err
+    assert tinytown.load_config(town.root / "tinytown.toml").name == town.name
 
 
 def test_redis_url_env_is_shown_redacted(tmp_path, monkeypatch):

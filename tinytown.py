@@ -41,7 +41,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -380,6 +379,8 @@ def load_config(path: Path) -> Config:
                                       f" are {', '.join(types)}")
                 setattr(target, sub, _typed(subvalue, types[sub], functools.partial(where, key, sub)))
         elif key == "agent_clis":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where(None, key)} must be tables like [agent_clis.NAME]")
             for cli_name, table in value.items():
                 config.agent_clis[cli_name] = _parse_agent_cli(cli_name, table, where)
         else:
@@ -520,7 +521,13 @@ def get_config_value(config: Config, key: str) -> Any:
 
 def redact_url(url: str) -> str:
     """redis://user:secret@host -> redis://user:****@host (also a bare password)."""
-    return re.sub(r"^(\w+://)([^:@/]*):([^@/]*)@", lambda m: f"{m[1]}{m[2]}:****@", url)
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    credentials, at, host = netloc.rpartition("@")  # the last @: a password may hold one
+    if not (sep and at):
+        return url
+    user = f"{credentials.split(':', 1)[0]}:" if ":" in credentials else ""
+    return f"{scheme}://{user}****@{host}{slash}{path}"
 
 
 # Records #####################################################################
@@ -868,11 +875,18 @@ class RedisServer:
     def socket_path(self) -> Path:
         """The unix socket; a short path under /tmp when the real one is too long to bind."""
         path = (self.root / self.config.redis.socket_path).resolve()
-        limit = 103 if sys.platform == "darwin" else 107
-        if len(os.fsencode(path)) <= limit:
+        if len(os.fsencode(path)) <= (103 if sys.platform == "darwin" else 107):
             return path
+        try:  # where the running server was told to listen
+            return Path((self.runtime / "socket").read_text().strip() or self._short_socket_path())
+        except OSError:
+            return self._short_socket_path()
+
+    def _short_socket_path(self) -> Path:
+        # /tmp itself, not $TMPDIR: every client of the town must arrive at the same path
+        # (and not XDG_RUNTIME_DIR, which goes at logout while Redis keeps running).
         digest = hashlib.sha256(os.fsencode(self.root)).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"tinytown-{os.getuid()}" / f"{digest}.sock"
+        return Path("/tmp") / f"tinytown-{os.getuid()}" / f"{digest}.sock"
 
     @property
     def display_url(self) -> str:
@@ -983,10 +997,9 @@ class RedisServer:
         redis_server_version(binary)
         if self.config.redis.use_socket:  # say where a too-long socket path went instead
             record = self.runtime / "socket"
+            record.unlink(missing_ok=True)
             if self.socket_path != (self.root / self.config.redis.socket_path).resolve():
-                record.write_text(f"{self.socket_path}\n")
-            else:
-                record.unlink(missing_ok=True)
+                record.write_text(f"{self._short_socket_path()}\n")
         # The config (password included) goes in on stdin, never on the command line.
         try:
             done = subprocess.run([str(binary), "-"], input=self._server_config(), text=True,
@@ -1868,51 +1881,50 @@ class Town:
         self._spawned[agent_id] = proc
         self.redis.hset(self.keys.agent(agent_id), "pid", proc.pid)
 
-    def _request_stop(self, agent_id: str, kind: str) -> None:
+    def _signal_agent(self, agent_id: str, *, state: str | None = None, allowed: str = "*",
+                      stop: str | None = None) -> str | None:
+        """Change the agent's state and/or ask its loop to stop, and wake the loop, in one
+        transaction; returns the previous state (None: the state change did not apply)."""
         pipe = self.redis.pipeline()
-        pipe.set(self.keys.stop(agent_id), kind)
+        if state:
+            self._channel.set_agent_state(agent_id, state, allowed, pipe=pipe)
+        if stop:
+            pipe.set(self.keys.stop(agent_id), stop)
+            self._channel._event(pipe, f"{stop}_requested", agent=agent_id)
         self._channel.wake_all(pipe, [agent_id])
-        self._channel._event(pipe, f"{kind}_requested", agent=agent_id)
-        pipe.execute()
+        results = pipe.execute()
+        return results[0] if state else None
 
     def kill_agent(self, ref: str) -> Agent:
         """Stop the agent at its next round boundary (the current CLI run finishes)."""
-        agent_id = self.agent(ref).id
-        agent = self._channel.get_agent(agent_id)
-        if agent and agent.dead:
+        agent = self.agent(ref).record()
+        if agent.dead:
             return self._recover_one(agent, "killed while its loop was gone")
-        self._request_stop(agent_id, "kill")
-        return self._channel.get_agent(agent_id)
+        self._signal_agent(agent.id, stop="kill")
+        return self._channel.get_agent(agent.id)
 
     def close_agent(self, ref: str) -> Agent:
         """Drain: the agent finishes what is queued for it, takes nothing new, then goes cold."""
         agent_id = self.agent(ref).id
-        self._channel.set_agent_state(agent_id, AgentState.DRAINING, "starting idle working paused")
-        self._request_stop(agent_id, "close")
+        self._signal_agent(agent_id, state=AgentState.DRAINING, allowed="starting idle working paused",
+                           stop="close")
         return self._channel.get_agent(agent_id)
 
     def interrupt_agent(self, ref: str) -> Agent:
         """Pause: `paused` at once; the loop stops taking work after the current round."""
         agent_id = self.agent(ref).id
-        if self._channel.set_agent_state(agent_id, AgentState.PAUSED, "starting idle working") is None:
+        if self._signal_agent(agent_id, state=AgentState.PAUSED, allowed="starting idle working") is None:
             agent = self._channel.get_agent(agent_id)
             if agent.state != AgentState.PAUSED:
                 raise InvalidTransition(f"agent {agent.name} is {agent.state}; only a live agent can"
                                         " be interrupted")
-        self._wake(agent_id)
         return self._channel.get_agent(agent_id)
-
-    def _wake(self, agent_id: str) -> None:
-        pipe = self.redis.pipeline()
-        self._channel.wake_all(pipe, [agent_id])
-        pipe.execute()
 
     def resume_agent(self, ref: str) -> Agent:
         agent_id = self.agent(ref).id
-        if self._channel.set_agent_state(agent_id, AgentState.IDLE, "paused") is None:
+        if self._signal_agent(agent_id, state=AgentState.IDLE, allowed="paused") is None:
             agent = self._channel.get_agent(agent_id)
             raise InvalidTransition(f"agent {agent.name} is {agent.state}, not paused; nothing to resume")
-        self._wake(agent_id)
         return self._channel.get_agent(agent_id)
 
     def _wait_until(self, check: Callable[[], Any], timeout: float | None, what: str) -> Any:
@@ -1947,7 +1959,13 @@ class Town:
 
     def restart_agent(self, ref: str, rounds: int | None = None) -> AgentHandle:
         """Start a new loop for a stopped agent; never two loops for one agent."""
-        agent_id = self.agent(ref).id
+        agent = self.agent(ref).record()
+        self._config.cli(agent.cli or self._config.default_cli)  # still configured?
+        live = sum(1 for a in self._channel.agents() if not a.terminal)
+        if agent.terminal and live >= self._config.max_agents:
+            raise SpawnError(f"the town already has {live} live agents (max_agents ="
+                             f" {self._config.max_agents}); stop one or raise max_agents")
+        agent_id = agent.id
         fields = {"error": "", "max_rounds": rounds} if rounds else {"error": ""}
         old = self._channel.set_agent_state(agent_id, AgentState.STARTING,
                                             " ".join(TERMINAL_AGENT_STATES), **fields)
@@ -2062,7 +2080,7 @@ class Town:
         """Ask loops to stop at a round boundary, wait `grace`, then terminate them
         (which kills their CLI and requeues what they took)."""
         for agent_id in agent_ids:
-            self._request_stop(agent_id, "kill")
+            self._signal_agent(agent_id, stop="kill")
         deadline = time.monotonic() + grace
         for agent_id in agent_ids:
             try:
@@ -2099,8 +2117,7 @@ class Town:
         if names:
             self.redis.sadd(self.keys.resume, *names)
             record = self._root / RUNTIME_DIR / "resume.json"
-            previous = json.loads(record.read_text()) if record.exists() else []
-            _write_atomic(record, json.dumps(sorted(set(previous) | set(names))))
+            _write_atomic(record, json.dumps(sorted(set(_read_name_list(record)) | set(names))))
         self._stop_loops([a.id for a in live], grace)
         stopped_server = self.server.stop()
         self._owns_server = False
@@ -2109,9 +2126,7 @@ class Town:
     def start(self) -> dict[str, Any]:
         """Redis is running (connecting saw to that); restart the agents `tt stop` stopped."""
         record = self._root / RUNTIME_DIR / "resume.json"
-        names = set(self.redis.smembers(self.keys.resume))
-        if record.exists():
-            names |= set(json.loads(record.read_text()))
+        names = set(self.redis.smembers(self.keys.resume)) | set(_read_name_list(record))
         restarted, elsewhere = [], []
         here = socket.gethostname()
         for name in sorted(names):
@@ -2144,7 +2159,7 @@ class Town:
                   sender: str | None = None) -> list[Message]:
         """The same message, durably, into every live agent's queue."""
         sender_id = self.resolve_agent(sender) if sender else CONDUCTOR_ID
-        live = [a.id for a in self._channel.agents() if not a.terminal and a.id != sender_id]
+        live = [a.id for a in self._channel.agents() if not (a.terminal or a.dead) and a.id != sender_id]
         template = Message.text_message(MessageType(type), "", text, from_=sender_id,
                                         priority=Priority(priority))
         return self._channel.broadcast(template, live)
@@ -2188,7 +2203,9 @@ class Town:
 
         def check() -> Task | None:
             task = self._channel.get_task(task_id)
-            return task if task is None or task.terminal else None
+            if task is None:
+                raise TaskNotFound(task_id)
+            return task if task.terminal else None
         return self._wait_until(check, timeout, f"task {task_id[:8]}")
 
     def backlog_add(self, description: str, tags: Iterable[str] = ()) -> Task:
@@ -2221,8 +2238,12 @@ class Town:
 
     def reset(self, *, agents_only: bool = False, force: bool = False) -> list[str]:
         """Delete the town's keys (SCAN, never KEYS); without `force` only list them."""
-        agent_parts = ("agent:", "agents", "inbox:", "high:", "urgent:", "wake:", "processing:",
-                       "dead:", "alive:", "stop:", "activity:", "resume")
+        # The agents' own keys: what per_agent() lists, plus the name index and the stop record.
+        agent_parts = (*(key[len(self.keys.prefix):] for key in self.keys.per_agent("")),
+                       self.keys.agents[len(self.keys.prefix):], self.keys.resume[len(self.keys.prefix):])
+        if force and agents_only:  # their tasks must not be left assigned to nobody
+            for agent_id in self._channel.agent_ids():
+                self._move_messages(agent_id, None)
         found = []
         for key in self.redis.scan_iter(match=self.keys.prefix + "*", count=1000):
             if not agents_only or key[len(self.keys.prefix):].startswith(agent_parts):
@@ -2259,6 +2280,15 @@ class Town:
             "tasks": {state: int(n) for state, n in task_counts.items() if int(n)},
             "backlog": backlog_len,
         }
+
+
+def _read_name_list(path: Path) -> list[str]:
+    """The agent names `tt stop` recorded in .tt/resume.json ([] if missing or unreadable)."""
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
 
 
 def _tail(path: Path, lines: int) -> list[str]:
@@ -2925,6 +2955,11 @@ def _cmd_config(args: Any) -> tuple[Any, str]:
     """Show the config, one key, or set a key: `tt config agent.max_rounds 5`."""
     path = Path(args.town).resolve() / CONFIG_FILE
     config = load_config(path)
+    if args.key == "name" and args.value is not None and args.value.strip("'\"") != config.name:
+        with _open_town(args, start_server=False) as town:  # keys are named after the town
+            if town.server.ping() and town.redis.exists(town.keys.agents, town.keys.tasks):
+                raise ConfigError(f"town {config.name!r} has agents or tasks in Redis, which a new"
+                                  " name would strand; keep the name or `tt reset --force` first")
     if args.key and args.value is not None:
         value = set_config_value(path, args.key, args.value)
         return {args.key: value}, f"{args.key} = {_toml_value(value)}"
@@ -3348,10 +3383,12 @@ def main(argv: list[str] | None = None) -> int:
     except WaitTimeout as exc:
         print(f"tt: {exc}", file=sys.stderr)
         return 1
-    except (TinytownError, redis.RedisError, OSError) as exc:
+    except Exception as exc:  # one line, never a traceback (unless -v asks for it)
         if args.verbose:
             raise
         message = str(exc) if isinstance(exc, TinytownError) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, (TinytownError, redis.RedisError, OSError)):
+            message += " (an unexpected error: run with -v for the traceback and report it)"
         print(f"tt: error: {message}", file=sys.stderr)
         return 1
     if isinstance(outcome, int):
