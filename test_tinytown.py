@@ -808,8 +808,16 @@ def test_duplicate_live_name_and_max_agents_are_refused(town):
             worker(again, "w3")
         town.channel.set_agent_state(first.id, "stopped")  # a stopped agent frees its place
         worker(again, "w3")
-        with pytest.raises(SpawnError, match="restart"):
-            worker(again, "w1")  # the name still belongs to the stopped agent
+
+
+def test_spawning_over_a_stopped_agent_takes_over_its_record_and_queues(town):
+    first = worker(town, role="builder")
+    task = first.assign("waiting for whoever is w1")
+    town.channel.set_agent_state(first.id, "stopped")
+    again = town.spawn_agent("w1", "claude", role="reviewer", start=False, force=True)
+    agent = again.record()
+    assert again.id == first.id and (agent.state, agent.cli, agent.role) == ("starting", "claude", "reviewer")
+    assert [m.body["task_id"] for m in again.inbox()] == [task.id]  # nothing addressed to w1 is lost
 
 
 # -- no keys, ever --

@@ -179,13 +179,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _check_name(name: str, what: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidName(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-',"
-                          " starting with a letter or digit")
-    return name
-
-
 # Errors ######################################################################
 
 class TinytownError(Exception):
@@ -246,6 +239,13 @@ class SpawnError(TinytownError):
 
 class WaitTimeout(TinytownError):
     """A blocking wait (for an agent or a task) ran out of time."""
+
+
+def _check_name(name: str, what: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidName(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-',"
+                          " starting with a letter or digit")
+    return name
 
 
 # Config ######################################################################
@@ -577,6 +577,7 @@ class MessageType(enum.StrEnum):
 
 TERMINAL_AGENT_STATES = frozenset({AgentState.STOPPED, AgentState.COLD, AgentState.ERROR})
 TERMINAL_TASK_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+_LIVE_STATES = " ".join(s.value for s in AgentState if s not in TERMINAL_AGENT_STATES)
 ACTIONABLE_TYPES = frozenset({MessageType.TASK, MessageType.QUERY, MessageType.TASK_ASSIGN,
                               MessageType.STATUS_REQUEST, MessageType.SHUTDOWN, MessageType.CUSTOM})
 # The field that carries each type's text, for prompts and listings.
@@ -585,15 +586,15 @@ TEXT_FIELDS = {"task": "description", "task_assign": "description", "query": "qu
                "task_done": "result", "task_failed": "error", "status_response": "status"}
 
 
+def _hash_value(value: Any) -> str:
+    """A field as Redis stores it: None -> '', lists as JSON, the rest as text."""
+    return json.dumps(value) if isinstance(value, list) else "" if value is None else str(value)
+
+
 def _to_hash(record: Any) -> dict[str, str]:
-    """A record as Redis hash fields: None -> '', lists as JSON."""
-    out = {}
-    for f in dataclasses.fields(record):
-        value = getattr(record, f.name)
-        if f.name == "alive":
-            continue
-        out[f.name] = json.dumps(value) if isinstance(value, list) else "" if value is None else str(value)
-    return out
+    """A record as Redis hash fields (`alive` is derived, never stored)."""
+    return {f.name: _hash_value(getattr(record, f.name)) for f in dataclasses.fields(record)
+            if f.name != "alive"}
 
 
 def _from_hash(cls: type, data: dict[str, str]) -> Any:
@@ -1155,7 +1156,6 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_'
 return 1
 """.replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
 
-_LIVE_STATES = " ".join(s.value for s in AgentState if s not in TERMINAL_AGENT_STATES)
 
 
 class Channel:
@@ -1204,8 +1204,7 @@ class Channel:
     def follow_events(self, after: str = "$", block_secs: float = 5.0) -> Iterator[dict[str, str]]:
         """New events as they arrive: XREAD BLOCK, no polling.  Yields {} on each quiet period."""
         if after == "$":
-            newest = self.redis.xrevrange(self.keys.events, count=1)
-            after = newest[0][0] if newest else "0-0"
+            after = self.last_event_id()
         while True:
             reply = self.redis.xread({self.keys.events: after}, block=int(block_secs * 1000), count=100)
             if not reply:
@@ -1222,10 +1221,8 @@ class Channel:
     # -- messages ----------------------------------------------------------------
 
     def _push(self, pipe: Any, message: Message) -> None:
-        wake = self.keys.wake(message.to)
         pipe.rpush(self.keys.queue_for(message.to, message.priority), message.to_json())
-        pipe.rpush(wake, "1")
-        pipe.ltrim(wake, -WAKE_KEEP, -1)
+        self.wake_all(pipe, [message.to])
 
     def send(self, message: Message) -> Message:
         """Queue a message for `message.to` (an agent id or the conductor) and wake it."""
@@ -1403,7 +1400,7 @@ class Channel:
         `pipe` instead when one is given).
         """
         allowed = allowed_from if isinstance(allowed_from, str) else " ".join(allowed_from)
-        extra = [str(v) if v is not None else "" for pair in fields.items() for v in pair]
+        extra = [_hash_value(v) for pair in fields.items() for v in pair]
         return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events],
                                args=[state, allowed, agent_id, _now(), *extra], client=pipe)
 
@@ -1419,14 +1416,13 @@ class Channel:
 
     def release_lease(self, agent_id: str, identity: str, final: str, **fields: Any) -> bool:
         """Drop the lease and write the final state at once; False when not ours."""
-        extra = [str(v) if v is not None else "" for pair in fields.items() for v in pair]
+        extra = [_hash_value(v) for pair in fields.items() for v in pair]
         return bool(self._release_lease(
             keys=[self.keys.alive(agent_id), self.keys.stop(agent_id), self.keys.agent(agent_id),
                   self.keys.events], args=[identity, final, agent_id, _now(), *extra]))
 
     def update_agent(self, agent_id: str, **fields: Any) -> None:
-        self.redis.hset(self.keys.agent(agent_id),
-                        mapping={k: "" if v is None else str(v) for k, v in fields.items()})
+        self.redis.hset(self.keys.agent(agent_id), mapping={k: _hash_value(v) for k, v in fields.items()})
 
     def register_agent(self, agent: Agent, max_agents: int) -> Agent:
         """Add an agent under a name unique in the town; refuses duplicates and too many."""
@@ -1520,9 +1516,7 @@ class Channel:
         now = _now()
         changes["updated_at"] = now
         new_state = changes.get("state", task.state)
-        pipe.hset(self.keys.task(task.id), mapping={k: "" if v is None else
-                                                    (json.dumps(v) if isinstance(v, list) else str(v))
-                                                    for k, v in changes.items()})
+        pipe.hset(self.keys.task(task.id), mapping={k: _hash_value(v) for k, v in changes.items()})
         if new_state != task.state:
             pipe.hincrby(self.keys.task_counts, task.state, -1)
             pipe.hincrby(self.keys.task_counts, new_state, 1)
@@ -1540,20 +1534,25 @@ class Channel:
         """Store a new task: assigned to an agent (task_assign message), in the backlog, or neither."""
         if assign_to:
             task.state, task.assigned_to = TaskState.ASSIGNED, assign_to
-        task.updated_at = task.created_at
         pipe = self.redis.pipeline()
-        pipe.hset(self.keys.task(task.id), mapping=_to_hash(task))
-        pipe.zadd(self.keys.tasks, {task.id: time.time()})
-        pipe.hincrby(self.keys.task_counts, task.state, 1)
+        self._queue_new_task(pipe, task, backlog=backlog)
         if assign_to:
             self._push(pipe, self._assignment(task, assign_to, sender, priority))
         if backlog:
-            pipe.rpush(self.keys.backlog, task.id)
             self.wake_all(pipe, self.agent_ids())
         self._event(pipe, "task_assigned" if assign_to else "task_created", task=task.id,
                     agent=assign_to, detail=task.description[:200])
         pipe.execute()
         return task
+
+    def _queue_new_task(self, pipe: Any, task: Task, *, backlog: bool) -> None:
+        """Queue (in a MULTI) a new task's record, index entry, count and backlog place."""
+        task.updated_at = task.created_at
+        pipe.hset(self.keys.task(task.id), mapping=_to_hash(task))
+        pipe.zadd(self.keys.tasks, {task.id: time.time()})
+        pipe.hincrby(self.keys.task_counts, task.state, 1)
+        if backlog:
+            pipe.rpush(self.keys.backlog, task.id)
 
     @staticmethod
     def _assignment(task: Task, agent_id: str, sender: str, priority: str = Priority.NORMAL) -> Message:
@@ -1687,6 +1686,21 @@ def _ensure_gitignore(root: Path) -> None:
     if any(line.strip() in (".tt", ".tt/", "/.tt", "/.tt/") for line in text.splitlines()):
         return
     path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + ".tt/\n", encoding="utf-8")
+
+
+_SHIM = '#!/bin/sh\n# tinytown CLI for agents of this town (written by the agent loop)\n{tt} "$@"\n'
+
+
+def _write_shims(root: Path) -> Path:
+    """.tt/bin/tt and .tt/bin/tinytown run this very module, installed or vendored."""
+    bin_dir = root / RUNTIME_DIR / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    text = _fill_command(_SHIM, Path())
+    for name in ("tt", "tinytown"):
+        path = bin_dir / name
+        if not path.exists() or path.read_text() != text:
+            _write_atomic(path, text, mode=0o755)
+    return bin_dir
 
 
 class Town:
@@ -1830,6 +1844,14 @@ class Town:
         agent_cli = self._config.cli(cli_name)
         if not force:
             self._check_cli_installed(agent_cli)
+        previous = self._channel.get_agent(self.redis.hget(self.keys.agents, name) or "")
+        if previous and previous.terminal:
+            # The name of a stopped agent is free again: the new spawn takes over its record
+            # and its queues (nothing addressed to the name is lost), with the new settings.
+            return self._respawn(previous, start=start, cli=cli_name, role=role, nickname=nickname,
+                                 parent=self.resolve_agent(parent) if parent else None,
+                                 max_rounds=max_rounds or 0,
+                                 worktree=str(self._add_worktree(name)) if worktree else None)
         agent_id = str(uuid.uuid4())
         agent = Agent(id=agent_id, name=name, cli=cli_name, role=role, created_at=_now(),
                       nickname=nickname or NICKNAMES[int(agent_id[:8], 16) % len(NICKNAMES)],
@@ -1959,24 +1981,28 @@ class Town:
 
     def restart_agent(self, ref: str, rounds: int | None = None) -> AgentHandle:
         """Start a new loop for a stopped agent; never two loops for one agent."""
-        agent = self.agent(ref).record()
-        self._config.cli(agent.cli or self._config.default_cli)  # still configured?
+        return self._respawn(self.agent(ref).record(), max_rounds=rounds or None)
+
+    def _respawn(self, agent: Agent, *, start: bool = True, **fields: Any) -> AgentHandle:
+        """A stopped agent back to `starting` (with `fields` changed), its loop started."""
+        self._config.cli(fields.get("cli") or agent.cli or self._config.default_cli)  # still configured?
         live = sum(1 for a in self._channel.agents() if not a.terminal)
         if agent.terminal and live >= self._config.max_agents:
             raise SpawnError(f"the town already has {live} live agents (max_agents ="
                              f" {self._config.max_agents}); stop one or raise max_agents")
-        agent_id = agent.id
-        fields = {"error": "", "max_rounds": rounds} if rounds else {"error": ""}
-        old = self._channel.set_agent_state(agent_id, AgentState.STARTING,
-                                            " ".join(TERMINAL_AGENT_STATES), **fields)
+        fields = {k: v for k, v in fields.items() if v is not None}
+        old = self._channel.set_agent_state(agent.id, AgentState.STARTING,
+                                            " ".join(TERMINAL_AGENT_STATES), error="",
+                                            created_at=_now(),  # restarts the no-heartbeat clock
+                                            **fields)
         if old is None:
-            agent = self._channel.get_agent(agent_id)
+            agent = self._channel.get_agent(agent.id)
             raise InvalidTransition(f"agent {agent.name} is {agent.state}; only a stopped, cold or"
                                     " errored agent can be restarted (`tt kill` it first)")
-        self.redis.delete(self.keys.stop(agent_id))
-        self.redis.hset(self.keys.agent(agent_id), "created_at", _now())  # restarts the stale clock
-        self._launch_loop(agent_id, self._channel.get_agent(agent_id).name)
-        return AgentHandle(self, agent_id)
+        self.redis.delete(self.keys.stop(agent.id))
+        if start:
+            self._launch_loop(agent.id, agent.name)
+        return AgentHandle(self, agent.id)
 
     def _recover_one(self, agent: Agent, reason: str) -> Agent:
         self._channel.settle(agent.id, set(), reason)
@@ -2060,13 +2086,8 @@ class Town:
                 elif task:
                     channel._queue_task_change(pipe, task, state=TaskState.PENDING, assigned_to=None)
                     pipe.rpush(self.keys.backlog, task.id)
-                elif message.type == MessageType.TASK:
-                    new = Task(description=message.text, state=TaskState.PENDING)
-                    new.updated_at = new.created_at
-                    pipe.hset(self.keys.task(new.id), mapping=_to_hash(new))
-                    pipe.zadd(self.keys.tasks, {new.id: time.time()})
-                    pipe.hincrby(self.keys.task_counts, TaskState.PENDING, 1)
-                    pipe.rpush(self.keys.backlog, new.id)
+                elif message.type == MessageType.TASK:  # plain work becomes a backlog task
+                    channel._queue_new_task(pipe, Task(description=message.text), backlog=True)
                 else:
                     channel._push(pipe, dataclasses.replace(message, to=CONDUCTOR_ID))
             if not target:
@@ -2364,21 +2385,6 @@ class _ForcedStop(BaseException):
 
 class _LostLease(Exception):
     """Another loop holds the agent now (this one stalled past its heartbeat)."""
-
-
-_SHIM = '#!/bin/sh\n# tinytown CLI for agents of this town (written by the agent loop)\n{tt} "$@"\n'
-
-
-def _write_shims(root: Path) -> Path:
-    """.tt/bin/tt and .tt/bin/tinytown run this very module, installed or vendored."""
-    bin_dir = root / RUNTIME_DIR / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    text = _fill_command(_SHIM, Path())
-    for name in ("tt", "tinytown"):
-        path = bin_dir / name
-        if not path.exists() or path.read_text() != text:
-            _write_atomic(path, text, mode=0o755)
-    return bin_dir
 
 
 def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: int) -> str:
