@@ -3056,8 +3056,12 @@ def _cmd_inbox(args: Any) -> tuple[Any, str]:
         who = args.agent or os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID
         agent_id = town.resolve_agent(who)
         messages = town.channel.peek(agent_id)
+        counts: dict[str, int] = {}
+        for message in messages:
+            counts[message.type] = counts.get(message.type, 0) + 1
+        summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
         return ([m.to_dict() for m in messages],
-                "\n".join(_message_line(m) for m in messages) or "no pending messages")
+                "\n".join([*map(_message_line, messages), summary]) if messages else "no pending messages")
 
 
 def _cmd_task(args: Any) -> Any:
