@@ -1456,6 +1456,26 @@ def test_a_stalled_loop_that_lost_its_lease_leaves_the_new_loop_alone(town):
     assert town.wait_task(task.id, timeout=30).state == "completed"
 
 
+# -- a real preset --
+
+def test_the_claude_preset_runs_its_command_line_with_the_prompt_on_stdin(town, tmp_path, monkeypatch):
+    """A stand-in `claude` on PATH: the preset's exact flags, the prompt on stdin, `tt` to report."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    fake = bin_dir / "claude"
+    fake.write_text('#!/bin/sh\n'
+                    'echo "$@" > "$TINYTOWN_TOWN/claude-args"\n'
+                    'task=$(grep -o "tt task complete [0-9a-f-]*" | head -1 | cut -d" " -f4)\n'
+                    'exec tt task complete "$task" --result "done by fake claude"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    worker = town.spawn_agent("claudia", "claude")  # no --force: `claude` is on PATH now
+    task = worker.assign("say hello")
+    done = town.wait_task(task.id, timeout=30)
+    assert (done.state, done.result) == ("completed", "done by fake claude")
+    assert (town.root / "claude-args").read_text().split() == ["--print", "--dangerously-skip-permissions"]
+
+
 # -- a killed redis-server --
 
 def test_killed_redis_loses_nothing_and_the_loop_carries_on(tmp_path, monkeypatch):
