@@ -1115,12 +1115,17 @@ def test_sigkilled_loop_is_recovered_and_restarted_and_the_task_completes(town, 
 
 # -- lifecycle: kill, close, interrupt / resume, wait --
 
-def test_kill_lets_the_current_run_finish_then_stops(town, configure, tmp_path):
+def mid_round(town, configure, tmp_path, name):
+    """An agent whose CLI is running a task and waits for `gate` to be touched."""
     gate = tmp_path / "gate"
-    fresh = configure(clis={"gated": gated_demo(gate)})
-    worker = fresh.spawn_agent("killme", "gated", force=True)
-    task = worker.assign("finish me")
+    worker = configure(clis={"gated": gated_demo(gate)}).spawn_agent(name, "gated", force=True)
+    task = worker.assign("first job")
     wait_task_state(town, task.id, "running")
+    return worker, task, gate
+
+
+def test_kill_lets_the_current_run_finish_then_stops(town, configure, tmp_path):
+    worker, task, gate = mid_round(town, configure, tmp_path, "killme")
     code, out, err = tt("kill", "killme", "--json")
     assert code == 0, err
     assert json.loads(out)["state"] == "working"  # the run goes on
@@ -1135,11 +1140,7 @@ def test_kill_lets_the_current_run_finish_then_stops(town, configure, tmp_path):
 
 
 def test_close_drains_the_queue_then_goes_cold(town, configure, tmp_path):
-    gate = tmp_path / "gate"
-    fresh = configure(clis={"gated": gated_demo(gate)})
-    worker = fresh.spawn_agent("closer", "gated", force=True)
-    first = worker.assign("first job")
-    wait_task_state(town, first.id, "running")
+    worker, first, gate = mid_round(town, configure, tmp_path, "closer")
     second = worker.assign("second job")  # queued behind the running round
     code, out, err = tt("close", "closer", "--json")
     assert code == 0, err
@@ -1152,11 +1153,7 @@ def test_close_drains_the_queue_then_goes_cold(town, configure, tmp_path):
 
 
 def test_interrupt_pauses_at_once_and_resume_continues(town, configure, tmp_path):
-    gate = tmp_path / "gate"
-    fresh = configure(clis={"gated": gated_demo(gate)})
-    worker = fresh.spawn_agent("pauser", "gated", force=True)
-    first = worker.assign("first job")
-    wait_task_state(town, first.id, "running")
+    worker, first, gate = mid_round(town, configure, tmp_path, "pauser")
     code, out, err = tt("interrupt", "pauser", "--json")
     assert code == 0, err
     assert json.loads(out)["state"] == "paused"
@@ -1356,42 +1353,48 @@ def test_vendored_copy_runs_agents_with_its_own_shim(tmp_path, redis_url):
 
 # -- tt stop / tt start --
 
-def test_stop_then_start_resumes_exactly_the_live_agents(tmp_path, monkeypatch):
+@pytest.fixture
+def cli_town(tmp_path, monkeypatch):
+    """A managed town made and finally stopped by `python -m tinytown` in its folder."""
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("TINYTOWN_TOWN", raising=False)
     proj = tmp_path / "proj"
     proj.mkdir()
-    assert run_module("init", "--name", "stopstart", cwd=proj).returncode == 0
-    try:
-        for name in ("a1", "a2", "a3"):
-            spawned = run_module("spawn", name, "--cli", "demo", cwd=proj)
-            assert spawned.returncode == 0, spawned.stderr
-        with Town(proj) as town:
-            assert not town.owns_server
-            for agent in town.list_agents():
-                wait_state(town, agent.id, "idle")
-            town.kill_agent("a3")
-            town.wait_agent("a3", timeout=30)
-            pids = [int(a.pid) for a in town.list_agents() if a.name != "a3"]
-        stop = run_module("stop", "--json", cwd=proj)
-        assert stop.returncode == 0, stop.stderr
-        assert sorted(json.loads(stop.stdout)["agents"]) == ["a1", "a2"]
-        assert json.loads(stop.stdout)["redis_stopped"]
-        assert all(_wait_gone(pid, 15) for pid in pids)
-        assert json.loads((proj / ".tt" / "resume.json").read_text()) == ["a1", "a2"]
-        start = run_module("start", "--json", cwd=proj)
-        assert start.returncode == 0, start.stderr
-        assert json.loads(start.stdout)["agents"] == ["a1", "a2"]
-        with Town(proj) as town:
-            states = {a.name: wait_state(town, a.id, ("idle", "stopped")) for a in town.list_agents()}
-            assert {n: a.state for n, a in states.items()} == {"a1": "idle", "a2": "idle", "a3": "stopped"}
-            assert not {int(states["a1"].pid), int(states["a2"].pid)} & set(pids)
-            assert not (proj / ".tt" / "resume.json").exists()
-            assert not town.redis.exists(town.keys.resume)
-            task = town.assign("a1", "after the restart")
-            assert town.wait_task(task.id, timeout=30).state == "completed"
-    finally:
-        run_module("stop", cwd=proj)
+    assert run_module("init", "--name", "clitown", cwd=proj).returncode == 0
+    yield proj
+    run_module("stop", cwd=proj)
+
+
+def test_stop_then_start_resumes_exactly_the_live_agents(cli_town):
+    proj = cli_town
+    for name in ("a1", "a2", "a3"):
+        spawned = run_module("spawn", name, "--cli", "demo", cwd=proj)
+        assert spawned.returncode == 0, spawned.stderr
+    with Town(proj) as town:
+        assert not town.owns_server
+        for agent in town.list_agents():
+            wait_state(town, agent.id, "idle")
+        town.kill_agent("a3")
+        town.wait_agent("a3", timeout=30)
+        pids = [int(a.pid) for a in town.list_agents() if a.name != "a3"]
+    stop = run_module("stop", "--json", cwd=proj)
+    assert stop.returncode == 0, stop.stderr
+    assert sorted(json.loads(stop.stdout)["agents"]) == ["a1", "a2"]
+    assert json.loads(stop.stdout)["redis_stopped"]
+    assert all(_wait_gone(pid, 15) for pid in pids)
+    assert json.loads((proj / ".tt" / "resume.json").read_text()) == ["a1", "a2"]
+    start = run_module("start", "--json", cwd=proj)
+    assert start.returncode == 0, start.stderr
+    assert json.loads(start.stdout)["agents"] == ["a1", "a2"]
+    with Town(proj) as town:
+        states = {a.name: wait_state(town, a.id, ("idle", "stopped")) for a in town.list_agents()}
+        assert {n: a.state for n, a in states.items()} == {"a1": "idle", "a2": "idle", "a3": "stopped"}
+        assert not {int(states["a1"].pid), int(states["a2"].pid)} & set(pids)
+        assert not (proj / ".tt" / "resume.json").exists()
+        assert not town.redis.exists(town.keys.resume)
+        task = town.assign("a1", "after the restart")
+        assert town.wait_task(task.id, timeout=30).state == "completed"
+
 
 
 # -- quiet and safe under odd input --
@@ -1478,33 +1481,27 @@ def test_the_claude_preset_runs_its_command_line_with_the_prompt_on_stdin(town, 
 
 # -- a killed redis-server --
 
-def test_killed_redis_loses_nothing_and_the_loop_carries_on(tmp_path, monkeypatch):
-    monkeypatch.delenv("REDIS_URL", raising=False)
-    monkeypatch.delenv("TINYTOWN_TOWN", raising=False)
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    assert run_module("init", "--name", "crashy", cwd=proj).returncode == 0
-    try:
-        assert run_module("spawn", "a1", "--cli", "demo", cwd=proj).returncode == 0
-        first = run_module("assign", "a1", "before the crash", cwd=proj).stdout.strip()
-        assert run_module("task", "wait", first, "--timeout", "30", cwd=proj).returncode == 0
-        assert run_module("send", "conductor", "keep me", "--info", cwd=proj).returncode == 0
-        pid = int((proj / ".tt" / "redis.pid").read_text())
-        os.kill(pid, signal.SIGKILL)  # no SHUTDOWN SAVE: only what the AOF already has
-        assert _wait_gone(pid, 10)
-        # The next command restarts the managed server; the loop reconnects by itself.
-        second = run_module("assign", "a1", "after the crash", cwd=proj)
-        assert second.returncode == 0, second.stderr
-        done = run_module("task", "wait", second.stdout.strip(), "--timeout", "60", "--json", cwd=proj)
-        assert done.returncode == 0, done.stderr
-        with Town(proj) as town:
-            assert town.task(first).state == "completed"
-            assert [m.text for m in town.channel.peek("conductor")] == ["keep me"]
-            assert town.server.read_pid() != pid
-            [agent] = town.list_agents()
-            assert agent.alive and agent.tasks_completed == 2
-    finally:
-        run_module("stop", cwd=proj)
+def test_killed_redis_loses_nothing_and_the_loop_carries_on(cli_town):
+    proj = cli_town
+    assert run_module("spawn", "a1", "--cli", "demo", cwd=proj).returncode == 0
+    first = run_module("assign", "a1", "before the crash", cwd=proj).stdout.strip()
+    assert run_module("task", "wait", first, "--timeout", "30", cwd=proj).returncode == 0
+    assert run_module("send", "conductor", "keep me", "--info", cwd=proj).returncode == 0
+    pid = int((proj / ".tt" / "redis.pid").read_text())
+    os.kill(pid, signal.SIGKILL)  # no SHUTDOWN SAVE: only what the AOF already has
+    assert _wait_gone(pid, 10)
+    # The next command restarts the managed server; the loop reconnects by itself.
+    second = run_module("assign", "a1", "after the crash", cwd=proj)
+    assert second.returncode == 0, second.stderr
+    done = run_module("task", "wait", second.stdout.strip(), "--timeout", "60", "--json", cwd=proj)
+    assert done.returncode == 0, done.stderr
+    with Town(proj) as town:
+        assert town.task(first).state == "completed"
+        assert [m.text for m in town.channel.peek("conductor")] == ["keep me"]
+        assert town.server.read_pid() != pid
+        [agent] = town.list_agents()
+        assert agent.alive and agent.tasks_completed == 2
+
 
 
 # -- git worktrees --
