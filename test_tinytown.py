@@ -1396,7 +1396,6 @@ def test_stop_then_start_resumes_exactly_the_live_agents(cli_town):
         assert town.wait_task(task.id, timeout=30).state == "completed"
 
 
-
 # -- quiet and safe under odd input --
 
 def test_informational_messages_neither_spin_the_loop_nor_block_work(town, redis_url):
@@ -1503,7 +1502,6 @@ def test_killed_redis_loses_nothing_and_the_loop_carries_on(cli_town):
         assert agent.alive and agent.tasks_completed == 2
 
 
-
 # -- git worktrees --
 
 def test_spawn_with_worktree_gives_the_agent_its_own_checkout(town):
@@ -1597,4 +1595,3 @@ def test_events_follow_streams_new_events_as_they_happen(town):
     finally:
         follower.terminate()
         follower.wait(10)
-
