@@ -2277,6 +2277,7 @@ class Town:
     # -- status ------------------------------------------------------------------
 
     def status(self, *, deep: bool = False) -> dict[str, Any]:
+        """The town at a glance (what `tt status --json` prints), in a few round trips."""
         agents = self._channel.agents()
         counts = self._channel.pending_counts([a.id for a in agents])
         pipe = self.redis.pipeline(transaction=False)
