@@ -865,6 +865,7 @@ class RedisServer:
         self.config = config
         self.runtime = root / RUNTIME_DIR
         self.pid_file = self.runtime / "redis.pid"
+        self._configured_socket = (root / config.redis.socket_path).resolve()
         self.url = os.environ.get("REDIS_URL") or config.redis.url
         self.password = os.environ.get("TINYTOWN_REDIS_PASSWORD") or config.redis.password
 
@@ -875,7 +876,7 @@ class RedisServer:
     @property
     def socket_path(self) -> Path:
         """The unix socket; a short path under /tmp when the real one is too long to bind."""
-        path = (self.root / self.config.redis.socket_path).resolve()
+        path = self._configured_socket
         if len(os.fsencode(path)) <= (103 if sys.platform == "darwin" else 107):
             return path
         try:  # where the running server was told to listen
@@ -999,7 +1000,7 @@ class RedisServer:
         if self.config.redis.use_socket:  # say where a too-long socket path went instead
             record = self.runtime / "socket"
             record.unlink(missing_ok=True)
-            if self.socket_path != (self.root / self.config.redis.socket_path).resolve():
+            if self.socket_path != self._configured_socket:
                 record.write_text(f"{self._short_socket_path()}\n")
         # The config (password included) goes in on stdin, never on the command line.
         try:
