@@ -591,6 +591,11 @@ def _hash_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list) else "" if value is None else str(value)
 
 
+def _field_args(fields: dict[str, Any]) -> list[str]:
+    """Hash fields as the flat field/value list a Lua script's ARGV takes."""
+    return [_hash_value(v) for pair in fields.items() for v in pair]
+
+
 def _to_hash(record: Any) -> dict[str, str]:
     """A record as Redis hash fields (`alive` is derived, never stored)."""
     return {f.name: _hash_value(getattr(record, f.name)) for f in dataclasses.fields(record)
@@ -1401,9 +1406,8 @@ class Channel:
         `pipe` instead when one is given).
         """
         allowed = allowed_from if isinstance(allowed_from, str) else " ".join(allowed_from)
-        extra = [_hash_value(v) for pair in fields.items() for v in pair]
         return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events],
-                               args=[state, allowed, agent_id, _now(), *extra], client=pipe)
+                               args=[state, allowed, agent_id, _now(), *_field_args(fields)], client=pipe)
 
     def refresh_lease(self, agent_id: str, identity: str, ttl: int, verify: bool = True) -> bool:
         """Keep `alive:<id>` for the loop `identity`; False when another loop holds it.
@@ -1417,10 +1421,9 @@ class Channel:
 
     def release_lease(self, agent_id: str, identity: str, final: str, **fields: Any) -> bool:
         """Drop the lease and write the final state at once; False when not ours."""
-        extra = [_hash_value(v) for pair in fields.items() for v in pair]
         return bool(self._release_lease(
             keys=[self.keys.alive(agent_id), self.keys.stop(agent_id), self.keys.agent(agent_id),
-                  self.keys.events], args=[identity, final, agent_id, _now(), *extra]))
+                  self.keys.events], args=[identity, final, agent_id, _now(), *_field_args(fields)]))
 
     def update_agent(self, agent_id: str, **fields: Any) -> None:
         self.redis.hset(self.keys.agent(agent_id), mapping={k: _hash_value(v) for k, v in fields.items()})
@@ -2028,7 +2031,7 @@ class Town:
         for agent in self._channel.agents():
             if not agent.terminal:
                 continue
-            holding = self._held_messages(agent.id)
+            holding = self._channel.peek(agent.id, processing=True)
             if holding and not include_busy:
                 continue
             if holding:
@@ -2036,9 +2039,6 @@ class Town:
             self._channel.delete_agent(agent)
             removed.append(agent)
         return removed
-
-    def _held_messages(self, agent_id: str) -> list[Message]:
-        return self._channel.peek(agent_id, processing=True)
 
     def reclaim(self, *, to_backlog: bool = False, to: str | None = None, source: str | None = None
                 ) -> list[Message]:
@@ -2053,7 +2053,7 @@ class Town:
             if agent_id == target:
                 continue
             if not (to_backlog or target):
-                moved += self._held_messages(agent_id)
+                moved += self._channel.peek(agent_id, processing=True)
                 continue
             moved += self._move_messages(agent_id, target)
         return moved
@@ -2283,10 +2283,9 @@ class Town:
         counts = self._channel.pending_counts([a.id for a in agents])
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(self.keys.backlog)
-        pipe.hgetall(self.keys.task_counts)
         for agent in agents if deep else ():
             pipe.lrange(self.keys.activity(agent.id), 0, 4)
-        backlog_len, task_counts, *activity = pipe.execute()
+        backlog_len, *activity = pipe.execute()
         listed = []
         for index, agent in enumerate(agents):
             entry = {**agent.to_dict(), "dead": agent.dead, "pending": counts.get(agent.id, {})}
@@ -2300,7 +2299,7 @@ class Town:
                       "running": True, "pid": self.server.read_pid() if self.server.managed else None},
             "agents": listed,
             "conductor_inbox": self._channel.inbox_len(CONDUCTOR_ID),
-            "tasks": {state: int(n) for state, n in task_counts.items() if int(n)},
+            "tasks": self._channel.task_counts(),
             "backlog": backlog_len,
         }
 
@@ -3173,15 +3172,6 @@ def _cmd_reset(args: Any) -> tuple[Any, str]:
         return {"deleted" if args.force else "would_delete": keys}, f"{what} {len(keys)} keys"
 
 
-def _cmd_history(args: Any) -> tuple[Any, str]:
-    """The newest events of the town (or of one agent)."""
-    with _open_town(args) as town:
-        agent_id = town.resolve_agent(args.agent) if args.agent else None
-        events = town.channel.events(args.n, agent_id)
-        names = _agent_names(town)
-        return events, "\n".join(_event_line(e, names) for e in events) or "no events"
-
-
 def _event_line(event: dict[str, str], names: dict[str, str]) -> str:
     def shown(key: str, value: str) -> str:
         if key == "agent":
@@ -3199,11 +3189,10 @@ def _cmd_events(args: Any) -> int | tuple[Any, str]:
     """Events; --follow streams new ones as they happen (blocking XREAD)."""
     with _open_town(args) as town:
         agent_id = town.resolve_agent(args.agent) if args.agent else None
+        names = _agent_names(town)
         if not args.follow:
             events = town.channel.events(args.count, agent_id)
-            names = _agent_names(town)
             return events, "\n".join(_event_line(e, names) for e in events) or "no events"
-        names = _agent_names(town)
         for event in town.channel.follow_events():
             if event and (agent_id is None or event.get("agent") == agent_id):
                 names = names if event.get("agent", CONDUCTOR_ID) in names else _agent_names(town)
@@ -3263,8 +3252,8 @@ def _build_parser() -> Any:
     parser.add_argument("--version", action="version", version=f"tinytown {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, handler: Callable[..., Any], **kwargs: Any) -> Any:
-        sub = commands.add_parser(name, help=(handler.__doc__ or "").split("\n")[0], **kwargs)
+    def command(name: str, handler: Callable[..., Any], help: str | None = None) -> Any:
+        sub = commands.add_parser(name, help=help or (handler.__doc__ or "").split("\n")[0])
         sub.set_defaults(handler=handler)
         return sub
 
@@ -3363,8 +3352,9 @@ def _build_parser() -> Any:
     sub = command("reset", _cmd_reset)
     sub.add_argument("--force", action="store_true", help="really delete")
     sub.add_argument("--agents-only", action="store_true", help="keep tasks and the backlog")
-    sub = command("history", _cmd_history)
-    sub.add_argument("-n", type=int, default=20)
+    sub = command("history", _cmd_events, help="The newest events of the town (or of one agent).")
+    sub.set_defaults(follow=False)
+    sub.add_argument("-n", dest="count", type=int, default=20)
     sub.add_argument("--agent")
     sub = command("events", _cmd_events)
     sub.add_argument("--count", type=int, default=20)
