@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TT := $(BIN)/python -m tinytown
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-slow bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider test_tinytown.py
+
+# The fault and chaos tests (a few minutes): random SIGKILLs, Redis outages.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow -s test_tinytown.py
 
 # A throwaway town: three demo agents, tasks assigned and completed, one backlog
 # task claimed by an idle agent, status, then everything stopped.

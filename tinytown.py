@@ -35,15 +35,18 @@ import json
 import logging
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
 import tomllib
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import redis
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 __version__ = "0.1.0"
@@ -82,8 +85,11 @@ ACTIVITY_KEEP = 20
 WAKE_KEEP = 4  # wake tokens kept: one is enough to wake, a few absorb bursts
 MESSAGES_PER_ROUND = 50
 SERVER_START_TIMEOUT = 10.0
+SERVER_LOAD_TIMEOUT = 300.0  # loading a large AOF
 STOP_GRACE_SECS = 10.0
-STALE_START_SECS = 30.0  # a `starting` agent with no heartbeat after this is dead
+LAUNCH_LEASE_SECS = 30.0  # a spawned loop must take its lease within this
+CLI_GRACE_SECS = 5.0  # a CLI's whole process group gets this long between SIGTERM and SIGKILL
+GIT_TIMEOUT_SECS = 60.0
 REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to come back
 
 # 1920s first names for nicknames, picked by the agent id.
@@ -241,6 +247,22 @@ class WaitTimeout(TinytownError):
     """A blocking wait (for an agent or a task) ran out of time."""
 
 
+class TownStopped(TinytownError):
+    def __init__(self, root: Path):
+        self.root = root
+        super().__init__(f"the town at {root} is stopped; run `tt start`")
+
+
+class LostLease(TinytownError):
+    def __init__(self, agent_id: str):
+        self.agent_id = agent_id
+        super().__init__(f"agent {agent_id[:8]} is served by another loop now (or was recovered)")
+
+
+class InvalidTask(TinytownError):
+    """A task that cannot be created (an empty description, an unknown parent...)."""
+
+
 def _check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidName(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-',"
@@ -261,6 +283,9 @@ class RedisConfig:
     password: str | None = None
     server: str | None = None
     persist: bool = True
+    tls_ca: str | None = None  # CA file for a rediss:// server
+    tls_cert: str | None = None  # client certificate and key, when the server asks for one
+    tls_key: str | None = None
 
 
 @dataclass
@@ -270,6 +295,9 @@ class AgentSettings:
     idle_timeout_secs: float = 0.0
     heartbeat_secs: float = 5.0
     max_attempts: int = 3
+    # Deliveries cut short by a dying loop (kill -9, reboot, `tt stop` past its grace) are
+    # not the message's fault: they have their own, higher limit.
+    max_interruptions: int = 10
     auto_claim: bool = True
 
 
@@ -303,13 +331,10 @@ class Config:
                           f" or add an [agent_clis.{name}] table to {CONFIG_FILE}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a dict fit to print (no secret in it)."""
         data = dataclasses.asdict(self)
         data.pop("path")
-        if data["redis"]["password"]:
-            data["redis"]["password"] = "****"
-        if data["redis"]["url"]:
-            data["redis"]["url"] = redact_url(data["redis"]["url"])
-        return data
+        return _redacted("", data)
 
 
 _SECTIONS = {"redis": RedisConfig, "agent": AgentSettings}
@@ -390,10 +415,17 @@ def load_config(path: Path) -> Config:
         _check_name(config.name, "town name")
     except InvalidName as exc:
         raise ConfigError(f"{where(None, 'name')}: {exc}") from None
-    if config.agent.heartbeat_secs <= 0:
-        raise ConfigError(f"{where('agent', 'heartbeat_secs')} must be more than 0")
-    if config.agent.max_attempts < 1:
-        raise ConfigError(f"{where('agent', 'max_attempts')} must be at least 1")
+    for key in ("heartbeat_secs", "round_timeout_secs"):  # every wait is bounded
+        if getattr(config.agent, key) <= 0:
+            raise ConfigError(f"{where('agent', key)} must be more than 0")
+    for key in ("max_attempts", "max_interruptions"):
+        if getattr(config.agent, key) < 1:
+            raise ConfigError(f"{where('agent', key)} must be at least 1")
+    runtime = (path.parent / RUNTIME_DIR).resolve()
+    if runtime not in (path.parent / config.redis.socket_path).resolve().parents:
+        raise ConfigError(f"{where('redis', 'socket_path')} must be a path under {RUNTIME_DIR}/"
+                          f" (it is {config.redis.socket_path!r}); the town deletes and"
+                          " replaces that file")
     return config
 
 
@@ -439,6 +471,7 @@ round_timeout_secs = 1800
 idle_timeout_secs = 0
 heartbeat_secs = 5
 max_attempts = 3
+max_interruptions = 10
 auto_claim = true
 {clis}"""
 
@@ -461,6 +494,7 @@ def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
     file is validated before it is replaced, so a bad value never leaves a broken config.
     """
     path = Path(path)
+    section, leaf = _config_key(key)
     text = path.read_text(encoding="utf-8")
     value = raw_value
     if isinstance(raw_value, str) and (_key_type(key) is not str or raw_value[:1] in ('"', "'")):
@@ -468,8 +502,6 @@ def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
             value = tomllib.loads(f"v = {raw_value}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw_value
-    section, _, leaf = key.rpartition(".")
-    section = section or None
     line = f"{leaf} = {_toml_value(value)}"
     lines = text.splitlines()
     number = _line_of(text, section, leaf)
@@ -491,12 +523,42 @@ def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
     new_text = "\n".join(lines) + "\n"
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     scratch.write_text(new_text, encoding="utf-8")
+    scratch.chmod(stat.S_IMODE(path.stat().st_mode))  # a private config stays private
     try:
         load_config(scratch).path = path
     except TinytownError as exc:
         scratch.unlink()
         raise ConfigError(str(exc).replace(str(scratch), str(path))) from None
     os.replace(scratch, path)
+    return value
+
+
+def _config_key(key: str) -> tuple[str | None, str]:
+    """A dotted key checked once, before anything is read or written: (section, leaf)."""
+    parts = key.split(".")
+    known = ((len(parts) == 1 and parts[0] in _TOP_LEVEL)
+             or (len(parts) == 2 and parts[0] in _SECTIONS and parts[1] in _field_types(_SECTIONS[parts[0]]))
+             or (len(parts) == 3 and parts[0] == "agent_clis" and parts[1]
+                 and parts[2] in ("name", "command", "cwd", "env")))
+    if not known:
+        raise ConfigError(f"unknown config key {key!r}; `tt config` lists them (e.g. max_agents,"
+                          " agent.max_rounds, agent_clis.NAME.command)")
+    return (".".join(parts[:-1]) or None), parts[-1]
+
+
+_SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY|CREDENTIAL", re.I)
+
+
+def _redacted(key: str, value: Any) -> Any:
+    """A config value fit to print: passwords, URL credentials and secret env values hidden."""
+    leaf = key.rpartition(".")[2]
+    if leaf == "password" and value:
+        return "****"
+    if leaf == "url" and value:
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {k: "****" if leaf == "env" and _SECRET_NAME.search(k) and v else _redacted(f"{key}.{k}", v)
+                for k, v in value.items()}
     return value
 
 
@@ -524,8 +586,9 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     netloc, slash, path = rest.partition("/")
     credentials, at, host = netloc.rpartition("@")  # the last @: a password may hold one
+    path = re.sub(r"(?i)([?&](?:password|pass|pwd)=)[^&#]*", r"\1****", path)  # ?password=
     if not (sep and at):
-        return url
+        return f"{scheme}{sep}{netloc}{slash}{path}"
     user = f"{credentials.split(':', 1)[0]}:" if ":" in credentials else ""
     return f"{scheme}://{user}****@{host}{slash}{path}"
 
@@ -597,24 +660,43 @@ def _field_args(fields: dict[str, Any]) -> list[str]:
 
 
 def _to_hash(record: Any) -> dict[str, str]:
-    """A record as Redis hash fields (`alive` is derived, never stored)."""
+    """A record as Redis hash fields (`lease` and `malformed` are derived, never stored)."""
     return {f.name: _hash_value(getattr(record, f.name)) for f in dataclasses.fields(record)
-            if f.name != "alive"}
+            if f.name not in ("lease", "malformed")}
 
 
 def _from_hash(cls: type, data: dict[str, str]) -> Any:
+    """A record from its hash fields; a field that does not parse gets its default and is
+    named in the record's `malformed` note (if it has one), so listings never crash."""
     kwargs: dict[str, Any] = {}
+    problems = []
     for f in dataclasses.fields(cls):
-        if f.name not in data:
+        raw = data.get(f.name)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if raw is None:
+            if required:
+                kwargs[f.name] = ""
+                problems.append(f"no {f.name}")
             continue
-        raw = data[f.name]
-        if f.type == "int":
-            kwargs[f.name] = int(raw or 0)
-        elif f.type == "list[str]":
-            kwargs[f.name] = json.loads(raw) if raw else []
-        else:
-            kwargs[f.name] = raw or None
-    return cls(**kwargs)
+        try:
+            if f.type == "int":
+                kwargs[f.name] = int(raw or 0)
+            elif f.type == "list[str]":
+                kwargs[f.name] = json.loads(raw) if raw else []
+                if not all(isinstance(item, str) for item in kwargs[f.name]) or not isinstance(
+                        kwargs[f.name], list):
+                    raise ValueError
+            else:
+                kwargs[f.name] = raw if required else raw or None
+        except (ValueError, TypeError):
+            kwargs.pop(f.name, None)
+            problems.append(f"bad {f.name} {raw[:40]!r}")
+        if required and not str(kwargs.get(f.name, "")).strip():
+            problems.append(f"empty {f.name}")
+    record = cls(**kwargs)
+    if problems and hasattr(record, "malformed"):
+        record.malformed = ", ".join(dict.fromkeys(problems))
+    return record
 
 
 @dataclass
@@ -636,7 +718,14 @@ class Agent:
     max_rounds: int = 0
     worktree: str | None = None
     error: str | None = None
-    alive: bool = False  # derived from the heartbeat key, never stored
+    loop: str | None = None  # identity of the loop serving it: pid.start@host
+    cli_pgid: str | None = None  # the running CLI's process group, on `host`
+    lease: str | None = None  # derived: who holds the heartbeat lease (never stored)
+
+    @property
+    def alive(self) -> bool:
+        """A loop keeps the heartbeat lease fresh (or one is being launched)."""
+        return self.lease is not None
 
     @property
     def terminal(self) -> bool:
@@ -644,19 +733,14 @@ class Agent:
 
     @property
     def dead(self) -> bool:
-        """Not terminal, yet no loop keeps its heartbeat fresh."""
-        if self.terminal or self.alive:
+        """Not terminal, and no live loop: its lease lapsed, or its holder is gone from this
+        host; a loop seen running on this host is never dead (as _RECOVER_LUA decides)."""
+        if self.terminal or _identity_state(self.loop) == "running":
             return False
-        if self.state == AgentState.STARTING and self.created_at:
-            return _age_secs(self.created_at) > STALE_START_SECS
-        return True
+        return not self.alive or _identity_state(self.lease) == "gone"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _age_secs(iso: str) -> float:
-    return (datetime.now(timezone.utc) - datetime.fromisoformat(iso.replace("Z", "+00:00"))).total_seconds()
+        return {**dataclasses.asdict(self), "alive": self.alive}
 
 
 @dataclass
@@ -668,11 +752,13 @@ class Task:
     tags: list[str] = field(default_factory=list)
     parent_id: str | None = None
     result: str | None = None
+    error: str | None = None  # why it failed
     attempts: int = 0
     created_at: str = field(default_factory=_now)
     updated_at: str | None = None
     started_at: str | None = None
     completed_at: str | None = None
+    malformed: str | None = None  # derived: what in the stored record did not parse
 
     @property
     def terminal(self) -> bool:
@@ -693,7 +779,8 @@ class Message:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created_at: str = field(default_factory=_now)
     correlation_id: str | None = None
-    attempts: int = 0
+    attempts: int = 0  # failed runs that had it
+    interruptions: int = 0  # rounds with it cut short by a dying loop
 
     @classmethod
     def text_message(cls, type: str, to: str, text: str, **kwargs: Any) -> Message:
@@ -716,7 +803,9 @@ class Message:
     def to_dict(self) -> dict[str, Any]:
         return {**self.body, "id": self.id, "type": self.type, "from": self.from_, "to": self.to,
                 "priority": self.priority, "created_at": self.created_at,
-                "correlation_id": self.correlation_id, "attempts": self.attempts}
+                # the counters last: the requeue script rewrites this tail in place
+                "correlation_id": self.correlation_id, "attempts": self.attempts,
+                "interruptions": self.interruptions}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -738,9 +827,10 @@ class Message:
                 raise ValueError(f"{key!r} must be a string")
         if data.get("priority", "normal") not in Priority.__members__.values():
             raise ValueError(f"unknown priority {data.get('priority')!r}")
-        attempts = data.get("attempts") or 0
-        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
-            raise ValueError(f"bad attempts {attempts!r}")
+        counters = {key: data.pop(key, None) or 0 for key in ("attempts", "interruptions")}
+        for key, value in counters.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"bad {key} {value!r}")
         for key in ("id", "created_at", "correlation_id"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ValueError(f"{key!r} must be a string")
@@ -749,8 +839,7 @@ class Message:
                 raise ValueError(f"{key!r} must be a string")
         head = {k: data.pop(k) for k in ("id", "type", "to", "priority", "created_at",
                                           "correlation_id") if k in data}
-        data.pop("attempts", None)
-        return cls(from_=data.pop("from"), attempts=attempts, body=data, **head)
+        return cls(from_=data.pop("from"), body=data, **head, **counters)
 
 
 def _parse_message(raw: str) -> Message | None:
@@ -758,6 +847,175 @@ def _parse_message(raw: str) -> Message | None:
         return Message.from_json(raw)
     except ValueError:
         return None
+
+
+# Files and processes #########################################################
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write via a temp file and rename, so readers never see half a file."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    scratch.write_text(text, encoding="utf-8")
+    scratch.chmod(mode)
+    os.replace(scratch, path)
+
+
+def _runtime_dir(root: Path) -> Path:
+    """The town's .tt/ folder, private (0700) however it came to be made."""
+    runtime = root / RUNTIME_DIR
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    if runtime.stat().st_mode & 0o077:
+        runtime.chmod(0o700)
+    return runtime
+
+
+def _try_lock(handle: Any) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _poll(check: Callable[[], Any], timeout: float, interval: float = 0.01) -> bool:
+    """True once check() holds, False after `timeout`.  Only for what no Redis call or
+    child-process wait can block on: another process's exit, a lock, a server's birth."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    return _poll(lambda: not _pid_alive(pid), timeout)
+
+
+def _cmdline(pid: int) -> list[bytes] | None:
+    """A process's arguments (None: no /proc here, or no such process)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+
+
+def _is_redis_process(pid: int) -> bool:
+    args = _cmdline(pid)
+    if args is None:
+        return _pid_alive(pid)  # no /proc (macOS): trust the pid file
+    return any(b"redis" in arg for arg in args)
+
+
+def _process_start(pid: int) -> str:
+    """When a process started (clock ticks since boot): with its pid, names it for good."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"  # no /proc (macOS): the pid alone
+
+
+def _loop_identity(pid: int) -> str:
+    """The identity a loop holds its lease with: `pid.start@host` (a reused pid differs)."""
+    return f"{pid}.{_process_start(pid)}@{socket.gethostname()}"
+
+
+def _identity_state(identity: str | None) -> str:
+    """'running' or 'gone' for a loop identity of this host; 'elsewhere' for another
+    host's loop (or a launch in progress), which only its lease expiring can end."""
+    head, _, host = (identity or "").rpartition("@")
+    pid, _, start = head.partition(".")
+    if host != socket.gethostname() or not pid.isdigit():
+        return "elsewhere"
+    alive = _pid_alive(int(pid)) and _process_start(int(pid)) == (start or "0")
+    return "running" if alive else "gone"
+
+
+def _loops_serving(root: Path) -> dict[int, str]:
+    """pid -> agent id of every agent-loop process on this host serving the folder `root`,
+    whatever town name it runs under (`tt spawn` puts `-t ROOT agent-loop ID` on its
+    command line).  Empty without /proc."""
+    found = {}
+    wanted = os.fsencode(root)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            args = _cmdline(int(entry.name)) if entry.name.isdigit() else None
+            if (args and b"agent-loop" in args and b"-t" in args
+                    and args[args.index(b"-t") + 1:args.index(b"-t") + 2] == [wanted]
+                    and args.index(b"agent-loop") + 1 < len(args) and _pid_alive(int(entry.name))):
+                found[int(entry.name)] = args[args.index(b"agent-loop") + 1].decode()
+    return found
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_runs_agent(pgid: int, agent_id: str) -> bool:
+    """Does process group `pgid` still hold a CLI run of `agent_id` (its environment says
+    so), rather than an unrelated group that reuses the number?"""
+    if not Path("/proc").is_dir():
+        return _group_alive(pgid)  # no /proc (macOS): trust the record
+    marker = f"TINYTOWN_AGENT_ID={agent_id}".encode()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                if int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                    continue
+                if marker in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                    return True
+            except (OSError, ValueError, IndexError):
+                continue
+    return False
+
+
+def _terminate_loop(pid: int) -> None:
+    """Stop an agent-loop process now: a first SIGTERM ends it after its round, a second
+    cuts its CLI short (sent apart: two pending signals of one kind merge into one); one
+    that outlives its CLI's grace is killed."""
+    for _ in range(2):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if _wait_for_exit(pid, 0.2):
+            return
+    if not _wait_for_exit(pid, CLI_GRACE_SECS + 5.0):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_for_exit(pid, 5.0)
+
+
+def _terminate_group(pgid: int, grace: float) -> None:
+    """SIGTERM a whole process group, give all of it `grace` seconds, then SIGKILL it.
+
+    The group, not its leader: an agent CLI runs under `sh -c`, which dies at once while
+    the CLI itself still needs its grace."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+        if not _poll(lambda: not _group_alive(pgid), grace, 0.02):
+            os.killpg(pgid, signal.SIGKILL)
+
 
 
 # Redis server ################################################################
@@ -820,49 +1078,49 @@ def redis_server_version(binary: Path) -> tuple[int, ...]:
     return version
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _wait_for_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)  # another process's exit cannot be waited on without polling
-    return True
-
-
-def _is_redis_process(pid: int) -> bool:
-    try:
-        return b"redis" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return _pid_alive(pid)  # no /proc (macOS): trust the pid file
-
-
 # redis-py 7.1+ takes driver_info=None; older ones lib_name/lib_version=None.
 _NO_CLIENT_SETINFO: dict[str, Any] = (
     {"driver_info": None} if "driver_info" in inspect.signature(redis.Redis.__init__).parameters
     else {"lib_name": None, "lib_version": None})
 
 
+def _max_block_secs(settings: AgentSettings) -> float:
+    """The longest any Redis call blocks (BLPOP, XREAD): sockets time out a bit after it."""
+    return max(settings.heartbeat_secs * 2, 5.0)
+
+
+def _keepalive_options(heartbeat: float) -> dict[int, int]:
+    """TCP keepalive that notices a half-open link within a few heartbeats."""
+    if not hasattr(socket, "TCP_KEEPIDLE"):
+        return {}
+    beat = max(int(heartbeat), 1)
+    return {socket.TCP_KEEPIDLE: beat, socket.TCP_KEEPINTVL: beat, socket.TCP_KEEPCNT: 3}
+
+
+def _redis_conf_string(value: str | Path) -> str:
+    """A value quoted as redis.conf reads it: printable ASCII as is, the rest as \\xHH."""
+    raw = os.fsencode(value) if isinstance(value, Path) else value.encode("utf-8", "surrogateescape")
+    body = "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}" for b in raw)
+    return f'"{body}"'
+
+
+def _private_dir(path: Path) -> Path:
+    """A folder only we may use: made 0700, refused when it is another user's or open."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RedisServerError(f"{path} must be a folder of your own with mode 0700 (it holds the"
+                               " town's socket); remove it or fix its owner and mode")
+    return path
+
+
 class RedisServer:
     """The town's Redis: a managed server under .tt/, or an external one by URL.
 
     A managed server is started on demand (one per town even when several processes
-    race: a file lock in .tt/), reached by unix socket or TCP, and stopped with
-    SHUTDOWN SAVE.  With an explicit URL, Tinytown never starts or stops anything.
+    race: a file lock in .tt/), reached by unix socket or TCP (always with a password,
+    generated into .tt/ if none is configured), and stopped with SHUTDOWN SAVE.  With an
+    explicit URL, Tinytown never starts or stops anything.
     """
 
     def __init__(self, root: Path, config: Config):
@@ -870,13 +1128,32 @@ class RedisServer:
         self.config = config
         self.runtime = root / RUNTIME_DIR
         self.pid_file = self.runtime / "redis.pid"
+        self.password_file = self.runtime / "redis.password"
         self._configured_socket = (root / config.redis.socket_path).resolve()
         self.url = os.environ.get("REDIS_URL") or config.redis.url
-        self.password = os.environ.get("TINYTOWN_REDIS_PASSWORD") or config.redis.password
+        self.password = (os.environ.get("TINYTOWN_REDIS_PASSWORD") or config.redis.password
+                         or self._read_password_file())
+        self.last_error = ""  # why the last ping failed, for messages
+        tls = {"tls_ca": config.redis.tls_ca, "tls_cert": config.redis.tls_cert,
+               "tls_key": config.redis.tls_key}
+        if any(tls.values()) and not (self.url or "").startswith("rediss://"):
+            raise ConfigError(f"[redis] {', '.join(k for k, v in tls.items() if v)} need a"
+                              " rediss:// url; set [redis] url or REDIS_URL")
+
+    def _read_password_file(self) -> str | None:
+        try:
+            return self.password_file.read_text().strip() or None
+        except OSError:
+            return None
 
     @property
     def managed(self) -> bool:
         return not self.url
+
+    @property
+    def stopped_on_purpose(self) -> bool:
+        """`tt stop` ran and no person has started the town since."""
+        return (self.runtime / "stopped").exists()
 
     @property
     def socket_path(self) -> Path:
@@ -885,9 +1162,11 @@ class RedisServer:
         if len(os.fsencode(path)) <= (103 if sys.platform == "darwin" else 107):
             return path
         try:  # where the running server was told to listen
-            return Path((self.runtime / "socket").read_text().strip() or self._short_socket_path())
+            short = Path((self.runtime / "socket").read_text().strip() or self._short_socket_path())
         except OSError:
-            return self._short_socket_path()
+            short = self._short_socket_path()
+        _private_dir(short.parent)  # never hand the password to someone else's socket
+        return short
 
     def _short_socket_path(self) -> Path:
         # /tmp itself, not $TMPDIR: every client of the town must arrive at the same path
@@ -904,42 +1183,68 @@ class RedisServer:
         return f"redis://{self.config.redis.host}:{self.config.redis.port}"
 
     def client(self, *, probe: bool = False) -> redis.Redis:
-        """A client; `probe` ones fail fast (no retries, short timeouts)."""
+        """A client; `probe` ones fail fast (short timeouts)."""
+        settings = self.config.agent
         options: dict[str, Any] = dict(
             # RESP2 and no CLIENT SETINFO: three round trips less on every new connection
             # (HELLO and two SETINFOs), which a short `tt` command feels.
             protocol=2, **_NO_CLIENT_SETINFO,
             decode_responses=True,
             encoding_errors="surrogateescape",  # bytes that are not UTF-8 survive a round trip
-            socket_timeout=2.0 if probe else None,  # None: blocking calls carry their own timeout
+            # Every wait is bounded: a dead link surfaces a little after the longest block.
+            socket_timeout=2.0 if probe else _max_block_secs(settings) + 5.0,
             socket_connect_timeout=2.0 if probe else 10.0,
-            retry=Retry(NoBackoff(), 0) if probe else Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            # No automatic retries: a command whose reply was lost may have run, and running
+            # a push or a counter again would duplicate it.  Callers see the error (the loop
+            # rides out outages itself, requeueing what it had taken).
+            retry=Retry(NoBackoff(), 0),
             health_check_interval=0 if probe else 30,
         )
         if self.password:
             options["password"] = self.password
+        tcp = not (self.url or "").startswith("unix:") and not (self.managed and self.config.redis.use_socket)
+        if tcp:
+            options.update(socket_keepalive=True,
+                           socket_keepalive_options=_keepalive_options(settings.heartbeat_secs))
         if self.url:
+            if self.url.startswith("rediss://"):
+                redis_cfg = self.config.redis
+                options.update({k: v for k, v in (("ssl_ca_certs", redis_cfg.tls_ca),
+                                                   ("ssl_certfile", redis_cfg.tls_cert),
+                                                   ("ssl_keyfile", redis_cfg.tls_key)) if v})
             return redis.Redis.from_url(self.url, **options)
         if self.config.redis.use_socket:
             return redis.Redis(unix_socket_path=str(self.socket_path), **options)
         return redis.Redis(host=self.config.redis.host, port=self.config.redis.port, **options)
 
-    def ping(self, conn: redis.Redis | None = None) -> bool:
-        """True when a server answers (a server still loading its data counts)."""
+    def ping(self, conn: redis.Redis | None = None, *, loaded: bool = False) -> bool:
+        """True when a server answers (one still loading its data counts, unless `loaded`)."""
         if self.managed and self.config.redis.use_socket and not self.socket_path.exists():
+            self.last_error = "no socket"
             return False  # nothing to connect to: skip the attempt
         conn = conn or self.client(probe=True)
         try:
             return bool(conn.ping())
         except redis.BusyLoadingError:
-            return True
+            return not loaded
         except redis.AuthenticationError as exc:
             raise RedisUnreachable(self.display_url, f"authentication failed ({exc}); check"
                                    " [redis] password or TINYTOWN_REDIS_PASSWORD") from None
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self.last_error = str(exc)
             return False
         finally:
             conn.close()
+
+    def unreachable(self) -> RedisUnreachable:
+        """The error for a server that does not answer, naming a TLS problem as such."""
+        reason = self.last_error or "no server answers"
+        if re.search(r"SSL|TLS|certificate", reason):
+            reason = (f"the TLS handshake failed ({reason}); set [redis] tls_ca to the server's"
+                      " CA file (and tls_cert / tls_key for client certificates)")
+        elif not self.managed:
+            reason += " (Tinytown never starts a server given by URL)"
+        return RedisUnreachable(self.display_url, reason)
 
     def read_pid(self) -> int | None:
         try:
@@ -950,18 +1255,29 @@ class RedisServer:
     def ensure_running(self) -> bool:
         """Make sure the server answers; True when this call started it."""
         if self.ping():
+            self._wait_loaded()
             return False
         if not self.managed:
-            raise RedisUnreachable(self.display_url, "no server answers (Tinytown never starts"
-                                   " a server given by URL)")
-        self.runtime.mkdir(mode=0o700, exist_ok=True)
+            raise self.unreachable()
+        _runtime_dir(self.root)
         with open(self.runtime / "redis.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be starting it right now
+            # Another process may be starting it right now; a lock held too long is an error.
+            if not _poll(lambda: _try_lock(lock), SERVER_START_TIMEOUT * 2):
+                raise RedisServerError(f"{self.runtime / 'redis.lock'} stayed locked for"
+                                       f" {SERVER_START_TIMEOUT * 2:.0f}s; is another `tt` stuck?")
             if self.ping():
+                self._wait_loaded()
                 return False
             self._clear_stale()
             self._start()
             return True
+
+    def _wait_loaded(self) -> None:
+        """A server that answers LOADING (a large AOF) takes commands only once loaded."""
+        probe = self.client(probe=True)
+        if not _poll(lambda: self.ping(probe, loaded=True), SERVER_LOAD_TIMEOUT, 0.005):
+            raise RedisServerError(f"redis-server on {self.display_url} was still loading its data"
+                                   f" after {SERVER_LOAD_TIMEOUT:.0f}s; {self._log_tail()}")
 
     def _clear_stale(self) -> None:
         """A server that does not answer: stop its process if it lives, drop its files."""
@@ -978,11 +1294,12 @@ class RedisServer:
 
     def _server_config(self) -> str:
         redis_cfg, runtime = self.config.redis, self.runtime
+        quoted = _redis_conf_string
         lines = [
             "daemonize yes",
-            f'dir "{runtime}"',
-            f'pidfile "{self.pid_file}"',
-            f'logfile "{runtime / "redis.log"}"',
+            f"dir {quoted(runtime)}",
+            f"pidfile {quoted(self.pid_file)}",
+            f"logfile {quoted(runtime / 'redis.log')}",
             'dbfilename "redis.rdb"',
             'save ""',  # AOF does the persisting; no background RDB forks
             f"appendonly {'yes' if redis_cfg.persist else 'no'}",
@@ -990,13 +1307,14 @@ class RedisServer:
             "appendfsync everysec",
         ]
         if redis_cfg.use_socket:
-            socket_path = self.socket_path
-            socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lines += ["port 0", f'unixsocket "{socket_path}"', "unixsocketperm 700"]
+            lines += ["port 0", f"unixsocket {quoted(self.socket_path)}", "unixsocketperm 700"]
         else:
             lines += [f"port {redis_cfg.port}", f"bind {redis_cfg.bind}"]
+            if not self.password:  # TCP is open to every local user: never without a password
+                self.password = secrets.token_urlsafe(24)
+                _write_atomic(self.password_file, self.password + "\n", mode=0o600)
         if self.password:
-            lines.append("requirepass " + json.dumps(self.password))
+            lines.append(f"requirepass {quoted(self.password)}")
         return "\n".join(lines) + "\n"
 
     def _start(self) -> None:
@@ -1015,16 +1333,12 @@ class RedisServer:
             raise RedisServerError(f"cannot start {binary}: {exc}") from None
         if done.returncode != 0:
             raise RedisServerError(f"{binary} failed to start: {(done.stderr or done.stdout).strip()}")
-        started = time.monotonic()
         probe = self.client(probe=True)
-        while not self.ping(probe):
-            waited = time.monotonic() - started
-            if waited > SERVER_START_TIMEOUT:
-                raise RedisServerError(f"redis-server did not answer on {self.display_url} within"
-                                       f" {SERVER_START_TIMEOUT:.0f}s; {self._log_tail()}")
-            # Readiness is a PING: every millisecond while a fresh server is expected,
-            # then gently (loading a large AOF takes a while).
-            time.sleep(0.001 if waited < 0.5 else 0.02)
+        # Readiness is a PING that answers (LOADING counts), then one that finds the data loaded.
+        if not _poll(lambda: self.ping(probe), SERVER_START_TIMEOUT, 0.001):
+            raise RedisServerError(f"redis-server did not answer on {self.display_url} within"
+                                   f" {SERVER_START_TIMEOUT:.0f}s; {self._log_tail()}")
+        self._wait_loaded()
         log.info("started redis-server on %s", self.display_url)
 
     def _log_tail(self) -> str:
@@ -1059,6 +1373,16 @@ class RedisServer:
 
 # Channel #####################################################################
 
+def _lua(script: str) -> str:
+    """A Lua script with the module's constants filled in."""
+    def table(names: Iterable[str]) -> str:
+        return "{" + ", ".join(f"{name} = true" for name in sorted(names)) + "}"
+    return (f"local TERMINAL_AGENT = {table(TERMINAL_AGENT_STATES)}\n"
+            f"local TERMINAL_TASK = {table(TERMINAL_TASK_STATES)}\n"
+            f"local ACTIONABLE = {table(ACTIONABLE_TYPES)}\n" + script
+            ).replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace("WAKE_KEEP", str(WAKE_KEEP))
+
+
 # KEYS[1] = stop:<id>, KEYS[2] = agent:<id>, KEYS[3] = wake:<id>,
 # KEYS[4..6] = urgent:<id>, high:<id>, inbox:<id> (delivery order), KEYS[7] = processing:<id>,
 # KEYS[8] = events
@@ -1074,7 +1398,6 @@ local state = redis.call('HGET', KEYS[2], 'state') or ''
 redis.call('DEL', KEYS[3])
 local out = {stop, state}
 if stop == 'kill' or state == 'paused' then return out end
-local actionable = {ACTIONABLE}
 local limit, work = tonumber(ARGV[1]), 0
 for i = 4, 6 do
   while work < limit and #out < 1000 do
@@ -1082,7 +1405,7 @@ for i = 4, 6 do
     if not message then break end
     out[#out + 1] = message
     local ok, decoded = pcall(cjson.decode, message)
-    if ok and type(decoded) == 'table' and actionable[decoded['type']] then work = work + 1 end
+    if ok and type(decoded) == 'table' and ACTIONABLE[decoded['type']] then work = work + 1 end
   end
 end
 if work > 0 and (state == 'idle' or state == 'starting') then
@@ -1092,19 +1415,22 @@ if work > 0 and (state == 'idle' or state == 'starting') then
   out[2] = 'working'
 end
 return out
-""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace(
-    "ACTIONABLE", ", ".join(f"{kind} = true" for kind in sorted(ACTIONABLE_TYPES)))
+"""
 
-# KEYS[1] = the recipient's queue, KEYS[2] = wake:<id>, KEYS[3] = events
+# KEYS[1] = the recipient's queue, KEYS[2] = wake:<id>, KEYS[3] = events,
+# KEYS[4] = agent:<id> ('' for the conductor, whose mailbox always exists)
 # ARGV[1] = the message (JSON), ARGV[2] = wake tokens to keep, ARGV[3..] = event fields
 # Channel.send in one command: the hot path's version of Channel._push plus an event.
+# Returns 0, sending nothing, when the agent was deleted meanwhile (`tt prune`): a message
+# is never pushed to a mailbox nobody will read.
 _SEND_LUA = """
+if KEYS[4] ~= '' and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[2], '1')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(ARGV, 3))
 return 1
-""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+"""
 
 # KEYS[1..3] = urgent:<id>, high:<id>, inbox:<id>
 # Pops the next message in delivery order (a plain, destructive receive).
@@ -1132,14 +1458,35 @@ if old ~= ARGV[1] then
              'event', 'agent_' .. ARGV[1], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
 end
 return old
-""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+"""
 
-# KEYS[1] = alive:<id>; ARGV[1] = the loop's identity (pid@host), ARGV[2] = TTL in seconds
-# Refreshes the heartbeat lease for its holder only: a loop that stalled past its TTL
-# must not take the agent back from a newer loop.  Returns 0 when another loop holds it.
+# Leases.  `alive:<id>` holds the identity (`pid@host`) of the loop serving the agent, with
+# a TTL its heartbeat renews.  Spawning puts `launching@<host>` there until the loop's pid
+# is known, so an agent being started is never taken for dead.
+
+# KEYS[1] = alive:<id>; ARGV[1] = the loop's identity, ARGV[2] = TTL, ARGV[3] = launching@<host>
+# A new loop takes the lease if it is free, already its own (its spawner wrote its pid), or
+# held for the launch.  Returns 1, or the identity of the loop that holds it.
+_ACQUIRE_LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] and holder ~= ARGV[3] then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] = alive:<id>, KEYS[2] = agent:<id>; ARGV[1] = the loop's identity, ARGV[2] = TTL
+# Refreshes the heartbeat lease for its holder only.  A lease that lapsed (a Redis outage,
+# a suspended laptop) is taken back only while the record still names this loop and is
+# not terminal; otherwise the agent was recovered or another loop holds it: 0.
 _REFRESH_LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
+if holder ~= ARGV[1] then
+  if holder then return 0 end
+  local state, loop = unpack(redis.call('HMGET', KEYS[2], 'state', 'loop'))
+  if loop ~= ARGV[1] or TERMINAL_AGENT[state or 'stopped'] then
+    return 0
+  end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
@@ -1160,7 +1507,129 @@ redis.call('HSET', KEYS[3], 'state', ARGV[2], unpack(ARGV, 5))
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_' .. ARGV[2],
            'agent', ARGV[3], 'from', old, 'at', ARGV[4])
 return 1
-""".replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN))
+"""
+
+# The requeue shared by settling (a loop ends its round) and recovering (a loop died).
+# ARGV[1] = the town's key prefix.  Keys are built from it because the task records a
+# message names are only known inside the script (a town lives on one Redis, not a cluster).
+_REQUEUE_LUA = """
+local prefix = ARGV[1]
+local function key(kind, id) return prefix .. kind .. ':' .. id end
+local function event(...)
+  redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', EVENTS_MAXLEN, '*', ...)
+end
+local QUEUE = {urgent = 'urgent', high = 'high'}
+
+-- A task's state change with its counters, backlog place and event (Channel._queue_task_change).
+local function change_task(task_id, state, now, ...)
+  local task_key = key('task', task_id)
+  local old, agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
+  if not old or TERMINAL_TASK[old] then return end
+  redis.call('HSET', task_key, 'state', state, 'updated_at', now, ...)
+  if old ~= state then
+    redis.call('HINCRBY', prefix .. 'task_counts', old, -1)
+    redis.call('HINCRBY', prefix .. 'task_counts', state, 1)
+    if TERMINAL_TASK[state] then redis.call('LREM', prefix .. 'backlog', 0, task_id) end
+    event('event', 'task_' .. state, 'at', now, 'task', task_id, 'agent', agent or '')
+  end
+end
+
+-- Empties processing:<agent>.  Acked ids are dropped; the rest go back to the front of
+-- their queue in their original order, or to dead:<agent> once out of attempts (failed
+-- runs) or interruptions (deliveries cut short by a dying loop); tasks follow.
+-- count: 'attempt', 'interruption' or 'none'.  Returns {requeued, buried messages...}.
+local function requeue(agent, acked, count, reason, max_attempts, max_interruptions, wake, now)
+  local processing = key('processing', agent)
+  local back, dead, buried = {}, {}, {}
+  for _, raw in ipairs(redis.call('LRANGE', processing, 0, -1)) do
+    local ok, m = pcall(cjson.decode, raw)
+    if not ok or type(m) ~= 'table' or type(m['type']) ~= 'string' then
+      dead[#dead + 1] = raw
+    elseif not acked[m['id']] then
+      local attempts = math.floor(tonumber(m['attempts']) or 0)
+      local interruptions = math.floor(tonumber(m['interruptions']) or 0)
+      if count == 'attempt' then attempts = attempts + 1 end
+      if count == 'interruption' then interruptions = interruptions + 1 end
+      -- The counters are the message's last members (Message.to_json); rewriting that tail
+      -- keeps the rest byte for byte (cjson.encode would turn [] into {}).
+      local head = string.match(raw, '^(.*),"attempts":%d+,"interruptions":%d+}%s*$')
+                   or string.match(raw, '^(.*)}%s*$')
+      local updated = head .. ',"attempts":' .. attempts .. ',"interruptions":' .. interruptions .. '}'
+      local task_id = m['type'] == 'task_assign' and type(m['task_id']) == 'string' and m['task_id']
+      if attempts >= max_attempts or interruptions >= max_interruptions then
+        dead[#dead + 1] = updated
+        buried[#buried + 1] = updated
+        if task_id then
+          change_task(task_id, 'failed', now, 'result', reason, 'error', reason,
+                      'attempts', attempts, 'completed_at', now)
+        end
+      else
+        back[#back + 1] = {key(QUEUE[m['priority']] or 'inbox', agent), updated}
+        if task_id then change_task(task_id, 'assigned', now, 'attempts', attempts) end
+      end
+    end
+  end
+  for i = #back, 1, -1 do redis.call('LPUSH', back[i][1], back[i][2]) end
+  if #dead > 0 then redis.call('RPUSH', key('dead', agent), unpack(dead)) end
+  redis.call('DEL', processing)
+  if #back > 0 and wake then
+    redis.call('RPUSH', key('wake', agent), '1')
+    redis.call('LTRIM', key('wake', agent), -WAKE_KEEP, -1)
+  end
+  if #back + #dead > 0 then
+    event('event', 'requeued', 'at', now, 'agent', agent, 'count', #back, 'dead', #dead,
+          'reason', reason)
+  end
+  return {#back, unpack(buried)}
+end
+"""
+
+# ARGV[1] = prefix, ARGV[2] = agent id, ARGV[3] = the loop's identity when only the lease's
+# holder may settle ('' : anyone), ARGV[4] = count ('attempt', 'interruption', 'none'),
+# ARGV[5] = reason, ARGV[6] = max_attempts, ARGV[7] = max_interruptions, ARGV[8] = wake ('1'),
+# ARGV[9] = timestamp, ARGV[10..] = acked message ids
+# A round's end: what the agent took is acknowledged or requeued.  False when the lease is
+# not the caller's (what a loop took is its own).
+_SETTLE_LUA = _REQUEUE_LUA + """
+if ARGV[3] ~= '' and redis.call('GET', key('alive', ARGV[2])) ~= ARGV[3] then return false end
+local acked = {}
+for i = 10, #ARGV do acked[ARGV[i]] = true end
+return requeue(ARGV[2], acked, ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]),
+               ARGV[8] == '1', ARGV[9])
+"""
+
+# ARGV[1] = prefix, ARGV[2] = agent id, ARGV[3] = a lease holder the caller found not running
+# on its own host ('' : none), ARGV[4] = the record's `loop` identity when the caller found
+# that loop running on its own host ('' : none), ARGV[5] = reason, ARGV[6] = max_attempts,
+# ARGV[7] = max_interruptions, ARGV[8] = timestamp
+# THE liveness decision, used by everything that acts on another loop (stop, recover, kill,
+# prune, reclaim, reset, a new loop's start).  A loop is dead when its lease lapsed, or
+# when its holder was seen gone on its own host; a loop seen running on this host is alive
+# even with a lapsed lease; one on another host only dies by its lease expiring.  A dead
+# loop's agent becomes `stopped` (terminal states stay), its lease and stop request go, and
+# what it had taken is requeued as an interruption, all at once.
+# Returns {'gone'}, {'alive', holder} or {'recovered' | 'idle', requeued, buried...}.
+_RECOVER_LUA = _REQUEUE_LUA + """
+local agent_key, alive_key = key('agent', ARGV[2]), key('alive', ARGV[2])
+local state, loop = unpack(redis.call('HMGET', agent_key, 'state', 'loop'))
+if not state then return {'gone'} end
+local holder = redis.call('GET', alive_key)
+if holder and holder ~= ARGV[3] then return {'alive', holder} end
+if not holder and ARGV[4] ~= '' and loop == ARGV[4] then return {'alive', ARGV[4]} end
+local now = ARGV[8]
+local out = requeue(ARGV[2], {}, 'interruption', ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]),
+                    true, now)
+redis.call('DEL', alive_key, key('stop', ARGV[2]))
+if TERMINAL_AGENT[state] then
+  table.insert(out, 1, 'idle')
+  return out
+end
+redis.call('HSET', agent_key, 'state', 'stopped', 'error', ARGV[5], 'pid', '', 'loop', '',
+           'cli_pgid', '', 'current_task', '')
+event('event', 'agent_stopped', 'agent', ARGV[2], 'from', state, 'at', now, 'reason', ARGV[5])
+table.insert(out, 1, 'recovered')
+return out
+"""
 
 
 
@@ -1178,12 +1647,13 @@ class Channel:
         self.redis = client
         self.keys = keys
         self.settings = settings
-        self._send = client.register_script(_SEND_LUA)
-        self._take = client.register_script(_TAKE_LUA)
-        self._pop = client.register_script(_POP_LUA)
-        self._set_state = client.register_script(_SET_STATE_LUA)
-        self._refresh_lease = client.register_script(_REFRESH_LEASE_LUA)
-        self._release_lease = client.register_script(_RELEASE_LEASE_LUA)
+        script = lambda text: client.register_script(_lua(text))  # noqa: E731
+        self._send, self._take, self._pop = script(_SEND_LUA), script(_TAKE_LUA), script(_POP_LUA)
+        self._set_state = script(_SET_STATE_LUA)
+        self._acquire_lease = script(_ACQUIRE_LEASE_LUA)
+        self._refresh_lease = script(_REFRESH_LEASE_LUA)
+        self._release_lease = script(_RELEASE_LEASE_LUA)
+        self._settle, self._recover = script(_SETTLE_LUA), script(_RECOVER_LUA)
 
     # -- events ------------------------------------------------------------------
 
@@ -1232,10 +1702,12 @@ class Channel:
 
     def send(self, message: Message) -> Message:
         """Queue a message for `message.to` (an agent id or the conductor) and wake it."""
-        self._send(keys=[self.keys.queue_for(message.to, message.priority), self.keys.wake(message.to),
-                         self.keys.events],
-                   args=[message.to_json(), WAKE_KEEP, "event", "message", "at", _now(),
-                         "agent", message.to, "type", message.type, "sender", message.from_])
+        record = "" if message.to == CONDUCTOR_ID else self.keys.agent(message.to)
+        if not self._send(keys=[self.keys.queue_for(message.to, message.priority),
+                                self.keys.wake(message.to), self.keys.events, record],
+                          args=[message.to_json(), WAKE_KEEP, "event", "message", "at", _now(),
+                                "agent", message.to, "type", message.type, "sender", message.from_]):
+            raise AgentNotFound(message.to)
         return message
 
     def broadcast(self, message: Message, agent_ids: Iterable[str]) -> list[Message]:
@@ -1280,11 +1752,13 @@ class Channel:
         The message is popped: it is yours now.  The agent loop uses take/settle instead.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        slice_secs = _max_block_secs(self.settings)  # no wait longer than the socket allows
         while True:
             message = self.try_receive(agent_id)
             if message or (deadline is not None and time.monotonic() >= deadline):
                 return message
-            wait = 0 if deadline is None else max(deadline - time.monotonic(), 0.001)
+            wait = slice_secs if deadline is None else min(max(deadline - time.monotonic(), 0.001),
+                                                           slice_secs)
             self.redis.blpop([self.keys.wake(agent_id)], timeout=wait)
 
     def inbox_len(self, agent_id: str) -> int:
@@ -1312,67 +1786,36 @@ class Channel:
         parsed = (self._parse_or_bury(agent_id, raw, processing) for raw in raws)
         return stop, state, [message for message in parsed if message]
 
-    def settle(self, agent_id: str, acked: set[str], reason: str, *, count_attempt: bool = True,
-               wake: bool = True) -> list[Message]:
+    def settle(self, agent_id: str, acked: set[str], reason: str, *, count: str = "attempt",
+               wake: bool = True, holder: str = "") -> list[Message]:
         """Finish what `agent_id` took: drop the `acked` message ids, requeue the rest.
 
-        Requeued messages go back to the front of their queue in their original order
-        (attempts + 1 when `count_attempt`; the agent is woken unless `wake` is False);
-        those out of attempts go to the dead-letter list and their tasks fail with
-        `reason`.  One transaction; returns the dead ones.
+        Requeued messages go back to the front of their queue in their original order,
+        counting one more attempt (`count="attempt"`, a failed run), interruption
+        (`"interruption"`, the loop died) or nothing (`"none"`); the agent is woken unless
+        `wake` is False.  Those out of attempts or interruptions go to the dead-letter list
+        and their tasks fail with `reason`.  One Lua script; returns the dead ones.  With
+        `holder`, only that lease holder may settle (LostLease otherwise).
         """
-        processing = self.keys.processing(agent_id)
-        max_attempts = self.settings.max_attempts
+        reply = self._settle(args=[self.keys.prefix, agent_id, holder, count, reason,
+                                   self.settings.max_attempts, self.settings.max_interruptions,
+                                   "1" if wake else "0", _now(), *acked])
+        if reply is None:
+            raise LostLease(agent_id)
+        return [Message.from_json(raw) for raw in reply[1:]]
 
-        def settle_in(pipe: Any) -> list[Message]:
-            raws = pipe.lrange(processing, 0, -1)
-            back: list[tuple[Message, str]] = []
-            dead: list[str] = []
-            buried: list[Message] = []
-            for raw in raws:
-                message = _parse_message(raw)
-                if message is None:
-                    dead.append(raw)
-                    continue
-                if message.id in acked:
-                    continue
-                if count_attempt:
-                    message.attempts += 1
-                if message.attempts >= max_attempts:
-                    buried.append(message)
-                    dead.append(message.to_json())
-                else:
-                    back.append((message, message.to_json()))
-            # The tasks behind the assignments: failed when buried, back to `assigned` when
-            # requeued, so no task stays `running` with nobody working on it.
-            assignments = [(m, m in buried) for m in [*buried, *(m for m, _ in back)]
-                           if m.type == MessageType.TASK_ASSIGN and m.body.get("task_id")]
-            if assignments:
-                pipe.watch(*(self.keys.task(m.body["task_id"]) for m, _ in assignments))
-            tasks = [self._load_task_in(pipe, m.body["task_id"]) for m, _ in assignments]
-            pipe.multi()
-            for message, raw in reversed(back):  # LPUSH in reverse keeps the original order
-                pipe.lpush(self.keys.queue_for(agent_id, message.priority), raw)
-            if dead:
-                pipe.rpush(self.keys.dead(agent_id), *dead)
-            for (message, is_buried), task in zip(assignments, tasks):
-                if task is None or task.terminal:
-                    continue
-                if is_buried:
-                    self._queue_task_change(pipe, task, state=TaskState.FAILED, result=reason,
-                                            attempts=message.attempts, completed_at=_now())
-                else:
-                    self._queue_task_change(pipe, task, state=TaskState.ASSIGNED,
-                                            attempts=message.attempts)
-            pipe.delete(processing)
-            if back and wake:
-                self.wake_all(pipe, [agent_id])
-            if back or dead:
-                self._event(pipe, "requeued", agent=agent_id, count=len(back), dead=len(dead),
-                            reason=reason)
-            return buried
-
-        return self.redis.transaction(settle_in, processing, value_from_callable=True)
+    def recover(self, agent_id: str, reason: str, *, gone_holder: str = "",
+                running_loop: str = "") -> tuple[str, int]:
+        """The one liveness decision (_RECOVER_LUA): a dead loop's agent is stopped and
+        its taken messages requeued at once.  The caller tells what it saw on its own
+        host: `gone_holder`, a lease holder whose process is not running there, and
+        `running_loop`, the record's `pid@host` when that loop runs there.  Returns
+        (verdict, requeued): 'gone', 'alive', 'recovered' or 'idle' (terminal already).
+        """
+        verdict, *rest = self._recover(args=[self.keys.prefix, agent_id, gone_holder, running_loop,
+                                             reason, self.settings.max_attempts,
+                                             self.settings.max_interruptions, _now()])
+        return verdict, int(rest[0]) if verdict in ("recovered", "idle") else 0
 
     def pending_counts(self, agent_ids: list[str]) -> dict[str, dict[str, int]]:
         """Per agent: message counts by type over its queues, processing and dead lists."""
@@ -1409,15 +1852,22 @@ class Channel:
         return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events],
                                args=[state, allowed, agent_id, _now(), *_field_args(fields)], client=pipe)
 
-    def refresh_lease(self, agent_id: str, identity: str, ttl: int, verify: bool = True) -> bool:
-        """Keep `alive:<id>` for the loop `identity`; False when another loop holds it.
+    def acquire_lease(self, agent_id: str, identity: str, ttl: int) -> str | None:
+        """Take `alive:<id>` for a new loop; None when taken, else the holder's identity."""
+        got = self._acquire_lease(keys=[self.keys.alive(agent_id)],
+                                  args=[identity, ttl, f"launching@{socket.gethostname()}"])
+        return None if got == 1 else got
 
-        `verify=False` skips the check (one command, not three) for a holder that knows
+    def refresh_lease(self, agent_id: str, identity: str, ttl: int, verify: bool = True) -> bool:
+        """Keep `alive:<id>` for the loop `identity`; False when it is no longer the agent's.
+
+        `verify=False` skips the check (one command, not several) for a holder that knows
         its lease cannot have expired.
         """
         if not verify:
             return bool(self.redis.set(self.keys.alive(agent_id), identity, ex=ttl))
-        return bool(self._refresh_lease(keys=[self.keys.alive(agent_id)], args=[identity, ttl]))
+        return bool(self._refresh_lease(keys=[self.keys.alive(agent_id), self.keys.agent(agent_id)],
+                                        args=[identity, ttl]))
 
     def release_lease(self, agent_id: str, identity: str, final: str, **fields: Any) -> bool:
         """Drop the lease and write the final state at once; False when not ours."""
@@ -1449,10 +1899,18 @@ class Channel:
             pipe.multi()
             pipe.hset(self.keys.agents, agent.name, agent.id)
             pipe.hset(self.keys.agent(agent.id), mapping=_to_hash(agent))
+            self.hold_for_launch(pipe, agent.id)
             self._event(pipe, "agent_spawned", agent=agent.id, name=agent.name, cli=agent.cli)
             return agent
 
         return self.redis.transaction(register_in, self.keys.agents, value_from_callable=True)
+
+    def hold_for_launch(self, pipe: Any, agent_id: str, pid: int | None = None,
+                        only_if_free: bool = False) -> None:
+        """Queue the lease of a loop being launched: `launching@host` until its pid is
+        known, then its identity; it expires unless the loop takes it in time."""
+        holder = _loop_identity(pid) if pid else f"launching@{socket.gethostname()}"
+        pipe.set(self.keys.alive(agent_id), holder, ex=int(LAUNCH_LEASE_SECS), nx=only_if_free)
 
     def _agent_in(self, client: Any, agent_id: str) -> Agent | None:
         data = client.hgetall(self.keys.agent(agent_id))
@@ -1461,13 +1919,9 @@ class Channel:
     def get_agent(self, agent_id: str) -> Agent | None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.agent(agent_id))
-        pipe.exists(self.keys.alive(agent_id))
-        data, alive = pipe.execute()
-        if not data:
-            return None
-        agent = _from_hash(Agent, data)
-        agent.alive = bool(alive)
-        return agent
+        pipe.get(self.keys.alive(agent_id))
+        data, lease = pipe.execute()
+        return dataclasses.replace(_from_hash(Agent, data), lease=lease) if data else None
 
     def agent_ids(self) -> list[str]:
         return list(self.redis.hvals(self.keys.agents))
@@ -1478,28 +1932,74 @@ class Channel:
         pipe = self.redis.pipeline(transaction=False)
         for agent_id in ids:
             pipe.hgetall(self.keys.agent(agent_id))
-            pipe.exists(self.keys.alive(agent_id))
+            pipe.get(self.keys.alive(agent_id))
         replies = pipe.execute()
-        agents = []
-        for data, alive in zip(replies[::2], replies[1::2]):
-            if data:
-                agent = _from_hash(Agent, data)
-                agent.alive = bool(alive)
-                agents.append(agent)
+        agents = [dataclasses.replace(_from_hash(Agent, data), lease=lease)
+                  for data, lease in zip(replies[::2], replies[1::2]) if data]
         return sorted(agents, key=lambda a: (a.created_at or "", a.name))
 
-    def delete_agent(self, agent: Agent) -> None:
-        """Remove an agent's record, name and queues in one transaction."""
-        def delete_in(pipe: Any) -> None:
-            owner = pipe.hget(self.keys.agents, agent.name)
-            pipe.multi()
-            if owner == agent.id:
-                pipe.hdel(self.keys.agents, agent.name)
-            pipe.delete(*self.keys.per_agent(agent.id))
-            pipe.srem(self.keys.resume, agent.name)
-            self._event(pipe, "agent_deleted", agent=agent.id, name=agent.name)
+    def reclaim(self, agent_id: str, target: str | None = None, *, retire: bool = False,
+                only_if_empty: bool = False) -> list[Message] | None:
+        """Move what an agent without a loop holds (its queues and processing list): to
+        the agent `target`, or else tasks back to the backlog, plain work into new backlog
+        tasks and the rest to the conductor.  With `retire`, the agent's record, name and
+        keys go in the same transaction, so nothing sent meanwhile is lost.  Returns the
+        messages moved; None, changing nothing, when a loop holds the agent or when
+        `only_if_empty` and it holds anything.
+        """
+        lists = [*self.keys.queues(agent_id), self.keys.processing(agent_id)]
 
-        self.redis.transaction(delete_in, self.keys.agents)
+        def move_in(pipe: Any) -> list[Message] | None:
+            if pipe.exists(self.keys.alive(agent_id)):
+                return None
+            raws = [raw for key in lists for raw in pipe.lrange(key, 0, -1)]
+            if raws and only_if_empty:
+                return None
+            parsed = [(raw, _parse_message(raw)) for raw in raws]
+            messages = [message for _, message in parsed if message]
+            task_ids = [m.body["task_id"] for m in messages if m.type == MessageType.TASK_ASSIGN
+                        and m.body.get("task_id")]
+            if task_ids:
+                pipe.watch(*(self.keys.task(t) for t in task_ids))
+            tasks = {t: self._load_task_in(pipe, t) for t in task_ids}
+            name = pipe.hget(self.keys.agent(agent_id), "name") if retire else None
+            owner = pipe.hget(self.keys.agents, name) if name else None
+            pipe.multi()
+            pipe.delete(*lists)
+            bad = [raw for raw, message in parsed if message is None]
+            if bad:
+                pipe.rpush(self.keys.dead(agent_id), *bad)
+            for message in messages:
+                task = tasks.get(message.body.get("task_id", ""))
+                if message.type == MessageType.TASK_ASSIGN and (task is None or task.terminal):
+                    continue  # the work is over; nothing to hand on
+                if target:
+                    if task:
+                        self._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=target)
+                    self._push(pipe, dataclasses.replace(message, to=target))
+                elif task:
+                    self._queue_task_change(pipe, task, state=TaskState.PENDING, assigned_to=None)
+                    pipe.rpush(self.keys.backlog, task.id)
+                elif message.type == MessageType.TASK:  # plain work becomes a backlog task
+                    self._queue_new_task(pipe, Task(description=message.text), backlog=True)
+                else:
+                    self._push(pipe, dataclasses.replace(message, to=CONDUCTOR_ID))
+            if messages and not target:
+                self.wake_all(pipe, self.agent_ids())
+            if messages:
+                self._event(pipe, "reclaimed", agent=agent_id, to=target or "backlog",
+                            count=len(messages))
+            if retire:
+                if owner == agent_id:
+                    pipe.hdel(self.keys.agents, name)
+                pipe.delete(*self.keys.per_agent(agent_id))
+                if name:
+                    pipe.srem(self.keys.resume, name)
+                self._event(pipe, "agent_deleted", agent=agent_id, name=name)
+            return messages
+
+        watched = [*lists, self.keys.alive(agent_id), self.keys.agent(agent_id), self.keys.agents]
+        return self.redis.transaction(move_in, *watched, value_from_callable=True)
 
     def wake_all(self, pipe: Any, agent_ids: Iterable[str]) -> None:
         for agent_id in agent_ids:
@@ -1536,6 +2036,9 @@ class Channel:
     def create_task(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
                     sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL) -> Task:
         """Store a new task: assigned to an agent (task_assign message), in the backlog, or neither."""
+        if not isinstance(task.description, str) or not task.description.strip():
+            raise InvalidTask(f"a task needs a description, not {task.description!r}"
+                              " (an unset shell variable?)")
         if assign_to:
             task.state, task.assigned_to = TaskState.ASSIGNED, assign_to
         pipe = self.redis.pipeline()
@@ -1663,6 +2166,20 @@ class Channel:
             pipe.hget(self.keys.task(task_id), "state")
         return pipe.execute() if task_ids else []
 
+    def delete_task(self, task_id: str) -> bool:
+        """Remove a task record everywhere it is indexed (e.g. a malformed one)."""
+        def delete_in(pipe: Any) -> bool:
+            state = pipe.hget(self.keys.task(task_id), "state")
+            pipe.multi()
+            pipe.delete(self.keys.task(task_id))
+            pipe.zrem(self.keys.tasks, task_id)
+            pipe.lrem(self.keys.backlog, 0, task_id)
+            if state:
+                pipe.hincrby(self.keys.task_counts, state, -1)
+            self._event(pipe, "task_deleted", task=task_id)
+            return state is not None
+        return self.redis.transaction(delete_in, self.keys.task(task_id), value_from_callable=True)
+
     def task_counts(self) -> dict[str, int]:
         return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
                 if int(n)}
@@ -1673,14 +2190,6 @@ class Channel:
 def _sanitize_name(raw: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-._")[:64]
     return name or "town"
-
-
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write via a temp file and rename, so readers never see half a file."""
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    scratch.write_text(text, encoding="utf-8")
-    scratch.chmod(mode)
-    os.replace(scratch, path)
 
 
 def _ensure_gitignore(root: Path) -> None:
@@ -1716,15 +2225,42 @@ class Town:
     """
 
     def __init__(self, path: str | os.PathLike[str] = ".", *, start_server: bool = True):
+        """Connect; `start_server` (a person's start, the seed's connect) starts a managed
+        Redis that is down, even after `tt stop`.  Without it a stopped managed town is
+        TownStopped: loops, agents' `tt` and read-only commands never start a server."""
         self._root = Path(path).expanduser().resolve()
         self._config = load_config(self._root / CONFIG_FILE)
         self.server = RedisServer(self._root, self._config)
-        self._owns_server = self.server.ensure_running() if start_server else False
+        if start_server:
+            self._owns_server = self.server.ensure_running()
+            (self._root / RUNTIME_DIR / "stopped").unlink(missing_ok=True)
+        elif not self.server.ping():
+            raise TownStopped(self._root) if self.server.managed else self.server.unreachable()
+        else:
+            self._owns_server = False
         self.redis = self.server.client()
         self.keys = Keys(self._config.name)
         self._channel = Channel(self.redis, self.keys, self._config.agent)
         self._spawned: dict[str, subprocess.Popen[bytes]] = {}
         self.created = False  # set by init() when it made the town
+        self.stranded_name = self._name_with_data()
+
+    def _name_with_data(self) -> str | None:
+        """The name this folder's data in Redis is under, when tinytown.toml now says
+        another (an edited `name`): every key is under the old one."""
+        record = self._root / RUNTIME_DIR / "name"
+        try:
+            recorded = record.read_text().strip()
+        except OSError:
+            recorded = ""
+        if recorded == self.name:
+            return None
+        old = Keys(recorded) if recorded and NAME_PATTERN.fullmatch(recorded) else None
+        if old and self.redis.exists(old.agents, old.tasks):
+            return recorded
+        if (self._root / RUNTIME_DIR).is_dir():
+            _write_atomic(record, self.name + "\n")
+        return None
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str] = ".") -> Town:
@@ -1752,9 +2288,7 @@ class Town:
             except TinytownError:
                 config_path.unlink()
                 raise
-        runtime = root / RUNTIME_DIR
-        runtime.mkdir(mode=0o700, exist_ok=True)
-        runtime.chmod(0o700)
+        runtime = _runtime_dir(root)
         for sub in ("agents", "logs", "tasks"):
             (runtime / sub).mkdir(exist_ok=True)
         _ensure_gitignore(root)
@@ -1849,21 +2383,20 @@ class Town:
         if not force:
             self._check_cli_installed(agent_cli)
         previous = self._channel.get_agent(self.redis.hget(self.keys.agents, name) or "")
-        if previous and previous.terminal:
-            # The name of a stopped agent is free again: the new spawn takes over its record
-            # and its queues (nothing addressed to the name is lost), with the new settings.
-            return self._respawn(previous, start=start, cli=cli_name, role=role, nickname=nickname,
-                                 parent=self.resolve_agent(parent) if parent else None,
-                                 max_rounds=max_rounds or 0,
-                                 worktree=str(self._add_worktree(name)) if worktree else None)
-        agent_id = str(uuid.uuid4())
-        agent = Agent(id=agent_id, name=name, cli=cli_name, role=role, created_at=_now(),
-                      nickname=nickname or NICKNAMES[int(agent_id[:8], 16) % len(NICKNAMES)],
-                      parent=self.resolve_agent(parent) if parent else None,
-                      max_rounds=max_rounds or 0)
-        if worktree:
-            agent.worktree = str(self._add_worktree(name))
-        self._channel.register_agent(agent, self._config.max_agents)
+        parent_id = self.resolve_agent(parent) if parent else None
+        with self._worktree(name) if worktree else contextlib.nullcontext() as tree:
+            if previous and previous.terminal:
+                # The name of a stopped agent is free again: the new spawn takes over its
+                # record and queues (nothing addressed to the name is lost), with new settings.
+                return self._respawn(previous, start=start, cli=cli_name, role=role, nickname=nickname,
+                                     parent=parent_id, max_rounds=max_rounds or 0,
+                                     worktree=str(tree) if tree else None)
+            agent_id = str(uuid.uuid4())
+            agent = Agent(id=agent_id, name=name, cli=cli_name, role=role, created_at=_now(),
+                          nickname=nickname or NICKNAMES[int(agent_id[:8], 16) % len(NICKNAMES)],
+                          parent=parent_id, max_rounds=max_rounds or 0,
+                          worktree=str(tree) if tree else None)
+            self._channel.register_agent(agent, self._config.max_agents)
         if start:
             self._launch_loop(agent_id, name)
         return AgentHandle(self, agent_id)
@@ -1880,22 +2413,42 @@ class Town:
             raise SpawnError(f"the {agent_cli.name} CLI needs `{words[0]}`, which is not on PATH;"
                              " install it, pick another --cli (e.g. demo), or pass --force")
 
-    def _add_worktree(self, name: str) -> Path:
+    @contextlib.contextmanager
+    def _worktree(self, name: str) -> Iterator[Path]:
+        """A git worktree on branch tt/NAME for the agent; one this call made is removed
+        again (with a branch it made) when the spawn is refused.  An existing branch is
+        checked out as it is, never reset."""
         path = self._root / RUNTIME_DIR / "agents" / name / "worktree"
         if path.exists():
-            return path
+            yield path
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["git", "-C", str(self._root), "worktree", "add", "-B", f"tt/{name}",
-                               str(path)], capture_output=True, text=True)
+        branch = f"tt/{name}"
+        has_branch = self._git("rev-parse", "--verify", "--quiet", f"refs/heads/{branch}").returncode == 0
+        done = self._git("worktree", "add", str(path), *([branch] if has_branch else ["-b", branch]))
         if done.returncode != 0:
             raise SpawnError(f"cannot create a git worktree for {name}: {done.stderr.strip()}"
                              " (is the town a git repository with a commit?)")
-        return path
+        try:
+            yield path
+        except BaseException:
+            self._git("worktree", "remove", "--force", str(path))
+            if not has_branch:
+                self._git("branch", "-D", branch)
+            raise
+
+    def _git(self, *args: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(["git", "-C", str(self._root), *args], capture_output=True,
+                                  text=True, timeout=GIT_TIMEOUT_SECS)
+        except subprocess.TimeoutExpired:
+            raise SpawnError(f"`git {' '.join(args)}` took over {GIT_TIMEOUT_SECS:g}s;"
+                             " is the repository locked?") from None
 
     def _launch_loop(self, agent_id: str, name: str) -> None:
         """Start `agent-loop` detached: its own session, output to .tt/logs/NAME.log."""
-        logs = self._root / RUNTIME_DIR / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        logs = _runtime_dir(self._root) / "logs"
+        logs.mkdir(exist_ok=True)
         module = Path(__file__).resolve()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(module.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -1905,7 +2458,10 @@ class Town:
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 cwd=self._root, env=env, start_new_session=True, close_fds=True)
         self._spawned[agent_id] = proc
-        self.redis.hset(self.keys.agent(agent_id), "pid", proc.pid)
+        pipe = self.redis.pipeline()
+        pipe.hset(self.keys.agent(agent_id), mapping={"pid": proc.pid, "host": socket.gethostname()})
+        self._channel.hold_for_launch(pipe, agent_id, proc.pid)
+        pipe.execute()
 
     def _signal_agent(self, agent_id: str, *, state: str | None = None, allowed: str = "*",
                       stop: str | None = None) -> str | None:
@@ -1924,8 +2480,8 @@ class Town:
     def kill_agent(self, ref: str) -> Agent:
         """Stop the agent at its next round boundary (the current CLI run finishes)."""
         agent = self.agent(ref).record()
-        if agent.dead:
-            return self._recover_one(agent, "killed while its loop was gone")
+        if agent.terminal or self._recover(agent, "killed while its loop was gone")[0] == "recovered":
+            return self._channel.get_agent(agent.id)
         self._signal_agent(agent.id, stop="kill")
         return self._channel.get_agent(agent.id)
 
@@ -1990,16 +2546,19 @@ class Town:
     def _respawn(self, agent: Agent, *, start: bool = True, **fields: Any) -> AgentHandle:
         """A stopped agent back to `starting` (with `fields` changed), its loop started."""
         self._config.cli(fields.get("cli") or agent.cli or self._config.default_cli)  # still configured?
+        if self._recover(agent, "its loop was gone when it was restarted")[0] == "alive":
+            raise InvalidTransition(f"agent {agent.name} is {agent.state} with a live loop; only a"
+                                    " stopped, cold or errored agent can be restarted (`tt kill` it first)")
         live = sum(1 for a in self._channel.agents() if not a.terminal)
-        if agent.terminal and live >= self._config.max_agents:
+        if live >= self._config.max_agents:
             raise SpawnError(f"the town already has {live} live agents (max_agents ="
                              f" {self._config.max_agents}); stop one or raise max_agents")
         fields = {k: v for k, v in fields.items() if v is not None}
-        old = self._channel.set_agent_state(agent.id, AgentState.STARTING,
-                                            " ".join(TERMINAL_AGENT_STATES), error="",
-                                            created_at=_now(),  # restarts the no-heartbeat clock
-                                            **fields)
-        if old is None:
+        pipe = self.redis.pipeline()
+        self._channel.set_agent_state(agent.id, AgentState.STARTING, " ".join(TERMINAL_AGENT_STATES),
+                                      pipe=pipe, error="", created_at=_now(), **fields)
+        self._channel.hold_for_launch(pipe, agent.id, only_if_free=True)
+        if pipe.execute()[0] is None:
             agent = self._channel.get_agent(agent.id)
             raise InvalidTransition(f"agent {agent.name} is {agent.state}; only a stopped, cold or"
                                     " errored agent can be restarted (`tt kill` it first)")
@@ -2008,142 +2567,113 @@ class Town:
             self._launch_loop(agent.id, agent.name)
         return AgentHandle(self, agent.id)
 
-    def _recover_one(self, agent: Agent, reason: str) -> Agent:
-        self._channel.settle(agent.id, set(), reason)
-        self._channel.set_agent_state(agent.id, AgentState.STOPPED, _LIVE_STATES, error=reason, pid="")
-        return self._channel.get_agent(agent.id)
+    def _recover(self, agent: Agent, reason: str) -> tuple[str, int]:
+        """Channel.recover (the one liveness decision) with what this host can see of the
+        agent's loop; a CLI its dead loop left running here is stopped first, so no task
+        is ever worked on twice.  Returns (verdict, messages requeued)."""
+        running = agent.loop if _identity_state(agent.loop) == "running" else ""
+        gone = agent.lease if agent.lease != running and _identity_state(agent.lease) == "gone" else ""
+        if not running and (not agent.lease or gone):
+            self._stop_leftover_cli(agent)
+        return self._channel.recover(agent.id, reason, gone_holder=gone, running_loop=running)
+
+    def _stop_leftover_cli(self, agent: Agent) -> None:
+        if (agent.cli_pgid and agent.host == socket.gethostname()
+                and _group_runs_agent(int(agent.cli_pgid), agent.id)):
+            log.info("agent %s: stopping the CLI its dead loop left running", agent.name)
+            _terminate_group(int(agent.cli_pgid), CLI_GRACE_SECS)
 
     def recover(self) -> list[Agent]:
         """Agents whose loop died: mark them stopped and put back what they had taken."""
         recovered = []
         for agent in self._channel.agents():
-            if agent.dead:
-                recovered.append(self._recover_one(agent, "heartbeat expired; recovered"))
-            elif agent.terminal and self.redis.llen(self.keys.processing(agent.id)):
-                self._channel.settle(agent.id, set(), "recovered", count_attempt=False)
-                recovered.append(agent)
+            verdict, requeued = self._recover(agent, "its loop died; recovered")
+            if verdict == "recovered" or requeued:
+                recovered.append(self._channel.get_agent(agent.id) or agent)
         return recovered
 
     def prune(self, include_busy: bool = False) -> list[Agent]:
         """Delete stopped agents; ones still holding messages only with `include_busy`,
-        after their work went back to the backlog."""
-        removed = []
-        for agent in self._channel.agents():
-            if not agent.terminal:
-                continue
-            holding = self._channel.peek(agent.id, processing=True)
-            if holding and not include_busy:
-                continue
-            if holding:
-                self.reclaim(to_backlog=True, source=agent.id)
-            self._channel.delete_agent(agent)
-            removed.append(agent)
-        return removed
+        after their work went back to the backlog (checked and done in one transaction)."""
+        return [agent for agent in self._channel.agents() if agent.terminal and self._channel.reclaim(
+            agent.id, retire=True, only_if_empty=not include_busy) is not None]
 
     def reclaim(self, *, to_backlog: bool = False, to: str | None = None, source: str | None = None
                 ) -> list[Message]:
-        """Work held by stopped or dead agents (or `source`).  Without a destination it only
-        lists; `to_backlog` returns tasks to the backlog (other messages go to the
-        conductor); `to` moves everything to that agent.  Never destroys anything."""
+        """Work held by stopped or dead agents (or `source`, which must have no live loop).
+        Without a destination it only lists; `to_backlog` returns tasks to the backlog
+        (other messages go to the conductor); `to` moves everything to that agent.  Never
+        destroys anything."""
         target = self.resolve_agent(to) if to else None
-        sources = [self.resolve_agent(source)] if source else [
-            a.id for a in self._channel.agents() if a.terminal or a.dead]
+        moving = bool(to_backlog or target)
+        if source:
+            agent = self.agent(source).record()
+            if not agent.terminal and (not moving or self._recover(
+                    agent, "its loop was gone when its work was reclaimed")[0] == "alive"):
+                raise InvalidTransition(f"agent {agent.name} is {agent.state} with a live loop; its"
+                                        f" work is its own (`tt kill {agent.name}` first)")
+            sources = [agent]
+        else:
+            sources = [a for a in self._channel.agents() if a.terminal or a.dead]
         moved: list[Message] = []
-        for agent_id in sources:
-            if agent_id == target:
+        for agent in sources:
+            if agent.id == target:
                 continue
-            if not (to_backlog or target):
-                moved += self._channel.peek(agent_id, processing=True)
+            if not moving:
+                moved += self._channel.peek(agent.id, processing=True)
                 continue
-            moved += self._move_messages(agent_id, target)
+            if not agent.terminal:
+                self._recover(agent, "its loop was gone when its work was reclaimed")
+            moved += self._channel.reclaim(agent.id, target) or []
         return moved
 
-    def _move_messages(self, agent_id: str, target: str | None) -> list[Message]:
-        lists = [*self.keys.queues(agent_id), self.keys.processing(agent_id)]
-        channel = self._channel
-
-        def move_in(pipe: Any) -> list[Message]:
-            raws = [raw for key in lists for raw in pipe.lrange(key, 0, -1)]
-            parsed = [(raw, _parse_message(raw)) for raw in raws]
-            messages = [message for _, message in parsed if message]
-            task_ids = [m.body["task_id"] for m in messages if m.type == MessageType.TASK_ASSIGN
-                        and m.body.get("task_id")]
-            if task_ids:
-                pipe.watch(*(self.keys.task(t) for t in task_ids))
-            tasks = {t: channel._load_task_in(pipe, t) for t in task_ids}
-            pipe.multi()
-            pipe.delete(*lists)
-            bad = [raw for raw, message in parsed if message is None]
-            if bad:
-                pipe.rpush(self.keys.dead(agent_id), *bad)
-            for message in messages:
-                task = tasks.get(message.body.get("task_id", ""))
-                if message.type == MessageType.TASK_ASSIGN and (task is None or task.terminal):
-                    continue  # the work is over; nothing to hand on
-                if target:
-                    if task:
-                        channel._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=target)
-                    channel._push(pipe, dataclasses.replace(message, to=target))
-                elif task:
-                    channel._queue_task_change(pipe, task, state=TaskState.PENDING, assigned_to=None)
-                    pipe.rpush(self.keys.backlog, task.id)
-                elif message.type == MessageType.TASK:  # plain work becomes a backlog task
-                    channel._queue_new_task(pipe, Task(description=message.text), backlog=True)
-                else:
-                    channel._push(pipe, dataclasses.replace(message, to=CONDUCTOR_ID))
-            if not target:
-                channel.wake_all(pipe, channel.agent_ids())
-            channel._event(pipe, "reclaimed", agent=agent_id, to=target or "backlog", count=len(messages))
-            return messages
-
-        return self.redis.transaction(move_in, *lists, value_from_callable=True)
-
     def _stop_loops(self, agent_ids: list[str], grace: float = STOP_GRACE_SECS) -> None:
-        """Ask loops to stop at a round boundary, wait `grace`, then terminate them
-        (which kills their CLI and requeues what they took)."""
-        for agent_id in agent_ids:
-            self._signal_agent(agent_id, stop="kill")
-        deadline = time.monotonic() + grace
-        for agent_id in agent_ids:
-            try:
-                self.wait_agent(agent_id, timeout=max(deadline - time.monotonic(), 0.01))
-            except TinytownError:
-                pass
-        here = socket.gethostname()
-        for agent in (self._channel.get_agent(a) for a in agent_ids):
-            if agent is None:
-                continue
-            proc = self._spawned.pop(agent.id, None)
-            pid = int(agent.pid) if agent.pid and agent.host in (here, None) else (proc.pid if proc else None)
-            if pid and _pid_alive(pid):
-                # An idle loop leaves on the first signal; one mid-round needs a second one
-                # (sent apart: two pending signals of one kind would merge into one).
-                for _ in range(0 if agent.terminal else 2):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGTERM)
-                    if _wait_for_exit(pid, 0.2):
-                        break
-                if not _wait_for_exit(pid, 5.0):  # a terminal loop is only tearing down
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pid, signal.SIGKILL)
-            if proc:
-                proc.wait()
-            agent = self._channel.get_agent(agent.id)
+        """Ask loops to stop at a round boundary and wait `grace` for them; then terminate
+        the ones on this host (their CLIs are killed and what they took is requeued).
+        Returns once every local loop process has exited.  A loop on another host only
+        gets the request: it stops itself, and only its lease expiring makes it dead."""
+        agents = [a for a in map(self._channel.get_agent, agent_ids) if a and not a.terminal]
+        local = [a.loop for a in agents if _identity_state(a.loop) == "running"]
+        for agent in agents:
+            self._signal_agent(agent.id, stop="kill")
+
+        def all_ended() -> bool | None:  # (an agent registered without a loop has none to end)
+            records = map(self._channel.get_agent, agent_ids)
+            return True if all(a is None or a.terminal or a.dead or not (a.pid or a.loop)
+                               for a in records) else None
+        with contextlib.suppress(WaitTimeout):
+            self._wait_until(all_ended, grace, "loops to stop")
+        for identity in local:
+            _terminate_loop(int(identity.split(".")[0]))
+        for proc in self._spawned.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)  # reap our own children
+        for agent in map(self._channel.get_agent, agent_ids):
             if agent and not agent.terminal:
-                self._recover_one(agent, "terminated by tt stop")
+                self._recover(agent, "terminated by tt stop")
 
     def stop(self, grace: float = STOP_GRACE_SECS) -> dict[str, Any]:
-        """Stop every live agent (remembering them for `start`), then the managed Redis."""
-        live = [a for a in self._channel.agents() if not a.terminal and not a.dead]
+        """Stop every loop serving this folder (remembering the live agents for `start`),
+        then the managed Redis, which stays down until a person starts the town."""
+        _write_atomic(_runtime_dir(self._root) / "stopped", _now() + "\n")
+        agents = self._channel.agents()
+        live = [a for a in agents if not a.terminal]  # a crashed loop's agent was meant to run too
         names = [a.name for a in live]
         if names:
             self.redis.sadd(self.keys.resume, *names)
             record = self._root / RUNTIME_DIR / "resume.json"
             _write_atomic(record, json.dumps(sorted(set(_read_name_list(record)) | set(names))))
-        self._stop_loops([a.id for a in live], grace)
+        self._stop_loops([a.id for a in agents if not a.terminal], grace)
+        known = {a.id for a in agents}  # strays: loops under a name the config no longer has
+        strays = [pid for pid, agent_id in _loops_serving(self._root).items() if agent_id not in known]
+        for pid in strays:
+            _terminate_loop(pid)
+        elsewhere = [a.name for a in map(self._channel.get_agent, [a.id for a in live])
+                     if a and not a.terminal]
         stopped_server = self.server.stop()
         self._owns_server = False
-        return {"agents": names, "redis_stopped": stopped_server}
+        return {"agents": names, "redis_stopped": stopped_server, "still_running_elsewhere": elsewhere,
+                "other_loops_stopped": len(strays)}
 
     def start(self) -> dict[str, Any]:
         """Redis is running (connecting saw to that); restart the agents `tt stop` stopped."""
@@ -2220,6 +2750,12 @@ class Town:
     def cancel_task(self, ref: str) -> Task:
         return self._channel.finish_task(self.task(ref).id, TaskState.CANCELLED, "cancelled")
 
+    def delete_task(self, ref: str) -> Task:
+        """Remove a task record and its index entries (its messages stay where they are)."""
+        task = self.task(ref)
+        self._channel.delete_task(task.id)
+        return task
+
     def wait_task(self, ref: str, timeout: float | None = None) -> Task:
         task_id = self.task(ref).id
 
@@ -2258,14 +2794,18 @@ class Town:
             raise InvalidTransition(f"task {task.id[:8]} is not in the backlog (it is {task.state})")
         return removed
 
-    def reset(self, *, agents_only: bool = False, force: bool = False) -> list[str]:
-        """Delete the town's keys (SCAN, never KEYS); without `force` only list them."""
+    def reset(self, *, agents_only: bool = False, force: bool = False) -> dict[str, list[str]]:
+        """Delete the town's keys (SCAN, never KEYS), its live loops stopped first; without
+        `force` only say what would go.  Returns {"keys": [...], "loops": [agent names]}."""
+        live = [a for a in self._channel.agents() if not a.terminal]
+        if force:
+            self._stop_loops([a.id for a in live])
+        if force and agents_only:  # their tasks must not be left assigned to nobody
+            for agent_id in self._channel.agent_ids():
+                self._channel.reclaim(agent_id)
         # The agents' own keys: what per_agent() lists, plus the name index and the stop record.
         agent_parts = (*(key[len(self.keys.prefix):] for key in self.keys.per_agent("")),
                        self.keys.agents[len(self.keys.prefix):], self.keys.resume[len(self.keys.prefix):])
-        if force and agents_only:  # their tasks must not be left assigned to nobody
-            for agent_id in self._channel.agent_ids():
-                self._move_messages(agent_id, None)
         found = []
         for key in self.redis.scan_iter(match=self.keys.prefix + "*", count=1000):
             if not agents_only or key[len(self.keys.prefix):].startswith(agent_parts):
@@ -2273,7 +2813,7 @@ class Town:
         if force:
             for start in range(0, len(found), 500):
                 self.redis.delete(*found[start:start + 500])
-        return sorted(found)
+        return {"keys": sorted(found), "loops": [a.name for a in live]}
 
     # -- status ------------------------------------------------------------------
 
@@ -2380,14 +2920,6 @@ class AgentHandle:
 
 # Agent loop ##################################################################
 
-class _ForcedStop(BaseException):
-    """Raised by the signal handler to leave the loop now (not a TinytownError)."""
-
-
-class _LostLease(Exception):
-    """Another loop holds the agent now (this one stalled past its heartbeat)."""
-
-
 def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: int) -> str:
     """The round's prompt: who the agent is, what it must do, and how to report back."""
     names = {a.id: a.name for a in town.list_agents()}
@@ -2446,6 +2978,32 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
     return "\n".join(lines)
 
 
+def _without_secrets(environ: Any) -> dict[str, str]:
+    """The environment for an agent CLI: no Redis password (AI CLIs log and upload their
+    environment); the `tt` it runs finds the password in .tt/ (see _share_password)."""
+    env = {k: v for k, v in environ.items() if k != "TINYTOWN_REDIS_PASSWORD"}
+    if env.get("REDIS_URL"):
+        env["REDIS_URL"] = _url_without_password(env["REDIS_URL"])
+    return env
+
+
+def _url_without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = (f"{parts.username}@" if parts.username else "") + parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _share_password(server: RedisServer) -> None:
+    """Put a password that came from the environment (or REDIS_URL) into
+    .tt/redis.password (0600), where the `tt` of an agent CLI looks for it."""
+    password = server.password or (urllib.parse.urlsplit(server.url).password if server.url else None)
+    if password and not server.config.redis.password and server._read_password_file() != password:
+        _runtime_dir(server.root)
+        _write_atomic(server.password_file, password + "\n", mode=0o600)
+
+
 def _task_over(state: str | None) -> bool:
     """A task that is finished, or gone: there is no work left in its assignment."""
     return state is None or state in TERMINAL_TASK_STATES
@@ -2474,15 +3032,15 @@ class AgentLoop:
         self.agent = agent
         self.settings = town.config.agent
         self.max_rounds = agent.max_rounds or self.settings.max_rounds
-        self.identity = f"{os.getpid()}@{socket.gethostname()}"
+        self.identity = _loop_identity(os.getpid())
         self.rounds_run = 0
         self.draining = False
         self.idle_since = time.monotonic()
-        self._stop_requested = False
-        self._signals = 0
-        self._interruptible = ""  # "idle" or "cli" while a signal may cut a wait short
+        self._stop_requested = False  # a signal or a shutdown message: no new CLI run
+        self._signals = 0  # a second signal cuts the running CLI short
+        self._last_signal = 0
+        self._wakeup = threading.Event()  # ends a wait early: set by threads, never a handler
         self._last_beat = time.monotonic()  # _hold_lease sets the key first
-        self._backoff = threading.Event()  # never set: an interruptible pause between retries
 
     # -- lifetime ----------------------------------------------------------------
 
@@ -2490,69 +3048,87 @@ class AgentLoop:
         """Serve rounds until stopped; returns the final state (always written)."""
         final, error = AgentState.STOPPED, None
         self._hold_lease()  # outside the try: a refused loop owns nothing to tear down
-        self._install_signal_handlers()
+        self._watch_signals()
         try:
             self._begin()
             while self._step_surviving_outages():
                 pass
             final = AgentState.COLD if self.draining else AgentState.STOPPED
-        except _LostLease:
+        except LostLease:
             log.error("agent %s: another loop holds the agent now; leaving it alone", self.agent.name)
             return AgentState.STOPPED
-        except _ForcedStop:
-            log.info("agent %s: stopped by signal", self.agent.name)
         except Exception as exc:  # the final state must say why the loop died
             final, error = AgentState.ERROR, f"{type(exc).__name__}: {exc}"
             log.exception("agent %s: loop failed", self.agent.name)
         self._finish(final, error)
         return final
 
-    def _install_signal_handlers(self) -> None:
+    def _watch_signals(self) -> None:
+        """Handlers only count signals (huey's rule: nothing else is safe there).  The
+        interpreter writes a byte per signal to a pipe, and a thread turns it into a
+        wake-up of whatever the loop waits on: its Redis wake list, the CLI, a back-off."""
         if threading.current_thread() is not threading.main_thread():
             return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        threading.Thread(target=self._relay_signals, args=(read_fd,), daemon=True,
+                         name="tinytown-signals").start()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # Flags, and a raise only where it is safe: in an idle wait (nothing to finish)
-        # or, on a second signal, in the wait for the CLI (whose group is then killed).
         self._signals += 1
         self._stop_requested = True
-        if self._interruptible == "idle" or (self._interruptible == "cli" and self._signals > 1):
-            self._interruptible = ""  # one raise: a further signal cannot cut the cleanup
-            raise _ForcedStop()
+        self._last_signal = signum
+
+    def _relay_signals(self, read_fd: int) -> None:
+        while os.read(read_fd, 64):
+            self._wakeup.set()
+            with contextlib.suppress(redis.RedisError):  # an idle loop blocks in BLPOP
+                pipe = self.channel.redis.pipeline()
+                self.channel.wake_all(pipe, [self.agent.id])
+                pipe.execute()
 
     def _hold_lease(self) -> None:
-        """Take `alive:<id>` (SET NX): a second loop for the agent is refused here."""
-        alive = self.keys.alive(self.agent.id)
-        if not self.channel.redis.set(alive, self.identity, nx=True, ex=self._heartbeat_ttl()):
-            holder = self.channel.redis.get(alive)
+        """Take `alive:<id>`.  A holder that died on this host is recovered first (its CLI
+        stopped, its work requeued); a live one refuses this loop."""
+        ttl = self._heartbeat_ttl()
+        holder = self.channel.acquire_lease(self.agent.id, self.identity, ttl)
+        if holder and _identity_state(holder) == "gone":
+            self.town._recover(self.channel.get_agent(self.agent.id) or self.agent,
+                               "its previous loop died")
+            holder = self.channel.acquire_lease(self.agent.id, self.identity, ttl)
+        if holder:
             raise SpawnError(f"agent {self.agent.name} already has a live loop ({holder})")
 
     def _begin(self) -> None:
         self.cli = self.town.config.cli(self.agent.cli or self.town.config.default_cli)
-        # A loop that died before us may have left messages in processing: put them back.
-        self._settle(set(), "the previous loop died mid-round")
+        # A loop that died before us may have left its CLI running and messages in
+        # processing: the CLI goes first, then the messages go back.
+        self.town._stop_leftover_cli(self.channel.get_agent(self.agent.id) or self.agent)
         self.channel.update_agent(self.agent.id, pid=os.getpid(), host=socket.gethostname(),
-                                  last_heartbeat=_now(), error="")
+                                  loop=self.identity, cli_pgid="", last_heartbeat=_now(), error="")
+        self._settle(set(), "the previous loop died mid-round", count="interruption")
         self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "starting stopped cold error")
         self.bin_dir = _write_shims(self.town.root)
+        _share_password(self.town.server)
         log.info("agent %s: loop %s serving town %s", self.agent.name, self.identity, self.town.name)
 
     def _finish(self, final: str, error: str | None) -> None:
-        self._interruptible = ""
         try:
-            self.channel.redis.connection_pool.disconnect()  # a signal may have cut a reply short
             # A loop that died of an error may have died of a message: count the attempt,
             # so a poisonous one ends in dead: instead of killing every next loop.
-            self._settle(set(), error or "the loop stopped mid-round", count_attempt=bool(error))
+            self._settle(set(), error or "the loop stopped mid-round",
+                         count="attempt" if error else "none")
             if not self.channel.release_lease(self.agent.id, self.identity, final, error=error or "",
-                                              pid="", current_task=""):
+                                              pid="", loop="", cli_pgid="", current_task=""):
                 log.error("agent %s: another loop holds the agent now", self.agent.name)
                 return
-            log.info("agent %s: %s after %d rounds%s", self.agent.name, final, self.rounds_run,
-                     f" ({error})" if error else "")
-        except (_LostLease, redis.RedisError) as exc:
+            log.info("agent %s: %s after %d rounds%s%s", self.agent.name, final, self.rounds_run,
+                     f" ({error})" if error else "",
+                     f" on signal {signal.Signals(self._last_signal).name}" if self._signals else "")
+        except (LostLease, redis.RedisError) as exc:
             log.error("agent %s: could not record the final state %s: %s", self.agent.name, final, exc)
 
     def _heartbeat_ttl(self) -> int:
@@ -2568,36 +3144,32 @@ class AgentLoop:
         # and a plain SET will do; a loop that stalled longer must ask first.
         ttl = self._heartbeat_ttl()
         if not self.channel.refresh_lease(self.agent.id, self.identity, ttl, verify=since > ttl - 1):
-            raise _LostLease()
+            raise LostLease(self.agent.id)
         self._last_beat = now
 
-    def _settle(self, acked: set[str], reason: str, *, count_attempt: bool = True,
-                wake: bool = True) -> None:
+    def _settle(self, acked: set[str], reason: str, *, count: str = "attempt", wake: bool = True) -> None:
         """Channel.settle, by the lease's holder only: what a loop took is its own."""
         self._beat(due_only=False)
-        self.channel.settle(self.agent.id, acked, reason, count_attempt=count_attempt, wake=wake)
+        self.channel.settle(self.agent.id, acked, reason, count=count, wake=wake, holder=self.identity)
 
     def _step_surviving_outages(self) -> bool:
-        """step(), riding out a Redis that went away: back off, restart a managed server,
-        and hand back what an interrupted round had taken (at-least-once, never lost)."""
+        """step(), riding out a Redis that went away: back off and retry, then hand back
+        what an interrupted round had taken (at-least-once, never lost).  A loop never
+        starts a server: a person does (`tt start`); after `tt stop` it leaves."""
         outage_started, attempts = None, 0
         while True:
             try:
                 if outage_started is not None:
-                    self.town.server.ensure_running()
-                    self._settle(set(), "Redis went away mid-round", count_attempt=False)
+                    self._settle(set(), "Redis went away mid-round", count="none")
                     log.info("agent %s: Redis is back", self.agent.name)
                 return self.step()
-            except (redis.ConnectionError, redis.TimeoutError, RedisServerError, RedisUnreachable) as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 outage_started = outage_started or time.monotonic()
-                if time.monotonic() - outage_started > REDIS_OUTAGE_SECS:
+                if (time.monotonic() - outage_started > REDIS_OUTAGE_SECS or self._stop_requested
+                        or self.town.server.stopped_on_purpose):
                     raise
                 log.warning("agent %s: Redis unavailable (%s); retrying", self.agent.name, exc)
-                self._interruptible = "idle"
-                try:
-                    self._backoff.wait(min(0.05 * 2 ** attempts, 5.0))
-                finally:
-                    self._interruptible = ""
+                self._wakeup.wait(min(0.05 * 2 ** attempts, 5.0))
                 attempts += 1
 
     # -- one iteration -----------------------------------------------------------
@@ -2606,6 +3178,7 @@ class AgentLoop:
         """Take messages and run one round, or block until woken; False: leave the loop."""
         if self._stop_requested:
             return False
+        self._beat()  # a loop that stalled (suspended, starved) holds its lease before any work
         stop, state, messages = self.channel.take(self.agent.id)
         if stop == "kill" or not state or state in TERMINAL_AGENT_STATES:
             return False
@@ -2621,7 +3194,7 @@ class AgentLoop:
         if state == AgentState.WORKING:  # the take started a round that is not needed after all
             self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "working")
         if messages:  # only informational ones left: they wait, unwoken, for the next round
-            self._settle(handled, "", count_attempt=False, wake=False)
+            self._settle(handled, "", count="none", wake=False)
         if self._stop_requested or (self.draining and self.channel.inbox_len(self.agent.id) == 0):
             return False
         if self.settings.auto_claim and not self.draining and self._claim_backlog():
@@ -2640,11 +3213,7 @@ class AgentLoop:
                              self.settings.idle_timeout_secs)
                     return False
                 timeout = min(timeout, left)
-            self._interruptible = "idle"
-            try:
-                woken = self.channel.redis.blpop([wake], timeout=max(timeout, 0.01))
-            finally:
-                self._interruptible = ""
+            woken = self.channel.redis.blpop([wake], timeout=max(timeout, 0.01))
             self._beat(due_only=bool(woken))  # a wake-up goes straight to its round
             if woken:
                 return True
@@ -2686,10 +3255,11 @@ class AgentLoop:
 
     def _round(self, messages: list[Message], handled: set[str], state: str) -> None:
         agent_id = self.agent.id
-        if state != AgentState.WORKING and not self.draining and self.channel.set_agent_state(
-                agent_id, AgentState.WORKING, "idle starting") is None:
-            # paused or stopped between the take and now: the messages wait, uncounted
-            self._settle(handled, "", count_attempt=False)
+        if self._stop_requested or (
+                state != AgentState.WORKING and not self.draining and self.channel.set_agent_state(
+                    agent_id, AgentState.WORKING, "idle starting") is None):
+            # a signal, or paused or stopped since the take: the messages wait, uncounted
+            self._settle(handled, "", count="none")
             return
         messages = [m for m in messages if m.id not in handled]  # the AI sees only its work
         agent = self.channel.get_agent(agent_id) or self.agent
@@ -2710,6 +3280,7 @@ class AgentLoop:
         started = time.monotonic()
         code, outcome = self._run_cli(prompt, prompt_file, log_file, agent)
         seconds = time.monotonic() - started
+        count = "attempt"
         if code == 0:
             states = dict(zip(task_ids, self.channel.task_states(task_ids)))
             acked = handled | {m.id for m in messages if m.type != MessageType.TASK_ASSIGN
@@ -2717,14 +3288,17 @@ class AgentLoop:
             reason = f"not completed after {self.settings.max_attempts} rounds"
         else:
             acked, reason = handled, outcome
-        self._settle(acked, reason)
+            if self._signals > 1:  # cut short by this loop's stop: not the messages' fault
+                count = "interruption"
+        self._settle(acked, reason, count=count)
         self.rounds_run += 1
         summary = f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
         pipe = self.channel.redis.pipeline()
         pipe.lpush(self.keys.activity(agent_id), summary)
         pipe.ltrim(self.keys.activity(agent_id), 0, ACTIVITY_KEEP - 1)
         pipe.hincrby(self.keys.agent(agent_id), "rounds_completed", 1)
-        pipe.hset(self.keys.agent(agent_id), mapping={"current_task": "", "last_heartbeat": _now()})
+        pipe.hset(self.keys.agent(agent_id), mapping={"current_task": "", "cli_pgid": "",
+                                                      "last_heartbeat": _now()})
         self.channel._event(pipe, "round", agent=agent_id, round=round_no, outcome=outcome,
                             secs=f"{seconds:.2f}")
         pipe.execute()
@@ -2748,12 +3322,11 @@ class AgentLoop:
         module_dir = str(Path(__file__).resolve().parent)
         python_path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                       if p and p != module_dir)
-        env = {**os.environ, "PYTHONPATH": python_path, **self.cli.env,
+        env = {**_without_secrets(os.environ), "PYTHONPATH": python_path, **self.cli.env,
                "TINYTOWN_AGENT_ID": agent.id, "TINYTOWN_AGENT_NAME": agent.name,
                "TINYTOWN_TOWN": str(self.town.root),
                "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
         cwd = Path(agent.worktree) if agent.worktree else self.town.root / (self.cli.cwd or ".")
-        timeout = self.settings.round_timeout_secs
         with open(log_file, "ab") as output:  # a round run again after an outage appends
             output.write(f"[tinytown] {_now()} $ {command}\n".encode())
             output.flush()
@@ -2761,29 +3334,38 @@ class AgentLoop:
                                     stderr=subprocess.STDOUT, start_new_session=True,
                                     stdin=subprocess.DEVNULL if uses_file else subprocess.PIPE)
             try:
+                # Recorded so that whoever finds this loop dead stops the CLI before
+                # requeueing its work: no task is worked on by two CLIs.
+                self.channel.update_agent(agent.id, cli_pgid=proc.pid)
                 if not uses_file:  # the whole prompt at once, then EOF: some CLIs wait for it
                     threading.Thread(target=_feed, args=(proc.stdin, prompt), daemon=True).start()
-                deadline = time.monotonic() + timeout if timeout else None
-                while True:
-                    wait = self.settings.heartbeat_secs
-                    if deadline is not None:
-                        wait = min(wait, max(deadline - time.monotonic(), 0))
-                    self._interruptible = "cli"
-                    try:
-                        code = proc.wait(timeout=wait)
-                        break
-                    except subprocess.TimeoutExpired:
-                        self._interruptible = ""
-                        self._beat_during_run()
-                        if deadline is not None and time.monotonic() >= deadline:
-                            _kill_group(proc)
-                            output.write(f"\n[tinytown] killed after {timeout:g}s\n".encode())
-                            return None, f"timed out after {timeout:g}s"
-                    finally:
-                        self._interruptible = ""
+                code, outcome = self._wait_for_cli(proc)
             except BaseException:
-                _kill_group(proc)
+                _terminate_group(proc.pid, CLI_GRACE_SECS)
+                proc.wait()
                 raise
+            if code is None:
+                output.write(f"\n[tinytown] CLI stopped: {outcome}\n".encode())
+        return code, outcome
+
+    def _wait_for_cli(self, proc: subprocess.Popen[bytes]) -> tuple[int | None, str]:
+        """Wait for the CLI (a thread blocks in waitpid; no polling), heartbeating, until it
+        exits, the round times out or a second signal asks to stop now (the whole group
+        then gets its grace, then SIGKILL); (exit code or None, outcome)."""
+        self._wakeup.clear()
+        threading.Thread(target=lambda: (proc.wait(), self._wakeup.set()), daemon=True).start()
+        timeout = self.settings.round_timeout_secs
+        deadline = time.monotonic() + timeout
+        while proc.returncode is None:
+            if self._signals > 1 or time.monotonic() >= deadline:
+                _terminate_group(proc.pid, CLI_GRACE_SECS)
+                proc.wait()
+                return None, ("stopped by a signal" if self._signals > 1 else f"timed out after {timeout:g}s")
+            if self._wakeup.wait(min(self.settings.heartbeat_secs, max(deadline - time.monotonic(), 0))):
+                self._wakeup.clear()  # the conditions above tell what woke us
+            else:
+                self._beat_during_run()
+        code = proc.returncode
         return code, "ok" if code == 0 else f"CLI exited with {code}"
 
     def _beat_during_run(self) -> None:
@@ -2799,20 +3381,6 @@ def _feed(pipe: Any, text: str) -> None:
         pipe.write(text.encode())
     with contextlib.suppress(OSError):
         pipe.close()
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the CLI's whole process group, SIGKILL what is left, and reap."""
-    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers that outlived the group leader
 
 
 # Demo agent ##################################################################
@@ -2871,8 +3439,18 @@ def _icon(state: str) -> str:
 
 
 @contextlib.contextmanager
-def _open_town(args: Any, *, start_server: bool = True) -> Iterator[Town]:
-    town = Town(args.town, start_server=start_server)
+def _open_town(args: Any, *, writes: bool = True, start: bool = False) -> Iterator[Town]:
+    """The town of `-t`.  `tt start` starts its Redis; a person's other command that
+    changes the town starts a managed Redis that went down by accident; read-only
+    commands, any `tt` run inside an agent (a leftover CLI's included) and every command
+    after `tt stop` never start one."""
+    stopped = (Path(args.town) / RUNTIME_DIR / "stopped").exists()
+    town = Town(args.town, start_server=start or (writes and not stopped
+                                                  and not os.environ.get("TINYTOWN_AGENT_ID")))
+    if town.stranded_name:
+        print(f"tt: warning: this folder's agents and tasks are in Redis under the name"
+              f" {town.stranded_name!r}, but {CONFIG_FILE} says {town.name!r}; put the old name"
+              " back to see them", file=sys.stderr)
     try:
         yield town
     finally:
@@ -2890,6 +3468,8 @@ def _agent_line(agent: Agent | dict[str, Any]) -> str:
 
 
 def _task_line(task: Task) -> str:
+    if task.malformed:
+        return f"! {task.id} malformed record ({task.malformed}); `tt task delete {task.id}` removes it"
     tags = f" [{', '.join(task.tags)}]" if task.tags else ""
     return f"{_icon(task.state)} {task.id[:8]} {task.state:<9} {task.description[:70]}{tags}"
 
@@ -2914,7 +3494,7 @@ def _cmd_init(args: Any) -> tuple[Any, str]:
 
 def _cmd_start(args: Any) -> tuple[Any, str]:
     """Start Redis, then the agents the last `tt stop` stopped."""
-    with _open_town(args) as town:
+    with _open_town(args, start=True) as town:
         started = town.start()
         return ({**started, "redis": town.server.display_url},
                 f"redis running on {town.server.display_url}; restarted agents: "
@@ -2923,52 +3503,71 @@ def _cmd_start(args: Any) -> tuple[Any, str]:
 
 def _cmd_stop(args: Any) -> tuple[Any, str]:
     """Stop the agents (remembered for `tt start`), then the managed Redis."""
-    with _open_town(args, start_server=False) as town:
-        if not town.server.ping():
-            return ({"agents": [], "redis_stopped": False}, "redis is not running; nothing to stop")
-        result = town.stop(grace=args.grace)
-        redis_note = ("redis stopped" if result["redis_stopped"] else
-                      "redis left running (external server)")
-        return result, f"stopped agents: {', '.join(result['agents']) or 'none'}; {redis_note}"
+    try:
+        with _open_town(args, writes=False) as town:
+            result = town.stop(grace=args.grace)
+    except TownStopped as exc:
+        strays = _loops_serving(exc.root)  # loops that lost their Redis still serve the folder
+        for pid in strays:
+            _terminate_loop(pid)
+        _write_atomic(_runtime_dir(exc.root) / "stopped", _now() + "\n")
+        return ({"agents": [], "redis_stopped": False, "other_loops_stopped": len(strays)},
+                f"redis is not running; {len(strays)} agent loops stopped")
+    notes = ["redis stopped" if result["redis_stopped"] else "redis left running (external server)"]
+    if result["still_running_elsewhere"]:
+        notes.append(f"asked to stop, still finishing on other hosts: "
+                     f"{', '.join(result['still_running_elsewhere'])}")
+    if result["other_loops_stopped"]:
+        notes.append(f"{result['other_loops_stopped']} loops under another town name stopped")
+    return result, f"stopped agents: {', '.join(result['agents']) or 'none'}; {'; '.join(notes)}"
 
 
 def _cmd_status(args: Any) -> tuple[Any, str]:
     """The town, its Redis, its agents (liveness, inbox, task) and task counts."""
-    with _open_town(args) as town:
-        status = town.status(deep=args.deep)
-        tasks = town.tasks() if args.tasks else []
-        if args.tasks:
-            status["task_list"] = [t.to_dict() for t in tasks]
-        lines = [f"town {status['town']} at {status['root']}",
-                 f"redis {status['redis']['url']}" + (f" (pid {status['redis']['pid']})"
-                                                     if status['redis']['pid'] else ""),
-                 f"agents: {len(status['agents'])}"]
-        for agent in status["agents"]:
-            lines.append("  " + _agent_line(agent))
-            if agent["pending"]:
-                lines.append("      pending: " + ", ".join(f"{n} {k}" for k, n in agent["pending"].items()))
-            for entry in agent.get("recent_rounds", []):
-                lines.append(f"      {entry}")
-            for entry in agent.get("log_tail", []):
-                lines.append(f"      | {entry}")
-        counts = ", ".join(f"{n} {s}" for s, n in status["tasks"].items()) or "none"
-        lines.append(f"tasks: {counts}; backlog: {status['backlog']};"
-                     f" conductor inbox: {status['conductor_inbox']}")
-        lines += ["  " + _task_line(task) for task in tasks]
-        return status, "\n".join(lines)
+    try:
+        with _open_town(args, writes=False) as town:
+            return _status_report(town, args)
+    except TownStopped as exc:
+        return ({"town": load_config(Path(args.town).resolve() / CONFIG_FILE).name,
+                 "root": str(exc.root), "redis": {"running": False}, "stopped": True},
+                f"the town at {exc.root} is stopped; `tt start` starts it (and its agents)")
+
+
+def _status_report(town: Town, args: Any) -> tuple[Any, str]:
+    status = town.status(deep=args.deep)
+    tasks = town.tasks() if args.tasks else []
+    if args.tasks:
+        status["task_list"] = [t.to_dict() for t in tasks]
+    lines = [f"town {status['town']} at {status['root']}",
+             f"redis {status['redis']['url']}" + (f" (pid {status['redis']['pid']})"
+                                                 if status['redis']['pid'] else ""),
+             f"agents: {len(status['agents'])}"]
+    for agent in status["agents"]:
+        lines.append("  " + _agent_line(agent))
+        if agent["pending"]:
+            lines.append("      pending: " + ", ".join(f"{n} {k}" for k, n in agent["pending"].items()))
+        for entry in agent.get("recent_rounds", []):
+            lines.append(f"      {entry}")
+        for entry in agent.get("log_tail", []):
+            lines.append(f"      | {entry}")
+    counts = ", ".join(f"{n} {s}" for s, n in status["tasks"].items()) or "none"
+    lines.append(f"tasks: {counts}; backlog: {status['backlog']};"
+                 f" conductor inbox: {status['conductor_inbox']}")
+    lines += ["  " + _task_line(task) for task in tasks]
+    return status, "\n".join(lines)
 
 
 def _cmd_config(args: Any) -> tuple[Any, str]:
     """Show the config, one key, or set a key: `tt config agent.max_rounds 5`."""
     path = Path(args.town).resolve() / CONFIG_FILE
     config = load_config(path)
-    if args.key == "name" and args.value is not None and args.value.strip("'\"") != config.name:
-        with _open_town(args, start_server=False) as town:  # keys are named after the town
-            if town.server.ping() and town.redis.exists(town.keys.agents, town.keys.tasks):
-                raise ConfigError(f"town {config.name!r} has agents or tasks in Redis, which a new"
-                                  " name would strand; keep the name or `tt reset --force` first")
     if args.key and args.value is not None:
-        value = set_config_value(path, args.key, args.value)
+        if _config_key(args.key) == (None, "name") and args.value.strip("'\"") != config.name:
+            with contextlib.suppress(TownStopped), _open_town(args, writes=False) as town:
+                if town.redis.exists(town.keys.agents, town.keys.tasks):  # keys are named after it
+                    raise ConfigError(f"town {config.name!r} has agents or tasks in Redis, which a"
+                                      " new name would strand; keep the name or `tt reset --force` first")
+        value = _redacted(args.key, set_config_value(path, args.key, args.value))
         return {args.key: value}, f"{args.key} = {_toml_value(value)}"
     if args.key:
         value = get_config_value(config, args.key)
@@ -2995,7 +3594,7 @@ def _cmd_spawn(args: Any) -> tuple[Any, str]:
 
 def _cmd_list(args: Any) -> tuple[Any, str]:
     """The agents, with state and liveness."""
-    with _open_town(args) as town:
+    with _open_town(args, writes=False) as town:
         agents = town.list_agents()
         rows = [{**a.to_dict(), "dead": a.dead} for a in agents]
         return rows, "\n".join(_agent_line(a) for a in agents) or "no agents; `tt spawn NAME` starts one"
@@ -3006,6 +3605,10 @@ def _cmd_assign(args: Any) -> tuple[Any, str]:
     with _open_town(args) as town:
         task = town.assign(args.agent, args.description, tags=_tags(args.tags), parent=args.parent,
                            priority=_priority(args), sender=_sender(args))
+        agent = town.channel.get_agent(task.assigned_to or "")
+        if agent and agent.terminal:
+            print(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
+                  f" `tt restart {agent.name}`", file=sys.stderr)
         return task.to_dict(), task.id
 
 
@@ -3046,7 +3649,7 @@ def _cmd_broadcast(args: Any) -> tuple[Any, str]:
 
 def _cmd_inbox(args: Any) -> tuple[Any, str]:
     """Pending messages of an agent (default: the conductor), left in place."""
-    with _open_town(args) as town:
+    with _open_town(args, writes=False) as town:
         if args.all:
             agents = town.list_agents()
             counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
@@ -3086,7 +3689,8 @@ def _cmd_task(args: Any) -> Any:
         task = {"show": lambda: town.task(args.id),
                 "complete": lambda: town.complete_task(args.id, args.result),
                 "fail": lambda: town.fail_task(args.id, args.error),
-                "cancel": lambda: town.cancel_task(args.id)}[action]()
+                "cancel": lambda: town.cancel_task(args.id),
+                "delete": lambda: town.delete_task(args.id)}[action]()
         detail = f"\n  result: {task.result}" if task.result else ""
         return task.to_dict(), _task_line(task) + detail
 
@@ -3127,7 +3731,7 @@ def _lifecycle(action: str) -> Callable[[Any], tuple[Any, str]]:
 
 def _cmd_wait(args: Any) -> tuple[Any, str]:
     """Block until an agent stops (exit 1 on timeout)."""
-    with _open_town(args) as town:
+    with _open_town(args, writes=False) as town:
         agent = town.wait_agent(args.agent, args.timeout)
         return agent.to_dict(), f"{agent.name} is {agent.state}"
 
@@ -3167,9 +3771,14 @@ def _cmd_reclaim(args: Any) -> tuple[Any, str]:
 def _cmd_reset(args: Any) -> tuple[Any, str]:
     """Delete the town's Redis keys (a preview without --force)."""
     with _open_town(args) as town:
-        keys = town.reset(agents_only=args.agents_only, force=args.force)
-        what = "deleted" if args.force else "would delete (add --force)"
-        return {"deleted" if args.force else "would_delete": keys}, f"{what} {len(keys)} keys"
+        report = town.reset(agents_only=args.agents_only, force=args.force)
+        keys, loops = report["keys"], report["loops"]
+        if args.force:
+            return ({"deleted": keys, "stopped": loops},
+                    f"stopped {len(loops)} agent loops; deleted {len(keys)} keys")
+        return ({"would_delete": keys, "would_stop": loops},
+                f"would stop {len(loops)} agent loops ({', '.join(loops) or 'none'}) and delete"
+                f" {len(keys)} keys (add --force)")
 
 
 def _event_line(event: dict[str, str], names: dict[str, str]) -> str:
@@ -3187,7 +3796,7 @@ def _agent_names(town: Town) -> dict[str, str]:
 
 def _cmd_events(args: Any) -> int | tuple[Any, str]:
     """Events; --follow streams new ones as they happen (blocking XREAD)."""
-    with _open_town(args) as town:
+    with _open_town(args, writes=False) as town:
         agent_id = town.resolve_agent(args.agent) if args.agent else None
         names = _agent_names(town)
         if not args.follow:
@@ -3202,7 +3811,7 @@ def _cmd_events(args: Any) -> int | tuple[Any, str]:
 
 def _cmd_conductor(args: Any) -> int | tuple[Any, str]:
     """Start an AI CLI as the conductor, with the town's context (printed without a terminal)."""
-    with _open_town(args) as town:
+    with _open_town(args, writes=False) as town:
         status = town.status()
         agents = "\n".join("- " + _agent_line(a) for a in status["agents"]) or "- none yet"
         context = (f"You are the conductor of the Tinytown town {town.name!r} at {town.root}.\n"
@@ -3230,8 +3839,7 @@ def _cmd_agent_loop(args: Any) -> int:
     """(internal) Run one agent's loop in this process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         force=True)
-    town = Town(args.town)
-    town.release()
+    town = Town(args.town, start_server=False)  # a loop never starts a server
     with contextlib.closing(town):
         final = AgentLoop(town, args.agent_id).run()
     return 0 if final != AgentState.ERROR else 1
@@ -3318,6 +3926,7 @@ def _build_parser() -> Any:
     sub.add_argument("id")
     sub.add_argument("--error", required=True)
     task.add_parser("cancel", help="cancel").add_argument("id")
+    task.add_parser("delete", help="remove a task record (e.g. a malformed one)").add_argument("id")
     sub = task.add_parser("wait", help="block until the task ends (exit 1 unless completed)")
     sub.add_argument("id")
     sub.add_argument("--timeout", type=float)
@@ -3396,7 +4005,10 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(outcome, int):
         return outcome
     code, payload, text = (0, *outcome) if len(outcome) == 2 else outcome
-    print(json.dumps(payload, indent=2, default=str) if as_json else text)
+    output = json.dumps(payload, indent=2, default=str) if as_json else text
+    # Stored text may hold bytes that are not UTF-8 (surrogates): shown escaped, never a crash.
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(output.encode(encoding, "backslashreplace").decode(encoding, "replace"))
     return code
 
 
