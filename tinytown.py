@@ -24,6 +24,7 @@ this one file into a repository, and as ``with Town("."):`` in scripts.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import enum
@@ -48,7 +49,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -182,17 +183,37 @@ def _now() -> str:
 # Errors ######################################################################
 
 class TinytownError(Exception):
-    """The root of every error Tinytown raises on purpose."""
+    """The root of every error Tinytown raises on purpose.
+
+    Each subclass stores what went wrong as fields and formats its own message; `code` is
+    a stable name for scripts (`tt --json` prints it next to the message).
+    """
+
+    @property
+    def code(self) -> str:
+        return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", type(self).__name__).lower()  # TaskNotFound -> task_not_found
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr(value), cut short: an error echoes what it was given, not 5,000 characters of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(str(value))} characters)"
 
 
 class TownNotFound(TinytownError):
-    def __init__(self, path: Path):
-        self.path = path
-        super().__init__(f"no town at {path}; run `tt init` there first")
+    """No tinytown.toml at `path` (or, after a search, in any of the `searched` folders)."""
+
+    def __init__(self, path: Path, searched: Iterable[Path] = ()):
+        self.path, self.searched = Path(path), list(searched)
+        if len(self.searched) > 1:
+            super().__init__(f"no town (tinytown.toml) in {self.path} or any folder above it up to"
+                             f" {self.searched[-1]}; run `tt init` in the project's folder, or pass -t PATH")
+        else:
+            super().__init__(f"no town at {self.path}; run `tt init` there first")
 
 
 class ConfigError(TinytownError):
-    """tinytown.toml is unreadable or holds a bad value."""
+    """tinytown.toml is unreadable or holds a bad value (the message names file, key and line)."""
 
 
 class RedisServerError(TinytownError):
@@ -205,46 +226,105 @@ class RedisUnreachable(TinytownError):
         super().__init__(f"cannot reach Redis at {url}: {reason}")
 
 
+class RedisStopped(TinytownError):
+    """The town's Redis went away while a command was using it (e.g. `tt stop` elsewhere)."""
+
+    def __init__(self, url: str = ""):
+        self.url = url
+        super().__init__("the town's Redis stopped (tt stop?)")
+
+
+class NestedTown(TinytownError):
+    """`tt init` inside a folder that already belongs to a town."""
+
+    def __init__(self, path: Path, enclosing: Path):
+        self.path, self.enclosing = path, enclosing
+        super().__init__(f"{path} is inside the town at {enclosing}, and tt commands work from any"
+                         " folder of it; to make a separate town here anyway, run `tt -t . init`")
+
+
 class AgentNotFound(TinytownError):
-    def __init__(self, ref: str):
-        self.ref = ref
-        super().__init__(f"no agent {ref!r}; `tt list` shows the agents")
+    def __init__(self, ref: str, hint: str = "`tt list` shows the agents"):
+        self.ref, self.hint = ref, hint
+        super().__init__(f"no agent {_shown(ref)}; {hint}")
 
 
 class AgentAmbiguous(TinytownError):
     def __init__(self, ref: str, candidates: list[str]):
         self.ref, self.candidates = ref, candidates
-        super().__init__(f"agent reference {ref!r} is ambiguous: {', '.join(candidates)};"
+        super().__init__(f"agent reference {_shown(ref)} is ambiguous: {', '.join(candidates)};"
                          " use the name or the full id")
 
 
+class AgentLoopGone(TinytownError):
+    """A live agent whose loop stopped sending heartbeats."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"agent {name}'s loop is gone (no heartbeat); run `tt recover`")
+
+
 class TaskNotFound(TinytownError):
-    def __init__(self, ref: str, candidates: list[str] | None = None):
-        self.ref, self.candidates = ref, candidates or []
-        detail = f" (matches {', '.join(self.candidates)})" if self.candidates else ""
-        super().__init__(f"no unique task {ref!r}{detail}; `tt task list` shows the tasks")
+    def __init__(self, task_id: str):
+        self.task_id = task_id
+        super().__init__(f"no task {_shown(task_id)}; `tt task list` shows the tasks")
+
+
+class TaskAmbiguous(TinytownError):
+    def __init__(self, prefix: str, candidates: list[str]):
+        self.prefix, self.candidates = prefix, candidates
+        super().__init__(f"task id {_shown(prefix)} is ambiguous: it starts {', '.join(c[:8] for c in candidates)}"
+                         "; give more of the id")
 
 
 class InvalidName(TinytownError):
     """A town or agent name that cannot be used."""
 
+    def __init__(self, name: str, what: str = "name",
+                 reason: str = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"):
+        self.name, self.what, self.reason = name, what, reason
+        super().__init__(f"invalid {what} {_shown(name)}: {reason}")
+
 
 class InvalidTransition(TinytownError):
     """A state change the record's current state does not allow."""
+
+    def __init__(self, subject: str, state: str, allowed: str):
+        self.subject, self.state, self.allowed = subject, state, allowed
+        super().__init__(f"{subject} is {state}; {allowed}")
 
 
 class SpawnError(TinytownError):
     """An agent could not be started."""
 
 
+class TooManyAgents(SpawnError):
+    def __init__(self, live: int, max_agents: int):
+        self.live, self.max_agents = live, max_agents
+        super().__init__(f"the town already has {live} live agents (max_agents = {max_agents});"
+                         f" stop one or raise max_agents in {CONFIG_FILE}")
+
+
+class CLINotFound(SpawnError):
+    """An agent CLI whose program is not on PATH."""
+
+    def __init__(self, cli: str, program: str, hint: str = "pass --force"):
+        self.cli, self.program = cli, program
+        super().__init__(f"the {cli} CLI needs `{program}`, which is not on PATH;"
+                         f" install it, pick another --cli (e.g. demo), or {hint}")
+
+
 class WaitTimeout(TinytownError):
     """A blocking wait (for an agent or a task) ran out of time."""
+
+    def __init__(self, what: str, timeout: float):
+        self.what, self.timeout = what, timeout
+        super().__init__(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def _check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidName(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-',"
-                          " starting with a letter or digit")
+        raise InvalidName(name, what)
     return name
 
 
@@ -394,6 +474,10 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{where('agent', 'heartbeat_secs')} must be more than 0")
     if config.agent.max_attempts < 1:
         raise ConfigError(f"{where('agent', 'max_attempts')} must be at least 1")
+    try:
+        config.cli(config.default_cli)
+    except ConfigError as exc:
+        raise ConfigError(f"{where(None, 'default_cli')}: {exc}") from None
     return config
 
 
@@ -1444,8 +1528,7 @@ class Channel:
             states = [pipe.hget(self.keys.agent(i), "state") for i in ids] if ids else []
             live = sum(1 for s in states if s and s not in TERMINAL_AGENT_STATES)
             if live >= max_agents:
-                raise SpawnError(f"the town already has {live} live agents (max_agents ="
-                                 f" {max_agents}); stop one or raise max_agents in {CONFIG_FILE}")
+                raise TooManyAgents(live, max_agents)
             pipe.multi()
             pipe.hset(self.keys.agents, agent.name, agent.id)
             pipe.hset(self.keys.agent(agent.id), mapping=_to_hash(agent))
@@ -1670,6 +1753,23 @@ class Channel:
 
 # Town ########################################################################
 
+def find_town_root(start: str | os.PathLike[str] = ".") -> Path:
+    """The nearest folder at or above `start` holding tinytown.toml, found as git finds .git.
+
+    The search stops at a git repository's root (a town does not span repositories)
+    and at the filesystem root; TownNotFound lists where it looked.
+    """
+    here = Path(start).expanduser().resolve()
+    searched = []
+    for folder in (here, *here.parents):
+        searched.append(folder)
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+        if (folder / ".git").exists():
+            break
+    raise TownNotFound(here, searched)
+
+
 def _sanitize_name(raw: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-._")[:64]
     return name or "town"
@@ -1684,12 +1784,16 @@ def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def _ensure_gitignore(root: Path) -> None:
-    """Add `.tt/` to .gitignore once (created if missing, never duplicated)."""
+    """Add `.tt/` to .gitignore once (created if missing, never duplicated), and
+    `__pycache__/` when this module is a copy vendored into the town."""
     path = root / ".gitignore"
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if any(line.strip() in (".tt", ".tt/", "/.tt", "/.tt/") for line in text.splitlines()):
-        return
-    path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + ".tt/\n", encoding="utf-8")
+    present = {line.strip().strip("/") for line in text.splitlines()}
+    vendored = Path(__file__).resolve().parent.is_relative_to(root)
+    missing = [f"{entry}/" for entry in (".tt", *(["__pycache__"] if vendored else [])) if entry not in present]
+    if missing:
+        separator = "" if not text or text.endswith("\n") else "\n"
+        path.write_text(text + separator + "\n".join(missing) + "\n", encoding="utf-8")
 
 
 _SHIM = '#!/bin/sh\n# tinytown CLI for agents of this town (written by the agent loop)\n{tt} "$@"\n'
@@ -1739,26 +1843,38 @@ class Town:
         ``redis={"use_socket": False, "port": 6390}``, ``agent={"max_rounds": 3}``.
         """
         root = Path(path).expanduser().resolve()
-        config_path = root / CONFIG_FILE
+        config_path, runtime, gitignore = root / CONFIG_FILE, root / RUNTIME_DIR, root / ".gitignore"
         created = not config_path.exists()
-        if created:
-            name = _check_name(name, "town name") if name is not None else _sanitize_name(root.name)
-            root.mkdir(parents=True, exist_ok=True)
-            _write_atomic(config_path, _default_config_text(name))
-            try:
+        # What existed before, so that a failed init (no redis-server, say) leaves no half-made town.
+        made_root, made_runtime = not root.exists(), not runtime.exists()
+        old_gitignore = gitignore.read_text(encoding="utf-8") if gitignore.exists() else None
+        try:
+            if created:
+                name = _check_name(name, "town name") if name is not None else _sanitize_name(root.name)
+                root.mkdir(parents=True, exist_ok=True)
+                _write_atomic(config_path, _default_config_text(name))
                 for key, value in options.items():
                     for dotted, leaf in (value.items() if isinstance(value, dict) else [(None, value)]):
                         set_config_value(config_path, f"{key}.{dotted}" if dotted else key, leaf)
-            except TinytownError:
-                config_path.unlink()
-                raise
-        runtime = root / RUNTIME_DIR
-        runtime.mkdir(mode=0o700, exist_ok=True)
-        runtime.chmod(0o700)
-        for sub in ("agents", "logs", "tasks"):
-            (runtime / sub).mkdir(exist_ok=True)
-        _ensure_gitignore(root)
-        town = cls(root)
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            runtime.chmod(0o700)
+            for sub in ("agents", "logs", "tasks"):
+                (runtime / sub).mkdir(exist_ok=True)
+            _ensure_gitignore(root)
+            town = cls(root)
+        except BaseException:
+            if created:
+                config_path.unlink(missing_ok=True)
+                if made_runtime:
+                    shutil.rmtree(runtime, ignore_errors=True)
+                if old_gitignore is None:
+                    gitignore.unlink(missing_ok=True)
+                else:
+                    gitignore.write_text(old_gitignore, encoding="utf-8")
+                if made_root:
+                    with contextlib.suppress(OSError):
+                        root.rmdir()
+            raise
         town.created = created
         return town
 
@@ -1830,7 +1946,7 @@ class Town:
     def agent(self, ref: str) -> AgentHandle:
         agent_id = self.resolve_agent(ref)
         if agent_id == CONDUCTOR_ID:
-            raise AgentNotFound(f"{ref} (the conductor is a mailbox, not an agent)")
+            raise AgentNotFound(ref, "the conductor is a mailbox, not an agent")
         return AgentHandle(self, agent_id)
 
     def list_agents(self) -> list[Agent]:
@@ -1843,7 +1959,7 @@ class Town:
         """Register an agent and start its loop in the background (`start=False`: only register)."""
         _check_name(name, "agent name")
         if name.lower() in RESERVED_NAMES:
-            raise InvalidName(f"agent name {name!r} is reserved for the conductor's mailbox; pick another")
+            raise InvalidName(name, "agent name", "it is reserved for the conductor's mailbox; pick another")
         cli_name = cli or self._config.default_cli
         agent_cli = self._config.cli(cli_name)
         if not force:
@@ -1877,8 +1993,7 @@ class Town:
         # `command -v` knows what `sh -c` will: programs on PATH, builtins and keywords (if, while).
         if words and subprocess.run(["sh", "-c", 'command -v "$1" >/dev/null', "sh", words[0]],
                                     env={**os.environ, **agent_cli.env}).returncode != 0:
-            raise SpawnError(f"the {agent_cli.name} CLI needs `{words[0]}`, which is not on PATH;"
-                             " install it, pick another --cli (e.g. demo), or pass --force")
+            raise CLINotFound(agent_cli.name, words[0])
 
     def _add_worktree(self, name: str) -> Path:
         path = self._root / RUNTIME_DIR / "agents" / name / "worktree"
@@ -1942,15 +2057,14 @@ class Town:
         if self._signal_agent(agent_id, state=AgentState.PAUSED, allowed="starting idle working") is None:
             agent = self._channel.get_agent(agent_id)
             if agent.state != AgentState.PAUSED:
-                raise InvalidTransition(f"agent {agent.name} is {agent.state}; only a live agent can"
-                                        " be interrupted")
+                raise InvalidTransition(f"agent {agent.name}", agent.state, "only a live agent can be interrupted")
         return self._channel.get_agent(agent_id)
 
     def resume_agent(self, ref: str) -> Agent:
         agent_id = self.agent(ref).id
         if self._signal_agent(agent_id, state=AgentState.IDLE, allowed="paused") is None:
             agent = self._channel.get_agent(agent_id)
-            raise InvalidTransition(f"agent {agent.name} is {agent.state}, not paused; nothing to resume")
+            raise InvalidTransition(f"agent {agent.name}", agent.state, "only a paused agent can be resumed")
         return self._channel.get_agent(agent_id)
 
     def _wait_until(self, check: Callable[[], Any], timeout: float | None, what: str) -> Any:
@@ -1963,7 +2077,7 @@ class Town:
                 return result
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what}")
+                raise WaitTimeout(what, timeout)
             block = self._config.agent.heartbeat_secs * 2
             block = min(block, remaining) if remaining is not None else block
             reply = self.redis.xread({self.keys.events: after}, block=max(int(block * 1000), 1), count=500)
@@ -1979,7 +2093,7 @@ class Town:
             if agent is None or agent.terminal:
                 return agent or Agent(id=agent_id, name=ref, state=AgentState.STOPPED)
             if agent.dead:
-                raise TinytownError(f"agent {agent.name}'s loop is gone (no heartbeat); run `tt recover`")
+                raise AgentLoopGone(agent.name)
             return None
         return self._wait_until(check, timeout, f"agent {ref}")
 
@@ -1992,8 +2106,7 @@ class Town:
         self._config.cli(fields.get("cli") or agent.cli or self._config.default_cli)  # still configured?
         live = sum(1 for a in self._channel.agents() if not a.terminal)
         if agent.terminal and live >= self._config.max_agents:
-            raise SpawnError(f"the town already has {live} live agents (max_agents ="
-                             f" {self._config.max_agents}); stop one or raise max_agents")
+            raise TooManyAgents(live, self._config.max_agents)
         fields = {k: v for k, v in fields.items() if v is not None}
         old = self._channel.set_agent_state(agent.id, AgentState.STARTING,
                                             " ".join(TERMINAL_AGENT_STATES), error="",
@@ -2001,7 +2114,7 @@ class Town:
                                             **fields)
         if old is None:
             agent = self._channel.get_agent(agent.id)
-            raise InvalidTransition(f"agent {agent.name} is {agent.state}; only a stopped, cold or"
+            raise InvalidTransition(f"agent {agent.name}", agent.state, "only a stopped, cold or"
                                     " errored agent can be restarted (`tt kill` it first)")
         self.redis.delete(self.keys.stop(agent.id))
         if start:
@@ -2200,8 +2313,10 @@ class Town:
 
     def task(self, ref: str) -> Task:
         matches = self._channel.task_ids_with_prefix(str(ref).strip())
-        if len(matches) != 1:
-            raise TaskNotFound(ref, matches[:5])
+        if len(matches) > 1:
+            raise TaskAmbiguous(ref, matches[:5])
+        if not matches:
+            raise TaskNotFound(ref)
         task = self._channel.get_task(matches[0])
         if task is None:
             raise TaskNotFound(ref)
@@ -2241,7 +2356,7 @@ class Town:
         task = self.task(task_ref)
         claimed = self._channel.claim(task.id, agent_id)
         if claimed is None:
-            raise InvalidTransition(f"task {task.id[:8]} is not in the backlog (it is {task.state})")
+            raise InvalidTransition(f"task {task.id[:8]}", task.state, "it is not in the backlog")
         return claimed
 
     def assign_all(self, agent: str) -> list[Task]:
@@ -2255,7 +2370,7 @@ class Town:
         task = self.task(task_ref)
         removed = self._channel.unbacklog(task.id)
         if removed is None:
-            raise InvalidTransition(f"task {task.id[:8]} is not in the backlog (it is {task.state})")
+            raise InvalidTransition(f"task {task.id[:8]}", task.state, "it is not in the backlog")
         return removed
 
     def reset(self, *, agents_only: bool = False, force: bool = False) -> list[str]:
@@ -2854,6 +2969,9 @@ def demo_agent(prompt: str) -> int:
 
 
 # CLI #########################################################################
+# A thin layer: `_build_parser()`; one `_cmd_<name>(town, args)` per command, whose
+# docstring is its help and which returns a `_Reply`; `main()` opens the town, prints
+# the reply (human or --json) and maps errors to exit codes.
 
 _ICONS = {"starting": "◌", "idle": "○", "working": "●", "paused": "‖", "draining": "◐",
           "stopped": "■", "cold": "❄", "error": "✗", "dead": "☠",
@@ -2870,14 +2988,77 @@ def _icon(state: str) -> str:
     return icon
 
 
-@contextlib.contextmanager
-def _open_town(args: Any, *, start_server: bool = True) -> Iterator[Town]:
-    town = Town(args.town, start_server=start_server)
-    try:
-        yield town
-    finally:
-        town.release()  # the CLI leaves Redis and the agents running until `tt stop`
-        town.close()
+@dataclass
+class _Reply:
+    """What a command shows: `data` with --json, `text` otherwise, and its exit code."""
+    data: Any
+    text: str
+    exit_code: int = 0
+
+
+class _TownUse(enum.Enum):
+    """How a command uses the town; `_open_town` turns it into a connection policy."""
+    NONE = "opens or makes the town itself"
+    READ = "only reads"
+    CHANGE = "changes the town"
+    NEVER_START = "must not start a stopped server"
+
+
+def _uses_town(use: _TownUse) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare how a command uses the town (undeclared: it changes it)."""
+    def declare(handler: Callable[..., Any]) -> Callable[..., Any]:
+        handler.town_use = use  # type: ignore[attr-defined]
+        return handler
+    return declare
+
+
+def _town_root(args: Any) -> Path:
+    """-t, else $TINYTOWN_TOWN, else the nearest town at or above the current folder."""
+    explicit = args.town or os.environ.get("TINYTOWN_TOWN")
+    return Path(explicit) if explicit else find_town_root(Path.cwd())
+
+
+def _open_town(root: Path, use: _TownUse) -> Town:
+    """The one place the CLI connects to a town.
+
+    Today every command but `stop` starts a stopped managed Redis; `use` tells which
+    commands only read, for a policy that lets those report a stopped town instead.
+    """
+    return Town(root, start_server=use is not _TownUse.NEVER_START)
+
+
+class _Names:
+    """Agent names by id, each looked up once: people read names, scripts get ids too."""
+
+    _FIELDS = ("agent", "assigned_to", "from", "to", "sender", "parent")  # fields holding agent ids
+
+    def __init__(self, town: Town, agents: Iterable[Agent] = ()):
+        self._town = town
+        self._known: dict[str, str | None] = {CONDUCTOR_ID: "conductor", **{a.id: a.name for a in agents}}
+
+    def get(self, agent_id: str | None) -> str | None:
+        if not agent_id:
+            return None
+        if agent_id not in self._known:
+            agent = self._town.channel.get_agent(agent_id)
+            self._known[agent_id] = agent.name if agent else None
+        return self._known[agent_id]
+
+    def show(self, agent_id: str | None) -> str:
+        return self.get(agent_id) or (agent_id or "")[:8]
+
+    def add_to(self, record: dict[str, Any]) -> dict[str, Any]:
+        """`record` with a `<field>_name` next to each agent id it holds (for --json)."""
+        named = {f"{key}_name": self.get(record[key]) for key in self._FIELDS if record.get(key)}
+        return {**record, **{key: name for key, name in named.items() if name}}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in counts.items()) or "none"
 
 
 def _agent_line(agent: Agent | dict[str, Any]) -> str:
@@ -2889,124 +3070,33 @@ def _agent_line(agent: Agent | dict[str, Any]) -> str:
             f" done {a['tasks_completed']:<4} {liveness}{task}")
 
 
-def _task_line(task: Task) -> str:
+def _task_line(task: Task, names: _Names) -> str:
     tags = f" [{', '.join(task.tags)}]" if task.tags else ""
-    return f"{_icon(task.state)} {task.id[:8]} {task.state:<9} {task.description[:70]}{tags}"
+    owner = f" -> {names.show(task.assigned_to)}" if task.assigned_to else ""
+    return f"{_icon(task.state)} {task.id[:8]} {task.state:<9} {task.description[:70]}{tags}{owner}"
 
 
-def _message_line(message: Message) -> str:
+def _message_line(message: Message, names: _Names) -> str:
     urgent = "!" if message.priority == Priority.URGENT else " "
-    return f"{urgent}{message.type:<14} from {message.from_[:12]:<12} {message.text[:80]}"
+    return f"{urgent}{message.type:<14} from {names.show(message.from_)[:16]:<16} {message.text[:80]}"
 
 
-def _cmd_init(args: Any) -> tuple[Any, str]:
-    """Create a town here (or re-open it) and start its Redis."""
-    town = Town.init(args.town, args.name)
-    town.release()
-    with contextlib.closing(town):
-        note = ("created town" if town.created else "town already exists (config kept):")
-        if not town.created and args.name and args.name != town.name:
-            note += f" it is named {town.name!r}, not {args.name!r};"
-        return ({"town": town.name, "root": str(town.root), "created": town.created,
-                 "redis": town.server.display_url},
-                f"{note} {town.name} at {town.root}\nredis: {town.server.display_url}")
+def _event_line(event: dict[str, str], names: _Names) -> str:
+    def shown(key: str, value: str) -> str:
+        if key in _Names._FIELDS:
+            return names.show(value) if value != "backlog" else value
+        return value[:8] if key == "task" else value[:60]
+    rest = " ".join(f"{k}={shown(k, v)}" for k, v in event.items() if k not in ("id", "event", "at"))
+    return f"{event.get('at', '')} {event.get('event', ''):<18} {rest}"
 
 
-def _cmd_start(args: Any) -> tuple[Any, str]:
-    """Start Redis, then the agents the last `tt stop` stopped."""
-    with _open_town(args) as town:
-        started = town.start()
-        return ({**started, "redis": town.server.display_url},
-                f"redis running on {town.server.display_url}; restarted agents: "
-                f"{', '.join(started['agents']) or 'none'}")
+def _task_reply(task: Task, names: _Names, text: str | None = None) -> _Reply:
+    return _Reply(names.add_to(task.to_dict()), text if text is not None else _task_line(task, names))
 
 
-def _cmd_stop(args: Any) -> tuple[Any, str]:
-    """Stop the agents (remembered for `tt start`), then the managed Redis."""
-    with _open_town(args, start_server=False) as town:
-        if not town.server.ping():
-            return ({"agents": [], "redis_stopped": False}, "redis is not running; nothing to stop")
-        result = town.stop(grace=args.grace)
-        redis_note = ("redis stopped" if result["redis_stopped"] else
-                      "redis left running (external server)")
-        return result, f"stopped agents: {', '.join(result['agents']) or 'none'}; {redis_note}"
-
-
-def _cmd_status(args: Any) -> tuple[Any, str]:
-    """The town, its Redis, its agents (liveness, inbox, task) and task counts."""
-    with _open_town(args) as town:
-        status = town.status(deep=args.deep)
-        tasks = town.tasks() if args.tasks else []
-        if args.tasks:
-            status["task_list"] = [t.to_dict() for t in tasks]
-        lines = [f"town {status['town']} at {status['root']}",
-                 f"redis {status['redis']['url']}" + (f" (pid {status['redis']['pid']})"
-                                                     if status['redis']['pid'] else ""),
-                 f"agents: {len(status['agents'])}"]
-        for agent in status["agents"]:
-            lines.append("  " + _agent_line(agent))
-            if agent["pending"]:
-                lines.append("      pending: " + ", ".join(f"{n} {k}" for k, n in agent["pending"].items()))
-            for entry in agent.get("recent_rounds", []):
-                lines.append(f"      {entry}")
-            for entry in agent.get("log_tail", []):
-                lines.append(f"      | {entry}")
-        counts = ", ".join(f"{n} {s}" for s, n in status["tasks"].items()) or "none"
-        lines.append(f"tasks: {counts}; backlog: {status['backlog']};"
-                     f" conductor inbox: {status['conductor_inbox']}")
-        lines += ["  " + _task_line(task) for task in tasks]
-        return status, "\n".join(lines)
-
-
-def _cmd_config(args: Any) -> tuple[Any, str]:
-    """Show the config, one key, or set a key: `tt config agent.max_rounds 5`."""
-    path = Path(args.town).resolve() / CONFIG_FILE
-    config = load_config(path)
-    if args.key == "name" and args.value is not None and args.value.strip("'\"") != config.name:
-        with _open_town(args, start_server=False) as town:  # keys are named after the town
-            if town.server.ping() and town.redis.exists(town.keys.agents, town.keys.tasks):
-                raise ConfigError(f"town {config.name!r} has agents or tasks in Redis, which a new"
-                                  " name would strand; keep the name or `tt reset --force` first")
-    if args.key and args.value is not None:
-        value = set_config_value(path, args.key, args.value)
-        return {args.key: value}, f"{args.key} = {_toml_value(value)}"
-    if args.key:
-        value = get_config_value(config, args.key)
-        return value, json.dumps(value, indent=2) if isinstance(value, (dict, list)) else str(value)
-    data = config.to_dict()
-    return data, json.dumps(data, indent=2)
-
-
-def _cmd_spawn(args: Any) -> tuple[Any, str]:
-    """Register an agent and start its loop (in the background unless --foreground)."""
-    with _open_town(args) as town:
-        handle = town.spawn_agent(args.name, args.cli, role=args.role, nickname=args.nickname,
-                                  parent=args.parent, max_rounds=args.max_rounds, force=args.force,
-                                  worktree=args.worktree, start=not args.foreground)
-        agent = handle.record()
-        if args.foreground:
-            logging.getLogger("tinytown").setLevel(logging.INFO)
-            final = AgentLoop(town, agent.id).run()
-            agent = handle.record()
-            return agent.to_dict(), f"agent {agent.name} {final}"
-        return agent.to_dict(), (f"spawned {agent.name} ({agent.nickname}, {agent.id[:8]}) with "
-                                 f"{agent.cli}; log: .tt/logs/{agent.name}.log")
-
-
-def _cmd_list(args: Any) -> tuple[Any, str]:
-    """The agents, with state and liveness."""
-    with _open_town(args) as town:
-        agents = town.list_agents()
-        rows = [{**a.to_dict(), "dead": a.dead} for a in agents]
-        return rows, "\n".join(_agent_line(a) for a in agents) or "no agents; `tt spawn NAME` starts one"
-
-
-def _cmd_assign(args: Any) -> tuple[Any, str]:
-    """Create a task and assign it to an agent."""
-    with _open_town(args) as town:
-        task = town.assign(args.agent, args.description, tags=_tags(args.tags), parent=args.parent,
-                           priority=_priority(args), sender=_sender(args))
-        return task.to_dict(), task.id
+def _tasks_reply(tasks: list[Task], names: _Names, empty: str) -> _Reply:
+    return _Reply([names.add_to(t.to_dict()) for t in tasks],
+                  "\n".join(_task_line(t, names) for t in tasks) or empty)
 
 
 def _tags(raw: str | None) -> list[str]:
@@ -3028,376 +3118,864 @@ def _message_kind(args: Any, default: MessageType) -> MessageType:
     return default
 
 
-def _cmd_send(args: Any) -> tuple[Any, str]:
-    """Send a message (default type task) to an agent or the conductor."""
-    with _open_town(args) as town:
-        message = town.send(args.to, args.message, _message_kind(args, MessageType.TASK),
+def _config_text(data: dict[str, Any], section: str = "") -> str:
+    """Config values as TOML, for people (unset values are left out)."""
+    tables = {key: value for key, value in data.items() if isinstance(value, dict) and key != "env"}
+    lines = [f"{key} = {_toml_value(value)}" for key, value in data.items()
+             if value is not None and key not in tables]
+    if section and lines:
+        lines.insert(0, f"[{section}]")
+    for key, table in tables.items():
+        lines += ["", _config_text(table, f"{section}.{key}" if section else key)]
+    return "\n".join(lines).strip("\n")
+
+
+# -- town ----------------------------------------------------------------------
+
+@_uses_town(_TownUse.NONE)
+def _cmd_init(town: None, args: Any) -> _Reply:
+    """Create a town in this folder (or re-open it) and start its Redis.
+
+    Writes tinytown.toml, makes .tt/ (ignored by git) and starts a Redis that keeps
+    running until `tt stop`. On an existing town it keeps the config.
+
+    Example: tt init --name my-project
+    """
+    explicit = args.town or os.environ.get("TINYTOWN_TOWN")
+    root = Path(explicit or ".").resolve()
+    if not explicit:
+        with contextlib.suppress(TownNotFound):
+            enclosing = find_town_root(root)
+            if enclosing != root:
+                raise NestedTown(root, enclosing)
+    made = Town.init(root, args.name)
+    made.release()
+    with contextlib.closing(made):
+        note = "created town" if made.created else "town already exists (config kept):"
+        if not made.created and args.name and args.name != made.name:
+            note += f" it is named {made.name!r}, not {args.name!r};"
+        return _Reply({"town": made.name, "root": str(made.root), "created": made.created,
+                       "redis": made.server.display_url},
+                      f"{note} {made.name} at {made.root}\nredis: {made.server.display_url}")
+
+
+def _cmd_start(town: Town, args: Any) -> _Reply:
+    """Start the town's Redis, then the agents the last `tt stop` stopped.
+
+    Example: tt start
+    """
+    started = town.start()
+    return _Reply({**started, "redis": town.server.display_url},
+                  f"redis running on {town.server.display_url}; restarted agents: "
+                  f"{', '.join(started['agents']) or 'none'}")
+
+
+@_uses_town(_TownUse.NEVER_START)
+def _cmd_stop(town: Town, args: Any) -> _Reply:
+    """Stop the agents (remembered for `tt start`), then the town's Redis.
+
+    Example: tt stop --grace 30
+    """
+    if not town.server.ping():
+        return _Reply({"agents": [], "redis_stopped": False}, "redis is not running; nothing to stop")
+    result = town.stop(grace=args.grace)
+    redis_note = "redis stopped" if result["redis_stopped"] else "redis left running (external server)"
+    return _Reply(result, f"stopped agents: {', '.join(result['agents']) or 'none'}; {redis_note}")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_status(town: Town, args: Any) -> _Reply:
+    """The town at a glance: its Redis, agents (state, liveness, inbox, task) and task counts.
+
+    Example: tt status --tasks
+    """
+    status = town.status(deep=args.deep)
+    names = _Names(town, town.list_agents())
+    tasks = town.tasks() if args.tasks else []
+    if args.tasks:
+        status["task_list"] = [names.add_to(t.to_dict()) for t in tasks]
+    status["agents"] = [names.add_to(agent) for agent in status["agents"]]
+    redis_pid = f" (pid {status['redis']['pid']})" if status["redis"]["pid"] else ""
+    lines = [f"town {status['town']} at {status['root']}", f"redis {status['redis']['url']}{redis_pid}",
+             f"agents: {len(status['agents'])}"]
+    for agent in status["agents"]:
+        lines.append("  " + _agent_line(agent))
+        if agent["pending"]:
+            lines.append(f"      pending: {_counts_text(agent['pending'])}")
+        lines += [f"      {entry}" for entry in agent.get("recent_rounds", [])]
+        lines += [f"      | {entry}" for entry in agent.get("log_tail", [])]
+    lines.append(f"tasks: {_counts_text(status['tasks'])}; backlog: {status['backlog']};"
+                 f" conductor inbox: {status['conductor_inbox']}")
+    lines += ["  " + _task_line(task, names) for task in tasks]
+    return _Reply(status, "\n".join(lines))
+
+
+@_uses_town(_TownUse.NONE)
+def _cmd_config(town: None, args: Any) -> _Reply:
+    """Show the config, one key, or set a key (the file keeps its comments).
+
+    Keys are dotted: name, default_cli, max_agents, redis.port, agent.max_rounds, ...
+
+    Example: tt config agent.max_rounds 5
+    """
+    root = _town_root(args)
+    path = root.resolve() / CONFIG_FILE
+    config = load_config(path)
+    if args.key == "name" and args.value is not None and args.value.strip("'\"") != config.name:
+        with contextlib.closing(_open_town(root, _TownUse.NEVER_START)) as current:  # keys are named after the town
+            if current.server.ping() and current.redis.exists(current.keys.agents, current.keys.tasks):
+                raise ConfigError(f"town {config.name!r} has agents or tasks in Redis, which a new"
+                                  " name would strand; keep the name or `tt reset --force` first")
+    if args.key and args.value is not None:
+        value = set_config_value(path, args.key, args.value)
+        return _Reply({args.key: value}, f"{args.key} = {_toml_value(value)}")
+    if args.key:
+        value = get_config_value(config, args.key)
+        return _Reply(value, _config_text(value, args.key) if isinstance(value, dict) else str(value))
+    data = config.to_dict()
+    return _Reply(data, _config_text(data))
+
+
+def _cmd_reset(town: Town, args: Any) -> _Reply:
+    """Delete the town's Redis keys; without --force it only shows what it would delete.
+
+    Example: tt reset --agents-only --force
+    """
+    keys = town.reset(agents_only=args.agents_only, force=args.force)
+    what = "deleted" if args.force else "would delete (add --force)"
+    return _Reply({"deleted" if args.force else "would_delete": keys}, f"{what} {_count(len(keys), 'key')}")
+
+
+def _conductor_context(town: Town) -> str:
+    status = town.status()
+    agents = "\n".join("- " + _agent_line(a) for a in status["agents"]) or "- none yet"
+    return (f"You are the conductor of the Tinytown town {town.name!r} at {town.root}.\n"
+            f"You orchestrate AI coding agents with the `tt` command; you do not code yourself.\n\n"
+            f"Agents:\n{agents}\n\nTasks: {_counts_text(status['tasks'])}; backlog: {status['backlog']}\n\n"
+            "Commands: `tt spawn NAME --cli CLI [--role R]`, `tt assign AGENT \"TASK\"`,"
+            " `tt backlog add \"TASK\" --tags T`, `tt send AGENT \"MSG\" [--urgent]`,"
+            " `tt inbox` (your messages), `tt status`, `tt task list`, `tt task wait ID`,"
+            " `tt kill AGENT`, `tt stop`.\n"
+            "Reviewer pattern: for each piece of work, assign it to a worker, then assign a"
+            " review of the result to a second agent with the role `reviewer`, and only"
+            " accept the work when the reviewer approves.\n")
+
+
+def _launch_conductor(town: Town, agent_cli: AgentCLI, context: str) -> int:
+    """Run the CLI's full command line with the context as its prompt (stdin or {prompt_file})."""
+    try:
+        town._check_cli_installed(agent_cli)
+    except CLINotFound as exc:
+        raise CLINotFound(exc.cli, exc.program, hint="configure it in tinytown.toml") from None
+    prompt_file = town.root / RUNTIME_DIR / "agents" / "conductor-prompt.md"
+    prompt_file.parent.mkdir(parents=True, exist_ok=True)
+    prompt_file.write_text(context, encoding="utf-8")
+    command = _fill_command(agent_cli.command, prompt_file)
+    env = {**os.environ, **agent_cli.env, "TINYTOWN_TOWN": str(town.root),
+           "PATH": f"{_write_shims(town.root)}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(prompt_file, "rb") as prompt:
+        stdin = None if "{prompt_file}" in agent_cli.command else prompt
+        return subprocess.run(["sh", "-c", command], stdin=stdin, cwd=town.root, env=env).returncode
+
+
+def _cmd_conductor(town: Town, args: Any) -> _Reply:
+    """Start an AI CLI as the conductor, with the town's context as its prompt.
+
+    It runs the CLI's full command line (--cli, default: default_cli), the prompt on
+    stdin or in {prompt_file}, as for agents. Without a terminal, or with --json, it
+    prints the context instead.
+
+    Example: tt conductor --cli claude
+    """
+    agent_cli = town.config.cli(args.cli or town.config.default_cli)  # an unknown --cli is an error
+    context = _conductor_context(town)
+    if args.json or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        if not args.json:
+            print(f"tt: no terminal, so printing the conductor's context instead of starting"
+                  f" {agent_cli.name}", file=sys.stderr)
+        return _Reply({"cli": agent_cli.name, "context": context}, context)
+    return _Reply(None, "", _launch_conductor(town, agent_cli, context))
+
+
+# -- agents --------------------------------------------------------------------
+
+def _cmd_spawn(town: Town, args: Any) -> _Reply:
+    """Register an agent and start its loop (in the background unless --foreground).
+
+    The loop runs the agent's CLI once per round; its log is .tt/logs/NAME.log.
+
+    Example: tt spawn worker-1 --cli claude --role backend
+    """
+    handle = town.spawn_agent(args.name, args.cli, role=args.role, nickname=args.nickname,
+                              parent=args.parent, max_rounds=args.max_rounds, force=args.force,
+                              worktree=args.worktree, start=not args.foreground)
+    agent = handle.record()
+    names = _Names(town, [agent])
+    if args.foreground:
+        print(f"running {agent.name} in this terminal; Ctrl-C stops it (or `tt kill {agent.name}`"
+              " from another one)", file=sys.stderr)
+        logging.getLogger("tinytown").setLevel(logging.INFO)
+        final = AgentLoop(town, agent.id).run()
+        agent = handle.record()
+        return _Reply(names.add_to(agent.to_dict()), f"agent {agent.name} {final}")
+    return _Reply(names.add_to(agent.to_dict()), f"spawned {agent.name} ({agent.nickname}, {agent.id[:8]})"
+                  f" with {agent.cli}; log: .tt/logs/{agent.name}.log")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_list(town: Town, args: Any) -> _Reply:
+    """The agents, with state and liveness.
+
+    Example: tt list
+    """
+    agents = town.list_agents()
+    names = _Names(town, agents)
+    return _Reply([names.add_to({**a.to_dict(), "dead": a.dead}) for a in agents],
+                  "\n".join(map(_agent_line, agents)) or "no agents; `tt spawn NAME` starts one")
+
+
+def _cmd_kill(town: Town, args: Any) -> _Reply:
+    """Stop an agent at its next round boundary (its current CLI run finishes).
+
+    Example: tt kill worker-1
+    """
+    before = town.agent(args.agent).record()
+    agent = town.kill_agent(before.id)
+    text = (f"{agent.name} is already {before.state}" if before.terminal
+            else f"stopping {agent.name} (was {'dead' if before.dead else before.state})")
+    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), text)
+
+
+def _cmd_close(town: Town, args: Any) -> _Reply:
+    """Let an agent finish what is queued for it, take nothing new, then go cold.
+
+    Example: tt close worker-1
+    """
+    agent = town.close_agent(args.agent)
+    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()),
+                  f"closing {agent.name}: it finishes its queue, then goes cold")
+
+
+def _cmd_interrupt(town: Town, args: Any) -> _Reply:
+    """Pause an agent: it takes no new work after its current round (`tt resume` continues).
+
+    Example: tt interrupt worker-1
+    """
+    agent = town.interrupt_agent(args.agent)
+    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), f"paused {agent.name}")
+
+
+def _cmd_resume(town: Town, args: Any) -> _Reply:
+    """Resume a paused agent.
+
+    Example: tt resume worker-1
+    """
+    agent = town.resume_agent(args.agent)
+    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), f"resumed {agent.name}")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_wait(town: Town, args: Any) -> _Reply:
+    """Block until an agent has stopped (exit 1 on timeout).
+
+    Example: tt wait worker-1 --timeout 600
+    """
+    agent = town.wait_agent(args.agent, args.timeout)
+    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), f"{agent.name} is {agent.state}")
+
+
+def _cmd_restart(town: Town, args: Any) -> _Reply:
+    """Start a new loop for a stopped, cold or errored agent.
+
+    Example: tt restart worker-1 --rounds 5
+    """
+    agent = town.restart_agent(args.agent, args.rounds).record()
+    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), f"restarted {agent.name}")
+
+
+def _agents_reply(verb: str, agents: list[Agent]) -> _Reply:
+    listed = f": {', '.join(a.name for a in agents)}" if agents else ""
+    return _Reply([a.to_dict() for a in agents], f"{verb} {_count(len(agents), 'agent')}{listed}")
+
+
+def _cmd_prune(town: Town, args: Any) -> _Reply:
+    """Delete stopped agents (--all: also those still holding work, which goes to the backlog).
+
+    Example: tt prune --all
+    """
+    return _agents_reply("removed", town.prune(include_busy=args.all))
+
+
+def _cmd_recover(town: Town, args: Any) -> _Reply:
+    """Mark agents whose loop died as stopped and put back the work they had taken.
+
+    Example: tt recover
+    """
+    return _agents_reply("recovered", town.recover())
+
+
+def _cmd_reclaim(town: Town, args: Any) -> _Reply:
+    """Work held by stopped or dead agents: listed, or moved with --to-backlog or --to A.
+
+    Example: tt reclaim --from worker-1 --to worker-2
+    """
+    messages = town.reclaim(to_backlog=args.to_backlog, to=args.to, source=args.source)
+    names = _Names(town)
+    verb = "moved" if (args.to_backlog or args.to) else "held (use --to-backlog or --to A to move them)"
+    return _Reply([names.add_to(m.to_dict()) for m in messages],
+                  "\n".join([f"{_count(len(messages), 'message')} {verb}",
+                             *(_message_line(m, names) for m in messages)]))
+
+
+# -- work ----------------------------------------------------------------------
+
+def _cmd_assign(town: Town, args: Any) -> _Reply:
+    """Create a task and assign it to an agent; prints the task id.
+
+    Example: tt assign worker-1 "Implement the login API" --tags backend
+    """
+    task = town.assign(args.agent, args.description, tags=_tags(args.tags), parent=args.parent,
+                       priority=_priority(args), sender=_sender(args))
+    return _task_reply(task, _Names(town), task.id)
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_task_show(town: Town, args: Any) -> _Reply:
+    """One task: state, agent, tags, attempts and result.
+
+    Example: tt task show 3f2a9c1e
+    """
+    task = town.task(args.id)
+    names = _Names(town)
+    details = [f"  {label}: {value}" for label, value in (
+        ("description", task.description), ("agent", names.show(task.assigned_to)),
+        ("tags", ", ".join(task.tags)), ("parent", task.parent_id), ("attempts", task.attempts),
+        ("created", task.created_at), ("finished", task.completed_at), ("result", task.result)) if value]
+    return _task_reply(task, names, "\n".join([_task_line(task, names), *details]))
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_task_list(town: Town, args: Any) -> _Reply:
+    """Tasks, oldest first (--state, --agent to narrow).
+
+    Example: tt task list --state running
+    """
+    return _tasks_reply(town.tasks(args.state, args.agent), _Names(town), "no tasks")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_task_current(town: Town, args: Any) -> _Reply:
+    """An agent's open tasks (inside an agent: its own).
+
+    Example: tt task current worker-1
+    """
+    who = args.agent or os.environ.get("TINYTOWN_AGENT_ID")
+    if not who:
+        raise _UsageError("which agent? `tt task current AGENT` (inside an agent it is implied)",
+                          args.parser.format_usage())
+    agent_id = town.agent(who).id
+    return _tasks_reply([t for t in town.tasks(agent=agent_id) if not t.terminal], _Names(town), "no open tasks")
+
+
+def _cmd_task_complete(town: Town, args: Any) -> _Reply:
+    """Mark a task completed (a terminal task stays as it is).
+
+    Example: tt task complete 3f2a9c1e --result "login API done, tests pass"
+    """
+    return _task_reply(town.complete_task(args.id, args.result), _Names(town))
+
+
+def _cmd_task_fail(town: Town, args: Any) -> _Reply:
+    """Mark a task failed, with the reason.
+
+    Example: tt task fail 3f2a9c1e --error "the API spec is missing"
+    """
+    return _task_reply(town.fail_task(args.id, args.error), _Names(town))
+
+
+def _cmd_task_cancel(town: Town, args: Any) -> _Reply:
+    """Cancel a task.
+
+    Example: tt task cancel 3f2a9c1e
+    """
+    return _task_reply(town.cancel_task(args.id), _Names(town))
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_task_wait(town: Town, args: Any) -> _Reply:
+    """Block until a task ends: exit 0 when it completed, 1 when it failed, was cancelled or timed out.
+
+    Example: tt task wait 3f2a9c1e --timeout 600
+    """
+    task = town.wait_task(args.id, args.timeout)
+    reply = _task_reply(task, _Names(town))
+    reply.exit_code = 0 if task.state == TaskState.COMPLETED else 1
+    return reply
+
+
+def _cmd_backlog_add(town: Town, args: Any) -> _Reply:
+    """Add an unassigned task; idle agents whose role or name is in its tags claim it. Prints its id.
+
+    Example: tt backlog add "Fix the flaky test" --tags backend,tests
+    """
+    task = town.backlog_add(args.description, _tags(args.tags))
+    return _task_reply(task, _Names(town), task.id)
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_backlog_list(town: Town, args: Any) -> _Reply:
+    """The backlog, in the order agents claim it.
+
+    Example: tt backlog list
+    """
+    return _tasks_reply(town.backlog(), _Names(town), "the backlog is empty")
+
+
+def _cmd_backlog_claim(town: Town, args: Any) -> _Reply:
+    """Give one backlog task to an agent.
+
+    Example: tt backlog claim 3f2a9c1e worker-1
+    """
+    task = town.claim(args.id, args.agent)
+    names = _Names(town)
+    return _task_reply(task, names, f"{task.id[:8]} -> {names.show(task.assigned_to)}")
+
+
+def _cmd_backlog_assign_all(town: Town, args: Any) -> _Reply:
+    """Give the whole backlog to an agent.
+
+    Example: tt backlog assign-all worker-1
+    """
+    tasks = town.assign_all(args.agent)
+    names = _Names(town)
+    agent_name = names.show(town.agent(args.agent).id)
+    return _Reply([names.add_to(t.to_dict()) for t in tasks], f"assigned {_count(len(tasks), 'task')} to {agent_name}")
+
+
+def _cmd_backlog_remove(town: Town, args: Any) -> _Reply:
+    """Take a task off the backlog (it is cancelled, not deleted).
+
+    Example: tt backlog remove 3f2a9c1e
+    """
+    task = town.backlog_remove(args.id)
+    return _task_reply(task, _Names(town), f"removed {task.id[:8]} from the backlog (cancelled)")
+
+
+# -- messages ------------------------------------------------------------------
+
+def _cmd_send(town: Town, args: Any) -> _Reply:
+    """Send a message (default type task) to an agent or the conductor.
+
+    A text that starts with a dash goes after `--`: tt send worker-1 -- "--force is fine".
+
+    Example: tt send worker-1 "Use bcrypt for the passwords" --urgent
+    """
+    message = town.send(args.to, args.message, _message_kind(args, MessageType.TASK),
+                        priority=_priority(args), sender=_sender(args))
+    names = _Names(town)
+    return _Reply(names.add_to(message.to_dict()), f"sent {message.type} {message.id[:8]} to {names.show(message.to)}")
+
+
+def _cmd_broadcast(town: Town, args: Any) -> _Reply:
+    """Send the same message (default type info) to every live agent.
+
+    Example: tt broadcast "Freeze merges until the release is out" --high
+    """
+    copies = town.broadcast(args.message, _message_kind(args, MessageType.INFO),
                             priority=_priority(args), sender=_sender(args))
-        return message.to_dict(), f"sent {message.type} {message.id[:8]} to {args.to}"
+    names = _Names(town)
+    return _Reply([names.add_to(m.to_dict()) for m in copies], f"sent to {_count(len(copies), 'agent')}")
 
 
-def _cmd_broadcast(args: Any) -> tuple[Any, str]:
-    """Send the same message to every live agent."""
-    with _open_town(args) as town:
-        copies = town.broadcast(args.message, _message_kind(args, MessageType.INFO),
-                                priority=_priority(args), sender=_sender(args))
-        return [m.to_dict() for m in copies], f"sent to {len(copies)} agents"
+@_uses_town(_TownUse.READ)
+def _cmd_inbox(town: Town, args: Any) -> _Reply:
+    """Pending messages of an agent (default: this agent, else the conductor), left in place.
+
+    Example: tt inbox worker-1
+    """
+    if args.all:
+        agents = town.list_agents()
+        names = _Names(town, agents)
+        counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
+        data = {names.show(agent_id): c for agent_id, c in counts.items()}
+        return _Reply(data, "\n".join(f"{name:<16} {_counts_text(c) if c else 'empty'}" for name, c in data.items()))
+    agent_id = town.resolve_agent(args.agent or os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID)
+    messages = town.channel.peek(agent_id)
+    names = _Names(town)
+    counts: dict[str, int] = {}
+    for message in messages:
+        counts[message.type] = counts.get(message.type, 0) + 1
+    lines = [_message_line(m, names) for m in messages] + [_counts_text(counts)]
+    return _Reply([names.add_to(m.to_dict()) for m in messages],
+                  "\n".join(lines) if messages else f"no pending messages for {names.show(agent_id)}")
 
 
-def _cmd_inbox(args: Any) -> tuple[Any, str]:
-    """Pending messages of an agent (default: the conductor), left in place."""
-    with _open_town(args) as town:
-        if args.all:
-            agents = town.list_agents()
-            counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
-            names = {CONDUCTOR_ID: "conductor", **{a.id: a.name for a in agents}}
-            data = {names[i]: c for i, c in counts.items()}
-            return data, "\n".join(f"{name:<16} " + (", ".join(f"{n} {k}" for k, n in c.items()) or "empty")
-                                   for name, c in data.items())
-        who = args.agent or os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID
-        agent_id = town.resolve_agent(who)
-        messages = town.channel.peek(agent_id)
-        counts: dict[str, int] = {}
-        for message in messages:
-            counts[message.type] = counts.get(message.type, 0) + 1
-        summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
-        return ([m.to_dict() for m in messages],
-                "\n".join([*map(_message_line, messages), summary]) if messages else "no pending messages")
+# -- inspection ----------------------------------------------------------------
+
+def _events_reply(town: Town, count: int, agent: str | None) -> _Reply:
+    agent_id = town.resolve_agent(agent) if agent else None
+    names = _Names(town)
+    events = town.channel.events(count, agent_id)
+    return _Reply([names.add_to(e) for e in events], "\n".join(_event_line(e, names) for e in events) or "no events")
 
 
-def _cmd_task(args: Any) -> Any:
-    """Tasks: show, list, current, complete, fail, cancel, wait."""
-    with _open_town(args) as town:
-        action = args.task_command
-        if action == "list":
-            tasks = town.tasks(args.state, args.agent)
-            return [t.to_dict() for t in tasks], "\n".join(map(_task_line, tasks)) or "no tasks"
-        if action == "current":
-            who = args.agent or os.environ.get("TINYTOWN_AGENT_ID")
-            if not who:
-                raise TinytownError("which agent? `tt task current AGENT` (inside an agent it is implied)")
-            agent_id = town.agent(who).id
-            tasks = [t for t in town.tasks(agent=agent_id) if not t.terminal]
-            return [t.to_dict() for t in tasks], "\n".join(map(_task_line, tasks)) or "no open tasks"
-        if action == "wait":
-            task = town.wait_task(args.id, args.timeout)
-            line = _task_line(task)
-            return (task.to_dict(), line) if task.state == TaskState.COMPLETED else (1, task.to_dict(), line)
-        task = {"show": lambda: town.task(args.id),
-                "complete": lambda: town.complete_task(args.id, args.result),
-                "fail": lambda: town.fail_task(args.id, args.error),
-                "cancel": lambda: town.cancel_task(args.id)}[action]()
-        detail = f"\n  result: {task.result}" if task.result else ""
-        return task.to_dict(), _task_line(task) + detail
+@_uses_town(_TownUse.READ)
+def _cmd_history(town: Town, args: Any) -> _Reply:
+    """The newest events of the town (or of one agent), oldest first.
+
+    Example: tt history -n 50 --agent worker-1
+    """
+    return _events_reply(town, args.count, args.agent)
 
 
-def _cmd_backlog(args: Any) -> tuple[Any, str]:
-    """Unassigned work: add, list, claim, assign-all, remove."""
-    with _open_town(args) as town:
-        action = args.backlog_command
-        if action == "add":
-            task = town.backlog_add(args.description, _tags(args.tags))
-            return task.to_dict(), task.id
-        if action == "list":
-            tasks = town.backlog()
-            return [t.to_dict() for t in tasks], "\n".join(map(_task_line, tasks)) or "the backlog is empty"
-        if action == "claim":
-            task = town.claim(args.id, args.agent)
-            return task.to_dict(), f"{task.id[:8]} -> {args.agent}"
-        if action == "assign-all":
-            tasks = town.assign_all(args.agent)
-            return [t.to_dict() for t in tasks], f"assigned {len(tasks)} tasks to {args.agent}"
-        task = town.backlog_remove(args.id)
-        return task.to_dict(), f"removed {task.id[:8]} from the backlog (cancelled)"
+def _follow_events(town: Town, agent_id: str | None) -> Iterator[_Reply]:
+    names = _Names(town)
+    for event in town.channel.follow_events():
+        if event and (agent_id is None or event.get("agent") == agent_id):
+            yield _Reply(names.add_to(event), _event_line(event, names))
 
 
-def _lifecycle(action: str) -> Callable[[Any], tuple[Any, str]]:
-    def command(args: Any) -> tuple[Any, str]:
-        with _open_town(args) as town:
-            method = {"kill": town.kill_agent, "close": town.close_agent,
-                      "interrupt": town.interrupt_agent, "resume": town.resume_agent}[action]
-            agent = method(args.agent)
-            return agent.to_dict(), f"{action}: {agent.name} is {agent.state}"
-    command.__doc__ = {"kill": "Stop an agent at its next round boundary.",
-                       "close": "Let an agent finish its queue, then go cold.",
-                       "interrupt": "Pause an agent (it takes no new work).",
-                       "resume": "Resume a paused agent."}[action]
-    return command
+@_uses_town(_TownUse.READ)
+def _cmd_events(town: Town, args: Any) -> _Reply | Iterator[_Reply]:
+    """The event stream; --follow prints new events as they happen (one JSON line each with --json).
+
+    Example: tt events --follow --agent worker-1
+    """
+    if not args.follow:
+        return _events_reply(town, args.count, args.agent)
+    return _follow_events(town, town.resolve_agent(args.agent) if args.agent else None)
 
 
-def _cmd_wait(args: Any) -> tuple[Any, str]:
-    """Block until an agent stops (exit 1 on timeout)."""
-    with _open_town(args) as town:
-        agent = town.wait_agent(args.agent, args.timeout)
-        return agent.to_dict(), f"{agent.name} is {agent.state}"
+# -- internal ------------------------------------------------------------------
+
+def _cmd_agent_loop(town: Town, args: Any) -> _Reply:
+    """(internal) Run one agent's loop in this process; `tt spawn` starts it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    final = AgentLoop(town, args.agent_id).run()
+    return _Reply(None, "", 0 if final != AgentState.ERROR else 1)
 
 
-def _cmd_restart(args: Any) -> tuple[Any, str]:
-    """Start a new loop for a stopped agent."""
-    with _open_town(args) as town:
-        agent = town.restart_agent(args.agent, args.rounds).record()
-        return agent.to_dict(), f"restarted {agent.name}"
-
-
-def _cmd_prune(args: Any) -> tuple[Any, str]:
-    """Delete stopped agents (--all: also those still holding work; it goes to the backlog)."""
-    with _open_town(args) as town:
-        removed = town.prune(include_busy=args.all)
-        return [a.to_dict() for a in removed], f"removed {len(removed)} agents: " + \
-            ", ".join(a.name for a in removed)
-
-
-def _cmd_recover(args: Any) -> tuple[Any, str]:
-    """Mark agents whose loop died as stopped and requeue what they had taken."""
-    with _open_town(args) as town:
-        agents = town.recover()
-        return [a.to_dict() for a in agents], f"recovered {len(agents)} agents: " + \
-            ", ".join(a.name for a in agents)
-
-
-def _cmd_reclaim(args: Any) -> tuple[Any, str]:
-    """Work held by stopped or dead agents; lists only, unless --to-backlog or --to A."""
-    with _open_town(args) as town:
-        messages = town.reclaim(to_backlog=args.to_backlog, to=args.to, source=args.source)
-        verb = "moved" if (args.to_backlog or args.to) else "held (use --to-backlog or --to A to move)"
-        return ([m.to_dict() for m in messages],
-                f"{len(messages)} messages {verb}\n" + "\n".join(map(_message_line, messages)))
-
-
-def _cmd_reset(args: Any) -> tuple[Any, str]:
-    """Delete the town's Redis keys (a preview without --force)."""
-    with _open_town(args) as town:
-        keys = town.reset(agents_only=args.agents_only, force=args.force)
-        what = "deleted" if args.force else "would delete (add --force)"
-        return {"deleted" if args.force else "would_delete": keys}, f"{what} {len(keys)} keys"
-
-
-def _event_line(event: dict[str, str], names: dict[str, str]) -> str:
-    def shown(key: str, value: str) -> str:
-        if key == "agent":
-            return names.get(value, value[:8])
-        return value[:8] if key == "task" else value[:60]
-    rest = " ".join(f"{k}={shown(k, v)}" for k, v in event.items() if k not in ("id", "event", "at"))
-    return f"{event.get('at', '')} {event.get('event', ''):<18} {rest}"
-
-
-def _agent_names(town: Town) -> dict[str, str]:
-    return {CONDUCTOR_ID: "conductor", **{a.id: a.name for a in town.list_agents()}}
-
-
-def _cmd_events(args: Any) -> int | tuple[Any, str]:
-    """Events; --follow streams new ones as they happen (blocking XREAD)."""
-    with _open_town(args) as town:
-        agent_id = town.resolve_agent(args.agent) if args.agent else None
-        names = _agent_names(town)
-        if not args.follow:
-            events = town.channel.events(args.count, agent_id)
-            return events, "\n".join(_event_line(e, names) for e in events) or "no events"
-        for event in town.channel.follow_events():
-            if event and (agent_id is None or event.get("agent") == agent_id):
-                names = names if event.get("agent", CONDUCTOR_ID) in names else _agent_names(town)
-                print(json.dumps(event) if args.json else _event_line(event, names), flush=True)
-        return 0
-
-
-def _cmd_conductor(args: Any) -> int | tuple[Any, str]:
-    """Start an AI CLI as the conductor, with the town's context (printed without a terminal)."""
-    with _open_town(args) as town:
-        status = town.status()
-        agents = "\n".join("- " + _agent_line(a) for a in status["agents"]) or "- none yet"
-        context = (f"You are the conductor of the Tinytown town {town.name!r} at {town.root}.\n"
-                   f"You orchestrate AI coding agents with the `tt` command; you do not code yourself.\n\n"
-                   f"Agents:\n{agents}\n\nTasks: {status['tasks'] or 'none'}; backlog: {status['backlog']}\n\n"
-                   "Commands: `tt spawn NAME --cli CLI [--role R]`, `tt assign AGENT \"TASK\"`,"
-                   " `tt backlog add \"TASK\" --tags T`, `tt send AGENT \"MSG\" [--urgent]`,"
-                   " `tt inbox` (your messages), `tt status`, `tt task list`, `tt task wait ID`,"
-                   " `tt kill AGENT`, `tt stop`.\n"
-                   "Reviewer pattern: for each piece of work, assign it to a worker, then assign a"
-                   " review of the result to a second agent with the role `reviewer`, and only"
-                   " accept the work when the reviewer approves.\n")
-        if args.json or not (sys.stdin.isatty() and sys.stdout.isatty()):
-            return {"context": context}, context
-        executable = shlex.split(_fill_command(town.config.cli(args.cli or town.config.default_cli)
-                                               .command, Path("-")))[0]
-        if not shutil.which(executable):
-            raise SpawnError(f"`{executable}` is not on PATH; install it or pick --cli")
-        env = {**os.environ, "TINYTOWN_TOWN": str(town.root),
-               "PATH": f"{_write_shims(town.root)}{os.pathsep}{os.environ.get('PATH', '')}"}
-        return subprocess.run([executable, context], cwd=town.root, env=env).returncode
-
-
-def _cmd_agent_loop(args: Any) -> int:
-    """(internal) Run one agent's loop in this process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        force=True)
-    town = Town(args.town)
-    town.release()
-    with contextlib.closing(town):
-        final = AgentLoop(town, args.agent_id).run()
-    return 0 if final != AgentState.ERROR else 1
-
-
-def _cmd_demo_agent(args: Any) -> int:
+@_uses_town(_TownUse.NONE)
+def _cmd_demo_agent(town: None, args: Any) -> _Reply:
     """(internal) The scripted demo CLI: reads a prompt on stdin."""
-    return demo_agent(sys.stdin.read())
+    return _Reply(None, "", demo_agent(sys.stdin.read()))
 
 
-def _build_parser() -> Any:
-    import argparse
-    parser = argparse.ArgumentParser(prog="tt", description="Tinytown: orchestrate AI coding agents"
-                                     " through Redis. Every command accepts --json.")
-    parser.add_argument("-t", "--town", default=os.environ.get("TINYTOWN_TOWN") or ".",
-                        help="the town's folder (default: $TINYTOWN_TOWN, else .)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details and tracebacks")
-    parser.add_argument("--version", action="version", version=f"tinytown {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+# -- parser --------------------------------------------------------------------
 
-    def command(name: str, handler: Callable[..., Any], help: str | None = None) -> Any:
-        sub = commands.add_parser(name, help=help or (handler.__doc__ or "").split("\n")[0])
-        sub.set_defaults(handler=handler)
+class _UsageError(TinytownError):
+    """A command line argparse (or a command) cannot use; `usage` is the subcommand's."""
+
+    def __init__(self, message: str, usage: str):
+        self.message, self.usage = message, usage
+        super().__init__(message)
+
+    @property
+    def code(self) -> str:
+        return "usage"
+
+
+def _did_you_mean(value: str, candidates: Iterable[str]) -> str:
+    import difflib
+    close = difflib.get_close_matches(value, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors main() reports (as text or JSON), with suggestions."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise _UsageError(message, self.format_usage())
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is None or value in action.choices:
+            return
+        if isinstance(action, argparse._SubParsersAction):
+            visible = [name for name in action.choices if name not in _INTERNAL_COMMANDS]
+            self.error(f"unknown {'command' if self.prog == _prog_name() else 'action'} {_shown(value)}"
+                       f"{_did_you_mean(value, visible)} (`{self.prog} --help` lists them)")
+        self.error(f"{'/'.join(action.option_strings) or action.dest} must be one of"
+                   f" {', '.join(map(str, action.choices))}, not {_shown(value)}{_did_you_mean(value, action.choices)}")
+
+    def unknown(self, extras: list[str]) -> NoReturn:
+        """Report arguments no option or positional took, with the closest option."""
+        first = next((arg for arg in extras if arg.startswith("-")), extras[0])
+        if first.startswith("-"):
+            options = [s for action in self._actions for s in action.option_strings]
+            self.error(f"unknown option {first}{_did_you_mean(first.split('=')[0], options)}")
+        self.error(f"unexpected argument {_shown(first)} (quote a text with spaces; put a text"
+                   " that starts with a dash after --)")
+
+
+_INTERNAL_COMMANDS = ("agent-loop", "demo-agent")
+
+# The top-level help lists commands in these groups; the internal ones are left out.
+_COMMAND_GROUPS = {
+    "town": ("init", "start", "stop", "config", "reset", "conductor"),
+    "agents": ("spawn", "list", "kill", "close", "interrupt", "resume", "wait", "restart", "prune",
+               "recover", "reclaim"),
+    "work": ("assign", "task", "backlog"),
+    "messages": ("send", "broadcast", "inbox"),
+    "inspection": ("status", "history", "events"),
+}
+
+
+def _prog_name() -> str:
+    """`tt`, or how this copy was started: `tinytown`, `python -m tinytown`, a vendored `tinytown.py`."""
+    started_as = Path(sys.argv[0]).name
+    if started_as == "tinytown.py":
+        return "python -m tinytown" if "-m" in sys.orig_argv[1:3] else started_as
+    return started_as if started_as == "tinytown" else "tt"
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-t, -v and --json, accepted before or after the command.
+
+    Below the top they default to SUPPRESS, so an option given before the command is kept.
+    """
+    unset = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("-t", "--town", metavar="PATH", **({"default": None} if top else unset),
+                        help="the town's folder (default: $TINYTOWN_TOWN, else the nearest folder"
+                             " at or above this one holding tinytown.toml)")
+    parser.add_argument("-v", "--verbose", action="store_true", **unset,
+                        help="log details, and the traceback of an error")
+    parser.add_argument("--json", action="store_true", **unset,
+                        help="print one JSON document (errors too: {\"error\", \"code\"})")
+
+
+def _build_parser() -> _Parser:
+    prog = _prog_name()
+    summaries: dict[str, str] = {}
+
+    def help_parts(doc: str) -> tuple[str, str, str]:
+        """(one-line summary, description, example epilog) from a command's docstring."""
+        description, _, example = inspect.cleandoc(doc).partition("\n\nExample: ")
+        return description.split("\n")[0], description, f"example:\n  {example}" if example else ""
+
+    def add(commands: Any, name: str, handler: Callable[..., Any] | None = None, doc: str = "") -> _Parser:
+        summary, description, example = help_parts(handler.__doc__ or "" if handler else doc)
+        sub = commands.add_parser(name, description=description, epilog=example, allow_abbrev=False,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        summaries[sub.prog] = summary
+        _add_global_options(sub, top=False)
+        if handler:
+            sub.set_defaults(handler=handler, parser=sub)
         return sub
 
-    def message_flags(sub: Any, kinds: bool = True) -> None:
+    def actions(parent: _Parser, name: str) -> Any:
+        return parent.add_subparsers(dest="action", metavar="ACTION", required=True, prog=f"{prog} {name}",
+                                     help=argparse.SUPPRESS)
+
+    def listing(group: str, parent: str, names: Iterable[str]) -> str:
+        """A group of subcommands with their summaries, for a parser's description."""
+        return f"{group}:\n" + "\n".join(f"  {name:<11} {summaries[f'{parent} {name}']}" for name in names)
+
+    def message_options(sub: _Parser, kinds: bool = True) -> None:
         if kinds:
             kind = sub.add_mutually_exclusive_group()
-            for flag in ("query", "info", "ack"):
-                kind.add_argument(f"--{flag}", action="store_true", help=f"send as {flag}")
+            kind.add_argument("--query", action="store_true", help="send a question (the agent answers with tt send)")
+            kind.add_argument("--info", action="store_true", help="send information (nothing to act on)")
+            kind.add_argument("--ack", action="store_true", help="send an acknowledgement")
         level = sub.add_mutually_exclusive_group()
-        level.add_argument("--urgent", action="store_true", help="ahead of everything")
-        level.add_argument("--high", action="store_true", help="ahead of normal messages")
-        sub.add_argument("--from", dest="sender", help="sender (default: this agent, else the conductor)")
+        level.add_argument("--urgent", action="store_true", help="deliver ahead of everything")
+        level.add_argument("--high", action="store_true", help="deliver ahead of normal messages")
+        sub.add_argument("--from", dest="sender", metavar="AGENT",
+                         help="the sender (default: this agent, else the conductor)")
 
-    command("init", _cmd_init).add_argument("--name", help="town name (default: the folder's)")
-    command("start", _cmd_start)
-    command("stop", _cmd_stop).add_argument("--grace", type=float, default=STOP_GRACE_SECS,
-                                            help="seconds to let running rounds finish")
-    sub = command("status", _cmd_status)
-    sub.add_argument("--deep", action="store_true", help="recent rounds and log tails")
-    sub.add_argument("--tasks", action="store_true", help="list every task")
-    sub = command("config", _cmd_config)
-    sub.add_argument("key", nargs="?")
-    sub.add_argument("value", nargs="?")
-    sub = command("spawn", _cmd_spawn)
-    sub.add_argument("name")
-    sub.add_argument("--cli", help="preset or [agent_clis] name (default: default_cli)")
-    sub.add_argument("--role")
-    sub.add_argument("--nickname")
-    sub.add_argument("--parent", help="the agent that spawned this one")
-    sub.add_argument("--max-rounds", type=int)
+    agent_help = "the agent: name, id, id prefix or nickname"
+    task_help = "the task id, or a unique prefix of it"
+    parser = _Parser(prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     usage=f"{prog} [-t PATH] [-v] [--json] COMMAND [ARGS]",
+                     epilog=f"example:\n  {prog} init && {prog} spawn w1 --cli demo && {prog} assign w1"
+                            f" \"Write the README\"\n\n`{prog} COMMAND --help` explains a command.")
+    _add_global_options(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"tinytown {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog=prog,
+                                     help=argparse.SUPPRESS)
+
+    add(commands, "init", _cmd_init).add_argument("--name", help="the town's name (default: the folder's)")
+    add(commands, "start", _cmd_start)
+    add(commands, "stop", _cmd_stop).add_argument(
+        "--grace", type=float, default=STOP_GRACE_SECS, metavar="SECONDS",
+        help=f"how long running rounds may finish before their loops are ended (default: {STOP_GRACE_SECS:g})")
+    sub = add(commands, "status", _cmd_status)
+    sub.add_argument("--deep", action="store_true", help="also each agent's recent rounds and log tail")
+    sub.add_argument("--tasks", action="store_true", help="also list every task")
+    sub = add(commands, "config", _cmd_config)
+    sub.add_argument("key", nargs="?", help="a dotted key, e.g. agent.max_rounds (default: show all)")
+    sub.add_argument("value", nargs="?", help="the new value (default: show the key's value)")
+    sub = add(commands, "reset", _cmd_reset)
+    sub.add_argument("--force", action="store_true", help="really delete (default: only show)")
+    sub.add_argument("--agents-only", action="store_true", help="delete the agents, keep tasks and the backlog")
+    add(commands, "conductor", _cmd_conductor).add_argument(
+        "--cli", help="a preset or [agent_clis] name (default: default_cli)")
+
+    sub = add(commands, "spawn", _cmd_spawn)
+    sub.add_argument("name", help="the agent's name: 1-64 letters, digits, '.', '_' or '-'")
+    sub.add_argument("--cli", help="a preset or [agent_clis] name (default: default_cli)")
+    sub.add_argument("--role", help="its role; backlog tasks tagged with it are claimed by it")
+    sub.add_argument("--nickname", help="another name to refer to it by (default: picked for it)")
+    sub.add_argument("--parent", metavar="AGENT", help="the agent that spawned this one")
+    sub.add_argument("--max-rounds", type=int, metavar="N",
+                     help="CLI runs before the loop stops (default: agent.max_rounds)")
     sub.add_argument("--foreground", action="store_true", help="run the loop in this terminal")
     sub.add_argument("--worktree", action="store_true", help="work in a git worktree of its own")
     sub.add_argument("--force", action="store_true", help="skip the check that the CLI is installed")
-    command("list", _cmd_list)
-    sub = command("assign", _cmd_assign)
-    sub.add_argument("agent")
-    sub.add_argument("description")
-    sub.add_argument("--tags", help="comma-separated")
-    sub.add_argument("--parent", help="parent task id")
-    message_flags(sub, kinds=False)
-    sub = command("send", _cmd_send)
-    sub.add_argument("to")
-    sub.add_argument("message")
-    message_flags(sub)
-    sub = command("broadcast", _cmd_broadcast)
-    sub.add_argument("message")
-    message_flags(sub)
-    sub = command("inbox", _cmd_inbox)
+    add(commands, "list", _cmd_list)
+    for name, handler in (("kill", _cmd_kill), ("close", _cmd_close), ("interrupt", _cmd_interrupt),
+                          ("resume", _cmd_resume)):
+        add(commands, name, handler).add_argument("agent", help=agent_help)
+    sub = add(commands, "wait", _cmd_wait)
+    sub.add_argument("agent", help=agent_help)
+    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
+    sub = add(commands, "restart", _cmd_restart)
+    sub.add_argument("agent", help=agent_help)
+    sub.add_argument("--rounds", type=int, metavar="N", help="CLI runs before it stops again")
+    add(commands, "prune", _cmd_prune).add_argument(
+        "--all", action="store_true", help="also agents still holding work (it goes to the backlog)")
+    add(commands, "recover", _cmd_recover)
+    sub = add(commands, "reclaim", _cmd_reclaim)
+    where = sub.add_mutually_exclusive_group()
+    where.add_argument("--to-backlog", action="store_true", help="move tasks to the backlog (other messages to the conductor)")
+    where.add_argument("--to", metavar="AGENT", help="move everything to this agent")
+    sub.add_argument("--from", dest="source", metavar="AGENT", help="only this agent's work")
+
+    sub = add(commands, "assign", _cmd_assign)
+    sub.add_argument("agent", help=agent_help)
+    sub.add_argument("description", help="what to do")
+    sub.add_argument("--tags", help="comma-separated tags")
+    sub.add_argument("--parent", metavar="TASK", help="the parent task's id")
+    message_options(sub, kinds=False)
+
+    task_parser = add(commands, "task", doc="Tasks: show, list, current, complete, fail, cancel, wait."
+                      "\n\nExample: tt task list --state running")
+    task = actions(task_parser, "task")
+    add(task, "show", _cmd_task_show).add_argument("id", help=task_help)
+    sub = add(task, "list", _cmd_task_list)
+    sub.add_argument("--state", choices=[s.value for s in TaskState], help="only tasks in this state")
+    sub.add_argument("--agent", help="only this agent's tasks")
+    add(task, "current", _cmd_task_current).add_argument("agent", nargs="?", help="default: this agent")
+    sub = add(task, "complete", _cmd_task_complete)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("--result", help="what came of it")
+    sub = add(task, "fail", _cmd_task_fail)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("--error", required=True, help="why it failed")
+    add(task, "cancel", _cmd_task_cancel).add_argument("id", help=task_help)
+    sub = add(task, "wait", _cmd_task_wait)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
+
+    backlog_parser = add(commands, "backlog", doc="Unassigned work: add, list, claim, assign-all, remove."
+                         "\n\nExample: tt backlog add \"Fix the flaky test\" --tags tests")
+    backlog = actions(backlog_parser, "backlog")
+    sub = add(backlog, "add", _cmd_backlog_add)
+    sub.add_argument("description", help="what to do")
+    sub.add_argument("--tags", help="comma-separated roles or names that may claim it (default: anyone)")
+    add(backlog, "list", _cmd_backlog_list)
+    sub = add(backlog, "claim", _cmd_backlog_claim)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("agent", help=agent_help)
+    add(backlog, "assign-all", _cmd_backlog_assign_all).add_argument("agent", help=agent_help)
+    add(backlog, "remove", _cmd_backlog_remove).add_argument("id", help=task_help)
+
+    sub = add(commands, "send", _cmd_send)
+    sub.add_argument("to", help="an agent, or `conductor`")
+    sub.add_argument("message", help="the text")
+    message_options(sub)
+    sub = add(commands, "broadcast", _cmd_broadcast)
+    sub.add_argument("message", help="the text")
+    message_options(sub)
+    sub = add(commands, "inbox", _cmd_inbox)
     sub.add_argument("agent", nargs="?", help="default: this agent, else the conductor")
     sub.add_argument("--all", action="store_true", help="counts for every mailbox")
 
-    task = command("task", _cmd_task).add_subparsers(dest="task_command", required=True, metavar="ACTION")
-    task.add_parser("show", help="one task").add_argument("id")
-    sub = task.add_parser("list", help="tasks")
-    sub.add_argument("--state", choices=[s.value for s in TaskState])
-    sub.add_argument("--agent")
-    task.add_parser("current", help="an agent's open tasks").add_argument("agent", nargs="?")
-    sub = task.add_parser("complete", help="mark done")
-    sub.add_argument("id")
-    sub.add_argument("--result")
-    sub = task.add_parser("fail", help="mark failed")
-    sub.add_argument("id")
-    sub.add_argument("--error", required=True)
-    task.add_parser("cancel", help="cancel").add_argument("id")
-    sub = task.add_parser("wait", help="block until the task ends (exit 1 unless completed)")
-    sub.add_argument("id")
-    sub.add_argument("--timeout", type=float)
+    sub = add(commands, "history", _cmd_history)
+    sub.add_argument("-n", dest="count", type=int, default=20, metavar="N", help="how many (default: 20)")
+    sub.add_argument("--agent", help="only this agent's events")
+    sub = add(commands, "events", _cmd_events)
+    sub.add_argument("--count", type=int, default=20, metavar="N", help="how many (default: 20)")
+    sub.add_argument("--follow", action="store_true", help="keep printing new events (Ctrl-C stops)")
+    sub.add_argument("--agent", help="only this agent's events")
 
-    backlog = command("backlog", _cmd_backlog).add_subparsers(dest="backlog_command", required=True,
-                                                              metavar="ACTION")
-    sub = backlog.add_parser("add", help="new unassigned task")
-    sub.add_argument("description")
-    sub.add_argument("--tags", help="comma-separated roles or names that may claim it")
-    backlog.add_parser("list", help="the backlog")
-    sub = backlog.add_parser("claim", help="give a backlog task to an agent")
-    sub.add_argument("id")
-    sub.add_argument("agent")
-    backlog.add_parser("assign-all", help="give the whole backlog to an agent").add_argument("agent")
-    backlog.add_parser("remove", help="take a task off the backlog").add_argument("id")
+    add(commands, "agent-loop", _cmd_agent_loop).add_argument("agent_id", help="the agent's full id")
+    add(commands, "demo-agent", _cmd_demo_agent)
 
-    for action in ("kill", "close", "interrupt", "resume"):
-        command(action, _lifecycle(action)).add_argument("agent")
-    sub = command("wait", _cmd_wait)
-    sub.add_argument("agent")
-    sub.add_argument("--timeout", type=float)
-    sub = command("restart", _cmd_restart)
-    sub.add_argument("agent")
-    sub.add_argument("--rounds", type=int)
-    command("prune", _cmd_prune).add_argument("--all", action="store_true")
-    command("recover", _cmd_recover)
-    sub = command("reclaim", _cmd_reclaim)
-    where = sub.add_mutually_exclusive_group()
-    where.add_argument("--to-backlog", action="store_true")
-    where.add_argument("--to", help="agent to move the work to")
-    sub.add_argument("--from", dest="source", help="only this agent's work")
-    sub = command("reset", _cmd_reset)
-    sub.add_argument("--force", action="store_true", help="really delete")
-    sub.add_argument("--agents-only", action="store_true", help="keep tasks and the backlog")
-    sub = command("history", _cmd_events, help="The newest events of the town (or of one agent).")
-    sub.set_defaults(follow=False)
-    sub.add_argument("-n", dest="count", type=int, default=20)
-    sub.add_argument("--agent")
-    sub = command("events", _cmd_events)
-    sub.add_argument("--count", type=int, default=20)
-    sub.add_argument("--follow", action="store_true")
-    sub.add_argument("--agent")
-    command("conductor", _cmd_conductor).add_argument("--cli")
-    command("agent-loop", _cmd_agent_loop).add_argument("agent_id")
-    command("demo-agent", _cmd_demo_agent)
+    parser.description = "\n\n".join(["Tinytown: orchestrate AI coding agents through Redis.",
+                                       *(listing(group, prog, names) for group, names in _COMMAND_GROUPS.items())])
+    for sub, name, choices in ((task_parser, "task", task.choices), (backlog_parser, "backlog", backlog.choices)):
+        sub.description += "\n\n" + listing("actions", f"{prog} {name}", choices)
     return parser
+
+
+# -- main ----------------------------------------------------------------------
+
+def _report(error: BaseException, as_json: bool) -> int:
+    """An error as one line on stderr (and one JSON document on stdout with --json)."""
+    if isinstance(error, TinytownError):
+        message, code = str(error), error.code
+    elif isinstance(error, (redis.RedisError, OSError)):
+        message, code = f"{type(error).__name__}: {error}", "redis_error" if isinstance(error, redis.RedisError) else "os_error"
+    else:
+        message, code = (f"{type(error).__name__}: {error} (an unexpected error: run with -v for the"
+                         " traceback and report it)"), "unexpected"
+    if as_json:
+        print(json.dumps({"error": message, "code": code}))
+    usage = error.usage if isinstance(error, _UsageError) else ""
+    print(f"{usage}tt: error: {message}", file=sys.stderr)
+    return 2 if isinstance(error, _UsageError) else 1
+
+
+def _show(reply: _Reply, as_json: bool, *, stream: bool = False) -> None:
+    if as_json and reply.data is not None:
+        print(json.dumps(reply.data, default=str, **({} if stream else {"indent": 2})), flush=stream)
+    elif reply.text:
+        print(reply.text, flush=stream)
+
+
+def _run(args: Any) -> int:
+    """Open the town as the command declares, run it, print what it returns."""
+    use = getattr(args.handler, "town_use", _TownUse.CHANGE)
+    town = None if use is _TownUse.NONE else _open_town(_town_root(args), use)
+    try:
+        reply = args.handler(town, args)
+        if isinstance(reply, _Reply):
+            _show(reply, args.json)
+            return reply.exit_code
+        for item in reply:  # a stream (events --follow): one line, or one JSON line, each
+            _show(item, args.json, stream=True)
+        return 0
+    except redis.ConnectionError as exc:
+        raise RedisStopped(town.server.display_url if town else "") from exc
+    finally:
+        if town:
+            town.release()  # the CLI leaves Redis and the agents running until `tt stop`
+            town.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `tt` command: returns the exit code (0 ok, 1 error, 2 usage)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in argv
-    argv = [arg for arg in argv if arg != "--json"]  # --json is welcome anywhere
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    as_json = "--json" in options  # known before parsing, for a usage error's JSON
     try:
-        args = _build_parser().parse_args(argv)
-    except SystemExit as exc:
+        parser = _build_parser()
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            getattr(args, "parser", parser).unknown(extras)
+    except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
-    args.json = as_json
+    except _UsageError as exc:
+        return _report(exc, as_json)
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     try:
-        outcome = args.handler(args)
+        return _run(args)
     except KeyboardInterrupt:
         return 130
-    except WaitTimeout as exc:
-        print(f"tt: {exc}", file=sys.stderr)
-        return 1
     except Exception as exc:  # one line, never a traceback (unless -v asks for it)
-        if args.verbose:
-            raise
-        message = str(exc) if isinstance(exc, TinytownError) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, (TinytownError, redis.RedisError, OSError)):
-            message += " (an unexpected error: run with -v for the traceback and report it)"
-        print(f"tt: error: {message}", file=sys.stderr)
-        return 1
-    if isinstance(outcome, int):
-        return outcome
-    code, payload, text = (0, *outcome) if len(outcome) == 2 else outcome
-    print(json.dumps(payload, indent=2, default=str) if as_json else text)
-    return code
+        log.debug("the traceback of the error:", exc_info=True)
+        return _report(exc, args.json)
 
 
 if __name__ == "__main__":
