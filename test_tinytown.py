@@ -1848,7 +1848,7 @@ def test_all_lists_every_public_function_and_class():
 
 
 def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
-    w = worker(town)
+    worker(town)
     task = town.assign("w1", "a task")
     backlog = town.backlog_add("in the backlog")
     succeeding = [

@@ -277,8 +277,8 @@ class TaskNotFound(TinytownError):
 class TaskAmbiguous(TinytownError):
     def __init__(self, prefix: str, candidates: list[str]):
         self.prefix, self.candidates = prefix, candidates
-        super().__init__(f"task id {_shown(prefix)} is ambiguous: it starts {', '.join(c[:8] for c in candidates)}"
-                         "; give more of the id")
+        super().__init__(f"task id {_shown(prefix)} matches several tasks"
+                         f" ({', '.join(c[:8] for c in candidates)}); give more of the id")
 
 
 class InvalidName(TinytownError):
@@ -3041,10 +3041,11 @@ def _open_town(root: Path, use: _TownUse) -> Town:
     return Town(root, start_server=use is not _TownUse.NEVER_START)
 
 
+_AGENT_ID_FIELDS = ("agent", "assigned_to", "from", "to", "sender", "parent")  # in records and events
+
+
 class _Names:
     """Agent names by id, each looked up once: people read names, scripts get ids too."""
-
-    _FIELDS = ("agent", "assigned_to", "from", "to", "sender", "parent")  # fields holding agent ids
 
     def __init__(self, town: Town, agents: Iterable[Agent] = ()):
         self._town = town
@@ -3063,7 +3064,7 @@ class _Names:
 
     def add_to(self, record: dict[str, Any]) -> dict[str, Any]:
         """`record` with a `<field>_name` next to each agent id it holds (for --json)."""
-        named = {f"{key}_name": self.get(record[key]) for key in self._FIELDS if record.get(key)}
+        named = {f"{key}_name": self.get(record[key]) for key in _AGENT_ID_FIELDS if record.get(key)}
         return {**record, **{key: name for key, name in named.items() if name}}
 
 
@@ -3097,8 +3098,8 @@ def _message_line(message: Message, names: _Names) -> str:
 
 def _event_line(event: dict[str, str], names: _Names) -> str:
     def shown(key: str, value: str) -> str:
-        if key in _Names._FIELDS:
-            return names.show(value) if value != "backlog" else value
+        if key in _AGENT_ID_FIELDS:
+            return names.show(value)
         return value[:8] if key == "task" else value[:60]
     rest = " ".join(f"{k}={shown(k, v)}" for k, v in event.items() if k not in ("id", "event", "at"))
     return f"{event.get('at', '')} {event.get('event', ''):<18} {rest}"
@@ -3704,10 +3705,10 @@ class _Parser(argparse.ArgumentParser):
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         if action.choices is None or value in action.choices:
             return
-        if isinstance(action, argparse._SubParsersAction):
+        if isinstance(action, argparse._SubParsersAction):  # dest: "command", or a command's "action"
             visible = [name for name in action.choices if name not in _INTERNAL_COMMANDS]
-            self.error(f"unknown {'command' if self.prog == _prog_name() else 'action'} {_shown(value)}"
-                       f"{_did_you_mean(value, visible)} (`{self.prog} --help` lists them)")
+            self.error(f"unknown {action.dest} {_shown(value)}{_did_you_mean(value, visible)}"
+                       f" (`{self.prog} --help` lists them)")
         self.error(f"{'/'.join(action.option_strings) or action.dest} must be one of"
                    f" {', '.join(map(str, action.choices))}, not {_shown(value)}{_did_you_mean(value, action.choices)}")
 
@@ -3928,8 +3929,10 @@ def _report(error: BaseException, as_json: bool) -> int:
     """An error as one line on stderr (and one JSON document on stdout with --json)."""
     if isinstance(error, TinytownError):
         message, code = str(error), error.code
-    elif isinstance(error, (redis.RedisError, OSError)):
-        message, code = f"{type(error).__name__}: {error}", "redis_error" if isinstance(error, redis.RedisError) else "os_error"
+    elif isinstance(error, redis.RedisError):
+        message, code = f"{type(error).__name__}: {error}", "redis_error"
+    elif isinstance(error, OSError):
+        message, code = f"{type(error).__name__}: {error}", "os_error"
     else:
         message, code = (f"{type(error).__name__}: {error} (an unexpected error: run with -v for the"
                          " traceback and report it)"), "unexpected"
