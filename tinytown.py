@@ -3047,9 +3047,9 @@ _AGENT_ID_FIELDS = ("agent", "assigned_to", "from", "to", "sender", "parent")  #
 class _Names:
     """Agent names by id, each looked up once: people read names, scripts get ids too."""
 
-    def __init__(self, town: Town, agents: Iterable[Agent] = ()):
+    def __init__(self, town: Town, known: dict[str, str] | None = None):
         self._town = town
-        self._known: dict[str, str | None] = {CONDUCTOR_ID: "conductor", **{a.id: a.name for a in agents}}
+        self._known: dict[str, str | None] = {CONDUCTOR_ID: "conductor", **(known or {})}
 
     def get(self, agent_id: str | None) -> str | None:
         if not agent_id:
@@ -3112,6 +3112,10 @@ def _task_reply(task: Task, names: _Names, text: str | None = None) -> _Reply:
 def _tasks_reply(tasks: list[Task], names: _Names, empty: str) -> _Reply:
     return _Reply([names.add_to(t.to_dict()) for t in tasks],
                   "\n".join(_task_line(t, names) for t in tasks) or empty)
+
+
+def _agent_reply(town: Town, agent: Agent, text: str) -> _Reply:
+    return _Reply(_Names(town).add_to(agent.to_dict()), text)
 
 
 def _tags(raw: str | None) -> list[str]:
@@ -3205,7 +3209,7 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
     Example: tt status --tasks
     """
     status = town.status(deep=args.deep)
-    names = _Names(town, town.list_agents())
+    names = _Names(town, {agent["id"]: agent["name"] for agent in status["agents"]})
     tasks = town.tasks() if args.tasks else []
     if args.tasks:
         status["task_list"] = [names.add_to(t.to_dict()) for t in tasks]
@@ -3325,16 +3329,14 @@ def _cmd_spawn(town: Town, args: Any) -> _Reply:
                               parent=args.parent, max_rounds=args.max_rounds, force=args.force,
                               worktree=args.worktree, start=not args.foreground)
     agent = handle.record()
-    names = _Names(town, [agent])
     if args.foreground:
         print(f"running {agent.name} in this terminal; Ctrl-C stops it (or `tt kill {agent.name}`"
               " from another one)", file=sys.stderr)
         logging.getLogger("tinytown").setLevel(logging.INFO)
         final = AgentLoop(town, agent.id).run()
-        agent = handle.record()
-        return _Reply(names.add_to(agent.to_dict()), f"agent {agent.name} {final}")
-    return _Reply(names.add_to(agent.to_dict()), f"spawned {agent.name} ({agent.nickname}, {agent.id[:8]})"
-                  f" with {agent.cli}; log: .tt/logs/{agent.name}.log")
+        return _agent_reply(town, handle.record(), f"agent {agent.name} {final}")
+    return _agent_reply(town, agent, f"spawned {agent.name} ({agent.nickname}, {agent.id[:8]}) with"
+                        f" {agent.cli}; log: .tt/logs/{agent.name}.log")
 
 
 @_uses_town(_TownUse.READ)
@@ -3344,7 +3346,7 @@ def _cmd_list(town: Town, args: Any) -> _Reply:
     Example: tt list
     """
     agents = town.list_agents()
-    names = _Names(town, agents)
+    names = _Names(town, {a.id: a.name for a in agents})
     return _Reply([names.add_to({**a.to_dict(), "dead": a.dead}) for a in agents],
                   "\n".join(map(_agent_line, agents)) or "no agents; `tt spawn NAME` starts one")
 
@@ -3358,7 +3360,7 @@ def _cmd_kill(town: Town, args: Any) -> _Reply:
     agent = town.kill_agent(before.id)
     text = (f"{agent.name} is already {before.state}" if before.terminal
             else f"stopping {agent.name} (was {'dead' if before.dead else before.state})")
-    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), text)
+    return _agent_reply(town, agent, text)
 
 
 def _cmd_close(town: Town, args: Any) -> _Reply:
@@ -3367,8 +3369,7 @@ def _cmd_close(town: Town, args: Any) -> _Reply:
     Example: tt close worker-1
     """
     agent = town.close_agent(args.agent)
-    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()),
-                  f"closing {agent.name}: it finishes its queue, then goes cold")
+    return _agent_reply(town, agent, f"closing {agent.name}: it finishes its queue, then goes cold")
 
 
 def _cmd_interrupt(town: Town, args: Any) -> _Reply:
@@ -3377,7 +3378,7 @@ def _cmd_interrupt(town: Town, args: Any) -> _Reply:
     Example: tt interrupt worker-1
     """
     agent = town.interrupt_agent(args.agent)
-    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), f"paused {agent.name}")
+    return _agent_reply(town, agent, f"paused {agent.name}")
 
 
 def _cmd_resume(town: Town, args: Any) -> _Reply:
@@ -3386,7 +3387,7 @@ def _cmd_resume(town: Town, args: Any) -> _Reply:
     Example: tt resume worker-1
     """
     agent = town.resume_agent(args.agent)
-    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), f"resumed {agent.name}")
+    return _agent_reply(town, agent, f"resumed {agent.name}")
 
 
 @_uses_town(_TownUse.READ)
@@ -3396,7 +3397,7 @@ def _cmd_wait(town: Town, args: Any) -> _Reply:
     Example: tt wait worker-1 --timeout 600
     """
     agent = town.wait_agent(args.agent, args.timeout)
-    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), f"{agent.name} is {agent.state}")
+    return _agent_reply(town, agent, f"{agent.name} is {agent.state}")
 
 
 def _cmd_restart(town: Town, args: Any) -> _Reply:
@@ -3405,7 +3406,7 @@ def _cmd_restart(town: Town, args: Any) -> _Reply:
     Example: tt restart worker-1 --rounds 5
     """
     agent = town.restart_agent(args.agent, args.rounds).record()
-    return _Reply(_Names(town, [agent]).add_to(agent.to_dict()), f"restarted {agent.name}")
+    return _agent_reply(town, agent, f"restarted {agent.name}")
 
 
 def _agents_reply(verb: str, agents: list[Agent]) -> _Reply:
@@ -3610,7 +3611,7 @@ def _cmd_inbox(town: Town, args: Any) -> _Reply:
     """
     if args.all:
         agents = town.list_agents()
-        names = _Names(town, agents)
+        names = _Names(town, {a.id: a.name for a in agents})
         counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
         data = {names.show(agent_id): c for agent_id, c in counts.items()}
         return _Reply(data, "\n".join(f"{name:<16} {_counts_text(c) if c else 'empty'}" for name, c in data.items()))
