@@ -1730,7 +1730,11 @@ def test_a_blocking_command_whose_redis_stops_says_so_in_one_line(cli_town):
     follower = subprocess.Popen([sys.executable, str(MODULE), "events", "--follow"],
                                 cwd=cli_town, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1)  # both are blocked in Redis (or about to be: either way Redis goes away)
+        with Town(cli_town) as town:  # found the server running: leaves it alone
+            deadline = time.monotonic() + 60
+            while sum(c["cmd"] == "xread" for c in town.redis.client_list()) < 2:  # both blocked
+                assert time.monotonic() < deadline, "the waiters never blocked"
+                time.sleep(0.05)
         assert run_module("stop", cwd=cli_town).returncode == 0
         out, err = waiter.communicate(timeout=30)
         assert waiter.returncode == 1 and err == "tt: error: the town's Redis stopped (tt stop?)\n"

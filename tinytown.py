@@ -2987,6 +2987,18 @@ def demo_agent(prompt: str) -> int:
 # docstring is its help and which returns a `_Reply`; `main()` opens the town, prints
 # the reply (human or --json) and maps errors to exit codes.
 
+class _UsageError(TinytownError):
+    """A command line argparse (or a command) cannot use; `usage` is the subcommand's."""
+
+    def __init__(self, message: str, usage: str):
+        self.message, self.usage = message, usage
+        super().__init__(message)
+
+    @property
+    def code(self) -> str:
+        return "usage"
+
+
 _ICONS = {"starting": "◌", "idle": "○", "working": "●", "paused": "‖", "draining": "◐",
           "stopped": "■", "cold": "❄", "error": "✗", "dead": "☠",
           "pending": "·", "assigned": "→", "running": "▶", "completed": "✓", "failed": "✗",
@@ -3679,18 +3691,6 @@ def _cmd_demo_agent(town: None, args: Any) -> _Reply:
 
 # -- parser --------------------------------------------------------------------
 
-class _UsageError(TinytownError):
-    """A command line argparse (or a command) cannot use; `usage` is the subcommand's."""
-
-    def __init__(self, message: str, usage: str):
-        self.message, self.usage = message, usage
-        super().__init__(message)
-
-    @property
-    def code(self) -> str:
-        return "usage"
-
-
 def _did_you_mean(value: str, candidates: Iterable[str]) -> str:
     import difflib
     close = difflib.get_close_matches(value, list(candidates), n=1, cutoff=0.6)
@@ -3711,7 +3711,8 @@ class _Parser(argparse.ArgumentParser):
             self.error(f"unknown {action.dest} {_shown(value)}{_did_you_mean(value, visible)}"
                        f" (`{self.prog} --help` lists them)")
         self.error(f"{'/'.join(action.option_strings) or action.dest} must be one of"
-                   f" {', '.join(map(str, action.choices))}, not {_shown(value)}{_did_you_mean(value, action.choices)}")
+                   f" {', '.join(map(str, action.choices))}, not {_shown(value)}"
+                   f"{_did_you_mean(value, action.choices)}")
 
     def unknown(self, extras: list[str]) -> NoReturn:
         """Report arguments no option or positional took, with the closest option."""
@@ -3765,8 +3766,8 @@ def _build_parser() -> _Parser:
 
     def help_parts(doc: str) -> tuple[str, str, str]:
         """(one-line summary, description, example epilog) from a command's docstring."""
-        description, _, example = inspect.cleandoc(doc).partition("\n\nExample: ")
-        return description.split("\n")[0], description, f"example:\n  {example}" if example else ""
+        description, _, example = inspect.cleandoc(doc).partition("\n\nExample: tt ")
+        return description.split("\n")[0], description, f"example:\n  {prog} {example}" if example else ""
 
     def add(commands: Any, name: str, handler: Callable[..., Any] | None = None, doc: str = "") -> _Parser:
         summary, description, example = help_parts(handler.__doc__ or "" if handler else doc)
