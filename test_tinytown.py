@@ -1692,6 +1692,7 @@ def test_top_level_help_groups_commands_and_hides_the_internal_ones():
     groups = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
     assert groups[:5] == ["town:", "agents:", "work:", "messages:", "inspection:"]
     assert "  spawn " in out and "agent-loop" not in out and "demo-agent" not in out
+    assert tt() == (2, out, "")  # a bare `tt` shows the same
 
 
 def test_unknown_commands_and_options_suggest_the_closest_with_the_commands_usage(town):

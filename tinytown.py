@@ -3977,8 +3977,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     options = argv[:argv.index("--")] if "--" in argv else argv
     as_json = "--json" in options  # known before parsing, for a usage error's JSON
+    parser = _build_parser()
+    if not argv:  # a bare `tt`: the commands, not an error about a missing one
+        parser.print_help()
+        return 2
     try:
-        parser = _build_parser()
         args, extras = parser.parse_known_args(argv)
         if extras:
             getattr(args, "parser", parser).unknown(extras)
