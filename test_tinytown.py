@@ -1613,6 +1613,10 @@ def test_commands_find_the_town_from_a_subfolder_as_git_does(town, tmp_path, mon
     code, _, err = tt("init")  # no second town inside the first
     assert code == 1 and f"inside the town at {town.root}" in err and "tt -t . init" in err
     assert not (tmp_path / "tools" / "deep" / "tinytown.toml").exists()
+    worktree = tmp_path / ".tt" / "agents" / "w1" / "worktree"  # its .git is a file: go on above it
+    in_folder(monkeypatch, worktree)
+    (worktree / ".git").write_text("gitdir: /elsewhere\n")
+    assert tt_json("status")["town"] == town.name
 
 
 def test_the_search_stops_at_a_git_root_and_says_where_it_looked(town, tmp_path, monkeypatch):

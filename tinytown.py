@@ -1772,7 +1772,9 @@ def find_town_root(start: str | os.PathLike[str] = ".") -> Path:
     """The nearest folder at or above `start` holding tinytown.toml, found as git finds .git.
 
     The search stops at a git repository's root (a town does not span repositories)
-    and at the filesystem root; TownNotFound lists where it looked.
+    and at the filesystem root; TownNotFound lists where it looked.  A `.git` *file*
+    (a worktree, such as an agent's, or a submodule) belongs to an enclosing
+    repository, so the search goes on above it.
     """
     here = Path(start).expanduser().resolve()
     searched = []
@@ -1780,7 +1782,7 @@ def find_town_root(start: str | os.PathLike[str] = ".") -> Path:
         searched.append(folder)
         if (folder / CONFIG_FILE).is_file():
             return folder
-        if (folder / ".git").exists():
+        if (folder / ".git").is_dir():
             break
     raise TownNotFound(here, searched)
 
