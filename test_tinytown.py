@@ -1913,3 +1913,302 @@ def test_events_follow_streams_new_events_as_they_happen(town):
     finally:
         follower.terminate()
         follower.wait(10)
+
+
+# Real agent CLIs (opt-in: make test-clis) ####################################
+# The real claude, codex, gemini, opencode and copilot, installed from npm into
+# .cache/clis by `make test-clis`, run a round each through the unchanged agent loop.
+# Their model is a scripted server on 127.0.0.1 speaking the Anthropic Messages API,
+# OpenAI Responses and Chat Completions, and Gemini's generateContent: it answers a
+# prompt with one call of the CLI's own shell tool (found in the request's tool list)
+# running the prompt's `tt task complete <id>` line, then with a final text.  Every
+# other address goes through an HTTP(S) proxy on 127.0.0.1 that refuses it.
+
+import http.server  # noqa: E402  (only this opt-in suite needs them)
+import re  # noqa: E402
+
+CLIS_BIN = Path(os.environ.get("TINYTOWN_CLIS_BIN") or Path(__file__).resolve().parent / ".cache" / "clis"
+                / "node_modules" / ".bin")
+SHELL_TOOLS = ("Bash", "bash", "shell", "exec_command", "run_shell_command", "shell_command")
+FINAL_TEXT = "Done: the task is marked complete."
+CLI_APIS = {"claude": "anthropic", "codex": "responses", "gemini": "gemini", "opencode": "chat", "copilot": "chat"}
+
+
+class ScriptedModel(http.server.ThreadingHTTPServer):
+    """The model: every request is recorded as (path, body) in `requests`."""
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _ModelHandler)
+        self.requests: list[tuple[str, dict]] = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def _turns(api, body):
+    """The conversation as (role, text, is_tool_result) in order, whatever the API."""
+    if api == "gemini":
+        for content in body.get("contents", []):
+            parts = content.get("parts", [])
+            yield (content.get("role"), " ".join(p.get("text", "") for p in parts),
+                   any("functionResponse" in p for p in parts))
+        return
+    items = body.get("input", []) if api == "responses" else body.get("messages", [])
+    for item in items if isinstance(items, list) else [{"role": "user", "content": items}]:
+        content = item.get("content")
+        blocks = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+        text = " ".join(str(b.get("text", "")) for b in blocks if isinstance(b, dict))
+        tool = (item.get("role") == "tool" or item.get("type") == "function_call_output"
+                or any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks))
+        yield item.get("role") or item.get("type"), text, tool
+
+
+def _shell_call(api, body, command):
+    """(tool name, arguments) for the request's own shell tool, or None without one."""
+    if api == "gemini":
+        tools = [d for t in body.get("tools", []) for d in t.get("functionDeclarations", [])]
+    else:
+        tools = [t.get("function", t) for t in body.get("tools", []) or []]
+    for tool in tools:
+        if tool.get("name") in SHELL_TOOLS:
+            schema = tool.get("input_schema") or tool.get("parameters") or tool.get("parametersJsonSchema") or {}
+            properties = schema.get("properties", {})
+            key = "command" if "command" in properties else "cmd"
+            array = properties.get(key, {}).get("type") == "array"
+            return tool["name"], {key: ["bash", "-lc", command] if array else command}
+    return None
+
+
+def _reply(api, body):
+    """The scripted answer: (tool call or None, text)."""
+    turns = list(_turns(api, body))
+    prompts = [i for i, (role, text, tool) in enumerate(turns) if "When it is done, run:" in text and not tool]
+    if not prompts:
+        return None, "OK"
+    match = re.search(r"When it is done, run: `([^`]*task complete \S+)", turns[prompts[-1]][1])
+    if any(tool for _, _, tool in turns[prompts[-1] + 1:]):
+        return None, FINAL_TEXT
+    call = _shell_call(api, body, f'{match[1]} --result "done by real {api}"')
+    return call, (FINAL_TEXT if call is None else "")
+
+
+def _schema_value(schema):
+    """A value valid for a JSON schema (gemini's router asks for one)."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        return schema["enum"][0]
+    if kind == "object":
+        return {k: _schema_value(v) for k, v in schema.get("properties", {}).items()}
+    return {"array": [], "boolean": True, "integer": 1, "number": 1}.get(kind, "simple")
+
+
+class _ModelHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # each answer ends with its connection: no chunking needed
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._json({"data": [], "models": []} if "models" in self.path else {}, 200 if "models" in self.path else 404)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        self.server.requests.append((self.path, body))
+        path = self.path.split("?")[0]
+        tokens = len(json.dumps(body)) // 4
+        if path.endswith("/count_tokens") or path.endswith(":countTokens"):
+            return self._json({"input_tokens": tokens, "totalTokens": tokens})
+        if path.endswith("/messages"):
+            return self._anthropic(body, tokens)
+        if path.endswith("/responses"):
+            return self._responses(body, tokens)
+        if path.endswith("/chat/completions"):
+            return self._chat(body, tokens)
+        if ":generateContent" in path or ":streamGenerateContent" in path:
+            return self._gemini(body, tokens, stream="stream" in path)
+        self._json({"error": {"message": f"no such endpoint {path}"}}, 404)
+
+    def _json(self, data, status=200):
+        raw = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _sse(self, events):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        for name, data in events:
+            self.wfile.write((f"event: {name}\n" if name else "").encode() +
+                             (data if isinstance(data, str) else f"data: {json.dumps(data)}\n\n").encode())
+        self.wfile.flush()
+
+    def _anthropic(self, body, tokens):
+        call, text = _reply("anthropic", body)
+        blocks = ([{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:12]}", "name": call[0], "input": call[1]}]
+                  if call else [{"type": "text", "text": text}])
+        usage = {"input_tokens": tokens, "output_tokens": 12, "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": 0}
+        message = {"id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant",
+                   "model": body.get("model", "claude"), "content": blocks,
+                   "stop_reason": "tool_use" if call else "end_turn", "stop_sequence": None, "usage": usage}
+        if not body.get("stream"):
+            return self._json(message)
+        block = blocks[0]
+        start = {**block, "input": {}} if call else {"type": "text", "text": ""}
+        delta = ({"type": "input_json_delta", "partial_json": json.dumps(call[1])} if call
+                 else {"type": "text_delta", "text": text})
+        self._sse([("message_start", {"type": "message_start", "message": {**message, "content": [],
+                                                                           "stop_reason": None}}),
+                   ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": start}),
+                   ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}),
+                   ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                   ("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
+                                                                         "stop_sequence": None},
+                                      "usage": {"output_tokens": 12}}),
+                   ("message_stop", {"type": "message_stop"})])
+
+    def _responses(self, body, tokens):
+        call, text = _reply("responses", body)
+        item = ({"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:12]}", "call_id": f"call_{uuid.uuid4().hex[:12]}",
+                 "name": call[0], "arguments": json.dumps(call[1]), "status": "completed"} if call else
+                {"type": "message", "id": f"msg_{uuid.uuid4().hex[:12]}", "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": text, "annotations": []}]})
+        response = {"id": f"resp_{uuid.uuid4().hex[:12]}", "object": "response", "status": "completed",
+                    "model": body.get("model"), "output": [item],
+                    "usage": {"input_tokens": tokens, "input_tokens_details": {"cached_tokens": 0},
+                              "output_tokens": 12, "output_tokens_details": {"reasoning_tokens": 0},
+                              "total_tokens": tokens + 12}}
+        if not body.get("stream"):
+            return self._json(response)
+        self._sse([("response.created", {"type": "response.created", "response": {**response, "output": [],
+                                                                                   "status": "in_progress"}}),
+                   ("response.output_item.added", {"type": "response.output_item.added", "output_index": 0, "item": item}),
+                   ("response.output_item.done", {"type": "response.output_item.done", "output_index": 0, "item": item}),
+                   ("response.completed", {"type": "response.completed", "response": response})])
+
+    def _chat(self, body, tokens):
+        call, text = _reply("chat", body)
+        calls = [{"index": 0, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                  "function": {"name": call[0], "arguments": json.dumps(call[1])}}] if call else None
+        usage = {"prompt_tokens": tokens, "completion_tokens": 12, "total_tokens": tokens + 12}
+        finish = "tool_calls" if call else "stop"
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": body.get("model")}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": None if call else text, **({"tool_calls": calls} if call else {})}
+            return self._json({**head, "object": "chat.completion", "usage": usage,
+                               "choices": [{"index": 0, "message": message, "finish_reason": finish}]})
+        chunk = {**head, "object": "chat.completion.chunk"}
+        delta = {"role": "assistant", **({"tool_calls": calls} if call else {"content": text})}
+        self._sse([(None, {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}),
+                   (None, {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}),
+                   (None, {**chunk, "choices": [], "usage": usage}),
+                   (None, "data: [DONE]\n\n")])
+
+    def _gemini(self, body, tokens, stream):
+        schema = (body.get("generationConfig") or {}).get("responseJsonSchema") or \
+            (body.get("generationConfig") or {}).get("responseSchema")
+        call, text = (None, json.dumps(_schema_value(schema))) if schema else _reply("gemini", body)
+        part = {"functionCall": {"name": call[0], "args": call[1]}} if call else {"text": text}
+        answer = {"candidates": [{"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}],
+                  "usageMetadata": {"promptTokenCount": tokens, "candidatesTokenCount": 12,
+                                    "totalTokenCount": tokens + 12},
+                  "modelVersion": "gemini-2.5-pro"}
+        if not stream:
+            return self._json(answer)
+        self._sse([(None, answer)])
+
+
+class RefusingProxy(http.server.ThreadingHTTPServer):
+    """An HTTP(S) proxy that refuses everything; `attempts` lists what was asked for."""
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _RefusingHandler)
+        self.attempts: list[str] = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _RefusingHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _refuse(self):
+        self.server.attempts.append(f"{self.command} {self.path}")
+        self.send_error(403, "tinytown's test proxy refuses every outside address")
+
+    do_CONNECT = do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+
+
+@pytest.fixture
+def real_clis(town, configure, tmp_path, monkeypatch):
+    """The scripted model, the refusing proxy, and every CLI pointed at them (HOME is a
+    fresh folder, so no real login or config is read)."""
+    if not (CLIS_BIN / "claude").exists():
+        pytest.skip(f"no CLIs in {CLIS_BIN}: `make test-clis` installs them")
+    model, proxy = ScriptedModel(), RefusingProxy()
+    for server in (model, proxy):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    home = tmp_path / "home"
+    (home / ".gemini").mkdir(parents=True)
+    (home / ".gemini" / "settings.json").write_text(json.dumps(
+        {"security": {"auth": {"selectedType": "gemini-api-key"}}, "privacy": {"usageStatisticsEnabled": False}}))
+    (home / ".codex").mkdir()
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "gpt-5.5"\nmodel_provider = "fake"\n\n[model_providers.fake]\nname = "fake"\n'
+        f'base_url = "{model.url}/v1"\nenv_key = "FAKE_OPENAI_KEY"\nwire_api = "responses"\n\n'
+        '[analytics]\nenabled = false\n\n[features]\nplugins = false\n')
+    opencode = {"$schema": "https://opencode.ai/config.json", "model": "fake/fake-model", "share": "disabled",
+                "autoupdate": False,
+                "provider": {"fake": {"npm": "@ai-sdk/openai-compatible", "name": "fake",
+                                      "options": {"baseURL": f"{model.url}/v1", "apiKey": "fake"},
+                                      "models": {"fake-model": {"name": "fake-model",
+                                                                "cost": {"input": 1, "output": 1}}}}}}
+    env = {"HOME": str(home), "PATH": f"{CLIS_BIN}{os.pathsep}{os.environ['PATH']}",
+           "HTTP_PROXY": proxy.url, "HTTPS_PROXY": proxy.url, "ALL_PROXY": proxy.url,
+           "http_proxy": proxy.url, "https_proxy": proxy.url, "all_proxy": proxy.url,
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+           "ANTHROPIC_BASE_URL": model.url, "ANTHROPIC_API_KEY": "sk-ant-fake",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
+           "CODEX_HOME": str(home / ".codex"), "FAKE_OPENAI_KEY": "fake",
+           "GOOGLE_GEMINI_BASE_URL": model.url, "GEMINI_API_KEY": "fake",
+           "OPENCODE_CONFIG_CONTENT": json.dumps(opencode), "OPENCODE_DISABLE_MODELS_FETCH": "1",
+           "OPENCODE_DISABLE_AUTOUPDATE": "1", "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+           "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1", "OPENCODE_DISABLE_SHARE": "1",
+           "COPILOT_PROVIDER_BASE_URL": f"{model.url}/v1", "COPILOT_PROVIDER_API_KEY": "fake",
+           "COPILOT_MODEL": "gpt-5", "COPILOT_OFFLINE": "true", "COPILOT_AUTO_UPDATE": "false",
+           "COPILOT_HOME": str(home / ".copilot")}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    yield configure(round_timeout_secs=240), model, proxy
+    for server in (model, proxy):
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.clis
+@pytest.mark.parametrize("name", ["claude", "codex", "gemini", "opencode", "copilot"])
+def test_a_real_cli_completes_a_task_and_resumes_its_conversation(real_clis, town, name):
+    fresh, model, proxy = real_clis
+    worker = fresh.spawn_agent(f"real-{name}", name, resume_session=True)
+    first = worker.assign("Say hello, then report this task complete.")
+    done = town.wait_task(first.id, timeout=300)
+    log_dir = town.root / ".tt" / "logs" / f"real-{name}"
+    assert done.state == "completed", (log_dir / "round-1.log").read_text()[-3000:]
+    assert done.result == f"done by real {CLI_APIS[name]}"  # the model's tool call ran `tt`
+    agent = wait_rounds(town, worker.id, 1, timeout=300)
+    assert agent.session, "no conversation id captured"
+    second = worker.assign("Now say goodbye, then report this task complete.")
+    done = town.wait_task(second.id, timeout=300)
+    assert done.state == "completed", (log_dir / "round-2.log").read_text()[-3000:]
+    agent = wait_rounds(town, worker.id, 2, timeout=300)
+    # Round 2 continued round 1's conversation: its model requests carry the first task.
+    later = [json.dumps(body) for _, body in model.requests if second.id in json.dumps(body)]
+    assert later and any(first.id in body for body in later), "round 2 did not resume the conversation"
+    assert FINAL_TEXT in (log_dir / "round-1.log").read_text()
+    if name != "copilot":  # copilot's JSON reports no token counts
+        assert agent.tokens_in > 0 and agent.tokens_out > 0
+    print(f"{name}: session {agent.session}, {agent.tokens_in} in / {agent.tokens_out} out, "
+          f"${agent.cost_usd}, refused by the proxy: {proxy.attempts}")
