@@ -1634,6 +1634,7 @@ for index, arg in enumerate(args):
     elif arg.startswith("--resume="):
         session, resumed = arg.split("=", 1)[1], True
 text = samples[name + ("-resume" if resumed else "")].replace(sample_session, session)
+print(name, "stand-in: progress on stderr", file=sys.stderr)
 print(json.dumps(json.loads(text), indent=2) if name == "gemini" else text)
 '''
 
@@ -1711,7 +1712,8 @@ def test_a_stand_in_cli_completes_tasks_and_round_two_resumes_its_session(town, 
     done = town.task(first.id)
     assert (done.tokens_in, done.tokens_out) == (tokens_in, tokens_out)
     log = (town.root / ".tt" / "logs" / "talker" / "round-1.log").read_text()
-    assert text in log and "[tinytown] usage:" in log
+    assert text in log and "[tinytown] usage:" in log and "progress on stderr" in log  # stdout: .out
+    assert "progress on stderr" not in (town.root / ".tt" / "logs" / "talker" / "round-1.out").read_text()
     status = tt_json("status")
     assert status["usage"]["tokens_in"] == agent.tokens_in
     [listed] = status["agents"]
@@ -1830,6 +1832,9 @@ def test_budget_settings_are_validated(tmp_path):
         tinytown.load_config(tmp_path / "tinytown.toml")
     (tmp_path / "tinytown.toml").write_text('name = "x"\n[town]\nbudget_usd = "lots"\n')
     with pytest.raises(ConfigError, match=r":3: town.budget_usd must be a number"):
+        tinytown.load_config(tmp_path / "tinytown.toml")
+    (tmp_path / "tinytown.toml").write_text('name = "x"\n[agent_clis.mine]\ncommand = "mine"\noutput = "xml"\n')
+    with pytest.raises(ConfigError, match=r":4: agent_clis.mine.output must be one of claude, codex"):
         tinytown.load_config(tmp_path / "tinytown.toml")
 
 

@@ -3088,8 +3088,8 @@ class AgentLoop:
         pipe.hincrby(self.keys.agent(agent_id), "rounds_completed", 1)
         pipe.hset(self.keys.agent(agent_id), mapping={"current_task": "", "last_heartbeat": _now()})
         self.channel._event(pipe, "round", agent=agent_id, round=round_no, outcome=outcome,
-                            secs=f"{seconds:.2f}", tokens_in=usage.tokens_in or None, tokens_out=usage.tokens_out or None,
-                            cost_usd=usage.cost_usd)
+                            secs=f"{seconds:.2f}", tokens_in=usage.tokens_in or None,
+                            tokens_out=usage.tokens_out or None, cost_usd=usage.cost_usd)
         pipe.execute()
         self.channel.set_agent_state(agent_id, AgentState.IDLE, "working")
         log.info("agent %s: %s", agent.name, summary)
@@ -3146,11 +3146,11 @@ class AgentLoop:
         cwd = Path(agent.worktree) if agent.worktree else self.town.root / (self.cli.cwd or ".")
         timeout = self.settings.round_timeout_secs
         with open(log_file, "ab") as output, \
-                open(raw_file, "wb") if raw_file else contextlib.nullcontext(output) as stdout:
+                open(raw_file, "ab") if raw_file else contextlib.nullcontext(output) as stdout:
             output.write(f"[tinytown] {_now()} $ {command}\n".encode())  # a round run again appends
             output.flush()
             proc = subprocess.Popen(["sh", "-c", command], cwd=cwd, env=env, stdout=stdout,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    stderr=output, start_new_session=True,
                                     stdin=subprocess.DEVNULL if uses_file else subprocess.PIPE)
             try:
                 if not uses_file:  # the whole prompt at once, then EOF: some CLIs wait for it
@@ -3276,12 +3276,16 @@ def _runtime_check(runtime: Path) -> Check:
 
 def _agent_checks(channel: Channel, agents: list[Agent]) -> list[Check]:
     dead = [a.name for a in agents if a.dead]
+    leased = [a.name for a in agents if a.terminal and a.alive]  # a loop outlived its record
     counts = channel.pending_counts([a.id for a in agents if a.terminal])
     holding = [a.name for a in agents if a.terminal and (counts.get(a.id) or channel.redis.llen(
         channel.keys.processing(a.id)))]
     return [Check("agents", not dead, f"{len(agents)} agents" + (
                       f"; no live loop behind {', '.join(dead)}" if dead else ", no stale ones"),
                   "" if not dead else "`tt recover` marks them stopped and requeues their work"),
+            Check("leases", not leased, "a loop still holds the lease of stopped " + ", ".join(leased)
+                  if leased else "no stopped agent's lease is held",
+                  "" if not leased else "it lapses within 3 heartbeats; else kill that loop's pid"),
             Check("held work", not holding, "stopped agents hold messages: " + ", ".join(holding)
                   if holding else "no stopped agent holds work",
                   "" if not holding else "`tt reclaim --to-backlog` or `tt restart AGENT`")]
