@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TT := $(BIN)/python -m tinytown
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-clis bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,17 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider test_tinytown.py
+
+# The real agent CLIs (opt-in: it needs npm), pinned to the versions the README lists,
+# installed into .cache/clis and run against a scripted model server on 127.0.0.1.
+CLIS := .cache/clis
+CLI_PACKAGES := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 @google/gemini-cli@0.61.0 \
+	opencode-ai@1.18.33 @github/copilot@1.0.102
+
+test-clis: $(STAMP)
+	npm install --prefix $(CLIS) --no-audit --no-fund --loglevel=error $(CLI_PACKAGES)
+	TINYTOWN_CLIS_BIN=$(abspath $(CLIS))/node_modules/.bin \
+		$(BIN)/python -m pytest -q -p no:cacheprovider -m clis -rA test_tinytown.py
 
 # A throwaway town: three demo agents, tasks assigned and completed, one backlog
 # task claimed by an idle agent, status, then everything stopped.

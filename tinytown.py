@@ -14,7 +14,9 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Redis server         RedisServer: find, start, connect, stop
     Channel              Channel: the delivery contract and the records in Redis
     Town                 Town, AgentHandle
+    Agent CLIs           RoundUsage and the CLIs' JSON parsers, env, credentials, sessions
     Agent loop           AgentLoop: one round per step()
+    Doctor               doctor(): what stops a first run
     Demo agent           demo_agent(): a scripted stand-in for an AI CLI
     CLI                  main(argv)
 
@@ -32,6 +34,7 @@ import fcntl
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -49,7 +52,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NoReturn
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, NoReturn
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -59,8 +62,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Town", "AgentHandle", "Channel", "AgentLoop", "find_town_root",
-    "Config", "RedisConfig", "AgentSettings", "AgentCLI", "load_config", "get_config_value",
-    "set_config_value",
+    "Config", "RedisConfig", "AgentSettings", "TownSettings", "AgentCLI", "load_config",
+    "get_config_value", "set_config_value",
+    "Preset", "PRESETS", "RoundUsage", "OUTPUT_PARSERS", "missing_credentials", "doctor", "Check",
     "Agent", "Task", "Message", "AgentState", "TaskState", "Priority", "MessageType",
     "RedisServer", "find_redis_server", "redis_server_version", "redact_url", "build_prompt",
     "TinytownError", "TownNotFound", "NestedTown", "ConfigError", "RedisServerError",
@@ -115,6 +119,7 @@ class Keys:
         self.events = self.prefix + "events"            # capped stream of state changes
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
+        self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
 
     def agent(self, agent_id: str) -> str: return f"{self.prefix}agent:{agent_id}"
     def inbox(self, agent_id: str) -> str: return f"{self.prefix}inbox:{agent_id}"
@@ -143,24 +148,71 @@ class Keys:
                 self.stop(agent_id), self.activity(agent_id)]
 
 
-# Headless command lines as the vendors document them.  A command reads the prompt
-# on stdin unless it names {prompt_file}.  (name: (command, env))
-PRESETS: dict[str, tuple[str, dict[str, str]]] = {
-    "claude": ("claude --print --dangerously-skip-permissions", {}),
-    "codex": ("codex exec --dangerously-bypass-approvals-and-sandbox --skip-git-repo-check -", {}),
-    "codex-mini": ("codex exec --dangerously-bypass-approvals-and-sandbox --skip-git-repo-check"
-                   ' -m gpt-5.4-mini -c model_reasoning_effort="medium" -', {}),
-    "auggie": ("auggie --print --quiet --instruction-file {prompt_file}", {}),
-    "aider": ("aider --yes-always --no-auto-commits --no-gitignore --no-pretty --no-check-update"
-              " --no-analytics --message-file {prompt_file}", {}),
-    "gemini": ("gemini --approval-mode=yolo --skip-trust", {}),
-    "copilot": ("copilot --allow-all-tools --no-ask-user", {}),
-    "cursor": ('cursor-agent -p --force --trust "$(cat {prompt_file})"', {}),
-    "opencode": ("opencode run --auto", {}),
-    "amp": ("amp -x --dangerously-allow-all", {}),
-    "goose": ("goose run --no-session -q -i -", {"GOOSE_MODE": "auto"}),
+class Preset(NamedTuple):
+    """A built-in agent CLI.  `resume` and `new_session` are command templates: {command}
+    is the command, {session} the conversation's id.  `resume` continues a conversation;
+    `new_session` starts one under an id chosen up front (derived from the agent's id);
+    without it the id is read from the output.  `output` names the OUTPUT_PARSERS entry
+    that reads the CLI's JSON stdout ("": plain text)."""
+    command: str
+    env: dict[str, str] = {}
+    resume: str = ""
+    new_session: str = ""
+    output: str = ""
+
+
+# Headless command lines as the vendors document them, checked against the real CLIs
+# (versions in the README).  A command reads the prompt on stdin unless it names
+# {prompt_file}.
+_CODEX = "codex exec {}--json --dangerously-bypass-approvals-and-sandbox --skip-git-repo-check{} -"
+_CODEX_MINI = ' -m gpt-5.4-mini -c model_reasoning_effort="medium"'
+PRESETS: dict[str, Preset] = {
+    "claude": Preset("claude --print --dangerously-skip-permissions --output-format json",
+                     resume="{command} --resume {session}",
+                     new_session="{command} --session-id {session}", output="claude"),
+    "codex": Preset(_CODEX.format("", ""), resume=_CODEX.format("resume {session} ", ""),
+                    output="codex"),
+    "codex-mini": Preset(_CODEX.format("", _CODEX_MINI),
+                         resume=_CODEX.format("resume {session} ", _CODEX_MINI), output="codex"),
+    "auggie": Preset("auggie --print --quiet --instruction-file {prompt_file}"),
+    "aider": Preset("aider --yes-always --no-auto-commits --no-gitignore --no-pretty --no-check-update"
+                    " --no-analytics --no-show-release-notes --message-file {prompt_file}"),
+    "gemini": Preset("gemini --approval-mode=yolo --skip-trust -o json",
+                     resume="{command} --resume {session}",
+                     new_session="{command} --session-id {session}", output="gemini"),
+    "copilot": Preset("copilot --allow-all-tools --no-ask-user --output-format json",
+                      resume="{command} --resume={session}",
+                      new_session="{command} --session-id {session}", output="copilot"),
+    "cursor": Preset('cursor-agent -p --force --trust "$(cat {prompt_file})"'),
+    "opencode": Preset("opencode run --auto --format json", resume="{command} --session {session}",
+                       output="opencode"),
+    "amp": Preset("amp -x --dangerously-allow-all"),
+    "goose": Preset("goose run --no-session -q -i -", {"GOOSE_MODE": "auto"}),
     # The scripted stand-in (section "Demo agent"); {tt} runs this module.
-    "demo": ("{tt} demo-agent", {}),
+    "demo": Preset("{tt} demo-agent"),
+}
+
+# What each CLI needs to reach its model, by executable: environment variables (any one
+# will do), files a login leaves behind (any one), and the hint `tt spawn` and `tt doctor`
+# print when none is there.
+CLI_CREDENTIALS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "claude": (("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"),
+               ("~/.claude/.credentials.json",), "set ANTHROPIC_API_KEY or run `claude` once to log in"),
+    "codex": (("OPENAI_API_KEY", "CODEX_API_KEY"), ("$CODEX_HOME/auth.json", "$CODEX_HOME/config.toml",
+                                                    "~/.codex/auth.json"),
+              "set OPENAI_API_KEY or run `codex login`"),
+    "gemini": (("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI"),
+               ("~/.gemini/oauth_creds.json",), "set GEMINI_API_KEY or run `gemini` once to log in"),
+    "copilot": (("COPILOT_GITHUB_TOKEN", "GH_TOKEN", "GITHUB_TOKEN", "COPILOT_PROVIDER_BASE_URL"),
+                ("~/.copilot/config.json",), "set COPILOT_GITHUB_TOKEN or run `copilot` and /login"),
+    "opencode": (("OPENCODE_CONFIG_CONTENT", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"),
+                 ("~/.local/share/opencode/auth.json",), "run `opencode auth login` or set a provider key"),
+    "aider": (("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "OPENROUTER_API_KEY"),
+              ("~/.aider.conf.yml", ".aider.conf.yml"),
+              "set a model key (without one aider waits 5 minutes for a browser login)"),
+    "amp": (("AMP_API_KEY",), (), "set AMP_API_KEY (without it amp starts an interactive login)"),
+    "auggie": (("AUGMENT_SESSION_AUTH",), ("~/.augment/session.json",), "run `auggie login`"),
+    "cursor-agent": (("CURSOR_API_KEY",), ("~/.cursor/cli-config.json",), "run `cursor-agent login`"),
 }
 
 
@@ -355,14 +407,27 @@ class AgentSettings:
     heartbeat_secs: float = 5.0
     max_attempts: int = 3
     auto_claim: bool = True
+    max_cost_usd: float = 0.0   # per agent, summed over its rounds; 0: no limit
+    max_tokens: int = 0         # per agent, in + out; 0: no limit
+    on_budget: str = "stop"     # a budget reached: "stop" (state error) or "pause"
+
+
+@dataclass
+class TownSettings:
+    budget_usd: float = 0.0     # all agents together; 0: no limit
 
 
 @dataclass
 class AgentCLI:
+    """An [agent_clis.X] table; one named like a preset takes the preset's unset fields."""
     name: str
     command: str
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    resume: str | None = None
+    new_session: str | None = None
+    output: str | None = None
+    resume_session: bool = False  # the default of `tt spawn --resume-session`
 
 
 @dataclass
@@ -372,16 +437,23 @@ class Config:
     max_agents: int = 10
     redis: RedisConfig = field(default_factory=RedisConfig)
     agent: AgentSettings = field(default_factory=AgentSettings)
+    town: TownSettings = field(default_factory=TownSettings)
     agent_clis: dict[str, AgentCLI] = field(default_factory=dict)
     path: Path | None = None
 
     def cli(self, name: str) -> AgentCLI:
         """The [agent_clis] table of that name, else the built-in preset."""
+        preset = PRESETS.get(name)
         if name in self.agent_clis:
-            return self.agent_clis[name]
-        if name in PRESETS:
-            command, env = PRESETS[name]
-            return AgentCLI(name, command, dict(env))
+            table = self.agent_clis[name]
+            if preset is None:
+                return table
+            return dataclasses.replace(table, **{key: getattr(preset, key)
+                                                 for key in ("resume", "new_session", "output")
+                                                 if getattr(table, key) is None})
+        if preset is not None:
+            return AgentCLI(name, preset.command, dict(preset.env), resume=preset.resume,
+                            new_session=preset.new_session, output=preset.output)
         known = sorted(set(PRESETS) | set(self.agent_clis))
         raise ConfigError(f"unknown agent CLI {name!r}; use one of {', '.join(known)}"
                           f" or add an [agent_clis.{name}] table to {CONFIG_FILE}")
@@ -396,7 +468,7 @@ class Config:
         return data
 
 
-_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings}
+_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings, "town": TownSettings}
 _TOP_LEVEL = {"name": str, "default_cli": str, "max_agents": int}
 _TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
@@ -478,6 +550,8 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{where('agent', 'heartbeat_secs')} must be more than 0")
     if config.agent.max_attempts < 1:
         raise ConfigError(f"{where('agent', 'max_attempts')} must be at least 1")
+    if config.agent.on_budget not in ("stop", "pause"):
+        raise ConfigError(f"{where('agent', 'on_budget')} must be \"stop\" or \"pause\"")
     try:
         config.cli(config.default_cli)
     except ConfigError as exc:
@@ -489,19 +563,24 @@ def _parse_agent_cli(name: str, table: Any, where: Callable[[str | None, str], s
     section = f"agent_clis.{name}"
     if not isinstance(table, dict):
         raise ConfigError(f"{where(None, section)} must be a table")
-    unknown = set(table) - {"name", "command", "env", "cwd"}
+    texts = ("name", "command", "cwd", "resume", "new_session", "output")
+    unknown = set(table) - {*texts, "env", "resume_session"}
     if unknown:
         raise ConfigError(f"{where(section, min(unknown))}: unknown key; an [agent_clis] table"
-                          " has name, command, env and cwd")
+                          " has name, command, env, cwd, resume, new_session, output and resume_session")
     if "command" not in table:
         raise ConfigError(f"{where(None, section)}: [{section}] needs a command")
     env = table.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where(section, 'env')} must be a table of strings")
+    if table.get("output", "") not in ("", *OUTPUT_PARSERS):
+        raise ConfigError(f"{where(section, 'output')} must be one of {', '.join(OUTPUT_PARSERS)}")
     return AgentCLI(name=_typed(table.get("name", name), str, lambda: where(section, "name")),
-                    command=_typed(table["command"], str, lambda: where(section, "command")),
                     env=dict(env),
-                    cwd=_typed(table["cwd"], str, lambda: where(section, "cwd")) if "cwd" in table else None)
+                    resume_session=_typed(table.get("resume_session", False), bool,
+                                          lambda: where(section, "resume_session")),
+                    **{key: _typed(table[key], str, functools.partial(where, section, key))
+                       for key in texts[1:] if key in table})
 
 
 def _default_config_text(name: str) -> str:
@@ -528,6 +607,12 @@ idle_timeout_secs = 0
 heartbeat_secs = 5
 max_attempts = 3
 auto_claim = true
+max_cost_usd = 0             # budgets: stop an agent at this cost or token count (0: none)
+max_tokens = 0
+on_budget = "stop"           # "stop" (state error) or "pause"
+
+[town]
+budget_usd = 0               # all the town's agents together (0: no limit)
 {clis}"""
 
 
@@ -594,7 +679,7 @@ def _key_type(key: str) -> type | None:
     if not section:
         return _TOP_LEVEL.get(leaf)
     if section.startswith("agent_clis."):
-        return str if leaf in ("name", "command", "cwd") else None
+        return str if leaf in ("name", "command", "cwd", "resume", "new_session", "output") else None
     return _field_types(_SECTIONS[section]).get(leaf) if section in _SECTIONS else None
 
 
@@ -698,6 +783,10 @@ def _from_hash(cls: type, data: dict[str, str]) -> Any:
         raw = data[f.name]
         if f.type == "int":
             kwargs[f.name] = int(raw or 0)
+        elif f.type == "float":
+            kwargs[f.name] = float(raw or 0)
+        elif f.type == "bool":
+            kwargs[f.name] = raw == "True"
         elif f.type == "list[str]":
             kwargs[f.name] = json.loads(raw) if raw else []
         else:
@@ -724,6 +813,11 @@ class Agent:
     max_rounds: int = 0
     worktree: str | None = None
     error: str | None = None
+    resume_session: bool = False  # each round continues the CLI's conversation in `session`
+    session: str | None = None
+    tokens_in: int = 0   # usage summed over the agent's rounds, as its CLI reported it
+    tokens_out: int = 0
+    cost_usd: float = 0.0
     alive: bool = False  # derived from the heartbeat key, never stored
 
     @property
@@ -756,7 +850,11 @@ class Task:
     tags: list[str] = field(default_factory=list)
     parent_id: str | None = None
     result: str | None = None
+    error: str | None = None  # why it failed
     attempts: int = 0
+    tokens_in: int = 0   # usage of the rounds that worked on it
+    tokens_out: int = 0
+    cost_usd: float = 0.0
     created_at: str = field(default_factory=_now)
     updated_at: str | None = None
     started_at: str | None = None
@@ -1458,7 +1556,7 @@ class Channel:
                 if task is None or task.terminal:
                     continue
                 if is_buried:
-                    self._queue_task_change(pipe, task, state=TaskState.FAILED, result=reason,
+                    self._queue_task_change(pipe, task, state=TaskState.FAILED, error=reason,
                                             attempts=message.attempts, completed_at=_now())
                 else:
                     self._queue_task_change(pipe, task, state=TaskState.ASSIGNED,
@@ -1628,7 +1726,7 @@ class Channel:
                 pipe.hincrby(self.keys.agent(task.assigned_to), "tasks_completed", 1)
             self._event(pipe, f"task_{new_state}", task=task.id,
                         agent=changes.get("assigned_to") or task.assigned_to,
-                        detail=(changes.get("result") or "")[:200] or None)
+                        detail=(changes.get("result") or changes.get("error") or "")[:200] or None)
         return dataclasses.replace(task, **changes)
 
     def create_task(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
@@ -1680,7 +1778,8 @@ class Channel:
         def decide(task: Task) -> dict[str, Any] | None:
             if task.terminal:
                 return None
-            return {"state": state, "result": result, "completed_at": _now()}
+            return {"state": state, "error" if state == TaskState.FAILED else "result": result,
+                    "completed_at": _now()}
         return self.change_task(task_id, decide)
 
     def _off_backlog(self, task_id: str, change: Callable[[Any, Task], Task]) -> Task | None:
@@ -1972,8 +2071,11 @@ class Town:
     def spawn_agent(self, name: str, cli: str | None = None, *, role: str | None = None,
                     nickname: str | None = None, parent: str | None = None,
                     max_rounds: int | None = None, force: bool = False, worktree: bool = False,
-                    start: bool = True) -> AgentHandle:
-        """Register an agent and start its loop in the background (`start=False`: only register)."""
+                    start: bool = True, resume_session: bool | None = None) -> AgentHandle:
+        """Register an agent and start its loop in the background (`start=False`: only register).
+
+        `resume_session`: each round continues the CLI's previous conversation (default:
+        the CLI's `resume_session` setting)."""
         _check_name(name, "agent name")
         if name.lower() in RESERVED_NAMES:
             raise InvalidName(name, "agent name", "it is reserved for the conductor's mailbox; pick another")
@@ -1981,19 +2083,21 @@ class Town:
         agent_cli = self._config.cli(cli_name)
         if not force:
             self._check_cli_installed(agent_cli)
+        if resume_session is None:
+            resume_session = agent_cli.resume_session
         previous = self._channel.get_agent(self.redis.hget(self.keys.agents, name) or "")
         if previous and previous.terminal:
             # The name of a stopped agent is free again: the new spawn takes over its record
             # and its queues (nothing addressed to the name is lost), with the new settings.
             return self._respawn(previous, start=start, cli=cli_name, role=role, nickname=nickname,
                                  parent=self.resolve_agent(parent) if parent else None,
-                                 max_rounds=max_rounds or 0,
+                                 max_rounds=max_rounds or 0, resume_session=resume_session, session="",
                                  worktree=str(self._add_worktree(name)) if worktree else None)
         agent_id = str(uuid.uuid4())
         agent = Agent(id=agent_id, name=name, cli=cli_name, role=role, created_at=_now(),
                       nickname=nickname or NICKNAMES[int(agent_id[:8], 16) % len(NICKNAMES)],
                       parent=self.resolve_agent(parent) if parent else None,
-                      max_rounds=max_rounds or 0)
+                      max_rounds=max_rounds or 0, resume_session=resume_session)
         if worktree:
             agent.worktree = str(self._add_worktree(name))
         self._channel.register_agent(agent, self._config.max_agents)
@@ -2114,9 +2218,11 @@ class Town:
             return None
         return self._wait_until(check, timeout, f"agent {ref}")
 
-    def restart_agent(self, ref: str, rounds: int | None = None) -> AgentHandle:
-        """Start a new loop for a stopped agent; never two loops for one agent."""
-        return self._respawn(self.agent(ref).record(), max_rounds=rounds or None)
+    def restart_agent(self, ref: str, rounds: int | None = None, fresh: bool = False) -> AgentHandle:
+        """Start a new loop for a stopped agent; never two loops for one agent.
+        `fresh`: forget the CLI conversation, so the next round starts a new one."""
+        return self._respawn(self.agent(ref).record(), max_rounds=rounds or None,
+                             session="" if fresh else None)
 
     def _respawn(self, agent: Agent, *, start: bool = True, **fields: Any) -> AgentHandle:
         """A stopped agent back to `starting` (with `fields` changed), its loop started."""
@@ -2433,7 +2539,14 @@ class Town:
             "conductor_inbox": self._channel.inbox_len(CONDUCTOR_ID),
             "tasks": self._channel.task_counts(),
             "backlog": backlog_len,
+            "usage": self.usage(),
         }
+
+    def usage(self) -> dict[str, Any]:
+        """The town's tokens and cost over all rounds, and its budget (0: none)."""
+        raw = self.redis.hgetall(self.keys.usage)
+        return {"tokens_in": int(raw.get("tokens_in", 0)), "tokens_out": int(raw.get("tokens_out", 0)),
+                "cost_usd": float(raw.get("cost_usd", 0)), "budget_usd": self._config.town.budget_usd}
 
 
 def _read_name_list(path: Path) -> list[str]:
@@ -2510,6 +2623,242 @@ class AgentHandle:
         return self.town.restart_agent(self.id, rounds)
 
 
+# Agent CLIs ##################################################################
+# What the loop knows about the programs it runs: their JSON output, their
+# environment, their credentials and their conversations.
+
+@dataclass
+class RoundUsage:
+    """What one CLI run reported: tokens, cost (None: not reported), its conversation's
+    id, its final text, and an error it reported while perhaps exiting 0."""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float | None = None
+    session: str | None = None
+    text: str | None = None
+    error: str | None = None
+
+    def summary(self) -> str:
+        cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        return f"{self.tokens_in} in / {self.tokens_out} out tokens{cost}"
+
+
+def _json_objects(text: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects in a CLI's stdout: one per line, or pretty-printed ones."""
+    decoder, index = json.JSONDecoder(), 0
+    while (start := text.find("{", index)) != -1:
+        try:
+            value, index = decoder.raw_decode(text, start)
+        except ValueError:
+            index = text.find("\n", start) + 1 or len(text)
+            continue
+        if isinstance(value, dict):
+            yield value
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _parse_claude_json(text: str) -> RoundUsage:
+    """`claude --output-format json`: one `result` object."""
+    usage = RoundUsage()
+    for data in _json_objects(text):
+        if data.get("type") != "result":
+            continue
+        counts = data.get("usage") or {}
+        usage = RoundUsage(tokens_in=sum(_int(counts.get(k)) for k in (
+                               "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")),
+                           tokens_out=_int(counts.get("output_tokens")),
+                           cost_usd=data.get("total_cost_usd"), session=data.get("session_id"),
+                           text=data.get("result"))
+        if data.get("is_error"):
+            usage.error = str(data.get("result") or data.get("subtype") or "error")
+    return usage
+
+
+def _parse_codex_json(text: str) -> RoundUsage:
+    """`codex exec --json`: JSONL events; usage on `turn.completed`, no cost."""
+    usage = RoundUsage()
+    for event in _json_objects(text):
+        kind, item = event.get("type"), event.get("item") or {}
+        if kind == "thread.started":
+            usage.session = event.get("thread_id")
+        elif kind == "item.completed" and item.get("type") == "agent_message":
+            usage.text = item.get("text")
+        elif kind == "item.completed" and item.get("type") == "error":
+            usage.error = item.get("message")
+        elif kind == "turn.completed":
+            counts = event.get("usage") or {}
+            usage.tokens_in += _int(counts.get("input_tokens"))
+            usage.tokens_out += _int(counts.get("output_tokens"))
+        elif kind in ("turn.failed", "error"):
+            error = event.get("error")
+            usage.error = (error.get("message") if isinstance(error, dict) else None) or \
+                event.get("message") or kind
+    return usage
+
+
+def _parse_gemini_json(text: str) -> RoundUsage:
+    """`gemini -o json`: one object; tokens per model under stats, no cost."""
+    usage = RoundUsage()
+    for data in _json_objects(text):
+        if "session_id" not in data and "response" not in data and "error" not in data:
+            continue
+        usage.session, usage.text = data.get("session_id"), data.get("response")
+        for model in ((data.get("stats") or {}).get("models") or {}).values():
+            tokens = model.get("tokens") or {}
+            usage.tokens_in += _int(tokens.get("prompt") or tokens.get("input"))
+            usage.tokens_out += _int(tokens.get("candidates")) + _int(tokens.get("thoughts"))
+        if data.get("error"):
+            error = data["error"]
+            usage.error = str(error.get("message") if isinstance(error, dict) else error)
+    return usage
+
+
+def _parse_opencode_json(text: str) -> RoundUsage:
+    """`opencode run --format json`: JSONL; tokens and cost on each `step_finish`."""
+    usage = RoundUsage()
+    for event in _json_objects(text):
+        usage.session = event.get("sessionID") or usage.session
+        part = event.get("part") or {}
+        if event.get("type") == "text":
+            usage.text = part.get("text")
+        elif event.get("type") == "step_finish":
+            tokens = part.get("tokens") or {}
+            cache = tokens.get("cache") or {}
+            usage.tokens_in += _int(tokens.get("input")) + _int(cache.get("read")) + _int(cache.get("write"))
+            usage.tokens_out += _int(tokens.get("output")) + _int(tokens.get("reasoning"))
+            if isinstance(part.get("cost"), (int, float)):
+                usage.cost_usd = (usage.cost_usd or 0.0) + part["cost"]
+        elif event.get("type") == "error":
+            error = event.get("error") or {}
+            usage.error = str((error.get("data") or {}).get("message") or error.get("name") or "error")
+    return usage
+
+
+def _parse_copilot_json(text: str) -> RoundUsage:
+    """`copilot --output-format json`: JSONL; a final `result` (no token counts)."""
+    usage = RoundUsage()
+    for event in _json_objects(text):
+        data = event.get("data") or {}
+        if event.get("type") == "assistant.message" and data.get("content"):
+            usage.text = data["content"]
+        elif event.get("type") == "session.error":
+            usage.error = str(data.get("message") or data.get("errorType") or "error")
+        elif event.get("type") == "result":
+            usage.session = event.get("sessionId")
+            if event.get("exitCode"):
+                usage.error = usage.error or f"exit code {event['exitCode']}"
+    return usage
+
+
+OUTPUT_PARSERS: dict[str, Callable[[str], RoundUsage]] = {
+    "claude": _parse_claude_json, "codex": _parse_codex_json, "gemini": _parse_gemini_json,
+    "opencode": _parse_opencode_json, "copilot": _parse_copilot_json,
+}
+
+
+def _read_round_output(output: str, raw_file: Path, log_file: Path) -> RoundUsage:
+    """Parse a JSON-mode run's stdout and append its final text (or, when there is no
+    parsable result, the raw stdout) to the round log, where a text-mode run's output is."""
+    raw = raw_file.read_text(encoding="utf-8", errors="replace") if raw_file.exists() else ""
+    try:
+        usage = OUTPUT_PARSERS[output](raw)
+    except Exception as exc:  # a CLI's new output shape must not cost the round
+        log.warning("cannot read the %s output in %s: %s", output, raw_file, exc)
+        usage = RoundUsage()
+    with open(log_file, "a", encoding="utf-8") as handle:
+        text = raw if usage.text is None else usage.text
+        handle.write(text + ("" if text.endswith("\n") else "\n"))
+        if usage.error:
+            handle.write(f"[tinytown] the CLI reported an error: {usage.error}\n")
+        handle.write(f"[tinytown] usage: {usage.summary()}"
+                     f"{f', session {usage.session}' if usage.session else ''}\n")
+    return usage
+
+
+def _cli_executable(command: str) -> str | None:
+    """The program a command line starts (after VAR=value words); None if unparsable."""
+    try:
+        words = [w for w in shlex.split(_fill_command(command, Path("prompt.md")))
+                 if not re.match(r"[A-Za-z_]\w*=", w)]
+    except ValueError:
+        return None
+    return words[0] if words else None
+
+
+def _cli_env(cli: AgentCLI, agent: Agent, root: Path, bin_dir: Path) -> dict[str, str]:
+    """The CLI's environment: the loop's, the table's `env`, who the agent is, and a PATH
+    with the `tt` shim first (before the table's own PATH, when it sets one)."""
+    # The loop's PYTHONPATH names this module's folder (see _launch_loop); the CLI's need not.
+    module_dir = str(Path(__file__).resolve().parent)
+    python_path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                  if p and p != module_dir)
+    path = cli.env.get("PATH") or os.environ.get("PATH", os.defpath)
+    env = {**os.environ, "PYTHONPATH": python_path, **cli.env,
+           "TINYTOWN_AGENT_ID": agent.id, "TINYTOWN_AGENT_NAME": agent.name,
+           "TINYTOWN_TOWN": str(root), "PATH": f"{bin_dir}{os.pathsep}{path}"}
+    # claude refuses --dangerously-skip-permissions as root unless told it is sandboxed
+    # (exactly "1"), which a container running agent loops as root is.
+    if os.geteuid() == 0 and "IS_SANDBOX" not in cli.env and \
+            Path(_cli_executable(cli.command) or "").name == "claude":
+        env["IS_SANDBOX"] = "1"
+    return env
+
+
+def missing_credentials(cli: AgentCLI) -> str | None:
+    """A warning when the CLI visibly lacks what reaches its model (no key variable and no
+    login file), else None.  Only a hint: a CLI may be configured in ways not seen here."""
+    executable = Path(_cli_executable(cli.command) or "").name
+    if executable not in CLI_CREDENTIALS:
+        return None
+    variables, files, hint = CLI_CREDENTIALS[executable]
+    env = {**os.environ, **cli.env}
+    if any(env.get(name) for name in variables):
+        return None
+    home = env.get("HOME") or str(Path.home())
+    for name in files:
+        if name.startswith("$") and name[1:].split("/")[0] not in env:
+            continue
+        expanded = name.replace("~", home, 1) if name.startswith("~") else name
+        if Path(re.sub(r"\$(\w+)", lambda m: env.get(m[1], ""), expanded)).exists():
+            return None
+    return (f"{cli.name}: no {' / '.join(variables)} in the environment and no login found"
+            f" ({', '.join(files) or 'none'}); {hint}")
+
+
+def _session_command(cli: AgentCLI, agent: Agent, round_no: int) -> tuple[str, str | None]:
+    """The round's command line and the conversation it continues or starts (None: none).
+
+    A CLI that takes an id up front starts its conversation under one derived from the
+    agent's id (so a round killed before it printed anything can still be resumed); the
+    others are continued with the id their output reported."""
+    if not (agent.resume_session and cli.resume):
+        return cli.command, None
+    session = agent.session
+    template = cli.resume
+    if not session:
+        if not cli.new_session:
+            return cli.command, ""  # "": resuming, with the id to come from the output
+        session, template = str(uuid.uuid5(uuid.NAMESPACE_URL, f"tinytown:{agent.id}:{round_no}")), \
+            cli.new_session
+    return template.replace("{command}", cli.command).replace("{session}", shlex.quote(session)), session
+
+
+def _budget_reached(settings: AgentSettings, town_budget: float, agent: Agent,
+                    town_cost: float) -> str | None:
+    """Which budget the agent's or the town's usage has reached, if any."""
+    if settings.max_cost_usd and agent.cost_usd >= settings.max_cost_usd:
+        return f"agent cost ${agent.cost_usd:.4f} reached max_cost_usd ${settings.max_cost_usd:g}"
+    if settings.max_tokens and agent.tokens_in + agent.tokens_out >= settings.max_tokens:
+        return (f"agent tokens {agent.tokens_in + agent.tokens_out} reached max_tokens"
+                f" {settings.max_tokens}")
+    if town_budget and town_cost >= town_budget:
+        return f"town cost ${town_cost:.4f} reached budget_usd ${town_budget:g}"
+    return None
+
+
 # Agent loop ##################################################################
 
 class _ForcedStop(BaseException):
@@ -2528,11 +2877,14 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
     def who(agent_id: str) -> str:
         return names.get(agent_id, agent_id[:8])
 
+    # The shim by its absolute path: a login shell (codex runs `bash -lc`) resets PATH.
+    tt = shlex.quote(str(town.root / RUNTIME_DIR / "bin" / "tt"))
     lines = [f"# You are {agent.name}, an agent of the town {town.name!r}",
              "",
              f"Nickname: {agent.nickname}. Role: {agent.role or 'worker'}. Round {round_no}."
              f" Town root: {town.root}.",
-             "You work unattended: do the work below, then report with the `tt` commands shown.",
+             f"You work unattended: do the work below, then report with the commands shown"
+             f" (`tt` is {tt}: type that full path).",
              ""]
     actionable = [m for m in messages if m.actionable]
     informational = [m for m in messages if not m.actionable]
@@ -2546,8 +2898,8 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
                       f"From {who(message.from_)}, priority {message.priority}"
                       f"{f', attempt {message.attempts + 1}' if message.attempts else ''}.",
                       "", message.body.get("description", ""), "",
-                      f'When it is done, run: `tt task complete {task_id} --result "<one-line summary>"`',
-                      f'If it cannot be done, run: `tt task fail {task_id} --error "<why>"`', ""]
+                      f'When it is done, run: `{tt} task complete {task_id} --result "<one-line summary>"`',
+                      f'If it cannot be done, run: `{tt} task fail {task_id} --error "<why>"`', ""]
     others = [m for m in actionable if m.type != MessageType.TASK_ASSIGN]
     if others:
         lines += ["## Messages to act on", ""]
@@ -2556,7 +2908,7 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
             lines.append(f"- {message.type} from {who(message.from_)} ({message.priority}){mark}:"
                          f" {message.text}")
             if message.type == MessageType.QUERY:
-                lines.append(f'  Answer with: `tt send {who(message.from_)} "<answer>" --info`')
+                lines.append(f'  Answer with: `{tt} send {who(message.from_)} "<answer>" --info`')
         lines.append("")
     if informational:
         lines += ["## For your information", ""]
@@ -2565,16 +2917,16 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
     matching = town.channel.backlog_matching(lambda task: _tags_match(task.tags, agent), 5)
     if matching:
         lines += ["## Backlog you could claim", ""]
-        lines += [f"- {t.id[:8]}: {t.description} (`tt backlog claim {t.id[:8]} {agent.name}`)"
+        lines += [f"- {t.id[:8]}: {t.description} (`{tt} backlog claim {t.id[:8]} {agent.name}`)"
                   for t in matching]
         lines.append("")
     lines += ["## Commands", "",
-              "- `tt status` - the town, its agents and tasks",
-              "- `tt send AGENT \"MSG\" [--query|--info|--ack] [--urgent]` - message another agent"
+              f"- `{tt} status` - the town, its agents and tasks",
+              f"- `{tt} send AGENT \"MSG\" [--query|--info|--ack] [--urgent]` - message another agent"
               " or the conductor",
-              "- `tt assign AGENT \"TASK\"` - hand work to another agent",
-              "- `tt backlog list` / `tt backlog claim ID " + agent.name + "` - unassigned work",
-              "- `tt task current` / `tt task complete ID --result \"...\"` - your tasks", ""]
+              f"- `{tt} assign AGENT \"TASK\"` - hand work to another agent",
+              f"- `{tt} backlog list` / `{tt} backlog claim ID {agent.name}` - unassigned work",
+              f"- `{tt} task current` / `{tt} task complete ID --result \"...\"` - your tasks", ""]
     return "\n".join(lines)
 
 
@@ -2609,6 +2961,7 @@ class AgentLoop:
         self.identity = f"{os.getpid()}@{socket.gethostname()}"
         self.rounds_run = 0
         self.draining = False
+        self.budget_error = ""  # set when a budget stops the loop
         self.idle_since = time.monotonic()
         self._stop_requested = False
         self._signals = 0
@@ -2628,6 +2981,8 @@ class AgentLoop:
             while self._step_surviving_outages():
                 pass
             final = AgentState.COLD if self.draining else AgentState.STOPPED
+            if self.budget_error:
+                final, error = AgentState.ERROR, self.budget_error
         except _LostLease:
             log.error("agent %s: another loop holds the agent now; leaving it alone", self.agent.name)
             return AgentState.STOPPED
@@ -2749,7 +3104,7 @@ class AgentLoop:
             self._round(messages, handled, state)
             self.idle_since = time.monotonic()
             self._beat()
-            return self.rounds_run < self.max_rounds and not self._stop_requested
+            return not self._check_budget() and self.rounds_run < self.max_rounds and not self._stop_requested
         if state == AgentState.WORKING:  # the take started a round that is not needed after all
             self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "working")
         if messages:  # only informational ones left: they wait, unwoken, for the next round
@@ -2839,9 +3194,14 @@ class AgentLoop:
         _write_atomic(prompt_file, prompt)
         log_file = self.town.root / RUNTIME_DIR / "logs" / agent.name / f"round-{round_no}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
+        command, session = _session_command(self.cli, agent, round_no)
+        raw_file = log_file.with_suffix(".out") if self.cli.output in OUTPUT_PARSERS else None
         started = time.monotonic()
-        code, outcome = self._run_cli(prompt, prompt_file, log_file, agent)
+        code, outcome = self._run_cli(prompt, prompt_file, log_file, agent, command, raw_file)
         seconds = time.monotonic() - started
+        usage = _read_round_output(self.cli.output, raw_file, log_file) if raw_file else RoundUsage()
+        if code == 0 and usage.error:  # codex, for one, exits 0 after a failed turn
+            code, outcome = 1, f"the CLI reported an error: {usage.error[:200]}"
         if code == 0:
             states = dict(zip(task_ids, self.channel.task_states(task_ids)))
             acked = handled | {m.id for m in messages if m.type != MessageType.TASK_ASSIGN
@@ -2851,14 +3211,17 @@ class AgentLoop:
             acked, reason = handled, outcome
         self._settle(acked, reason)
         self.rounds_run += 1
-        summary = f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
+        summary = (f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
+                   f"{', ' + usage.summary() if raw_file else ''}")
         pipe = self.channel.redis.pipeline()
+        self._record_usage(pipe, task_ids, usage, session, code)
         pipe.lpush(self.keys.activity(agent_id), summary)
         pipe.ltrim(self.keys.activity(agent_id), 0, ACTIVITY_KEEP - 1)
         pipe.hincrby(self.keys.agent(agent_id), "rounds_completed", 1)
         pipe.hset(self.keys.agent(agent_id), mapping={"current_task": "", "last_heartbeat": _now()})
         self.channel._event(pipe, "round", agent=agent_id, round=round_no, outcome=outcome,
-                            secs=f"{seconds:.2f}")
+                            secs=f"{seconds:.2f}", tokens_in=usage.tokens_in or None,
+                            tokens_out=usage.tokens_out or None, cost_usd=usage.cost_usd)
         pipe.execute()
         self.channel.set_agent_state(agent_id, AgentState.IDLE, "working")
         log.info("agent %s: %s", agent.name, summary)
@@ -2872,25 +3235,54 @@ class AgentLoop:
         with contextlib.suppress(TaskNotFound):
             self.channel.change_task(task_id, decide)
 
-    def _run_cli(self, prompt: str, prompt_file: Path, log_file: Path, agent: Agent) -> tuple[int | None, str]:
-        """Run the CLI once in its own process group; (exit code or None, outcome)."""
-        uses_file = "{prompt_file}" in self.cli.command
-        command = _fill_command(self.cli.command, prompt_file)
-        # The loop's PYTHONPATH names this module's folder (see _launch_loop); the CLI's need not.
-        module_dir = str(Path(__file__).resolve().parent)
-        python_path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                      if p and p != module_dir)
-        env = {**os.environ, "PYTHONPATH": python_path, **self.cli.env,
-               "TINYTOWN_AGENT_ID": agent.id, "TINYTOWN_AGENT_NAME": agent.name,
-               "TINYTOWN_TOWN": str(self.town.root),
-               "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
+    def _record_usage(self, pipe: Any, task_ids: list[str], usage: RoundUsage, session: str | None,
+                      code: int | None) -> None:
+        """Queue the round's usage (agent, its tasks, the town) and the conversation to continue."""
+        for key in (self.keys.agent(self.agent.id), self.keys.usage, *map(self.keys.task, task_ids)):
+            pipe.hincrby(key, "tokens_in", usage.tokens_in)
+            pipe.hincrby(key, "tokens_out", usage.tokens_out)
+            if usage.cost_usd:
+                pipe.hincrbyfloat(key, "cost_usd", usage.cost_usd)
+        if session is not None:  # a failed continuation is not tried again: the next round starts afresh
+            pipe.hset(self.keys.agent(self.agent.id), "session", usage.session or (session if code == 0 else ""))
+
+    def _check_budget(self) -> bool:
+        """After a round: True when a budget is reached and the loop stops (or pauses: False)."""
+        settings, town_budget = self.settings, self.town.config.town.budget_usd
+        if not (settings.max_cost_usd or settings.max_tokens or town_budget):
+            return False
+        agent = self.channel.get_agent(self.agent.id) or self.agent
+        reason = _budget_reached(settings, town_budget, agent,
+                                 float(self.channel.redis.hget(self.keys.usage, "cost_usd") or 0))
+        if reason is None:
+            return False
+        pipe = self.channel.redis.pipeline()
+        self.channel._event(pipe, "budget_reached", agent=self.agent.id, detail=reason,
+                            action=settings.on_budget)
+        pipe.execute()
+        log.warning("agent %s: budget reached (%s); %s", self.agent.name, reason,
+                    "pausing" if settings.on_budget == "pause" else "stopping")
+        if settings.on_budget == "pause":
+            self.channel.set_agent_state(self.agent.id, AgentState.PAUSED, "idle working")
+            return False
+        self.budget_error = f"budget reached: {reason}"
+        return True
+
+    def _run_cli(self, prompt: str, prompt_file: Path, log_file: Path, agent: Agent, command: str,
+                 raw_file: Path | None = None) -> tuple[int | None, str]:
+        """Run `command` once in its own process group (stdout to `raw_file` when given);
+        (exit code or None, outcome)."""
+        uses_file = "{prompt_file}" in command
+        command = _fill_command(command, prompt_file)
+        env = _cli_env(self.cli, agent, self.town.root, self.bin_dir)
         cwd = Path(agent.worktree) if agent.worktree else self.town.root / (self.cli.cwd or ".")
         timeout = self.settings.round_timeout_secs
-        with open(log_file, "ab") as output:  # a round run again after an outage appends
-            output.write(f"[tinytown] {_now()} $ {command}\n".encode())
+        with open(log_file, "ab") as output, \
+                open(raw_file, "ab") if raw_file else contextlib.nullcontext(output) as stdout:
+            output.write(f"[tinytown] {_now()} $ {command}\n".encode())  # a round run again appends
             output.flush()
-            proc = subprocess.Popen(["sh", "-c", command], cwd=cwd, env=env, stdout=output,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
+            proc = subprocess.Popen(["sh", "-c", command], cwd=cwd, env=env, stdout=stdout,
+                                    stderr=output, start_new_session=True,
                                     stdin=subprocess.DEVNULL if uses_file else subprocess.PIPE)
             try:
                 if not uses_file:  # the whole prompt at once, then EOF: some CLIs wait for it
@@ -2945,6 +3337,140 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             continue
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers that outlived the group leader
+
+
+# Doctor ######################################################################
+# `tt doctor`: the things that stop a first run, each a Check with the fix.
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+# How to install each CLI, by executable, for a doctor line that finds none.
+_CLI_INSTALL = {"claude": "npm install -g @anthropic-ai/claude-code", "codex": "npm install -g @openai/codex",
+                "gemini": "npm install -g @google/gemini-cli", "opencode": "npm install -g opencode-ai",
+                "copilot": "npm install -g @github/copilot", "amp": "npm install -g @sourcegraph/amp",
+                "auggie": "npm install -g @augmentcode/auggie", "aider": "pip install aider-chat"}
+DOCTOR_TIMEOUT = 15.0  # seconds for one `--version` or `--help` of a CLI
+
+
+def doctor(path: str | os.PathLike[str] = ".") -> list[Check]:
+    """Check a town without changing it (Redis is not started); one Check per finding."""
+    root = Path(path).expanduser().resolve()
+    try:
+        config = load_config(root / CONFIG_FILE)
+    except TinytownError as exc:
+        return [Check("config", False, str(exc), "run `tt init`, or fix the file")]
+    checks = [Check("config", True, str(root / CONFIG_FILE))]
+    server = RedisServer(root, config)
+    if server.managed:
+        try:
+            binary = find_redis_server(config.redis.server)
+            version = ".".join(map(str, redis_server_version(binary)))
+            checks.append(Check("redis-server", True, f"{binary} (Redis {version})"))
+        except RedisServerError as exc:
+            checks.append(Check("redis-server", False, str(exc), _INSTALL_HINT))
+        if config.redis.use_socket:
+            size = len(os.fsencode(server._configured_socket))
+            checks.append(Check("socket path", True, f"{server._configured_socket} ({size} bytes)"
+                                if size <= 107 else f"too long to bind ({size} bytes): the server"
+                                f" listens on {server._short_socket_path()} instead"))
+    checks.append(_runtime_check(root / RUNTIME_DIR))
+    reachable = server.ping()
+    checks.append(Check("redis", reachable or server.managed, server.display_url + (
+        " answers" if reachable else " is not running" + (" (started on demand)" if server.managed else "")),
+        "" if reachable or server.managed else "start that server or fix [redis] url"))
+    agents: list[Agent] = []
+    if reachable:
+        channel = Channel(server.client(), Keys(config.name), config.agent)
+        agents = channel.agents()
+        checks += _agent_checks(channel, agents)
+    names = dict.fromkeys([config.default_cli, *config.agent_clis, *(a.cli for a in agents if a.cli)])
+    for name in names:
+        checks += _cli_checks(config, name)
+    return checks
+
+
+def _runtime_check(runtime: Path) -> Check:
+    if not runtime.exists():
+        return Check(".tt", False, f"{runtime} is missing", "run `tt init`")
+    mode = runtime.stat().st_mode & 0o777
+    if not os.access(runtime, os.W_OK | os.X_OK):
+        return Check(".tt", False, f"{runtime} is not writable by this user", f"chown -R $USER {runtime}")
+    if mode & 0o022:
+        return Check(".tt", False, f"{runtime} is writable by others (mode {mode:o})", f"chmod 700 {runtime}")
+    return Check(".tt", True, f"{runtime} (mode {mode:o})")
+
+
+def _agent_checks(channel: Channel, agents: list[Agent]) -> list[Check]:
+    dead = [a.name for a in agents if a.dead]
+    leased = [a.name for a in agents if a.terminal and a.alive]  # a loop outlived its record
+    counts = channel.pending_counts([a.id for a in agents if a.terminal])
+    holding = [a.name for a in agents if a.terminal and (counts.get(a.id) or channel.redis.llen(
+        channel.keys.processing(a.id)))]
+    return [Check("agents", not dead, f"{len(agents)} agents" + (
+                      f"; no live loop behind {', '.join(dead)}" if dead else ", no stale ones"),
+                  "" if not dead else "`tt recover` marks them stopped and requeues their work"),
+            Check("leases", not leased, "a loop still holds the lease of stopped " + ", ".join(leased)
+                  if leased else "no stopped agent's lease is held",
+                  "" if not leased else "it lapses within 3 heartbeats; else kill that loop's pid"),
+            Check("held work", not holding, "stopped agents hold messages: " + ", ".join(holding)
+                  if holding else "no stopped agent holds work",
+                  "" if not holding else "`tt reclaim --to-backlog` or `tt restart AGENT`")]
+
+
+def _cli_checks(config: Config, name: str) -> list[Check]:
+    """The CLI on PATH, its version, the preset's flags in its --help, its credentials."""
+    try:
+        cli = config.cli(name)
+    except ConfigError as exc:
+        return [Check(f"cli {name}", False, str(exc), f"add an [agent_clis.{name}] table")]
+    executable = _cli_executable(cli.command)
+    found = executable and shutil.which(executable, path=cli.env.get("PATH") or os.environ.get("PATH"))
+    if not found:
+        hint = _CLI_INSTALL.get(Path(executable or "").name, "install it")
+        return [Check(f"cli {name}", False, f"`{executable}` is not on PATH", f"{hint}, or use another --cli")]
+    version = _run_quietly([found, "--version"])
+    checks = [Check(f"cli {name}", version is not None, f"{found}: " + (
+        (version.strip().splitlines() or ["?"])[0] if version is not None else "`--version` failed"),
+        "" if version is not None else "reinstall it")]
+    missing: list[str] = []
+    helps: dict[tuple[str, ...], str | None] = {}
+    for template in (cli.command, cli.new_session, cli.resume):
+        if not template:
+            continue
+        words = shlex.split(_fill_command(template.replace("{command}", cli.command)
+                                          .replace("{session}", "SESSION"), Path("prompt.md")))
+        words = words[words.index(executable):] if executable in words else words
+        sub = tuple(itertools.takewhile(lambda w: not w.startswith("-") and w != "SESSION", words[1:]))
+        if sub not in helps:
+            helps[sub] = _run_quietly([found, *sub, "--help"])
+        flags = [w.split("=")[0] for w in words if re.match(r"--?[A-Za-z]", w)]
+        missing += [f for f in flags if helps[sub] is not None and f not in helps[sub] and f not in missing]
+    if helps:
+        checks.append(Check(f"cli {name} flags", not missing,
+                            f"not in its --help: {' '.join(missing)}" if missing else
+                            "every flag of the preset is in its --help",
+                            "" if not missing else "update the CLI (the README lists tested versions)"
+                            " or set [agent_clis] command"))
+    lacking = missing_credentials(cli)
+    checks.append(Check(f"cli {name} login", lacking is None, (lacking or "a key or login is there")
+                        .split("; ")[0], (lacking or "").partition("; ")[2]))
+    return checks
+
+
+def _run_quietly(argv: list[str]) -> str | None:
+    """stdout + stderr of a short command, or None when it fails or hangs."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=DOCTOR_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout + done.stderr if done.returncode == 0 else None
 
 
 # Demo agent ##################################################################
@@ -3099,6 +3625,14 @@ def _agent_line(agent: Agent | dict[str, Any]) -> str:
             f" done {a['tasks_completed']:<4} {liveness}{task}")
 
 
+def _usage_text(usage: dict[str, Any]) -> str:
+    """ "  12345 tokens in, 40 out, $0.1970" (empty when nothing was counted)."""
+    if not (usage.get("tokens_in") or usage.get("tokens_out") or usage.get("cost_usd")):
+        return ""
+    cost = f", ${usage['cost_usd']:.4f}" if usage.get("cost_usd") else ""
+    return f"  {usage['tokens_in']} tokens in, {usage['tokens_out']} out{cost}"
+
+
 def _task_line(task: Task, names: _Names) -> str:
     tags = f" [{', '.join(task.tags)}]" if task.tags else ""
     owner = f" -> {names.show(task.assigned_to)}" if task.assigned_to else ""
@@ -3218,7 +3752,7 @@ def _cmd_stop(town: Town, args: Any) -> _Reply:
 
 @_uses_town(_TownUse.READ)
 def _cmd_status(town: Town, args: Any) -> _Reply:
-    """The town at a glance: its Redis, agents (state, liveness, inbox, task) and task counts.
+    """The town at a glance: Redis, agents (state, liveness, inbox, task, usage), tasks and usage.
 
     Example: tt status --tasks
     """
@@ -3232,13 +3766,17 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
     lines = [f"town {status['town']} at {status['root']}", f"redis {status['redis']['url']}{redis_pid}",
              f"agents: {len(status['agents'])}"]
     for agent in status["agents"]:
-        lines.append("  " + _agent_line(agent))
+        lines.append("  " + _agent_line(agent) + _usage_text(agent))
         if agent["pending"]:
             lines.append(f"      pending: {_counts_text(agent['pending'])}")
         lines += [f"      {entry}" for entry in agent.get("recent_rounds", [])]
         lines += [f"      | {entry}" for entry in agent.get("log_tail", [])]
     lines.append(f"tasks: {_counts_text(status['tasks'])}; backlog: {status['backlog']};"
                  f" conductor inbox: {status['conductor_inbox']}")
+    usage = status["usage"]
+    if usage["tokens_in"] or usage["tokens_out"] or usage["cost_usd"] or usage["budget_usd"]:
+        budget = f" of budget ${usage['budget_usd']:g}" if usage["budget_usd"] else ""
+        lines.append(f"usage:{_usage_text(usage) or ' none'}{budget}")
     lines += ["  " + _task_line(task, names) for task in tasks]
     return _Reply(status, "\n".join(lines))
 
@@ -3335,14 +3873,19 @@ def _cmd_conductor(town: Town, args: Any) -> _Reply:
 def _cmd_spawn(town: Town, args: Any) -> _Reply:
     """Register an agent and start its loop (in the background unless --foreground).
 
-    The loop runs the agent's CLI once per round; its log is .tt/logs/NAME.log.
+    The loop runs the agent's CLI once per round; its log is .tt/logs/NAME.log. It warns
+    (on stderr) when the CLI visibly lacks its API key or login.
 
     Example: tt spawn worker-1 --cli claude --role backend
     """
     handle = town.spawn_agent(args.name, args.cli, role=args.role, nickname=args.nickname,
                               parent=args.parent, max_rounds=args.max_rounds, force=args.force,
-                              worktree=args.worktree, start=not args.foreground)
+                              worktree=args.worktree, start=not args.foreground,
+                              resume_session=args.resume_session)
     agent = handle.record()
+    warning = missing_credentials(town.config.cli(agent.cli))
+    if warning:
+        print(f"tt: warning: {warning}", file=sys.stderr)
     if args.foreground:
         print(f"running {agent.name} in this terminal; Ctrl-C stops it (or `tt kill {agent.name}`"
               " from another one)", file=sys.stderr)
@@ -3417,9 +3960,9 @@ def _cmd_wait(town: Town, args: Any) -> _Reply:
 def _cmd_restart(town: Town, args: Any) -> _Reply:
     """Start a new loop for a stopped, cold or errored agent.
 
-    Example: tt restart worker-1 --rounds 5
+    Example: tt restart worker-1 --rounds 5 --fresh
     """
-    agent = town.restart_agent(args.agent, args.rounds).record()
+    agent = town.restart_agent(args.agent, args.rounds, fresh=args.fresh).record()
     return _agent_reply(town, agent, f"restarted {agent.name}")
 
 
@@ -3471,7 +4014,7 @@ def _cmd_assign(town: Town, args: Any) -> _Reply:
 
 @_uses_town(_TownUse.READ)
 def _cmd_task_show(town: Town, args: Any) -> _Reply:
-    """One task: state, agent, tags, attempts and result.
+    """One task: state, agent, tags, attempts, and its result or error.
 
     Example: tt task show 3f2a9c1e
     """
@@ -3480,7 +4023,8 @@ def _cmd_task_show(town: Town, args: Any) -> _Reply:
     details = [f"  {label}: {value}" for label, value in (
         ("description", task.description), ("agent", names.show(task.assigned_to)),
         ("tags", ", ".join(task.tags)), ("parent", task.parent_id), ("attempts", task.attempts),
-        ("created", task.created_at), ("finished", task.completed_at), ("result", task.result)) if value]
+        ("created", task.created_at), ("finished", task.completed_at), ("result", task.result),
+        ("error", task.error)) if value]
     return _task_reply(task, names, "\n".join([_task_line(task, names), *details]))
 
 
@@ -3676,6 +4220,21 @@ def _cmd_events(town: Town, args: Any) -> _Reply | Iterator[_Reply]:
     return _follow_events(town, town.resolve_agent(args.agent) if args.agent else None)
 
 
+@_uses_town(_TownUse.NONE)
+def _cmd_doctor(town: None, args: Any) -> _Reply:
+    """Check what stops a first run: Redis, the socket, .tt, the CLIs, stale agents.
+
+    Each check is a ✓ or a ✗ with its fix; exit 1 on any ✗. It changes nothing and starts
+    no Redis, so it also works on a town whose Redis is down.
+
+    Example: tt doctor
+    """
+    checks = doctor(_town_root(args))
+    text = "\n".join(f"{'✓' if c.ok else '✗'} {c.name}: {c.detail}" + (f"\n    fix: {c.fix}" if c.fix else "")
+                     for c in checks)
+    return _Reply([dataclasses.asdict(c) for c in checks], text, 0 if all(c.ok for c in checks) else 1)
+
+
 # -- internal ------------------------------------------------------------------
 
 def _cmd_agent_loop(town: Town, args: Any) -> _Reply:
@@ -3735,7 +4294,7 @@ _COMMAND_GROUPS = {
                "recover", "reclaim"),
     "work": ("assign", "task", "backlog"),
     "messages": ("send", "broadcast", "inbox"),
-    "inspection": ("status", "history", "events"),
+    "inspection": ("status", "history", "events", "doctor"),
 }
 
 
@@ -3840,6 +4399,8 @@ def _build_parser() -> _Parser:
     sub.add_argument("--foreground", action="store_true", help="run the loop in this terminal")
     sub.add_argument("--worktree", action="store_true", help="work in a git worktree of its own")
     sub.add_argument("--force", action="store_true", help="skip the check that the CLI is installed")
+    sub.add_argument("--resume-session", action=argparse.BooleanOptionalAction, default=None,
+                     help="each round continues the CLI's conversation (default: the CLI's resume_session)")
     add(commands, "list", _cmd_list)
     for name, handler in (("kill", _cmd_kill), ("close", _cmd_close), ("interrupt", _cmd_interrupt),
                           ("resume", _cmd_resume)):
@@ -3850,6 +4411,7 @@ def _build_parser() -> _Parser:
     sub = add(commands, "restart", _cmd_restart)
     sub.add_argument("agent", help=agent_help)
     sub.add_argument("--rounds", type=int, metavar="N", help="CLI runs before it stops again")
+    sub.add_argument("--fresh", action="store_true", help="start a new CLI conversation (forget the session)")
     add(commands, "prune", _cmd_prune).add_argument(
         "--all", action="store_true", help="also agents still holding work (it goes to the backlog)")
     add(commands, "recover", _cmd_recover)
@@ -3916,6 +4478,7 @@ def _build_parser() -> _Parser:
     sub.add_argument("--count", type=int, default=20, metavar="N", help="how many (default: 20)")
     sub.add_argument("--follow", action="store_true", help="keep printing new events (Ctrl-C stops)")
     sub.add_argument("--agent", help="only this agent's events")
+    add(commands, "doctor", _cmd_doctor)
 
     add(commands, "agent-loop", _cmd_agent_loop).add_argument("agent_id", help="the agent's full id")
     add(commands, "demo-agent", _cmd_demo_agent)
