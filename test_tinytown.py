@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -1304,7 +1305,14 @@ def test_missing_cli_binary_is_refused_unless_forced(town, configure):
     assert forced["name"] == "g1" and forced["cli"] == "ghost"
     task = town.assign("g1", "cannot be done")
     failed = town.wait_task(task.id, timeout=30)  # every round: `sh: no-such-binary-xyz: not found`
-    assert failed.state == "failed" and failed.error == "CLI exited with 127" and failed.result is None
+    assert failed.state == "failed" and failed.result is None
+    assert failed.error == "command not found: no-such-binary-xyz (exit 127)"
+    # Each failed round is retried after a back-off (1 s, then 2 s), not at once.
+    started = [datetime.fromisoformat(line.split()[1].replace("Z", "+00:00"))
+               for n in (1, 2, 3)
+               for line in (town.root / ".tt" / "logs" / "g1" / f"round-{n}.log").read_text().splitlines()
+               if line.startswith("[tinytown] ") and " $ " in line]
+    assert [(b - a).total_seconds() >= 0.9 * gap for a, b, gap in zip(started, started[1:], (1, 2))] == [True, True]
 
 
 def test_spawn_accepts_a_shell_script_command(town, configure):

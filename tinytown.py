@@ -3529,6 +3529,7 @@ class AgentLoop:
         self.budget_error = ""  # set when a budget stops the loop
         self.idle_since = time.monotonic()
         self._stop_requested = False  # a signal or a shutdown message: no new CLI run
+        self._failures = 0  # failed rounds in a row: the retry back-off grows with them
         self._signals = 0  # a second signal cuts the running CLI short
         self._last_signal = 0
         self._wakeup = threading.Event()  # ends a wait early: set by threads, never a handler
@@ -3684,7 +3685,12 @@ class AgentLoop:
             self._round(messages, handled, state)
             self.idle_since = time.monotonic()
             self._beat()
-            return not self._check_budget() and self.rounds_run < self.max_rounds and not self._stop_requested
+            if self._check_budget() or self.rounds_run >= self.max_rounds or self._stop_requested:
+                return False
+            # A failing CLI (a bad key, a crash) is retried after a back-off that doubles up
+            # to a minute, not at once; a new message or a stop request ends the wait early.
+            return not self._failures or self._block(idle_limit=False,
+                                                     secs=min(2.0 ** (self._failures - 1), 60.0))
         if state == AgentState.WORKING:  # the take started a round that is not needed after all
             self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "working")
         if messages:  # only informational ones left: they wait, unwoken, for the next round
@@ -3695,11 +3701,18 @@ class AgentLoop:
             return True
         return self._block()
 
-    def _block(self, idle_limit: bool = True) -> bool:
-        """Wait on the wake list (heartbeat each timeout); False when idle too long."""
+    def _block(self, idle_limit: bool = True, secs: float | None = None) -> bool:
+        """Wait on the wake list (heartbeat each timeout) until woken, or `secs` passed;
+        False when idle too long."""
         wake = self.keys.wake(self.agent.id)
+        until = None if secs is None else time.monotonic() + secs
         while not self._stop_requested:
             timeout = self.settings.heartbeat_secs
+            if until is not None:
+                timeout = until - time.monotonic()
+                if timeout <= 0:
+                    return True
+                timeout = min(timeout, self.settings.heartbeat_secs)
             if idle_limit and self.settings.idle_timeout_secs:
                 left = self.settings.idle_timeout_secs - (time.monotonic() - self.idle_since)
                 if left <= 0:
@@ -3789,7 +3802,8 @@ class AgentLoop:
             acked, reason = handled, outcome
             if self._signals > 1:  # cut short by this loop's stop: not the messages' fault
                 count = "interruption"
-        self._settle(acked, reason, count=count)
+        self._failures = 0 if code == 0 else self._failures + 1
+        self._settle(acked, reason, count=count, wake=not self._failures)  # retried after a back-off
         self.rounds_run += 1
         summary = (f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
                    f"{', ' + usage.summary() if raw_file else ''}")
@@ -3871,6 +3885,8 @@ class AgentLoop:
                 if not uses_file:  # the whole prompt at once, then EOF: some CLIs wait for it
                     threading.Thread(target=_feed, args=(proc.stdin, prompt), daemon=True).start()
                 code, outcome = self._wait_for_cli(proc)
+                if code == 127:  # sh's own "not found"
+                    outcome = f"command not found: {_cli_executable(command) or command} (exit 127)"
             except BaseException:
                 _terminate_group(proc.pid, CLI_GRACE_SECS)
                 proc.wait()
