@@ -39,10 +39,9 @@ MODULE = Path(tinytown.__file__).resolve()
 
 # Fixtures ####################################################################
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    """One redis-server for the session, on a unix socket, no persistence."""
-    folder = tmp_path_factory.mktemp("redis")
+@contextlib.contextmanager
+def _serve_redis(folder):
+    """A throwaway redis-server on a unix socket in `folder`, no persistence: its URL."""
     sock = folder / "redis.sock"
     binary = tinytown.find_redis_server()
     proc = subprocess.Popen([str(binary), "--port", "0", "--unixsocket", str(sock), "--save", "",
@@ -59,15 +58,41 @@ def redis_url(tmp_path_factory):
                 proc.kill()
                 raise
             time.sleep(0.01)
-    yield f"unix://{sock}"
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield f"unix://{sock}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """One redis-server for the session."""
+    with _serve_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def own_redis_url(tmp_path_factory):
+    """A redis-server of the test's own: its command counts are the test's loop's alone."""
+    with _serve_redis(tmp_path_factory.mktemp("own-redis")) as url:
+        yield url
 
 
 @pytest.fixture
 def town(tmp_path, redis_url, monkeypatch):
     """A fresh town on the session's server (REDIS_URL), torn down after the test."""
-    monkeypatch.setenv("REDIS_URL", redis_url)
+    yield from _throwaway_town(tmp_path, redis_url, monkeypatch)
+
+
+@pytest.fixture
+def quiet_town(tmp_path, own_redis_url, monkeypatch):
+    """A fresh town on a server of its own, for counting the Redis commands of its loops."""
+    yield from _throwaway_town(tmp_path, own_redis_url, monkeypatch)
+
+
+def _throwaway_town(tmp_path, url, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", url)
     monkeypatch.setenv("TINYTOWN_TOWN", str(tmp_path))
     name = f"t-{uuid.uuid4().hex[:10]}"
     with Town.init(tmp_path, name, agent={"heartbeat_secs": 1}) as t:
@@ -1256,7 +1281,8 @@ def test_a_second_loop_for_the_same_agent_exits_and_leaves_the_first_alone(town)
 
 # -- an idle loop is quiet --
 
-def test_idle_loop_issues_only_a_few_redis_commands(town, redis_url):
+def test_idle_loop_issues_only_a_few_redis_commands(quiet_town, own_redis_url):
+    town, redis_url = quiet_town, own_redis_url
     worker = town.spawn_agent("idler", "demo")
     wait_state(town, worker.id, "idle")
     probe = redis.Redis.from_url(redis_url, single_connection_client=True, decode_responses=True)
@@ -1437,7 +1463,8 @@ def test_stop_then_start_resumes_exactly_the_live_agents(cli_town):
 
 # -- quiet and safe under odd input --
 
-def test_informational_messages_neither_spin_the_loop_nor_block_work(town, redis_url):
+def test_informational_messages_neither_spin_the_loop_nor_block_work(quiet_town, own_redis_url):
+    town, redis_url = quiet_town, own_redis_url
     worker = town.spawn_agent("calm", "demo")
     wait_state(town, worker.id, "idle")
     for i in range(60):  # more than a round takes: they must not keep the task out of reach
@@ -1453,8 +1480,10 @@ def test_informational_messages_neither_spin_the_loop_nor_block_work(town, redis
     assert worker.inbox_len() == 0  # the info messages went along with that round
 
 
-def test_a_paused_agent_with_an_idle_timeout_stays_quiet_and_alive(town, configure, redis_url):
-    fresh = configure(idle_timeout_secs=1)
+def test_a_paused_agent_with_an_idle_timeout_stays_quiet_and_alive(quiet_town, own_redis_url):
+    town, redis_url = quiet_town, own_redis_url
+    tinytown.set_config_value(town.root / "tinytown.toml", "agent.idle_timeout_secs", "1")
+    fresh = Town(town.root)
     worker = fresh.spawn_agent("napper", "demo")
     wait_state(town, worker.id, "idle")
     worker.interrupt()
@@ -1463,6 +1492,8 @@ def test_a_paused_agent_with_an_idle_timeout_stays_quiet_and_alive(town, configu
     time.sleep(2.5)
     calls = sum(v["calls"] for v in probe.info("commandstats").values()) - before
     assert calls < 30 and worker.record().alive and worker.state() == "paused"
+    fresh.release()
+    fresh.close()
 
 
 def test_cancelled_work_is_not_handed_to_the_cli(town):
@@ -1817,6 +1848,12 @@ def test_config_keys_are_checked_once_and_secrets_never_printed(town):
     tinytown.set_config_value(path, "agent_clis.x.env", '{ OPENAI_API_KEY = "sk-secret", MODE = "auto" }')
     assert "sk-secret" not in tt("config", "--json")[1] and '"auto"' in tt("config", "--json")[1]
     assert tinytown.redact_url("redis://h:1/0?password=hunter2&db=1") == "redis://h:1/0?password=****&db=1"
+
+
+def test_the_runtime_folder_is_private_in_url_mode_too(town):
+    shutil.rmtree(town.root / ".tt")  # a fresh clone of a project with a tinytown.toml
+    tinytown._write_shims(town.root)
+    assert (town.root / ".tt").stat().st_mode & 0o777 == 0o700
 
 
 def test_socket_path_outside_the_runtime_folder_is_refused(tmp_path):

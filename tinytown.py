@@ -2428,8 +2428,8 @@ _SHIM = '#!/bin/sh\n# tinytown CLI for agents of this town (written by the agent
 
 def _write_shims(root: Path) -> Path:
     """.tt/bin/tt and .tt/bin/tinytown run this very module, installed or vendored."""
-    bin_dir = root / RUNTIME_DIR / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = _runtime_dir(root) / "bin"
+    bin_dir.mkdir(exist_ok=True)
     text = _fill_command(_SHIM, Path())
     for name in ("tt", "tinytown"):
         path = bin_dir / name
