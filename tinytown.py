@@ -3541,36 +3541,46 @@ class AgentLoop:
         """Serve rounds until stopped; returns the final state (always written)."""
         final, error = AgentState.STOPPED, None
         self._hold_lease()  # outside the try: a refused loop owns nothing to tear down
-        self._watch_signals()
-        try:
-            self._begin()
-            while self._step_surviving_outages():
-                pass
-            final = AgentState.COLD if self.draining else AgentState.STOPPED
-            if self.budget_error:
-                final, error = AgentState.ERROR, self.budget_error
-        except LostLease:
-            log.error("agent %s: another loop holds the agent now; leaving it alone", self.agent.name)
-            return AgentState.STOPPED
-        except Exception as exc:  # the final state must say why the loop died
-            final, error = AgentState.ERROR, f"{type(exc).__name__}: {exc}"
-            log.exception("agent %s: loop failed", self.agent.name)
-        self._finish(final, error)
+        with self._watching_signals():
+            try:
+                self._begin()
+                while self._step_surviving_outages():
+                    pass
+                final = AgentState.COLD if self.draining else AgentState.STOPPED
+                if self.budget_error:
+                    final, error = AgentState.ERROR, self.budget_error
+            except LostLease:
+                log.error("agent %s: another loop holds the agent now; leaving it alone", self.agent.name)
+                return AgentState.STOPPED
+            except Exception as exc:  # the final state must say why the loop died
+                final, error = AgentState.ERROR, f"{type(exc).__name__}: {exc}"
+                log.exception("agent %s: loop failed", self.agent.name)
+            self._finish(final, error)
         return final
 
-    def _watch_signals(self) -> None:
+    @contextlib.contextmanager
+    def _watching_signals(self) -> Iterator[None]:
         """Handlers only count signals (huey's rule: nothing else is safe there).  The
         interpreter writes a byte per signal to a pipe, and a thread turns it into a
-        wake-up of whatever the loop waits on: its Redis wake list, the CLI, a back-off."""
+        wake-up of whatever the loop waits on: its Redis wake list, the CLI, a back-off.
+        The process's own handlers come back afterwards (`spawn --foreground`, scripts)."""
         if threading.current_thread() is not threading.main_thread():
+            yield
             return
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
-        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in signums}
         threading.Thread(target=self._relay_signals, args=(read_fd,), daemon=True,
                          name="tinytown-signals").start()
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(previous_fd)
+            os.close(write_fd)  # the relay thread reads EOF and ends
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
@@ -3578,12 +3588,13 @@ class AgentLoop:
         self._last_signal = signum
 
     def _relay_signals(self, read_fd: int) -> None:
-        while os.read(read_fd, 64):
-            self._wakeup.set()
-            with contextlib.suppress(redis.RedisError):  # an idle loop blocks in BLPOP
-                pipe = self.channel.redis.pipeline()
-                self.channel.wake_all(pipe, [self.agent.id])
-                pipe.execute()
+        with open(read_fd, "rb", buffering=0) as signals:
+            while signals.read(64):
+                self._wakeup.set()
+                with contextlib.suppress(redis.RedisError):  # an idle loop blocks in BLPOP
+                    pipe = self.channel.redis.pipeline()
+                    self.channel.wake_all(pipe, [self.agent.id])
+                    pipe.execute()
 
     def _hold_lease(self) -> None:
         """Take `alive:<id>`.  A holder that died on this host is recovered first (its CLI
