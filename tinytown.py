@@ -2905,7 +2905,7 @@ class Town:
             self.redis.sadd(self.keys.resume, *names)
             record = self._root / RUNTIME_DIR / "resume.json"
             _write_atomic(record, json.dumps(sorted(set(_read_name_list(record)) | set(names))))
-        self._stop_loops([a.id for a in agents if not a.terminal], grace)
+        self._stop_loops([a.id for a in live], grace)
         known = {a.id for a in agents}  # strays: loops under a name the config no longer has
         strays = [pid for pid, agent_id in _loops_serving(self._root).items() if agent_id not in known]
         for pid in strays:
