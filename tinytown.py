@@ -4192,6 +4192,9 @@ class HookRunner:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT, or until Redis went away after `tt stop`."""
+        if not self.town.config.hooks:
+            log.info("hooks: none configured in %s; exiting", CONFIG_FILE)
+            return
         lock = open(_runtime_dir(self.town.root) / "hooks.lock", "a")
         with lock:
             if not _try_lock(lock):
@@ -4288,9 +4291,10 @@ class HookRunner:
         if fields.get("event") == "message" and fields.get("sender"):
             sender = self.town.channel.get_agent(fields["sender"])
             env["TT_SENDER_NAME"] = sender.name if sender else fields["sender"]
-            if agent_id:  # the message itself: the newest from that sender still queued
-                text = next((m.text for m in reversed(self.town.channel.peek(agent_id))
-                             if m.from_ == fields["sender"]), text)
+            if agent_id:  # the message itself: the sender's last one queued before the event
+                sent = [m for m in self.town.channel.peek(agent_id)
+                        if m.from_ == fields["sender"] and m.created_at <= fields.get("at", "")]
+                text = max(sent, key=lambda m: m.created_at).text if sent else text
         env.update(TT_EVENT=kind, TT_EVENT_KIND=fields.get("event", ""), TT_EVENT_ID=entry_id,
                    TT_TEXT=text, TT_TOWN=self.town.name, TINYTOWN_TOWN=str(self.town.root))
         return env
@@ -5573,7 +5577,7 @@ def _watch_snapshot(town: Town, events: int = 50) -> dict[str, Any]:
 def _watch_lines(snapshot: dict[str, Any], names: _Names, height: int) -> list[tuple[str, str]]:
     """The screen as (text, SGR colour) lines, at most `height` of them."""
     lines: list[tuple[str, str]] = [
-        (f"tinytown {snapshot['town']}  ·  {len(snapshot['agents'])} agents  ·  redis"
+        (f"tinytown {snapshot['town']}  ·  {_count(len(snapshot['agents']), 'agent')}  ·  redis"
          f" {snapshot['redis']['url']}  ·  {datetime.now().strftime('%H:%M:%S')}  ·  q quits", _HEADER_SGR),
         ("", ""), ("AGENTS", _HEADER_SGR)]
     for a in snapshot["agents"]:
