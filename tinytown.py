@@ -18,7 +18,10 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Agent loop           AgentLoop: one round per step()
     Doctor               doctor(): what stops a first run
     Demo agent           demo_agent(): a scripted stand-in for an AI CLI
+    Hooks                HookRunner: [hooks] commands run for events, via a consumer group
     CLI                  main(argv)
+    Watch                `tt watch`: the live screen
+    MCP server           serve_mcp(): the command layer as an MCP server on stdio
 
 Used as ``python -m tinytown ...``, as the ``tt`` / ``tinytown`` scripts, by copying
 this one file into a repository, and as ``with Town("."):`` in scripts.
@@ -4151,6 +4154,9 @@ def start_hook_runner(town: Town) -> int | None:
     running = _hook_runner_pid(town.root)
     if running:
         return running
+    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: events since the last runner wait
+        # Made here, not by the runner: events from now on are the runner's, however slowly it starts.
+        town.redis.xgroup_create(town.keys.events, _HOOK_GROUP, id="$", mkstream=True)
     proc = _start_detached(town.root, ["hook-runner"], "hooks.log")
     _write_atomic(_hook_identity_file(town.root), _loop_identity(proc.pid) + "\n")
     return proc.pid
@@ -4222,10 +4228,15 @@ class HookRunner:
     def step(self) -> int:
         """Read a batch of entries, run their hooks, ack each; returns how many were read."""
         keys = self.town.keys
-        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: it exists
+        try:
+            reply = self.town.redis.xreadgroup(_HOOK_GROUP, _HOOK_CONSUMER, {keys.events: self._cursor}, count=50,
+                                               block=None if self._cursor == "0" else self.block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The first run (or after `tt reset`): hooks fire for events from now on.
             self.town.redis.xgroup_create(keys.events, _HOOK_GROUP, id="$", mkstream=True)
-        reply = self.town.redis.xreadgroup(_HOOK_GROUP, _HOOK_CONSUMER, {keys.events: self._cursor}, count=50,
-                                           block=None if self._cursor == "0" else self.block_ms)
+            return 0
         entries = reply[0][1] if reply else []
         if not entries and self._cursor == "0":
             self._cursor = ">"
@@ -5548,6 +5559,7 @@ def main(argv: list[str] | None = None) -> int:
 
 WATCH_REDRAW_SECS = 0.1
 WATCH_REFRESH_SECS = 5.0  # ages and lapsed heartbeats change without an event
+WATCH_FAILURES_SEEN = 200  # failed tasks among this many last events need you (no task scan)
 _ATTENTION_SGR, _HEADER_SGR = "1;31", "1"
 
 
@@ -5564,21 +5576,22 @@ def _age(stamp: str | None) -> str:
 
 
 def _watch_snapshot(town: Town, events: int = 50) -> dict[str, Any]:
-    """What the watch screen shows, read in a few round trips."""
+    """What the watch screen shows, read in a few round trips (no scan of all tasks)."""
     status = town.status()
+    recent = town.channel.events(max(events, WATCH_FAILURES_SEEN))
     current = {a["current_task"] for a in status["agents"] if a.get("current_task")}
-    tasks = {t.id: t for t in town.channel._tasks_by_id(sorted(current))} if current else {}
-    failed = town.channel.tasks(TaskState.FAILED)[-5:] if status["tasks"].get("failed") else []
+    failed = list(dict.fromkeys(e["task"] for e in reversed(recent) if e.get("event") == "task_failed"))[:5]
+    tasks = {t.id: t for t in town.channel._tasks_by_id(sorted(current) + failed)} if current or failed else {}
     queries = [m for m in town.channel.peek(CONDUCTOR_ID) if m.type == MessageType.QUERY]
-    return {**status, "current_tasks": tasks, "failed_tasks": failed, "queries": queries,
-            "events": town.channel.events(events)}
+    return {**status, "current_tasks": tasks, "queries": queries, "events": recent[-events:],
+            "failed_tasks": [tasks[i] for i in failed if i in tasks and tasks[i].state == TaskState.FAILED]}
 
 
 def _watch_lines(snapshot: dict[str, Any], names: _Names, height: int) -> list[tuple[str, str]]:
     """The screen as (text, SGR colour) lines, at most `height` of them."""
     lines: list[tuple[str, str]] = [
-        (f"tinytown {snapshot['town']}  ·  {_count(len(snapshot['agents']), 'agent')}  ·  redis"
-         f" {snapshot['redis']['url']}  ·  {datetime.now().strftime('%H:%M:%S')}  ·  q quits", _HEADER_SGR),
+        (f"tinytown {snapshot['town']}  ·  {_count(len(snapshot['agents']), 'agent')}  ·"
+         f" {datetime.now().strftime('%H:%M:%S')}  ·  q quits  ·  redis {snapshot['redis']['url']}", _HEADER_SGR),
         ("", ""), ("AGENTS", _HEADER_SGR)]
     for a in snapshot["agents"]:
         state = "dead" if a["dead"] else a["state"]
@@ -5587,8 +5600,9 @@ def _watch_lines(snapshot: dict[str, Any], names: _Names, height: int) -> list[t
         task = snapshot["current_tasks"].get(a.get("current_task") or "")
         doing = (f"task {task.id[:8]} {_age(task.started_at or task.updated_at):>4}  {task.description[:60]}"
                  if task else "")
-        lines.append((f"  {_ICONS.get(state, '?')} {a['name']:<16} {state:<9} {liveness:<12} round"
-                      f" {rounds:>3}/{a['max_rounds'] or '-':<4} {doing}", str(_COLORS.get(state, ""))))
+        budget = f"/{a['max_rounds']}" if a["max_rounds"] else ""
+        lines.append((f"  {_ICONS.get(state, '?')} {a['name']:<16} {state:<9} {liveness:<12}"
+                      f" round {f'{rounds}{budget}':<6} {doing}", str(_COLORS.get(state, ""))))
     if not snapshot["agents"]:
         lines.append(("  none yet: `tt spawn NAME` starts one", ""))
     counts = " · ".join(f"{n} {state}" for state, n in snapshot["tasks"].items() if n) or "none"
