@@ -2679,14 +2679,6 @@ def hook_config(root, hooks):
                                                                for kind, command in hooks.items()))
 
 
-def hooks_drained(town):
-    """The runner has acked everything in the stream (read off the consumer group)."""
-    newest = town.channel.last_event_id()
-    groups = {g["name"]: g for g in town.redis.xinfo_groups(town.keys.events)}
-    group = groups.get("hooks")
-    return bool(group) and group["last-delivered-id"] == newest and group["pending"] == 0
-
-
 def until(town, check, what):
     """wait_for a check that says False until it holds (wait_for takes only None as 'not yet')."""
     return wait_for(town, lambda: check() or None, what=what)
@@ -2734,7 +2726,7 @@ def test_each_hook_fires_once_across_a_runner_restart_with_the_event_in_its_envi
     restarted = tinytown.start_hook_runner(Town(town.root))
     try:
         assert restarted != runner
-        until(town, lambda: hooks_drained(town) and len(fails.read_text().split()) == 3
+        until(town, lambda: tinytown._hooks_drained(town) and len(fails.read_text().split()) == 3
                  and town.redis.llen(town.keys.hooks_failed), what="the runner to catch up")
     finally:
         assert tinytown.stop_hook_runner(town.root)
@@ -2757,13 +2749,16 @@ def test_each_hook_fires_once_across_a_runner_restart_with_the_event_in_its_envi
     assert any(e["event"] == "hook_failed" for e in town.channel.events(50))
 
 
-def test_stop_stops_the_hook_runner_and_start_brings_it_back(cli_town):
-    hook_config(cli_town, {"task_failed": "true"})
+def test_stop_stops_the_hook_runner_after_the_hooks_of_its_own_events(cli_town):
+    stopped = cli_town / "stopped.log"
+    hook_config(cli_town, {"agent_stopped": f"echo $TT_AGENT_NAME >> {stopped}"})
     code, out, _ = tt("start", town_path=cli_town)
     pid = tinytown._hook_runner_pid(cli_town)
     assert code == 0 and pid and f"hooks: runner pid {pid}" in out
     assert f"hooks: runner pid {pid}" in tt("status", town_path=cli_town)[1]
+    assert tt("spawn", "w1", "--cli", "demo", town_path=cli_town)[0] == 0
     assert tt("stop", town_path=cli_town)[0] == 0 and _wait_gone(pid, 5)
+    assert stopped.read_text() == "w1\n"  # run before the runner was stopped
     assert tinytown._hook_runner_pid(cli_town) is None
     assert tt("start", town_path=cli_town)[0] == 0 and tinytown._hook_runner_pid(cli_town) not in (None, pid)
     tt("stop", town_path=cli_town)

@@ -2945,7 +2945,7 @@ class Town:
             _terminate_loop(pid)
         elsewhere = [a.name for a in map(self._channel.get_agent, [a.id for a in live])
                      if a and not a.terminal]
-        stop_hook_runner(self._root)
+        stop_hook_runner(self._root, drain=self)
         stopped_server = self.server.stop()
         self._owns_server = False
         return {"agents": names, "redis_stopped": stopped_server, "still_running_elsewhere": elsewhere,
@@ -4162,11 +4162,22 @@ def start_hook_runner(town: Town) -> int | None:
     return proc.pid
 
 
-def stop_hook_runner(root: Path) -> bool:
-    """Stop the folder's hook runner (its current hook may finish first); True if one ran."""
+def _hooks_drained(town: Town) -> bool:
+    """Has the runner acked every event in the stream?"""
+    groups = {g["name"]: g for g in town.redis.xinfo_groups(town.keys.events)}
+    group = groups.get(_HOOK_GROUP)
+    return not group or group["pending"] == 0 and group["last-delivered-id"] == town.channel.last_event_id()
+
+
+def stop_hook_runner(root: Path, drain: Town | None = None) -> bool:
+    """Stop the folder's hook runner (its current hook may finish first); True if one ran.
+    With `drain`, the runner first gets up to HOOK_STOP_SECS to run the hooks of the
+    events so far (`tt stop`'s own agent_stopped events, say)."""
     pid = _hook_runner_pid(root)
     if pid is None:
         return False
+    if drain is not None:
+        _poll(lambda: _hooks_drained(drain) or not _pid_alive(pid), HOOK_STOP_SECS, 0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     if not _wait_for_exit(pid, HOOK_STOP_SECS):
