@@ -4151,15 +4151,17 @@ def start_hook_runner(town: Town) -> int | None:
     """Start the town's hook runner when [hooks] names any; its pid (None: no hooks)."""
     if not town.config.hooks:
         return None
-    running = _hook_runner_pid(town.root)
-    if running:
-        return running
-    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: events since the last runner wait
-        # Made here, not by the runner: events from now on are the runner's, however slowly it starts.
-        town.redis.xgroup_create(town.keys.events, _HOOK_GROUP, id="$", mkstream=True)
-    proc = _start_detached(town.root, ["hook-runner"], "hooks.log")
-    _write_atomic(_hook_identity_file(town.root), _loop_identity(proc.pid) + "\n")
-    return proc.pid
+    with open(_runtime_dir(town.root) / "hooks.start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `tt start`s at once start one runner
+        running = _hook_runner_pid(town.root)
+        if running:
+            return running
+        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: events since the last runner wait
+            # Made here, not by the runner: events from now on are the runner's, however slowly it starts.
+            town.redis.xgroup_create(town.keys.events, _HOOK_GROUP, id="$", mkstream=True)
+        proc = _start_detached(town.root, ["hook-runner"], "hooks.log")
+        _write_atomic(_hook_identity_file(town.root), _loop_identity(proc.pid) + "\n")
+        return proc.pid
 
 
 def _hooks_drained(town: Town) -> bool:
