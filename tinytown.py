@@ -5661,7 +5661,8 @@ class _Watch:
                 if self._quit:
                     return
                 if event:
-                    os.write(wake, b"e")
+                    with contextlib.suppress(BlockingIOError):  # a full pipe: a wake is pending anyway
+                        os.write(wake, b"e")
         except BaseException as exc:  # Redis went away: the screen loop reports it
             self._failure = exc
             with contextlib.suppress(OSError):
