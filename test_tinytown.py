@@ -2770,7 +2770,10 @@ def test_stop_stops_the_hook_runner_after_the_hooks_of_its_own_events(cli_town):
 def tmux():
     """The tmux binary (installed with apt-get when missing); the test skips if it cannot be had."""
     if not shutil.which("tmux") and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "tmux"], capture_output=True, timeout=300)
+        for step in (["apt-get", "install", "-y", "-qq", "tmux"], ["apt-get", "update", "-qq"],
+                     ["apt-get", "install", "-y", "-qq", "tmux"]):  # an update only when needed
+            if not shutil.which("tmux"):
+                subprocess.run(step, capture_output=True, timeout=300)
     if not shutil.which("tmux"):
         pytest.skip("tmux is not installed and `apt-get install tmux` did not install it")
     return shutil.which("tmux")
@@ -2783,33 +2786,40 @@ def test_watch_redraws_live_in_a_terminal_and_q_restores_it(town, tmux, tmp_path
     watch = f"PYTHONPATH={MODULE.parent} {sys.executable} -m tinytown"
     command = f"{watch} watch; echo watch-exit=$?; read go; {watch} status --watch; echo second-exit=$?; sleep 600"
     env = ["-e", f"REDIS_URL={os.environ['REDIS_URL']}", "-e", f"TINYTOWN_TOWN={town.root}", "-e", "NO_COLOR=1"]
-    subprocess.run([tmux, "-L", server, "new-session", "-d", "-x", "120", "-y", "30", *env, command], check=True)
+    subprocess.run([tmux, "-L", server, "new-session", "-d", "-x", "64", "-y", "24", *env, command], check=True)
 
     def screen(escapes=False):
         return subprocess.run([tmux, "-L", server, "capture-pane", "-p", *(["-e"] if escapes else [])],
                               capture_output=True, text=True).stdout
 
+    def shows(check, what):  # a terminal has no event to block on: a short bounded poll
+        deadline = time.monotonic() + 30
+        while not check():
+            assert time.monotonic() < deadline, f"the screen never showed {what}:\n{screen()}"
+            time.sleep(0.05)
+
     def agent_row():
         return next((line for line in screen().splitlines() if line.strip().startswith(("○", "‖", "●"))
                      and " w1 " in line), "")
     try:
-        until(town, lambda: " idle " in agent_row(), what="the watch screen showing w1 idle")
+        shows(lambda: " idle " in agent_row(), what="the watch screen showing w1 idle")
         assert "AGENTS" in screen() and "TASKS" in screen() and "EVENTS" in screen()
         town.interrupt_agent("w1")  # one event: the screen follows it
-        until(town, lambda: " paused " in agent_row(), what="the watch screen showing w1 paused")
+        shows(lambda: " paused " in agent_row(), what="the watch screen showing w1 paused")
         town.fail_task(town.backlog_add("doomed").id, "no spec")
-        until(town, lambda: "NEEDS YOU" in screen() and "failed: no spec" in screen(), what="attention")
+        shows(lambda: "NEEDS YOU" in screen() and "failed: no spec" in screen(), what="attention")
         assert "\x1b[3" not in screen(escapes=True)  # NO_COLOR
-        subprocess.run([tmux, "-L", server, "resize-window", "-x", "60", "-y", "20"], check=True)
-        until(town, lambda: max(map(len, screen().splitlines()), default=0) <= 60
-                 and "NEEDS YOU" in screen(), what="a redraw at the new size")
+        assert "redis" not in screen().splitlines()[0]  # the header is cut at 64 columns
+        subprocess.run([tmux, "-L", server, "resize-window", "-x", "140", "-y", "30"], check=True)
+        shows(lambda: "redis unix://" in screen().splitlines()[0] and "NEEDS YOU" in screen(),
+              what="a redraw at the new size")
         subprocess.run([tmux, "-L", server, "send-keys", "q"], check=True)
-        until(town, lambda: "watch-exit=0" in screen(), what="the watch to quit")
+        shows(lambda: "watch-exit=0" in screen(), what="the watch to quit")
         assert "AGENTS" not in screen()  # the alternate screen is gone
         subprocess.run([tmux, "-L", server, "send-keys", "Enter"], check=True)
-        until(town, lambda: "AGENTS" in screen(), what="`tt status --watch` on the screen")
+        shows(lambda: "AGENTS" in screen(), what="`tt status --watch` on the screen")
         subprocess.run([tmux, "-L", server, "send-keys", "C-c"], check=True)
-        until(town, lambda: "second-exit=0" in screen(), what="Ctrl-C to quit it")
+        shows(lambda: "second-exit=0" in screen(), what="Ctrl-C to quit it")
         assert "AGENTS" not in screen() and "watch-exit=0" in screen()  # the terminal as it was
     finally:
         subprocess.run([tmux, "-L", server, "kill-server"], capture_output=True)
