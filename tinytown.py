@@ -5700,7 +5700,7 @@ class _Watch:
                     dirty, drawn_at, since = False, time.monotonic(), 0.0
                 timeout = WATCH_REDRAW_SECS - since if dirty else WATCH_REFRESH_SECS
                 ready, _, _ = select.select([stdin, wake_read], [], [], max(timeout, 0.0))
-                if stdin in ready and set(os.read(stdin, 64)) & set(b"qQ\x03\x1b"):
+                if stdin in ready and set(os.read(stdin, 64)) & set(b"qQ"):
                     break
                 if wake_read in ready:
                     os.read(wake_read, 4096)
