@@ -2489,7 +2489,7 @@ def test_every_subcommand_has_help_a_description_an_example_and_a_line_per_optio
         assert code == 0 and out.startswith(f"usage: tt {' '.join(path)}"), path
         description = out.split("\n\n")[1]
         assert len(description) > 5 and not description.startswith(("positional", "options")), path
-        if path[0] not in ("agent-loop", "demo-agent"):
+        if path[0] not in ("agent-loop", "demo-agent", "hook-runner"):
             assert "\nexample:\n  tt " in out, path
         for action in parser._actions:
             if action.help is not tinytown.argparse.SUPPRESS:
@@ -2689,6 +2689,7 @@ def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
         ["resume", "w1"], ["close", "w1"], ["kill", "w1"], ["wait", "w1", "--timeout", "5"],
         ["recover"], ["reclaim"], ["restart", "w1", "--rounds", "1", "--fresh"], ["kill", "w1"],
         ["prune"], ["spawn", "w9", "--cli", "demo", "--force", "--no-resume-session"], ["start"],
+        ["events", "--since", "0-0"], ["conductor", "--cli", "claude", "--mcp"],
     ]
     failing = [
         ["frobnicate"], ["status", "--nope"], ["config", "no.such.key"], ["spawn", "bad name!"],
@@ -2700,6 +2701,8 @@ def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
         ["backlog", "assign-all", "ghost"], ["backlog", "remove", "ghost"], ["history", "--agent", "ghost"],
         ["events", "--agent", "ghost"], ["conductor", "--cli", "ghost"], ["broadcast", "x", "--from", "ghost"],
         ["backlog", "add", "x", "--bogus"], ["-t", tmp_path / "nowhere", "stop"], ["-t", tmp_path / "nowhere", "start"],
+        ["-t", tmp_path / "nowhere", "mcp"], ["-t", tmp_path / "nowhere", "watch"],
+        ["conductor", "--cli", "aider", "--mcp"],
     ]
     for argv in succeeding + failing:
         code, out, err = tt(*argv, "--json")
@@ -2710,6 +2713,295 @@ def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
     for argv in (["doctor"], ["-t", tmp_path / "nowhere", "doctor"]):  # exit 1 when a check fails
         code, out, _ = tt(*argv, "--json")
         assert code in (0, 1) and all(set(check) == {"name", "ok", "detail", "fix"} for check in json.loads(out))
+
+
+# Hooks #######################################################################
+
+def hook_config(root, hooks):
+    """Add a [hooks] table to the town's config (its commands as TOML strings)."""
+    path = Path(root) / "tinytown.toml"
+    path.write_text(path.read_text() + "\n[hooks]\n" + "".join(f"{kind} = {json.dumps(command)}\n"
+                                                               for kind, command in hooks.items()))
+
+
+def until(town, check, what):
+    """wait_for a check that says False until it holds (wait_for takes only None as 'not yet')."""
+    return wait_for(town, lambda: check() or None, what=what)
+
+
+def test_hooks_config_is_validated_like_the_rest(tmp_path):
+    (tmp_path / "tinytown.toml").write_text('name = "x"\n\n[hooks]\ntask_done = "echo"\n')
+    with pytest.raises(ConfigError, match=r"tinytown.toml:4: hooks.task_done: unknown event kind; "
+                                          r"\[hooks\] knows task_created"):
+        tinytown.load_config(tmp_path / "tinytown.toml")
+    (tmp_path / "tinytown.toml").write_text('name = "x"\n[hooks]\ntask_failed = 3\n')
+    with pytest.raises(ConfigError, match=r"tinytown.toml:3: hooks.task_failed must be a string"):
+        tinytown.load_config(tmp_path / "tinytown.toml")
+    (tmp_path / "tinytown.toml").write_text('name = "x"\n')
+    tinytown.set_config_value(tmp_path / "tinytown.toml", "hooks.task_failed", "notify-send failed")
+    assert tinytown.load_config(tmp_path / "tinytown.toml").hooks == {"task_failed": "notify-send failed"}
+
+
+def test_each_hook_fires_once_across_a_runner_restart_with_the_event_in_its_environment(town, tmp_path):
+    log_file, env_dir, gate, fails = tmp_path / "hooks.log", tmp_path / "env", tmp_path / "gate", tmp_path / "fails"
+    env_dir.mkdir()
+    record = f'echo "$TT_EVENT $TT_EVENT_ID" >> {log_file}; env | grep ^TT_ > {env_dir}/"$TT_EVENT.$TT_EVENT_ID"'
+    hook_config(town.root, {
+        "task_completed": record, "all_tasks_done": record,
+        "message_to_conductor": f"{record}; while [ ! -e {gate} ]; do sleep 0.05; done",
+        "task_failed": f"echo run >> {fails}; exit 3",
+    })
+    runner = tt_json("start")["hook_runner"]
+    assert runner and tt_json("status")["hooks"]["pid"] == runner
+    town.spawn_agent("w1", "demo")
+    task = town.assign("w1", "write the intro")
+    assert town.wait_task(task.id, 30).state == "completed"
+    # Three queries to the conductor; the runner is stopped while running the first one's
+    # hook, so the other two wait for the next runner (pending or not yet read).
+    for n in range(3):
+        tt("send", "conductor", f"question {n}", "--query", "--from", "w1")
+    wait_file(log_file, words=6)  # task_completed, all_tasks_done, the first query
+    os.kill(runner, signal.SIGTERM)
+    gate.touch()
+    assert _wait_gone(runner, 15)
+    second = town.assign("w1", "write the outro")  # while no runner runs
+    assert town.wait_task(second.id, 30).state == "completed"
+    failing = town.backlog_add("never done", ["nobody"])
+    town.fail_task(failing.id, "out of scope")
+    restarted = tinytown.start_hook_runner(Town(town.root))
+    try:
+        assert restarted != runner
+        until(town, lambda: tinytown._hooks_drained(town) and len(fails.read_text().split()) == 3
+                 and town.redis.llen(town.keys.hooks_failed), what="the runner to catch up")
+    finally:
+        assert tinytown.stop_hook_runner(town.root)
+    fired = [tuple(line.split()) for line in log_file.read_text().splitlines()]
+    assert len(fired) == len(set(fired)), fired  # nothing ran twice
+    kinds = collections.Counter(kind for kind, _ in fired)
+    assert kinds["task_completed"] == 2 and kinds["message_to_conductor"] == 3 and kinds["all_tasks_done"] >= 2
+    completed = [e for e in town.channel.events(200) if e["event"] == "task_completed"]
+    assert {event_id for kind, event_id in fired if kind == "task_completed"} == {e["id"] for e in completed}
+    env = dict(line.split("=", 1) for line in (env_dir / f"task_completed.{completed[0]['id']}").read_text().splitlines())
+    assert env["TT_AGENT_NAME"] == "w1" and env["TT_TASK_ID"] == task.id and env["TT_TOWN"] == town.name
+    assert env["TT_TEXT"].startswith("w1 did it: write the intro") and env["TT_TASK_DESCRIPTION"] == "write the intro"
+    queries = sorted(env_dir.glob("message_to_conductor.*"))
+    texts = {dict(line.split("=", 1) for line in path.read_text().splitlines())["TT_TEXT"] for path in queries}
+    assert texts == {"question 0", "question 1", "question 2"}
+    failure = json.loads(town.redis.lindex(town.keys.hooks_failed, 0))  # retried, then recorded
+    assert failure["hook"] == "task_failed" and failure["exit_code"] == 3
+    status = tt_json("status")["hooks"]
+    assert status["pid"] is None and status["failed"] == 1 and status["ran"] == len(fired)
+    assert any(e["event"] == "hook_failed" for e in town.channel.events(50))
+
+
+def test_stop_stops_the_hook_runner_after_the_hooks_of_its_own_events(cli_town):
+    stopped = cli_town / "stopped.log"
+    hook_config(cli_town, {"agent_stopped": f"echo $TT_AGENT_NAME >> {stopped}"})
+    code, out, _ = tt("start", town_path=cli_town)
+    pid = tinytown._hook_runner_pid(cli_town)
+    assert code == 0 and pid and f"hooks: runner pid {pid}" in out
+    assert f"hooks: runner pid {pid}" in tt("status", town_path=cli_town)[1]
+    assert tt("spawn", "w1", "--cli", "demo", town_path=cli_town)[0] == 0
+    assert tt("stop", town_path=cli_town)[0] == 0 and _wait_gone(pid, 5)
+    assert stopped.read_text() == "w1\n"  # run before the runner was stopped
+    assert tinytown._hook_runner_pid(cli_town) is None
+    assert tt("start", town_path=cli_town)[0] == 0 and tinytown._hook_runner_pid(cli_town) not in (None, pid)
+    tt("stop", town_path=cli_town)
+
+
+# Watch #######################################################################
+
+@pytest.fixture(scope="session")
+def tmux():
+    """The tmux binary (installed with apt-get when missing); the test skips if it cannot be had."""
+    if not shutil.which("tmux") and shutil.which("apt-get"):
+        for step in (["apt-get", "install", "-y", "-qq", "tmux"], ["apt-get", "update", "-qq"],
+                     ["apt-get", "install", "-y", "-qq", "tmux"]):  # an update only when needed
+            if not shutil.which("tmux"):
+                subprocess.run(step, capture_output=True, timeout=300)
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed and `apt-get install tmux` did not install it")
+    return shutil.which("tmux")
+
+
+def test_watch_redraws_live_in_a_terminal_and_q_restores_it(town, tmux, tmp_path):
+    town.spawn_agent("w1", "demo")
+    wait_state(town, town.resolve_agent("w1"), ["idle"])
+    server = f"tt-{uuid.uuid4().hex[:8]}"
+    watch = f"PYTHONPATH={MODULE.parent} {sys.executable} -m tinytown"
+    command = f"{watch} watch; echo watch-exit=$?; read go; {watch} status --watch; echo second-exit=$?; sleep 600"
+    env = ["-e", f"REDIS_URL={os.environ['REDIS_URL']}", "-e", f"TINYTOWN_TOWN={town.root}", "-e", "NO_COLOR=1"]
+    subprocess.run([tmux, "-L", server, "new-session", "-d", "-x", "64", "-y", "24", *env, command], check=True)
+
+    def screen(escapes=False):
+        return subprocess.run([tmux, "-L", server, "capture-pane", "-p", *(["-e"] if escapes else [])],
+                              capture_output=True, text=True).stdout
+
+    def shows(check, what):  # a terminal has no event to block on: a short bounded poll
+        deadline = time.monotonic() + 30
+        while not check():
+            assert time.monotonic() < deadline, f"the screen never showed {what}:\n{screen()}"
+            time.sleep(0.05)
+
+    def agent_row():
+        return next((line for line in screen().splitlines() if line.strip().startswith(("○", "‖", "●"))
+                     and " w1 " in line), "")
+    try:
+        shows(lambda: " idle " in agent_row(), what="the watch screen showing w1 idle")
+        assert "AGENTS" in screen() and "TASKS" in screen() and "EVENTS" in screen()
+        town.interrupt_agent("w1")  # one event: the screen follows it
+        shows(lambda: " paused " in agent_row(), what="the watch screen showing w1 paused")
+        town.fail_task(town.backlog_add("doomed").id, "no spec")
+        shows(lambda: "NEEDS YOU" in screen() and "failed: no spec" in screen(), what="attention")
+        assert "\x1b[3" not in screen(escapes=True)  # NO_COLOR
+        assert "redis" not in screen().splitlines()[0]  # the header is cut at 64 columns
+        subprocess.run([tmux, "-L", server, "resize-window", "-x", "140", "-y", "30"], check=True)
+        shows(lambda: "redis unix://" in screen().splitlines()[0] and "NEEDS YOU" in screen(),
+              what="a redraw at the new size")
+        subprocess.run([tmux, "-L", server, "send-keys", "q"], check=True)
+        shows(lambda: "watch-exit=0" in screen(), what="the watch to quit")
+        assert "AGENTS" not in screen()  # the alternate screen is gone
+        subprocess.run([tmux, "-L", server, "send-keys", "Enter"], check=True)
+        shows(lambda: "AGENTS" in screen(), what="`tt status --watch` on the screen")
+        subprocess.run([tmux, "-L", server, "send-keys", "C-c"], check=True)
+        shows(lambda: "second-exit=0" in screen(), what="Ctrl-C to quit it")
+        assert "AGENTS" not in screen() and "watch-exit=0" in screen()  # the terminal as it was
+    finally:
+        subprocess.run([tmux, "-L", server, "kill-server"], capture_output=True)
+
+
+def test_watch_without_a_terminal_prints_events_as_lines(town):
+    worker(town)
+    proc = subprocess.Popen([sys.executable, "-m", "tinytown", "status", "--watch"], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(MODULE.parent)})
+    lines = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    try:
+        until(town, lambda: lines or town.send("w1", "ping", "info") and False, what="an event line")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert re.match(r"\S+ message\s+agent=w1 type=info sender=conductor", lines[0]), lines
+
+
+# MCP server ##################################################################
+
+def mcp_session(root, steps):
+    """Run `steps(session)` in an MCP session with `tt mcp`, driven by the official SDK."""
+    import anyio
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    params = StdioServerParameters(command=sys.executable, args=["-m", "tinytown", "-t", str(root), "mcp"],
+                                   env={"REDIS_URL": os.environ["REDIS_URL"], "PYTHONPATH": str(MODULE.parent)})
+
+    async def session():
+        with open(Path(root) / "mcp-stderr.log", "w") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as client:
+                return await steps(client)
+    return anyio.run(session)
+
+
+def tool_json(result):
+    assert not result.is_error, result.content[0].text
+    return json.loads(result.content[0].text)
+
+
+def test_mcp_session_with_the_official_sdk_mirrors_the_cli(town):
+    worker(town)
+
+    async def steps(client):
+        init = await client.initialize()
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        status = tool_json(await client.call_tool("status", {}))
+        task = tool_json(await client.call_tool("assign", {"agent": "w1", "description": "-- odd text", "tags": "docs"}))
+        shown = tool_json(await client.call_tool("task_show", {"id": task["id"][:8]}))
+        error = await client.call_tool("task_show", {"id": "ghost"})
+        unknown = await client.call_tool("assign", {"agent": "w1", "description": "x", "bogus": True})
+        resources = [str(r.uri) for r in (await client.list_resources()).resources]
+        agents = json.loads((await client.read_resource("tinytown://agents")).contents[0].text)
+        return init, tools, status, task, shown, error, unknown, resources, agents
+
+    init, tools, status, task, shown, error, unknown, resources, agents = mcp_session(town.root, steps)
+    assert init.protocol_version in tinytown.MCP_PROTOCOL_VERSIONS and init.server_info.name == "tinytown"
+    assert {"status", "spawn", "list_agents", "assign", "send", "inbox", "task_show", "task_list", "task_complete",
+            "task_fail", "task_cancel", "backlog_add", "backlog_list", "backlog_claim", "kill", "close",
+            "interrupt", "resume", "restart", "events"} <= set(tools)
+    assert not {"init", "stop", "reset", "mcp", "watch", "agent_loop", "hook_runner"} & set(tools)
+    schema = tools["assign"].input_schema
+    assert schema["required"] == ["agent", "description"] and schema["properties"]["urgent"]["type"] == "boolean"
+    assert tools["spawn"].input_schema["properties"]["max_rounds"]["type"] == "integer"
+    assert "foreground" not in tools["spawn"].input_schema["properties"]
+    assert tools["task_list"].input_schema["properties"]["state"]["enum"][0] == "pending"
+    assert status["town"] == town.name and [a["name"] for a in status["agents"]] == ["w1"]
+    assert task["description"] == "-- odd text" and task["tags"] == ["docs"] and task["assigned_to_name"] == "w1"
+    assert shown == tt_json("task", "show", task["id"])  # the very --json document
+    assert error.is_error and error.content[0].text == "no task 'ghost'; `tt task list` shows the tasks"
+    assert unknown.is_error and "unknown argument 'bogus'" in unknown.content[0].text
+    assert set(resources) == {"tinytown://status", "tinytown://agents", "tinytown://tasks", "tinytown://events"}
+    assert [a["name"] for a in agents] == ["w1"]
+
+
+def test_mcp_client_runs_a_town_end_to_end_and_a_hook_reports_the_completion(town, tmp_path):
+    report = tmp_path / "completed.log"
+    hook_config(town.root, {"task_completed": f'echo "$TT_TASK_ID $TT_AGENT_NAME" >> {report}'})
+    assert tinytown.start_hook_runner(Town(town.root))
+
+    async def steps(client):
+        await client.initialize()
+        spawned = tool_json(await client.call_tool("spawn", {"name": "w1", "cli": "demo"}))
+        task = tool_json(await client.call_tool("assign", {"agent": "w1", "description": "Write the README intro"}))
+        done = tool_json(await client.call_tool("task_wait", {"id": task["id"], "timeout": 60}))
+        shown = tool_json(await client.call_tool("task_show", {"id": task["id"]}))
+        events = tool_json(await client.call_tool("events", {"since": "0-0", "count": 1000}))
+        return spawned, done, shown, events
+
+    try:
+        spawned, done, shown, events = mcp_session(town.root, steps)
+        wait_file(report, words=2)
+    finally:
+        tinytown.stop_hook_runner(town.root)
+    assert report.read_text() == f"{shown['id']} w1\n"
+    assert spawned["name"] == "w1" and spawned["cli"] == "demo"
+    assert done["state"] == shown["state"] == "completed"
+    assert shown["result"] == "w1 did it: Write the README intro"
+    assert events[0]["event"] == "agent_spawned"
+    assert any(e["event"] == "task_completed" and e["task"] == shown["id"] for e in events)
+
+
+def test_mcp_protocol_details_version_negotiation_errors_and_batches(town):
+    import io
+
+    def exchange(*messages):
+        reader = io.StringIO("".join((m if isinstance(m, str) else json.dumps(m)) + "\n" for m in messages))
+        writer = io.StringIO()
+        tinytown.serve_mcp(town.root, reader, writer)
+        return [json.loads(line) for line in writer.getvalue().splitlines()]
+
+    def initialize(version):
+        return {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    assert exchange(initialize("2024-11-05"))[0]["result"]["protocolVersion"] == "2024-11-05"
+    assert exchange(initialize("1999-01-01"))[0]["result"]["protocolVersion"] == tinytown.MCP_PROTOCOL_VERSIONS[0]
+    replies = exchange("{not json", {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                       {"jsonrpc": "2.0", "id": 2, "method": "server/discover"},
+                       {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "nope"}},
+                       [{"jsonrpc": "2.0", "id": 4, "method": "ping"}, {"jsonrpc": "2.0", "id": 5, "method": "ping"}],
+                       {"jsonrpc": "2.0", "id": 6, "method": "resources/read", "params": {"uri": "tinytown://x"}})
+    assert [r["error"]["code"] if isinstance(r, dict) else [x["id"] for x in r] for r in replies] == [
+        -32700, -32601, -32602, [4, 5], -32002]
+
+
+def test_conductor_hands_the_town_over_as_an_mcp_server(town):
+    data = tt_json("conductor", "--cli", "claude", "--mcp")
+    config = json.loads(Path(data["mcp_config"]).read_text())["mcpServers"]["tinytown"]
+    assert config["args"][-3:] == ["-t", str(town.root), "mcp"] and config["command"] == sys.executable
+    assert data["command"].endswith(f"--mcp-config {data['mcp_config']}")
+    codex = tt_json("conductor", "--cli", "codex", "--mcp")["command"]
+    assert codex.startswith("codex -c 'mcp_servers.tinytown.command=") and " exec " in codex
+    code, _, err = tt("conductor", "--cli", "aider", "--mcp")
+    assert code == 1 and "knows claude and codex" in err
 
 
 # Real agent CLIs (opt-in: make test-clis) ####################################

@@ -18,7 +18,10 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Agent loop           AgentLoop: one round per step()
     Doctor               doctor(): what stops a first run
     Demo agent           demo_agent(): a scripted stand-in for an AI CLI
+    Hooks                HookRunner: [hooks] commands run for events, via a consumer group
     CLI                  main(argv)
+    Watch                `tt watch`: the live screen
+    MCP server           serve_mcp(): the command layer as an MCP server on stdio
 
 Used as ``python -m tinytown ...``, as the ``tt`` / ``tinytown`` scripts, by copying
 this one file into a repository, and as ``with Town("."):`` in scripts.
@@ -74,6 +77,7 @@ __all__ = [
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
     "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
     "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask",
+    "HookRunner", "start_hook_runner", "stop_hook_runner", "serve_mcp",
     "demo_agent", "main", "__version__",
 ]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
 # the UPPER_CASE constants and tables the code is configured by (CONFIG_FILE, PRESETS, ...).
@@ -101,6 +105,18 @@ CLI_GRACE_SECS = 5.0  # a CLI's whole process group gets this long between SIGTE
 GIT_TIMEOUT_SECS = 60.0
 REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to come back
 
+# The event kinds a [hooks] table may name: the stream's own kinds, plus two the hook
+# runner derives (message_to_conductor: a `message` event to the conductor; all_tasks_done:
+# a task ended and none is open).
+HOOK_EVENTS = (
+    "task_created", "task_assigned", "task_running", "task_completed", "task_failed",
+    "task_cancelled", "task_deleted", "agent_spawned", "agent_starting", "agent_idle",
+    "agent_working", "agent_paused", "agent_draining", "agent_stopped", "agent_cold",
+    "agent_error", "agent_deleted", "kill_requested", "close_requested", "message",
+    "message_to_conductor", "message_dead", "broadcast", "reclaimed", "round",
+    "budget_reached", "all_tasks_done",
+)
+
 # 1920s first names for nicknames, picked by the agent id.
 NICKNAMES = (
     "Ada Alma Arthur Bessie Bernard Clara Clarence Cora Dorothy Edgar Edith Elmer "
@@ -126,6 +142,8 @@ class Keys:
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
         self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
+        self.hooks = self.prefix + "hooks"              # hash: the hook runner's pid, counts
+        self.hooks_failed = self.prefix + "hooks:failed"  # list: hooks that failed every retry
 
     def agent(self, agent_id: str) -> str: return f"{self.prefix}agent:{agent_id}"
     def inbox(self, agent_id: str) -> str: return f"{self.prefix}inbox:{agent_id}"
@@ -470,6 +488,7 @@ class Config:
     agent: AgentSettings = field(default_factory=AgentSettings)
     town: TownSettings = field(default_factory=TownSettings)
     agent_clis: dict[str, AgentCLI] = field(default_factory=dict)
+    hooks: dict[str, str] = field(default_factory=dict)  # event kind -> shell command
     path: Path | None = None
 
     def cli(self, name: str) -> AgentCLI:
@@ -567,9 +586,17 @@ def load_config(path: Path) -> Config:
                 raise ConfigError(f"{where(None, key)} must be tables like [agent_clis.NAME]")
             for cli_name, table in value.items():
                 config.agent_clis[cli_name] = _parse_agent_cli(cli_name, table, where)
+        elif key == "hooks":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where(None, key)} must be a [hooks] table")
+            for kind, command in value.items():
+                if kind not in HOOK_EVENTS:
+                    raise ConfigError(f"{where(key, kind)}: unknown event kind; [hooks] knows"
+                                      f" {', '.join(HOOK_EVENTS)}")
+                config.hooks[kind] = _typed(command, str, functools.partial(where, key, kind))
         else:
             raise ConfigError(f"{where(None, key)}: unknown key; known keys are "
-                              f"{', '.join([*_TOP_LEVEL, *_SECTIONS, 'agent_clis'])}")
+                              f"{', '.join([*_TOP_LEVEL, *_SECTIONS, 'agent_clis', 'hooks'])}")
     try:
         _check_name(config.name, "town name")
     except InvalidName as exc:
@@ -715,7 +742,8 @@ def _config_key(key: str) -> tuple[str | None, str]:
     known = ((len(parts) == 1 and parts[0] in _TOP_LEVEL)
              or (len(parts) == 2 and parts[0] in _SECTIONS and parts[1] in _field_types(_SECTIONS[parts[0]]))
              or (len(parts) == 3 and parts[0] == "agent_clis" and parts[1]
-                 and parts[2] in ("name", "command", "cwd", "env")))
+                 and parts[2] in ("name", "command", "cwd", "env"))
+             or (len(parts) == 2 and parts[0] == "hooks" and parts[1] in HOOK_EVENTS))
     if not known:
         raise ConfigError(f"unknown config key {key!r}; `tt config` lists them (e.g. max_agents,"
                           " agent.max_rounds, agent_clis.NAME.command)")
@@ -743,8 +771,8 @@ def _key_type(key: str) -> type | None:
     section, _, leaf = key.rpartition(".")
     if not section:
         return _TOP_LEVEL.get(leaf)
-    if section.startswith("agent_clis."):
-        return str if leaf in ("name", "command", "cwd", "resume", "new_session", "output") else None
+    if section.startswith("agent_clis.") or section == "hooks":
+        return str if section == "hooks" or leaf in ("name", "command", "cwd", "resume", "new_session", "output") else None
     return _field_types(_SECTIONS[section]).get(leaf) if section in _SECTIONS else None
 
 
@@ -1147,6 +1175,20 @@ def _loops_serving(root: Path) -> dict[int, str]:
                     and args.index(b"agent-loop") + 1 < len(args) and _pid_alive(int(entry.name))):
                 found[int(entry.name)] = args[args.index(b"agent-loop") + 1].decode()
     return found
+
+
+def _start_detached(root: Path, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    """`tt -t ROOT COMMAND...` in the background: its own session, output to .tt/logs/."""
+    logs = _runtime_dir(root) / "logs"
+    logs.mkdir(exist_ok=True)
+    module = Path(__file__).resolve()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(module.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with open(logs / log_name, "ab") as log_file:
+        return subprocess.Popen(  # `ps` shows which town the process serves
+            [sys.executable, "-m", module.stem, "-t", str(root), *command],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=root, env=env, start_new_session=True, close_fds=True)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -2687,16 +2729,7 @@ class Town:
 
     def _launch_loop(self, agent_id: str, name: str) -> None:
         """Start `agent-loop` detached: its own session, output to .tt/logs/NAME.log."""
-        logs = _runtime_dir(self._root) / "logs"
-        logs.mkdir(exist_ok=True)
-        module = Path(__file__).resolve()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(module.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        with open(logs / f"{name}.log", "ab") as log_file:
-            proc = subprocess.Popen(  # `ps` shows which town the loop serves
-                [sys.executable, "-m", module.stem, "-t", str(self._root), "agent-loop", agent_id],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                cwd=self._root, env=env, start_new_session=True, close_fds=True)
+        proc = _start_detached(self._root, ["agent-loop", agent_id], f"{name}.log")
         self._spawned[agent_id] = proc
         pipe = self.redis.pipeline()
         pipe.hset(self.keys.agent(agent_id), mapping={"pid": proc.pid, "host": socket.gethostname()})
@@ -2912,6 +2945,7 @@ class Town:
             _terminate_loop(pid)
         elsewhere = [a.name for a in map(self._channel.get_agent, [a.id for a in live])
                      if a and not a.terminal]
+        stop_hook_runner(self._root, drain=self)
         stopped_server = self.server.stop()
         self._owns_server = False
         return {"agents": names, "redis_stopped": stopped_server, "still_running_elsewhere": elsewhere,
@@ -4112,6 +4146,236 @@ def demo_agent(prompt: str) -> int:
     return 0
 
 
+# Hooks #######################################################################
+# `[hooks]` in tinytown.toml runs a shell command for each event of a kind.  One runner
+# process per town (`tt init`/`tt start` start it, `tt stop` stops it) reads the event
+# stream through a consumer group and acks an entry only after its hooks exited, so across
+# restarts no entry is missed or run twice; only a runner killed in the middle of a hook
+# runs that one hook again.
+
+HOOK_RETRIES = 3            # runs of a failing hook before it is recorded as failed
+HOOK_TIMEOUT_SECS = 60.0    # a hook running longer is killed (with its process group)
+HOOK_STOP_SECS = 10.0       # `tt stop` waits this long for a running hook to end
+_HOOK_GROUP, _HOOK_CONSUMER = "hooks", "runner"  # one consumer: its pending entries are ours
+_TASK_ENDINGS = ("task_completed", "task_failed", "task_cancelled", "task_deleted")
+
+
+def _hook_identity_file(root: Path) -> Path:
+    return root / RUNTIME_DIR / "hooks.pid"
+
+
+def _hook_runner_pid(root: Path) -> int | None:
+    """The pid of this town's live hook runner on this host (its identity file names it)."""
+    try:
+        identity = _hook_identity_file(root).read_text().strip()
+    except OSError:
+        return None
+    pid = identity.partition(".")[0]
+    return int(pid) if _identity_state(identity) == "running" else None
+
+
+def start_hook_runner(town: Town) -> int | None:
+    """Start the town's hook runner when [hooks] names any; its pid (None: no hooks)."""
+    if not town.config.hooks:
+        return None
+    with open(_runtime_dir(town.root) / "hooks.start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `tt start`s at once start one runner
+        running = _hook_runner_pid(town.root)
+        if running:
+            return running
+        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: events since the last runner wait
+            # Made here, not by the runner: events from now on are the runner's, however slowly it starts.
+            town.redis.xgroup_create(town.keys.events, _HOOK_GROUP, id="$", mkstream=True)
+        proc = _start_detached(town.root, ["hook-runner"], "hooks.log")
+        _write_atomic(_hook_identity_file(town.root), _loop_identity(proc.pid) + "\n")
+        return proc.pid
+
+
+def _hooks_drained(town: Town) -> bool:
+    """Has the runner acked every event in the stream?"""
+    groups = {g["name"]: g for g in town.redis.xinfo_groups(town.keys.events)}
+    group = groups.get(_HOOK_GROUP)
+    return not group or group["pending"] == 0 and group["last-delivered-id"] == town.channel.last_event_id()
+
+
+def stop_hook_runner(root: Path, drain: Town | None = None) -> bool:
+    """Stop the folder's hook runner (its current hook may finish first); True if one ran.
+    With `drain`, the runner first gets up to HOOK_STOP_SECS to run the hooks of the
+    events so far (`tt stop`'s own agent_stopped events, say)."""
+    pid = _hook_runner_pid(root)
+    if pid is None:
+        return False
+    if drain is not None:
+        _poll(lambda: _hooks_drained(drain) or not _pid_alive(pid), HOOK_STOP_SECS, 0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not _wait_for_exit(pid, HOOK_STOP_SECS):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # its entry stays pending: the next runner runs it
+        _wait_for_exit(pid, 5.0)
+    return True
+
+
+def _hooks_status(town: Town) -> dict[str, Any]:
+    """What `tt status` shows of the hook runner."""
+    state = town.redis.hgetall(town.keys.hooks)
+    return {"configured": sorted(town.config.hooks), "pid": _hook_runner_pid(town.root),
+            "ran": int(state.get("ran", 0)), "failed": int(state.get("failed", 0)),
+            "last_event": state.get("last_event")}
+
+
+class HookRunner:
+    """Runs the [hooks] commands for the town's events; `run()` around `step()`."""
+
+    def __init__(self, town: Town, block_secs: float = 1.0):
+        self.town = town
+        self.block_ms = int(block_secs * 1000)
+        self._cursor = "0"  # our pending entries first (a previous run's), then new ones: ">"
+        self._stopping = False
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self._stopping = True  # a flag only: the loop checks it between entries
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, or until Redis went away after `tt stop`."""
+        if not self.town.config.hooks:
+            log.info("hooks: none configured in %s; exiting", CONFIG_FILE)
+            return
+        lock = open(_runtime_dir(self.town.root) / "hooks.lock", "a")
+        with lock:
+            if not _try_lock(lock):
+                log.info("hooks: another runner serves this town; exiting")
+                return
+            _write_atomic(_hook_identity_file(self.town.root), _loop_identity(os.getpid()) + "\n")
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._request_stop)
+            self.town.redis.hset(self.town.keys.hooks, mapping={"pid": os.getpid(), "started_at": _now()})
+            log.info("hooks: serving %s", ", ".join(sorted(self.town.config.hooks)))
+            outage = None
+            while not self._stopping:
+                try:
+                    self.step()
+                    outage = None
+                except redis.ConnectionError:
+                    outage = outage or time.monotonic()
+                    if (self.town.root / RUNTIME_DIR / "stopped").exists() \
+                            or time.monotonic() - outage > REDIS_OUTAGE_SECS:
+                        log.info("hooks: redis is gone; exiting")
+                        return
+                    time.sleep(0.5)
+            log.info("hooks: stopping on request")
+
+    def step(self) -> int:
+        """Read a batch of entries, run their hooks, ack each; returns how many were read."""
+        keys = self.town.keys
+        try:
+            reply = self.town.redis.xreadgroup(_HOOK_GROUP, _HOOK_CONSUMER, {keys.events: self._cursor}, count=50,
+                                               block=None if self._cursor == "0" else self.block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The first run (or after `tt reset`): hooks fire for events from now on.
+            self.town.redis.xgroup_create(keys.events, _HOOK_GROUP, id="$", mkstream=True)
+            return 0
+        entries = reply[0][1] if reply else []
+        if not entries and self._cursor == "0":
+            self._cursor = ">"
+        for entry_id, fields in entries:
+            if self._stopping:
+                break  # unacked: the next runner reads it from its pending entries
+            if fields:  # an entry trimmed off the capped stream while pending has none
+                self._handle(entry_id, fields)
+            pipe = self.town.redis.pipeline()
+            pipe.xack(keys.events, _HOOK_GROUP, entry_id)
+            pipe.hset(keys.hooks, "last_event", entry_id)
+            pipe.execute()
+        return len(entries)
+
+    def _kinds(self, fields: dict[str, str]) -> list[str]:
+        """The hook kinds an entry triggers: its own, and the derived ones."""
+        kind = fields.get("event", "")
+        kinds = [kind]
+        if kind == "message" and fields.get("agent") == CONDUCTOR_ID:
+            kinds.append("message_to_conductor")
+        if kind in ("task_created", "task_assigned"):
+            self.town.redis.hset(self.town.keys.hooks, "armed", 1)
+        elif kind in _TASK_ENDINGS:
+            counts = self.town.channel.task_counts()
+            open_tasks = sum(counts.get(state, 0) for state in ("pending", "assigned", "running"))
+            # Armed by a new task, so a burst of endings reports "all done" once.
+            if open_tasks == 0 and self.town.redis.hget(self.town.keys.hooks, "armed") != "0":
+                self.town.redis.hset(self.town.keys.hooks, "armed", 0)
+                kinds.append("all_tasks_done")
+        return [k for k in kinds if k in self.town.config.hooks]
+
+    def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+        for kind in self._kinds(fields):
+            env = self._environment(kind, entry_id, fields)
+            command = self.town.config.hooks[kind]
+            for attempt in range(1, HOOK_RETRIES + 1):
+                code = self._run_hook(command, env)
+                if code == 0:
+                    self.town.redis.hincrby(self.town.keys.hooks, "ran", 1)
+                    break
+                log.warning("hooks: %s hook exited %s (run %d of %d)", kind, code, attempt, HOOK_RETRIES)
+                if attempt < HOOK_RETRIES:
+                    time.sleep(0.5 * attempt)
+            else:
+                self._record_failure(kind, entry_id, command, code)
+
+    def _environment(self, kind: str, entry_id: str, fields: dict[str, str]) -> dict[str, str]:
+        """The event's fields as TT_<FIELD>, plus names, task details and TT_TEXT."""
+        env = {key: value for key, value in os.environ.items() if not key.startswith("TT_")}
+        env.update({f"TT_{key.upper()}": value for key, value in fields.items() if key.isidentifier()})
+        agent_id = fields.get("agent")
+        task_id = fields.get("task")
+        text = fields.get("detail", "")
+        if agent_id:
+            agent = None if agent_id == CONDUCTOR_ID else self.town.channel.get_agent(agent_id)
+            env.update(TT_AGENT_ID=agent_id, TT_AGENT_NAME=agent.name if agent else agent_id)
+        if task_id:
+            env["TT_TASK_ID"] = task_id
+            with contextlib.suppress(TaskNotFound):
+                task = self.town.task(task_id)
+                env.update(TT_TASK_DESCRIPTION=task.description, TT_TASK_STATE=task.state)
+                text = text or task.result or task.error or task.description
+        if fields.get("event") == "message" and fields.get("sender"):
+            sender = self.town.channel.get_agent(fields["sender"])
+            env["TT_SENDER_NAME"] = sender.name if sender else fields["sender"]
+            if agent_id:  # the message itself: the sender's last one queued before the event
+                sent = [m for m in self.town.channel.peek(agent_id)
+                        if m.from_ == fields["sender"] and m.created_at <= fields.get("at", "")]
+                text = max(sent, key=lambda m: m.created_at).text if sent else text
+        env.update(TT_EVENT=kind, TT_EVENT_KIND=fields.get("event", ""), TT_EVENT_ID=entry_id,
+                   TT_TEXT=text, TT_TOWN=self.town.name, TINYTOWN_TOWN=str(self.town.root))
+        return env
+
+    def _run_hook(self, command: str, env: dict[str, str]) -> int:
+        """One run of a hook in its own process group, killed past HOOK_TIMEOUT_SECS."""
+        with subprocess.Popen(["sh", "-c", command], cwd=self.town.root, env=env, stdin=subprocess.DEVNULL,
+                              start_new_session=True) as proc:
+            try:
+                return proc.wait(timeout=HOOK_TIMEOUT_SECS)
+            except subprocess.TimeoutExpired:
+                _terminate_group(proc.pid, CLI_GRACE_SECS)
+                proc.wait()
+                return -signal.SIGKILL
+            except BaseException:
+                _terminate_group(proc.pid, CLI_GRACE_SECS)
+                raise
+
+    def _record_failure(self, kind: str, entry_id: str, command: str, code: int) -> None:
+        record = {"hook": kind, "event_id": entry_id, "command": command, "exit_code": code, "at": _now()}
+        pipe = self.town.redis.pipeline()
+        pipe.lpush(self.town.keys.hooks_failed, json.dumps(record))
+        pipe.ltrim(self.town.keys.hooks_failed, 0, 99)
+        pipe.hincrby(self.town.keys.hooks, "failed", 1)
+        # An event of its own (no hook can name it, so a failing hook never loops).
+        self.town.channel._event(pipe, "hook_failed", hook=kind, detail=f"{command[:120]} exited {code}")
+        pipe.execute()
+        log.error("hooks: %s hook failed %d times; recorded", kind, HOOK_RETRIES)
+
+
 # CLI #########################################################################
 # A thin layer: `_build_parser()`; one `_cmd_<name>(town, args)` per command, whose
 # docstring is its help and which returns a `_Reply`; `main()` opens the town, prints
@@ -4338,9 +4602,11 @@ def _cmd_init(town: None, args: Any) -> _Reply:
         note = "created town" if made.created else "town already exists (config kept):"
         if not made.created and args.name and args.name != made.name:
             note += f" it is named {made.name!r}, not {args.name!r};"
+        hooks = start_hook_runner(made)
         return _Reply({"town": made.name, "root": str(made.root), "created": made.created,
-                       "redis": made.server.display_url},
-                      f"{note} {made.name} at {made.root}\nredis: {made.server.display_url}")
+                       "redis": made.server.display_url, "hook_runner": hooks},
+                      f"{note} {made.name} at {made.root}\nredis: {made.server.display_url}"
+                      + (f"\nhooks: runner pid {hooks}" if hooks else ""))
 
 
 @_uses_town(_TownUse.START)
@@ -4350,9 +4616,10 @@ def _cmd_start(town: Town, args: Any) -> _Reply:
     Example: tt start
     """
     started = town.start()
-    return _Reply({**started, "redis": town.server.display_url},
+    hooks = start_hook_runner(town)
+    return _Reply({**started, "redis": town.server.display_url, "hook_runner": hooks},
                   f"redis running on {town.server.display_url}; restarted agents: "
-                  f"{', '.join(started['agents']) or 'none'}")
+                  f"{', '.join(started['agents']) or 'none'}" + (f"; hooks: runner pid {hooks}" if hooks else ""))
 
 
 def _stop_without_redis(root: Path, args: Any) -> _Reply:
@@ -4360,6 +4627,7 @@ def _stop_without_redis(root: Path, args: Any) -> _Reply:
     strays = _loops_serving(root.resolve())
     for pid in strays:
         _terminate_loop(pid)
+    stop_hook_runner(root.resolve())
     _write_atomic(_runtime_dir(root) / "stopped", _now() + "\n")
     return _Reply({"agents": [], "redis_stopped": False, "other_loops_stopped": len(strays)},
                   f"redis is not running; {_count(len(strays), 'agent loop') + ' stopped' if strays else 'nothing to stop'}")
@@ -4394,12 +4662,15 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
 
     Example: tt status --tasks
     """
+    if args.watch:
+        return _cmd_watch(town, args)
     status = town.status(deep=args.deep)
     names = _Names(town, {agent["id"]: agent["name"] for agent in status["agents"]})
     tasks = town.tasks() if args.tasks else []
     if args.tasks:
         status["task_list"] = [names.add_to(t.to_dict()) for t in tasks]
     status["agents"] = [names.add_to(agent) for agent in status["agents"]]
+    status["hooks"] = _hooks_status(town)
     redis_pid = f" (pid {status['redis']['pid']})" if status["redis"]["pid"] else ""
     lines = [f"town {status['town']} at {status['root']}", f"redis {status['redis']['url']}{redis_pid}",
              f"agents: {len(status['agents'])}"]
@@ -4415,6 +4686,11 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
     if usage["tokens_in"] or usage["tokens_out"] or usage["cost_usd"] or usage["budget_usd"]:
         budget = f" of budget ${usage['budget_usd']:g}" if usage["budget_usd"] else ""
         lines.append(f"usage:{_usage_text(usage) or ' none'}{budget}")
+    hooks = status["hooks"]
+    if hooks["configured"] or hooks["pid"]:
+        runner = f"runner pid {hooks['pid']}" if hooks["pid"] else "runner not running (`tt start` starts it)"
+        lines.append(f"hooks: {runner}; {hooks['ran']} ran, {hooks['failed']} failed"
+                     f" ({', '.join(hooks['configured']) or 'none configured'})")
     lines += ["  " + _task_line(task, names) for task in tasks]
     return _Reply(status, "\n".join(lines))
 
@@ -4476,6 +4752,27 @@ def _conductor_context(town: Town) -> str:
             " accept the work when the reviewer approves.\n")
 
 
+def _conductor_mcp(town: Town, agent_cli: AgentCLI) -> tuple[AgentCLI, str]:
+    """The conductor's CLI with the town added as its MCP server, and the config file written.
+
+    claude reads an `mcpServers` file (--mcp-config); codex takes `-c mcp_servers.*` overrides.
+    """
+    config_file = _runtime_dir(town.root) / "mcp.json"
+    entry = _mcp_server_entry(town.root)
+    _write_atomic(config_file, json.dumps({"mcpServers": {"tinytown": entry}}, indent=2) + "\n", 0o600)
+    program, _, rest = agent_cli.command.partition(" ")
+    if Path(program).name == "claude":
+        command = f"{agent_cli.command} --mcp-config {shlex.quote(str(config_file))}"
+    elif Path(program).name == "codex":
+        overrides = " ".join(f"-c {shlex.quote(f'mcp_servers.tinytown.{key}={json.dumps(entry[key])}')}"
+                             for key in ("command", "args"))
+        command = f"{program} {overrides} {rest}"
+    else:
+        raise ConfigError(f"tt conductor --mcp knows claude and codex; add the server in {config_file}"
+                          f" to {agent_cli.name}'s own MCP settings (the README shows how)")
+    return dataclasses.replace(agent_cli, command=command), str(config_file)
+
+
 def _launch_conductor(town: Town, agent_cli: AgentCLI, context: str) -> int:
     """Run the CLI's full command line with the context as its prompt (stdin or {prompt_file})."""
     try:
@@ -4497,18 +4794,22 @@ def _cmd_conductor(town: Town, args: Any) -> _Reply:
     """Start an AI CLI as the conductor, with the town's context as its prompt.
 
     It runs the CLI's full command line (--cli, default: default_cli), the prompt on
-    stdin or in {prompt_file}, as for agents. Without a terminal, or with --json, it
-    prints the context instead.
+    stdin or in {prompt_file}, as for agents. With --mcp the CLI also gets the town as an
+    MCP server (`tt mcp`). Without a terminal, or with --json, it prints the context instead.
 
-    Example: tt conductor --cli claude
+    Example: tt conductor --cli claude --mcp
     """
     agent_cli = town.config.cli(args.cli or town.config.default_cli)  # an unknown --cli is an error
     context = _conductor_context(town)
+    mcp_config = None
+    if args.mcp:
+        agent_cli, mcp_config = _conductor_mcp(town, agent_cli)
     if args.json or not (sys.stdin.isatty() and sys.stdout.isatty()):
         if not args.json:
             print(f"tt: no terminal, so printing the conductor's context instead of starting"
                   f" {agent_cli.name}", file=sys.stderr)
-        return _Reply({"cli": agent_cli.name, "context": context}, context)
+        return _Reply({"cli": agent_cli.name, "context": context, "command": agent_cli.command,
+                       "mcp_config": mcp_config}, context)
     return _Reply(None, "", _launch_conductor(town, agent_cli, context))
 
 
@@ -4843,10 +5144,15 @@ def _cmd_inbox(town: Town, args: Any) -> _Reply:
 
 # -- inspection ----------------------------------------------------------------
 
-def _events_reply(town: Town, count: int, agent: str | None) -> _Reply:
+def _events_reply(town: Town, count: int, agent: str | None, since: str | None = None) -> _Reply:
     agent_id = town.resolve_agent(agent) if agent else None
     names = _Names(town)
-    events = town.channel.events(count, agent_id)
+    if since:  # the first `count` after that id (the id of the last one seen), oldest first
+        events = [{"id": event_id, **entry} for event_id, entry in
+                  town.redis.xrange(town.keys.events, min=f"({since}", count=count)
+                  if agent_id is None or entry.get("agent") == agent_id]
+    else:
+        events = town.channel.events(count, agent_id)
     return _Reply([names.add_to(e) for e in events], "\n".join(_event_line(e, names) for e in events) or "no events")
 
 
@@ -4859,9 +5165,9 @@ def _cmd_history(town: Town, args: Any) -> _Reply:
     return _events_reply(town, args.count, args.agent)
 
 
-def _follow_events(town: Town, agent_id: str | None) -> Iterator[_Reply]:
+def _follow_events(town: Town, agent_id: str | None, after: str = "$") -> Iterator[_Reply]:
     names = _Names(town)
-    for event in town.channel.follow_events():
+    for event in town.channel.follow_events(after or "$"):
         if event and (agent_id is None or event.get("agent") == agent_id):
             yield _Reply(names.add_to(event), _event_line(event, names))
 
@@ -4873,8 +5179,36 @@ def _cmd_events(town: Town, args: Any) -> _Reply | Iterator[_Reply]:
     Example: tt events --follow --agent worker-1
     """
     if not args.follow:
-        return _events_reply(town, args.count, args.agent)
-    return _follow_events(town, town.resolve_agent(args.agent) if args.agent else None)
+        return _events_reply(town, args.count, args.agent, args.since)
+    return _follow_events(town, town.resolve_agent(args.agent) if args.agent else None, args.since)
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_watch(town: Town, args: Any) -> _Reply | Iterator[_Reply]:
+    """A live view of the town, redrawn on each event: agents, tasks, what needs you, events.
+
+    `q` or Ctrl-C quits. Without a terminal it prints the events as lines (as
+    `tt events --follow`). NO_COLOR turns the colours off.
+
+    Example: tt watch
+    """
+    if args.json or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return _follow_events(town, None)
+    return _Reply(None, "", _Watch(town).run())
+
+
+@_uses_town(_TownUse.NONE)
+def _cmd_mcp(town: None, args: Any) -> _Reply:
+    """Serve the town to an AI assistant as an MCP server on stdin/stdout.
+
+    The tools are the tt commands (status, spawn, assign, task show, ...) and return what
+    --json prints; the resources are the agents, the tasks and the recent events. Local
+    only: no network listener.
+
+    Example: tt mcp
+    """
+    serve_mcp(_town_root(args))
+    return _Reply(None, "")
 
 
 @_uses_town(_TownUse.NONE)
@@ -4900,6 +5234,14 @@ def _cmd_agent_loop(town: Town, args: Any) -> _Reply:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     final = AgentLoop(town, args.agent_id).run()
     return _Reply(None, "", 0 if final != AgentState.ERROR else 1)
+
+
+@_uses_town(_TownUse.NEVER_START)  # like a loop, the runner never starts a server
+def _cmd_hook_runner(town: Town, args: Any) -> _Reply:
+    """(internal) Run the town's [hooks] in this process; `tt init` and `tt start` start it."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    HookRunner(town).run()
+    return _Reply(None, "")
 
 
 @_uses_town(_TownUse.NONE)
@@ -4943,16 +5285,16 @@ class _Parser(argparse.ArgumentParser):
                    " that starts with a dash after --)")
 
 
-_INTERNAL_COMMANDS = ("agent-loop", "demo-agent")
+_INTERNAL_COMMANDS = ("agent-loop", "demo-agent", "hook-runner")
 
 # The top-level help lists commands in these groups; the internal ones are left out.
 _COMMAND_GROUPS = {
-    "town": ("init", "start", "stop", "config", "reset", "conductor"),
+    "town": ("init", "start", "stop", "config", "reset", "conductor", "mcp"),
     "agents": ("spawn", "list", "kill", "close", "interrupt", "resume", "wait", "restart", "prune",
                "recover", "reclaim"),
     "work": ("assign", "task", "backlog"),
     "messages": ("send", "broadcast", "inbox"),
-    "inspection": ("status", "history", "events", "doctor"),
+    "inspection": ("status", "watch", "history", "events", "doctor"),
 }
 
 
@@ -5037,14 +5379,16 @@ def _build_parser() -> _Parser:
     sub = add(commands, "status", _cmd_status)
     sub.add_argument("--deep", action="store_true", help="also each agent's recent rounds and log tail")
     sub.add_argument("--tasks", action="store_true", help="also list every task")
+    sub.add_argument("--watch", action="store_true", help="keep it on screen, redrawn on each event (as tt watch)")
     sub = add(commands, "config", _cmd_config)
     sub.add_argument("key", nargs="?", help="a dotted key, e.g. agent.max_rounds (default: show all)")
     sub.add_argument("value", nargs="?", help="the new value (default: show the key's value)")
     sub = add(commands, "reset", _cmd_reset)
     sub.add_argument("--force", action="store_true", help="really delete (default: only show)")
     sub.add_argument("--agents-only", action="store_true", help="delete the agents, keep tasks and the backlog")
-    add(commands, "conductor", _cmd_conductor).add_argument(
-        "--cli", help="a preset or [agent_clis] name (default: default_cli)")
+    sub = add(commands, "conductor", _cmd_conductor)
+    sub.add_argument("--cli", help="a preset or [agent_clis] name (default: default_cli)")
+    sub.add_argument("--mcp", action="store_true", help="give the CLI the town as an MCP server (claude, codex)")
 
     sub = add(commands, "spawn", _cmd_spawn)
     sub.add_argument("name", help="the agent's name: 1-64 letters, digits, '.', '_' or '-'")
@@ -5137,10 +5481,14 @@ def _build_parser() -> _Parser:
     sub.add_argument("--count", type=int, default=20, metavar="N", help="how many (default: 20)")
     sub.add_argument("--follow", action="store_true", help="keep printing new events (Ctrl-C stops)")
     sub.add_argument("--agent", help="only this agent's events")
+    sub.add_argument("--since", metavar="ID", help="only the events after this event id (oldest first)")
+    add(commands, "watch", _cmd_watch)
+    add(commands, "mcp", _cmd_mcp)
     add(commands, "doctor", _cmd_doctor)
 
     add(commands, "agent-loop", _cmd_agent_loop).add_argument("agent_id", help="the agent's full id")
     add(commands, "demo-agent", _cmd_demo_agent)
+    add(commands, "hook-runner", _cmd_hook_runner)
 
     parser.description = "\n\n".join(["Tinytown: orchestrate AI coding agents through Redis.",
                                        *(listing(group, prog, names) for group, names in _COMMAND_GROUPS.items())])
@@ -5151,8 +5499,8 @@ def _build_parser() -> _Parser:
 
 # -- main ----------------------------------------------------------------------
 
-def _report(error: BaseException, as_json: bool) -> int:
-    """An error as one line on stderr (and one JSON document on stdout with --json)."""
+def _error_line(error: BaseException) -> tuple[str, str]:
+    """(the one-line message, the code) an error is reported with."""
     if isinstance(error, TinytownError):
         message, code = str(error), error.code
     elif isinstance(error, redis.RedisError):
@@ -5162,6 +5510,12 @@ def _report(error: BaseException, as_json: bool) -> int:
     else:
         message, code = (f"{type(error).__name__}: {error} (an unexpected error: run with -v for the"
                          " traceback and report it)"), "unexpected"
+    return message, code
+
+
+def _report(error: BaseException, as_json: bool) -> int:
+    """An error as one line on stderr (and one JSON document on stdout with --json)."""
+    message, code = _error_line(error)
     if as_json:
         print(json.dumps({"error": message, "code": code}))
     usage = error.usage if isinstance(error, _UsageError) else ""
@@ -5181,8 +5535,8 @@ def _show(reply: _Reply, as_json: bool, *, stream: bool = False) -> None:
     print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), flush=stream)
 
 
-def _run(args: Any) -> int:
-    """Open the town as the command declares, run it, print what it returns."""
+def _run(args: Any, show: Callable[..., None] = _show) -> int:
+    """Open the town as the command declares, run it, show() what it returns."""
     use = getattr(args.handler, "town_use", _TownUse.CHANGE)
     try:
         town = None if use is _TownUse.NONE else _open_town(_town_root(args), use)
@@ -5191,15 +5545,15 @@ def _run(args: Any) -> int:
         if not when_stopped:
             raise
         reply = when_stopped(exc.root, args)
-        _show(reply, args.json)
+        show(reply, args.json)
         return reply.exit_code
     try:
         reply = args.handler(town, args)
         if isinstance(reply, _Reply):
-            _show(reply, args.json)
+            show(reply, args.json)
             return reply.exit_code
         for item in reply:  # a stream (events --follow): one line, or one JSON line, each
-            _show(item, args.json, stream=True)
+            show(item, args.json, stream=True)
         return 0
     except redis.ConnectionError as exc:
         raise RedisStopped(town.server.display_url if town else "") from exc
@@ -5235,6 +5589,387 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line, never a traceback (unless -v asks for it)
         log.debug("the traceback of the error:", exc_info=True)
         return _report(exc, args.json)
+
+
+# Watch #######################################################################
+# `tt watch` / `tt status --watch`: the town on one screen, redrawn when an event arrives.
+# A thread blocks in XREAD and wakes the screen loop through a pipe; the loop select()s
+# on that pipe and the keyboard, so it neither polls Redis nor lags a keypress.  Bursts
+# are coalesced into a redraw at most every WATCH_REDRAW_SECS.
+
+WATCH_REDRAW_SECS = 0.1
+WATCH_REFRESH_SECS = 5.0  # ages and lapsed heartbeats change without an event
+WATCH_FAILURES_SEEN = 200  # failed tasks among this many last events need you (no task scan)
+_ATTENTION_SGR, _HEADER_SGR = "1;31", "1"
+
+
+def _age(stamp: str | None) -> str:
+    """'42s', '7m', '3h', '2d' since an ISO time ('' when unknown)."""
+    try:
+        seconds = (datetime.now(timezone.utc) - datetime.fromisoformat(stamp or "")).total_seconds()
+    except ValueError:
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(int(seconds), 0)}s"
+
+
+def _watch_snapshot(town: Town, events: int = 50) -> dict[str, Any]:
+    """What the watch screen shows, read in a few round trips (no scan of all tasks)."""
+    status = town.status()
+    recent = town.channel.events(max(events, WATCH_FAILURES_SEEN))
+    current = {a["current_task"] for a in status["agents"] if a.get("current_task")}
+    failed = list(dict.fromkeys(e["task"] for e in reversed(recent) if e.get("event") == "task_failed"))[:5]
+    tasks = {t.id: t for t in town.channel._tasks_by_id(sorted(current) + failed)} if current or failed else {}
+    queries = [m for m in town.channel.peek(CONDUCTOR_ID) if m.type == MessageType.QUERY]
+    return {**status, "current_tasks": tasks, "queries": queries, "events": recent[-events:],
+            "failed_tasks": [tasks[i] for i in failed if i in tasks and tasks[i].state == TaskState.FAILED]}
+
+
+def _watch_lines(snapshot: dict[str, Any], names: _Names, height: int) -> list[tuple[str, str]]:
+    """The screen as (text, SGR colour) lines, at most `height` of them."""
+    lines: list[tuple[str, str]] = [
+        (f"tinytown {snapshot['town']}  ·  {_count(len(snapshot['agents']), 'agent')}  ·"
+         f" {datetime.now().strftime('%H:%M:%S')}  ·  q quits  ·  redis {snapshot['redis']['url']}", _HEADER_SGR),
+        ("", ""), ("AGENTS", _HEADER_SGR)]
+    for a in snapshot["agents"]:
+        state = "dead" if a["dead"] else a["state"]
+        liveness = "" if a["state"] in TERMINAL_AGENT_STATES else "no heartbeat" if a["dead"] else "live"
+        rounds = a["rounds_completed"] + (a["state"] == AgentState.WORKING)
+        task = snapshot["current_tasks"].get(a.get("current_task") or "")
+        doing = (f"task {task.id[:8]} {_age(task.started_at or task.updated_at):>4}  {task.description[:60]}"
+                 if task else "")
+        budget = f"/{a['max_rounds']}" if a["max_rounds"] else ""
+        lines.append((f"  {_ICONS.get(state, '?')} {a['name']:<16} {state:<9} {liveness:<12}"
+                      f" round {f'{rounds}{budget}':<6} {doing}", str(_COLORS.get(state, ""))))
+    if not snapshot["agents"]:
+        lines.append(("  none yet: `tt spawn NAME` starts one", ""))
+    counts = " · ".join(f"{n} {state}" for state, n in snapshot["tasks"].items() if n) or "none"
+    lines += [("", ""), (f"TASKS  {counts}   backlog {snapshot['backlog']}   conductor inbox"
+                         f" {snapshot['conductor_inbox']}", _HEADER_SGR)]
+    attention = [f"  ✗ task {t.id[:8]} failed: {(t.error or '')[:80]}  ({t.description[:40]})"
+                 for t in snapshot["failed_tasks"]]
+    attention += [f"  ☠ {a['name']}: {a['pending']['dead']} dead letters" for a in snapshot["agents"]
+                  if a["pending"].get("dead")]
+    attention += [f"  ✗ {a['name']} is in error: {(a.get('error') or '')[:80]}" for a in snapshot["agents"]
+                  if a["state"] == AgentState.ERROR]
+    attention += [f"  ? query from {names.show(m.from_)}: {m.text[:80]}" for m in snapshot["queries"]]
+    if attention:
+        lines += [("", ""), ("NEEDS YOU", _ATTENTION_SGR), *((line, _ATTENTION_SGR) for line in attention)]
+    room = height - len(lines) - 2
+    if room > 0:
+        events = snapshot["events"][-room:]
+        lines += [("", ""), ("EVENTS", _HEADER_SGR)]
+        lines += [("  " + _event_line({**e, "at": e.get("at", "")[11:19]}, names),
+                   _ATTENTION_SGR if e.get("event") in ("task_failed", "agent_error", "message_dead", "hook_failed")
+                   else "") for e in events]
+    return lines[:height]
+
+
+class _Watch:
+    """The live screen on a terminal; `run()` returns the exit code."""
+
+    def __init__(self, town: Town):
+        self.town = town
+        self.names = _Names(town)
+        self.color = not os.environ.get("NO_COLOR")
+        self._resized = False
+        self._quit = False
+        self._failure: BaseException | None = None
+
+    def _on_resize(self, signum: int, frame: Any) -> None:
+        self._resized = True  # a flag only: the loop redraws
+
+    def _follow(self, wake: int) -> None:
+        """The event thread: each batch of events is a byte on the wake pipe."""
+        try:
+            for event in self.town.channel.follow_events(block_secs=1.0):
+                if self._quit:
+                    return
+                if event:
+                    with contextlib.suppress(BlockingIOError):  # a full pipe: a wake is pending anyway
+                        os.write(wake, b"e")
+        except BaseException as exc:  # Redis went away: the screen loop reports it
+            self._failure = exc
+            with contextlib.suppress(OSError):
+                os.write(wake, b"x")
+
+    def draw(self) -> None:
+        width, height = shutil.get_terminal_size()
+        lines = _watch_lines(_watch_snapshot(self.town, height), self.names, height)
+        shown = [f"\033[{sgr}m{text[:width]}\033[0m" if sgr and self.color else text[:width]
+                 for text, sgr in lines]
+        # Home, each line cleared to its end, the rest of the screen cleared: no flicker.
+        sys.stdout.write("\033[H" + "\033[K\r\n".join(shown) + "\033[K\033[J")
+        sys.stdout.flush()
+
+    def run(self) -> int:
+        import select
+        import termios
+        import tty
+        stdin = sys.stdin.fileno()
+        saved = termios.tcgetattr(stdin)
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        old_wakeup = signal.set_wakeup_fd(wake_write)  # a SIGWINCH also wakes select()
+        old_winch = signal.signal(signal.SIGWINCH, self._on_resize)
+        thread = threading.Thread(target=self._follow, args=(wake_write,), daemon=True)
+        sys.stdout.write("\033[?1049h\033[?25l")  # the alternate screen, no cursor
+        try:
+            tty.setcbreak(stdin)
+            thread.start()
+            dirty, drawn_at = True, 0.0
+            while not self._quit:
+                since = time.monotonic() - drawn_at
+                if dirty and since >= WATCH_REDRAW_SECS:
+                    self.draw()
+                    dirty, drawn_at, since = False, time.monotonic(), 0.0
+                timeout = WATCH_REDRAW_SECS - since if dirty else WATCH_REFRESH_SECS
+                ready, _, _ = select.select([stdin, wake_read], [], [], max(timeout, 0.0))
+                if stdin in ready and set(os.read(stdin, 64)) & set(b"qQ"):
+                    break
+                if wake_read in ready:
+                    os.read(wake_read, 4096)
+                if self._failure:
+                    raise self._failure
+                if not ready or wake_read in ready or self._resized:  # an event, a resize, the refresh
+                    dirty, self._resized = True, False
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._quit = True
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            sys.stdout.write("\033[?25h\033[?1049l")
+            sys.stdout.flush()
+            signal.signal(signal.SIGWINCH, old_winch)
+            signal.set_wakeup_fd(old_wakeup)
+            thread.join(timeout=2.0)
+            os.close(wake_read)
+            os.close(wake_write)
+        return 0
+
+
+# MCP server ##################################################################
+# `tt mcp`: the command layer as a Model Context Protocol server on stdin/stdout (JSON-RPC
+# 2.0, one message a line; local only, no listener).  Each tool is a CLI command: its input
+# schema is read off the command's argparse options, a call parses the same argv `tt`
+# would and runs the same handler, and the result is the command's --json document.
+
+MCP_PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
+# Commands that are no tools: they start, stop or wipe the town, take over a terminal,
+# edit the config file, or are internal.
+_MCP_LEFT_OUT = {"init", "start", "stop", "reset", "config", "conductor", "mcp", "watch",
+                 *_INTERNAL_COMMANDS}
+_MCP_LEFT_OUT_OPTIONS = {"help", "town", "verbose", "json", "foreground", "follow", "watch"}
+_MCP_TOOL_NAMES = {"list": "list_agents", "wait": "wait_agent"}  # clearer out of the CLI's context
+_MCP_RESOURCES = {  # uri -> (name, description, the command behind it)
+    "tinytown://status": ("status", "The town at a glance: agents, task counts, usage", ["status"]),
+    "tinytown://agents": ("agents", "Every agent with its state and liveness", ["list"]),
+    "tinytown://tasks": ("tasks", "Every task, oldest first", ["task", "list"]),
+    "tinytown://events": ("events", "The town's last 50 events, oldest first", ["history", "-n", "50"]),
+}
+
+
+def _option_name(action: argparse.Action) -> str:
+    """A tool argument's name: the long option (`--to-backlog` -> to_backlog), else the dest."""
+    flag = _long_flag(action)
+    return flag[2:].replace("-", "_") if flag else action.dest
+
+
+def _long_flag(action: argparse.Action) -> str:
+    """`--to-backlog` of an option ('' for a positional or a short-only option)."""
+    return next((s for s in action.option_strings if s.startswith("--")), "")
+
+
+@dataclass
+class _McpTool:
+    name: str
+    path: list[str]  # the subcommand: ["task", "show"]
+    description: str
+    params: dict[str, argparse.Action]
+
+    def input_schema(self) -> dict[str, Any]:
+        properties, required = {}, []
+        for name, action in self.params.items():
+            if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+                prop: dict[str, Any] = {"type": "boolean"}
+            else:
+                prop = {"type": {int: "integer", float: "number"}.get(action.type, "string")}  # type: ignore[call-overload]
+            if action.choices:
+                prop["enum"] = list(action.choices)
+            prop["description"] = action.help or name
+            properties[name] = prop
+            if not action.option_strings and action.nargs != "?" or action.required:
+                required.append(name)
+        return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+    def argv(self, arguments: dict[str, Any]) -> list[str]:
+        """The `tt` command line of a call (options first, then `--` and the positionals)."""
+        unknown = set(arguments) - set(self.params)
+        if unknown:
+            raise _UsageError(f"unknown argument {min(unknown)!r}; {self.name} takes"
+                              f" {', '.join(self.params) or 'none'}", "")
+        options, positionals = [], []
+        for name, action in self.params.items():
+            value = arguments.get(name)
+            if value is None:
+                continue
+            flag = _long_flag(action) or (action.option_strings or [""])[0]
+            if not flag:
+                positionals.append(str(value))
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                options.append(flag if value else f"--no-{flag[2:]}")
+            elif isinstance(action, argparse._StoreTrueAction):
+                options += [flag] if value else []
+            else:
+                options.append(f"{flag}={value}")
+        return [*self.path, *options, "--", *positionals] if positionals else [*self.path, *options]
+
+
+def _mcp_tools(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[str, _McpTool]:
+    """A tool per command with a handler, nested commands (task show) included."""
+    tools: dict[str, _McpTool] = {}
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for name, sub in action.choices.items():
+            if name in _MCP_LEFT_OUT:
+                continue
+            tools.update(_mcp_tools(sub, (*path, name)))
+            handler = sub.get_default("handler")
+            if handler:
+                tool = "_".join((*path, name)).replace("-", "_")
+                tool = _MCP_TOOL_NAMES.get(tool, tool)
+                description = inspect.cleandoc(handler.__doc__ or "").partition("\n\nExample:")[0]
+                params = {_option_name(a): a for a in sub._actions
+                          if a.dest not in _MCP_LEFT_OUT_OPTIONS and a.help is not argparse.SUPPRESS}
+                tools[tool] = _McpTool(tool, [*path, name], description, params)
+    return tools
+
+
+class _JsonRpcError(Exception):
+    """A JSON-RPC error reply (protocol level: the call itself was wrong)."""
+
+    def __init__(self, code: int, message: str):
+        self.code, self.message = code, message
+        super().__init__(message)
+
+
+class _McpServer:
+    """One MCP session over a pair of streams; `serve()` until the input ends."""
+
+    def __init__(self, root: Path, reader: Any, writer: Any):
+        self.root, self._reader, self._writer = root, reader, writer
+        self.parser = _build_parser()
+        self.tools = _mcp_tools(self.parser)
+
+    def serve(self) -> None:
+        for line in self._reader:
+            if not line.strip():
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError as exc:
+                self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": f"parse error: {exc}"}})
+                continue
+            # A batch (2025-03-26) gets a batch of replies; notifications get none.
+            replies = [r for r in map(self.handle, message if isinstance(message, list) else [message]) if r]
+            if replies:
+                self._send(replies if isinstance(message, list) else replies[0])
+
+    def _send(self, reply: Any) -> None:
+        self._writer.write(json.dumps(reply, default=str) + "\n")  # ASCII: no stray newline or bad byte
+        self._writer.flush()
+
+    def handle(self, message: Any) -> dict[str, Any] | None:
+        """The reply to one request (None for a notification)."""
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or "method" not in message:
+            return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "invalid request"}}
+        if "id" not in message:
+            return None  # notifications/initialized, notifications/cancelled: nothing to answer
+        params = message.get("params") or {}
+        try:
+            method = getattr(self, "_" + message["method"].replace("/", "_"), None)
+            if method is None:
+                raise _JsonRpcError(-32601, f"method not found: {message['method']}")
+            result = method(params)
+        except _JsonRpcError as exc:
+            return {"jsonrpc": "2.0", "id": message["id"], "error": {"code": exc.code, "message": exc.message}}
+        return {"jsonrpc": "2.0", "id": message["id"], "result": result}
+
+    def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
+        asked = params.get("protocolVersion")
+        return {"protocolVersion": asked if asked in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[0],
+                "capabilities": {"tools": {"listChanged": False},
+                                 "resources": {"subscribe": False, "listChanged": False}},
+                "serverInfo": {"name": "tinytown", "version": __version__},
+                "instructions": f"The Tinytown town at {self.root}: spawn agents, assign tasks, read"
+                                " their results. Tool results are the `tt --json` documents."}
+
+    def _ping(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def _tools_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"tools": [{"name": t.name, "description": t.description, "inputSchema": t.input_schema()}
+                          for t in self.tools.values()]}
+
+    def _tools_call(self, params: dict[str, Any]) -> dict[str, Any]:
+        tool = self.tools.get(params.get("name", ""))
+        if tool is None:
+            raise _JsonRpcError(-32602, f"unknown tool: {params.get('name')!r}")
+        try:
+            reply = self.run(tool.argv(params.get("arguments") or {}))
+        except Exception as exc:  # a tool error: the model reads the one-line message
+            return {"content": [{"type": "text", "text": _error_line(exc)[0]}], "isError": True}
+        data = reply.data if reply.data is not None else reply.text
+        result: dict[str, Any] = {"content": [{"type": "text", "text": json.dumps(data, default=str)}],
+                                  "isError": False}
+        if isinstance(data, dict):
+            result["structuredContent"] = json.loads(json.dumps(data, default=str))
+        return result
+
+    def _resources_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"resources": [{"uri": uri, "name": name, "description": text, "mimeType": "application/json"}
+                              for uri, (name, text, _) in _MCP_RESOURCES.items()]}
+
+    def _resources_templates_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"resourceTemplates": []}
+
+    def _resources_read(self, params: dict[str, Any]) -> dict[str, Any]:
+        uri = params.get("uri", "")
+        if uri not in _MCP_RESOURCES:
+            raise _JsonRpcError(-32002, f"resource not found: {uri}")
+        try:
+            reply = self.run(_MCP_RESOURCES[uri][2])
+        except Exception as exc:
+            raise _JsonRpcError(-32603, _error_line(exc)[0]) from None
+        return {"contents": [{"uri": uri, "mimeType": "application/json",
+                              "text": json.dumps(reply.data, default=str)}]}
+
+    def run(self, argv: list[str]) -> _Reply:
+        """A `tt -t ROOT ARGV --json` through the command layer; its reply (errors raise)."""
+        replies: list[_Reply] = []
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the protocol only
+            args, extras = self.parser.parse_known_args(["-t", str(self.root), "--json", *argv])
+            if extras:
+                args.parser.unknown(extras)
+            _run(args, show=lambda reply, as_json, **_: replies.append(reply))
+        return replies[0]
+
+
+def serve_mcp(root: str | os.PathLike[str], reader: Any = None, writer: Any = None) -> None:
+    """Serve the town at `root` over MCP on `reader`/`writer` (default: stdin/stdout)."""
+    root = Path(root).resolve()
+    load_config(root / CONFIG_FILE)  # no town: the error now, not at the first call
+    _McpServer(root, reader or sys.stdin, writer or sys.stdout).serve()
+
+
+def _mcp_server_entry(root: Path) -> dict[str, Any]:
+    """How an MCP client starts `tt mcp` for this town (the `mcpServers` entry)."""
+    module = Path(__file__).resolve()
+    return {"command": sys.executable, "args": ["-m", module.stem, "-t", str(root), "mcp"],
+            "env": {"PYTHONPATH": str(module.parent)}}
 
 
 if __name__ == "__main__":
