@@ -93,6 +93,7 @@ EVENTS_MAXLEN = 10_000
 ACTIVITY_KEEP = 20
 WAKE_KEEP = 4  # wake tokens kept: one is enough to wake, a few absorb bursts
 MESSAGES_PER_ROUND = 50
+PENDING_SAMPLE = 50  # messages of each queue `tt status` reads to count them by type
 SERVER_START_TIMEOUT = 10.0
 SERVER_LOAD_TIMEOUT = 300.0  # loading a large AOF
 STOP_GRACE_SECS = 10.0
@@ -121,9 +122,11 @@ class Keys:
         self.prefix = f"tt:{town}:"
         self.agents = self.prefix + "agents"            # hash name -> id
         self.tasks = self.prefix + "tasks"              # zset task id by creation time
-        self.backlog = self.prefix + "backlog"          # list of unassigned task ids
+        self.backlog = self.prefix + "backlog"          # zset unassigned task id by arrival (FIFO)
+        self.backlog_seq = self.prefix + "backlog_seq"  # counter: the backlog's arrival order
         self.events = self.prefix + "events"            # capped stream of state changes
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
+        self.idle = self.prefix + "idle"                # set: idle agent ids (whom a backlog add wakes)
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
         self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
 
@@ -138,6 +141,13 @@ class Keys:
     def stop(self, agent_id: str) -> str: return f"{self.prefix}stop:{agent_id}"
     def activity(self, agent_id: str) -> str: return f"{self.prefix}activity:{agent_id}"
     def task(self, task_id: str) -> str: return f"{self.prefix}task:{task_id}"
+    # Indexes, each kept in the transaction that changes what it indexes (_TASKS_LUA):
+    def tasks_in(self, state: str) -> str: return f"{self.prefix}tasks:{state}"  # zset id by creation
+    def agent_tasks(self, agent_id: str) -> str: return f"{self.prefix}agent_tasks:{agent_id}"  # zset
+    def open_tasks(self, agent_id: str) -> str: return f"{self.prefix}open_tasks:{agent_id}"  # zset
+    def backlog_any(self) -> str: return f"{self.prefix}backlog:any"  # zset: untagged backlog tasks
+    def backlog_tag(self, tag: str) -> str: return f"{self.prefix}backlog:tag:{tag}"  # zset per tag
+    def role(self, role: str) -> str: return f"{self.prefix}role:{role}"  # set: agent ids with the role
 
     def queues(self, agent_id: str) -> tuple[str, str, str]:
         """The pending queues in delivery order."""
@@ -151,7 +161,7 @@ class Keys:
     def per_agent(self, agent_id: str) -> list[str]:
         return [self.agent(agent_id), *self.queues(agent_id), self.wake(agent_id),
                 self.processing(agent_id), self.dead(agent_id), self.alive(agent_id),
-                self.stop(agent_id), self.activity(agent_id)]
+                self.stop(agent_id), self.activity(agent_id), self.open_tasks(agent_id)]
 
 
 class Preset(NamedTuple):
@@ -1584,7 +1594,7 @@ def _lua(script: str) -> str:
 
 # KEYS[1] = stop:<id>, KEYS[2] = agent:<id>, KEYS[3] = wake:<id>,
 # KEYS[4..6] = urgent:<id>, high:<id>, inbox:<id> (delivery order), KEYS[7] = processing:<id>,
-# KEYS[8] = events
+# KEYS[8] = events, KEYS[9] = idle
 # ARGV[1] = most actionable messages to take, ARGV[2] = agent id, ARGV[3] = timestamp
 # Moves pending messages into processing and returns {stop request, state, messages...}.
 # Nothing is taken on a kill request or while paused: the messages wait where they are.
@@ -1609,6 +1619,7 @@ for i = 4, 6 do
 end
 if work > 0 and (state == 'idle' or state == 'starting') then
   redis.call('HSET', KEYS[2], 'state', 'working')
+  redis.call('SREM', KEYS[9], ARGV[2])
   redis.call('XADD', KEYS[8], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_working',
              'agent', ARGV[2], 'from', state, 'at', ARGV[3])
   out[2] = 'working'
@@ -1641,10 +1652,11 @@ end
 return false
 """
 
-# KEYS[1] = agent:<id>, KEYS[2] = events
+# KEYS[1] = agent:<id>, KEYS[2] = events, KEYS[3] = idle
 # ARGV[1] = new state, ARGV[2] = the states it may replace, space-separated ('*': any),
 # ARGV[3] = agent id, ARGV[4] = timestamp, ARGV[5..] = more field/value pairs to set
 # Returns the old state, or false when the agent is gone or in a state not allowed.
+# The idle set follows, for the backlog's wake-ups.
 _SET_STATE_LUA = """
 local old = redis.call('HGET', KEYS[1], 'state')
 if not old then return false end
@@ -1652,6 +1664,7 @@ if ARGV[2] ~= '*' and not string.find(' ' .. ARGV[2] .. ' ', ' ' .. old .. ' ', 
   return false
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 5))
+redis.call(ARGV[1] == 'idle' and 'SADD' or 'SREM', KEYS[3], ARGV[3])
 if old ~= ARGV[1] then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', EVENTS_MAXLEN, '*',
              'event', 'agent_' .. ARGV[1], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
@@ -1690,7 +1703,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 
-# KEYS[1] = alive:<id>, KEYS[2] = stop:<id>, KEYS[3] = agent:<id>, KEYS[4] = events
+# KEYS[1] = alive:<id>, KEYS[2] = stop:<id>, KEYS[3] = agent:<id>, KEYS[4] = events, KEYS[5] = idle
 # ARGV[1] = the loop's identity, ARGV[2] = final state, ARGV[3] = agent id, ARGV[4] = timestamp,
 # ARGV[5..] = more field/value pairs to set
 # Ends a loop's tenure at once: heartbeat and stop request gone, final state written, so
@@ -1700,6 +1713,7 @@ _RELEASE_LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[5], ARGV[3])
 local old = redis.call('HGET', KEYS[3], 'state')
 if not old then return 1 end
 redis.call('HSET', KEYS[3], 'state', ARGV[2], unpack(ARGV, 5))
@@ -1708,36 +1722,195 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_'
 return 1
 """
 
-# The requeue shared by settling (a loop ends its round) and recovering (a loop died).
+# The tasks library: every task state change, creation, backlog move and deletion goes
+# through these functions, from Python (the scripts below, queued inside a MULTI) and from
+# the requeue (settle, recover), so the indexes can never disagree with the records.
 # ARGV[1] = the town's key prefix.  Keys are built from it because the task records a
 # message names are only known inside the script (a town lives on one Redis, not a cluster).
-_REQUEUE_LUA = """
+_TASKS_LUA = """
 local prefix = ARGV[1]
 local function key(kind, id) return prefix .. kind .. ':' .. id end
 local function event(...)
   redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', EVENTS_MAXLEN, '*', ...)
 end
-local QUEUE = {urgent = 'urgent', high = 'high'}
+local function wake(agent)
+  redis.call('RPUSH', key('wake', agent), '1')
+  redis.call('LTRIM', key('wake', agent), -WAKE_KEEP, -1)
+end
 
--- A task's state change with its counters, backlog place and event (Channel._queue_task_change).
-local function change_task(task_id, state, now, ...)
-  local task_key = key('task', task_id)
-  local old, agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
-  if not old or TERMINAL_TASK[old] then return end
-  redis.call('HSET', task_key, 'state', state, 'updated_at', now, ...)
-  if old ~= state then
-    redis.call('HINCRBY', prefix .. 'task_counts', old, -1)
-    redis.call('HINCRBY', prefix .. 'task_counts', state, 1)
-    if TERMINAL_TASK[state] then redis.call('LREM', prefix .. 'backlog', 0, task_id) end
-    event('event', 'task_' .. state, 'at', now, 'task', task_id, 'agent', agent or '')
+-- Moves a task between the per-state and per-agent indexes (nil state: out of all).
+local function reindex(task_id, old_state, old_agent, state, agent)
+  local score = redis.call('ZSCORE', prefix .. 'tasks', task_id) or 0
+  if old_state ~= state then
+    if old_state then
+      redis.call('ZREM', key('tasks', old_state), task_id)
+      redis.call('HINCRBY', prefix .. 'task_counts', old_state, -1)
+    end
+    if state then
+      redis.call('ZADD', key('tasks', state), score, task_id)
+      redis.call('HINCRBY', prefix .. 'task_counts', state, 1)
+    end
+  end
+  if old_agent and old_agent ~= '' and old_agent ~= agent then
+    redis.call('ZREM', key('agent_tasks', old_agent), task_id)
+    redis.call('ZREM', key('open_tasks', old_agent), task_id)
+  end
+  if agent and agent ~= '' then
+    redis.call('ZADD', key('agent_tasks', agent), score, task_id)
+    if state and not TERMINAL_TASK[state] then
+      redis.call('ZADD', key('open_tasks', agent), score, task_id)
+    else
+      redis.call('ZREM', key('open_tasks', agent), task_id)
+    end
   end
 end
+
+-- The backlog indexes a task belongs in: backlog:tag:<tag> per tag, else backlog:any.
+local function backlog_indexes(task_id)
+  local ok, tags = pcall(cjson.decode, redis.call('HGET', key('task', task_id), 'tags') or '')
+  local out = {}
+  if ok and type(tags) == 'table' then
+    for _, tag in ipairs(tags) do out[#out + 1] = key('backlog:tag', tostring(tag)) end
+  end
+  if #out == 0 then out[1] = prefix .. 'backlog:any' end
+  return out, ok and type(tags) == 'table' and tags or {}
+end
+
+local function off_backlog(task_id)
+  if redis.call('ZREM', prefix .. 'backlog', task_id) == 0 then return false end
+  for _, index in ipairs(backlog_indexes(task_id)) do redis.call('ZREM', index, task_id) end
+  return true
+end
+
+-- Into the backlog (FIFO), waking only the idle agents that may claim it: any idle one
+-- for an untagged task, else those whose role or name is one of its tags.
+local function to_backlog(task_id)
+  local seq = redis.call('INCR', prefix .. 'backlog_seq')
+  redis.call('ZADD', prefix .. 'backlog', seq, task_id)
+  local indexes, tags = backlog_indexes(task_id)
+  for _, index in ipairs(indexes) do redis.call('ZADD', index, seq, task_id) end
+  if #tags == 0 then
+    for _, agent in ipairs(redis.call('SMEMBERS', prefix .. 'idle')) do wake(agent) end
+    return
+  end
+  for _, tag in ipairs(tags) do
+    for _, agent in ipairs(redis.call('SINTER', prefix .. 'idle', key('role', tostring(tag)))) do
+      wake(agent)
+    end
+    local named = redis.call('HGET', prefix .. 'agents', tostring(tag))
+    if named and redis.call('SISMEMBER', prefix .. 'idle', named) == 1 then wake(named) end
+  end
+end
+
+-- A task's change: fields, counters, indexes, backlog place and event.  A terminal task
+-- never changes (false).  `detail` goes into the event.
+local function change_task(task_id, now, detail, ...)
+  local task_key = key('task', task_id)
+  local old, old_agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
+  if not old or TERMINAL_TASK[old] then return false end
+  redis.call('HSET', task_key, 'updated_at', now, ...)
+  local state, agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
+  reindex(task_id, old, old_agent, state, agent)
+  if state ~= 'pending' then off_backlog(task_id) end
+  if old ~= state then
+    if state == 'completed' and agent and agent ~= '' then
+      redis.call('HINCRBY', key('agent', agent), 'tasks_completed', 1)
+    end
+    event('event', 'task_' .. state, 'at', now, 'task', task_id, 'agent', agent or '',
+          'detail', detail)
+  end
+  return true
+end
+"""
+
+# _TASKS_LUA, then:
+# ARGV[2] = task id, ARGV[3] = timestamp, ARGV[4] = event detail, ARGV[5] = mode:
+# '' (plain), 'to_backlog' (then into the backlog), 'from_backlog' (only if in the backlog),
+# ARGV[6..] = field/value pairs.  Returns 1, or 0 when nothing changed.
+_CHANGE_TASK_LUA = _TASKS_LUA + """
+local task_id, mode = ARGV[2], ARGV[5]
+if mode == 'from_backlog' and not redis.call('ZSCORE', prefix .. 'backlog', task_id) then return 0 end
+if not change_task(task_id, ARGV[3], ARGV[4], unpack(ARGV, 6)) then return 0 end
+if mode == 'to_backlog' then to_backlog(task_id) end
+return 1
+"""
+
+# _TASKS_LUA, then: ARGV[2] = task id, ARGV[3] = creation score, ARGV[4] = '1': into the
+# backlog, ARGV[5..] = the record's field/value pairs.  A new task, indexed.
+_NEW_TASK_LUA = _TASKS_LUA + """
+local task_id = ARGV[2]
+redis.call('HSET', key('task', task_id), unpack(ARGV, 5))
+redis.call('ZADD', prefix .. 'tasks', ARGV[3], task_id)
+local state, agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
+reindex(task_id, nil, nil, state, agent)
+if ARGV[4] == '1' then to_backlog(task_id) end
+return 1
+"""
+
+# _TASKS_LUA, then: ARGV[2..] = task ids.  Removes tasks from Redis and from every index;
+# returns how many existed.
+_DROP_TASKS_LUA = _TASKS_LUA + """
+local dropped = 0
+for i = 2, #ARGV do
+  local task_id = ARGV[i]
+  local state, agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
+  off_backlog(task_id)
+  if state then
+    reindex(task_id, state, agent, nil, nil)
+    dropped = dropped + 1
+  end
+  redis.call('DEL', key('task', task_id))
+  redis.call('ZREM', prefix .. 'tasks', task_id)
+end
+return dropped
+"""
+
+# _TASKS_LUA, then: ARGV[2] = agent id, ARGV[3] = a task id ('': the first the agent may
+# take: untagged, or tagged with its role or name, oldest first), ARGV[4] = the
+# task_assign message (JSON) with "\u0001" standing for the task id and "\u0002" for the
+# description, ARGV[5] = timestamp, ARGV[6] = queue (inbox:<id> or the like)
+# The whole claim in one script: a constant number of commands, whatever the backlog
+# holds.  Returns the task id, or false (nothing to claim, or the task is not in the backlog).
+_CLAIM_LUA = _TASKS_LUA + """
+local agent, task_id, now = ARGV[2], ARGV[3], ARGV[5]
+local role, name = unpack(redis.call('HMGET', key('agent', agent), 'role', 'name'))
+if not name then return false end
+if task_id == '' then
+  local best
+  local indexes = {prefix .. 'backlog:any', key('backlog:tag', name)}
+  if role and role ~= '' then indexes[3] = key('backlog:tag', role) end
+  for _, index in ipairs(indexes) do
+    local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+    if head[1] and (not best or tonumber(head[2]) < best[2]) then best = {head[1], tonumber(head[2])} end
+  end
+  if not best then return false end
+  task_id = best[1]
+elseif not redis.call('ZSCORE', prefix .. 'backlog', task_id) then
+  return false
+end
+local description = redis.call('HGET', key('task', task_id), 'description') or ''
+if not change_task(task_id, now, '', 'state', 'assigned', 'assigned_to', agent) then
+  off_backlog(task_id)  -- a stray entry (a finished task): never offered again
+  return false
+end
+local function put(text, placeholder, value)
+  local i, j = string.find(text, placeholder, 1, true)
+  return string.sub(text, 1, i - 1) .. cjson.encode(value) .. string.sub(text, j + 1)
+end
+redis.call('RPUSH', ARGV[6], put(put(ARGV[4], '"\\\\u0001"', task_id), '"\\\\u0002"', description))
+wake(agent)
+return task_id
+"""
+
+# The requeue shared by settling (a loop ends its round) and recovering (a loop died).
+_REQUEUE_LUA = _TASKS_LUA + """
+local QUEUE = {urgent = 'urgent', high = 'high'}
 
 -- Empties processing:<agent>.  Acked ids are dropped; the rest go back to the front of
 -- their queue in their original order, or to dead:<agent> once out of attempts (failed
 -- runs) or interruptions (deliveries cut short by a dying loop); tasks follow.
 -- count: 'attempt', 'interruption' or 'none'.  Returns {requeued, buried messages...}.
-local function requeue(agent, acked, count, reason, max_attempts, max_interruptions, wake, now)
+local function requeue(agent, acked, count, reason, max_attempts, max_interruptions, do_wake, now)
   local processing = key('processing', agent)
   local back, dead, buried = {}, {}, {}
   for _, raw in ipairs(redis.call('LRANGE', processing, 0, -1)) do
@@ -1759,22 +1932,19 @@ local function requeue(agent, acked, count, reason, max_attempts, max_interrupti
         dead[#dead + 1] = updated
         buried[#buried + 1] = updated
         if task_id then
-          change_task(task_id, 'failed', now, 'error', reason,
+          change_task(task_id, now, reason, 'state', 'failed', 'error', reason,
                       'attempts', attempts, 'completed_at', now)
         end
       else
         back[#back + 1] = {key(QUEUE[m['priority']] or 'inbox', agent), updated}
-        if task_id then change_task(task_id, 'assigned', now, 'attempts', attempts) end
+        if task_id then change_task(task_id, now, '', 'state', 'assigned', 'attempts', attempts) end
       end
     end
   end
   for i = #back, 1, -1 do redis.call('LPUSH', back[i][1], back[i][2]) end
   if #dead > 0 then redis.call('RPUSH', key('dead', agent), unpack(dead)) end
   redis.call('DEL', processing)
-  if #back > 0 and wake then
-    redis.call('RPUSH', key('wake', agent), '1')
-    redis.call('LTRIM', key('wake', agent), -WAKE_KEEP, -1)
-  end
+  if #back > 0 and do_wake then wake(agent) end
   if #back + #dead > 0 then
     event('event', 'requeued', 'at', now, 'agent', agent, 'count', #back, 'dead', #dead,
           'reason', reason)
@@ -1819,6 +1989,7 @@ local now = ARGV[8]
 local out = requeue(ARGV[2], {}, 'interruption', ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]),
                     true, now)
 redis.call('DEL', alive_key, key('stop', ARGV[2]))
+redis.call('SREM', prefix .. 'idle', ARGV[2])
 if TERMINAL_AGENT[state] then
   table.insert(out, 1, 'idle')
   return out
@@ -1853,6 +2024,8 @@ class Channel:
         self._refresh_lease = script(_REFRESH_LEASE_LUA)
         self._release_lease = script(_RELEASE_LEASE_LUA)
         self._settle, self._recover = script(_SETTLE_LUA), script(_RECOVER_LUA)
+        self._change_task, self._new_task = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
+        self._drop_tasks, self._claim = script(_DROP_TASKS_LUA), script(_CLAIM_LUA)
 
     # -- events ------------------------------------------------------------------
 
@@ -1979,7 +2152,8 @@ class Channel:
         """Move pending messages into processing; returns (stop request, state, messages)."""
         stop, state, *raws = self._take(keys=[self.keys.stop(agent_id), self.keys.agent(agent_id),
                                               self.keys.wake(agent_id), *self.keys.queues(agent_id),
-                                              self.keys.processing(agent_id), self.keys.events],
+                                              self.keys.processing(agent_id), self.keys.events,
+                                              self.keys.idle],
                                         args=[limit, agent_id, _now()])
         processing = self.keys.processing(agent_id)
         parsed = (self._parse_or_bury(agent_id, raw, processing) for raw in raws)
@@ -2017,24 +2191,34 @@ class Channel:
         return verdict, int(rest[0]) if verdict in ("recovered", "idle") else 0
 
     def pending_counts(self, agent_ids: list[str]) -> dict[str, dict[str, int]]:
-        """Per agent: message counts by type over its queues, processing and dead lists."""
+        """Per agent: message counts by type over its queues, `processing` and `dead`.
+
+        A bounded read: the first PENDING_SAMPLE messages of each queue are counted by
+        type and the rest as `more`, so a status of a town with full inboxes costs
+        O(agents), not O(messages).
+        """
         pipe = self.redis.pipeline(transaction=False)
         for agent_id in agent_ids:
-            for key in (*self.keys.queues(agent_id), self.keys.processing(agent_id)):
-                pipe.lrange(key, 0, -1)
+            for key in self.keys.queues(agent_id):
+                pipe.lrange(key, 0, PENDING_SAMPLE - 1)
+                pipe.llen(key)
+            pipe.llen(self.keys.processing(agent_id))
             pipe.llen(self.keys.dead(agent_id))
         replies = iter(pipe.execute())
         counts: dict[str, dict[str, int]] = {}
         for agent_id in agent_ids:
             by_type: dict[str, int] = {}
-            for index in range(4):
-                for raw in next(replies):
+            for _ in range(3):
+                sample, total = next(replies), next(replies)
+                for raw in sample:
                     message = _parse_message(raw)
-                    label = "processing" if index == 3 else message.type if message else "malformed"
+                    label = message.type if message else "malformed"
                     by_type[label] = by_type.get(label, 0) + 1
-            dead = next(replies)
-            if dead:
-                by_type["dead"] = dead
+                if total > len(sample):
+                    by_type["more"] = by_type.get("more", 0) + total - len(sample)
+            for label in ("processing", "dead"):
+                if (n := next(replies)):
+                    by_type[label] = n
             counts[agent_id] = by_type
         return counts
 
@@ -2048,7 +2232,7 @@ class Channel:
         `pipe` instead when one is given).
         """
         allowed = allowed_from if isinstance(allowed_from, str) else " ".join(allowed_from)
-        return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events],
+        return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events, self.keys.idle],
                                args=[state, allowed, agent_id, _now(), *_field_args(fields)], client=pipe)
 
     def acquire_lease(self, agent_id: str, identity: str, ttl: int) -> str | None:
@@ -2072,7 +2256,8 @@ class Channel:
         """Drop the lease and write the final state at once; False when not ours."""
         return bool(self._release_lease(
             keys=[self.keys.alive(agent_id), self.keys.stop(agent_id), self.keys.agent(agent_id),
-                  self.keys.events], args=[identity, final, agent_id, _now(), *_field_args(fields)]))
+                  self.keys.events, self.keys.idle],
+            args=[identity, final, agent_id, _now(), *_field_args(fields)]))
 
     def update_agent(self, agent_id: str, **fields: Any) -> None:
         self.redis.hset(self.keys.agent(agent_id), mapping={k: _hash_value(v) for k, v in fields.items()})
@@ -2097,6 +2282,8 @@ class Channel:
             pipe.multi()
             pipe.hset(self.keys.agents, agent.name, agent.id)
             pipe.hset(self.keys.agent(agent.id), mapping=_to_hash(agent))
+            if agent.role:
+                pipe.sadd(self.keys.role(agent.role), agent.id)
             if launching:
                 self.hold_for_launch(pipe, agent.id)
             self._event(pipe, "agent_spawned", agent=agent.id, name=agent.name, cli=agent.cli)
@@ -2121,6 +2308,15 @@ class Channel:
         pipe.get(self.keys.alive(agent_id))
         data, lease = pipe.execute()
         return dataclasses.replace(_from_hash(Agent, data), lease=lease) if data else None
+
+    def agent_names(self, agent_ids: Iterable[str]) -> dict[str, str]:
+        """Names of these agents (the conductor's too), in one round trip; unknown ids left out."""
+        wanted = [agent_id for agent_id in set(agent_ids) if agent_id != CONDUCTOR_ID]
+        pipe = self.redis.pipeline(transaction=False)
+        for agent_id in wanted:
+            pipe.hget(self.keys.agent(agent_id), "name")
+        found = dict(zip(wanted, pipe.execute() if wanted else []))
+        return {CONDUCTOR_ID: "conductor", **{k: v for k, v in found.items() if v}}
 
     def agent_ids(self) -> list[str]:
         return list(self.redis.hvals(self.keys.agents))
@@ -2161,7 +2357,7 @@ class Channel:
             if task_ids:
                 pipe.watch(*(self.keys.task(t) for t in task_ids))
             tasks = {t: self._load_task_in(pipe, t) for t in task_ids}
-            name = pipe.hget(self.keys.agent(agent_id), "name") if retire else None
+            name, role = pipe.hmget(self.keys.agent(agent_id), "name", "role") if retire else (None, None)
             owner = pipe.hget(self.keys.agents, name) if name else None
             pipe.multi()
             pipe.delete(*lists)
@@ -2177,14 +2373,12 @@ class Channel:
                         self._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=target)
                     self._push(pipe, dataclasses.replace(message, to=target))
                 elif task:
-                    self._queue_task_change(pipe, task, state=TaskState.PENDING, assigned_to=None)
-                    pipe.rpush(self.keys.backlog, task.id)
+                    self._queue_task_change(pipe, task, mode="to_backlog", state=TaskState.PENDING,
+                                            assigned_to=None)
                 elif message.type == MessageType.TASK:  # plain work becomes a backlog task
                     self._queue_new_task(pipe, Task(description=message.text), backlog=True)
                 else:
                     self._push(pipe, dataclasses.replace(message, to=CONDUCTOR_ID))
-            if messages and not target:
-                self.wake_all(pipe, self.agent_ids())
             if messages:
                 self._event(pipe, "reclaimed", agent=agent_id, to=target or "backlog",
                             count=len(messages))
@@ -2192,6 +2386,9 @@ class Channel:
                 if owner == agent_id:
                     pipe.hdel(self.keys.agents, name)
                 pipe.delete(*self.keys.per_agent(agent_id))
+                pipe.srem(self.keys.idle, agent_id)
+                if role:
+                    pipe.srem(self.keys.role(role), agent_id)
                 if name:
                     pipe.srem(self.keys.resume, name)
                 self._event(pipe, "agent_deleted", agent=agent_id, name=name)
@@ -2214,23 +2411,14 @@ class Channel:
     def get_task(self, task_id: str) -> Task | None:
         return self._load_task_in(self.redis, task_id)
 
-    def _queue_task_change(self, pipe: Any, task: Task, **changes: Any) -> Task:
-        """Queue (in a MULTI) the field updates, counters, backlog and event of a change."""
+    def _queue_task_change(self, pipe: Any, task: Task, *, mode: str = "", **changes: Any) -> Task:
+        """Queue (in a MULTI) a change with its counters, indexes, backlog place and event
+        (_TASKS_LUA's change_task).  `mode` "to_backlog" also puts it into the backlog."""
         now = _now()
-        changes["updated_at"] = now
-        new_state = changes.get("state", task.state)
-        pipe.hset(self.keys.task(task.id), mapping={k: _hash_value(v) for k, v in changes.items()})
-        if new_state != task.state:
-            pipe.hincrby(self.keys.task_counts, task.state, -1)
-            pipe.hincrby(self.keys.task_counts, new_state, 1)
-            if new_state in TERMINAL_TASK_STATES:
-                pipe.lrem(self.keys.backlog, 0, task.id)
-            if new_state == TaskState.COMPLETED and task.assigned_to:
-                pipe.hincrby(self.keys.agent(task.assigned_to), "tasks_completed", 1)
-            self._event(pipe, f"task_{new_state}", task=task.id,
-                        agent=changes.get("assigned_to") or task.assigned_to,
-                        detail=(changes.get("result") or changes.get("error") or "")[:200] or None)
-        return dataclasses.replace(task, **changes)
+        detail = (changes.get("result") or changes.get("error") or "")[:200]
+        self._change_task(args=[self.keys.prefix, task.id, now, detail, mode, *_field_args(changes)],
+                          client=pipe)
+        return dataclasses.replace(task, **changes, updated_at=now)
 
     def create_task(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
                     sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL) -> Task:
@@ -2243,21 +2431,16 @@ class Channel:
         self._queue_new_task(pipe, task, backlog=backlog)
         if assign_to:
             self._push(pipe, self._assignment(task, assign_to, sender, priority))
-        if backlog:
-            self.wake_all(pipe, self.agent_ids())
         self._event(pipe, "task_assigned" if assign_to else "task_created", task=task.id,
                     agent=assign_to, detail=task.description[:200])
         pipe.execute()
         return task
 
     def _queue_new_task(self, pipe: Any, task: Task, *, backlog: bool) -> None:
-        """Queue (in a MULTI) a new task's record, index entry, count and backlog place."""
+        """Queue (in a MULTI) a new task's record, indexes, count and backlog place."""
         task.updated_at = task.created_at
-        pipe.hset(self.keys.task(task.id), mapping=_to_hash(task))
-        pipe.zadd(self.keys.tasks, {task.id: time.time()})
-        pipe.hincrby(self.keys.task_counts, task.state, 1)
-        if backlog:
-            pipe.rpush(self.keys.backlog, task.id)
+        self._new_task(args=[self.keys.prefix, task.id, time.time(), "1" if backlog else "",
+                             *_field_args(_to_hash(task))], client=pipe)
 
     @staticmethod
     def _assignment(task: Task, agent_id: str, sender: str, priority: str = Priority.NORMAL) -> Message:
@@ -2287,51 +2470,39 @@ class Channel:
                     "completed_at": _now()}
         return self.change_task(task_id, decide)
 
-    def _off_backlog(self, task_id: str, change: Callable[[Any, Task], Task]) -> Task | None:
-        """Take a task off the backlog and `change(pipe, task)` it, in one transaction.
+    def claim(self, task_id: str | None, agent_id: str, sender: str = CONDUCTOR_ID) -> Task | None:
+        """Move a backlog task to an agent: record, indexes and inbox at once (_CLAIM_LUA).
 
-        Returns None when the task is no longer in the backlog (a claim got there first).
+        `task_id` None: the first the agent may take (untagged, or tagged with its role or
+        name), in a constant number of commands.  Returns None when there is none, or when
+        the task is no longer in the backlog (a claim got there first).
         """
-        def off_backlog_in(pipe: Any) -> Task | None:
-            task = self._load_task_in(pipe, task_id)
-            if task is None:
-                raise TaskNotFound(task_id)
-            if pipe.lpos(self.keys.backlog, task_id) is None:
-                return None
-            pipe.multi()
-            pipe.lrem(self.keys.backlog, 0, task_id)
-            return change(pipe, task)
-
-        return self.redis.transaction(off_backlog_in, self.keys.backlog, self.keys.task(task_id),
-                                      value_from_callable=True)
-
-    def claim(self, task_id: str, agent_id: str, sender: str = CONDUCTOR_ID) -> Task | None:
-        """Move a backlog task to an agent: record, backlog and inbox at once (None: gone)."""
-        def assign(pipe: Any, task: Task) -> Task:
-            claimed = self._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=agent_id)
-            self._push(pipe, self._assignment(claimed, agent_id, sender))
-            return claimed
-        return self._off_backlog(task_id, assign)
+        template = self._assignment(Task(description="\x02", id="\x01"), agent_id, sender)
+        claimed = self._claim(args=[self.keys.prefix, agent_id, task_id or "", template.to_json(), _now(),
+                                    self.keys.queue_for(agent_id, template.priority)])
+        return self.get_task(claimed) if claimed else None
 
     def unbacklog(self, task_id: str) -> Task | None:
         """Cancel a backlog task (None: it was claimed meanwhile)."""
-        return self._off_backlog(task_id, lambda pipe, task: self._queue_task_change(
-            pipe, task, state=TaskState.CANCELLED, result="removed from the backlog", completed_at=_now()))
+        changed = self._change_task(args=[self.keys.prefix, task_id, _now(), "removed from the backlog",
+                                          "from_backlog", *_field_args({
+                                              "state": TaskState.CANCELLED, "result": "removed from the backlog",
+                                              "completed_at": _now()})])
+        return self.get_task(task_id) if changed else None
 
     def backlog(self) -> list[Task]:
-        return self._tasks_by_id(self.redis.lrange(self.keys.backlog, 0, -1))
+        return self._tasks_by_id(self.redis.zrange(self.keys.backlog, 0, -1))
 
-    def backlog_matching(self, wanted: Callable[[Task], bool], limit: int, page: int = 50) -> list[Task]:
-        """The first `limit` backlog tasks `wanted` accepts, read a page at a time."""
-        found: list[Task] = []
-        start = 0
-        while len(found) < limit:
-            task_ids = self.redis.lrange(self.keys.backlog, start, start + page - 1)
-            found += [task for task in self._tasks_by_id(task_ids) if wanted(task)]
-            if len(task_ids) < page:
-                break
-            start += page
-        return found[:limit]
+    def backlog_for(self, agent: Agent, limit: int) -> list[Task]:
+        """The first `limit` backlog tasks `agent` may claim, from the heads of its indexes."""
+        indexes = [self.keys.backlog_any(), self.keys.backlog_tag(agent.name)]
+        if agent.role:
+            indexes.append(self.keys.backlog_tag(agent.role))
+        pipe = self.redis.pipeline(transaction=False)
+        for index in indexes:
+            pipe.zrange(index, 0, limit - 1, withscores=True)
+        heads = sorted({(score, task_id) for batch in pipe.execute() for task_id, score in batch})
+        return self._tasks_by_id([task_id for _, task_id in heads[:limit]])
 
     def _tasks_by_id(self, task_ids: list[str]) -> list[Task]:
         pipe = self.redis.pipeline(transaction=False)
@@ -2339,15 +2510,19 @@ class Channel:
             pipe.hgetall(self.keys.task(task_id))
         return [_from_hash(Task, data) for data in pipe.execute() if data]
 
-    def tasks(self, state: str | None = None, agent_id: str | None = None, limit: int | None = None
-              ) -> list[Task]:
-        """Tasks oldest first, optionally filtered."""
+    def tasks(self, state: str | None = None, agent_id: str | None = None, limit: int | None = None,
+              *, open_only: bool = False) -> list[Task]:
+        """Tasks oldest first, optionally filtered; read from the narrowest index, so the
+        cost follows the result, not the town (`open_only`: not finished, with `agent_id`)."""
+        if agent_id:
+            index = self.keys.open_tasks(agent_id) if open_only else self.keys.agent_tasks(agent_id)
+        else:
+            index = self.keys.tasks_in(state) if state else self.keys.tasks
         found: list[Task] = []
         page = 1000
-        for start in range(0, self.redis.zcard(self.keys.tasks), page):
-            batch = self._tasks_by_id(self.redis.zrange(self.keys.tasks, start, start + page - 1))
-            found += [t for t in batch if (state is None or t.state == state)
-                      and (agent_id is None or t.assigned_to == agent_id)]
+        for start in range(0, self.redis.zcard(index), page):
+            batch = self._tasks_by_id(self.redis.zrange(index, start, start + page - 1))
+            found += [t for t in batch if state is None or t.state == state]
             if limit and len(found) >= limit:
                 return found[:limit]
         return found
@@ -2367,17 +2542,10 @@ class Channel:
 
     def delete_task(self, task_id: str) -> bool:
         """Remove a task record everywhere it is indexed (e.g. a malformed one)."""
-        def delete_in(pipe: Any) -> bool:
-            state = pipe.hget(self.keys.task(task_id), "state")
-            pipe.multi()
-            pipe.delete(self.keys.task(task_id))
-            pipe.zrem(self.keys.tasks, task_id)
-            pipe.lrem(self.keys.backlog, 0, task_id)
-            if state:
-                pipe.hincrby(self.keys.task_counts, state, -1)
-            self._event(pipe, "task_deleted", task=task_id)
-            return state is not None
-        return self.redis.transaction(delete_in, self.keys.task(task_id), value_from_callable=True)
+        pipe = self.redis.pipeline()
+        self._drop_tasks(args=[self.keys.prefix, task_id], client=pipe)
+        self._event(pipe, "task_deleted", task=task_id)
+        return bool(pipe.execute()[0])
 
     def task_counts(self) -> dict[str, int]:
         return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
@@ -2582,10 +2750,13 @@ class Town:
         ref = str(ref).strip()
         if ref.lower() in RESERVED_NAMES:
             return CONDUCTOR_ID
-        agent_id = self.redis.hget(self.keys.agents, ref)
-        if agent_id:
-            return agent_id
-        agents = self._channel.agents()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.keys.agents, ref)
+        pipe.exists(self.keys.agent(ref))
+        by_name, is_id = pipe.execute()  # the common cases, a name or an id: one round trip
+        if by_name or is_id:
+            return by_name or ref
+        agents = self._channel.agents()  # a prefix, a nickname or another case: read them all
         folded = ref.casefold()
         for matches in ([a for a in agents if a.id == ref or a.name.casefold() == folded],
                         [a for a in agents if len(ref) >= 8 and a.id.startswith(ref.lower())],
@@ -2982,9 +3153,11 @@ class Town:
             raise TaskNotFound(ref)
         return task
 
-    def tasks(self, state: str | None = None, agent: str | None = None) -> list[Task]:
+    def tasks(self, state: str | None = None, agent: str | None = None, *, open_only: bool = False
+              ) -> list[Task]:
+        """Tasks oldest first (of one agent: `open_only` leaves out the finished ones)."""
         return self._channel.tasks(TaskState(state) if state else None,
-                                   self.resolve_agent(agent) if agent else None)
+                                   self.resolve_agent(agent) if agent else None, open_only=open_only)
 
     def complete_task(self, ref: str, result: str | None = None) -> Task:
         return self._channel.finish_task(self.task(ref).id, TaskState.COMPLETED, result)
@@ -3028,7 +3201,7 @@ class Town:
     def assign_all(self, agent: str) -> list[Task]:
         agent_id = self.agent(agent).id
         claimed = (self._channel.claim(task_id, agent_id)
-                   for task_id in self.redis.lrange(self.keys.backlog, 0, -1))
+                   for task_id in self.redis.zrange(self.keys.backlog, 0, -1))
         return [task for task in claimed if task]
 
     def backlog_remove(self, task_ref: str) -> Task:
@@ -3050,7 +3223,8 @@ class Town:
                 self._channel.reclaim(agent_id)
         # The agents' own keys: what per_agent() lists, plus the name index and the stop record.
         agent_parts = (*(key[len(self.keys.prefix):] for key in self.keys.per_agent("")),
-                       self.keys.agents[len(self.keys.prefix):], self.keys.resume[len(self.keys.prefix):])
+                       *(key[len(self.keys.prefix):] for key in (self.keys.agents, self.keys.resume,
+                                                                 self.keys.idle, self.keys.role(""))))
         found = []
         for key in self.redis.scan_iter(match=self.keys.prefix + "*", count=1000):
             if not agents_only or key[len(self.keys.prefix):].startswith(agent_parts):
@@ -3067,7 +3241,7 @@ class Town:
         agents = self._channel.agents()
         counts = self._channel.pending_counts([a.id for a in agents])
         pipe = self.redis.pipeline(transaction=False)
-        pipe.llen(self.keys.backlog)
+        pipe.zcard(self.keys.backlog)
         for agent in agents if deep else ():
             pipe.lrange(self.keys.activity(agent.id), 0, 4)
         backlog_len, *activity = pipe.execute()
@@ -3427,8 +3601,7 @@ def _budget_reached(settings: AgentSettings, town_budget: float, agent: Agent,
 
 def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: int) -> str:
     """The round's prompt: who the agent is, what it must do, and how to report back."""
-    names = {a.id: a.name for a in town.list_agents()}
-    names[CONDUCTOR_ID] = "conductor"
+    names = town.channel.agent_names({m.from_ for m in messages})  # only those it shows
 
     def who(agent_id: str) -> str:
         return names.get(agent_id, agent_id[:8])
@@ -3470,7 +3643,7 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
         lines += ["## For your information", ""]
         lines += [f"- {m.type} from {who(m.from_)}: {m.text}" for m in informational]
         lines.append("")
-    matching = town.channel.backlog_matching(lambda task: _tags_match(task.tags, agent), 5)
+    matching = town.channel.backlog_for(agent, 5)
     if matching:
         lines += ["## Backlog you could claim", ""]
         lines += [f"- {t.id[:8]}: {t.description} (`{tt} backlog claim {t.id[:8]} {agent.name}`)"
@@ -3498,10 +3671,6 @@ def _share_password(server: RedisServer) -> None:
 def _task_over(state: str | None) -> bool:
     """A task that is finished, or gone: there is no work left in its assignment."""
     return state is None or state in TERMINAL_TASK_STATES
-
-
-def _tags_match(tags: list[str], agent: Agent) -> bool:
-    return not tags or agent.name in tags or (agent.role is not None and agent.role in tags)
 
 
 class AgentLoop:
@@ -3735,15 +3904,10 @@ class AgentLoop:
         return handled
 
     def _claim_backlog(self) -> bool:
-        agent = self.channel.get_agent(self.agent.id) or self.agent
-        while True:  # each lost race means another agent took a task: the backlog shrinks
-            candidates = self.channel.backlog_matching(lambda task: _tags_match(task.tags, agent), 10)
-            if not candidates:
-                return False
-            for task in candidates:
-                if self.channel.claim(task.id, agent.id, sender=agent.id):  # None: lost the race
-                    log.info("agent %s: claimed backlog task %s", agent.name, task.id[:8])
-                    return True
+        task = self.channel.claim(None, self.agent.id, sender=self.agent.id)
+        if task:
+            log.info("agent %s: claimed backlog task %s", self.agent.name, task.id[:8])
+        return task is not None
 
     # -- a round -----------------------------------------------------------------
 
@@ -4669,7 +4833,7 @@ def _cmd_task_current(town: Town, args: Any) -> _Reply:
         raise _UsageError("which agent? `tt task current AGENT` (inside an agent it is implied)",
                           args.parser.format_usage())
     agent_id = town.agent(who).id
-    return _tasks_reply([t for t in town.tasks(agent=agent_id) if not t.terminal], _Names(town), "no open tasks")
+    return _tasks_reply(town.tasks(agent=agent_id, open_only=True), _Names(town), "no open tasks")
 
 
 def _cmd_task_complete(town: Town, args: Any) -> _Reply:
