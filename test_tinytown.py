@@ -916,6 +916,204 @@ def test_status_shows_pending_by_type_task_counts_and_events(town):
                                           "agent_working"]
 
 
+# -- scale: every hot path costs the same whatever the town holds --
+# Costs are Redis commands (INFO commandstats, which counts those inside MULTI and Lua
+# too), never wall time.
+
+def redis_commands(town, action):
+    """(what `action()` returned, the Redis commands it issued)."""
+    def total():
+        return sum(v["calls"] for v in town.redis.info("commandstats").values())
+    before = total()
+    result = action()
+    return result, total() - before - 1  # the second INFO itself
+
+
+def bulk_tasks(town, n, *, tags=(), backlog=True, assign_to=None):
+    """n tasks in one pipeline (a big town, quickly)."""
+    pipe = town.redis.pipeline()
+    tasks = []
+    for i in range(n):
+        task = tinytown.Task(description=f"bulk {i}", tags=list(tags))
+        if assign_to:
+            task.state, task.assigned_to = "assigned", assign_to
+        town.channel._queue_new_task(pipe, task, backlog=backlog)
+        tasks.append(task)
+    pipe.execute()
+    return tasks
+
+
+def test_claim_costs_the_same_whatever_the_backlog_holds_and_is_fifo_per_index(town):
+    dev = worker(town, "dev1", role="dev")
+    assert town.channel.claim(None, dev.id) is None  # (loads the script: not part of the cost)
+    costs = []
+    for others in (20, 2000):
+        bulk_tasks(town, others, tags=["ops"])  # work for another role, ahead in the queue
+        mine = town.backlog_add("for a dev", tags=["dev"])
+        claimed, cost = redis_commands(town, lambda: town.channel.claim(None, dev.id, sender=dev.id))
+        assert claimed.id == mine.id and claimed.assigned_to == dev.id
+        costs.append(cost)
+    assert costs[0] == costs[1], costs
+    assert town.channel.claim(None, dev.id) is None  # only ops work left
+    first, second = town.backlog_add("untagged 1"), town.backlog_add("by name", tags=["dev1"])
+    third = town.backlog_add("untagged 2")
+    order = [town.channel.claim(None, dev.id).id for _ in range(3)]
+    assert order == [first.id, second.id, third.id]  # oldest first across its indexes
+    [message] = [m for m in dev.inbox() if m.body["task_id"] == first.id]
+    assert (message.type, message.body["description"], message.from_) == ("task_assign", "untagged 1",
+                                                                          "conductor")
+    assert town.channel.task_counts()["pending"] == 2020 and len(town.backlog()) == 2020
+
+
+def test_backlog_add_wakes_only_idle_agents_that_may_claim_it(town):
+    agents = {name: worker(town, name, role=role) for name, role in
+              (("a", "dev"), ("b", "ops"), ("c", "dev"), ("d", "dev"))}
+    for name, state in (("a", "idle"), ("b", "idle"), ("c", "working"), ("d", "stopped")):
+        town.channel.set_agent_state(agents[name].id, state)
+
+    def woken(action):
+        town.redis.delete(*(town.keys.wake(a.id) for a in agents.values()))
+        action()
+        return {name for name, a in agents.items() if town.redis.llen(town.keys.wake(a.id))}
+    assert woken(lambda: town.backlog_add("dev work", tags=["dev"])) == {"a"}
+    assert woken(lambda: town.backlog_add("anyone")) == {"a", "b"}
+    assert woken(lambda: town.backlog_add("b only", tags=["b"])) == {"b"}
+    assert woken(lambda: town.backlog_add("nobody idle", tags=["qa"])) == set()
+    town.channel.set_agent_state(agents["a"].id, "paused")
+    assert woken(lambda: town.backlog_add("dev again", tags=["dev"])) == set()
+
+
+def test_task_indexes_follow_every_change_and_cost_follows_the_result(town):
+    w, v = worker(town), worker(town, "w2")
+    bulk_tasks(town, 300, backlog=True)  # a crowd the agent's queries must not pay for
+    failing = w.assign("will fail")
+    for _ in range(town.config.agent.max_attempts):  # the requeue path (Lua)
+        town.channel.take(w.id, limit=10)
+        town.channel.settle(w.id, set(), "broken", count="attempt")
+    assert town.task(failing.id).state == "failed"
+    done, moved = w.assign("done"), w.assign("moves to w2")
+    town.complete_task(done.id, "ok")
+    backlog_one = town.backlog_add("claimed later")
+    town.claim(backlog_one.id, "w1")
+    assert town.channel.reclaim(w.id, target=v.id) is not None
+    town.delete_task(done.id)
+
+    every = town.channel.tasks()
+    for state in ("pending", "assigned", "running", "completed", "failed", "cancelled"):
+        assert [t.id for t in town.tasks(state=state)] == [t.id for t in every if t.state == state], state
+    for agent in (w, v):
+        assert [t.id for t in town.tasks(agent=agent.id)] == [t.id for t in every if t.assigned_to == agent.id]
+        assert [t.id for t in town.tasks(agent=agent.id, open_only=True)] == [
+            t.id for t in every if t.assigned_to == agent.id and not t.terminal]
+    assert town.channel.task_counts() == collections.Counter(t.state for t in every)
+
+    current, cost = redis_commands(town, lambda: tt_json("task", "current", "w2"))
+    bulk_tasks(town, 2000, backlog=False, assign_to=w.id)
+    again, cost_after = redis_commands(town, lambda: tt_json("task", "current", "w2"))
+    assert current == again and {t["id"] for t in current} == {moved.id, backlog_one.id}
+    assert cost_after == cost
+    _, state_cost = redis_commands(town, lambda: town.tasks(state="completed"))
+    assert state_cost <= 6
+
+
+def test_agent_lookup_by_id_or_name_is_one_round_trip(town):
+    agents = [worker(town, f"a{i}") for i in range(9)]
+    target = agents[7]
+    for ref in (target.id, "a7"):
+        found, cost = redis_commands(town, lambda ref=ref: town.resolve_agent(ref))
+        assert found == target.id and cost == 2
+    assert town.resolve_agent("A7") == target.id  # other cases still work, at a higher cost
+
+
+def test_status_counts_pending_messages_with_a_bounded_read(town):
+    w = worker(town)
+    for i in range(tinytown.PENDING_SAMPLE + 30):
+        w.send(f"note {i}", type="info")
+    w.send("a question", type="query", priority="high")
+    assert tt_json("status")["agents"][0]["pending"] == {"info": tinytown.PENDING_SAMPLE, "more": 30,
+                                                         "query": 1}
+
+
+def test_wake_keys_never_grow(town):
+    w = worker(town)
+    for i in range(50):
+        w.send(f"m{i}")
+        town.send("conductor", f"c{i}", type="info")
+        town.backlog_add(f"b{i}")
+    assert town.redis.llen(town.keys.wake(w.id)) <= tinytown.WAKE_KEEP
+    assert town.redis.llen(town.keys.wake("conductor")) <= tinytown.WAKE_KEEP
+
+
+# -- bounded growth --
+
+def test_task_prune_archives_finished_tasks_then_removes_them(town):
+    w = worker(town)
+    tasks = [w.assign(f"t{i}") for i in range(5)]
+    for task in tasks[:4]:
+        town.complete_task(task.id, f"result of {task.description}")
+    pruned = tt_json("task", "prune", "--older-than", "3600", "--keep", "1")
+    assert [t["id"] for t in pruned] == [t.id for t in tasks[:3]]  # oldest first, newest finished kept
+    [archive] = (town.root / ".tt" / "tasks").glob("archive-*.jsonl")
+    assert archive.stat().st_mode & 0o777 == 0o600
+    lines = [json.loads(line) for line in archive.read_text().splitlines()]
+    assert [(t["id"], t["result"]) for t in lines] == [(t.id, f"result of t{i}") for i, t in enumerate(tasks[:3])]
+    assert [t.id for t in town.tasks()] == [tasks[3].id, tasks[4].id]
+    assert town.channel.task_counts() == {"completed": 1, "assigned": 1}
+    assert [t.id for t in town.tasks(agent=w.id)] == [tasks[3].id, tasks[4].id]
+    assert [t.id for t in town.prune_tasks(older_than_secs=0, keep=0)] == [tasks[3].id]
+    assert town.tasks(state="completed") == [] and town.redis.zcard(town.keys.finished) == 0
+    assert tt_json("task", "prune") == []  # the open task stays
+
+
+def test_dead_letters_list_retry_and_drop(town):
+    w = worker(town)
+    task = w.assign("doomed")
+    w.send("plain work")
+    for _ in range(town.config.agent.max_attempts):
+        town.channel.take(w.id)
+        town.channel.settle(w.id, set(), "the CLI crashed")
+    assert town.task(task.id).state == "failed"
+    listed = tt_json("dead")
+    assert {(m["type"], m["mailbox"]) for m in listed} == {("task_assign", w.id), ("task", w.id)}
+    assert tt_json("dead", "w1") == listed and tt_json("dead", "--agent", "w1") == listed
+    assignment = next(m for m in listed if m["type"] == "task_assign")
+    retried = tt_json("dead", "retry", assignment["id"][:8])
+    assert [m["id"] for m in retried] == [assignment["id"]]
+    reopened = town.task(task.id)
+    assert (reopened.state, reopened.error, reopened.attempts) == ("assigned", None, 0)
+    [back] = w.inbox()
+    assert (back.id, back.attempts, back.interruptions) == (assignment["id"], 0, 0)
+    assert town.redis.llen(town.keys.wake(w.id)) >= 1
+    assert town.channel.task_counts() == {"assigned": 1}
+    assert [m["type"] for m in tt_json("dead", "drop", "--all")] == ["task"]
+    assert tt_json("dead") == []
+    assert tt("dead", "retry")[0] == 2  # ids or --all
+
+
+def test_conductor_takes_or_acknowledges_its_inbox(town):
+    for i in range(3):
+        town.send("conductor", f"report {i}", type="info")
+    first, second, third = town.channel.peek("conductor")
+    acked = tt_json("inbox", "ack", first.id[:8])
+    assert [m["id"] for m in acked] == [first.id]
+    assert [m["id"] for m in tt_json("inbox", "--take")] == [second.id, third.id]
+    assert tt_json("inbox") == []
+    town.send("conductor", "one more", type="info")
+    assert len(tt_json("inbox", "ack", "--all")) == 1 and town.channel.inbox_len("conductor") == 0
+
+
+def test_round_logs_keep_the_newest_n(tmp_path):
+    for n in range(1, 8):
+        (tmp_path / f"round-{n}.log").write_text("x")
+        (tmp_path / f"round-{n}.out").write_text("x")
+    tinytown._drop_old_round_logs(tmp_path, 8, 3)  # a fresh loop with leftovers: swept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "round-6.log", "round-6.out", "round-7.log", "round-7.out"]
+    (tmp_path / "round-8.log").write_text("x")
+    tinytown._drop_old_round_logs(tmp_path, 9, 3)  # then one per round
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-7.log", "round-7.out", "round-8.log"]
+
+
 # Agent loop ##################################################################
 # Every loop here is a real detached `agent-loop` process on the session's server;
 # synchronisation is by the event stream (wait_task / wait_agent / _wait_until) or,
@@ -2644,6 +2842,7 @@ def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
         ["resume", "w1"], ["close", "w1"], ["kill", "w1"], ["wait", "w1", "--timeout", "5"],
         ["recover"], ["reclaim"], ["restart", "w1", "--rounds", "1", "--fresh"], ["kill", "w1"],
         ["prune"], ["spawn", "w9", "--cli", "demo", "--force", "--no-resume-session"], ["start"],
+        ["task", "prune"], ["dead"], ["dead", "drop", "--all"], ["inbox", "--take"], ["inbox", "ack", "--all"],
     ]
     failing = [
         ["frobnicate"], ["status", "--nope"], ["config", "no.such.key"], ["spawn", "bad name!"],
@@ -2654,7 +2853,7 @@ def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
         ["task", "cancel", "ghost"], ["task", "wait", "ghost"], ["backlog", "claim", "ghost", "w1"],
         ["backlog", "assign-all", "ghost"], ["backlog", "remove", "ghost"], ["history", "--agent", "ghost"],
         ["events", "--agent", "ghost"], ["conductor", "--cli", "ghost"], ["broadcast", "x", "--from", "ghost"],
-        ["backlog", "add", "x", "--bogus"], ["-t", tmp_path / "nowhere", "stop"], ["-t", tmp_path / "nowhere", "start"],
+        ["backlog", "add", "x", "--bogus"], ["dead", "retry"], ["dead", "ghost"], ["-t", tmp_path / "nowhere", "stop"], ["-t", tmp_path / "nowhere", "start"],
     ]
     for argv in succeeding + failing:
         code, out, err = tt(*argv, "--json")

@@ -127,6 +127,8 @@ class Keys:
         self.events = self.prefix + "events"            # capped stream of state changes
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
         self.idle = self.prefix + "idle"                # set: idle agent ids (whom a backlog add wakes)
+        self.finished = self.prefix + "finished"        # zset: finished task id by when it finished
+        self.prune_lock = self.prefix + "prune_lock"    # string with TTL: a prune is under way
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
         self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
 
@@ -451,11 +453,17 @@ class AgentSettings:
     max_cost_usd: float = 0.0   # per agent, summed over its rounds; 0: no limit
     max_tokens: int = 0         # per agent, in + out; 0: no limit
     on_budget: str = "stop"     # a budget reached: "stop" (state error) or "pause"
+    keep_round_logs: int = 50   # each agent's newest round logs kept in .tt/logs/<name>/; 0: all
 
 
 @dataclass
 class TownSettings:
     budget_usd: float = 0.0     # all agents together; 0: no limit
+    # Finished tasks `tt task prune` archives to .tt/tasks/ (JSON lines) and removes from
+    # Redis: those finished longer ago than this, and those beyond the newest `keep_finished`.
+    prune_after_secs: float = 7 * 86400.0
+    keep_finished: int = 10_000
+    auto_prune: bool = False    # agent loops prune after their rounds (at most once a minute)
 
 
 @dataclass
@@ -656,9 +664,13 @@ auto_claim = true
 max_cost_usd = 0             # budgets: stop an agent at this cost or token count (0: none)
 max_tokens = 0
 on_budget = "stop"           # "stop" (state error) or "pause"
+keep_round_logs = 50         # each agent's newest round logs kept (0: all)
 
 [town]
 budget_usd = 0               # all the town's agents together (0: no limit)
+prune_after_secs = 604800    # `tt task prune` archives tasks finished longer ago than this
+keep_finished = 10000        # ... and beyond the newest this many finished tasks
+auto_prune = false           # agent loops prune after their rounds
 {clis}"""
 
 
@@ -1750,6 +1762,12 @@ local function reindex(task_id, old_state, old_agent, state, agent)
       redis.call('ZADD', key('tasks', state), score, task_id)
       redis.call('HINCRBY', prefix .. 'task_counts', state, 1)
     end
+    if TERMINAL_TASK[state] then  -- what `tt task prune` archives, by when it finished
+      local time = redis.call('TIME')
+      redis.call('ZADD', prefix .. 'finished', tonumber(time[1]) + tonumber(time[2]) / 1e6, task_id)
+    else
+      redis.call('ZREM', prefix .. 'finished', task_id)
+    end
   end
   if old_agent and old_agent ~= '' and old_agent ~= agent then
     redis.call('ZREM', key('agent_tasks', old_agent), task_id)
@@ -1902,6 +1920,53 @@ wake(agent)
 return task_id
 """
 
+# _TASKS_LUA, then: ARGV[2] = agent id, ARGV[3] = 'retry' or 'drop', ARGV[4] = timestamp,
+# ARGV[5..] = message ids or id prefixes ('*': all)
+# Acts on dead:<agent>: drops the chosen letters, or puts them back at the end of their
+# queue with fresh counters, a task they assign that failed reopened.  Returns them.
+_DEAD_LUA = _TASKS_LUA + """
+local agent, now = ARGV[2], ARGV[4]
+local dead = key('dead', agent)
+local chosen = {}
+for _, raw in ipairs(redis.call('LRANGE', dead, 0, -1)) do
+  local ok, m = pcall(cjson.decode, raw)
+  if ok and type(m) == 'table' and type(m['id']) == 'string' then
+    for i = 5, #ARGV do
+      if ARGV[i] == '*' or string.sub(m['id'], 1, #ARGV[i]) == ARGV[i] then
+        chosen[#chosen + 1] = {raw, m}
+        break
+      end
+    end
+  end
+end
+for _, pick in ipairs(chosen) do
+  local raw, m = pick[1], pick[2]
+  redis.call('LREM', dead, 1, raw)
+  if ARGV[3] == 'retry' then
+    local head = string.match(raw, '^(.*),"attempts":%d+,"interruptions":%d+}%s*$')
+    local fresh = head and (head .. ',"attempts":0,"interruptions":0}') or raw
+    local queue = ({urgent = 'urgent', high = 'high'})[m['priority']] or 'inbox'
+    redis.call('RPUSH', key(queue, agent), fresh)
+    local task_id = m['type'] == 'task_assign' and m['task_id']
+    if type(task_id) == 'string' then
+      local task_key = key('task', task_id)
+      local state, owner = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
+      if state == 'failed' then  -- the one way back from a finished state: a person's retry
+        redis.call('HSET', task_key, 'state', 'assigned', 'error', '', 'completed_at', '',
+                   'attempts', 0, 'updated_at', now)
+        reindex(task_id, 'failed', owner, 'assigned', owner)
+        event('event', 'task_assigned', 'at', now, 'task', task_id, 'agent', owner or '',
+              'detail', 'retried from the dead letters')
+      end
+    end
+  end
+end
+if #chosen > 0 and ARGV[3] == 'retry' then wake(agent) end
+local out = {}
+for i, pick in ipairs(chosen) do out[i] = pick[1] end
+return out
+"""
+
 # The requeue shared by settling (a loop ends its round) and recovering (a loop died).
 _REQUEUE_LUA = _TASKS_LUA + """
 local QUEUE = {urgent = 'urgent', high = 'high'}
@@ -2026,6 +2091,7 @@ class Channel:
         self._settle, self._recover = script(_SETTLE_LUA), script(_RECOVER_LUA)
         self._change_task, self._new_task = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
         self._drop_tasks, self._claim = script(_DROP_TASKS_LUA), script(_CLAIM_LUA)
+        self._dead = script(_DEAD_LUA)
 
     # -- events ------------------------------------------------------------------
 
@@ -2132,6 +2198,48 @@ class Channel:
             wait = slice_secs if deadline is None else min(max(deadline - time.monotonic(), 0.001),
                                                            slice_secs)
             self.redis.blpop([self.keys.wake(agent_id)], timeout=wait)
+
+    def take_all(self, agent_id: str) -> list[Message]:
+        """Pop every pending message (delivery order) in one transaction: they are yours now."""
+        pipe = self.redis.pipeline()
+        for key in self.keys.queues(agent_id):
+            pipe.lrange(key, 0, -1)
+        pipe.delete(*self.keys.queues(agent_id))
+        *batches, _ = pipe.execute()
+        parsed = (_parse_message(raw) for batch in batches for raw in batch)
+        return [message for message in parsed if message]
+
+    def ack(self, agent_id: str, message_ids: Iterable[str] | None) -> list[Message]:
+        """Remove pending messages by id or id prefix (None: all), each at most once."""
+        wanted = None if message_ids is None else [str(m) for m in message_ids]
+
+        def ack_in(pipe: Any) -> list[Message]:
+            found = [(key, raw, _parse_message(raw)) for key in self.keys.queues(agent_id)
+                     for raw in pipe.lrange(key, 0, -1)]
+            chosen = [(key, raw, m) for key, raw, m in found if m and (
+                wanted is None or any(m.id.startswith(w) for w in wanted))]
+            pipe.multi()
+            for key, raw, _ in chosen:
+                pipe.lrem(key, 1, raw)
+            return [m for _, _, m in chosen]
+
+        return self.redis.transaction(ack_in, *self.keys.queues(agent_id), value_from_callable=True)
+
+    def dead_letters(self, agent_ids: list[str]) -> dict[str, list[Message]]:
+        """Each agent's dead-letter list (malformed ones left out: `redis-cli` shows those)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for agent_id in agent_ids:
+            pipe.lrange(self.keys.dead(agent_id), 0, -1)
+        return {agent_id: [m for m in map(_parse_message, raws) if m]
+                for agent_id, raws in zip(agent_ids, pipe.execute() if agent_ids else [])}
+
+    def act_on_dead(self, agent_id: str, message_ids: Iterable[str] | None, retry: bool) -> list[Message]:
+        """Drop dead letters, or `retry` them: back to the end of their queue with fresh
+        counters (a failed task they assign reopened as assigned), all at once.  Ids or
+        prefixes (None: every one)."""
+        count = self._dead(args=[self.keys.prefix, agent_id, "retry" if retry else "drop", _now(),
+                                 *(message_ids if message_ids is not None else ["*"])])
+        return [Message.from_json(raw) for raw in count]
 
     def inbox_len(self, agent_id: str) -> int:
         pipe = self.redis.pipeline(transaction=False)
@@ -2546,6 +2654,20 @@ class Channel:
         self._drop_tasks(args=[self.keys.prefix, task_id], client=pipe)
         self._event(pipe, "task_deleted", task=task_id)
         return bool(pipe.execute()[0])
+
+    def finished_to_prune(self, older_than: float, keep: int, limit: int = 1000) -> list[str]:
+        """Finished tasks past `older_than` (epoch seconds) or beyond the newest `keep`
+        (0: no count limit), oldest first, at most `limit`."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrangebyscore(self.keys.finished, "-inf", older_than, start=0, num=limit)
+        if keep:
+            pipe.zrange(self.keys.finished, 0, -keep - 1)  # everything but the newest `keep`
+        aged, *beyond = pipe.execute()
+        return list(dict.fromkeys([*aged, *(beyond[0][:limit] if beyond else [])]))[:limit]
+
+    def drop_tasks(self, task_ids: list[str]) -> int:
+        """Remove tasks and their index entries in one script; returns how many existed."""
+        return int(self._drop_tasks(args=[self.keys.prefix, *task_ids])) if task_ids else 0
 
     def task_counts(self) -> dict[str, int]:
         return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
@@ -3184,6 +3306,49 @@ class Town:
             return task if task.terminal else None
         return self._wait_until(check, timeout, f"task {task_id[:8]}")
 
+    def prune_tasks(self, older_than_secs: float | None = None, keep: int | None = None) -> list[Task]:
+        """Archive finished tasks to .tt/tasks/archive-<date>.jsonl and remove them from Redis:
+        those finished more than `older_than_secs` ago and those beyond the newest `keep`
+        (default: the town's prune_after_secs and keep_finished).  A line is on disk (fsync)
+        before its task leaves Redis, so nothing is lost; returns the tasks archived."""
+        settings = self._config.town
+        age = settings.prune_after_secs if older_than_secs is None else older_than_secs
+        keep = settings.keep_finished if keep is None else keep
+        folder = self._root / RUNTIME_DIR / "tasks"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        archive = folder / f"archive-{time.strftime('%Y%m%d')}.jsonl"
+        pruned: list[Task] = []
+        while True:  # a batch at a time off the oldest end, so `keep` still counts the rest
+            ids = self._channel.finished_to_prune(time.time() - age, keep)
+            if not ids:
+                return pruned
+            batch = self._channel._tasks_by_id(ids)
+            with open(os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a",
+                      encoding="utf-8") as out:
+                out.writelines(json.dumps(t.to_dict()) + "\n" for t in batch)
+                out.flush()
+                os.fsync(out.fileno())
+            self._channel.drop_tasks(ids)
+            pruned += batch
+
+    def maybe_prune(self) -> int:
+        """auto_prune: one prune at a time in the whole town, at most once a minute."""
+        if not self._config.town.auto_prune or not self.redis.set(self.keys.prune_lock, "1", nx=True, ex=60):
+            return 0
+        return len(self.prune_tasks())
+
+    def dead_letters(self, agent: str | None = None) -> dict[str, list[Message]]:
+        """Dead letters by agent id (one agent's, or every mailbox's, the conductor's too)."""
+        ids = [self.resolve_agent(agent)] if agent else [CONDUCTOR_ID, *self._channel.agent_ids()]
+        return {k: v for k, v in self._channel.dead_letters(ids).items() if v or agent}
+
+    def act_on_dead(self, message_ids: list[str] | None, *, retry: bool, agent: str | None = None
+                    ) -> list[Message]:
+        """Retry (back to their queue, fresh counters) or drop dead letters, by id or
+        prefix (None: all), of one agent or of every mailbox."""
+        ids = [self.resolve_agent(agent)] if agent else [CONDUCTOR_ID, *self._channel.agent_ids()]
+        return [m for agent_id in ids for m in self._channel.act_on_dead(agent_id, message_ids, retry)]
+
     def backlog_add(self, description: str, tags: Iterable[str] = ()) -> Task:
         return self._channel.create_task(Task(description=description, tags=list(tags)), backlog=True)
 
@@ -3673,6 +3838,21 @@ def _task_over(state: str | None) -> bool:
     return state is None or state in TERMINAL_TASK_STATES
 
 
+def _drop_old_round_logs(folder: Path, round_no: int, keep: int) -> None:
+    """Keep the newest `keep` rounds' logs (0: all).  Each round drops the one that falls
+    out; older leftovers (a lowered `keep`) are swept when found."""
+    if not keep or round_no <= keep:
+        return
+    rounds = [round_no - keep]
+    if (folder / f"round-{round_no - keep - 1}.log").exists():
+        rounds = [int(number) for number in (p.stem.partition("-")[2] for p in folder.glob("round-*.log"))
+                  if number.isdigit() and int(number) <= round_no - keep]
+    for number in rounds:
+        for suffix in (".log", ".out"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / f"round-{number}{suffix}").unlink()
+
+
 class AgentLoop:
     """The worker loop of one agent: ``run()`` calls ``step()`` until it says stop.
 
@@ -3935,6 +4115,7 @@ class AgentLoop:
         _write_atomic(prompt_file, prompt)
         log_file = self.town.root / RUNTIME_DIR / "logs" / agent.name / f"round-{round_no}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
+        _drop_old_round_logs(log_file.parent, round_no, self.settings.keep_round_logs)
         command, session = _session_command(self.cli, agent, round_no)
         raw_file = log_file.with_suffix(".out") if self.cli.output in OUTPUT_PARSERS else None
         started = time.monotonic()
@@ -3970,6 +4151,8 @@ class AgentLoop:
         pipe.execute()
         self.channel.set_agent_state(agent_id, AgentState.IDLE, "working")
         log.info("agent %s: %s", agent.name, summary)
+        if self.town.maybe_prune():
+            log.info("agent %s: pruned finished tasks into .tt/tasks/", agent.name)
 
     def _mark_running(self, task_id: str) -> None:
         def decide(task: Task) -> dict[str, Any] | None:
@@ -4869,6 +5052,17 @@ def _cmd_task_delete(town: Town, args: Any) -> _Reply:
     return _task_reply(task, _Names(town), f"deleted task {task.id}")
 
 
+def _cmd_task_prune(town: Town, args: Any) -> _Reply:
+    """Archive finished tasks to .tt/tasks/archive-DATE.jsonl and remove them from Redis: those
+    finished longer ago than --older-than and those beyond the newest --keep (default: config).
+
+    Example: tt task prune --older-than 86400 --keep 1000
+    """
+    pruned = town.prune_tasks(args.older_than, args.keep)
+    return _Reply([t.to_dict() for t in pruned], f"archived {_count(len(pruned), 'finished task')}"
+                  " to .tt/tasks/")
+
+
 @_uses_town(_TownUse.READ)
 def _cmd_task_wait(town: Town, args: Any) -> _Reply:
     """Block until a task ends: exit 0 when it completed, 1 when it failed, was cancelled or timed out.
@@ -4955,27 +5149,71 @@ def _cmd_broadcast(town: Town, args: Any) -> _Reply:
     return _Reply([names.add_to(m.to_dict()) for m in copies], f"sent to {_count(len(copies), 'agent')}")
 
 
+def _messages_reply(messages: list[Message], names: _Names, text: str) -> _Reply:
+    return _Reply([names.add_to(m.to_dict()) for m in messages],
+                  "\n".join([*(_message_line(m, names) for m in messages), text]))
+
+
+# --take and `ack` change only the mailbox they read; like reading, they never start a server.
 @_uses_town(_TownUse.READ)
 def _cmd_inbox(town: Town, args: Any) -> _Reply:
-    """Pending messages of an agent (default: this agent, else the conductor), left in place.
+    """Pending messages of a mailbox (default: this agent, else the conductor), left in place;
+    --take removes them as it shows them, `tt inbox ack ID...|--all` acknowledges (removes) some.
 
-    Example: tt inbox worker-1
+    Example: tt inbox ack 3f2a9c1e
     """
-    if args.all:
+    if args.all and args.agent != "ack":
         agents = town.list_agents()
         names = _Names(town, {a.id: a.name for a in agents})
         counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
         data = {names.show(agent_id): c for agent_id, c in counts.items()}
         return _Reply(data, "\n".join(f"{name:<16} {_counts_text(c) if c else 'empty'}" for name, c in data.items()))
-    agent_id = town.resolve_agent(args.agent or os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID)
-    messages = town.channel.peek(agent_id)
+    acking = args.agent == "ack" and (args.ids or args.all)
+    own = os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID
+    agent_id = town.resolve_agent(own if acking else args.agent or own)
     names = _Names(town)
+    if acking:
+        acked = town.channel.ack(agent_id, None if args.all else args.ids)
+        return _messages_reply(acked, names, f"acknowledged {_count(len(acked), 'message')}")
+    if args.ids:
+        raise _UsageError(f"unexpected argument {_shown(args.ids[0])} (`tt inbox ack ID...` acknowledges)",
+                          args.parser.format_usage())
+    if args.take:
+        taken = town.channel.take_all(agent_id)
+        return _messages_reply(taken, names, f"took {_count(len(taken), 'message')}")
+    messages = town.channel.peek(agent_id)
     counts: dict[str, int] = {}
     for message in messages:
         counts[message.type] = counts.get(message.type, 0) + 1
-    lines = [_message_line(m, names) for m in messages] + [_counts_text(counts)]
-    return _Reply([names.add_to(m.to_dict()) for m in messages],
-                  "\n".join(lines) if messages else f"no pending messages for {names.show(agent_id)}")
+    if not messages:
+        return _Reply([], f"no pending messages for {names.show(agent_id)}")
+    return _messages_reply(messages, names, _counts_text(counts))
+
+
+def _cmd_dead(town: Town, args: Any) -> _Reply:
+    """Dead letters (messages out of attempts, or malformed): `tt dead [AGENT]` lists them,
+    `tt dead retry ID...|--all` puts them back in their queue with fresh counters (a failed
+    task they assign reopened), `tt dead drop ID...|--all` deletes them.
+
+    Example: tt dead retry --all --agent worker-1
+    """
+    action = args.what[0] if args.what and args.what[0] in ("retry", "drop") else None
+    names = _Names(town)
+    if action is None:
+        if len(args.what) > 1:
+            raise _UsageError("one agent at most (`tt dead retry|drop ID...` acts on letters)",
+                              args.parser.format_usage())
+        letters = [(agent_id, m) for agent_id, messages in town.dead_letters(
+            args.what[0] if args.what else args.agent).items() for m in messages]
+        return _Reply([{**names.add_to(m.to_dict()), "mailbox": agent_id} for agent_id, m in letters],
+                      "\n".join(f"{names.show(agent_id)}: {_message_line(m, names)}" for agent_id, m in letters)
+                      or "no dead letters")
+    ids = args.what[1:]
+    if bool(ids) == bool(args.all):
+        raise _UsageError(f"`tt dead {action}` takes message ids or --all", args.parser.format_usage())
+    acted = town.act_on_dead(None if args.all else ids, retry=action == "retry", agent=args.agent)
+    verb = "retried" if action == "retry" else "dropped"
+    return _messages_reply(acted, names, f"{verb} {_count(len(acted), 'dead letter')}")
 
 
 # -- inspection ----------------------------------------------------------------
@@ -5088,7 +5326,7 @@ _COMMAND_GROUPS = {
     "agents": ("spawn", "list", "kill", "close", "interrupt", "resume", "wait", "restart", "prune",
                "recover", "reclaim"),
     "work": ("assign", "task", "backlog"),
-    "messages": ("send", "broadcast", "inbox"),
+    "messages": ("send", "broadcast", "inbox", "dead"),
     "inspection": ("status", "history", "events", "doctor"),
 }
 
@@ -5223,7 +5461,7 @@ def _build_parser() -> _Parser:
     sub.add_argument("--parent", metavar="TASK", help="the parent task's id")
     message_options(sub, kinds=False)
 
-    task_parser = add(commands, "task", doc="Tasks: show, list, current, complete, fail, cancel, wait."
+    task_parser = add(commands, "task", doc="Tasks: show, list, current, complete, fail, cancel, prune, wait."
                       "\n\nExample: tt task list --state running")
     task = actions(task_parser, "task")
     add(task, "show", _cmd_task_show).add_argument("id", help=task_help)
@@ -5239,6 +5477,11 @@ def _build_parser() -> _Parser:
     sub.add_argument("--error", required=True, help="why it failed")
     add(task, "cancel", _cmd_task_cancel).add_argument("id", help=task_help)
     add(task, "delete", _cmd_task_delete).add_argument("id", help=task_help)
+    sub = add(task, "prune", _cmd_task_prune)
+    sub.add_argument("--older-than", type=float, metavar="SECONDS",
+                     help="archive tasks finished longer ago than this (default: town.prune_after_secs)")
+    sub.add_argument("--keep", type=int, metavar="N",
+                     help="keep the newest N finished tasks, archive the rest (default: town.keep_finished; 0: no limit)")
     sub = add(task, "wait", _cmd_task_wait)
     sub.add_argument("id", help=task_help)
     sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
@@ -5264,8 +5507,15 @@ def _build_parser() -> _Parser:
     sub.add_argument("message", help="the text")
     message_options(sub)
     sub = add(commands, "inbox", _cmd_inbox)
-    sub.add_argument("agent", nargs="?", help="default: this agent, else the conductor")
-    sub.add_argument("--all", action="store_true", help="counts for every mailbox")
+    sub.add_argument("agent", nargs="?", help="default: this agent, else the conductor; `ack` acknowledges")
+    sub.add_argument("ids", nargs="*", metavar="ID", help="with `ack`: the message ids (or prefixes) to remove")
+    sub.add_argument("--all", action="store_true", help="counts for every mailbox (with `ack`: every message)")
+    sub.add_argument("--take", action="store_true", help="remove the messages as they are shown")
+    sub = add(commands, "dead", _cmd_dead)
+    sub.add_argument("what", nargs="*", metavar="AGENT | retry ID... | drop ID...",
+                     help="an agent whose dead letters to list (default: every mailbox), or an action")
+    sub.add_argument("--all", action="store_true", help="with retry or drop: every dead letter")
+    sub.add_argument("--agent", help="only this agent's dead letters")
 
     sub = add(commands, "history", _cmd_history)
     sub.add_argument("-n", dest="count", type=int, default=20, metavar="N", help="how many (default: 20)")
