@@ -1008,10 +1008,12 @@ def test_task_indexes_follow_every_change_and_cost_follows_the_result(town):
     assert town.channel.task_counts() == collections.Counter(t.state for t in every)
 
     current, cost = redis_commands(town, lambda: tt_json("task", "current", "w2"))
+    _, show_cost = redis_commands(town, lambda: town.task(moved.id[:6]))
     bulk_tasks(town, 2000, backlog=False, assign_to=w.id)
     again, cost_after = redis_commands(town, lambda: tt_json("task", "current", "w2"))
     assert current == again and {t["id"] for t in current} == {moved.id, backlog_one.id}
     assert cost_after == cost
+    assert redis_commands(town, lambda: town.task(moved.id[:6]))[1] == show_cost  # by prefix too
     _, state_cost = redis_commands(town, lambda: town.tasks(state="completed"))
     assert state_cost <= 6
 

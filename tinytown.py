@@ -128,6 +128,7 @@ class Keys:
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
         self.idle = self.prefix + "idle"                # set: idle agent ids (whom a backlog add wakes)
         self.finished = self.prefix + "finished"        # zset: finished task id by when it finished
+        self.task_ids = self.prefix + "task_ids"        # zset, all scores 0: task ids by prefix (ZRANGEBYLEX)
         self.prune_lock = self.prefix + "prune_lock"    # string with TTL: a prune is under way
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
         self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
@@ -1859,6 +1860,7 @@ _NEW_TASK_LUA = _TASKS_LUA + """
 local task_id = ARGV[2]
 redis.call('HSET', key('task', task_id), unpack(ARGV, 5))
 redis.call('ZADD', prefix .. 'tasks', ARGV[3], task_id)
+redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
 local state, agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
 reindex(task_id, nil, nil, state, agent)
 if ARGV[4] == '1' then to_backlog(task_id) end
@@ -1879,6 +1881,7 @@ for i = 2, #ARGV do
   end
   redis.call('DEL', key('task', task_id))
   redis.call('ZREM', prefix .. 'tasks', task_id)
+  redis.call('ZREM', prefix .. 'task_ids', task_id)
 end
 return dropped
 """
@@ -2638,8 +2641,9 @@ class Channel:
     def task_ids_with_prefix(self, prefix: str) -> list[str]:
         if self.redis.exists(self.keys.task(prefix)):
             return [prefix]
-        return sorted({member for member, _ in self.redis.zscan_iter(
-            self.keys.tasks, match=re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*", count=1000)})
+        if not prefix:
+            return []
+        return self.redis.zrangebylex(self.keys.task_ids, f"[{prefix}", f"[{prefix}\xff", start=0, num=6)
 
     def task_states(self, task_ids: list[str]) -> list[str | None]:
         """The state of each task (None: no such task), in one round trip."""
