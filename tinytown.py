@@ -74,7 +74,7 @@ __all__ = [
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
     "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
     "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask",
-    "demo_agent", "main", "__version__",
+    "DependencyCycle", "PlanError", "demo_agent", "main", "__version__",
 ]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
 # the UPPER_CASE constants and tables the code is configured by (CONFIG_FILE, PRESETS, ...).
 
@@ -151,6 +151,7 @@ class Keys:
     def backlog_any(self) -> str: return f"{self.prefix}backlog:any"  # zset: untagged backlog tasks
     def backlog_tag(self, tag: str) -> str: return f"{self.prefix}backlog:tag:{tag}"  # zset per tag
     def role(self, role: str) -> str: return f"{self.prefix}role:{role}"  # set: agent ids with the role
+    def dependents(self, task_id: str) -> str: return f"{self.prefix}dependents:{task_id}"  # set
 
     def queues(self, agent_id: str) -> tuple[str, str, str]:
         """The pending queues in delivery order."""
@@ -410,10 +411,28 @@ class LostLease(TinytownError):
 
 
 class InvalidTask(TinytownError):
-    def __init__(self, description: Any):
-        self.description = description
-        super().__init__(f"a task needs a description, not {_shown(description)} (an unset shell"
-                         " variable?)")
+    def __init__(self, description: Any, reason: str | None = None):
+        self.description, self.reason = description, reason
+        super().__init__(reason or f"a task needs a description, not {_shown(description)} (an unset"
+                         " shell variable?)")
+
+
+class PlanError(TinytownError):
+    """A tasks.toml that cannot be applied: the file, line and entry, and what is wrong."""
+
+    def __init__(self, path: Path, line: int | None, entry: str | None, problem: str):
+        self.path, self.line, self.entry, self.problem = path, line, entry, problem
+        where = f"{path}{f':{line}' if line else ''}{f' (entry {entry!r})' if entry else ''}"
+        super().__init__(f"{where}: {problem}; nothing was changed")
+
+
+class DependencyCycle(TinytownError):
+    """Tasks that would wait for each other forever."""
+
+    def __init__(self, cycle: list[str], where: str = ""):
+        self.cycle, self.where = cycle, where
+        super().__init__(f"{where}{': ' if where else ''}a dependency cycle: {' -> '.join(cycle)};"
+                         " remove one of these `after` links")
 
 
 def _check_name(name: str, what: str = "name") -> str:
@@ -806,6 +825,7 @@ class AgentState(enum.StrEnum):
 
 
 class TaskState(enum.StrEnum):
+    BLOCKED = "blocked"  # waiting for its prerequisites (`after`)
     PENDING = "pending"
     ASSIGNED = "assigned"
     RUNNING = "running"
@@ -959,6 +979,9 @@ class Task:
     assigned_to: str | None = None
     tags: list[str] = field(default_factory=list)
     parent_id: str | None = None
+    after: list[str] = field(default_factory=list)  # prerequisite task ids
+    on_failure: str = "fail"  # a prerequisite failed or was cancelled: "fail" this task too, or "run"
+    release_to: str | None = None  # the agent a blocked task goes to when released (None: the backlog)
     result: str | None = None
     error: str | None = None  # why it failed
     attempts: int = 0
@@ -1821,9 +1844,71 @@ local function to_backlog(task_id)
   end
 end
 
--- A task's change: fields, counters, indexes, backlog place and event.  A terminal task
--- never changes (false).  `detail` goes into the event.
-local function change_task(task_id, now, detail, ...)
+local QUEUE = {urgent = 'urgent', high = 'high'}
+local change_task  -- (defined below: a finished task finishes or releases its dependents)
+
+-- A blocked task whose prerequisites are done: to its agent (the task_assign message
+-- stored when it was created, and a wake) or, without one (or gone), to the backlog.
+local function release(task_id, now)
+  local to, message = unpack(redis.call('HMGET', key('task', task_id), 'release_to', 'release_message'))
+  if to and to ~= '' and message and redis.call('EXISTS', key('agent', to)) == 1 then
+    change_task(task_id, now, 'prerequisites done', 'state', 'assigned', 'assigned_to', to)
+    local ok, decoded = pcall(cjson.decode, message)
+    local priority = ok and type(decoded) == 'table' and decoded['priority'] or 'normal'
+    redis.call('RPUSH', key(QUEUE[priority] or 'inbox', to), message)
+    wake(to)
+  else
+    change_task(task_id, now, 'prerequisites done', 'state', 'pending', 'assigned_to', '')
+    to_backlog(task_id)
+  end
+  redis.call('HDEL', key('task', task_id), 'release_message')
+end
+
+-- A new task waits for its prerequisites (`after`, JSON): those already completed count
+-- as done; one that failed or was cancelled fails it (unless on_failure = run).  Then it
+-- is released at once if nothing is left to wait for.  Called with the record stored.
+local function wait_for_prerequisites(task_id, now)
+  local task_key = key('task', task_id)
+  local after, on_failure = unpack(redis.call('HMGET', task_key, 'after', 'on_failure'))
+  local waiting = 0
+  for _, pre in ipairs(cjson.decode(after)) do
+    local state = redis.call('HGET', key('task', pre), 'state')
+    if state == 'failed' or state == 'cancelled' then
+      if on_failure ~= 'run' then
+        change_task(task_id, now, '', 'state', 'failed', 'completed_at', now,
+                    'error', 'prerequisite ' .. pre .. ' ' .. state)
+        return
+      end
+    elseif state ~= 'completed' then
+      redis.call('SADD', key('dependents', pre), task_id)
+      waiting = waiting + 1
+    end
+  end
+  redis.call('HSET', task_key, 'waiting', waiting)
+  if waiting == 0 then release(task_id, now) end
+end
+
+-- A task just finished: each blocked dependent counts it done (completed, or on_failure =
+-- run) and is released with its last prerequisite; otherwise it fails, naming it, and so,
+-- transitively, do the tasks waiting for that one.
+local function finish_dependents(task_id, state, now)
+  for _, dependent in ipairs(redis.call('SMEMBERS', key('dependents', task_id))) do
+    local dep_key = key('task', dependent)
+    local dep_state, on_failure = unpack(redis.call('HMGET', dep_key, 'state', 'on_failure'))
+    if dep_state == 'blocked' then
+      if state == 'completed' or on_failure == 'run' then
+        if redis.call('HINCRBY', dep_key, 'waiting', -1) <= 0 then release(dependent, now) end
+      else
+        change_task(dependent, now, '', 'state', 'failed', 'completed_at', now,
+                    'error', 'prerequisite ' .. task_id .. ' ' .. state)
+      end
+    end
+  end
+end
+
+-- A task's change: fields, counters, indexes, backlog place, dependents and event.  A
+-- terminal task never changes (false).  `detail` goes into the event.
+change_task = function(task_id, now, detail, ...)
   local task_key = key('task', task_id)
   local old, old_agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
   if not old or TERMINAL_TASK[old] then return false end
@@ -1837,6 +1922,7 @@ local function change_task(task_id, now, detail, ...)
     end
     event('event', 'task_' .. state, 'at', now, 'task', task_id, 'agent', agent or '',
           'detail', detail)
+    if TERMINAL_TASK[state] then finish_dependents(task_id, state, now) end
   end
   return true
 end
@@ -1858,12 +1944,25 @@ return 1
 # backlog, ARGV[5..] = the record's field/value pairs.  A new task, indexed.
 _NEW_TASK_LUA = _TASKS_LUA + """
 local task_id = ARGV[2]
+for i = 5, #ARGV - 1, 2 do  -- an unknown prerequisite (deleted meanwhile) refuses the task
+  if ARGV[i] == 'after' and ARGV[i + 1] ~= '' then
+    for _, pre in ipairs(cjson.decode(ARGV[i + 1])) do
+      if redis.call('EXISTS', key('task', pre)) == 0 then
+        return redis.error_reply('unknown prerequisite ' .. pre)
+      end
+    end
+  end
+end
 redis.call('HSET', key('task', task_id), unpack(ARGV, 5))
 redis.call('ZADD', prefix .. 'tasks', ARGV[3], task_id)
 redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
 local state, agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
 reindex(task_id, nil, nil, state, agent)
-if ARGV[4] == '1' then to_backlog(task_id) end
+if state == 'blocked' then
+  wait_for_prerequisites(task_id, redis.call('HGET', key('task', task_id), 'created_at'))
+elseif ARGV[4] == '1' then
+  to_backlog(task_id)
+end
 return 1
 """
 
@@ -1873,8 +1972,13 @@ _DROP_TASKS_LUA = _TASKS_LUA + """
 local dropped = 0
 for i = 2, #ARGV do
   local task_id = ARGV[i]
-  local state, agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
+  local state, agent, after = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to', 'after'))
   off_backlog(task_id)
+  local ok, prerequisites = pcall(cjson.decode, after or '')
+  for _, pre in ipairs(ok and type(prerequisites) == 'table' and prerequisites or {}) do
+    redis.call('SREM', key('dependents', pre), task_id)
+  end
+  redis.call('DEL', key('dependents', task_id))  -- (its dependents keep their `after`)
   if state then
     reindex(task_id, state, agent, nil, nil)
     dropped = dropped + 1
@@ -1972,7 +2076,6 @@ return out
 
 # The requeue shared by settling (a loop ends its round) and recovering (a loop died).
 _REQUEUE_LUA = _TASKS_LUA + """
-local QUEUE = {urgent = 'urgent', high = 'high'}
 
 -- Empties processing:<agent>.  Acked ids are dropped; the rest go back to the front of
 -- their queue in their original order, or to dead:<agent> once out of attempts (failed
@@ -2533,25 +2636,43 @@ class Channel:
 
     def create_task(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
                     sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL) -> Task:
-        """Store a new task: assigned to an agent (task_assign message), in the backlog, or neither."""
+        """Store a new task: assigned to an agent (task_assign message), in the backlog, or neither.
+
+        A task with prerequisites (`task.after`, ids) is `blocked` until they are all
+        completed; the same script that completes the last one sends it on (_TASKS_LUA).
+        """
         if not isinstance(task.description, str) or not task.description.strip():
             raise InvalidTask(task.description)
-        if assign_to:
+        if task.on_failure not in ("fail", "run"):
+            raise InvalidTask(task.description, f"on_failure must be fail or run, not {_shown(task.on_failure)}")
+        assignment = self._assignment(task, assign_to, sender, priority) if assign_to else None
+        extra = {}
+        if task.after:
+            task.state, task.release_to = TaskState.BLOCKED, assign_to
+            if assignment:
+                extra["release_message"] = assignment.to_json()
+        elif assign_to:
             task.state, task.assigned_to = TaskState.ASSIGNED, assign_to
         pipe = self.redis.pipeline()
-        self._queue_new_task(pipe, task, backlog=backlog)
-        if assign_to:
-            self._push(pipe, self._assignment(task, assign_to, sender, priority))
-        self._event(pipe, "task_assigned" if assign_to else "task_created", task=task.id,
+        self._event(pipe, "task_assigned" if assign_to and not task.after else "task_created", task=task.id,
                     agent=assign_to, detail=task.description[:200])
-        pipe.execute()
-        return task
+        self._queue_new_task(pipe, task, backlog=backlog and not task.after, **extra)
+        if assignment and not task.after:
+            self._push(pipe, assignment)
+        try:
+            pipe.execute()
+        except redis.ResponseError as exc:
+            if "unknown prerequisite" in str(exc):
+                raise TaskNotFound(str(exc).rsplit(" ", 1)[-1]) from None
+            raise
+        return self.get_task(task.id) or task if task.after else task
 
-    def _queue_new_task(self, pipe: Any, task: Task, *, backlog: bool) -> None:
-        """Queue (in a MULTI) a new task's record, indexes, count and backlog place."""
+    def _queue_new_task(self, pipe: Any, task: Task, *, backlog: bool, **extra: str) -> None:
+        """Queue (in a MULTI) a new task's record, indexes, count, backlog place and
+        prerequisites (`extra`: more hash fields)."""
         task.updated_at = task.created_at
         self._new_task(args=[self.keys.prefix, task.id, time.time(), "1" if backlog else "",
-                             *_field_args(_to_hash(task))], client=pipe)
+                             *_field_args({**_to_hash(task), **extra})], client=pipe)
 
     @staticmethod
     def _assignment(task: Task, agent_id: str, sender: str, priority: str = Priority.NORMAL) -> Message:
@@ -2672,6 +2793,10 @@ class Channel:
     def drop_tasks(self, task_ids: list[str]) -> int:
         """Remove tasks and their index entries in one script; returns how many existed."""
         return int(self._drop_tasks(args=[self.keys.prefix, *task_ids])) if task_ids else 0
+
+    def dependents(self, task_id: str) -> list[Task]:
+        return sorted(self._tasks_by_id(list(self.redis.smembers(self.keys.dependents(task_id)))),
+                      key=lambda t: t.created_at)
 
     def task_counts(self) -> dict[str, int]:
         return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
@@ -3258,15 +3383,27 @@ class Town:
 
     def assign(self, agent: str, task: Task | str, *, tags: Iterable[str] = (),
                parent: str | None = None, priority: str = Priority.NORMAL,
-               sender: str | None = None) -> Task:
-        """A new task for `agent`: task record, task_assign message and event at once."""
+               sender: str | None = None, after: Iterable[str] = (), on_failure: str = "fail") -> Task:
+        """A new task for `agent`: task record, task_assign message and event at once.
+
+        With `after` (task ids or prefixes) it is `blocked` until those are completed, then
+        sent to the agent in the transaction that completes the last one.
+        """
         agent_id = self.resolve_agent(agent)
+        task = self._new_task(task, tags, parent, after, on_failure)
+        return self._channel.create_task(task, assign_to=agent_id, priority=Priority(priority),
+                                         sender=self.resolve_agent(sender) if sender else CONDUCTOR_ID)
+
+    def _new_task(self, task: Task | str, tags: Iterable[str], parent: str | None,
+                  after: Iterable[str], on_failure: str) -> Task:
+        """A Task with its references resolved (an unknown one refused)."""
         if isinstance(task, str):
             task = Task(description=task, tags=list(tags))
         if parent:
             task.parent_id = self.task(parent).id
-        return self._channel.create_task(task, assign_to=agent_id, priority=Priority(priority),
-                                         sender=self.resolve_agent(sender) if sender else CONDUCTOR_ID)
+        task.after = list(dict.fromkeys([*task.after, *(self.task(ref).id for ref in after)]))
+        task.on_failure = on_failure if on_failure != "fail" else task.on_failure
+        return task
 
     def task(self, ref: str) -> Task:
         matches = self._channel.task_ids_with_prefix(str(ref).strip())
@@ -3353,8 +3490,15 @@ class Town:
         ids = [self.resolve_agent(agent)] if agent else [CONDUCTOR_ID, *self._channel.agent_ids()]
         return [m for agent_id in ids for m in self._channel.act_on_dead(agent_id, message_ids, retry)]
 
-    def backlog_add(self, description: str, tags: Iterable[str] = ()) -> Task:
-        return self._channel.create_task(Task(description=description, tags=list(tags)), backlog=True)
+    def backlog_add(self, description: str, tags: Iterable[str] = (), *, after: Iterable[str] = (),
+                    on_failure: str = "fail", parent: str | None = None) -> Task:
+        """An unassigned task (with `after`: blocked until those tasks are completed)."""
+        return self._channel.create_task(self._new_task(description, tags, parent, after, on_failure),
+                                         backlog=True)
+
+    def dependents(self, ref: str) -> list[Task]:
+        """The tasks that wait (or waited) for this one."""
+        return self._channel.dependents(self.task(ref).id)
 
     def backlog(self) -> list[Task]:
         return self._channel.backlog()
@@ -3789,14 +3933,20 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
     assignments = [m for m in actionable if m.type == MessageType.TASK_ASSIGN]
     if assignments:
         lines += ["## Assigned tasks", ""]
+        prerequisites = _prerequisite_results(town, [m.body.get("task_id", "") for m in assignments])
         for message in assignments:
             task_id = message.body.get("task_id", "")
             mark = " **URGENT**" if message.priority == Priority.URGENT else ""
             lines += [f"### Task {task_id}{mark}",
                       f"From {who(message.from_)}, priority {message.priority}"
                       f"{f', attempt {message.attempts + 1}' if message.attempts else ''}.",
-                      "", message.body.get("description", ""), "",
-                      f'When it is done, run: `{tt} task complete {task_id} --result "<one-line summary>"`',
+                      "", message.body.get("description", ""), ""]
+            done = prerequisites.get(task_id)
+            if done:
+                lines += ["It came after these tasks; what they produced:", ""]
+                lines += [f"- {t.id[:8]} ({t.state}): {t.description[:200]} -> {t.result or t.error or 'no result'}"
+                          for t in done] + [""]
+            lines += [f'When it is done, run: `{tt} task complete {task_id} --result "<one-line summary>"`',
                       f'If it cannot be done, run: `{tt} task fail {task_id} --error "<why>"`', ""]
     others = [m for m in actionable if m.type != MessageType.TASK_ASSIGN]
     if others:
@@ -3826,6 +3976,14 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
               f"- `{tt} backlog list` / `{tt} backlog claim ID {agent.name}` - unassigned work",
               f"- `{tt} task current` / `{tt} task complete ID --result \"...\"` - your tasks", ""]
     return "\n".join(lines)
+
+
+def _prerequisite_results(town: Town, task_ids: list[str]) -> dict[str, list[Task]]:
+    """The prerequisites (with their results) of each of these tasks, in two round trips."""
+    tasks = town.channel._tasks_by_id([t for t in task_ids if t])
+    wanted = {t.id: t.after for t in tasks if t.after}
+    found = {t.id: t for t in town.channel._tasks_by_id([p for after in wanted.values() for p in after])}
+    return {task_id: [found[p] for p in after if p in found] for task_id, after in wanted.items()}
 
 
 def _share_password(server: RedisServer) -> None:
@@ -4455,7 +4613,7 @@ class _UsageError(TinytownError):
 
 _ICONS = {"starting": "◌", "idle": "○", "working": "●", "paused": "‖", "draining": "◐",
           "stopped": "■", "cold": "❄", "error": "✗", "dead": "☠",
-          "pending": "·", "assigned": "→", "running": "▶", "completed": "✓", "failed": "✗",
+          "blocked": "⧗", "pending": "·", "assigned": "→", "running": "▶", "completed": "✓", "failed": "✗",
           "cancelled": "⊘"}
 _COLORS = {"working": 32, "idle": 36, "paused": 33, "draining": 33, "error": 31, "dead": 31,
            "failed": 31, "completed": 32, "running": 32}
@@ -4976,7 +5134,8 @@ def _cmd_assign(town: Town, args: Any) -> _Reply:
     Example: tt assign worker-1 "Implement the login API" --tags backend
     """
     task = town.assign(args.agent, args.description, tags=_tags(args.tags), parent=args.parent,
-                       priority=_priority(args), sender=_sender(args))
+                       priority=_priority(args), sender=_sender(args), after=_tags(args.after),
+                       on_failure=args.on_failure)
     agent = town.channel.get_agent(task.assigned_to or "")
     if agent and agent.terminal:
         print(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
@@ -4992,12 +5151,22 @@ def _cmd_task_show(town: Town, args: Any) -> _Reply:
     """
     task = town.task(args.id)
     names = _Names(town)
+    prerequisites = town.channel._tasks_by_id(task.after)
+    dependents = town.dependents(task.id)
     details = [f"  {label}: {value}" for label, value in (
         ("description", task.description), ("agent", names.show(task.assigned_to)),
+        ("goes to", names.show(task.release_to) if task.state == TaskState.BLOCKED else None),
         ("tags", ", ".join(task.tags)), ("parent", task.parent_id), ("attempts", task.attempts),
         ("created", task.created_at), ("finished", task.completed_at), ("result", task.result),
         ("error", task.error)) if value]
-    return _task_reply(task, names, "\n".join([_task_line(task, names), *details]))
+    for label, linked in (("after", prerequisites), ("dependents", dependents)):
+        details += [f"  {label}:"] + [f"    {_task_line(t, names)}" for t in linked] if linked else []
+    if task.after and task.on_failure == "run":
+        details.append("  on failure of a prerequisite: runs anyway")
+    reply = _task_reply(task, names, "\n".join([_task_line(task, names), *details]))
+    reply.data["prerequisites"] = [{"id": t.id, "state": t.state} for t in prerequisites]
+    reply.data["dependents"] = [{"id": t.id, "state": t.state} for t in dependents]
+    return reply
 
 
 @_uses_town(_TownUse.READ)
@@ -5084,7 +5253,8 @@ def _cmd_backlog_add(town: Town, args: Any) -> _Reply:
 
     Example: tt backlog add "Fix the flaky test" --tags backend,tests
     """
-    task = town.backlog_add(args.description, _tags(args.tags))
+    task = town.backlog_add(args.description, _tags(args.tags), after=_tags(args.after),
+                            on_failure=args.on_failure, parent=args.parent)
     return _task_reply(task, _Names(town), task.id)
 
 
@@ -5397,6 +5567,13 @@ def _build_parser() -> _Parser:
         sub.add_argument("--from", dest="sender", metavar="AGENT",
                          help="the sender (default: this agent, else the conductor)")
 
+    def dependency_options(sub: _Parser) -> None:
+        sub.add_argument("--after", metavar="ID[,ID...]",
+                         help="prerequisite tasks: it waits (blocked) until they are all completed")
+        sub.add_argument("--on-failure", choices=("fail", "run"), default="fail",
+                         help="when a prerequisite fails or is cancelled: fail this task too"
+                              " (default) or run it anyway")
+
     agent_help = "the agent: name, id, id prefix or nickname"
     task_help = "the task id, or a unique prefix of it"
     parser = _Parser(prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -5463,6 +5640,7 @@ def _build_parser() -> _Parser:
     sub.add_argument("description", help="what to do")
     sub.add_argument("--tags", help="comma-separated tags")
     sub.add_argument("--parent", metavar="TASK", help="the parent task's id")
+    dependency_options(sub)
     message_options(sub, kinds=False)
 
     task_parser = add(commands, "task", doc="Tasks: show, list, current, complete, fail, cancel, prune, wait."
@@ -5496,6 +5674,8 @@ def _build_parser() -> _Parser:
     sub = add(backlog, "add", _cmd_backlog_add)
     sub.add_argument("description", help="what to do")
     sub.add_argument("--tags", help="comma-separated roles or names that may claim it (default: anyone)")
+    sub.add_argument("--parent", metavar="TASK", help="the parent task's id")
+    dependency_options(sub)
     add(backlog, "list", _cmd_backlog_list)
     sub = add(backlog, "claim", _cmd_backlog_claim)
     sub.add_argument("id", help=task_help)
