@@ -2192,6 +2192,227 @@ def test_agent_cli_sends_to_the_conductor_through_the_tt_shim(town, configure):
     assert worker.inbox_len() == 0 and dead_letters(town, worker.id) == []
 
 
+# Plans and snapshots #########################################################
+# Dependencies decided inside Redis, plans as code (tasks.toml), snapshots.
+
+def test_diamond_dag_runs_d_only_after_b_and_c(town):
+    workers = [town.spawn_agent(f"w{i}", "demo") for i in range(3)]
+    a = town.assign("w0", "A: lay the foundation")
+    b = town.assign("w1", "B: left wall", after=[a.id])
+    c = town.backlog_add("C: right wall", after=[a.id[:8]])
+    d = town.assign("w2", "D: the roof", after=[b.id, c.id])
+    assert [town.task(t.id).state for t in (b, c, d)] in (
+        ["blocked", "blocked", "blocked"], ["assigned", "pending", "blocked"],
+        ["running", "pending", "blocked"], ["completed", "pending", "blocked"])
+    assert tt_json("task", "list", "--state", "blocked")[-1]["id"] == d.id
+    done = town.wait_task(d.id, timeout=60)
+    assert done.state == "completed"
+    finished = {t.id: town.task(t.id).completed_at for t in (a, b, c)}
+    assert town.task(d.id).started_at > max(finished.values())  # D started after B and C finished
+    assert finished[a.id] < min(finished[b.id], finished[c.id])
+    events = [e for e in town.channel.events(200) if e.get("task") == d.id]
+    kinds = [e["event"] for e in events]
+    assert kinds.index("task_assigned") < kinds.index("task_running") < kinds.index("task_completed")
+    released = next(e for e in events if e["event"] == "task_assigned")
+    last_prerequisite = max(finished.values())
+    assert released["at"] >= last_prerequisite and released.get("detail") == "prerequisites done"
+    shown = tt_json("task", "show", d.id)
+    assert {p["id"] for p in shown["prerequisites"]} == {b.id, c.id}
+    assert [x["id"] for x in tt_json("task", "show", a.id)["dependents"]] == [b.id, c.id]
+    work = town.root / ".tt" / "agents" / "w2" / "work" / f"{d.id[:8]}.txt"
+    assert "It came after these tasks" in work.read_text()  # the prerequisites' results were in its prompt
+    assert all(w.record().tasks_completed >= 0 for w in workers)
+
+
+def test_a_failed_prerequisite_fails_its_dependents_transitively(town):
+    w = worker(town)
+    a = w.assign("A")
+    b, c = w.assign("B", after=[a.id]), town.backlog_add("C", after=[a.id], on_failure="run")
+    d = w.assign("D", after=[b.id])
+    for _ in range(town.config.agent.max_attempts):  # A fails in the Lua requeue
+        town.channel.take(w.id)
+        town.channel.settle(w.id, set(), "the CLI crashed")
+    assert town.task(a.id).state == "failed"
+    b_now, d_now = town.task(b.id), town.task(d.id)
+    assert (b_now.state, b_now.error) == ("failed", f"prerequisite {a.id} failed")
+    assert (d_now.state, d_now.error) == ("failed", f"prerequisite {b.id} failed")
+    assert town.task(c.id).state == "pending" and c.id in [t.id for t in town.backlog()]  # runs anyway
+    late = w.assign("E", after=[a.id])  # created after the failure: failed at once
+    assert (late.state, late.error) == ("failed", f"prerequisite {a.id} failed")
+    cancelled = w.assign("F")
+    g = w.assign("G", after=[cancelled.id])
+    town.cancel_task(cancelled.id)
+    assert town.task(g.id).error == f"prerequisite {cancelled.id} cancelled"
+
+
+def test_unknown_prerequisites_are_refused_and_nothing_is_created(town):
+    w = worker(town)
+    before = town.channel.task_counts()
+    with pytest.raises(TaskNotFound):
+        w.assign("X", after=["no-such-task"])
+    assert "nope" in fail_cli("assign", "w1", "X", "--after", "nope")
+    assert town.channel.task_counts() == before and town.tasks() == []
+    done = w.assign("done")
+    town.complete_task(done.id, "ok")
+    ready = town.assign("w1", "ready at once", after=[done.id])
+    assert ready.state == "assigned" and [m.body["task_id"] for m in w.inbox()][-1] == ready.id
+
+
+def test_two_concurrent_completions_release_the_dependent_exactly_once(town):
+    w = worker(town)
+    for _ in range(10):
+        b, c = w.assign("B"), w.assign("C")
+        d = w.assign("D", after=[b.id, c.id])
+        run_together(2, lambda i, b=b, c=c: town.complete_task((b, c)[i].id, "done"))
+        assert town.task(d.id).state == "assigned"
+        assert [m.body["task_id"] for m in w.inbox()].count(d.id) == 1
+
+
+def write_plan(town, text):
+    path = town.root / "tasks.toml"
+    path.write_text(text)
+    return path
+
+
+PLAN = """# the release plan
+[[task]]
+id = "api"            # first
+description = "Build the API"
+agent = "w1"
+
+# the docs wait for it
+[[task]]
+id = "docs"
+description = "Document the API"
+after = ["api"]
+role = "writer"
+
+[[task]]
+id = "ship"
+description = "Ship it"
+after = ["api", "docs"]
+priority = "high"
+"""
+
+
+def test_plan_push_is_idempotent_and_pull_keeps_order_and_comments(town):
+    w = worker(town)
+    assert tt_json("plan", "--init")["file"].endswith("tasks.toml")
+    assert "exists" in fail_cli("plan", "--init")
+    path = write_plan(town, PLAN)
+    assert [r["state"] for r in tt_json("plan")] == [None, None, None]
+    first = tt_json("sync", "push")
+    assert first == {"created": ["api", "docs", "ship"], "updated": [], "unchanged": []}
+    snapshot = sorted((t.id, t.state, t.description) for t in town.tasks())
+    assert tt_json("sync", "push") == {"created": [], "updated": [], "unchanged": ["api", "docs", "ship"]}
+    assert sorted((t.id, t.state, t.description) for t in town.tasks()) == snapshot  # no duplicates
+    rows = {r["entry"]: r for r in tt_json("plan")}
+    assert (rows["api"]["state"], rows["docs"]["state"], rows["ship"]["state"]) == ("assigned", "blocked", "blocked")
+    assert town.task(rows["api"]["task"]).assigned_to == w.id
+    path.write_text(PLAN.replace("Ship it", "Ship it on Friday"))
+    assert tt_json("sync", "push")["updated"] == ["ship"]
+    assert town.task(rows["ship"]["task"]).description == "Ship it on Friday"
+
+    town.complete_task(rows["api"]["task"], "API done")
+    tt_json("sync", "pull")
+    text = path.read_text()
+    assert text.startswith("# the release plan\n[[task]]\nid = \"api\"            # first\n")
+    assert "# the docs wait for it" in text
+    assert 'state = "completed"\nresult = "API done"' in text
+    assert text.index('id = "api"') < text.index('id = "docs"') < text.index('id = "ship"')
+    assert tinytown.load_plan(path)[0].id == "api"
+    assert tt_json("sync", "push")["created"] == []  # the written-back fields change nothing
+    town.complete_task(rows["docs"]["task"], "documented")
+    assert town.task(rows["ship"]["task"]).state == "pending"  # no agent named: the backlog
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('[[task]]\nid = "a"\ndescription = "x"\ncolour = "red"\n', "unknown key 'colour'"),
+    ('[[task]]\nid = "a"\ndescription = "x"\n\n[[task]]\nid = "a"\ndescription = "y"\n', "duplicate id"),
+    ('[[task]]\nid = "a"\ndescription = "x"\nafter = ["b"]\n\n[[task]]\nid = "b"\ndescription = "y"\n'
+     'after = ["a"]\n', "a dependency cycle: a -> b -> a"),
+    ('[[task]]\nid = "a"\ndescription = "x"\nafter = ["ghost"]\n', "unknown entry 'ghost'"),
+])
+def test_bad_plans_are_one_clear_error_and_nothing_is_applied(town, text, problem):
+    path = write_plan(town, PLAN + "\n" + text)
+    err = fail_cli("sync", "push")
+    assert problem in err and str(path) in err and "(entry 'a')" in err
+    line = int(re.search(r"tasks\.toml:(\d+)", err)[1])
+    assert path.read_text().splitlines()[line - 1] == "[[task]]"
+    assert town.tasks() == [] and town.redis.hlen(town.keys.plan) == 0
+
+
+def test_save_reset_restore_round_trip_is_identical_and_restores_elsewhere(town, tmp_path_factory, redis_url):
+    w = worker(town, role="dev")
+    v = worker(town, "w2")
+    a = w.assign("A")
+    w.assign("B", after=[a.id])
+    town.backlog_add("C", tags=["dev"])
+    v.send("a question", type="query", priority="high")
+    town.channel.take(v.id)
+    town.complete_task(town.backlog_add("D").id, "done")
+    town.send("conductor", "report", type="info")
+    saved = tt_json("save")["file"]
+    assert Path(saved).stat().st_mode & 0o777 == 0o600 and "/.tt/tasks/" in saved
+    document = json.loads(Path(saved).read_text())
+    assert "refused" not in document and "already holds data" in fail_cli("restore", saved)
+    tt_json("reset", "--force")
+    assert tt_json("restore", saved)["keys"] == len(document["keys"])
+    again = tinytown.save_snapshot(town)
+    assert again == document
+    assert {a.state for a in town.list_agents()} == {"stopped"}
+    assert tt_json("restore", saved, "--force")["keys"] == len(document["keys"])
+
+    other_server = tmp_path_factory.mktemp("second-redis")
+    sock = other_server / "r.sock"
+    proc = subprocess.Popen([str(tinytown.find_redis_server()), "--port", "0", "--unixsocket", str(sock),
+                             "--save", "", "--appendonly", "no", "--dir", str(other_server)],
+                            stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(unix_socket_path=str(sock))
+        tinytown._poll(lambda: sock.exists() and client.ping(), 10)
+        elsewhere = tmp_path_factory.mktemp("elsewhere")
+        os.environ["REDIS_URL"] = f"unix://{sock}"
+        try:
+            with Town.init(elsewhere, "another-name") as second:
+                tinytown.restore_snapshot(second, document)
+                assert {k: v for k, v in tinytown.save_snapshot(second).items() if k != "town"} == {
+                    k: v for k, v in document.items() if k != "town"}
+                assert [t.state for t in second.tasks(state="blocked")] == ["blocked"]
+                assert second.channel.claim(None, second.resolve_agent("w1")).description == "C"
+        finally:
+            os.environ["REDIS_URL"] = redis_url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_import_github_with_a_stand_in_gh(town, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    issues = {
+        "12": {"number": 12, "title": "Login API", "body": "Endpoints for login.", "labels": []},
+        "13": {"number": 13, "title": "Login page", "body": "Depends on #12.\nAlso blocked by #99.",
+               "labels": [{"name": "frontend"}]},
+    }
+    (bin_dir / "issues.json").write_text(json.dumps(issues))
+    gh = bin_dir / "gh"
+    gh.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                  f"issues = json.load(open({str(bin_dir / 'issues.json')!r}))\n"
+                  "assert sys.argv[1:3] == ['issue', 'view'] and sys.argv[4:] == ['--json', 'number,title,body,labels']\n"
+                  "print(json.dumps(issues[sys.argv[3]]))\n")
+    gh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert tt_json("plan", "import-github", "12", "#13")["added"] == ["issue-12", "issue-13"]
+    entries = {e.id: e for e in tinytown.load_plan(town.root / "tasks.toml")}
+    assert entries["issue-13"].after == ["issue-12"]  # #99 is not in the plan: left out
+    assert entries["issue-13"].description == "Login page\n\nDepends on #12.\nAlso blocked by #99."
+    assert tt_json("plan", "import-github", "12")["added"] == []  # already there
+    assert tt_json("sync", "push")["created"] == ["issue-12", "issue-13"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "no `gh` is on PATH" in fail_cli("plan", "import-github", "14")
+
+
 # Agent CLIs ##################################################################
 # Stand-in CLIs (small Python scripts written here, named like the real programs)
 # print the exact JSON shapes the real ones print; the opt-in suite at the end runs
@@ -2845,6 +3066,7 @@ def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
         ["recover"], ["reclaim"], ["restart", "w1", "--rounds", "1", "--fresh"], ["kill", "w1"],
         ["prune"], ["spawn", "w9", "--cli", "demo", "--force", "--no-resume-session"], ["start"],
         ["task", "prune"], ["dead"], ["dead", "drop", "--all"], ["inbox", "--take"], ["inbox", "ack", "--all"],
+        ["plan", "--init"], ["plan"], ["sync", "push"], ["sync", "pull"], ["save"],
     ]
     failing = [
         ["frobnicate"], ["status", "--nope"], ["config", "no.such.key"], ["spawn", "bad name!"],
@@ -2855,7 +3077,8 @@ def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
         ["task", "cancel", "ghost"], ["task", "wait", "ghost"], ["backlog", "claim", "ghost", "w1"],
         ["backlog", "assign-all", "ghost"], ["backlog", "remove", "ghost"], ["history", "--agent", "ghost"],
         ["events", "--agent", "ghost"], ["conductor", "--cli", "ghost"], ["broadcast", "x", "--from", "ghost"],
-        ["backlog", "add", "x", "--bogus"], ["dead", "retry"], ["dead", "ghost"], ["-t", tmp_path / "nowhere", "stop"], ["-t", tmp_path / "nowhere", "start"],
+        ["backlog", "add", "x", "--bogus"], ["dead", "retry"], ["dead", "ghost"], ["plan", "import-github"],
+        ["restore", "nowhere.json"], ["plan", "frobnicate"], ["assign", "w1", "x", "--after", "ghost"], ["-t", tmp_path / "nowhere", "stop"], ["-t", tmp_path / "nowhere", "start"],
     ]
     for argv in succeeding + failing:
         code, out, err = tt(*argv, "--json")

@@ -74,7 +74,8 @@ __all__ = [
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
     "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
     "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask",
-    "DependencyCycle", "PlanError", "demo_agent", "main", "__version__",
+    "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
+    "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
 ]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
 # the UPPER_CASE constants and tables the code is configured by (CONFIG_FILE, PRESETS, ...).
 
@@ -129,6 +130,7 @@ class Keys:
         self.idle = self.prefix + "idle"                # set: idle agent ids (whom a backlog add wakes)
         self.finished = self.prefix + "finished"        # zset: finished task id by when it finished
         self.task_ids = self.prefix + "task_ids"        # zset, all scores 0: task ids by prefix (ZRANGEBYLEX)
+        self.plan = self.prefix + "plan"                # hash: tasks.toml entry id -> task id
         self.prune_lock = self.prefix + "prune_lock"    # string with TTL: a prune is under way
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
         self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
@@ -424,15 +426,6 @@ class PlanError(TinytownError):
         self.path, self.line, self.entry, self.problem = path, line, entry, problem
         where = f"{path}{f':{line}' if line else ''}{f' (entry {entry!r})' if entry else ''}"
         super().__init__(f"{where}: {problem}; nothing was changed")
-
-
-class DependencyCycle(TinytownError):
-    """Tasks that would wait for each other forever."""
-
-    def __init__(self, cycle: list[str], where: str = ""):
-        self.cycle, self.where = cycle, where
-        super().__init__(f"{where}{': ' if where else ''}a dependency cycle: {' -> '.join(cycle)};"
-                         " remove one of these `after` links")
 
 
 def _check_name(name: str, what: str = "name") -> str:
@@ -3657,6 +3650,346 @@ class AgentHandle:
         return self.town.restart_agent(self.id, rounds)
 
 
+# Plans and snapshots #########################################################
+# A plan is tasks.toml: [[task]] entries with a stable `id` (a name unique in the file).
+# `tt sync push` creates the missing tasks and updates changed descriptions, all in one
+# MULTI, remembering entry -> task id in the town's `plan` hash; `tt sync pull` writes
+# states and results back into the file as text edits (order and comments kept).  A
+# snapshot is the town's keys as one JSON document.
+
+PLAN_FILE = "tasks.toml"
+_PLAN_KEYS = {"id", "description", "agent", "role", "tags", "after", "priority", "parent",
+              "on_failure", "state", "result"}  # state and result: written by `tt sync pull`
+_PLAN_TEMPLATE = '''# Tinytown plan: `tt sync push` creates or updates these tasks (run it again after an
+# edit: nothing is created twice); `tt sync pull` writes each task's state and result back
+# here; `tt plan` shows them live.
+#
+# Each [[task]] has an `id` (a name unique in this file) and a `description`, and may have:
+#   agent = "alice"          assigned to this agent if it exists, else the backlog
+#   role = "backend"         (or tags = ["backend", "bob"]) who may claim it from the backlog
+#   after = ["other-id"]     waits until those entries' tasks are completed
+#   on_failure = "run"       run even if a prerequisite fails (default: fail with it)
+#   priority = "high"        low, normal, high or urgent
+#   parent = "other-id"      the parent entry
+
+[[task]]
+id = "design"
+description = "Write docs/api.md: the endpoints, their inputs and outputs"
+role = "backend"
+
+[[task]]
+id = "implement"
+description = "Implement the endpoints of docs/api.md, with tests"
+after = ["design"]
+role = "backend"
+'''
+
+
+@dataclass
+class PlanEntry:
+    id: str
+    description: str
+    line: int
+    agent: str | None = None
+    tags: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
+    priority: str = Priority.NORMAL
+    parent: str | None = None
+    on_failure: str = "fail"
+
+
+def _entry_lines(text: str) -> list[int]:
+    """The line number of each [[task]] header, in order."""
+    return [number for number, line in enumerate(text.splitlines(), 1) if line.strip() == "[[task]]"]
+
+
+def load_plan(path: Path) -> list[PlanEntry]:
+    """The entries of a tasks.toml, checked: PlanError names the file, line and entry."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(path, None, None, f"no plan here; `tt plan --init` writes a {PLAN_FILE}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise PlanError(path, int(line[1]) if line else None, None, f"not valid TOML ({exc})") from None
+    extra = set(data) - {"task"}
+    if extra:
+        raise PlanError(path, None, None, f"unknown top-level key {sorted(extra)[0]!r} (entries are [[task]] tables)")
+    raw_entries, lines = data.get("task", []), _entry_lines(text)
+    entries: dict[str, PlanEntry] = {}
+    for index, raw in enumerate(raw_entries):
+        line = lines[index] if index < len(lines) else None
+        name = raw.get("id")
+
+        def bad(problem: str, name: Any = name, line: int | None = line) -> PlanError:
+            return PlanError(path, line, str(name) if name else None, problem)
+        unknown = set(raw) - _PLAN_KEYS
+        if unknown:
+            raise bad(f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_PLAN_KEYS))})")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise bad("every entry needs an `id`: letters, digits, '.', '_' or '-'")
+        if name in entries:
+            raise bad(f"duplicate id (first at line {entries[name].line})")
+        description = raw.get("description")
+        if not isinstance(description, str) or not description.strip():
+            raise bad("a `description` is required")
+        tags = raw.get("tags", [raw["role"]] if raw.get("role") else [])
+        after = raw.get("after", [])
+        if not isinstance(tags, list) or not isinstance(after, list) or not all(
+                isinstance(x, str) for x in [*tags, *after]):
+            raise bad("`tags` and `after` are lists of strings")
+        if raw.get("priority", "normal") not in set(Priority):
+            raise bad(f"priority must be one of {', '.join(Priority)}")
+        if raw.get("on_failure", "fail") not in ("fail", "run"):
+            raise bad("on_failure must be fail or run")
+        entries[name] = PlanEntry(name, description, line or 0, raw.get("agent"), tags, after,
+                                  raw.get("priority", "normal"), raw.get("parent"), raw.get("on_failure", "fail"))
+    for entry in entries.values():
+        for ref in [*entry.after, *([entry.parent] if entry.parent else [])]:
+            if ref not in entries:
+                raise PlanError(path, entry.line, entry.id, f"unknown entry {ref!r} in after/parent")
+    order = _plan_order(list(entries.values()), path)
+    return order
+
+
+def _plan_order(entries: list[PlanEntry], path: Path) -> list[PlanEntry]:
+    """The entries with every prerequisite before its dependents (file order otherwise)."""
+    by_id = {entry.id: entry for entry in entries}
+    done: dict[str, bool] = {}  # False: on the current path
+    order: list[PlanEntry] = []
+
+    def visit(entry: PlanEntry, path_ids: list[str]) -> None:
+        if done.get(entry.id) is False:
+            cycle = path_ids[path_ids.index(entry.id):] + [entry.id]
+            raise PlanError(path, entry.line, entry.id, f"a dependency cycle: {' -> '.join(cycle)}")
+        if entry.id in done:
+            return
+        done[entry.id] = False
+        for ref in entry.after:
+            visit(by_id[ref], [*path_ids, entry.id])
+        done[entry.id] = True
+        order.append(entry)
+    for entry in entries:
+        visit(entry, [])
+    return order
+
+
+def _set_entry_fields(text: str, entry_id: str, fields: dict[str, str | None]) -> str:
+    """tasks.toml with `fields` set (None: removed) in the entry `entry_id`, as text edits."""
+    lines = text.splitlines()
+    headers = [n - 1 for n in _entry_lines(text)]
+    for start, end in zip(headers, [*headers[1:], len(lines)]):
+        block = lines[start:end]
+        if not any(re.fullmatch(rf'\s*id\s*=\s*["\']{re.escape(entry_id)}["\']\s*(#.*)?', ln) for ln in block):
+            continue
+        while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+            end -= 1  # after the entry's last key, before blank lines and the next entry's comments
+        for key, value in fields.items():
+            found = next((i for i in range(start, end) if re.match(rf"\s*{key}\s*=", lines[i])), None)
+            if value is None:
+                if found is not None:
+                    del lines[found]
+                    end -= 1
+            elif found is not None:
+                lines[found] = f"{key} = {json.dumps(value)}"
+            else:
+                lines.insert(end, f"{key} = {json.dumps(value)}")
+                end += 1
+        break
+    return "\n".join(lines) + "\n"
+
+
+def plan_status(town: Town, path: Path) -> list[dict[str, Any]]:
+    """Each entry with its task's live state (None: not pushed yet)."""
+    entries = load_plan(path)
+    mapped = town.redis.hgetall(town.keys.plan)
+    tasks = {t.id: t for t in town.channel._tasks_by_id([mapped[e.id] for e in entries if e.id in mapped])}
+    out = []
+    for entry in sorted(entries, key=lambda e: e.line):
+        task = tasks.get(mapped.get(entry.id, ""))
+        out.append({"entry": entry.id, "line": entry.line, "task": task.id if task else None,
+                    "state": task.state if task else None, "after": entry.after,
+                    "result": (task.result or task.error) if task else None, "description": entry.description})
+    return out
+
+
+def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
+    """Create the plan's missing tasks and update changed descriptions, in one transaction.
+
+    Returns {"created": [...], "updated": [...], "unchanged": [...]} (entry ids).  Nothing
+    is applied when the plan is bad; an entry whose `after` or agent changed after its task
+    was created keeps its task as it is (listed in "unchanged").
+    """
+    entries = load_plan(path)
+    mapped = town.redis.hgetall(town.keys.plan)
+    existing = {t.id: t for t in town.channel._tasks_by_id(list(mapped.values()))}
+    agents = town.redis.hgetall(town.keys.agents)
+    ids = {e.id: existing[mapped[e.id]].id if mapped.get(e.id) in existing else str(uuid.uuid4())
+           for e in entries}
+    report: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": []}
+    channel = town.channel
+    pipe = town.redis.pipeline()
+    for entry in entries:  # prerequisites first: each script finds those it waits for
+        task = existing.get(ids[entry.id])
+        if task is not None:
+            if task.description != entry.description and not task.terminal:
+                channel._queue_task_change(pipe, task, description=entry.description)
+                report["updated"].append(entry.id)
+            else:
+                report["unchanged"].append(entry.id)
+            continue
+        agent_id = agents.get(entry.agent or "")
+        task = Task(description=entry.description, id=ids[entry.id], tags=entry.tags,
+                    after=[ids[ref] for ref in entry.after], on_failure=entry.on_failure,
+                    parent_id=ids[entry.parent] if entry.parent else None)
+        assignment = channel._assignment(task, agent_id, CONDUCTOR_ID, entry.priority) if agent_id else None
+        extra = {}
+        if task.after:
+            task.state, task.release_to = TaskState.BLOCKED, agent_id
+            if assignment:
+                extra["release_message"] = assignment.to_json()
+        elif agent_id:
+            task.state, task.assigned_to = TaskState.ASSIGNED, agent_id
+        channel._event(pipe, "task_created", task=task.id, agent=agent_id, detail=f"plan entry {entry.id}")
+        channel._queue_new_task(pipe, task, backlog=not agent_id and not task.after, **extra)
+        if assignment and not task.after:
+            channel._push(pipe, assignment)
+        pipe.hset(town.keys.plan, entry.id, task.id)
+        report["created"].append(entry.id)
+    pipe.execute()
+    return report
+
+
+def sync_pull(town: Town, path: Path) -> list[dict[str, Any]]:
+    """Write each pushed entry's state and result into tasks.toml (text edits)."""
+    path = Path(path)
+    rows = plan_status(town, path)
+    text = path.read_text(encoding="utf-8")
+    for row in rows:
+        if row["task"]:
+            text = _set_entry_fields(text, row["entry"], {"state": row["state"], "result": row["result"]})
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(text, encoding="utf-8")
+    load_plan(scratch)  # never leave a broken plan behind
+    os.replace(scratch, path)
+    return rows
+
+
+_DEPENDS = re.compile(r"\b(?:depends on|blocked by|after)\s+((?:#\d+(?:\s*,\s*|\s+and\s+|\s+)?)+)", re.I)
+
+
+def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[str]:
+    """Entries for GitHub issues read with the `gh` CLI, appended to tasks.toml: the
+    description is the title and body; "depends on / blocked by / after #N" become `after`.
+    Returns the entry ids added (an issue already in the file is left as it is)."""
+    gh = gh or shutil.which("gh")
+    if not gh:
+        raise TinytownError("`tt plan import-github` reads issues with the GitHub CLI, and no `gh` is on"
+                            " PATH; install it (https://cli.github.com) and run `gh auth login`")
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    known = {e for e in re.findall(r'^\s*id\s*=\s*"([^"]+)"', text, re.M)}
+    fetched = []
+    for number in issues:
+        number = str(number).lstrip("#")
+        try:
+            out = subprocess.run([gh, "issue", "view", number, "--json", "number,title,body,labels"],
+                                 capture_output=True, text=True, timeout=GIT_TIMEOUT_SECS, check=True).stdout
+        except subprocess.CalledProcessError as exc:
+            raise TinytownError(f"`gh issue view {number}` failed: {(exc.stderr or '').strip()[:300]}") from None
+        fetched.append(json.loads(out))
+    wanted = {f"issue-{issue['number']}" for issue in fetched} | known
+    blocks, added = [], []
+    for issue in fetched:
+        entry_id = f"issue-{issue['number']}"
+        if entry_id in known:
+            continue
+        body = issue.get("body") or ""
+        refs = [f"issue-{n}" for match in _DEPENDS.findall(body) for n in re.findall(r"#(\d+)", match)]
+        after = [ref for ref in dict.fromkeys(refs) if ref in wanted and ref != entry_id]
+        lines = [f"# GitHub issue #{issue['number']}", "[[task]]", f"id = {json.dumps(entry_id)}",
+                 f"description = {json.dumps((issue.get('title') or '') + (chr(10) * 2 + body if body else ''))}"]
+        if after:
+            lines.append(f"after = {json.dumps(after)}")
+        blocks.append("\n".join(lines))
+        added.append(entry_id)
+    if blocks:
+        new_text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + "\n\n".join(blocks) + "\n"
+        scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        scratch.write_text(new_text, encoding="utf-8")
+        try:
+            load_plan(scratch)
+        except PlanError as exc:
+            scratch.unlink()
+            raise PlanError(path, exc.line, exc.entry, exc.problem) from None
+        os.replace(scratch, path)
+    return added
+
+
+# Snapshots: every key of the town but the ones that only mean something while loops run.
+_SNAPSHOT_SKIP = ("alive:", "stop:", "wake:", "prune_lock", "events", "idle")
+SNAPSHOT_VERSION = 1
+_STOPPED_AGENT = {"state": AgentState.STOPPED.value, "pid": "", "loop": "", "cli_pgid": "", "current_task": ""}
+
+
+def save_snapshot(town: Town) -> dict[str, Any]:
+    """The town's whole state as one JSON-able document; agents in it are `stopped`."""
+    keys = sorted(k for k in town.redis.scan_iter(match=town.keys.prefix + "*", count=1000)
+                  if not k[len(town.keys.prefix):].startswith(_SNAPSHOT_SKIP))
+    pipe = town.redis.pipeline(transaction=True)  # one consistent moment
+    for key in keys:
+        pipe.type(key)
+    types = pipe.execute()
+    read = {"string": lambda p, k: p.get(k), "hash": lambda p, k: p.hgetall(k),
+            "list": lambda p, k: p.lrange(k, 0, -1), "set": lambda p, k: p.smembers(k),
+            "zset": lambda p, k: p.zrange(k, 0, -1, withscores=True)}
+    pairs = [(k, t) for k, t in zip(keys, types) if t in read]
+    pipe = town.redis.pipeline(transaction=True)
+    for key, kind in pairs:
+        read[kind](pipe, key)
+    data = {}
+    for (key, kind), value in zip(pairs, pipe.execute()):
+        relative = key[len(town.keys.prefix):]
+        if kind == "set":
+            value = sorted(value)
+        elif kind == "zset":
+            value = [[member, score] for member, score in value]
+        elif kind == "hash" and relative.startswith("agent:"):
+            value = {**value, **_STOPPED_AGENT}
+        data[relative] = {"type": kind, "value": value}
+    return {"tinytown_snapshot": SNAPSHOT_VERSION, "town": town.name, "keys": data}
+
+
+def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = False) -> int:
+    """Import a snapshot (of this or another town) into this one, in one transaction.
+    Refused when the town holds data unless `force` (which resets it first, its loops
+    stopped).  Restored agents are `stopped` until `tt restart`.  Returns keys written."""
+    if snapshot.get("tinytown_snapshot") != SNAPSHOT_VERSION or not isinstance(snapshot.get("keys"), dict):
+        raise TinytownError("not a tinytown snapshot (`tt save` writes them)")
+    if next(town.redis.scan_iter(match=town.keys.prefix + "*", count=1000), None):
+        if not force:
+            raise TinytownError(f"the town {town.name!r} already holds data; `tt restore FILE --force`"
+                                " resets it first")
+        town.reset(force=True)
+    write = {"string": lambda p, k, v: p.set(k, v), "hash": lambda p, k, v: p.hset(k, mapping=v),
+             "list": lambda p, k, v: p.rpush(k, *v), "set": lambda p, k, v: p.sadd(k, *v),
+             "zset": lambda p, k, v: p.zadd(k, {member: score for member, score in v})}
+    pipe = town.redis.pipeline(transaction=True)
+    written = 0
+    for relative, item in snapshot["keys"].items():
+        if item.get("type") not in write or not item.get("value") or relative.startswith(_SNAPSHOT_SKIP):
+            continue
+        value = {**item["value"], **_STOPPED_AGENT} if relative.startswith("agent:") else item["value"]
+        write[item["type"]](pipe, town.keys.prefix + relative, value)
+        written += 1
+    town.channel._event(pipe, "restored", keys=written, source=snapshot.get("town"))
+    pipe.execute()
+    return written
+
+
 # Agent CLIs ##################################################################
 # What the loop knows about the programs it runs: their JSON output, their
 # environment, their credentials and their conversations.
@@ -5390,6 +5723,103 @@ def _cmd_dead(town: Town, args: Any) -> _Reply:
     return _messages_reply(acted, names, f"{verb} {_count(len(acted), 'dead letter')}")
 
 
+
+# -- plans and snapshots -------------------------------------------------------
+
+def _plan_path(town: Town, args: Any) -> Path:
+    return Path(args.file) if args.file else town.root / PLAN_FILE
+
+
+def _plan_rows_text(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{_icon(row['state'] or 'pending') if row['state'] else ' '} {row['entry']:<20}"
+                     f" {row['state'] or 'not pushed':<10} {(row['task'] or '')[:8]:<8}"
+                     f"{' after ' + ', '.join(row['after']) if row['after'] else ''}"
+                     f"{' -> ' + _shown(row['result'], 60) if row['result'] else ''}" for row in rows)
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_plan(town: Town, args: Any) -> _Reply:
+    """The plan (tasks.toml) with each entry's live state; --init writes a commented template;
+    `tt plan import-github ISSUE...` adds GitHub issues as entries (read with the `gh` CLI).
+
+    Example: tt plan import-github 12 13 14
+    """
+    path = _plan_path(town, args)
+    if args.what and args.what[0] == "import-github":
+        if len(args.what) < 2:
+            raise _UsageError("which issues? `tt plan import-github 12 13`", args.parser.format_usage())
+        added = import_github(path, args.what[1:])
+        return _Reply({"file": str(path), "added": added},
+                      f"added {_count(len(added), 'entry')} to {path}: {', '.join(added) or 'none new'};"
+                      " `tt sync push` creates their tasks")
+    if args.what:
+        raise _UsageError(f"unknown action {_shown(args.what[0])} (import-github)", args.parser.format_usage())
+    if args.init:
+        if path.exists():
+            raise TinytownError(f"{path} exists; it is left as it is (edit it, or remove it first)")
+        _write_atomic(path, _PLAN_TEMPLATE)
+        return _Reply({"file": str(path)}, f"wrote {path}; edit it, then `tt sync push`")
+    rows = plan_status(town, path)
+    return _Reply(rows, _plan_rows_text(rows) or f"{path} has no entries")
+
+
+def _cmd_sync_push(town: Town, args: Any) -> _Reply:
+    """Create the plan's tasks (idempotent: a second push creates nothing) and update changed
+    descriptions; an entry whose agent exists is assigned to it, else it goes to the backlog.
+
+    Example: tt sync push
+    """
+    report = sync_push(town, _plan_path(town, args))
+    return _Reply(report, "; ".join(f"{label}: {', '.join(ids)}" for label, ids in report.items() if ids)
+                  or "the plan is empty")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_sync_pull(town: Town, args: Any) -> _Reply:
+    """Write each entry's state and result back into tasks.toml (its order and comments kept).
+
+    Example: tt sync pull
+    """
+    path = _plan_path(town, args)
+    rows = sync_pull(town, path)
+    return _Reply(rows, f"updated {path}\n{_plan_rows_text(rows)}")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_save(town: Town, args: Any) -> _Reply:
+    """Write the town's whole state (agents, tasks, backlog, queues, dead letters, counters) as
+    one JSON document, by default under .tt/tasks/ (mode 0600).
+
+    Example: tt save before-refactor.json
+    """
+    folder = town.root / RUNTIME_DIR / "tasks"
+    path = Path(args.file) if args.file else folder / f"snapshot-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if not path.is_absolute() and path.parent == Path("."):
+        path = folder / path  # a bare name goes with the other snapshots
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    snapshot = save_snapshot(town)
+    _write_atomic(path, json.dumps(snapshot, indent=1, sort_keys=True), mode=0o600)
+    return _Reply({"file": str(path), "keys": len(snapshot["keys"])},
+                  f"saved {_count(len(snapshot['keys']), 'key')} to {path}")
+
+
+def _cmd_restore(town: Town, args: Any) -> _Reply:
+    """Import a `tt save` snapshot into this town (also one on another Redis or under another
+    name); refused when it holds data unless --force. Restored agents are stopped until `tt restart`.
+
+    Example: tt restore .tt/tasks/snapshot-20260101-120000.json --force
+    """
+    path = Path(args.file)
+    if not path.exists() and (town.root / RUNTIME_DIR / "tasks" / path).exists():
+        path = town.root / RUNTIME_DIR / "tasks" / path
+    try:
+        snapshot = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TinytownError(f"cannot read the snapshot {path}: {exc}") from None
+    written = restore_snapshot(town, snapshot, force=args.force)
+    return _Reply({"file": str(path), "keys": written},
+                  f"restored {_count(written, 'key')} from {path}; agents are stopped (`tt restart NAME`)")
+
 # -- inspection ----------------------------------------------------------------
 
 def _events_reply(town: Town, count: int, agent: str | None) -> _Reply:
@@ -5496,10 +5926,10 @@ _INTERNAL_COMMANDS = ("agent-loop", "demo-agent")
 
 # The top-level help lists commands in these groups; the internal ones are left out.
 _COMMAND_GROUPS = {
-    "town": ("init", "start", "stop", "config", "reset", "conductor"),
+    "town": ("init", "start", "stop", "config", "reset", "conductor", "save", "restore"),
     "agents": ("spawn", "list", "kill", "close", "interrupt", "resume", "wait", "restart", "prune",
                "recover", "reclaim"),
-    "work": ("assign", "task", "backlog"),
+    "work": ("assign", "task", "backlog", "plan", "sync"),
     "messages": ("send", "broadcast", "inbox", "dead"),
     "inspection": ("status", "history", "events", "doctor"),
 }
@@ -5701,6 +6131,23 @@ def _build_parser() -> _Parser:
     sub.add_argument("--all", action="store_true", help="with retry or drop: every dead letter")
     sub.add_argument("--agent", help="only this agent's dead letters")
 
+    sub = add(commands, "plan", _cmd_plan)
+    sub.add_argument("what", nargs="*", metavar="import-github ISSUE...",
+                     help="`import-github` and GitHub issue numbers to add as entries")
+    sub.add_argument("--init", action="store_true", help=f"write a commented {PLAN_FILE} (never overwrites)")
+    sub.add_argument("--file", metavar="PATH", help=f"the plan (default: {PLAN_FILE} in the town's folder)")
+    sync_parser = add(commands, "sync", doc="The plan and the town: push (tasks.toml -> tasks), pull"
+                      " (states and results -> tasks.toml).\n\nExample: tt sync push")
+    sync = actions(sync_parser, "sync")
+    for name, handler in (("push", _cmd_sync_push), ("pull", _cmd_sync_pull)):
+        add(sync, name, handler).add_argument(
+            "--file", metavar="PATH", help=f"the plan (default: {PLAN_FILE} in the town's folder)")
+    add(commands, "save", _cmd_save).add_argument(
+        "file", nargs="?", help="where (default: .tt/tasks/snapshot-DATE-TIME.json)")
+    sub = add(commands, "restore", _cmd_restore)
+    sub.add_argument("file", help="a `tt save` snapshot")
+    sub.add_argument("--force", action="store_true", help="reset a town that holds data first")
+
     sub = add(commands, "history", _cmd_history)
     sub.add_argument("-n", dest="count", type=int, default=20, metavar="N", help="how many (default: 20)")
     sub.add_argument("--agent", help="only this agent's events")
@@ -5715,7 +6162,8 @@ def _build_parser() -> _Parser:
 
     parser.description = "\n\n".join(["Tinytown: orchestrate AI coding agents through Redis.",
                                        *(listing(group, prog, names) for group, names in _COMMAND_GROUPS.items())])
-    for sub, name, choices in ((task_parser, "task", task.choices), (backlog_parser, "backlog", backlog.choices)):
+    for sub, name, choices in ((task_parser, "task", task.choices), (backlog_parser, "backlog", backlog.choices),
+                               (sync_parser, "sync", sync.choices)):
         sub.description += "\n\n" + listing("actions", f"{prog} {name}", choices)
     return parser
 
