@@ -2893,7 +2893,7 @@ def test_unknown_commands_and_options_suggest_the_closest_with_the_commands_usag
     code, _, err = tt("task", "shwo", "abc")
     assert code == 2 and err.startswith("usage: tt task ") and "did you mean `show`?" in err
     code, _, err = tt("task", "list", "--state", "done")
-    assert code == 2 and "--state must be one of pending," in err and "not 'done'" in err
+    assert code == 2 and "--state must be one of blocked, pending," in err and "not 'done'" in err
 
 
 def test_people_see_agent_names_and_scripts_get_names_next_to_ids(town):

@@ -2634,6 +2634,21 @@ class Channel:
         A task with prerequisites (`task.after`, ids) is `blocked` until they are all
         completed; the same script that completes the last one sends it on (_TASKS_LUA).
         """
+        pipe = self.redis.pipeline()
+        self._queue_create(pipe, task, assign_to=assign_to, backlog=backlog, sender=sender, priority=priority)
+        try:
+            pipe.execute()
+        except redis.ResponseError as exc:
+            if "unknown prerequisite" in str(exc):
+                raise TaskNotFound(str(exc).rsplit(" ", 1)[-1]) from None
+            raise
+        return self.get_task(task.id) or task if task.after else task
+
+    def _queue_create(self, pipe: Any, task: Task, *, assign_to: str | None, backlog: bool,
+                      sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL,
+                      detail: str | None = None) -> None:
+        """Queue (in a MULTI) create_task's writes: the record, and its assignment or backlog
+        place, or (with prerequisites) the assignment kept for when it is released."""
         if not isinstance(task.description, str) or not task.description.strip():
             raise InvalidTask(task.description)
         if task.on_failure not in ("fail", "run"):
@@ -2646,19 +2661,11 @@ class Channel:
                 extra["release_message"] = assignment.to_json()
         elif assign_to:
             task.state, task.assigned_to = TaskState.ASSIGNED, assign_to
-        pipe = self.redis.pipeline()
         self._event(pipe, "task_assigned" if assign_to and not task.after else "task_created", task=task.id,
-                    agent=assign_to, detail=task.description[:200])
+                    agent=assign_to, detail=detail or task.description[:200])
         self._queue_new_task(pipe, task, backlog=backlog and not task.after, **extra)
         if assignment and not task.after:
             self._push(pipe, assignment)
-        try:
-            pipe.execute()
-        except redis.ResponseError as exc:
-            if "unknown prerequisite" in str(exc):
-                raise TaskNotFound(str(exc).rsplit(" ", 1)[-1]) from None
-            raise
-        return self.get_task(task.id) or task if task.after else task
 
     def _queue_new_task(self, pipe: Any, task: Task, *, backlog: bool, **extra: str) -> None:
         """Queue (in a MULTI) a new task's record, indexes, count, backlog place and
@@ -3845,18 +3852,8 @@ def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
         task = Task(description=entry.description, id=ids[entry.id], tags=entry.tags,
                     after=[ids[ref] for ref in entry.after], on_failure=entry.on_failure,
                     parent_id=ids[entry.parent] if entry.parent else None)
-        assignment = channel._assignment(task, agent_id, CONDUCTOR_ID, entry.priority) if agent_id else None
-        extra = {}
-        if task.after:
-            task.state, task.release_to = TaskState.BLOCKED, agent_id
-            if assignment:
-                extra["release_message"] = assignment.to_json()
-        elif agent_id:
-            task.state, task.assigned_to = TaskState.ASSIGNED, agent_id
-        channel._event(pipe, "task_created", task=task.id, agent=agent_id, detail=f"plan entry {entry.id}")
-        channel._queue_new_task(pipe, task, backlog=not agent_id and not task.after, **extra)
-        if assignment and not task.after:
-            channel._push(pipe, assignment)
+        channel._queue_create(pipe, task, assign_to=agent_id, backlog=not agent_id, priority=entry.priority,
+                              detail=f"plan entry {entry.id}")
         pipe.hset(town.keys.plan, entry.id, task.id)
         report["created"].append(entry.id)
     pipe.execute()
