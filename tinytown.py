@@ -2336,9 +2336,9 @@ class Channel:
         """Drop dead letters, or `retry` them: back to the end of their queue with fresh
         counters (a failed task they assign reopened as assigned), all at once.  Ids or
         prefixes (None: every one)."""
-        count = self._dead(args=[self.keys.prefix, agent_id, "retry" if retry else "drop", _now(),
-                                 *(message_ids if message_ids is not None else ["*"])])
-        return [Message.from_json(raw) for raw in count]
+        chosen = self._dead(args=[self.keys.prefix, agent_id, "retry" if retry else "drop", _now(),
+                                  *(message_ids if message_ids is not None else ["*"])])
+        return [Message.from_json(raw) for raw in chosen]
 
     def inbox_len(self, agent_id: str) -> int:
         pipe = self.redis.pipeline(transaction=False)
@@ -2783,12 +2783,10 @@ class Channel:
     def finished_to_prune(self, older_than: float, keep: int, limit: int = 1000) -> list[str]:
         """Finished tasks past `older_than` (epoch seconds) or beyond the newest `keep`
         (0: no count limit), oldest first, at most `limit`."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrangebyscore(self.keys.finished, "-inf", older_than, start=0, num=limit)
-        if keep:
-            pipe.zrange(self.keys.finished, 0, -keep - 1)  # everything but the newest `keep`
-        aged, *beyond = pipe.execute()
-        return list(dict.fromkeys([*aged, *(beyond[0][:limit] if beyond else [])]))[:limit]
+        beyond = max(self.redis.zcard(self.keys.finished) - keep, 0) if keep else 0
+        aged = self.redis.zrangebyscore(self.keys.finished, "-inf", older_than, start=0, num=limit)
+        over = self.redis.zrange(self.keys.finished, 0, min(beyond, limit) - 1) if beyond else []
+        return list(dict.fromkeys([*aged, *over]))[:limit]  # `over`: the oldest beyond the newest `keep`
 
     def drop_tasks(self, task_ids: list[str]) -> int:
         """Remove tasks and their index entries in one script; returns how many existed."""
