@@ -2313,12 +2313,12 @@ def test_plan_push_is_idempotent_and_pull_keeps_order_and_comments(town):
     assert tt_json("sync", "push")["updated"] == ["ship"]
     assert town.task(rows["ship"]["task"]).description == "Ship it on Friday"
 
-    town.complete_task(rows["api"]["task"], "API done")
+    town.complete_task(rows["api"]["task"], "API done 😀")
     tt_json("sync", "pull")
     text = path.read_text()
     assert text.startswith("# the release plan\n[[task]]\nid = \"api\"            # first\n")
     assert "# the docs wait for it" in text
-    assert 'state = "completed"\nresult = "API done"' in text
+    assert 'state = "completed"\nresult = "API done 😀"' in text
     assert text.index('id = "api"') < text.index('id = "docs"') < text.index('id = "ship"')
     assert tinytown.load_plan(path)[0].id == "api"
     assert tt_json("sync", "push")["created"] == []  # the written-back fields change nothing

@@ -694,7 +694,11 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    # JSON's escapes are TOML's, but for \uD83D-style surrogate pairs (kept as characters)
+    # and DEL (which TOML wants escaped)
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
@@ -3799,9 +3803,9 @@ def _set_entry_fields(text: str, entry_id: str, fields: dict[str, str | None]) -
                     del lines[found]
                     end -= 1
             elif found is not None:
-                lines[found] = f"{key} = {json.dumps(value)}"
+                lines[found] = f"{key} = {_toml_value(value)}"
             else:
-                lines.insert(end, f"{key} = {json.dumps(value)}")
+                lines.insert(end, f"{key} = {_toml_value(value)}")
                 end += 1
         break
     return "\n".join(lines) + "\n"
@@ -3905,10 +3909,10 @@ def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[
         body = issue.get("body") or ""
         refs = [f"issue-{n}" for match in _DEPENDS.findall(body) for n in re.findall(r"#(\d+)", match)]
         after = [ref for ref in dict.fromkeys(refs) if ref in wanted and ref != entry_id]
-        lines = [f"# GitHub issue #{issue['number']}", "[[task]]", f"id = {json.dumps(entry_id)}",
-                 f"description = {json.dumps((issue.get('title') or '') + (chr(10) * 2 + body if body else ''))}"]
+        lines = [f"# GitHub issue #{issue['number']}", "[[task]]", f"id = {_toml_value(entry_id)}",
+                 f"description = {_toml_value((issue.get('title') or '') + (chr(10) * 2 + body if body else ''))}"]
         if after:
-            lines.append(f"after = {json.dumps(after)}")
+            lines.append(f"after = {_toml_value(after)}")
         blocks.append("\n".join(lines))
         added.append(entry_id)
     if blocks:
