@@ -1067,6 +1067,20 @@ def test_task_prune_archives_finished_tasks_then_removes_them(town):
     assert tt_json("task", "prune") == []  # the open task stays
 
 
+def test_auto_prune_runs_once_a_minute_for_the_whole_town(town):
+    w = worker(town)
+    for i in range(3):
+        town.complete_task(w.assign(f"t{i}").id, "ok")
+    assert town.maybe_prune() == 0  # off by default
+    for key, value in (("town.auto_prune", "true"), ("town.keep_finished", "1")):
+        tinytown.set_config_value(town.root / "tinytown.toml", key, value)
+    with Town(town.root) as again:
+        assert again.maybe_prune() == 2 and again.channel.task_counts() == {"completed": 1}
+        again.complete_task(again.assign("w1", "t3").id, "ok")
+        assert again.maybe_prune() == 0  # another prune ran less than a minute ago
+        again.release()
+
+
 def test_dead_letters_list_retry_and_drop(town):
     w = worker(town)
     task = w.assign("doomed")
