@@ -2316,15 +2316,18 @@ def test_plan_push_is_idempotent_and_pull_keeps_order_and_comments(town):
     path = write_plan(town, PLAN)
     assert [r["state"] for r in tt_json("plan")] == [None, None, None]
     first = tt_json("sync", "push")
-    assert first == {"created": ["api", "docs", "ship"], "updated": [], "unchanged": []}
+    assert first == {"created": ["api", "docs", "ship"], "updated": [], "unchanged": [], "kept": []}
     snapshot = sorted((t.id, t.state, t.description) for t in town.tasks())
-    assert tt_json("sync", "push") == {"created": [], "updated": [], "unchanged": ["api", "docs", "ship"]}
+    assert tt_json("sync", "push") == {"created": [], "updated": [], "unchanged": ["api", "docs", "ship"],
+                                       "kept": []}
     assert sorted((t.id, t.state, t.description) for t in town.tasks()) == snapshot  # no duplicates
     rows = {r["entry"]: r for r in tt_json("plan")}
     assert (rows["api"]["state"], rows["docs"]["state"], rows["ship"]["state"]) == ("assigned", "blocked", "blocked")
     assert town.task(rows["api"]["task"]).assigned_to == w.id
+    path.write_text(PLAN.replace("Ship it", "Ship it on Friday").replace('after = ["api", "docs"]', 'after = ["api"]'))
+    pushed = tt_json("sync", "push")
+    assert (pushed["updated"], pushed["kept"]) == (["ship"], ["ship: after"])  # a created task keeps its links
     path.write_text(PLAN.replace("Ship it", "Ship it on Friday"))
-    assert tt_json("sync", "push")["updated"] == ["ship"]
     assert town.task(rows["ship"]["task"]).description == "Ship it on Friday"
 
     town.complete_task(rows["api"]["task"], "API done 😀")

@@ -3828,9 +3828,10 @@ def plan_status(town: Town, path: Path) -> list[dict[str, Any]]:
 def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
     """Create the plan's missing tasks and update changed descriptions, in one transaction.
 
-    Returns {"created": [...], "updated": [...], "unchanged": [...]} (entry ids).  Nothing
-    is applied when the plan is bad; an entry whose `after` or agent changed after its task
-    was created keeps its task as it is (listed in "unchanged").
+    Returns {"created": [...], "updated": [...], "unchanged": [...], "kept": [...]} (entry
+    ids; "kept": "entry: field" for an `after`, agent or tags changed in the file after the
+    task was created, which its task keeps as they were).  Nothing is applied when the
+    plan is bad.
     """
     entries = load_plan(path)
     mapped = town.redis.hgetall(town.keys.plan)
@@ -3838,12 +3839,17 @@ def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
     agents = town.redis.hgetall(town.keys.agents)
     ids = {e.id: existing[mapped[e.id]].id if mapped.get(e.id) in existing else str(uuid.uuid4())
            for e in entries}
-    report: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": []}
+    report: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": [], "kept": []}
     channel = town.channel
     pipe = town.redis.pipeline()
     for entry in entries:  # prerequisites first: each script finds those it waits for
         task = existing.get(ids[entry.id])
         if task is not None:
+            for name, now, then in (("after", [ids[ref] for ref in entry.after], task.after),
+                                    ("tags", entry.tags, task.tags),
+                                    ("agent", agents.get(entry.agent or ""), task.release_to or task.assigned_to)):
+                if now != then and (name != "agent" or entry.agent):
+                    report["kept"].append(f"{entry.id}: {name}")
             if task.description != entry.description and not task.terminal:
                 channel._queue_task_change(pipe, task, description=entry.description)
                 report["updated"].append(entry.id)
