@@ -2727,7 +2727,7 @@ class Channel:
         return self.get_task(task_id) if changed else None
 
     def backlog(self) -> list[Task]:
-        return self._tasks_by_id(self.redis.zrange(self.keys.backlog, 0, -1))
+        return self.tasks_by_id(self.redis.zrange(self.keys.backlog, 0, -1))
 
     def backlog_for(self, agent: Agent, limit: int) -> list[Task]:
         """The first `limit` backlog tasks `agent` may claim, from the heads of its indexes."""
@@ -2738,9 +2738,10 @@ class Channel:
         for index in indexes:
             pipe.zrange(index, 0, limit - 1, withscores=True)
         heads = sorted({(score, task_id) for batch in pipe.execute() for task_id, score in batch})
-        return self._tasks_by_id([task_id for _, task_id in heads[:limit]])
+        return self.tasks_by_id([task_id for _, task_id in heads[:limit]])
 
-    def _tasks_by_id(self, task_ids: list[str]) -> list[Task]:
+    def tasks_by_id(self, task_ids: list[str]) -> list[Task]:
+        """These tasks (those that exist), in order, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for task_id in task_ids:
             pipe.hgetall(self.keys.task(task_id))
@@ -2757,7 +2758,7 @@ class Channel:
         found: list[Task] = []
         page = 1000
         for start in range(0, self.redis.zcard(index), page):
-            batch = self._tasks_by_id(self.redis.zrange(index, start, start + page - 1))
+            batch = self.tasks_by_id(self.redis.zrange(index, start, start + page - 1))
             found += [t for t in batch if state is None or t.state == state]
             if limit and len(found) >= limit:
                 return found[:limit]
@@ -2797,7 +2798,7 @@ class Channel:
         return int(self._drop_tasks(args=[self.keys.prefix, *task_ids])) if task_ids else 0
 
     def dependents(self, task_id: str) -> list[Task]:
-        return sorted(self._tasks_by_id(list(self.redis.smembers(self.keys.dependents(task_id)))),
+        return sorted(self.tasks_by_id(list(self.redis.smembers(self.keys.dependents(task_id)))),
                       key=lambda t: t.created_at)
 
     def task_counts(self) -> dict[str, int]:
@@ -3465,7 +3466,7 @@ class Town:
             ids = self._channel.finished_to_prune(time.time() - age, keep)
             if not ids:
                 return pruned
-            batch = self._channel._tasks_by_id(ids)
+            batch = self._channel.tasks_by_id(ids)
             with open(os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a",
                       encoding="utf-8") as out:
                 out.writelines(json.dumps(t.to_dict()) + "\n" for t in batch)
@@ -3815,7 +3816,7 @@ def plan_status(town: Town, path: Path) -> list[dict[str, Any]]:
     """Each entry with its task's live state (None: not pushed yet)."""
     entries = load_plan(path)
     mapped = town.redis.hgetall(town.keys.plan)
-    tasks = {t.id: t for t in town.channel._tasks_by_id([mapped[e.id] for e in entries if e.id in mapped])}
+    tasks = {t.id: t for t in town.channel.tasks_by_id([mapped[e.id] for e in entries if e.id in mapped])}
     out = []
     for entry in sorted(entries, key=lambda e: e.line):
         task = tasks.get(mapped.get(entry.id, ""))
@@ -3835,7 +3836,7 @@ def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
     """
     entries = load_plan(path)
     mapped = town.redis.hgetall(town.keys.plan)
-    existing = {t.id: t for t in town.channel._tasks_by_id(list(mapped.values()))}
+    existing = {t.id: t for t in town.channel.tasks_by_id(list(mapped.values()))}
     agents = town.redis.hgetall(town.keys.agents)
     ids = {e.id: existing[mapped[e.id]].id if mapped.get(e.id) in existing else str(uuid.uuid4())
            for e in entries}
@@ -4318,9 +4319,9 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
 
 def _prerequisite_results(town: Town, task_ids: list[str]) -> dict[str, list[Task]]:
     """The prerequisites (with their results) of each of these tasks, in two round trips."""
-    tasks = town.channel._tasks_by_id([t for t in task_ids if t])
+    tasks = town.channel.tasks_by_id([t for t in task_ids if t])
     wanted = {t.id: t.after for t in tasks if t.after}
-    found = {t.id: t for t in town.channel._tasks_by_id([p for after in wanted.values() for p in after])}
+    found = {t.id: t for t in town.channel.tasks_by_id([p for after in wanted.values() for p in after])}
     return {task_id: [found[p] for p in after if p in found] for task_id, after in wanted.items()}
 
 
@@ -5489,7 +5490,7 @@ def _cmd_task_show(town: Town, args: Any) -> _Reply:
     """
     task = town.task(args.id)
     names = _Names(town)
-    prerequisites = town.channel._tasks_by_id(task.after)
+    prerequisites = town.channel.tasks_by_id(task.after)
     dependents = town.dependents(task.id)
     details = [f"  {label}: {value}" for label, value in (
         ("description", task.description), ("agent", names.show(task.assigned_to)),
