@@ -1,13 +1,17 @@
-"""Performance targets of SPEC section 10, each a ratio against a raw baseline.
+"""Performance targets of SPEC section 10, each a ratio against a raw baseline, and the
+cost curves (Redis commands and wall time per operation as the town grows).
 
 Every figure is the median of several repetitions, measured in the same run on the
-same machine and Redis as its baseline.  Prints a table and writes
-bench_results.json.  `python bench_tinytown.py [--quick] [--only P1,P2]`.
+same machine and Redis as its baseline.  Prints tables and writes bench_results.json.
+`python bench_tinytown.py [--quick] [--only P1,P2,C1,C2,C3]`; TINYTOWN_BENCH_QUICK=1 is
+--quick (smaller sizes, shorter windows: not the figures the targets are judged on).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -262,8 +266,7 @@ class Bench:
             env = {**os.environ, "TINYTOWN_TOWN": str(folder), "TINYTOWN_AGENT_NAME": "bare"}
 
             def bare():
-                task = town.backlog_add("bare task")
-                town.redis.lrem(town.keys.backlog, 0, task.id)
+                task = town.channel.create_task(Task(description="bare task"))  # in no queue
                 prompt = tinytown.build_prompt(town, tinytown.Agent(id="x", name="bare"), [
                     Message(type="task_assign", to="x", body={"task_id": task.id, "description": "bare"})], 1)
                 start = time.perf_counter()
@@ -348,17 +351,208 @@ class Bench:
                     1.3, unit="MiB")
 
 
+    # Cost curves -------------------------------------------------------------
+    def _commands(self, client):
+        return sum(v["calls"] for v in client.info("commandstats").values())
+
+    def _cost(self, client, action, repeats=7):
+        """(Redis commands, wall ms) of one `action()`: medians, the INFO calls left out."""
+        action()  # scripts loaded, caches warm
+        commands, times = [], []
+        for _ in range(repeats):
+            before = self._commands(client)
+            start = time.perf_counter()
+            action()
+            times.append((time.perf_counter() - start) * 1000)
+            commands.append(self._commands(client) - before - 1)
+        return statistics.median(commands), statistics.median(times)
+
+    def _populate(self, town, tasks_n, agents_n):
+        """A town of `agents_n` idle agents (role `worker`, 3 messages in each inbox) and
+        `tasks_n` tasks: 90% in the backlog tagged for another role, the rest assigned and
+        finished."""
+        pipe = town.redis.pipeline(transaction=False)
+        ids = []
+        for i in range(agents_n):
+            agent = tinytown.Agent(id=str(uuid.uuid4()), name=f"a{i}", role="worker", state="idle",
+                                   cli="demo", created_at=tinytown._now())
+            ids.append(agent.id)
+            pipe.hset(town.keys.agent(agent.id), mapping=tinytown._to_hash(agent))
+            pipe.hset(town.keys.agents, agent.name, agent.id)
+            pipe.sadd(town.keys.role("worker"), agent.id)
+            pipe.set(town.keys.alive(agent.id), "bench@nowhere")
+            for j in range(3):
+                town.channel._push(pipe, Message(type="info", to=agent.id, body={"summary": f"note {j}"}))
+        pipe.execute()
+        pipe = town.redis.pipeline(transaction=False)
+        for i in range(tasks_n):
+            if i % 10:
+                town.channel._queue_new_task(pipe, Task(description=f"ops job {i}", tags=["ops"]), backlog=True)
+            else:
+                task = Task(description=f"done {i}", state="completed", assigned_to=ids[i % agents_n])
+                town.channel._queue_new_task(pipe, task, backlog=False)
+            if i % 2000 == 1999:
+                pipe.execute()
+        pipe.execute()
+        return ids
+
+    def cost_curves(self):
+        """C1: each hot operation's Redis commands and wall time over a grid of town sizes."""
+        task_sizes, agent_sizes = (1_000, 10_000, 100_000), (10, 100, 1_000)
+        if self.quick:
+            task_sizes, agent_sizes = (1_000, 10_000), (10, 100)
+        folder = self.root / "curves"
+        ops = ("claim", "assign", "send", "task current", "status --json", "list")
+        grid = {}
+        with Town.init(folder, "curves", max_agents=100_000) as town:
+            for tasks_n in task_sizes:
+                for agents_n in agent_sizes:
+                    town.reset(force=True)
+                    self._populate(town, tasks_n, agents_n)
+                    grid[tasks_n, agents_n] = row = self._measure_ops(town, folder, agents_n)
+                    print(f"C1  {tasks_n:>7,} tasks {agents_n:>5,} agents  " + "  ".join(
+                        f"{op} {row[op]['commands']:g} cmd {row[op]['ms']:.2f} ms" for op in ops), flush=True)
+            town.reset(force=True)
+        small, large = (task_sizes[0], agent_sizes[0]), (task_sizes[-1], agent_sizes[-1])
+        for op in ops:
+            listing = op in ("status --json", "list")  # they show every agent: O(agents) by nature
+            if listing:  # tasks grow at a fixed agent count; agents grow: cost per agent shown
+                by_tasks = [grid[t, a][op] for a in agent_sizes for t in (task_sizes[0], task_sizes[-1])]
+                growth_cmd = max(by_tasks[i + 1]["commands"] / by_tasks[i]["commands"] for i in range(0, len(by_tasks), 2))
+                growth_ms = max(by_tasks[i + 1]["ms"] / by_tasks[i]["ms"] for i in range(0, len(by_tasks), 2))
+                per_agent = [grid[t, a][op]["ms"] / a for t in task_sizes for a in agent_sizes]
+                note = (f"vs tasks at a fixed agent count; per listed agent {min(per_agent):.3f}"
+                        f"-{max(per_agent):.3f} ms")
+            else:
+                growth_cmd = grid[large][op]["commands"] / grid[small][op]["commands"]
+                growth_ms = grid[large][op]["ms"] / grid[small][op]["ms"]
+                note = ""
+            met = growth_cmd < 1.5 and growth_ms < 1.5
+            self.results.append({"id": "C1", "what": op,
+                                 "curve": {f"{t} tasks, {a} agents": grid[t, a][op] for t, a in grid},
+                                 "growth_commands": round(growth_cmd, 2), "growth_ms": round(growth_ms, 2),
+                                 "target": 1.5, "met": met, "note": note})
+            print(f"C1  {op:<14} growth smallest -> largest: commands {growth_cmd:.2f}x, wall"
+                  f" {growth_ms:.2f}x (target < 1.5x) {'ok' if met else 'MISSED'}  {note}", flush=True)
+
+    def _measure_ops(self, town, folder, agents_n):
+        dev = town.spawn_agent("dev", "demo", role="dev", start=False)
+        town.channel.set_agent_state(dev.id, "idle")
+        target = f"a{agents_n // 2}"
+
+        def cli(*argv):
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert tinytown.main(["-t", str(folder), *argv, "--json"]) == 0
+        actions = {
+            "assign": lambda: town.assign(target, "more work"),
+            "send": lambda: town.send(target, "hello"),
+            "task current": lambda: cli("task", "current", target),
+            "status --json": lambda: cli("status"),
+            "list": lambda: cli("list"),
+        }
+        row = {}
+        commands, ms = self._claim_cost(town, dev.id)  # the backlog_add behind it is not its cost
+        row["claim"] = {"commands": commands, "ms": round(ms, 3)}
+        for op, action in actions.items():
+            commands, ms = self._cost(town.redis, action)
+            row[op] = {"commands": commands, "ms": round(ms, 3)}
+        return row
+
+    def _claim_cost(self, town, agent_id, repeats=7):
+        for _ in range(repeats + 1):
+            town.backlog_add("for dev", tags=["dev"])
+        town.channel.claim(None, agent_id)
+        commands, times = [], []
+        for _ in range(repeats):
+            before = self._commands(town.redis)
+            start = time.perf_counter()
+            assert town.channel.claim(None, agent_id, sender=agent_id)
+            times.append((time.perf_counter() - start) * 1000)
+            commands.append(self._commands(town.redis) - before - 1)
+        return statistics.median(commands), statistics.median(times)
+
+    def p6_curve(self):
+        """C2: P6's per-round cost with 1 / 4 / 8 / 16 demo agents."""
+        tasks_n = 60 if self.quick else 400
+        rows = []
+        for agents_n in (1, 4, 8, 16):
+            folder = self.root / f"c2-{agents_n}"
+            with Town.init(folder, f"c2-{agents_n}", max_agents=20, agent={"max_rounds": 100000}) as town:
+                for i in range(tasks_n):
+                    town.backlog_add(f"job {i}")
+                start = time.perf_counter()
+                for i in range(agents_n):
+                    town.spawn_agent(f"w{i}", "demo")
+                while town.channel.task_counts().get("completed", 0) < tasks_n:
+                    town.redis.blpop(["bench:never"], timeout=0.5)
+                wall = time.perf_counter() - start
+                rounds = sum(a.rounds_completed for a in town.list_agents())
+                for agent in town.list_agents():
+                    town.kill_agent(agent.id)
+                per_round = wall * 1000 * min(os.cpu_count() or 1, agents_n) / rounds
+                rows.append({"agents": agents_n, "rounds": rounds, "wall_s": round(wall, 1),
+                             "ms_per_round": round(per_round, 1)})
+                print(f"C2  {agents_n:>2} demo agents drain {tasks_n} tasks: {rounds} rounds in {wall:.1f}s,"
+                      f" {per_round:.0f} ms of machine time per round", flush=True)
+        growth = rows[-1]["ms_per_round"] / rows[0]["ms_per_round"]
+        self.results.append({"id": "C2", "what": "P6 per-round cost by agents", "curve": rows,
+                             "growth": round(growth, 2), "target": 1.5, "met": growth < 1.5})
+        print(f"C2  per-round cost growth 1 -> 16 agents: {growth:.2f}x (target < 1.5x)"
+              f" {'ok' if growth < 1.5 else 'MISSED'}", flush=True)
+
+    def idle_loops(self):
+        """C3: total RSS and CPU of 10 / 50 / 100 idle agent loops over 60 s."""
+        seconds = float(os.environ.get("TINYTOWN_BENCH_IDLE_SECS") or (15 if self.quick else 60))
+        ticks = os.sysconf("SC_CLK_TCK")
+        rows = []
+        for loops in (10, 50, 100):
+            folder = self.root / f"c3-{loops}"
+            with Town.init(folder, f"c3-{loops}", max_agents=200, agent={"heartbeat_secs": 5}) as town:
+                agents = [town.spawn_agent(f"idle{i}", "demo") for i in range(loops)]
+                for agent in agents:
+                    self._wait_state(town, agent.id, "idle", timeout=120)
+                time.sleep(2)  # start-up settled
+                pids = [int(town.channel.get_agent(a.id).pid) for a in agents]
+
+                def cpu_ticks(pids=pids):
+                    total = 0
+                    for pid in pids:
+                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        total += int(fields[11]) + int(fields[12])  # utime + stime
+                    return total
+                before = cpu_ticks()
+                time.sleep(seconds)
+                cpu_share = (cpu_ticks() - before) / ticks / seconds * 100
+                rss = sum(int(line.split()[1]) for pid in pids
+                          for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if line.startswith("VmRSS:")) / 1024
+                for agent in agents:
+                    town.kill_agent(agent.id)
+                for pid in pids:
+                    tinytown._wait_for_exit(pid, 30)
+            rows.append({"loops": loops, "rss_mib": round(rss, 1), "cpu_percent_of_a_core": round(cpu_share, 3)})
+            print(f"C3  {loops:>3} idle loops over {seconds:g}s: RSS {rss:.0f} MiB in all"
+                  f" ({rss / loops:.1f} each), CPU {cpu_share:.3f}% of one core", flush=True)
+        met = rows[-1]["cpu_percent_of_a_core"] < 1.0
+        self.results.append({"id": "C3", "what": "idle loops: total RSS and CPU", "curve": rows,
+                             "seconds": seconds, "target": "100 loops < 1% of a core", "met": met})
+        print(f"C3  100 idle loops: {rows[-1]['cpu_percent_of_a_core']:.3f}% of a core (target < 1%)"
+              f" {'ok' if met else 'MISSED'}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter windows")
     parser.add_argument("--only", help="comma-separated ids, e.g. P1,P3")
     parser.add_argument("--out", default="bench_results.json")
     args = parser.parse_args()
-    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8").upper().split(","))
+    args.quick = args.quick or bool(os.environ.get("TINYTOWN_BENCH_QUICK"))
+    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8,C1,C2,C3").upper().split(","))
     bench = Bench(args.quick)
     steps = {"P1": bench.p1_round_trip, "P2": bench.p2_wake_up, "P3": bench.p3_list,
              "P4": bench.p4_status, "P5": bench.p5_idle_commands, "P6": bench.p6_drain,
-             "P7": bench.p7_init, "P8": bench.p8_rss}
+             "P7": bench.p7_init, "P8": bench.p8_rss, "C1": bench.cost_curves,
+             "C2": bench.p6_curve, "C3": bench.idle_loops}
     try:
         for key, step in steps.items():
             if key in chosen:

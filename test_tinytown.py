@@ -942,6 +942,220 @@ def test_status_shows_pending_by_type_task_counts_and_events(town):
                                           "agent_working"]
 
 
+# -- scale: every hot path costs the same whatever the town holds --
+# Costs are Redis commands (INFO commandstats, which counts those inside MULTI and Lua
+# too), never wall time.
+
+def redis_commands(town, action):
+    """(what `action()` returned, the Redis commands it issued)."""
+    def total():
+        return sum(v["calls"] for v in town.redis.info("commandstats").values())
+    before = total()
+    result = action()
+    return result, total() - before - 1  # the second INFO itself
+
+
+def bulk_tasks(town, n, *, tags=(), backlog=True, assign_to=None):
+    """n tasks in one pipeline (a big town, quickly)."""
+    pipe = town.redis.pipeline()
+    tasks = []
+    for i in range(n):
+        task = tinytown.Task(description=f"bulk {i}", tags=list(tags))
+        if assign_to:
+            task.state, task.assigned_to = "assigned", assign_to
+        town.channel._queue_new_task(pipe, task, backlog=backlog)
+        tasks.append(task)
+    pipe.execute()
+    return tasks
+
+
+def test_claim_costs_the_same_whatever_the_backlog_holds_and_is_fifo_per_index(town):
+    dev = worker(town, "dev1", role="dev")
+    assert town.channel.claim(None, dev.id) is None  # (loads the script: not part of the cost)
+    costs = []
+    for others in (20, 2000):
+        bulk_tasks(town, others, tags=["ops"])  # work for another role, ahead in the queue
+        mine = town.backlog_add("for a dev", tags=["dev"])
+        claimed, cost = redis_commands(town, lambda: town.channel.claim(None, dev.id, sender=dev.id))
+        assert claimed.id == mine.id and claimed.assigned_to == dev.id
+        costs.append(cost)
+    assert costs[0] == costs[1], costs
+    assert town.channel.claim(None, dev.id) is None  # only ops work left
+    first, second = town.backlog_add("untagged 1"), town.backlog_add("by name", tags=["dev1"])
+    third = town.backlog_add("untagged 2")
+    order = [town.channel.claim(None, dev.id).id for _ in range(3)]
+    assert order == [first.id, second.id, third.id]  # oldest first across its indexes
+    [message] = [m for m in dev.inbox() if m.body["task_id"] == first.id]
+    assert (message.type, message.body["description"], message.from_) == ("task_assign", "untagged 1",
+                                                                          "conductor")
+    assert town.channel.task_counts()["pending"] == 2020 and len(town.backlog()) == 2020
+
+
+def test_backlog_add_wakes_only_idle_agents_that_may_claim_it(town):
+    agents = {name: worker(town, name, role=role) for name, role in
+              (("a", "dev"), ("b", "ops"), ("c", "dev"), ("d", "dev"))}
+    for name, state in (("a", "idle"), ("b", "idle"), ("c", "working"), ("d", "stopped")):
+        town.channel.set_agent_state(agents[name].id, state)
+
+    def woken(action):
+        town.redis.delete(*(town.keys.wake(a.id) for a in agents.values()))
+        action()
+        return {name for name, a in agents.items() if town.redis.llen(town.keys.wake(a.id))}
+    assert woken(lambda: town.backlog_add("dev work", tags=["dev"])) == {"a"}
+    assert woken(lambda: town.backlog_add("anyone")) == {"a", "b"}
+    assert woken(lambda: town.backlog_add("b only", tags=["b"])) == {"b"}
+    assert woken(lambda: town.backlog_add("nobody idle", tags=["qa"])) == set()
+    town.channel.set_agent_state(agents["a"].id, "paused")
+    assert woken(lambda: town.backlog_add("dev again", tags=["dev"])) == set()
+
+
+def test_task_indexes_follow_every_change_and_cost_follows_the_result(town):
+    w, v = worker(town), worker(town, "w2")
+    bulk_tasks(town, 300, backlog=True)  # a crowd the agent's queries must not pay for
+    failing = w.assign("will fail")
+    for _ in range(town.config.agent.max_attempts):  # the requeue path (Lua)
+        town.channel.take(w.id, limit=10)
+        town.channel.settle(w.id, set(), "broken", count="attempt")
+    assert town.task(failing.id).state == "failed"
+    done, moved = w.assign("done"), w.assign("moves to w2")
+    town.complete_task(done.id, "ok")
+    backlog_one = town.backlog_add("claimed later")
+    town.claim(backlog_one.id, "w1")
+    assert town.channel.reclaim(w.id, target=v.id) is not None
+    town.delete_task(done.id)
+
+    every = town.channel.tasks()
+    for state in ("pending", "assigned", "running", "completed", "failed", "cancelled"):
+        assert [t.id for t in town.tasks(state=state)] == [t.id for t in every if t.state == state], state
+    for agent in (w, v):
+        assert [t.id for t in town.tasks(agent=agent.id)] == [t.id for t in every if t.assigned_to == agent.id]
+        assert [t.id for t in town.tasks(agent=agent.id, open_only=True)] == [
+            t.id for t in every if t.assigned_to == agent.id and not t.terminal]
+    assert town.channel.task_counts() == collections.Counter(t.state for t in every)
+
+    current, cost = redis_commands(town, lambda: tt_json("task", "current", "w2"))
+    _, show_cost = redis_commands(town, lambda: town.task(moved.id[:6]))
+    bulk_tasks(town, 2000, backlog=False, assign_to=w.id)
+    again, cost_after = redis_commands(town, lambda: tt_json("task", "current", "w2"))
+    assert current == again and {t["id"] for t in current} == {moved.id, backlog_one.id}
+    assert cost_after == cost
+    assert redis_commands(town, lambda: town.task(moved.id[:6]))[1] == show_cost  # by prefix too
+    _, state_cost = redis_commands(town, lambda: town.tasks(state="completed"))
+    assert state_cost <= 6
+
+
+def test_agent_lookup_by_id_or_name_is_one_round_trip(town):
+    agents = [worker(town, f"a{i}") for i in range(9)]
+    target = agents[7]
+    for ref in (target.id, "a7"):
+        found, cost = redis_commands(town, lambda ref=ref: town.resolve_agent(ref))
+        assert found == target.id and cost == 2
+    assert town.resolve_agent("A7") == target.id  # other cases still work, at a higher cost
+
+
+def test_status_counts_pending_messages_with_a_bounded_read(town):
+    w = worker(town)
+    for i in range(tinytown.PENDING_SAMPLE + 30):
+        w.send(f"note {i}", type="info")
+    w.send("a question", type="query", priority="high")
+    assert tt_json("status")["agents"][0]["pending"] == {"info": tinytown.PENDING_SAMPLE, "more": 30,
+                                                         "query": 1}
+
+
+def test_wake_keys_never_grow(town):
+    w = worker(town)
+    for i in range(50):
+        w.send(f"m{i}")
+        town.send("conductor", f"c{i}", type="info")
+        town.backlog_add(f"b{i}")
+    assert town.redis.llen(town.keys.wake(w.id)) <= tinytown.WAKE_KEEP
+    assert town.redis.llen(town.keys.wake("conductor")) <= tinytown.WAKE_KEEP
+
+
+# -- bounded growth --
+
+def test_task_prune_archives_finished_tasks_then_removes_them(town):
+    w = worker(town)
+    tasks = [w.assign(f"t{i}") for i in range(5)]
+    for task in tasks[:4]:
+        town.complete_task(task.id, f"result of {task.description}")
+    pruned = tt_json("task", "prune", "--older-than", "3600", "--keep", "1")
+    assert [t["id"] for t in pruned] == [t.id for t in tasks[:3]]  # oldest first, newest finished kept
+    [archive] = (town.root / ".tt" / "tasks").glob("archive-*.jsonl")
+    assert archive.stat().st_mode & 0o777 == 0o600
+    lines = [json.loads(line) for line in archive.read_text().splitlines()]
+    assert [(t["id"], t["result"]) for t in lines] == [(t.id, f"result of t{i}") for i, t in enumerate(tasks[:3])]
+    assert [t.id for t in town.tasks()] == [tasks[3].id, tasks[4].id]
+    assert town.channel.task_counts() == {"completed": 1, "assigned": 1}
+    assert [t.id for t in town.tasks(agent=w.id)] == [tasks[3].id, tasks[4].id]
+    assert [t.id for t in town.prune_tasks(older_than_secs=0, keep=0)] == [tasks[3].id]
+    assert town.tasks(state="completed") == [] and town.redis.zcard(town.keys.finished) == 0
+    assert tt_json("task", "prune") == []  # the open task stays
+
+
+def test_auto_prune_runs_once_a_minute_for_the_whole_town(town):
+    w = worker(town)
+    for i in range(3):
+        town.complete_task(w.assign(f"t{i}").id, "ok")
+    assert town.maybe_prune() == 0  # off by default
+    for key, value in (("town.auto_prune", "true"), ("town.keep_finished", "1")):
+        tinytown.set_config_value(town.root / "tinytown.toml", key, value)
+    with Town(town.root) as again:
+        assert again.maybe_prune() == 2 and again.channel.task_counts() == {"completed": 1}
+        again.complete_task(again.assign("w1", "t3").id, "ok")
+        assert again.maybe_prune() == 0  # another prune ran less than a minute ago
+        again.release()
+
+
+def test_dead_letters_list_retry_and_drop(town):
+    w = worker(town)
+    task = w.assign("doomed")
+    w.send("plain work")
+    for _ in range(town.config.agent.max_attempts):
+        town.channel.take(w.id)
+        town.channel.settle(w.id, set(), "the CLI crashed")
+    assert town.task(task.id).state == "failed"
+    listed = tt_json("dead")
+    assert {(m["type"], m["mailbox"]) for m in listed} == {("task_assign", w.id), ("task", w.id)}
+    assert tt_json("dead", "w1") == listed and tt_json("dead", "--agent", "w1") == listed
+    assignment = next(m for m in listed if m["type"] == "task_assign")
+    retried = tt_json("dead", "retry", assignment["id"][:8])
+    assert [m["id"] for m in retried] == [assignment["id"]]
+    reopened = town.task(task.id)
+    assert (reopened.state, reopened.error, reopened.attempts) == ("assigned", None, 0)
+    [back] = w.inbox()
+    assert (back.id, back.attempts, back.interruptions) == (assignment["id"], 0, 0)
+    assert town.redis.llen(town.keys.wake(w.id)) >= 1
+    assert town.channel.task_counts() == {"assigned": 1}
+    assert [m["type"] for m in tt_json("dead", "drop", "--all")] == ["task"]
+    assert tt_json("dead") == []
+    assert tt("dead", "retry")[0] == 2  # ids or --all
+
+
+def test_conductor_takes_or_acknowledges_its_inbox(town):
+    for i in range(3):
+        town.send("conductor", f"report {i}", type="info")
+    first, second, third = town.channel.peek("conductor")
+    acked = tt_json("inbox", "ack", first.id[:8])
+    assert [m["id"] for m in acked] == [first.id]
+    assert [m["id"] for m in tt_json("inbox", "--take")] == [second.id, third.id]
+    assert tt_json("inbox") == []
+    town.send("conductor", "one more", type="info")
+    assert len(tt_json("inbox", "ack", "--all")) == 1 and town.channel.inbox_len("conductor") == 0
+
+
+def test_round_logs_keep_the_newest_n(tmp_path):
+    for n in range(1, 8):
+        (tmp_path / f"round-{n}.log").write_text("x")
+        (tmp_path / f"round-{n}.out").write_text("x")
+    tinytown._drop_old_round_logs(tmp_path, 8, 3)  # a fresh loop with leftovers: swept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "round-6.log", "round-6.out", "round-7.log", "round-7.out"]
+    (tmp_path / "round-8.log").write_text("x")
+    tinytown._drop_old_round_logs(tmp_path, 9, 3)  # then one per round
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-7.log", "round-7.out", "round-8.log"]
+
+
 # Agent loop ##################################################################
 # Every loop here is a real detached `agent-loop` process on the session's server;
 # synchronisation is by the event stream (wait_task / wait_agent / _wait_until) or,
@@ -2037,6 +2251,230 @@ def test_agent_cli_sends_to_the_conductor_through_the_tt_shim(town, configure):
     assert worker.inbox_len() == 0 and dead_letters(town, worker.id) == []
 
 
+# Plans and snapshots #########################################################
+# Dependencies decided inside Redis, plans as code (tasks.toml), snapshots.
+
+def test_diamond_dag_runs_d_only_after_b_and_c(town):
+    workers = [town.spawn_agent(f"w{i}", "demo") for i in range(3)]
+    a = town.assign("w0", "A: lay the foundation")
+    b = town.assign("w1", "B: left wall", after=[a.id])
+    c = town.backlog_add("C: right wall", after=[a.id[:8]])
+    d = town.assign("w2", "D: the roof", after=[b.id, c.id])
+    assert [town.task(t.id).state for t in (b, c, d)] in (
+        ["blocked", "blocked", "blocked"], ["assigned", "pending", "blocked"],
+        ["running", "pending", "blocked"], ["completed", "pending", "blocked"])
+    assert tt_json("task", "list", "--state", "blocked")[-1]["id"] == d.id
+    done = town.wait_task(d.id, timeout=60)
+    assert done.state == "completed"
+    finished = {t.id: town.task(t.id).completed_at for t in (a, b, c)}
+    assert town.task(d.id).started_at > max(finished.values())  # D started after B and C finished
+    assert finished[a.id] < min(finished[b.id], finished[c.id])
+    events = [e for e in town.channel.events(200) if e.get("task") == d.id]
+    kinds = [e["event"] for e in events]
+    assert kinds.index("task_assigned") < kinds.index("task_running") < kinds.index("task_completed")
+    released = next(e for e in events if e["event"] == "task_assigned")
+    last_prerequisite = max(finished.values())
+    assert released["at"] >= last_prerequisite and released.get("detail") == "prerequisites done"
+    shown = tt_json("task", "show", d.id)
+    assert {p["id"] for p in shown["prerequisites"]} == {b.id, c.id}
+    assert [x["id"] for x in tt_json("task", "show", a.id)["dependents"]] == [b.id, c.id]
+    work = town.root / ".tt" / "agents" / "w2" / "work" / f"{d.id[:8]}.txt"
+    assert "It came after these tasks" in work.read_text()  # the prerequisites' results were in its prompt
+    assert all(w.record().tasks_completed >= 0 for w in workers)
+
+
+def test_a_failed_prerequisite_fails_its_dependents_transitively(town):
+    w = worker(town)
+    a = w.assign("A")
+    b, c = w.assign("B", after=[a.id]), town.backlog_add("C", after=[a.id], on_failure="run")
+    d = w.assign("D", after=[b.id])
+    for _ in range(town.config.agent.max_attempts):  # A fails in the Lua requeue
+        town.channel.take(w.id)
+        town.channel.settle(w.id, set(), "the CLI crashed")
+    assert town.task(a.id).state == "failed"
+    b_now, d_now = town.task(b.id), town.task(d.id)
+    assert (b_now.state, b_now.error) == ("failed", f"prerequisite {a.id} failed")
+    assert (d_now.state, d_now.error) == ("failed", f"prerequisite {b.id} failed")
+    assert town.task(c.id).state == "pending" and c.id in [t.id for t in town.backlog()]  # runs anyway
+    late = w.assign("E", after=[a.id])  # created after the failure: failed at once
+    assert (late.state, late.error) == ("failed", f"prerequisite {a.id} failed")
+    cancelled = w.assign("F")
+    g = w.assign("G", after=[cancelled.id])
+    town.cancel_task(cancelled.id)
+    assert town.task(g.id).error == f"prerequisite {cancelled.id} cancelled"
+
+
+def test_unknown_prerequisites_are_refused_and_nothing_is_created(town):
+    w = worker(town)
+    before = town.channel.task_counts()
+    with pytest.raises(TaskNotFound):
+        w.assign("X", after=["no-such-task"])
+    assert "nope" in fail_cli("assign", "w1", "X", "--after", "nope")
+    assert town.channel.task_counts() == before and town.tasks() == []
+    done = w.assign("done")
+    town.complete_task(done.id, "ok")
+    ready = town.assign("w1", "ready at once", after=[done.id])
+    assert ready.state == "assigned" and [m.body["task_id"] for m in w.inbox()][-1] == ready.id
+
+
+def test_two_concurrent_completions_release_the_dependent_exactly_once(town):
+    w = worker(town)
+    for _ in range(10):
+        b, c = w.assign("B"), w.assign("C")
+        d = w.assign("D", after=[b.id, c.id])
+        run_together(2, lambda i, b=b, c=c: town.complete_task((b, c)[i].id, "done"))
+        assert town.task(d.id).state == "assigned"
+        assert [m.body["task_id"] for m in w.inbox()].count(d.id) == 1
+
+
+def write_plan(town, text):
+    path = town.root / "tasks.toml"
+    path.write_text(text)
+    return path
+
+
+PLAN = """# the release plan
+[[task]]
+id = "api"            # first
+description = "Build the API"
+agent = "w1"
+
+# the docs wait for it
+[[task]]
+id = "docs"
+description = "Document the API"
+after = ["api"]
+role = "writer"
+
+[[task]]
+id = "ship"
+description = "Ship it"
+after = ["api", "docs"]
+priority = "high"
+"""
+
+
+def test_plan_push_is_idempotent_and_pull_keeps_order_and_comments(town):
+    w = worker(town)
+    assert tt_json("plan", "--init")["file"].endswith("tasks.toml")
+    assert "exists" in fail_cli("plan", "--init")
+    path = write_plan(town, PLAN)
+    assert [r["state"] for r in tt_json("plan")] == [None, None, None]
+    first = tt_json("sync", "push")
+    assert first == {"created": ["api", "docs", "ship"], "updated": [], "unchanged": [], "kept": []}
+    snapshot = sorted((t.id, t.state, t.description) for t in town.tasks())
+    assert tt_json("sync", "push") == {"created": [], "updated": [], "unchanged": ["api", "docs", "ship"],
+                                       "kept": []}
+    assert sorted((t.id, t.state, t.description) for t in town.tasks()) == snapshot  # no duplicates
+    rows = {r["entry"]: r for r in tt_json("plan")}
+    assert (rows["api"]["state"], rows["docs"]["state"], rows["ship"]["state"]) == ("assigned", "blocked", "blocked")
+    assert town.task(rows["api"]["task"]).assigned_to == w.id
+    path.write_text(PLAN.replace("Ship it", "Ship it on Friday").replace('after = ["api", "docs"]', 'after = ["api"]'))
+    pushed = tt_json("sync", "push")
+    assert (pushed["updated"], pushed["kept"]) == (["ship"], ["ship: after"])  # a created task keeps its links
+    path.write_text(PLAN.replace("Ship it", "Ship it on Friday"))
+    assert town.task(rows["ship"]["task"]).description == "Ship it on Friday"
+
+    town.complete_task(rows["api"]["task"], "API done 😀")
+    tt_json("sync", "pull")
+    text = path.read_text()
+    assert text.startswith("# the release plan\n[[task]]\nid = \"api\"            # first\n")
+    assert "# the docs wait for it" in text
+    assert 'state = "completed"\nresult = "API done 😀"' in text
+    assert text.index('id = "api"') < text.index('id = "docs"') < text.index('id = "ship"')
+    assert tinytown.load_plan(path)[0].id == "api"
+    assert tt_json("sync", "push")["created"] == []  # the written-back fields change nothing
+    town.complete_task(rows["docs"]["task"], "documented")
+    assert town.task(rows["ship"]["task"]).state == "pending"  # no agent named: the backlog
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('[[task]]\nid = "a"\ndescription = "x"\ncolour = "red"\n', "unknown key 'colour'"),
+    ('[[task]]\nid = "a"\ndescription = "x"\n\n[[task]]\nid = "a"\ndescription = "y"\n', "duplicate id"),
+    ('[[task]]\nid = "a"\ndescription = "x"\nafter = ["b"]\n\n[[task]]\nid = "b"\ndescription = "y"\n'
+     'after = ["a"]\n', "a dependency cycle: a -> b -> a"),
+    ('[[task]]\nid = "a"\ndescription = "x"\nafter = ["ghost"]\n', "unknown entry 'ghost'"),
+])
+def test_bad_plans_are_one_clear_error_and_nothing_is_applied(town, text, problem):
+    path = write_plan(town, PLAN + "\n" + text)
+    err = fail_cli("sync", "push")
+    assert problem in err and str(path) in err and "(entry 'a')" in err
+    line = int(re.search(r"tasks\.toml:(\d+)", err)[1])
+    assert path.read_text().splitlines()[line - 1] == "[[task]]"
+    assert town.tasks() == [] and town.redis.hlen(town.keys.plan) == 0
+
+
+def test_save_reset_restore_round_trip_is_identical_and_restores_elsewhere(town, tmp_path_factory, redis_url):
+    w = worker(town, role="dev")
+    v = worker(town, "w2")
+    a = w.assign("A")
+    w.assign("B", after=[a.id])
+    town.backlog_add("C", tags=["dev"])
+    v.send("a question", type="query", priority="high")
+    town.channel.take(v.id)
+    town.complete_task(town.backlog_add("D").id, "done")
+    town.send("conductor", "report", type="info")
+    saved = tt_json("save")["file"]
+    assert Path(saved).stat().st_mode & 0o777 == 0o600 and "/.tt/tasks/" in saved
+    document = json.loads(Path(saved).read_text())
+    assert "refused" not in document and "already holds data" in fail_cli("restore", saved)
+    tt_json("reset", "--force")
+    assert tt_json("restore", saved)["keys"] == len(document["keys"])
+    again = tinytown.save_snapshot(town)
+    assert again == document
+    assert {a.state for a in town.list_agents()} == {"stopped"}
+    assert tt_json("restore", saved, "--force")["keys"] == len(document["keys"])
+
+    other_server = tmp_path_factory.mktemp("second-redis")
+    sock = other_server / "r.sock"
+    proc = subprocess.Popen([str(tinytown.find_redis_server()), "--port", "0", "--unixsocket", str(sock),
+                             "--save", "", "--appendonly", "no", "--dir", str(other_server)],
+                            stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(unix_socket_path=str(sock))
+        tinytown._poll(lambda: sock.exists() and client.ping(), 10)
+        elsewhere = tmp_path_factory.mktemp("elsewhere")
+        os.environ["REDIS_URL"] = f"unix://{sock}"
+        try:
+            with Town.init(elsewhere, "another-name") as second:
+                tinytown.restore_snapshot(second, document)
+                assert {k: v for k, v in tinytown.save_snapshot(second).items() if k != "town"} == {
+                    k: v for k, v in document.items() if k != "town"}
+                assert [t.state for t in second.tasks(state="blocked")] == ["blocked"]
+                assert second.channel.claim(None, second.resolve_agent("w1")).description == "C"
+        finally:
+            os.environ["REDIS_URL"] = redis_url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_import_github_with_a_stand_in_gh(town, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    issues = {
+        "12": {"number": 12, "title": "Login API", "body": "Endpoints for login.", "labels": []},
+        "13": {"number": 13, "title": "Login page", "body": "Depends on #12.\nAlso blocked by #99.",
+               "labels": [{"name": "frontend"}]},
+    }
+    (bin_dir / "issues.json").write_text(json.dumps(issues))
+    gh = bin_dir / "gh"
+    gh.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                  f"issues = json.load(open({str(bin_dir / 'issues.json')!r}))\n"
+                  "assert sys.argv[1:3] == ['issue', 'view'] and sys.argv[4:] == ['--json', 'number,title,body,labels']\n"
+                  "print(json.dumps(issues[sys.argv[3]]))\n")
+    gh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert tt_json("plan", "import-github", "12", "#13")["added"] == ["issue-12", "issue-13"]
+    entries = {e.id: e for e in tinytown.load_plan(town.root / "tasks.toml")}
+    assert entries["issue-13"].after == ["issue-12"]  # #99 is not in the plan: left out
+    assert entries["issue-13"].description == "Login page\n\nDepends on #12.\nAlso blocked by #99."
+    assert tt_json("plan", "import-github", "12")["added"] == []  # already there
+    assert tt_json("sync", "push")["created"] == ["issue-12", "issue-13"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "no `gh` is on PATH" in fail_cli("plan", "import-github", "14")
+
+
 # Agent CLIs ##################################################################
 # Stand-in CLIs (small Python scripts written here, named like the real programs)
 # print the exact JSON shapes the real ones print; the opt-in suite at the end runs
@@ -2517,7 +2955,7 @@ def test_unknown_commands_and_options_suggest_the_closest_with_the_commands_usag
     code, _, err = tt("task", "shwo", "abc")
     assert code == 2 and err.startswith("usage: tt task ") and "did you mean `show`?" in err
     code, _, err = tt("task", "list", "--state", "done")
-    assert code == 2 and "--state must be one of pending," in err and "not 'done'" in err
+    assert code == 2 and "--state must be one of blocked, pending," in err and "not 'done'" in err
 
 
 def test_people_see_agent_names_and_scripts_get_names_next_to_ids(town):
@@ -2690,6 +3128,8 @@ def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
         ["recover"], ["reclaim"], ["restart", "w1", "--rounds", "1", "--fresh"], ["kill", "w1"],
         ["prune"], ["spawn", "w9", "--cli", "demo", "--force", "--no-resume-session"], ["start"],
         ["events", "--since", "0-0"], ["conductor", "--cli", "claude", "--mcp"],
+        ["task", "prune"], ["dead"], ["dead", "drop", "--all"], ["inbox", "--take"], ["inbox", "ack", "--all"],
+        ["plan", "--init"], ["plan"], ["sync", "push"], ["sync", "pull"], ["save"],
     ]
     failing = [
         ["frobnicate"], ["status", "--nope"], ["config", "no.such.key"], ["spawn", "bad name!"],
@@ -2700,7 +3140,9 @@ def test_every_command_with_json_prints_exactly_one_document(town, tmp_path):
         ["task", "cancel", "ghost"], ["task", "wait", "ghost"], ["backlog", "claim", "ghost", "w1"],
         ["backlog", "assign-all", "ghost"], ["backlog", "remove", "ghost"], ["history", "--agent", "ghost"],
         ["events", "--agent", "ghost"], ["conductor", "--cli", "ghost"], ["broadcast", "x", "--from", "ghost"],
-        ["backlog", "add", "x", "--bogus"], ["-t", tmp_path / "nowhere", "stop"], ["-t", tmp_path / "nowhere", "start"],
+        ["backlog", "add", "x", "--bogus"], ["dead", "retry"], ["dead", "ghost"], ["plan", "import-github"],
+        ["restore", "nowhere.json"], ["plan", "frobnicate"], ["assign", "w1", "x", "--after", "ghost"],
+        ["-t", tmp_path / "nowhere", "stop"], ["-t", tmp_path / "nowhere", "start"],
         ["-t", tmp_path / "nowhere", "mcp"], ["-t", tmp_path / "nowhere", "watch"],
         ["conductor", "--cli", "aider", "--mcp"],
     ]
@@ -2933,7 +3375,7 @@ def test_mcp_session_with_the_official_sdk_mirrors_the_cli(town):
     assert schema["required"] == ["agent", "description"] and schema["properties"]["urgent"]["type"] == "boolean"
     assert tools["spawn"].input_schema["properties"]["max_rounds"]["type"] == "integer"
     assert "foreground" not in tools["spawn"].input_schema["properties"]
-    assert tools["task_list"].input_schema["properties"]["state"]["enum"][0] == "pending"
+    assert tools["task_list"].input_schema["properties"]["state"]["enum"][0] == "blocked"
     assert status["town"] == town.name and [a["name"] for a in status["agents"]] == ["w1"]
     assert task["description"] == "-- odd text" and task["tags"] == ["docs"] and task["assigned_to_name"] == "w1"
     assert shown == tt_json("task", "show", task["id"])  # the very --json document

@@ -78,7 +78,8 @@ __all__ = [
     "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
     "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask",
     "HookRunner", "start_hook_runner", "stop_hook_runner", "serve_mcp",
-    "demo_agent", "main", "__version__",
+    "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
+    "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
 ]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
 # the UPPER_CASE constants and tables the code is configured by (CONFIG_FILE, PRESETS, ...).
 
@@ -97,6 +98,7 @@ EVENTS_MAXLEN = 10_000
 ACTIVITY_KEEP = 20
 WAKE_KEEP = 4  # wake tokens kept: one is enough to wake, a few absorb bursts
 MESSAGES_PER_ROUND = 50
+PENDING_SAMPLE = 50  # messages of each queue `tt status` reads to count them by type
 SERVER_START_TIMEOUT = 10.0
 SERVER_LOAD_TIMEOUT = 300.0  # loading a large AOF
 STOP_GRACE_SECS = 10.0
@@ -109,12 +111,12 @@ REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to co
 # runner derives (message_to_conductor: a `message` event to the conductor; all_tasks_done:
 # a task ended and none is open).
 HOOK_EVENTS = (
-    "task_created", "task_assigned", "task_running", "task_completed", "task_failed",
-    "task_cancelled", "task_deleted", "agent_spawned", "agent_starting", "agent_idle",
+    "task_created", "task_blocked", "task_pending", "task_assigned", "task_running",
+    "task_completed", "task_failed", "task_cancelled", "task_deleted", "agent_spawned", "agent_starting", "agent_idle",
     "agent_working", "agent_paused", "agent_draining", "agent_stopped", "agent_cold",
     "agent_error", "agent_deleted", "kill_requested", "close_requested", "message",
-    "message_to_conductor", "message_dead", "broadcast", "reclaimed", "round",
-    "budget_reached", "all_tasks_done",
+    "message_to_conductor", "message_dead", "broadcast", "reclaimed", "requeued", "round",
+    "budget_reached", "restored", "all_tasks_done",
 )
 
 # 1920s first names for nicknames, picked by the agent id.
@@ -137,9 +139,15 @@ class Keys:
         self.prefix = f"tt:{town}:"
         self.agents = self.prefix + "agents"            # hash name -> id
         self.tasks = self.prefix + "tasks"              # zset task id by creation time
-        self.backlog = self.prefix + "backlog"          # list of unassigned task ids
+        self.backlog = self.prefix + "backlog"          # zset unassigned task id by arrival (FIFO)
+        self.backlog_seq = self.prefix + "backlog_seq"  # counter: the backlog's arrival order
         self.events = self.prefix + "events"            # capped stream of state changes
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
+        self.idle = self.prefix + "idle"                # set: idle agent ids (whom a backlog add wakes)
+        self.finished = self.prefix + "finished"        # zset: finished task id by when it finished
+        self.task_ids = self.prefix + "task_ids"        # zset, all scores 0: task ids by prefix (ZRANGEBYLEX)
+        self.plan = self.prefix + "plan"                # hash: tasks.toml entry id -> task id
+        self.prune_lock = self.prefix + "prune_lock"    # string with TTL: a prune is under way
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
         self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
         self.hooks = self.prefix + "hooks"              # hash: the hook runner's pid, counts
@@ -156,6 +164,14 @@ class Keys:
     def stop(self, agent_id: str) -> str: return f"{self.prefix}stop:{agent_id}"
     def activity(self, agent_id: str) -> str: return f"{self.prefix}activity:{agent_id}"
     def task(self, task_id: str) -> str: return f"{self.prefix}task:{task_id}"
+    # Indexes, each kept in the transaction that changes what it indexes (_TASKS_LUA):
+    def tasks_in(self, state: str) -> str: return f"{self.prefix}tasks:{state}"  # zset id by creation
+    def agent_tasks(self, agent_id: str) -> str: return f"{self.prefix}agent_tasks:{agent_id}"  # zset
+    def open_tasks(self, agent_id: str) -> str: return f"{self.prefix}open_tasks:{agent_id}"  # zset
+    def backlog_any(self) -> str: return f"{self.prefix}backlog:any"  # zset: untagged backlog tasks
+    def backlog_tag(self, tag: str) -> str: return f"{self.prefix}backlog:tag:{tag}"  # zset per tag
+    def role(self, role: str) -> str: return f"{self.prefix}role:{role}"  # set: agent ids with the role
+    def dependents(self, task_id: str) -> str: return f"{self.prefix}dependents:{task_id}"  # set
 
     def queues(self, agent_id: str) -> tuple[str, str, str]:
         """The pending queues in delivery order."""
@@ -169,7 +185,7 @@ class Keys:
     def per_agent(self, agent_id: str) -> list[str]:
         return [self.agent(agent_id), *self.queues(agent_id), self.wake(agent_id),
                 self.processing(agent_id), self.dead(agent_id), self.alive(agent_id),
-                self.stop(agent_id), self.activity(agent_id)]
+                self.stop(agent_id), self.activity(agent_id), self.open_tasks(agent_id)]
 
 
 class Preset(NamedTuple):
@@ -415,10 +431,19 @@ class LostLease(TinytownError):
 
 
 class InvalidTask(TinytownError):
-    def __init__(self, description: Any):
-        self.description = description
-        super().__init__(f"a task needs a description, not {_shown(description)} (an unset shell"
-                         " variable?)")
+    def __init__(self, description: Any, reason: str | None = None):
+        self.description, self.reason = description, reason
+        super().__init__(reason or f"a task needs a description, not {_shown(description)} (an unset"
+                         " shell variable?)")
+
+
+class PlanError(TinytownError):
+    """A tasks.toml that cannot be applied: the file, line and entry, and what is wrong."""
+
+    def __init__(self, path: Path, line: int | None, entry: str | None, problem: str):
+        self.path, self.line, self.entry, self.problem = path, line, entry, problem
+        where = f"{path}{f':{line}' if line else ''}{f' (entry {entry!r})' if entry else ''}"
+        super().__init__(f"{where}: {problem}; nothing was changed")
 
 
 def _check_name(name: str, what: str = "name") -> str:
@@ -459,11 +484,17 @@ class AgentSettings:
     max_cost_usd: float = 0.0   # per agent, summed over its rounds; 0: no limit
     max_tokens: int = 0         # per agent, in + out; 0: no limit
     on_budget: str = "stop"     # a budget reached: "stop" (state error) or "pause"
+    keep_round_logs: int = 50   # each agent's newest round logs kept in .tt/logs/<name>/; 0: all
 
 
 @dataclass
 class TownSettings:
     budget_usd: float = 0.0     # all agents together; 0: no limit
+    # Finished tasks `tt task prune` archives to .tt/tasks/ (JSON lines) and removes from
+    # Redis: those finished longer ago than this, and those beyond the newest `keep_finished`.
+    prune_after_secs: float = 7 * 86400.0
+    keep_finished: int = 10_000
+    auto_prune: bool = False    # agent loops prune after their rounds (at most once a minute)
 
 
 @dataclass
@@ -673,9 +704,13 @@ auto_claim = true
 max_cost_usd = 0             # budgets: stop an agent at this cost or token count (0: none)
 max_tokens = 0
 on_budget = "stop"           # "stop" (state error) or "pause"
+keep_round_logs = 50         # each agent's newest round logs kept (0: all)
 
 [town]
 budget_usd = 0               # all the town's agents together (0: no limit)
+prune_after_secs = 604800    # `tt task prune` archives tasks finished longer ago than this
+keep_finished = 10000        # ... and beyond the newest this many finished tasks
+auto_prune = false           # agent loops prune after their rounds
 {clis}"""
 
 
@@ -686,7 +721,11 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    # JSON's escapes are TOML's, but for \uD83D-style surrogate pairs (kept as characters)
+    # and DEL (which TOML wants escaped)
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
@@ -811,6 +850,7 @@ class AgentState(enum.StrEnum):
 
 
 class TaskState(enum.StrEnum):
+    BLOCKED = "blocked"  # waiting for its prerequisites (`after`)
     PENDING = "pending"
     ASSIGNED = "assigned"
     RUNNING = "running"
@@ -964,6 +1004,9 @@ class Task:
     assigned_to: str | None = None
     tags: list[str] = field(default_factory=list)
     parent_id: str | None = None
+    after: list[str] = field(default_factory=list)  # prerequisite task ids
+    on_failure: str = "fail"  # a prerequisite failed or was cancelled: "fail" this task too, or "run"
+    release_to: str | None = None  # the agent a blocked task goes to when released (None: the backlog)
     result: str | None = None
     error: str | None = None  # why it failed
     attempts: int = 0
@@ -1626,7 +1669,7 @@ def _lua(script: str) -> str:
 
 # KEYS[1] = stop:<id>, KEYS[2] = agent:<id>, KEYS[3] = wake:<id>,
 # KEYS[4..6] = urgent:<id>, high:<id>, inbox:<id> (delivery order), KEYS[7] = processing:<id>,
-# KEYS[8] = events
+# KEYS[8] = events, KEYS[9] = idle
 # ARGV[1] = most actionable messages to take, ARGV[2] = agent id, ARGV[3] = timestamp
 # Moves pending messages into processing and returns {stop request, state, messages...}.
 # Nothing is taken on a kill request or while paused: the messages wait where they are.
@@ -1651,6 +1694,7 @@ for i = 4, 6 do
 end
 if work > 0 and (state == 'idle' or state == 'starting') then
   redis.call('HSET', KEYS[2], 'state', 'working')
+  redis.call('SREM', KEYS[9], ARGV[2])
   redis.call('XADD', KEYS[8], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_working',
              'agent', ARGV[2], 'from', state, 'at', ARGV[3])
   out[2] = 'working'
@@ -1683,10 +1727,11 @@ end
 return false
 """
 
-# KEYS[1] = agent:<id>, KEYS[2] = events
+# KEYS[1] = agent:<id>, KEYS[2] = events, KEYS[3] = idle
 # ARGV[1] = new state, ARGV[2] = the states it may replace, space-separated ('*': any),
 # ARGV[3] = agent id, ARGV[4] = timestamp, ARGV[5..] = more field/value pairs to set
 # Returns the old state, or false when the agent is gone or in a state not allowed.
+# The idle set follows, for the backlog's wake-ups.
 _SET_STATE_LUA = """
 local old = redis.call('HGET', KEYS[1], 'state')
 if not old then return false end
@@ -1694,6 +1739,7 @@ if ARGV[2] ~= '*' and not string.find(' ' .. ARGV[2] .. ' ', ' ' .. old .. ' ', 
   return false
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 5))
+redis.call(ARGV[1] == 'idle' and 'SADD' or 'SREM', KEYS[3], ARGV[3])
 if old ~= ARGV[1] then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', EVENTS_MAXLEN, '*',
              'event', 'agent_' .. ARGV[1], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
@@ -1732,7 +1778,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 
-# KEYS[1] = alive:<id>, KEYS[2] = stop:<id>, KEYS[3] = agent:<id>, KEYS[4] = events
+# KEYS[1] = alive:<id>, KEYS[2] = stop:<id>, KEYS[3] = agent:<id>, KEYS[4] = events, KEYS[5] = idle
 # ARGV[1] = the loop's identity, ARGV[2] = final state, ARGV[3] = agent id, ARGV[4] = timestamp,
 # ARGV[5..] = more field/value pairs to set
 # Ends a loop's tenure at once: heartbeat and stop request gone, final state written, so
@@ -1742,6 +1788,7 @@ _RELEASE_LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[5], ARGV[3])
 local old = redis.call('HGET', KEYS[3], 'state')
 if not old then return 1 end
 redis.call('HSET', KEYS[3], 'state', ARGV[2], unpack(ARGV, 5))
@@ -1750,36 +1797,330 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_'
 return 1
 """
 
-# The requeue shared by settling (a loop ends its round) and recovering (a loop died).
+# The tasks library: every task state change, creation, backlog move and deletion goes
+# through these functions, from Python (the scripts below, queued inside a MULTI) and from
+# the requeue (settle, recover), so the indexes can never disagree with the records.
 # ARGV[1] = the town's key prefix.  Keys are built from it because the task records a
 # message names are only known inside the script (a town lives on one Redis, not a cluster).
-_REQUEUE_LUA = """
+_TASKS_LUA = """
 local prefix = ARGV[1]
 local function key(kind, id) return prefix .. kind .. ':' .. id end
 local function event(...)
   redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', EVENTS_MAXLEN, '*', ...)
 end
-local QUEUE = {urgent = 'urgent', high = 'high'}
+local function wake(agent)
+  redis.call('RPUSH', key('wake', agent), '1')
+  redis.call('LTRIM', key('wake', agent), -WAKE_KEEP, -1)
+end
 
--- A task's state change with its counters, backlog place and event (Channel._queue_task_change).
-local function change_task(task_id, state, now, ...)
-  local task_key = key('task', task_id)
-  local old, agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
-  if not old or TERMINAL_TASK[old] then return end
-  redis.call('HSET', task_key, 'state', state, 'updated_at', now, ...)
-  if old ~= state then
-    redis.call('HINCRBY', prefix .. 'task_counts', old, -1)
-    redis.call('HINCRBY', prefix .. 'task_counts', state, 1)
-    if TERMINAL_TASK[state] then redis.call('LREM', prefix .. 'backlog', 0, task_id) end
-    event('event', 'task_' .. state, 'at', now, 'task', task_id, 'agent', agent or '')
+-- Moves a task between the per-state and per-agent indexes (nil state: out of all).
+local function reindex(task_id, old_state, old_agent, state, agent)
+  local score = redis.call('ZSCORE', prefix .. 'tasks', task_id) or 0
+  if old_state ~= state then
+    if old_state then
+      redis.call('ZREM', key('tasks', old_state), task_id)
+      redis.call('HINCRBY', prefix .. 'task_counts', old_state, -1)
+    end
+    if state then
+      redis.call('ZADD', key('tasks', state), score, task_id)
+      redis.call('HINCRBY', prefix .. 'task_counts', state, 1)
+    end
+    if TERMINAL_TASK[state] then  -- what `tt task prune` archives, by when it finished
+      local time = redis.call('TIME')
+      redis.call('ZADD', prefix .. 'finished', tonumber(time[1]) + tonumber(time[2]) / 1e6, task_id)
+    else
+      redis.call('ZREM', prefix .. 'finished', task_id)
+    end
+  end
+  if old_agent and old_agent ~= '' and old_agent ~= agent then
+    redis.call('ZREM', key('agent_tasks', old_agent), task_id)
+    redis.call('ZREM', key('open_tasks', old_agent), task_id)
+  end
+  if agent and agent ~= '' then
+    redis.call('ZADD', key('agent_tasks', agent), score, task_id)
+    if state and not TERMINAL_TASK[state] then
+      redis.call('ZADD', key('open_tasks', agent), score, task_id)
+    else
+      redis.call('ZREM', key('open_tasks', agent), task_id)
+    end
   end
 end
+
+-- The backlog indexes a task belongs in: backlog:tag:<tag> per tag, else backlog:any.
+local function backlog_indexes(task_id)
+  local ok, tags = pcall(cjson.decode, redis.call('HGET', key('task', task_id), 'tags') or '')
+  local out = {}
+  if ok and type(tags) == 'table' then
+    for _, tag in ipairs(tags) do out[#out + 1] = key('backlog:tag', tostring(tag)) end
+  end
+  if #out == 0 then out[1] = prefix .. 'backlog:any' end
+  return out, ok and type(tags) == 'table' and tags or {}
+end
+
+local function off_backlog(task_id)
+  if redis.call('ZREM', prefix .. 'backlog', task_id) == 0 then return false end
+  for _, index in ipairs(backlog_indexes(task_id)) do redis.call('ZREM', index, task_id) end
+  return true
+end
+
+-- Into the backlog (FIFO), waking only the idle agents that may claim it: any idle one
+-- for an untagged task, else those whose role or name is one of its tags.
+local function to_backlog(task_id)
+  local seq = redis.call('INCR', prefix .. 'backlog_seq')
+  redis.call('ZADD', prefix .. 'backlog', seq, task_id)
+  local indexes, tags = backlog_indexes(task_id)
+  for _, index in ipairs(indexes) do redis.call('ZADD', index, seq, task_id) end
+  if #tags == 0 then
+    for _, agent in ipairs(redis.call('SMEMBERS', prefix .. 'idle')) do wake(agent) end
+    return
+  end
+  for _, tag in ipairs(tags) do
+    for _, agent in ipairs(redis.call('SINTER', prefix .. 'idle', key('role', tostring(tag)))) do
+      wake(agent)
+    end
+    local named = redis.call('HGET', prefix .. 'agents', tostring(tag))
+    if named and redis.call('SISMEMBER', prefix .. 'idle', named) == 1 then wake(named) end
+  end
+end
+
+local QUEUE = {urgent = 'urgent', high = 'high'}
+local change_task  -- (defined below: a finished task finishes or releases its dependents)
+
+-- A blocked task whose prerequisites are done: to its agent (the task_assign message
+-- stored when it was created, and a wake) or, without one (or gone), to the backlog.
+local function release(task_id, now)
+  local to, message = unpack(redis.call('HMGET', key('task', task_id), 'release_to', 'release_message'))
+  if to and to ~= '' and message and redis.call('EXISTS', key('agent', to)) == 1 then
+    change_task(task_id, now, 'prerequisites done', 'state', 'assigned', 'assigned_to', to)
+    local ok, decoded = pcall(cjson.decode, message)
+    local priority = ok and type(decoded) == 'table' and decoded['priority'] or 'normal'
+    redis.call('RPUSH', key(QUEUE[priority] or 'inbox', to), message)
+    wake(to)
+  else
+    change_task(task_id, now, 'prerequisites done', 'state', 'pending', 'assigned_to', '')
+    to_backlog(task_id)
+  end
+  redis.call('HDEL', key('task', task_id), 'release_message')
+end
+
+-- A new task waits for its prerequisites (`after`, JSON): those already completed count
+-- as done; one that failed or was cancelled fails it (unless on_failure = run).  Then it
+-- is released at once if nothing is left to wait for.  Called with the record stored.
+local function wait_for_prerequisites(task_id, now)
+  local task_key = key('task', task_id)
+  local after, on_failure = unpack(redis.call('HMGET', task_key, 'after', 'on_failure'))
+  local waiting = 0
+  for _, pre in ipairs(cjson.decode(after)) do
+    local state = redis.call('HGET', key('task', pre), 'state')
+    if state == 'failed' or state == 'cancelled' then
+      if on_failure ~= 'run' then
+        change_task(task_id, now, '', 'state', 'failed', 'completed_at', now,
+                    'error', 'prerequisite ' .. pre .. ' ' .. state)
+        return
+      end
+    elseif state ~= 'completed' then
+      redis.call('SADD', key('dependents', pre), task_id)
+      waiting = waiting + 1
+    end
+  end
+  redis.call('HSET', task_key, 'waiting', waiting)
+  if waiting == 0 then release(task_id, now) end
+end
+
+-- A task just finished: each blocked dependent counts it done (completed, or on_failure =
+-- run) and is released with its last prerequisite; otherwise it fails, naming it, and so,
+-- transitively, do the tasks waiting for that one.
+local function finish_dependents(task_id, state, now)
+  for _, dependent in ipairs(redis.call('SMEMBERS', key('dependents', task_id))) do
+    local dep_key = key('task', dependent)
+    local dep_state, on_failure = unpack(redis.call('HMGET', dep_key, 'state', 'on_failure'))
+    if dep_state == 'blocked' then
+      if state == 'completed' or on_failure == 'run' then
+        if redis.call('HINCRBY', dep_key, 'waiting', -1) <= 0 then release(dependent, now) end
+      else
+        change_task(dependent, now, '', 'state', 'failed', 'completed_at', now,
+                    'error', 'prerequisite ' .. task_id .. ' ' .. state)
+      end
+    end
+  end
+end
+
+-- A task's change: fields, counters, indexes, backlog place, dependents and event.  A
+-- terminal task never changes (false).  `detail` goes into the event.
+change_task = function(task_id, now, detail, ...)
+  local task_key = key('task', task_id)
+  local old, old_agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
+  if not old or TERMINAL_TASK[old] then return false end
+  redis.call('HSET', task_key, 'updated_at', now, ...)
+  local state, agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
+  reindex(task_id, old, old_agent, state, agent)
+  if state ~= 'pending' then off_backlog(task_id) end
+  if old ~= state then
+    if state == 'completed' and agent and agent ~= '' then
+      redis.call('HINCRBY', key('agent', agent), 'tasks_completed', 1)
+    end
+    event('event', 'task_' .. state, 'at', now, 'task', task_id, 'agent', agent or '',
+          'detail', detail)
+    if TERMINAL_TASK[state] then finish_dependents(task_id, state, now) end
+  end
+  return true
+end
+"""
+
+# _TASKS_LUA, then:
+# ARGV[2] = task id, ARGV[3] = timestamp, ARGV[4] = event detail, ARGV[5] = mode:
+# '' (plain), 'to_backlog' (then into the backlog), 'from_backlog' (only if in the backlog),
+# ARGV[6..] = field/value pairs.  Returns 1, or 0 when nothing changed.
+_CHANGE_TASK_LUA = _TASKS_LUA + """
+local task_id, mode = ARGV[2], ARGV[5]
+if mode == 'from_backlog' and not redis.call('ZSCORE', prefix .. 'backlog', task_id) then return 0 end
+if not change_task(task_id, ARGV[3], ARGV[4], unpack(ARGV, 6)) then return 0 end
+if mode == 'to_backlog' then to_backlog(task_id) end
+return 1
+"""
+
+# _TASKS_LUA, then: ARGV[2] = task id, ARGV[3] = creation score, ARGV[4] = '1': into the
+# backlog, ARGV[5..] = the record's field/value pairs.  A new task, indexed.
+_NEW_TASK_LUA = _TASKS_LUA + """
+local task_id = ARGV[2]
+for i = 5, #ARGV - 1, 2 do  -- an unknown prerequisite (deleted meanwhile) refuses the task
+  if ARGV[i] == 'after' and ARGV[i + 1] ~= '' then
+    for _, pre in ipairs(cjson.decode(ARGV[i + 1])) do
+      if redis.call('EXISTS', key('task', pre)) == 0 then
+        return redis.error_reply('unknown prerequisite ' .. pre)
+      end
+    end
+  end
+end
+redis.call('HSET', key('task', task_id), unpack(ARGV, 5))
+redis.call('ZADD', prefix .. 'tasks', ARGV[3], task_id)
+redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
+local state, agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
+reindex(task_id, nil, nil, state, agent)
+if state == 'blocked' then
+  wait_for_prerequisites(task_id, redis.call('HGET', key('task', task_id), 'created_at'))
+elseif ARGV[4] == '1' then
+  to_backlog(task_id)
+end
+return 1
+"""
+
+# _TASKS_LUA, then: ARGV[2..] = task ids.  Removes tasks from Redis and from every index;
+# returns how many existed.
+_DROP_TASKS_LUA = _TASKS_LUA + """
+local dropped = 0
+for i = 2, #ARGV do
+  local task_id = ARGV[i]
+  local state, agent, after = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to', 'after'))
+  off_backlog(task_id)
+  local ok, prerequisites = pcall(cjson.decode, after or '')
+  for _, pre in ipairs(ok and type(prerequisites) == 'table' and prerequisites or {}) do
+    redis.call('SREM', key('dependents', pre), task_id)
+  end
+  redis.call('DEL', key('dependents', task_id))  -- (its dependents keep their `after`)
+  if state then
+    reindex(task_id, state, agent, nil, nil)
+    dropped = dropped + 1
+  end
+  redis.call('DEL', key('task', task_id))
+  redis.call('ZREM', prefix .. 'tasks', task_id)
+  redis.call('ZREM', prefix .. 'task_ids', task_id)
+end
+return dropped
+"""
+
+# _TASKS_LUA, then: ARGV[2] = agent id, ARGV[3] = a task id ('': the first the agent may
+# take: untagged, or tagged with its role or name, oldest first), ARGV[4] = the
+# task_assign message (JSON) with "\u0001" standing for the task id and "\u0002" for the
+# description, ARGV[5] = timestamp, ARGV[6] = queue (inbox:<id> or the like)
+# The whole claim in one script: a constant number of commands, whatever the backlog
+# holds.  Returns the task id, or false (nothing to claim, or the task is not in the backlog).
+_CLAIM_LUA = _TASKS_LUA + """
+local agent, task_id, now = ARGV[2], ARGV[3], ARGV[5]
+local role, name = unpack(redis.call('HMGET', key('agent', agent), 'role', 'name'))
+if not name then return false end
+if task_id == '' then
+  local best
+  local indexes = {prefix .. 'backlog:any', key('backlog:tag', name)}
+  if role and role ~= '' then indexes[3] = key('backlog:tag', role) end
+  for _, index in ipairs(indexes) do
+    local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+    if head[1] and (not best or tonumber(head[2]) < best[2]) then best = {head[1], tonumber(head[2])} end
+  end
+  if not best then return false end
+  task_id = best[1]
+elseif not redis.call('ZSCORE', prefix .. 'backlog', task_id) then
+  return false
+end
+local description = redis.call('HGET', key('task', task_id), 'description') or ''
+if not change_task(task_id, now, '', 'state', 'assigned', 'assigned_to', agent) then
+  off_backlog(task_id)  -- a stray entry (a finished task): never offered again
+  return false
+end
+local function put(text, placeholder, value)
+  local i, j = string.find(text, placeholder, 1, true)
+  return string.sub(text, 1, i - 1) .. cjson.encode(value) .. string.sub(text, j + 1)
+end
+redis.call('RPUSH', ARGV[6], put(put(ARGV[4], '"\\\\u0001"', task_id), '"\\\\u0002"', description))
+wake(agent)
+return task_id
+"""
+
+# _TASKS_LUA, then: ARGV[2] = agent id, ARGV[3] = 'retry' or 'drop', ARGV[4] = timestamp,
+# ARGV[5..] = message ids or id prefixes ('*': all)
+# Acts on dead:<agent>: drops the chosen letters, or puts them back at the end of their
+# queue with fresh counters, a task they assign that failed reopened.  Returns them.
+_DEAD_LUA = _TASKS_LUA + """
+local agent, now = ARGV[2], ARGV[4]
+local dead = key('dead', agent)
+local chosen = {}
+for _, raw in ipairs(redis.call('LRANGE', dead, 0, -1)) do
+  local ok, m = pcall(cjson.decode, raw)
+  if ok and type(m) == 'table' and type(m['id']) == 'string' then
+    for i = 5, #ARGV do
+      if ARGV[i] == '*' or string.sub(m['id'], 1, #ARGV[i]) == ARGV[i] then
+        chosen[#chosen + 1] = {raw, m}
+        break
+      end
+    end
+  end
+end
+for _, pick in ipairs(chosen) do
+  local raw, m = pick[1], pick[2]
+  redis.call('LREM', dead, 1, raw)
+  if ARGV[3] == 'retry' then
+    local head = string.match(raw, '^(.*),"attempts":%d+,"interruptions":%d+}%s*$')
+    local fresh = head and (head .. ',"attempts":0,"interruptions":0}') or raw
+    local queue = ({urgent = 'urgent', high = 'high'})[m['priority']] or 'inbox'
+    redis.call('RPUSH', key(queue, agent), fresh)
+    local task_id = m['type'] == 'task_assign' and m['task_id']
+    if type(task_id) == 'string' then
+      local task_key = key('task', task_id)
+      local state, owner = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
+      if state == 'failed' then  -- the one way back from a finished state: a person's retry
+        redis.call('HSET', task_key, 'state', 'assigned', 'error', '', 'completed_at', '',
+                   'attempts', 0, 'updated_at', now)
+        reindex(task_id, 'failed', owner, 'assigned', owner)
+        event('event', 'task_assigned', 'at', now, 'task', task_id, 'agent', owner or '',
+              'detail', 'retried from the dead letters')
+      end
+    end
+  end
+end
+if #chosen > 0 and ARGV[3] == 'retry' then wake(agent) end
+local out = {}
+for i, pick in ipairs(chosen) do out[i] = pick[1] end
+return out
+"""
+
+# The requeue shared by settling (a loop ends its round) and recovering (a loop died).
+_REQUEUE_LUA = _TASKS_LUA + """
 
 -- Empties processing:<agent>.  Acked ids are dropped; the rest go back to the front of
 -- their queue in their original order, or to dead:<agent> once out of attempts (failed
 -- runs) or interruptions (deliveries cut short by a dying loop); tasks follow.
 -- count: 'attempt', 'interruption' or 'none'.  Returns {requeued, buried messages...}.
-local function requeue(agent, acked, count, reason, max_attempts, max_interruptions, wake, now)
+local function requeue(agent, acked, count, reason, max_attempts, max_interruptions, do_wake, now)
   local processing = key('processing', agent)
   local back, dead, buried = {}, {}, {}
   for _, raw in ipairs(redis.call('LRANGE', processing, 0, -1)) do
@@ -1801,22 +2142,19 @@ local function requeue(agent, acked, count, reason, max_attempts, max_interrupti
         dead[#dead + 1] = updated
         buried[#buried + 1] = updated
         if task_id then
-          change_task(task_id, 'failed', now, 'error', reason,
+          change_task(task_id, now, reason, 'state', 'failed', 'error', reason,
                       'attempts', attempts, 'completed_at', now)
         end
       else
         back[#back + 1] = {key(QUEUE[m['priority']] or 'inbox', agent), updated}
-        if task_id then change_task(task_id, 'assigned', now, 'attempts', attempts) end
+        if task_id then change_task(task_id, now, '', 'state', 'assigned', 'attempts', attempts) end
       end
     end
   end
   for i = #back, 1, -1 do redis.call('LPUSH', back[i][1], back[i][2]) end
   if #dead > 0 then redis.call('RPUSH', key('dead', agent), unpack(dead)) end
   redis.call('DEL', processing)
-  if #back > 0 and wake then
-    redis.call('RPUSH', key('wake', agent), '1')
-    redis.call('LTRIM', key('wake', agent), -WAKE_KEEP, -1)
-  end
+  if #back > 0 and do_wake then wake(agent) end
   if #back + #dead > 0 then
     event('event', 'requeued', 'at', now, 'agent', agent, 'count', #back, 'dead', #dead,
           'reason', reason)
@@ -1861,6 +2199,7 @@ local now = ARGV[8]
 local out = requeue(ARGV[2], {}, 'interruption', ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]),
                     true, now)
 redis.call('DEL', alive_key, key('stop', ARGV[2]))
+redis.call('SREM', prefix .. 'idle', ARGV[2])
 if TERMINAL_AGENT[state] then
   table.insert(out, 1, 'idle')
   return out
@@ -1895,6 +2234,9 @@ class Channel:
         self._refresh_lease = script(_REFRESH_LEASE_LUA)
         self._release_lease = script(_RELEASE_LEASE_LUA)
         self._settle, self._recover = script(_SETTLE_LUA), script(_RECOVER_LUA)
+        self._change_task, self._new_task = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
+        self._drop_tasks, self._claim = script(_DROP_TASKS_LUA), script(_CLAIM_LUA)
+        self._dead = script(_DEAD_LUA)
 
     # -- events ------------------------------------------------------------------
 
@@ -2002,6 +2344,48 @@ class Channel:
                                                            slice_secs)
             self.redis.blpop([self.keys.wake(agent_id)], timeout=wait)
 
+    def take_all(self, agent_id: str) -> list[Message]:
+        """Pop every pending message (delivery order) in one transaction: they are yours now."""
+        pipe = self.redis.pipeline()
+        for key in self.keys.queues(agent_id):
+            pipe.lrange(key, 0, -1)
+        pipe.delete(*self.keys.queues(agent_id))
+        *batches, _ = pipe.execute()
+        parsed = (_parse_message(raw) for batch in batches for raw in batch)
+        return [message for message in parsed if message]
+
+    def ack(self, agent_id: str, message_ids: Iterable[str] | None) -> list[Message]:
+        """Remove pending messages by id or id prefix (None: all), each at most once."""
+        wanted = None if message_ids is None else [str(m) for m in message_ids]
+
+        def ack_in(pipe: Any) -> list[Message]:
+            found = [(key, raw, _parse_message(raw)) for key in self.keys.queues(agent_id)
+                     for raw in pipe.lrange(key, 0, -1)]
+            chosen = [(key, raw, m) for key, raw, m in found if m and (
+                wanted is None or any(m.id.startswith(w) for w in wanted))]
+            pipe.multi()
+            for key, raw, _ in chosen:
+                pipe.lrem(key, 1, raw)
+            return [m for _, _, m in chosen]
+
+        return self.redis.transaction(ack_in, *self.keys.queues(agent_id), value_from_callable=True)
+
+    def dead_letters(self, agent_ids: list[str]) -> dict[str, list[Message]]:
+        """Each agent's dead-letter list (malformed ones left out: `redis-cli` shows those)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for agent_id in agent_ids:
+            pipe.lrange(self.keys.dead(agent_id), 0, -1)
+        return {agent_id: [m for m in map(_parse_message, raws) if m]
+                for agent_id, raws in zip(agent_ids, pipe.execute() if agent_ids else [])}
+
+    def act_on_dead(self, agent_id: str, message_ids: Iterable[str] | None, retry: bool) -> list[Message]:
+        """Drop dead letters, or `retry` them: back to the end of their queue with fresh
+        counters (a failed task they assign reopened as assigned), all at once.  Ids or
+        prefixes (None: every one)."""
+        chosen = self._dead(args=[self.keys.prefix, agent_id, "retry" if retry else "drop", _now(),
+                                  *(message_ids if message_ids is not None else ["*"])])
+        return [Message.from_json(raw) for raw in chosen]
+
     def inbox_len(self, agent_id: str) -> int:
         pipe = self.redis.pipeline(transaction=False)
         for key in self.keys.queues(agent_id):
@@ -2021,7 +2405,8 @@ class Channel:
         """Move pending messages into processing; returns (stop request, state, messages)."""
         stop, state, *raws = self._take(keys=[self.keys.stop(agent_id), self.keys.agent(agent_id),
                                               self.keys.wake(agent_id), *self.keys.queues(agent_id),
-                                              self.keys.processing(agent_id), self.keys.events],
+                                              self.keys.processing(agent_id), self.keys.events,
+                                              self.keys.idle],
                                         args=[limit, agent_id, _now()])
         processing = self.keys.processing(agent_id)
         parsed = (self._parse_or_bury(agent_id, raw, processing) for raw in raws)
@@ -2059,24 +2444,34 @@ class Channel:
         return verdict, int(rest[0]) if verdict in ("recovered", "idle") else 0
 
     def pending_counts(self, agent_ids: list[str]) -> dict[str, dict[str, int]]:
-        """Per agent: message counts by type over its queues, processing and dead lists."""
+        """Per agent: message counts by type over its queues, `processing` and `dead`.
+
+        A bounded read: the first PENDING_SAMPLE messages of each queue are counted by
+        type and the rest as `more`, so a status of a town with full inboxes costs
+        O(agents), not O(messages).
+        """
         pipe = self.redis.pipeline(transaction=False)
         for agent_id in agent_ids:
-            for key in (*self.keys.queues(agent_id), self.keys.processing(agent_id)):
-                pipe.lrange(key, 0, -1)
+            for key in self.keys.queues(agent_id):
+                pipe.lrange(key, 0, PENDING_SAMPLE - 1)
+                pipe.llen(key)
+            pipe.llen(self.keys.processing(agent_id))
             pipe.llen(self.keys.dead(agent_id))
         replies = iter(pipe.execute())
         counts: dict[str, dict[str, int]] = {}
         for agent_id in agent_ids:
             by_type: dict[str, int] = {}
-            for index in range(4):
-                for raw in next(replies):
+            for _ in range(3):
+                sample, total = next(replies), next(replies)
+                for raw in sample:
                     message = _parse_message(raw)
-                    label = "processing" if index == 3 else message.type if message else "malformed"
+                    label = message.type if message else "malformed"
                     by_type[label] = by_type.get(label, 0) + 1
-            dead = next(replies)
-            if dead:
-                by_type["dead"] = dead
+                if total > len(sample):
+                    by_type["more"] = by_type.get("more", 0) + total - len(sample)
+            for label in ("processing", "dead"):
+                if (n := next(replies)):
+                    by_type[label] = n
             counts[agent_id] = by_type
         return counts
 
@@ -2090,7 +2485,7 @@ class Channel:
         `pipe` instead when one is given).
         """
         allowed = allowed_from if isinstance(allowed_from, str) else " ".join(allowed_from)
-        return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events],
+        return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events, self.keys.idle],
                                args=[state, allowed, agent_id, _now(), *_field_args(fields)], client=pipe)
 
     def acquire_lease(self, agent_id: str, identity: str, ttl: int) -> str | None:
@@ -2114,7 +2509,8 @@ class Channel:
         """Drop the lease and write the final state at once; False when not ours."""
         return bool(self._release_lease(
             keys=[self.keys.alive(agent_id), self.keys.stop(agent_id), self.keys.agent(agent_id),
-                  self.keys.events], args=[identity, final, agent_id, _now(), *_field_args(fields)]))
+                  self.keys.events, self.keys.idle],
+            args=[identity, final, agent_id, _now(), *_field_args(fields)]))
 
     def update_agent(self, agent_id: str, **fields: Any) -> None:
         self.redis.hset(self.keys.agent(agent_id), mapping={k: _hash_value(v) for k, v in fields.items()})
@@ -2139,6 +2535,8 @@ class Channel:
             pipe.multi()
             pipe.hset(self.keys.agents, agent.name, agent.id)
             pipe.hset(self.keys.agent(agent.id), mapping=_to_hash(agent))
+            if agent.role:
+                pipe.sadd(self.keys.role(agent.role), agent.id)
             if launching:
                 self.hold_for_launch(pipe, agent.id)
             self._event(pipe, "agent_spawned", agent=agent.id, name=agent.name, cli=agent.cli)
@@ -2163,6 +2561,15 @@ class Channel:
         pipe.get(self.keys.alive(agent_id))
         data, lease = pipe.execute()
         return dataclasses.replace(_from_hash(Agent, data), lease=lease) if data else None
+
+    def agent_names(self, agent_ids: Iterable[str]) -> dict[str, str]:
+        """Names of these agents (the conductor's too), in one round trip; unknown ids left out."""
+        wanted = [agent_id for agent_id in set(agent_ids) if agent_id != CONDUCTOR_ID]
+        pipe = self.redis.pipeline(transaction=False)
+        for agent_id in wanted:
+            pipe.hget(self.keys.agent(agent_id), "name")
+        found = dict(zip(wanted, pipe.execute() if wanted else []))
+        return {CONDUCTOR_ID: "conductor", **{k: v for k, v in found.items() if v}}
 
     def agent_ids(self) -> list[str]:
         return list(self.redis.hvals(self.keys.agents))
@@ -2203,7 +2610,7 @@ class Channel:
             if task_ids:
                 pipe.watch(*(self.keys.task(t) for t in task_ids))
             tasks = {t: self._load_task_in(pipe, t) for t in task_ids}
-            name = pipe.hget(self.keys.agent(agent_id), "name") if retire else None
+            name, role = pipe.hmget(self.keys.agent(agent_id), "name", "role") if retire else (None, None)
             owner = pipe.hget(self.keys.agents, name) if name else None
             pipe.multi()
             pipe.delete(*lists)
@@ -2219,14 +2626,12 @@ class Channel:
                         self._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=target)
                     self._push(pipe, dataclasses.replace(message, to=target))
                 elif task:
-                    self._queue_task_change(pipe, task, state=TaskState.PENDING, assigned_to=None)
-                    pipe.rpush(self.keys.backlog, task.id)
+                    self._queue_task_change(pipe, task, mode="to_backlog", state=TaskState.PENDING,
+                                            assigned_to=None)
                 elif message.type == MessageType.TASK:  # plain work becomes a backlog task
                     self._queue_new_task(pipe, Task(description=message.text), backlog=True)
                 else:
                     self._push(pipe, dataclasses.replace(message, to=CONDUCTOR_ID))
-            if messages and not target:
-                self.wake_all(pipe, self.agent_ids())
             if messages:
                 self._event(pipe, "reclaimed", agent=agent_id, to=target or "backlog",
                             count=len(messages))
@@ -2234,6 +2639,9 @@ class Channel:
                 if owner == agent_id:
                     pipe.hdel(self.keys.agents, name)
                 pipe.delete(*self.keys.per_agent(agent_id))
+                pipe.srem(self.keys.idle, agent_id)
+                if role:
+                    pipe.srem(self.keys.role(role), agent_id)
                 if name:
                     pipe.srem(self.keys.resume, name)
                 self._event(pipe, "agent_deleted", agent=agent_id, name=name)
@@ -2256,50 +2664,61 @@ class Channel:
     def get_task(self, task_id: str) -> Task | None:
         return self._load_task_in(self.redis, task_id)
 
-    def _queue_task_change(self, pipe: Any, task: Task, **changes: Any) -> Task:
-        """Queue (in a MULTI) the field updates, counters, backlog and event of a change."""
+    def _queue_task_change(self, pipe: Any, task: Task, *, mode: str = "", **changes: Any) -> Task:
+        """Queue (in a MULTI) a change with its counters, indexes, backlog place and event
+        (_TASKS_LUA's change_task).  `mode` "to_backlog" also puts it into the backlog."""
         now = _now()
-        changes["updated_at"] = now
-        new_state = changes.get("state", task.state)
-        pipe.hset(self.keys.task(task.id), mapping={k: _hash_value(v) for k, v in changes.items()})
-        if new_state != task.state:
-            pipe.hincrby(self.keys.task_counts, task.state, -1)
-            pipe.hincrby(self.keys.task_counts, new_state, 1)
-            if new_state in TERMINAL_TASK_STATES:
-                pipe.lrem(self.keys.backlog, 0, task.id)
-            if new_state == TaskState.COMPLETED and task.assigned_to:
-                pipe.hincrby(self.keys.agent(task.assigned_to), "tasks_completed", 1)
-            self._event(pipe, f"task_{new_state}", task=task.id,
-                        agent=changes.get("assigned_to") or task.assigned_to,
-                        detail=(changes.get("result") or changes.get("error") or "")[:200] or None)
-        return dataclasses.replace(task, **changes)
+        detail = (changes.get("result") or changes.get("error") or "")[:200]
+        self._change_task(args=[self.keys.prefix, task.id, now, detail, mode, *_field_args(changes)],
+                          client=pipe)
+        return dataclasses.replace(task, **changes, updated_at=now)
 
     def create_task(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
                     sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL) -> Task:
-        """Store a new task: assigned to an agent (task_assign message), in the backlog, or neither."""
+        """Store a new task: assigned to an agent (task_assign message), in the backlog, or neither.
+
+        A task with prerequisites (`task.after`, ids) is `blocked` until they are all
+        completed; the same script that completes the last one sends it on (_TASKS_LUA).
+        """
+        pipe = self.redis.pipeline()
+        self._queue_create(pipe, task, assign_to=assign_to, backlog=backlog, sender=sender, priority=priority)
+        try:
+            pipe.execute()
+        except redis.ResponseError as exc:
+            if "unknown prerequisite" in str(exc):
+                raise TaskNotFound(str(exc).rsplit(" ", 1)[-1]) from None
+            raise
+        return self.get_task(task.id) or task if task.after else task
+
+    def _queue_create(self, pipe: Any, task: Task, *, assign_to: str | None, backlog: bool,
+                      sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL,
+                      detail: str | None = None) -> None:
+        """Queue (in a MULTI) create_task's writes: the record, and its assignment or backlog
+        place, or (with prerequisites) the assignment kept for when it is released."""
         if not isinstance(task.description, str) or not task.description.strip():
             raise InvalidTask(task.description)
-        if assign_to:
+        if task.on_failure not in ("fail", "run"):
+            raise InvalidTask(task.description, f"on_failure must be fail or run, not {_shown(task.on_failure)}")
+        assignment = self._assignment(task, assign_to, sender, priority) if assign_to else None
+        extra = {}
+        if task.after:
+            task.state, task.release_to = TaskState.BLOCKED, assign_to
+            if assignment:
+                extra["release_message"] = assignment.to_json()
+        elif assign_to:
             task.state, task.assigned_to = TaskState.ASSIGNED, assign_to
-        pipe = self.redis.pipeline()
-        self._queue_new_task(pipe, task, backlog=backlog)
-        if assign_to:
-            self._push(pipe, self._assignment(task, assign_to, sender, priority))
-        if backlog:
-            self.wake_all(pipe, self.agent_ids())
-        self._event(pipe, "task_assigned" if assign_to else "task_created", task=task.id,
-                    agent=assign_to, detail=task.description[:200])
-        pipe.execute()
-        return task
+        self._event(pipe, "task_assigned" if assign_to and not task.after else "task_created", task=task.id,
+                    agent=assign_to, detail=detail or task.description[:200])
+        self._queue_new_task(pipe, task, backlog=backlog and not task.after, **extra)
+        if assignment and not task.after:
+            self._push(pipe, assignment)
 
-    def _queue_new_task(self, pipe: Any, task: Task, *, backlog: bool) -> None:
-        """Queue (in a MULTI) a new task's record, index entry, count and backlog place."""
+    def _queue_new_task(self, pipe: Any, task: Task, *, backlog: bool, **extra: str) -> None:
+        """Queue (in a MULTI) a new task's record, indexes, count, backlog place and
+        prerequisites (`extra`: more hash fields)."""
         task.updated_at = task.created_at
-        pipe.hset(self.keys.task(task.id), mapping=_to_hash(task))
-        pipe.zadd(self.keys.tasks, {task.id: time.time()})
-        pipe.hincrby(self.keys.task_counts, task.state, 1)
-        if backlog:
-            pipe.rpush(self.keys.backlog, task.id)
+        self._new_task(args=[self.keys.prefix, task.id, time.time(), "1" if backlog else "",
+                             *_field_args({**_to_hash(task), **extra})], client=pipe)
 
     @staticmethod
     def _assignment(task: Task, agent_id: str, sender: str, priority: str = Priority.NORMAL) -> Message:
@@ -2329,67 +2748,60 @@ class Channel:
                     "completed_at": _now()}
         return self.change_task(task_id, decide)
 
-    def _off_backlog(self, task_id: str, change: Callable[[Any, Task], Task]) -> Task | None:
-        """Take a task off the backlog and `change(pipe, task)` it, in one transaction.
+    def claim(self, task_id: str | None, agent_id: str, sender: str = CONDUCTOR_ID) -> Task | None:
+        """Move a backlog task to an agent: record, indexes and inbox at once (_CLAIM_LUA).
 
-        Returns None when the task is no longer in the backlog (a claim got there first).
+        `task_id` None: the first the agent may take (untagged, or tagged with its role or
+        name), in a constant number of commands.  Returns None when there is none, or when
+        the task is no longer in the backlog (a claim got there first).
         """
-        def off_backlog_in(pipe: Any) -> Task | None:
-            task = self._load_task_in(pipe, task_id)
-            if task is None:
-                raise TaskNotFound(task_id)
-            if pipe.lpos(self.keys.backlog, task_id) is None:
-                return None
-            pipe.multi()
-            pipe.lrem(self.keys.backlog, 0, task_id)
-            return change(pipe, task)
-
-        return self.redis.transaction(off_backlog_in, self.keys.backlog, self.keys.task(task_id),
-                                      value_from_callable=True)
-
-    def claim(self, task_id: str, agent_id: str, sender: str = CONDUCTOR_ID) -> Task | None:
-        """Move a backlog task to an agent: record, backlog and inbox at once (None: gone)."""
-        def assign(pipe: Any, task: Task) -> Task:
-            claimed = self._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=agent_id)
-            self._push(pipe, self._assignment(claimed, agent_id, sender))
-            return claimed
-        return self._off_backlog(task_id, assign)
+        template = self._assignment(Task(description="\x02", id="\x01"), agent_id, sender)
+        claimed = self._claim(args=[self.keys.prefix, agent_id, task_id or "", template.to_json(), _now(),
+                                    self.keys.queue_for(agent_id, template.priority)])
+        return self.get_task(claimed) if claimed else None
 
     def unbacklog(self, task_id: str) -> Task | None:
         """Cancel a backlog task (None: it was claimed meanwhile)."""
-        return self._off_backlog(task_id, lambda pipe, task: self._queue_task_change(
-            pipe, task, state=TaskState.CANCELLED, result="removed from the backlog", completed_at=_now()))
+        changed = self._change_task(args=[self.keys.prefix, task_id, _now(), "removed from the backlog",
+                                          "from_backlog", *_field_args({
+                                              "state": TaskState.CANCELLED, "result": "removed from the backlog",
+                                              "completed_at": _now()})])
+        return self.get_task(task_id) if changed else None
 
     def backlog(self) -> list[Task]:
-        return self._tasks_by_id(self.redis.lrange(self.keys.backlog, 0, -1))
+        return self.tasks_by_id(self.redis.zrange(self.keys.backlog, 0, -1))
 
-    def backlog_matching(self, wanted: Callable[[Task], bool], limit: int, page: int = 50) -> list[Task]:
-        """The first `limit` backlog tasks `wanted` accepts, read a page at a time."""
-        found: list[Task] = []
-        start = 0
-        while len(found) < limit:
-            task_ids = self.redis.lrange(self.keys.backlog, start, start + page - 1)
-            found += [task for task in self._tasks_by_id(task_ids) if wanted(task)]
-            if len(task_ids) < page:
-                break
-            start += page
-        return found[:limit]
+    def backlog_for(self, agent: Agent, limit: int) -> list[Task]:
+        """The first `limit` backlog tasks `agent` may claim, from the heads of its indexes."""
+        indexes = [self.keys.backlog_any(), self.keys.backlog_tag(agent.name)]
+        if agent.role:
+            indexes.append(self.keys.backlog_tag(agent.role))
+        pipe = self.redis.pipeline(transaction=False)
+        for index in indexes:
+            pipe.zrange(index, 0, limit - 1, withscores=True)
+        heads = sorted({(score, task_id) for batch in pipe.execute() for task_id, score in batch})
+        return self.tasks_by_id([task_id for _, task_id in heads[:limit]])
 
-    def _tasks_by_id(self, task_ids: list[str]) -> list[Task]:
+    def tasks_by_id(self, task_ids: list[str]) -> list[Task]:
+        """These tasks (those that exist), in order, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for task_id in task_ids:
             pipe.hgetall(self.keys.task(task_id))
         return [_from_hash(Task, data) for data in pipe.execute() if data]
 
-    def tasks(self, state: str | None = None, agent_id: str | None = None, limit: int | None = None
-              ) -> list[Task]:
-        """Tasks oldest first, optionally filtered."""
+    def tasks(self, state: str | None = None, agent_id: str | None = None, limit: int | None = None,
+              *, open_only: bool = False) -> list[Task]:
+        """Tasks oldest first, optionally filtered; read from the narrowest index, so the
+        cost follows the result, not the town (`open_only`: not finished, with `agent_id`)."""
+        if agent_id:
+            index = self.keys.open_tasks(agent_id) if open_only else self.keys.agent_tasks(agent_id)
+        else:
+            index = self.keys.tasks_in(state) if state else self.keys.tasks
         found: list[Task] = []
         page = 1000
-        for start in range(0, self.redis.zcard(self.keys.tasks), page):
-            batch = self._tasks_by_id(self.redis.zrange(self.keys.tasks, start, start + page - 1))
-            found += [t for t in batch if (state is None or t.state == state)
-                      and (agent_id is None or t.assigned_to == agent_id)]
+        for start in range(0, self.redis.zcard(index), page):
+            batch = self.tasks_by_id(self.redis.zrange(index, start, start + page - 1))
+            found += [t for t in batch if state is None or t.state == state]
             if limit and len(found) >= limit:
                 return found[:limit]
         return found
@@ -2397,8 +2809,9 @@ class Channel:
     def task_ids_with_prefix(self, prefix: str) -> list[str]:
         if self.redis.exists(self.keys.task(prefix)):
             return [prefix]
-        return sorted({member for member, _ in self.redis.zscan_iter(
-            self.keys.tasks, match=re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*", count=1000)})
+        if not prefix:
+            return []
+        return self.redis.zrangebylex(self.keys.task_ids, f"[{prefix}", f"[{prefix}\xff", start=0, num=6)
 
     def task_states(self, task_ids: list[str]) -> list[str | None]:
         """The state of each task (None: no such task), in one round trip."""
@@ -2409,17 +2822,26 @@ class Channel:
 
     def delete_task(self, task_id: str) -> bool:
         """Remove a task record everywhere it is indexed (e.g. a malformed one)."""
-        def delete_in(pipe: Any) -> bool:
-            state = pipe.hget(self.keys.task(task_id), "state")
-            pipe.multi()
-            pipe.delete(self.keys.task(task_id))
-            pipe.zrem(self.keys.tasks, task_id)
-            pipe.lrem(self.keys.backlog, 0, task_id)
-            if state:
-                pipe.hincrby(self.keys.task_counts, state, -1)
-            self._event(pipe, "task_deleted", task=task_id)
-            return state is not None
-        return self.redis.transaction(delete_in, self.keys.task(task_id), value_from_callable=True)
+        pipe = self.redis.pipeline()
+        self._drop_tasks(args=[self.keys.prefix, task_id], client=pipe)
+        self._event(pipe, "task_deleted", task=task_id)
+        return bool(pipe.execute()[0])
+
+    def finished_to_prune(self, older_than: float, keep: int, limit: int = 1000) -> list[str]:
+        """Finished tasks past `older_than` (epoch seconds) or beyond the newest `keep`
+        (0: no count limit), oldest first, at most `limit`."""
+        beyond = max(self.redis.zcard(self.keys.finished) - keep, 0) if keep else 0
+        aged = self.redis.zrangebyscore(self.keys.finished, "-inf", older_than, start=0, num=limit)
+        over = self.redis.zrange(self.keys.finished, 0, min(beyond, limit) - 1) if beyond else []
+        return list(dict.fromkeys([*aged, *over]))[:limit]  # `over`: the oldest beyond the newest `keep`
+
+    def drop_tasks(self, task_ids: list[str]) -> int:
+        """Remove tasks and their index entries in one script; returns how many existed."""
+        return int(self._drop_tasks(args=[self.keys.prefix, *task_ids])) if task_ids else 0
+
+    def dependents(self, task_id: str) -> list[Task]:
+        return sorted(self.tasks_by_id(list(self.redis.smembers(self.keys.dependents(task_id)))),
+                      key=lambda t: t.created_at)
 
     def task_counts(self) -> dict[str, int]:
         return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
@@ -2624,10 +3046,13 @@ class Town:
         ref = str(ref).strip()
         if ref.lower() in RESERVED_NAMES:
             return CONDUCTOR_ID
-        agent_id = self.redis.hget(self.keys.agents, ref)
-        if agent_id:
-            return agent_id
-        agents = self._channel.agents()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.keys.agents, ref)
+        pipe.exists(self.keys.agent(ref))
+        by_name, is_id = pipe.execute()  # the common cases, a name or an id: one round trip
+        if by_name or is_id:
+            return by_name or ref
+        agents = self._channel.agents()  # a prefix, a nickname or another case: read them all
         folded = ref.casefold()
         for matches in ([a for a in agents if a.id == ref or a.name.casefold() == folded],
                         [a for a in agents if len(ref) >= 8 and a.id.startswith(ref.lower())],
@@ -2995,15 +3420,27 @@ class Town:
 
     def assign(self, agent: str, task: Task | str, *, tags: Iterable[str] = (),
                parent: str | None = None, priority: str = Priority.NORMAL,
-               sender: str | None = None) -> Task:
-        """A new task for `agent`: task record, task_assign message and event at once."""
+               sender: str | None = None, after: Iterable[str] = (), on_failure: str = "fail") -> Task:
+        """A new task for `agent`: task record, task_assign message and event at once.
+
+        With `after` (task ids or prefixes) it is `blocked` until those are completed, then
+        sent to the agent in the transaction that completes the last one.
+        """
         agent_id = self.resolve_agent(agent)
+        task = self._new_task(task, tags, parent, after, on_failure)
+        return self._channel.create_task(task, assign_to=agent_id, priority=Priority(priority),
+                                         sender=self.resolve_agent(sender) if sender else CONDUCTOR_ID)
+
+    def _new_task(self, task: Task | str, tags: Iterable[str], parent: str | None,
+                  after: Iterable[str], on_failure: str) -> Task:
+        """A Task with its references resolved (an unknown one refused)."""
         if isinstance(task, str):
             task = Task(description=task, tags=list(tags))
         if parent:
             task.parent_id = self.task(parent).id
-        return self._channel.create_task(task, assign_to=agent_id, priority=Priority(priority),
-                                         sender=self.resolve_agent(sender) if sender else CONDUCTOR_ID)
+        task.after = list(dict.fromkeys([*task.after, *(self.task(ref).id for ref in after)]))
+        task.on_failure = on_failure if on_failure != "fail" else task.on_failure
+        return task
 
     def task(self, ref: str) -> Task:
         matches = self._channel.task_ids_with_prefix(str(ref).strip())
@@ -3016,9 +3453,11 @@ class Town:
             raise TaskNotFound(ref)
         return task
 
-    def tasks(self, state: str | None = None, agent: str | None = None) -> list[Task]:
+    def tasks(self, state: str | None = None, agent: str | None = None, *, open_only: bool = False
+              ) -> list[Task]:
+        """Tasks oldest first (of one agent: `open_only` leaves out the finished ones)."""
         return self._channel.tasks(TaskState(state) if state else None,
-                                   self.resolve_agent(agent) if agent else None)
+                                   self.resolve_agent(agent) if agent else None, open_only=open_only)
 
     def complete_task(self, ref: str, result: str | None = None) -> Task:
         return self._channel.finish_task(self.task(ref).id, TaskState.COMPLETED, result)
@@ -3045,8 +3484,58 @@ class Town:
             return task if task.terminal else None
         return self._wait_until(check, timeout, f"task {task_id[:8]}")
 
-    def backlog_add(self, description: str, tags: Iterable[str] = ()) -> Task:
-        return self._channel.create_task(Task(description=description, tags=list(tags)), backlog=True)
+    def prune_tasks(self, older_than_secs: float | None = None, keep: int | None = None) -> list[Task]:
+        """Archive finished tasks to .tt/tasks/archive-<date>.jsonl and remove them from Redis:
+        those finished more than `older_than_secs` ago and those beyond the newest `keep`
+        (default: the town's prune_after_secs and keep_finished).  A line is on disk (fsync)
+        before its task leaves Redis, so nothing is lost; returns the tasks archived."""
+        settings = self._config.town
+        age = settings.prune_after_secs if older_than_secs is None else older_than_secs
+        keep = settings.keep_finished if keep is None else keep
+        folder = self._root / RUNTIME_DIR / "tasks"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        archive = folder / f"archive-{time.strftime('%Y%m%d')}.jsonl"
+        pruned: list[Task] = []
+        while True:  # a batch at a time off the oldest end, so `keep` still counts the rest
+            ids = self._channel.finished_to_prune(time.time() - age, keep)
+            if not ids:
+                return pruned
+            batch = self._channel.tasks_by_id(ids)
+            with open(os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a",
+                      encoding="utf-8") as out:
+                out.writelines(json.dumps(t.to_dict()) + "\n" for t in batch)
+                out.flush()
+                os.fsync(out.fileno())
+            self._channel.drop_tasks(ids)
+            pruned += batch
+
+    def maybe_prune(self) -> int:
+        """auto_prune: one prune at a time in the whole town, at most once a minute."""
+        if not self._config.town.auto_prune or not self.redis.set(self.keys.prune_lock, "1", nx=True, ex=60):
+            return 0
+        return len(self.prune_tasks())
+
+    def dead_letters(self, agent: str | None = None) -> dict[str, list[Message]]:
+        """Dead letters by agent id (one agent's, or every mailbox's, the conductor's too)."""
+        ids = [self.resolve_agent(agent)] if agent else [CONDUCTOR_ID, *self._channel.agent_ids()]
+        return {k: v for k, v in self._channel.dead_letters(ids).items() if v or agent}
+
+    def act_on_dead(self, message_ids: list[str] | None, *, retry: bool, agent: str | None = None
+                    ) -> list[Message]:
+        """Retry (back to their queue, fresh counters) or drop dead letters, by id or
+        prefix (None: all), of one agent or of every mailbox."""
+        ids = [self.resolve_agent(agent)] if agent else [CONDUCTOR_ID, *self._channel.agent_ids()]
+        return [m for agent_id in ids for m in self._channel.act_on_dead(agent_id, message_ids, retry)]
+
+    def backlog_add(self, description: str, tags: Iterable[str] = (), *, after: Iterable[str] = (),
+                    on_failure: str = "fail", parent: str | None = None) -> Task:
+        """An unassigned task (with `after`: blocked until those tasks are completed)."""
+        return self._channel.create_task(self._new_task(description, tags, parent, after, on_failure),
+                                         backlog=True)
+
+    def dependents(self, ref: str) -> list[Task]:
+        """The tasks that wait (or waited) for this one."""
+        return self._channel.dependents(self.task(ref).id)
 
     def backlog(self) -> list[Task]:
         return self._channel.backlog()
@@ -3062,7 +3551,7 @@ class Town:
     def assign_all(self, agent: str) -> list[Task]:
         agent_id = self.agent(agent).id
         claimed = (self._channel.claim(task_id, agent_id)
-                   for task_id in self.redis.lrange(self.keys.backlog, 0, -1))
+                   for task_id in self.redis.zrange(self.keys.backlog, 0, -1))
         return [task for task in claimed if task]
 
     def backlog_remove(self, task_ref: str) -> Task:
@@ -3084,7 +3573,8 @@ class Town:
                 self._channel.reclaim(agent_id)
         # The agents' own keys: what per_agent() lists, plus the name index and the stop record.
         agent_parts = (*(key[len(self.keys.prefix):] for key in self.keys.per_agent("")),
-                       self.keys.agents[len(self.keys.prefix):], self.keys.resume[len(self.keys.prefix):])
+                       *(key[len(self.keys.prefix):] for key in (self.keys.agents, self.keys.resume,
+                                                                 self.keys.idle, self.keys.role(""))))
         found = []
         for key in self.redis.scan_iter(match=self.keys.prefix + "*", count=1000):
             if not agents_only or key[len(self.keys.prefix):].startswith(agent_parts):
@@ -3101,7 +3591,7 @@ class Town:
         agents = self._channel.agents()
         counts = self._channel.pending_counts([a.id for a in agents])
         pipe = self.redis.pipeline(transaction=False)
-        pipe.llen(self.keys.backlog)
+        pipe.zcard(self.keys.backlog)
         for agent in agents if deep else ():
             pipe.lrange(self.keys.activity(agent.id), 0, 4)
         backlog_len, *activity = pipe.execute()
@@ -3202,6 +3692,342 @@ class AgentHandle:
 
     def restart(self, rounds: int | None = None) -> AgentHandle:
         return self.town.restart_agent(self.id, rounds)
+
+
+# Plans and snapshots #########################################################
+# A plan is tasks.toml: [[task]] entries with a stable `id` (a name unique in the file).
+# `tt sync push` creates the missing tasks and updates changed descriptions, all in one
+# MULTI, remembering entry -> task id in the town's `plan` hash; `tt sync pull` writes
+# states and results back into the file as text edits (order and comments kept).  A
+# snapshot is the town's keys as one JSON document.
+
+PLAN_FILE = "tasks.toml"
+_PLAN_KEYS = {"id", "description", "agent", "role", "tags", "after", "priority", "parent",
+              "on_failure", "state", "result"}  # state and result: written by `tt sync pull`
+_PLAN_TEMPLATE = '''# Tinytown plan: `tt sync push` creates or updates these tasks (run it again after an
+# edit: nothing is created twice); `tt sync pull` writes each task's state and result back
+# here; `tt plan` shows them live.
+#
+# Each [[task]] has an `id` (a name unique in this file) and a `description`, and may have:
+#   agent = "alice"          assigned to this agent if it exists, else the backlog
+#   role = "backend"         (or tags = ["backend", "bob"]) who may claim it from the backlog
+#   after = ["other-id"]     waits until those entries' tasks are completed
+#   on_failure = "run"       run even if a prerequisite fails (default: fail with it)
+#   priority = "high"        low, normal, high or urgent
+#   parent = "other-id"      the parent entry
+
+[[task]]
+id = "design"
+description = "Write docs/api.md: the endpoints, their inputs and outputs"
+role = "backend"
+
+[[task]]
+id = "implement"
+description = "Implement the endpoints of docs/api.md, with tests"
+after = ["design"]
+role = "backend"
+'''
+
+
+@dataclass
+class PlanEntry:
+    id: str
+    description: str
+    line: int
+    agent: str | None = None
+    tags: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
+    priority: str = Priority.NORMAL
+    parent: str | None = None
+    on_failure: str = "fail"
+
+
+def _entry_lines(text: str) -> list[int]:
+    """The line number of each [[task]] header, in order."""
+    return [number for number, line in enumerate(text.splitlines(), 1) if line.strip() == "[[task]]"]
+
+
+def load_plan(path: Path) -> list[PlanEntry]:
+    """The entries of a tasks.toml, checked: PlanError names the file, line and entry."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(path, None, None, f"no plan here; `tt plan --init` writes a {PLAN_FILE}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise PlanError(path, int(line[1]) if line else None, None, f"not valid TOML ({exc})") from None
+    extra = set(data) - {"task"}
+    if extra:
+        raise PlanError(path, None, None, f"unknown top-level key {sorted(extra)[0]!r} (entries are [[task]] tables)")
+    raw_entries, lines = data.get("task", []), _entry_lines(text)
+    entries: dict[str, PlanEntry] = {}
+    for index, raw in enumerate(raw_entries):
+        line = lines[index] if index < len(lines) else None
+        name = raw.get("id")
+
+        def bad(problem: str, name: Any = name, line: int | None = line) -> PlanError:
+            return PlanError(path, line, str(name) if name else None, problem)
+        unknown = set(raw) - _PLAN_KEYS
+        if unknown:
+            raise bad(f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_PLAN_KEYS))})")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise bad("every entry needs an `id`: letters, digits, '.', '_' or '-'")
+        if name in entries:
+            raise bad(f"duplicate id (first at line {entries[name].line})")
+        description = raw.get("description")
+        if not isinstance(description, str) or not description.strip():
+            raise bad("a `description` is required")
+        tags = raw.get("tags", [raw["role"]] if raw.get("role") else [])
+        after = raw.get("after", [])
+        if not isinstance(tags, list) or not isinstance(after, list) or not all(
+                isinstance(x, str) for x in [*tags, *after]):
+            raise bad("`tags` and `after` are lists of strings")
+        if raw.get("priority", "normal") not in set(Priority):
+            raise bad(f"priority must be one of {', '.join(Priority)}")
+        if raw.get("on_failure", "fail") not in ("fail", "run"):
+            raise bad("on_failure must be fail or run")
+        entries[name] = PlanEntry(name, description, line or 0, raw.get("agent"), tags, after,
+                                  raw.get("priority", "normal"), raw.get("parent"), raw.get("on_failure", "fail"))
+    for entry in entries.values():
+        for ref in [*entry.after, *([entry.parent] if entry.parent else [])]:
+            if ref not in entries:
+                raise PlanError(path, entry.line, entry.id, f"unknown entry {ref!r} in after/parent")
+    order = _plan_order(list(entries.values()), path)
+    return order
+
+
+def _plan_order(entries: list[PlanEntry], path: Path) -> list[PlanEntry]:
+    """The entries with every prerequisite before its dependents (file order otherwise)."""
+    by_id = {entry.id: entry for entry in entries}
+    done: dict[str, bool] = {}  # False: on the current path
+    order: list[PlanEntry] = []
+
+    def visit(entry: PlanEntry, path_ids: list[str]) -> None:
+        if done.get(entry.id) is False:
+            cycle = path_ids[path_ids.index(entry.id):] + [entry.id]
+            raise PlanError(path, entry.line, entry.id, f"a dependency cycle: {' -> '.join(cycle)}")
+        if entry.id in done:
+            return
+        done[entry.id] = False
+        for ref in entry.after:
+            visit(by_id[ref], [*path_ids, entry.id])
+        done[entry.id] = True
+        order.append(entry)
+    for entry in entries:
+        visit(entry, [])
+    return order
+
+
+def _set_entry_fields(text: str, entry_id: str, fields: dict[str, str | None]) -> str:
+    """tasks.toml with `fields` set (None: removed) in the entry `entry_id`, as text edits."""
+    lines = text.splitlines()
+    headers = [n - 1 for n in _entry_lines(text)]
+    for start, end in zip(headers, [*headers[1:], len(lines)]):
+        block = lines[start:end]
+        if not any(re.fullmatch(rf'\s*id\s*=\s*["\']{re.escape(entry_id)}["\']\s*(#.*)?', ln) for ln in block):
+            continue
+        while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+            end -= 1  # after the entry's last key, before blank lines and the next entry's comments
+        for key, value in fields.items():
+            found = next((i for i in range(start, end) if re.match(rf"\s*{key}\s*=", lines[i])), None)
+            if value is None:
+                if found is not None:
+                    del lines[found]
+                    end -= 1
+            elif found is not None:
+                lines[found] = f"{key} = {_toml_value(value)}"
+            else:
+                lines.insert(end, f"{key} = {_toml_value(value)}")
+                end += 1
+        break
+    return "\n".join(lines) + "\n"
+
+
+def plan_status(town: Town, path: Path) -> list[dict[str, Any]]:
+    """Each entry with its task's live state (None: not pushed yet)."""
+    entries = load_plan(path)
+    mapped = town.redis.hgetall(town.keys.plan)
+    tasks = {t.id: t for t in town.channel.tasks_by_id([mapped[e.id] for e in entries if e.id in mapped])}
+    out = []
+    for entry in sorted(entries, key=lambda e: e.line):
+        task = tasks.get(mapped.get(entry.id, ""))
+        out.append({"entry": entry.id, "line": entry.line, "task": task.id if task else None,
+                    "state": task.state if task else None, "after": entry.after,
+                    "result": (task.result or task.error) if task else None, "description": entry.description})
+    return out
+
+
+def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
+    """Create the plan's missing tasks and update changed descriptions, in one transaction.
+
+    Returns {"created": [...], "updated": [...], "unchanged": [...], "kept": [...]} (entry
+    ids; "kept": "entry: field" for an `after`, agent or tags changed in the file after the
+    task was created, which its task keeps as they were).  Nothing is applied when the
+    plan is bad.
+    """
+    entries = load_plan(path)
+    mapped = town.redis.hgetall(town.keys.plan)
+    existing = {t.id: t for t in town.channel.tasks_by_id(list(mapped.values()))}
+    agents = town.redis.hgetall(town.keys.agents)
+    ids = {e.id: existing[mapped[e.id]].id if mapped.get(e.id) in existing else str(uuid.uuid4())
+           for e in entries}
+    report: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": [], "kept": []}
+    channel = town.channel
+    pipe = town.redis.pipeline()
+    for entry in entries:  # prerequisites first: each script finds those it waits for
+        task = existing.get(ids[entry.id])
+        if task is not None:
+            for name, now, then in (("after", [ids[ref] for ref in entry.after], task.after),
+                                    ("tags", entry.tags, task.tags),
+                                    ("agent", agents.get(entry.agent or ""), task.release_to or task.assigned_to)):
+                if now != then and (name != "agent" or entry.agent):
+                    report["kept"].append(f"{entry.id}: {name}")
+            if task.description != entry.description and not task.terminal:
+                channel._queue_task_change(pipe, task, description=entry.description)
+                report["updated"].append(entry.id)
+            else:
+                report["unchanged"].append(entry.id)
+            continue
+        agent_id = agents.get(entry.agent or "")
+        task = Task(description=entry.description, id=ids[entry.id], tags=entry.tags,
+                    after=[ids[ref] for ref in entry.after], on_failure=entry.on_failure,
+                    parent_id=ids[entry.parent] if entry.parent else None)
+        channel._queue_create(pipe, task, assign_to=agent_id, backlog=not agent_id, priority=entry.priority,
+                              detail=f"plan entry {entry.id}")
+        pipe.hset(town.keys.plan, entry.id, task.id)
+        report["created"].append(entry.id)
+    pipe.execute()
+    return report
+
+
+def sync_pull(town: Town, path: Path) -> list[dict[str, Any]]:
+    """Write each pushed entry's state and result into tasks.toml (text edits)."""
+    path = Path(path)
+    rows = plan_status(town, path)
+    text = path.read_text(encoding="utf-8")
+    for row in rows:
+        if row["task"]:
+            text = _set_entry_fields(text, row["entry"], {"state": row["state"], "result": row["result"]})
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(text, encoding="utf-8")
+    load_plan(scratch)  # never leave a broken plan behind
+    os.replace(scratch, path)
+    return rows
+
+
+_DEPENDS = re.compile(r"\b(?:depends on|blocked by|after)\s+((?:#\d+(?:\s*,\s*|\s+and\s+|\s+)?)+)", re.I)
+
+
+def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[str]:
+    """Entries for GitHub issues read with the `gh` CLI, appended to tasks.toml: the
+    description is the title and body; "depends on / blocked by / after #N" become `after`.
+    Returns the entry ids added (an issue already in the file is left as it is)."""
+    gh = gh or shutil.which("gh")
+    if not gh:
+        raise TinytownError("`tt plan import-github` reads issues with the GitHub CLI, and no `gh` is on"
+                            " PATH; install it (https://cli.github.com) and run `gh auth login`")
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    known = {e for e in re.findall(r'^\s*id\s*=\s*"([^"]+)"', text, re.M)}
+    fetched = []
+    for number in issues:
+        number = str(number).lstrip("#")
+        try:
+            out = subprocess.run([gh, "issue", "view", number, "--json", "number,title,body,labels"],
+                                 capture_output=True, text=True, timeout=GIT_TIMEOUT_SECS, check=True).stdout
+        except subprocess.CalledProcessError as exc:
+            raise TinytownError(f"`gh issue view {number}` failed: {(exc.stderr or '').strip()[:300]}") from None
+        fetched.append(json.loads(out))
+    wanted = {f"issue-{issue['number']}" for issue in fetched} | known
+    blocks, added = [], []
+    for issue in fetched:
+        entry_id = f"issue-{issue['number']}"
+        if entry_id in known:
+            continue
+        body = issue.get("body") or ""
+        refs = [f"issue-{n}" for match in _DEPENDS.findall(body) for n in re.findall(r"#(\d+)", match)]
+        after = [ref for ref in dict.fromkeys(refs) if ref in wanted and ref != entry_id]
+        lines = [f"# GitHub issue #{issue['number']}", "[[task]]", f"id = {_toml_value(entry_id)}",
+                 f"description = {_toml_value((issue.get('title') or '') + (chr(10) * 2 + body if body else ''))}"]
+        if after:
+            lines.append(f"after = {_toml_value(after)}")
+        blocks.append("\n".join(lines))
+        added.append(entry_id)
+    if blocks:
+        new_text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + "\n\n".join(blocks) + "\n"
+        scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        scratch.write_text(new_text, encoding="utf-8")
+        try:
+            load_plan(scratch)
+        except PlanError as exc:
+            scratch.unlink()
+            raise PlanError(path, exc.line, exc.entry, exc.problem) from None
+        os.replace(scratch, path)
+    return added
+
+
+# Snapshots: every key of the town but the ones that only mean something while loops run.
+_SNAPSHOT_SKIP = ("alive:", "stop:", "wake:", "prune_lock", "events", "idle")
+SNAPSHOT_VERSION = 1
+_STOPPED_AGENT = {"state": AgentState.STOPPED.value, "pid": "", "loop": "", "cli_pgid": "", "current_task": ""}
+
+
+def save_snapshot(town: Town) -> dict[str, Any]:
+    """The town's whole state as one JSON-able document; agents in it are `stopped`."""
+    keys = sorted(k for k in town.redis.scan_iter(match=town.keys.prefix + "*", count=1000)
+                  if not k[len(town.keys.prefix):].startswith(_SNAPSHOT_SKIP))
+    pipe = town.redis.pipeline(transaction=True)  # one consistent moment
+    for key in keys:
+        pipe.type(key)
+    types = pipe.execute()
+    read = {"string": lambda p, k: p.get(k), "hash": lambda p, k: p.hgetall(k),
+            "list": lambda p, k: p.lrange(k, 0, -1), "set": lambda p, k: p.smembers(k),
+            "zset": lambda p, k: p.zrange(k, 0, -1, withscores=True)}
+    pairs = [(k, t) for k, t in zip(keys, types) if t in read]
+    pipe = town.redis.pipeline(transaction=True)
+    for key, kind in pairs:
+        read[kind](pipe, key)
+    data = {}
+    for (key, kind), value in zip(pairs, pipe.execute()):
+        relative = key[len(town.keys.prefix):]
+        if kind == "set":
+            value = sorted(value)
+        elif kind == "zset":
+            value = [[member, score] for member, score in value]
+        elif kind == "hash" and relative.startswith("agent:"):
+            value = {**value, **_STOPPED_AGENT}
+        data[relative] = {"type": kind, "value": value}
+    return {"tinytown_snapshot": SNAPSHOT_VERSION, "town": town.name, "keys": data}
+
+
+def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = False) -> int:
+    """Import a snapshot (of this or another town) into this one, in one transaction.
+    Refused when the town holds data unless `force` (which resets it first, its loops
+    stopped).  Restored agents are `stopped` until `tt restart`.  Returns keys written."""
+    if snapshot.get("tinytown_snapshot") != SNAPSHOT_VERSION or not isinstance(snapshot.get("keys"), dict):
+        raise TinytownError("not a tinytown snapshot (`tt save` writes them)")
+    if next(town.redis.scan_iter(match=town.keys.prefix + "*", count=1000), None):
+        if not force:
+            raise TinytownError(f"the town {town.name!r} already holds data; `tt restore FILE --force`"
+                                " resets it first")
+        town.reset(force=True)
+    write = {"string": lambda p, k, v: p.set(k, v), "hash": lambda p, k, v: p.hset(k, mapping=v),
+             "list": lambda p, k, v: p.rpush(k, *v), "set": lambda p, k, v: p.sadd(k, *v),
+             "zset": lambda p, k, v: p.zadd(k, {member: score for member, score in v})}
+    pipe = town.redis.pipeline(transaction=True)
+    written = 0
+    for relative, item in snapshot["keys"].items():
+        if item.get("type") not in write or not item.get("value") or relative.startswith(_SNAPSHOT_SKIP):
+            continue
+        value = {**item["value"], **_STOPPED_AGENT} if relative.startswith("agent:") else item["value"]
+        write[item["type"]](pipe, town.keys.prefix + relative, value)
+        written += 1
+    town.channel._event(pipe, "restored", keys=written, source=snapshot.get("town"))
+    pipe.execute()
+    return written
 
 
 # Agent CLIs ##################################################################
@@ -3461,8 +4287,7 @@ def _budget_reached(settings: AgentSettings, town_budget: float, agent: Agent,
 
 def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: int) -> str:
     """The round's prompt: who the agent is, what it must do, and how to report back."""
-    names = {a.id: a.name for a in town.list_agents()}
-    names[CONDUCTOR_ID] = "conductor"
+    names = town.channel.agent_names({m.from_ for m in messages})  # only those it shows
 
     def who(agent_id: str) -> str:
         return names.get(agent_id, agent_id[:8])
@@ -3481,14 +4306,20 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
     assignments = [m for m in actionable if m.type == MessageType.TASK_ASSIGN]
     if assignments:
         lines += ["## Assigned tasks", ""]
+        prerequisites = _prerequisite_results(town, [m.body.get("task_id", "") for m in assignments])
         for message in assignments:
             task_id = message.body.get("task_id", "")
             mark = " **URGENT**" if message.priority == Priority.URGENT else ""
             lines += [f"### Task {task_id}{mark}",
                       f"From {who(message.from_)}, priority {message.priority}"
                       f"{f', attempt {message.attempts + 1}' if message.attempts else ''}.",
-                      "", message.body.get("description", ""), "",
-                      f'When it is done, run: `{tt} task complete {task_id} --result "<one-line summary>"`',
+                      "", message.body.get("description", ""), ""]
+            done = prerequisites.get(task_id)
+            if done:
+                lines += ["It came after these tasks; what they produced:", ""]
+                lines += [f"- {t.id[:8]} ({t.state}): {t.description[:200]} -> {t.result or t.error or 'no result'}"
+                          for t in done] + [""]
+            lines += [f'When it is done, run: `{tt} task complete {task_id} --result "<one-line summary>"`',
                       f'If it cannot be done, run: `{tt} task fail {task_id} --error "<why>"`', ""]
     others = [m for m in actionable if m.type != MessageType.TASK_ASSIGN]
     if others:
@@ -3504,7 +4335,7 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
         lines += ["## For your information", ""]
         lines += [f"- {m.type} from {who(m.from_)}: {m.text}" for m in informational]
         lines.append("")
-    matching = town.channel.backlog_matching(lambda task: _tags_match(task.tags, agent), 5)
+    matching = town.channel.backlog_for(agent, 5)
     if matching:
         lines += ["## Backlog you could claim", ""]
         lines += [f"- {t.id[:8]}: {t.description} (`{tt} backlog claim {t.id[:8]} {agent.name}`)"
@@ -3518,6 +4349,14 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
               f"- `{tt} backlog list` / `{tt} backlog claim ID {agent.name}` - unassigned work",
               f"- `{tt} task current` / `{tt} task complete ID --result \"...\"` - your tasks", ""]
     return "\n".join(lines)
+
+
+def _prerequisite_results(town: Town, task_ids: list[str]) -> dict[str, list[Task]]:
+    """The prerequisites (with their results) of each of these tasks, in two round trips."""
+    tasks = town.channel.tasks_by_id([t for t in task_ids if t])
+    wanted = {t.id: t.after for t in tasks if t.after}
+    found = {t.id: t for t in town.channel.tasks_by_id([p for after in wanted.values() for p in after])}
+    return {task_id: [found[p] for p in after if p in found] for task_id, after in wanted.items()}
 
 
 def _share_password(server: RedisServer) -> None:
@@ -3534,8 +4373,19 @@ def _task_over(state: str | None) -> bool:
     return state is None or state in TERMINAL_TASK_STATES
 
 
-def _tags_match(tags: list[str], agent: Agent) -> bool:
-    return not tags or agent.name in tags or (agent.role is not None and agent.role in tags)
+def _drop_old_round_logs(folder: Path, round_no: int, keep: int) -> None:
+    """Keep the newest `keep` rounds' logs (0: all).  Each round drops the one that falls
+    out; older leftovers (a lowered `keep`) are swept when found."""
+    if not keep or round_no <= keep:
+        return
+    rounds = [round_no - keep]
+    if (folder / f"round-{round_no - keep - 1}.log").exists():
+        rounds = [int(number) for number in (p.stem.partition("-")[2] for p in folder.glob("round-*.log"))
+                  if number.isdigit() and int(number) <= round_no - keep]
+    for number in rounds:
+        for suffix in (".log", ".out"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / f"round-{number}{suffix}").unlink()
 
 
 class AgentLoop:
@@ -3793,15 +4643,10 @@ class AgentLoop:
         return handled
 
     def _claim_backlog(self) -> bool:
-        agent = self.channel.get_agent(self.agent.id) or self.agent
-        while True:  # each lost race means another agent took a task: the backlog shrinks
-            candidates = self.channel.backlog_matching(lambda task: _tags_match(task.tags, agent), 10)
-            if not candidates:
-                return False
-            for task in candidates:
-                if self.channel.claim(task.id, agent.id, sender=agent.id):  # None: lost the race
-                    log.info("agent %s: claimed backlog task %s", agent.name, task.id[:8])
-                    return True
+        task = self.channel.claim(None, self.agent.id, sender=self.agent.id)
+        if task:
+            log.info("agent %s: claimed backlog task %s", self.agent.name, task.id[:8])
+        return task is not None
 
     # -- a round -----------------------------------------------------------------
 
@@ -3829,6 +4674,7 @@ class AgentLoop:
         _write_atomic(prompt_file, prompt)
         log_file = self.town.root / RUNTIME_DIR / "logs" / agent.name / f"round-{round_no}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
+        _drop_old_round_logs(log_file.parent, round_no, self.settings.keep_round_logs)
         command, session = _session_command(self.cli, agent, round_no)
         raw_file = log_file.with_suffix(".out") if self.cli.output in OUTPUT_PARSERS else None
         started = time.monotonic()
@@ -3865,6 +4711,8 @@ class AgentLoop:
         pipe.execute()
         self.channel.set_agent_state(agent_id, AgentState.IDLE, "working")
         log.info("agent %s: %s", agent.name, summary)
+        if self.town.maybe_prune():
+            log.info("agent %s: pruned finished tasks into .tt/tasks/", agent.name)
 
     def _mark_running(self, task_id: str) -> None:
         def decide(task: Task) -> dict[str, Any] | None:
@@ -4395,7 +5243,7 @@ class _UsageError(TinytownError):
 
 _ICONS = {"starting": "◌", "idle": "○", "working": "●", "paused": "‖", "draining": "◐",
           "stopped": "■", "cold": "❄", "error": "✗", "dead": "☠",
-          "pending": "·", "assigned": "→", "running": "▶", "completed": "✓", "failed": "✗",
+          "blocked": "⧗", "pending": "·", "assigned": "→", "running": "▶", "completed": "✓", "failed": "✗",
           "cancelled": "⊘"}
 _COLORS = {"working": 32, "idle": 36, "paused": 33, "draining": 33, "error": 31, "dead": 31,
            "failed": 31, "completed": 32, "running": 32}
@@ -4953,7 +5801,8 @@ def _cmd_assign(town: Town, args: Any) -> _Reply:
     Example: tt assign worker-1 "Implement the login API" --tags backend
     """
     task = town.assign(args.agent, args.description, tags=_tags(args.tags), parent=args.parent,
-                       priority=_priority(args), sender=_sender(args))
+                       priority=_priority(args), sender=_sender(args), after=_tags(args.after),
+                       on_failure=args.on_failure)
     agent = town.channel.get_agent(task.assigned_to or "")
     if agent and agent.terminal:
         print(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
@@ -4969,12 +5818,22 @@ def _cmd_task_show(town: Town, args: Any) -> _Reply:
     """
     task = town.task(args.id)
     names = _Names(town)
+    prerequisites = town.channel.tasks_by_id(task.after)
+    dependents = town.dependents(task.id)
     details = [f"  {label}: {value}" for label, value in (
         ("description", task.description), ("agent", names.show(task.assigned_to)),
+        ("goes to", names.show(task.release_to) if task.state == TaskState.BLOCKED else None),
         ("tags", ", ".join(task.tags)), ("parent", task.parent_id), ("attempts", task.attempts),
         ("created", task.created_at), ("finished", task.completed_at), ("result", task.result),
         ("error", task.error)) if value]
-    return _task_reply(task, names, "\n".join([_task_line(task, names), *details]))
+    for label, linked in (("after", prerequisites), ("dependents", dependents)):
+        details += [f"  {label}:"] + [f"    {_task_line(t, names)}" for t in linked] if linked else []
+    if task.after and task.on_failure == "run":
+        details.append("  on failure of a prerequisite: runs anyway")
+    reply = _task_reply(task, names, "\n".join([_task_line(task, names), *details]))
+    reply.data["prerequisites"] = [{"id": t.id, "state": t.state} for t in prerequisites]
+    reply.data["dependents"] = [{"id": t.id, "state": t.state} for t in dependents]
+    return reply
 
 
 @_uses_town(_TownUse.READ)
@@ -4997,7 +5856,7 @@ def _cmd_task_current(town: Town, args: Any) -> _Reply:
         raise _UsageError("which agent? `tt task current AGENT` (inside an agent it is implied)",
                           args.parser.format_usage())
     agent_id = town.agent(who).id
-    return _tasks_reply([t for t in town.tasks(agent=agent_id) if not t.terminal], _Names(town), "no open tasks")
+    return _tasks_reply(town.tasks(agent=agent_id, open_only=True), _Names(town), "no open tasks")
 
 
 def _cmd_task_complete(town: Town, args: Any) -> _Reply:
@@ -5033,6 +5892,17 @@ def _cmd_task_delete(town: Town, args: Any) -> _Reply:
     return _task_reply(task, _Names(town), f"deleted task {task.id}")
 
 
+def _cmd_task_prune(town: Town, args: Any) -> _Reply:
+    """Archive finished tasks to .tt/tasks/archive-DATE.jsonl and remove them from Redis: those
+    finished longer ago than --older-than and those beyond the newest --keep (default: config).
+
+    Example: tt task prune --older-than 86400 --keep 1000
+    """
+    pruned = town.prune_tasks(args.older_than, args.keep)
+    return _Reply([t.to_dict() for t in pruned], f"archived {_count(len(pruned), 'finished task')}"
+                  " to .tt/tasks/")
+
+
 @_uses_town(_TownUse.READ)
 def _cmd_task_wait(town: Town, args: Any) -> _Reply:
     """Block until a task ends: exit 0 when it completed, 1 when it failed, was cancelled or timed out.
@@ -5050,7 +5920,8 @@ def _cmd_backlog_add(town: Town, args: Any) -> _Reply:
 
     Example: tt backlog add "Fix the flaky test" --tags backend,tests
     """
-    task = town.backlog_add(args.description, _tags(args.tags))
+    task = town.backlog_add(args.description, _tags(args.tags), after=_tags(args.after),
+                            on_failure=args.on_failure, parent=args.parent)
     return _task_reply(task, _Names(town), task.id)
 
 
@@ -5119,28 +5990,169 @@ def _cmd_broadcast(town: Town, args: Any) -> _Reply:
     return _Reply([names.add_to(m.to_dict()) for m in copies], f"sent to {_count(len(copies), 'agent')}")
 
 
+def _messages_reply(messages: list[Message], names: _Names, text: str) -> _Reply:
+    return _Reply([names.add_to(m.to_dict()) for m in messages],
+                  "\n".join([*(_message_line(m, names) for m in messages), text]))
+
+
+# --take and `ack` change only the mailbox they read; like reading, they never start a server.
 @_uses_town(_TownUse.READ)
 def _cmd_inbox(town: Town, args: Any) -> _Reply:
-    """Pending messages of an agent (default: this agent, else the conductor), left in place.
+    """Pending messages of a mailbox (default: this agent, else the conductor), left in place;
+    --take removes them as it shows them, `tt inbox ack ID...|--all` acknowledges (removes) some.
 
-    Example: tt inbox worker-1
+    Example: tt inbox ack 3f2a9c1e
     """
-    if args.all:
+    if args.all and args.agent != "ack":
         agents = town.list_agents()
         names = _Names(town, {a.id: a.name for a in agents})
         counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
         data = {names.show(agent_id): c for agent_id, c in counts.items()}
         return _Reply(data, "\n".join(f"{name:<16} {_counts_text(c) if c else 'empty'}" for name, c in data.items()))
-    agent_id = town.resolve_agent(args.agent or os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID)
-    messages = town.channel.peek(agent_id)
+    acking = args.agent == "ack" and (args.ids or args.all)
+    own = os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID
+    agent_id = town.resolve_agent(own if acking else args.agent or own)
     names = _Names(town)
+    if acking:
+        acked = town.channel.ack(agent_id, None if args.all else args.ids)
+        return _messages_reply(acked, names, f"acknowledged {_count(len(acked), 'message')}")
+    if args.ids:
+        raise _UsageError(f"unexpected argument {_shown(args.ids[0])} (`tt inbox ack ID...` acknowledges)",
+                          args.parser.format_usage())
+    if args.take:
+        taken = town.channel.take_all(agent_id)
+        return _messages_reply(taken, names, f"took {_count(len(taken), 'message')}")
+    messages = town.channel.peek(agent_id)
     counts: dict[str, int] = {}
     for message in messages:
         counts[message.type] = counts.get(message.type, 0) + 1
-    lines = [_message_line(m, names) for m in messages] + [_counts_text(counts)]
-    return _Reply([names.add_to(m.to_dict()) for m in messages],
-                  "\n".join(lines) if messages else f"no pending messages for {names.show(agent_id)}")
+    if not messages:
+        return _Reply([], f"no pending messages for {names.show(agent_id)}")
+    return _messages_reply(messages, names, _counts_text(counts))
 
+
+def _cmd_dead(town: Town, args: Any) -> _Reply:
+    """Dead letters (messages out of attempts, or malformed): `tt dead [AGENT]` lists them,
+    `tt dead retry ID...|--all` puts them back in their queue with fresh counters (a failed
+    task they assign reopened), `tt dead drop ID...|--all` deletes them.
+
+    Example: tt dead retry --all --agent worker-1
+    """
+    action = args.what[0] if args.what and args.what[0] in ("retry", "drop") else None
+    names = _Names(town)
+    if action is None:
+        if len(args.what) > 1:
+            raise _UsageError("one agent at most (`tt dead retry|drop ID...` acts on letters)",
+                              args.parser.format_usage())
+        letters = [(agent_id, m) for agent_id, messages in town.dead_letters(
+            args.what[0] if args.what else args.agent).items() for m in messages]
+        return _Reply([{**names.add_to(m.to_dict()), "mailbox": agent_id} for agent_id, m in letters],
+                      "\n".join(f"{names.show(agent_id)}: {_message_line(m, names)}" for agent_id, m in letters)
+                      or "no dead letters")
+    ids = args.what[1:]
+    if bool(ids) == bool(args.all):
+        raise _UsageError(f"`tt dead {action}` takes message ids or --all", args.parser.format_usage())
+    acted = town.act_on_dead(None if args.all else ids, retry=action == "retry", agent=args.agent)
+    verb = "retried" if action == "retry" else "dropped"
+    return _messages_reply(acted, names, f"{verb} {_count(len(acted), 'dead letter')}")
+
+
+
+# -- plans and snapshots -------------------------------------------------------
+
+def _plan_path(town: Town, args: Any) -> Path:
+    return Path(args.file) if args.file else town.root / PLAN_FILE
+
+
+def _plan_rows_text(rows: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{_icon(row['state'] or 'pending') if row['state'] else ' '} {row['entry']:<20}"
+                     f" {row['state'] or 'not pushed':<10} {(row['task'] or '')[:8]:<8}"
+                     f"{' after ' + ', '.join(row['after']) if row['after'] else ''}"
+                     f"{' -> ' + _shown(row['result'], 60) if row['result'] else ''}" for row in rows)
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_plan(town: Town, args: Any) -> _Reply:
+    """The plan (tasks.toml) with each entry's live state; --init writes a commented template;
+    `tt plan import-github ISSUE...` adds GitHub issues as entries (read with the `gh` CLI).
+
+    Example: tt plan import-github 12 13 14
+    """
+    path = _plan_path(town, args)
+    if args.what and args.what[0] == "import-github":
+        if len(args.what) < 2:
+            raise _UsageError("which issues? `tt plan import-github 12 13`", args.parser.format_usage())
+        added = import_github(path, args.what[1:])
+        return _Reply({"file": str(path), "added": added},
+                      f"added {_count(len(added), 'entry')} to {path}: {', '.join(added) or 'none new'};"
+                      " `tt sync push` creates their tasks")
+    if args.what:
+        raise _UsageError(f"unknown action {_shown(args.what[0])} (import-github)", args.parser.format_usage())
+    if args.init:
+        if path.exists():
+            raise TinytownError(f"{path} exists; it is left as it is (edit it, or remove it first)")
+        _write_atomic(path, _PLAN_TEMPLATE)
+        return _Reply({"file": str(path)}, f"wrote {path}; edit it, then `tt sync push`")
+    rows = plan_status(town, path)
+    return _Reply(rows, _plan_rows_text(rows) or f"{path} has no entries")
+
+
+def _cmd_sync_push(town: Town, args: Any) -> _Reply:
+    """Create the plan's tasks (idempotent: a second push creates nothing) and update changed
+    descriptions; an entry whose agent exists is assigned to it, else it goes to the backlog.
+
+    Example: tt sync push
+    """
+    report = sync_push(town, _plan_path(town, args))
+    return _Reply(report, "; ".join(f"{label}: {', '.join(ids)}" for label, ids in report.items() if ids)
+                  or "the plan is empty")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_sync_pull(town: Town, args: Any) -> _Reply:
+    """Write each entry's state and result back into tasks.toml (its order and comments kept).
+
+    Example: tt sync pull
+    """
+    path = _plan_path(town, args)
+    rows = sync_pull(town, path)
+    return _Reply(rows, f"updated {path}\n{_plan_rows_text(rows)}")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_save(town: Town, args: Any) -> _Reply:
+    """Write the town's whole state (agents, tasks, backlog, queues, dead letters, counters) as
+    one JSON document, by default under .tt/tasks/ (mode 0600).
+
+    Example: tt save before-refactor.json
+    """
+    folder = town.root / RUNTIME_DIR / "tasks"
+    path = Path(args.file) if args.file else folder / f"snapshot-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if not path.is_absolute() and path.parent == Path("."):
+        path = folder / path  # a bare name goes with the other snapshots
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    snapshot = save_snapshot(town)
+    _write_atomic(path, json.dumps(snapshot, indent=1, sort_keys=True), mode=0o600)
+    return _Reply({"file": str(path), "keys": len(snapshot["keys"])},
+                  f"saved {_count(len(snapshot['keys']), 'key')} to {path}")
+
+
+def _cmd_restore(town: Town, args: Any) -> _Reply:
+    """Import a `tt save` snapshot into this town (also one on another Redis or under another
+    name); refused when it holds data unless --force. Restored agents are stopped until `tt restart`.
+
+    Example: tt restore .tt/tasks/snapshot-20260101-120000.json --force
+    """
+    path = Path(args.file)
+    if not path.exists() and (town.root / RUNTIME_DIR / "tasks" / path).exists():
+        path = town.root / RUNTIME_DIR / "tasks" / path
+    try:
+        snapshot = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TinytownError(f"cannot read the snapshot {path}: {exc}") from None
+    written = restore_snapshot(town, snapshot, force=args.force)
+    return _Reply({"file": str(path), "keys": written},
+                  f"restored {_count(written, 'key')} from {path}; agents are stopped (`tt restart NAME`)")
 
 # -- inspection ----------------------------------------------------------------
 
@@ -5289,11 +6301,11 @@ _INTERNAL_COMMANDS = ("agent-loop", "demo-agent", "hook-runner")
 
 # The top-level help lists commands in these groups; the internal ones are left out.
 _COMMAND_GROUPS = {
-    "town": ("init", "start", "stop", "config", "reset", "conductor", "mcp"),
+    "town": ("init", "start", "stop", "config", "reset", "conductor", "mcp", "save", "restore"),
     "agents": ("spawn", "list", "kill", "close", "interrupt", "resume", "wait", "restart", "prune",
                "recover", "reclaim"),
-    "work": ("assign", "task", "backlog"),
-    "messages": ("send", "broadcast", "inbox"),
+    "work": ("assign", "task", "backlog", "plan", "sync"),
+    "messages": ("send", "broadcast", "inbox", "dead"),
     "inspection": ("status", "watch", "history", "events", "doctor"),
 }
 
@@ -5359,6 +6371,13 @@ def _build_parser() -> _Parser:
         level.add_argument("--high", action="store_true", help="deliver ahead of normal messages")
         sub.add_argument("--from", dest="sender", metavar="AGENT",
                          help="the sender (default: this agent, else the conductor)")
+
+    def dependency_options(sub: _Parser) -> None:
+        sub.add_argument("--after", metavar="ID[,ID...]",
+                         help="prerequisite tasks: it waits (blocked) until they are all completed")
+        sub.add_argument("--on-failure", choices=("fail", "run"), default="fail",
+                         help="when a prerequisite fails or is cancelled: fail this task too"
+                              " (default) or run it anyway")
 
     agent_help = "the agent: name, id, id prefix or nickname"
     task_help = "the task id, or a unique prefix of it"
@@ -5428,9 +6447,10 @@ def _build_parser() -> _Parser:
     sub.add_argument("description", help="what to do")
     sub.add_argument("--tags", help="comma-separated tags")
     sub.add_argument("--parent", metavar="TASK", help="the parent task's id")
+    dependency_options(sub)
     message_options(sub, kinds=False)
 
-    task_parser = add(commands, "task", doc="Tasks: show, list, current, complete, fail, cancel, wait."
+    task_parser = add(commands, "task", doc="Tasks: show, list, current, complete, fail, cancel, prune, wait."
                       "\n\nExample: tt task list --state running")
     task = actions(task_parser, "task")
     add(task, "show", _cmd_task_show).add_argument("id", help=task_help)
@@ -5446,6 +6466,11 @@ def _build_parser() -> _Parser:
     sub.add_argument("--error", required=True, help="why it failed")
     add(task, "cancel", _cmd_task_cancel).add_argument("id", help=task_help)
     add(task, "delete", _cmd_task_delete).add_argument("id", help=task_help)
+    sub = add(task, "prune", _cmd_task_prune)
+    sub.add_argument("--older-than", type=float, metavar="SECONDS",
+                     help="archive tasks finished longer ago than this (default: town.prune_after_secs)")
+    sub.add_argument("--keep", type=int, metavar="N",
+                     help="keep the newest N finished tasks, archive the rest (default: town.keep_finished; 0: no limit)")
     sub = add(task, "wait", _cmd_task_wait)
     sub.add_argument("id", help=task_help)
     sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
@@ -5456,6 +6481,8 @@ def _build_parser() -> _Parser:
     sub = add(backlog, "add", _cmd_backlog_add)
     sub.add_argument("description", help="what to do")
     sub.add_argument("--tags", help="comma-separated roles or names that may claim it (default: anyone)")
+    sub.add_argument("--parent", metavar="TASK", help="the parent task's id")
+    dependency_options(sub)
     add(backlog, "list", _cmd_backlog_list)
     sub = add(backlog, "claim", _cmd_backlog_claim)
     sub.add_argument("id", help=task_help)
@@ -5471,8 +6498,32 @@ def _build_parser() -> _Parser:
     sub.add_argument("message", help="the text")
     message_options(sub)
     sub = add(commands, "inbox", _cmd_inbox)
-    sub.add_argument("agent", nargs="?", help="default: this agent, else the conductor")
-    sub.add_argument("--all", action="store_true", help="counts for every mailbox")
+    sub.add_argument("agent", nargs="?", help="default: this agent, else the conductor; `ack` acknowledges")
+    sub.add_argument("ids", nargs="*", metavar="ID", help="with `ack`: the message ids (or prefixes) to remove")
+    sub.add_argument("--all", action="store_true", help="counts for every mailbox (with `ack`: every message)")
+    sub.add_argument("--take", action="store_true", help="remove the messages as they are shown")
+    sub = add(commands, "dead", _cmd_dead)
+    sub.add_argument("what", nargs="*", metavar="AGENT | retry ID... | drop ID...",
+                     help="an agent whose dead letters to list (default: every mailbox), or an action")
+    sub.add_argument("--all", action="store_true", help="with retry or drop: every dead letter")
+    sub.add_argument("--agent", help="only this agent's dead letters")
+
+    sub = add(commands, "plan", _cmd_plan)
+    sub.add_argument("what", nargs="*", metavar="import-github ISSUE...",
+                     help="`import-github` and GitHub issue numbers to add as entries")
+    sub.add_argument("--init", action="store_true", help=f"write a commented {PLAN_FILE} (never overwrites)")
+    sub.add_argument("--file", metavar="PATH", help=f"the plan (default: {PLAN_FILE} in the town's folder)")
+    sync_parser = add(commands, "sync", doc="The plan and the town: push (tasks.toml -> tasks), pull"
+                      " (states and results -> tasks.toml).\n\nExample: tt sync push")
+    sync = actions(sync_parser, "sync")
+    for name, handler in (("push", _cmd_sync_push), ("pull", _cmd_sync_pull)):
+        add(sync, name, handler).add_argument(
+            "--file", metavar="PATH", help=f"the plan (default: {PLAN_FILE} in the town's folder)")
+    add(commands, "save", _cmd_save).add_argument(
+        "file", nargs="?", help="where (default: .tt/tasks/snapshot-DATE-TIME.json)")
+    sub = add(commands, "restore", _cmd_restore)
+    sub.add_argument("file", help="a `tt save` snapshot")
+    sub.add_argument("--force", action="store_true", help="reset a town that holds data first")
 
     sub = add(commands, "history", _cmd_history)
     sub.add_argument("-n", dest="count", type=int, default=20, metavar="N", help="how many (default: 20)")
@@ -5492,7 +6543,8 @@ def _build_parser() -> _Parser:
 
     parser.description = "\n\n".join(["Tinytown: orchestrate AI coding agents through Redis.",
                                        *(listing(group, prog, names) for group, names in _COMMAND_GROUPS.items())])
-    for sub, name, choices in ((task_parser, "task", task.choices), (backlog_parser, "backlog", backlog.choices)):
+    for sub, name, choices in ((task_parser, "task", task.choices), (backlog_parser, "backlog", backlog.choices),
+                               (sync_parser, "sync", sync.choices)):
         sub.description += "\n\n" + listing("actions", f"{prog} {name}", choices)
     return parser
 
@@ -5621,7 +6673,7 @@ def _watch_snapshot(town: Town, events: int = 50) -> dict[str, Any]:
     recent = town.channel.events(max(events, WATCH_FAILURES_SEEN))
     current = {a["current_task"] for a in status["agents"] if a.get("current_task")}
     failed = list(dict.fromkeys(e["task"] for e in reversed(recent) if e.get("event") == "task_failed"))[:5]
-    tasks = {t.id: t for t in town.channel._tasks_by_id(sorted(current) + failed)} if current or failed else {}
+    tasks = {t.id: t for t in town.channel.tasks_by_id(sorted(current) + failed)} if current or failed else {}
     queries = [m for m in town.channel.peek(CONDUCTOR_ID) if m.type == MessageType.QUERY]
     return {**status, "current_tasks": tasks, "queries": queries, "events": recent[-events:],
             "failed_tasks": [tasks[i] for i in failed if i in tasks and tasks[i].state == TaskState.FAILED]}
