@@ -942,6 +942,90 @@ def test_status_shows_pending_by_type_task_counts_and_events(town):
                                           "agent_working"]
 
 
+# -- upgrade: a town written by 0.1.0 --
+
+def _write_old_town(town):
+    """The town's keys as tinytown 0.1.0 wrote them: backlog a LIST, no index but `tasks` and
+    `task_counts` (wrong on purpose: the upgrade counts the records), no `layout`."""
+    town.reset(force=True)
+    r, k, now = town.redis, town.keys, "2026-01-01T00:00:00+00:00"
+    agents = {"dev1": ("dev", "idle", ""), "ops1": ("ops", "idle", ""),
+              "busy": ("dev", "working", "t-run"), "gone": ("", "stopped", "")}
+    ids = {name: str(uuid.uuid4()) for name in agents}
+    for name, (role, state, current) in agents.items():
+        r.hset(k.agents, name, ids[name])
+        r.hset(k.agent(ids[name]), mapping={
+            "id": ids[name], "name": name, "nickname": name.title(), "role": role, "parent": "",
+            "cli": "demo", "state": state, "current_task": current, "pid": "", "host": "",
+            "created_at": now, "last_heartbeat": "", "rounds_completed": "3", "tasks_completed": "1",
+            "max_rounds": "0", "worktree": "", "error": ""})
+    tasks = [("t-done", "completed", "busy", []), ("t-run", "running", "busy", []),
+             ("t-fail", "failed", "gone", []), ("b1", "pending", "", ["ops"]),
+             ("b2", "pending", "", []), ("b3", "pending", "", ["dev"]), ("b4", "pending", "", ["dev"]),
+             ("t-asg", "assigned", "dev1", [])]
+    for score, (task_id, state, agent, tags) in enumerate(tasks, 1):
+        r.hset(k.task(task_id), mapping={
+            "description": f"old {task_id}", "id": task_id, "state": state,
+            "assigned_to": ids.get(agent, ""), "tags": json.dumps(tags), "parent_id": "", "result": "",
+            "attempts": "0", "created_at": now, "updated_at": now, "started_at": "", "completed_at": ""})
+        r.zadd(k.tasks, {task_id: 1_700_000_000 + score})
+    r.rpush(k.backlog, "b4", "b1", "b3", "b2")  # not the creation order
+    r.hset(k.task_counts, mapping={"pending": 9, "running": 1, "completed": 1, "failed": 1, "assigned": 1})
+    return ids
+
+
+def test_a_town_written_by_0_1_0_is_upgraded_once_on_a_persons_connect(town):
+    ids = _write_old_town(town)
+    assert "`tt start` upgrades" in fail_cli("status")  # read-only: never upgrades, says how
+    assert town.redis.type(town.keys.backlog) == "list"
+
+    with Town(town.root) as old:
+        assert old.redis.get(old.keys.layout) == tinytown.LAYOUT_VERSION
+        assert [t.id for t in old.backlog()] == ["b4", "b1", "b3", "b2"]
+        assert [t["id"] for t in tt_json("backlog", "list")] == ["b4", "b1", "b3", "b2"]
+        assert tt_json("status")["tasks"] == {"pending": 4, "running": 1, "completed": 1,
+                                             "failed": 1, "assigned": 1}
+        assert [t["id"] for t in tt_json("task", "list", "--state", "running")] == ["t-run"]
+        assert [t["id"] for t in tt_json("task", "list", "--state", "failed")] == ["t-fail"]
+        assert [t["id"] for t in tt_json("task", "current", "busy")] == ["t-run"]
+        assert [t["id"] for t in tt_json("task", "current", "dev1")] == ["t-asg"]
+        assert old.task("t-d").id == "t-done"  # the id prefix index
+        assert set(old.redis.smembers(old.keys.idle)) == {ids["dev1"], ids["ops1"]}
+        assert set(old.redis.smembers(old.keys.role("dev"))) == {ids["dev1"], ids["busy"]}
+        assert not old.redis.exists(old.keys.wake(ids["dev1"]))  # the upgrade woke nobody
+        # claims follow the old order and the tags: dev1 takes b4 (its role), ops1 b1, ...
+        assert old.channel.claim(None, ids["dev1"]).id == "b4"
+        assert old.channel.claim(None, ids["ops1"]).id == "b1"
+        assert old.channel.claim(None, ids["ops1"]).id == "b2"
+        assert old.channel.claim(None, ids["dev1"]).id == "b3"
+        assert old.channel.claim(None, ids["ops1"]) is None
+        assert tt_json("backlog", "list") == []
+
+    with Town(town.root) as again:  # once: the second connect finds the layout and stops there
+        assert again.channel.upgrade_layout() is None
+        upgrades = [e for e in again.channel.events(100) if e["event"] == "upgraded"]
+        assert [(e["tasks"], e["backlog"], e["agents"]) for e in upgrades] == [("8", "4", "4")]
+        assert again.channel.task_counts() == {"assigned": 5, "running": 1, "completed": 1, "failed": 1}
+
+
+def test_a_changing_command_upgrades_and_the_backlog_goes_on_in_order(town):
+    _write_old_town(town)
+    assert tt_json("backlog", "add", "new one")["description"] == "new one"
+    assert [t["id"] for t in tt_json("backlog", "list")][:4] == ["b4", "b1", "b3", "b2"]
+    assert tt_json("backlog", "list")[4]["description"] == "new one"
+
+
+def test_a_new_town_and_a_restored_one_have_the_layout(town):
+    assert town.redis.get(town.keys.layout) == tinytown.LAYOUT_VERSION
+    town.backlog_add("kept")
+    snapshot = tinytown.save_snapshot(town)
+    town.reset(force=True)
+    assert tinytown.restore_snapshot(town, {**snapshot, "keys": {
+        k: v for k, v in snapshot["keys"].items() if k != "layout"}})  # an older snapshot
+    assert town.redis.get(town.keys.layout) == tinytown.LAYOUT_VERSION
+    assert [t.description for t in town.backlog()] == ["kept"]
+
+
 # -- scale: every hot path costs the same whatever the town holds --
 # Costs are Redis commands (INFO commandstats, which counts those inside MULTI and Lua
 # too), never wall time.
@@ -1865,9 +1949,9 @@ def test_reset_force_stops_the_live_loops_first(cli_town):
     assert "would stop 1 agent loop (a1)" in preview.stdout
     assert run_module("reset", "--force", cwd=proj).returncode == 0
     assert not tinytown._pid_alive(pid)
-    with Town(proj) as town:
+    with Town(proj) as town:  # connecting marks the empty town's layout, nothing else
         assert town.list_agents() == []
-        assert not list(town.redis.scan_iter(match=town.keys.prefix + "*"))
+        assert list(town.redis.scan_iter(match=town.keys.prefix + "*")) == [town.keys.layout]
     stop = run_module("stop", "--json", cwd=proj)
     assert json.loads(stop.stdout)["agents"] == []
 

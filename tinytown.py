@@ -106,6 +106,9 @@ LAUNCH_LEASE_SECS = 30.0  # a spawned loop must take its lease within this
 CLI_GRACE_SECS = 5.0  # a CLI's whole process group gets this long between SIGTERM and SIGKILL
 GIT_TIMEOUT_SECS = 60.0
 REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to come back
+# The storage layout's version, in `layout`: 0.1.0 (no key) kept the backlog as a list and
+# no indexes but `tasks` and `task_counts`; a person's connect upgrades it (_UPGRADE_LUA).
+LAYOUT_VERSION = "2"
 
 # The event kinds a [hooks] table may name: the stream's own kinds, plus two the hook
 # runner derives (message_to_conductor: a `message` event to the conductor; all_tasks_done:
@@ -116,7 +119,7 @@ HOOK_EVENTS = (
     "agent_working", "agent_paused", "agent_draining", "agent_stopped", "agent_cold",
     "agent_error", "agent_deleted", "kill_requested", "close_requested", "message",
     "message_to_conductor", "message_dead", "broadcast", "reclaimed", "requeued", "round",
-    "budget_reached", "restored", "all_tasks_done",
+    "budget_reached", "restored", "upgraded", "all_tasks_done",
 )
 
 # 1920s first names for nicknames, picked by the agent id.
@@ -152,6 +155,7 @@ class Keys:
         self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
         self.hooks = self.prefix + "hooks"              # hash: the hook runner's pid, counts
         self.hooks_failed = self.prefix + "hooks:failed"  # list: hooks that failed every retry
+        self.layout = self.prefix + "layout"            # string: LAYOUT_VERSION of these keys
 
     def agent(self, agent_id: str) -> str: return f"{self.prefix}agent:{agent_id}"
     def inbox(self, agent_id: str) -> str: return f"{self.prefix}inbox:{agent_id}"
@@ -2113,6 +2117,56 @@ for i, pick in ipairs(chosen) do out[i] = pick[1] end
 return out
 """
 
+# _TASKS_LUA, then: ARGV[2] = LAYOUT_VERSION, ARGV[3] = timestamp, ARGV[4..] = every task state
+# Brings a town's keys to this layout, once: the 0.1.0 backlog list becomes the backlog
+# zset and its indexes (same order), the task indexes and task_counts are rebuilt from the
+# records, the agent sets from the agent records, and `layout` is set.  Safe on keys of
+# this layout too (a town reset and refilled by a Town object that outlived the reset).
+# Returns false when `layout` was already set, else {tasks, backlog, agents} indexed.
+_UPGRADE_LUA = _TASKS_LUA + """
+if redis.call('GET', prefix .. 'layout') == ARGV[2] then return false end
+local backlog, kind = {}, redis.call('TYPE', prefix .. 'backlog')['ok']
+if kind == 'list' then
+  backlog = redis.call('LRANGE', prefix .. 'backlog', 0, -1)
+  redis.call('DEL', prefix .. 'backlog')
+elseif kind == 'zset' then
+  backlog = redis.call('ZRANGE', prefix .. 'backlog', 0, -1)
+  for _, task_id in ipairs(backlog) do off_backlog(task_id) end
+end
+redis.call('DEL', prefix .. 'task_counts', prefix .. 'idle')
+for i = 4, #ARGV do redis.call('DEL', key('tasks', ARGV[i])) end
+local tasks = redis.call('ZRANGE', prefix .. 'tasks', 0, -1)
+for _, task_id in ipairs(tasks) do
+  local state, agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
+  if state then
+    local finished = redis.call('ZSCORE', prefix .. 'finished', task_id)
+    redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
+    reindex(task_id, nil, nil, state, agent)
+    if finished and TERMINAL_TASK[state] then redis.call('ZADD', prefix .. 'finished', finished, task_id) end
+  end
+end
+local queued = 0
+for _, task_id in ipairs(backlog) do  -- (before the idle set exists: nobody is woken)
+  if redis.call('HGET', key('task', task_id), 'state') == 'pending' and
+     not redis.call('ZSCORE', prefix .. 'backlog', task_id) then
+    to_backlog(task_id)
+    queued = queued + 1
+  end
+end
+local agents = redis.call('HVALS', prefix .. 'agents')
+for _, agent in ipairs(agents) do
+  local state, role = unpack(redis.call('HMGET', key('agent', agent), 'state', 'role'))
+  if state == 'idle' then redis.call('SADD', prefix .. 'idle', agent) end
+  if role and role ~= '' then redis.call('SADD', key('role', role), agent) end
+end
+redis.call('SET', prefix .. 'layout', ARGV[2])
+if #tasks + #backlog + #agents > 0 then
+  event('event', 'upgraded', 'at', ARGV[3], 'layout', ARGV[2], 'tasks', #tasks,
+        'backlog', queued, 'agents', #agents)
+end
+return {#tasks, queued, #agents}
+"""
+
 # The requeue shared by settling (a loop ends its round) and recovering (a loop died).
 _REQUEUE_LUA = _TASKS_LUA + """
 
@@ -2236,7 +2290,7 @@ class Channel:
         self._settle, self._recover = script(_SETTLE_LUA), script(_RECOVER_LUA)
         self._change_task, self._new_task = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
         self._drop_tasks, self._claim = script(_DROP_TASKS_LUA), script(_CLAIM_LUA)
-        self._dead = script(_DEAD_LUA)
+        self._dead, self._upgrade = script(_DEAD_LUA), script(_UPGRADE_LUA)
 
     # -- events ------------------------------------------------------------------
 
@@ -2847,6 +2901,17 @@ class Channel:
         return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
                 if int(n)}
 
+    def upgrade_layout(self) -> list[int] | None:
+        """Bring the town's keys to LAYOUT_VERSION (one GET when they are there already).
+        Returns [tasks, backlog tasks, agents] indexed, or None when nothing was to do."""
+        if self.redis.get(self.keys.layout) == LAYOUT_VERSION:
+            return None
+        done = self._upgrade(args=[self.keys.prefix, LAYOUT_VERSION, _now(), *(s.value for s in TaskState)])
+        if done:
+            log.info("town %s: storage upgraded to layout %s (%s tasks, %s in the backlog, %s agents)",
+                     self.keys.prefix, LAYOUT_VERSION, *done)
+        return [int(n) for n in done] if done else None
+
 
 # Town ########################################################################
 
@@ -2929,6 +2994,8 @@ class Town:
         self._channel = Channel(self.redis, self.keys, self._config.agent)
         self._spawned: dict[str, subprocess.Popen[bytes]] = {}
         self.created = False  # set by init() when it made the town
+        if start_server:  # a person's connect: keys of an older tinytown are upgraded here, once
+            self._channel.upgrade_layout()
         self.stranded_name = self._name_with_data()
 
     def _name_with_data(self) -> str | None:
@@ -4009,7 +4076,7 @@ def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = Fals
     stopped).  Restored agents are `stopped` until `tt restart`.  Returns keys written."""
     if snapshot.get("tinytown_snapshot") != SNAPSHOT_VERSION or not isinstance(snapshot.get("keys"), dict):
         raise TinytownError("not a tinytown snapshot (`tt save` writes them)")
-    if next(town.redis.scan_iter(match=town.keys.prefix + "*", count=1000), None):
+    if any(key != town.keys.layout for key in town.redis.scan_iter(match=town.keys.prefix + "*", count=1000)):
         if not force:
             raise TinytownError(f"the town {town.name!r} already holds data; `tt restore FILE --force`"
                                 " resets it first")
@@ -4025,6 +4092,7 @@ def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = Fals
         value = {**item["value"], **_STOPPED_AGENT} if relative.startswith("agent:") else item["value"]
         write[item["type"]](pipe, town.keys.prefix + relative, value)
         written += 1
+    pipe.set(town.keys.layout, LAYOUT_VERSION)  # snapshots are written in this layout
     town.channel._event(pipe, "restored", keys=written, source=snapshot.get("town"))
     pipe.execute()
     return written
@@ -6555,6 +6623,9 @@ def _error_line(error: BaseException) -> tuple[str, str]:
     """(the one-line message, the code) an error is reported with."""
     if isinstance(error, TinytownError):
         message, code = str(error), error.code
+    elif isinstance(error, redis.ResponseError) and "WRONGTYPE" in str(error):
+        message, code = ("this town's keys are in an older tinytown's layout; `tt start` upgrades"
+                         f" them ({error})"), "old_layout"
     elif isinstance(error, redis.RedisError):
         message, code = f"{type(error).__name__}: {error}", "redis_error"
     elif isinstance(error, OSError):
