@@ -11,9 +11,11 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Errors               TinytownError and its subclasses
     Config               Config, load_config(), set_config_value()
     Records              Agent, Task, Message and their enums
+    Files and processes  private folders, atomic writes, pids, process groups, loop identities
     Redis server         RedisServer: find, start, connect, stop
-    Channel              Channel: the delivery contract and the records in Redis
+    Channel              Channel: the delivery contract, the liveness script, the records
     Town                 Town, AgentHandle
+    Plans and snapshots  tasks.toml (plan, sync push / pull), save / restore, import-github
     Agent CLIs           RoundUsage and the CLIs' JSON parsers, env, credentials, sessions
     Agent loop           AgentLoop: one round per step()
     Doctor               doctor(): what stops a first run
