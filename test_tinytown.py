@@ -2455,7 +2455,8 @@ def test_plan_push_is_idempotent_and_pull_keeps_order_and_comments(town):
     assert town.task(rows["api"]["task"]).assigned_to == w.id
     path.write_text(PLAN.replace("Ship it", "Ship it on Friday").replace('after = ["api", "docs"]', 'after = ["api"]'))
     pushed = tt_json("sync", "push")
-    assert (pushed["updated"], pushed["kept"]) == (["ship"], ["ship: after"])  # a created task keeps its links
+    assert (pushed["updated"], pushed["kept"]) == (["ship"], [])  # still blocked: it waits for api only
+    assert town.task(rows["ship"]["task"]).after == [rows["api"]["task"]]
     path.write_text(PLAN.replace("Ship it", "Ship it on Friday"))
     assert town.task(rows["ship"]["task"]).description == "Ship it on Friday"
 
@@ -2470,6 +2471,110 @@ def test_plan_push_is_idempotent_and_pull_keeps_order_and_comments(town):
     assert tt_json("sync", "push")["created"] == []  # the written-back fields change nothing
     town.complete_task(rows["docs"]["task"], "documented")
     assert town.task(rows["ship"]["task"]).state == "pending"  # no agent named: the backlog
+
+
+EDITED = """
+[[task]]
+id = "done"
+description = "Done already"
+agent = "w1"
+
+[[task]]
+id = "base"
+description = "Base"
+agent = "w1"
+
+[[task]]
+id = "left"
+description = "Left"
+after = ["base"]
+agent = "w1"
+
+[[task]]
+id = "right"
+description = "Right"
+after = ["base"]
+role = "dev"
+
+[[task]]
+id = "loose"
+description = "Loose"
+tags = ["dev"]
+
+[[task]]
+id = "claimme"
+description = "Claim me"
+
+[[task]]
+id = "busy"
+description = "Busy"
+agent = "w2"
+"""
+
+
+def test_a_second_push_applies_what_changed_to_tasks_not_started(town):
+    w1, w2 = worker(town), worker(town, "w2")
+    path = write_plan(town, EDITED)
+    assert tinytown.sync_push(town, path)["created"] == ["done", "base", "left", "right", "loose", "claimme", "busy"]
+    task = {entry: town.task(task_id) for entry, task_id in town.redis.hgetall(town.keys.plan).items()}
+    town.complete_task(task["done"].id, "ok")
+    town.channel.take(w2.id)  # w2 took `busy`: it has started
+    place = town.redis.zscore(town.keys.backlog, task["loose"].id)
+    count = len(town.tasks())
+    edited = (EDITED.replace('"Base"\nagent = "w1"', '"Base, again"\nagent = "w2"\npriority = "high"')
+              .replace('after = ["base"]\nagent = "w1"', 'after = ["done"]\nagent = "w2"\npriority = "urgent"')
+              .replace('after = ["base"]\nrole = "dev"', 'after = ["base", "loose"]\nrole = "ops"')
+              .replace('tags = ["dev"]', 'tags = ["ops"]\npriority = "low"')
+              .replace('"Claim me"', '"Claim me"\nagent = "w2"')
+              .replace('"Busy"', '"Busy, now"\npriority = "high"'))
+    path.write_text(edited)
+    report = tt_json("sync", "push")
+    kept = ["loose: priority (recorded; a backlog claim assigns at normal priority)",
+            "busy: description (its agent has taken it)", "busy: priority (its agent has taken it)"]
+    assert report == {"created": [], "updated": ["base", "left", "loose", "right", "claimme"],
+                      "unchanged": ["done", "busy"], "kept": kept}
+    now = {entry: town.task(t.id) for entry, t in task.items()}
+    assert len(town.tasks()) == count  # no duplicates
+    # base: its queued message moved from w1's inbox to w2's high queue, with the new text
+    assert (now["base"].state, now["base"].assigned_to, now["base"].priority) == ("assigned", w2.id, "high")
+    assert [m.body["task_id"] for m in w1.inbox()] == [task["done"].id]  # (finished: its agent drops it)
+    high = [tinytown.Message.from_json(raw) for raw in town.redis.lrange(town.keys.high(w2.id), 0, -1)]
+    assert [(m.body["task_id"], m.body["description"], m.to) for m in high] == [(task["base"].id, "Base, again", w2.id)]
+    # left: its prerequisite is done, so it was released at once, to w2 at urgent
+    assert (now["left"].state, now["left"].assigned_to, now["left"].after) == ("assigned", w2.id, [task["done"].id])
+    urgent = town.redis.lrange(town.keys.urgent(w2.id), 0, -1)
+    assert [tinytown.Message.from_json(raw).body["task_id"] for raw in urgent] == [task["left"].id]
+    assert not town.redis.sismember(town.keys.dependents(task["base"].id), task["left"].id)
+    # right: still blocked, waiting for both, with its new tags for when it is released
+    assert (now["right"].state, now["right"].tags) == ("blocked", ["ops"])
+    assert town.redis.hget(town.keys.task(task["right"].id), "waiting") == "2"
+    assert town.redis.sismember(town.keys.dependents(task["loose"].id), task["right"].id)
+    # loose: moved between the backlog indexes, its FIFO place kept
+    assert town.redis.zscore(town.keys.backlog, task["loose"].id) == place
+    assert town.redis.zscore(town.keys.backlog_tag("ops"), task["loose"].id) == place
+    assert town.redis.zscore(town.keys.backlog_tag("dev"), task["loose"].id) is None
+    # claimme: named an agent, so claimed for it; busy: taken, so it keeps its fields
+    assert (now["claimme"].state, now["claimme"].assigned_to) == ("assigned", w2.id)
+    assert task["claimme"].id not in [t.id for t in town.backlog()]
+    assert [m.body["task_id"] for m in w2.inbox()][-1] == task["claimme"].id
+    assert (now["busy"].description, now["busy"].priority) == ("Busy", "normal")
+
+    again = tinytown.sync_push(town, path)  # the same file again: nothing changes
+    assert again == {"created": [], "updated": [], "kept": kept[1:],  # (loose's priority is recorded)
+                     "unchanged": ["done", "base", "left", "loose", "right", "claimme", "busy"]}
+    assert len(town.tasks()) == count
+    assert [m.body["task_id"] for m in w2.inbox()].count(task["claimme"].id) == 1
+    town.complete_task(task["base"].id, "ok")
+    town.complete_task(task["loose"].id, "ok")
+    assert town.task(task["right"].id).state == "pending"  # released with its last new prerequisite
+    path.write_text(edited.replace('"Right"', '"Right, later"').replace('after = ["done"]', 'after = []'))
+    assert tinytown.sync_push(town, path)["kept"] == ["left: after (the task was already released)", *kept[1:]]
+    assert town.task(task["right"].id).description == "Right, later"
+    path.write_text(edited + '\n[[task]]\nid = "x"\ndescription = "x"\nafter = ["y"]\n\n'
+                    '[[task]]\nid = "y"\ndescription = "y"\nafter = ["x"]\n')
+    with pytest.raises(tinytown.PlanError, match="cycle"):
+        tinytown.sync_push(town, path)
+    assert len(town.tasks()) == count
 
 
 @pytest.mark.parametrize("text,problem", [

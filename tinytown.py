@@ -1013,6 +1013,7 @@ class Task:
     after: list[str] = field(default_factory=list)  # prerequisite task ids
     on_failure: str = "fail"  # a prerequisite failed or was cancelled: "fail" this task too, or "run"
     release_to: str | None = None  # the agent a blocked task goes to when released (None: the backlog)
+    priority: str = Priority.NORMAL  # of its task_assign message (a backlog claim assigns at normal)
     result: str | None = None
     error: str | None = None  # why it failed
     attempts: int = 0
@@ -1869,10 +1870,11 @@ local function off_backlog(task_id)
   return true
 end
 
--- Into the backlog (FIFO), waking only the idle agents that may claim it: any idle one
--- for an untagged task, else those whose role or name is one of its tags.
-local function to_backlog(task_id)
-  local seq = redis.call('INCR', prefix .. 'backlog_seq')
+-- Into the backlog (FIFO; `place`: back at the place it had), waking only the idle agents
+-- that may claim it: any idle one for an untagged task, else those whose role or name is
+-- one of its tags.
+local function to_backlog(task_id, place)
+  local seq = place or redis.call('INCR', prefix .. 'backlog_seq')
   redis.call('ZADD', prefix .. 'backlog', seq, task_id)
   local indexes, tags = backlog_indexes(task_id)
   for _, index in ipairs(indexes) do redis.call('ZADD', index, seq, task_id) end
@@ -1892,16 +1894,21 @@ end
 local QUEUE = {urgent = 'urgent', high = 'high'}
 local change_task  -- (defined below: a finished task finishes or releases its dependents)
 
+-- To an agent: the task assigned, its task_assign message queued by its priority, a wake.
+local function assign(task_id, now, detail, agent, message)
+  change_task(task_id, now, detail, 'state', 'assigned', 'assigned_to', agent)
+  local ok, decoded = pcall(cjson.decode, message)
+  local priority = ok and type(decoded) == 'table' and decoded['priority'] or 'normal'
+  redis.call('RPUSH', key(QUEUE[priority] or 'inbox', agent), message)
+  wake(agent)
+end
+
 -- A blocked task whose prerequisites are done: to its agent (the task_assign message
 -- stored when it was created, and a wake) or, without one (or gone), to the backlog.
 local function release(task_id, now)
   local to, message = unpack(redis.call('HMGET', key('task', task_id), 'release_to', 'release_message'))
   if to and to ~= '' and message and redis.call('EXISTS', key('agent', to)) == 1 then
-    change_task(task_id, now, 'prerequisites done', 'state', 'assigned', 'assigned_to', to)
-    local ok, decoded = pcall(cjson.decode, message)
-    local priority = ok and type(decoded) == 'table' and decoded['priority'] or 'normal'
-    redis.call('RPUSH', key(QUEUE[priority] or 'inbox', to), message)
-    wake(to)
+    assign(task_id, now, 'prerequisites done', to, message)
   else
     change_task(task_id, now, 'prerequisites done', 'state', 'pending', 'assigned_to', '')
     to_backlog(task_id)
@@ -2009,6 +2016,99 @@ elseif ARGV[4] == '1' then
   to_backlog(task_id)
 end
 return 1
+"""
+
+# _TASKS_LUA, then: ARGV[2] = task id, ARGV[3] = timestamp, ARGV[4] = description,
+# ARGV[5] = tags (JSON), ARGV[6] = after (JSON task ids), ARGV[7] = the agent the plan entry
+# names ('': none, or no such agent), ARGV[8] = priority, ARGV[9] = the task_assign message
+# for that agent (else the task's own) with this description and priority ('': no agent)
+# `tt sync push` for a task that exists: what changed in the file is applied while the task
+# has not started (blocked, pending, or assigned with its message still queued), through
+# the functions above; the rest stays as it was.  Returns the fields applied and, as
+# 'field: reason', those the task keeps.
+_PLAN_UPDATE_LUA = _TASKS_LUA + """
+local task_id, now, description, tags, after, agent, priority, message = unpack(ARGV, 2, 9)
+local task_key = key('task', task_id)
+local state, owner, release_to, old_description, old_tags, old_after, old_priority =
+  unpack(redis.call('HMGET', task_key, 'state', 'assigned_to', 'release_to', 'description', 'tags',
+                    'after', 'priority'))
+if not state then return {} end
+owner, release_to = owner or '', release_to or ''
+old_priority = (old_priority and old_priority ~= '') and old_priority or 'normal'
+local queued  -- an assigned task's message, still waiting in its agent's queues
+if state == 'assigned' and owner ~= '' then
+  for _, queue in ipairs({'urgent', 'high', 'inbox'}) do
+    for _, raw in ipairs(redis.call('LRANGE', key(queue, owner), 0, -1)) do
+      local ok, m = pcall(cjson.decode, raw)
+      if ok and type(m) == 'table' and m['type'] == 'task_assign' and m['task_id'] == task_id then
+        queued = {key(queue, owner), raw}
+      end
+    end
+  end
+end
+local started  -- why the task keeps its fields
+if TERMINAL_TASK[state] or state == 'running' then started = 'the task is ' .. state
+elseif state == 'assigned' and not queued then started = 'its agent has taken it' end
+local out = {}
+local function kept(name, reason) out[#out + 1] = name .. ': ' .. reason end
+local function set(...) change_task(task_id, now, '', ...) end
+
+local current = state == 'blocked' and release_to or owner
+local to = agent ~= '' and agent or current
+local moved = agent ~= '' and agent ~= current
+local reprioritized = priority ~= old_priority
+local described = description ~= old_description
+local retagged = tags ~= (old_tags or '[]')
+if started then
+  if described then kept('description', started) end
+  if retagged then kept('tags', started) end
+  if moved then kept('agent', started) end
+  if reprioritized then kept('priority', started) end
+else
+  if described then set('description', description); out[#out + 1] = 'description' end
+  if retagged then
+    local place = redis.call('ZSCORE', prefix .. 'backlog', task_id)
+    if place then off_backlog(task_id) end  -- (its indexes follow its tags)
+    set('tags', tags)
+    if place then to_backlog(task_id, place) end
+    out[#out + 1] = 'tags'
+  end
+  if reprioritized then set('priority', priority) end
+  if state == 'blocked' then  -- the assignment it is released with
+    if to ~= '' and (moved or reprioritized or described) then
+      set('release_to', to, 'release_message', message)
+    end
+  elseif state == 'assigned' and (moved or reprioritized) then
+    redis.call('LREM', queued[1], 1, queued[2])
+    assign(task_id, now, 'moved by the plan', to, message)
+  elseif state == 'assigned' and described then  -- the queued message, in its place
+    redis.call('LSET', queued[1], redis.call('LPOS', queued[1], queued[2]), message)
+  elseif state == 'pending' and moved then  -- as `tt backlog claim`
+    assign(task_id, now, 'assigned by the plan', to, message)
+  end
+  if moved then out[#out + 1] = 'agent' end
+  if reprioritized then
+    if state == 'pending' and not moved then
+      kept('priority', 'recorded; a backlog claim assigns at normal priority')
+    else
+      out[#out + 1] = 'priority'
+    end
+  end
+end
+if after ~= (old_after or '[]') then
+  if state == 'blocked' then  -- waits for the new prerequisites (released now if they are done)
+    local ok, old = pcall(cjson.decode, old_after or '')
+    for _, pre in ipairs(ok and type(old) == 'table' and old or {}) do
+      redis.call('SREM', key('dependents', pre), task_id)
+    end
+    set('after', after)
+    wait_for_prerequisites(task_id, now)
+    out[#out + 1] = 'after'
+  else
+    kept('after', started or 'the task was already released')
+  end
+end
+return out
 """
 
 # _TASKS_LUA, then: ARGV[2..] = task ids.  Removes tasks from Redis and from every index;
@@ -2293,6 +2393,7 @@ class Channel:
         self._change_task, self._new_task = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
         self._drop_tasks, self._claim = script(_DROP_TASKS_LUA), script(_CLAIM_LUA)
         self._dead, self._upgrade = script(_DEAD_LUA), script(_UPGRADE_LUA)
+        self._plan_update = script(_PLAN_UPDATE_LUA)
 
     # -- events ------------------------------------------------------------------
 
@@ -2756,6 +2857,7 @@ class Channel:
         if task.on_failure not in ("fail", "run"):
             raise InvalidTask(task.description, f"on_failure must be fail or run, not {_shown(task.on_failure)}")
         assignment = self._assignment(task, assign_to, sender, priority) if assign_to else None
+        task.priority = priority
         extra = {}
         if task.after:
             task.state, task.release_to = TaskState.BLOCKED, assign_to
@@ -3765,8 +3867,8 @@ class AgentHandle:
 
 # Plans and snapshots #########################################################
 # A plan is tasks.toml: [[task]] entries with a stable `id` (a name unique in the file).
-# `tt sync push` creates the missing tasks and updates changed descriptions, all in one
-# MULTI, remembering entry -> task id in the town's `plan` hash; `tt sync pull` writes
+# `tt sync push` creates the missing tasks and applies what changed to those not started
+# yet, all in one MULTI, remembering entry -> task id in the town's `plan` hash; `tt sync pull` writes
 # states and results back into the file as text edits (order and comments kept).  A
 # snapshot is the town's keys as one JSON document.
 
@@ -3930,12 +4032,12 @@ def plan_status(town: Town, path: Path) -> list[dict[str, Any]]:
 
 
 def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
-    """Create the plan's missing tasks and update changed descriptions, in one transaction.
+    """Create the plan's missing tasks and apply what changed in the file to the others, in
+    one transaction (_PLAN_UPDATE_LUA: changes apply while a task has not started).
 
     Returns {"created": [...], "updated": [...], "unchanged": [...], "kept": [...]} (entry
-    ids; "kept": "entry: field" for an `after`, agent or tags changed in the file after the
-    task was created, which its task keeps as they were).  Nothing is applied when the
-    plan is bad.
+    ids; "kept": "entry: field (why)" for a change its task keeps, e.g. because it is
+    running).  Nothing is applied when the plan is bad.
     """
     entries = load_plan(path)
     mapped = town.redis.hgetall(town.keys.plan)
@@ -3946,21 +4048,22 @@ def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
     report: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": [], "kept": []}
     channel = town.channel
     pipe = town.redis.pipeline()
+    updates: list[tuple[str, int]] = []  # entry id, the place of its script's answer
     for entry in entries:  # prerequisites first: each script finds those it waits for
         task = existing.get(ids[entry.id])
-        if task is not None:
-            for name, now, then in (("after", [ids[ref] for ref in entry.after], task.after),
-                                    ("tags", entry.tags, task.tags),
-                                    ("agent", agents.get(entry.agent or ""), task.release_to or task.assigned_to)):
-                if now != then and (name != "agent" or entry.agent):
-                    report["kept"].append(f"{entry.id}: {name}")
-            if task.description != entry.description and not task.terminal:
-                channel._queue_task_change(pipe, task, description=entry.description)
-                report["updated"].append(entry.id)
-            else:
-                report["unchanged"].append(entry.id)
-            continue
         agent_id = agents.get(entry.agent or "")
+        if task is not None:
+            current = task.release_to or task.assigned_to
+            if entry.agent and not agent_id and current:
+                report["kept"].append(f"{entry.id}: agent (no agent named {entry.agent!r})")
+            to = agent_id or current
+            message = channel._assignment(dataclasses.replace(task, description=entry.description), to,
+                                          CONDUCTOR_ID, entry.priority).to_json() if to else ""
+            updates.append((entry.id, len(pipe)))
+            channel._plan_update(args=[town.keys.prefix, task.id, _now(), entry.description,
+                                       _hash_value(entry.tags), _hash_value([ids[ref] for ref in entry.after]),
+                                       agent_id or "", entry.priority, message], client=pipe)
+            continue
         task = Task(description=entry.description, id=ids[entry.id], tags=entry.tags,
                     after=[ids[ref] for ref in entry.after], on_failure=entry.on_failure,
                     parent_id=ids[entry.parent] if entry.parent else None)
@@ -3968,7 +4071,13 @@ def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
                               detail=f"plan entry {entry.id}")
         pipe.hset(town.keys.plan, entry.id, task.id)
         report["created"].append(entry.id)
-    pipe.execute()
+    answers = pipe.execute()
+    for entry_id, place in updates:
+        changes = answers[place]
+        applied = [name for name in changes if ": " not in name]
+        report["updated" if applied else "unchanged"].append(entry_id)
+        report["kept"] += [f"{entry_id}: {name} ({why})" for name, why in
+                           (change.split(": ", 1) for change in changes if ": " in change)]
     return report
 
 
@@ -6168,8 +6277,9 @@ def _cmd_plan(town: Town, args: Any) -> _Reply:
 
 
 def _cmd_sync_push(town: Town, args: Any) -> _Reply:
-    """Create the plan's tasks (idempotent: a second push creates nothing) and update changed
-    descriptions; an entry whose agent exists is assigned to it, else it goes to the backlog.
+    """Create the plan's tasks (idempotent: a second push creates nothing) and apply what
+    changed in the file to tasks not yet started; an entry whose agent exists is assigned
+    to it, else it goes to the backlog.
 
     Example: tt sync push
     """
