@@ -5289,7 +5289,7 @@ class HookRunner:
                             or time.monotonic() - outage > REDIS_OUTAGE_SECS:
                         log.info("hooks: redis is gone; exiting")
                         return
-                    time.sleep(0.5)
+                    _poll(lambda: self._stopping, 0.5, 0.05)  # a pause a stop request ends
             log.info("hooks: stopping on request")
 
     def step(self) -> int:
@@ -5346,7 +5346,7 @@ class HookRunner:
                     break
                 log.warning("hooks: %s hook exited %s (run %d of %d)", kind, code, attempt, HOOK_RETRIES)
                 if attempt < HOOK_RETRIES:
-                    time.sleep(0.5 * attempt)
+                    _poll(lambda: self._stopping, 0.5 * attempt, 0.05)
             else:
                 self._record_failure(kind, entry_id, command, code)
 
