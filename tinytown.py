@@ -3281,15 +3281,16 @@ class Town:
         return AgentHandle(self, agent_id)
 
     def _check_cli_installed(self, agent_cli: AgentCLI) -> None:
-        command = _fill_command(agent_cli.command, Path("prompt.md"))
-        try:
-            words = [w for w in shlex.split(command) if not re.match(r"[A-Za-z_]\w*=", w)]
-        except ValueError as exc:
-            raise SpawnError(f"cannot parse the {agent_cli.name} command {command!r}: {exc}") from None
+        executable = _cli_executable(agent_cli.command)
+        if executable is None:
+            if agent_cli.command.strip():
+                raise SpawnError(f"cannot parse the {agent_cli.name} command {agent_cli.command!r};"
+                                 " check its quotes")
+            return
         # `command -v` knows what `sh -c` will: programs on PATH, builtins and keywords (if, while).
-        if words and subprocess.run(["sh", "-c", 'command -v "$1" >/dev/null', "sh", words[0]],
-                                    env={**os.environ, **agent_cli.env}).returncode != 0:
-            raise CLINotFound(agent_cli.name, words[0])
+        if subprocess.run(["sh", "-c", 'command -v "$1" >/dev/null', "sh", executable],
+                          env={**os.environ, **agent_cli.env}).returncode != 0:
+            raise CLINotFound(agent_cli.name, executable)
 
     @contextlib.contextmanager
     def _worktree(self, name: str) -> Iterator[Path]:
