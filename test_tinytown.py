@@ -164,6 +164,13 @@ def run_module(*argv, cwd=None, env=None, timeout=60):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a managed server in TCP mode)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def redis_pids() -> set[int]:
     pids = set()
     for proc in Path("/proc").iterdir():
@@ -381,10 +388,7 @@ def test_two_processes_connecting_at_once_start_one_server(tmp_path, monkeypatch
 
 def test_tcp_mode_with_password_keeps_it_off_the_command_line(tmp_path, monkeypatch, redis_server):
     monkeypatch.delenv("REDIS_URL", raising=False)
-    import socket as socketlib
-    with socketlib.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     options = {"redis": {"use_socket": False, "port": port, "password": "hunter2-secret"}}
     with Town.init(tmp_path, "tcp", **options) as town:
         assert town.redis.ping()
@@ -2111,9 +2115,7 @@ def test_assigning_to_a_stopped_agent_says_the_task_waits(town):
 
 def test_agent_clis_get_no_redis_password_in_their_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("REDIS_URL", raising=False)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     dump = tmp_path / "cli-env"
     with Town.init(tmp_path / "proj", "envy", redis={"use_socket": False, "port": port}) as town:
         password = (town.root / ".tt" / "redis.password").read_text().strip()
@@ -2179,9 +2181,7 @@ def test_a_short_socket_folder_that_is_not_private_is_refused(tmp_path, monkeypa
 def test_tcp_mode_always_has_a_password_and_odd_paths_are_escaped(tmp_path, monkeypatch):
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.delenv("TINYTOWN_REDIS_PASSWORD", raising=False)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     root = tmp_path / 'odd "dir" \\ é'
     with Town.init(root, "odd", redis={"use_socket": False, "port": port}) as town:
         secret = (root / ".tt" / "redis.password")

@@ -769,15 +769,12 @@ def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
                 end -= 1
             lines.insert(end, line)
     new_text = "\n".join(lines) + "\n"
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    scratch.write_text(new_text, encoding="utf-8")
-    scratch.chmod(stat.S_IMODE(path.stat().st_mode))  # a private config stays private
-    try:
-        load_config(scratch).path = path
-    except TinytownError as exc:
-        scratch.unlink()
-        raise ConfigError(str(exc).replace(str(scratch), str(path))) from None
-    os.replace(scratch, path)
+    def check(scratch: Path) -> None:
+        try:
+            load_config(scratch)
+        except TinytownError as exc:
+            raise ConfigError(str(exc).replace(str(scratch), str(path))) from None
+    _write_atomic(path, new_text, check=check)
     return value
 
 
@@ -1117,11 +1114,22 @@ def _parse_message(raw: str) -> Message | None:
 
 # Files and processes #########################################################
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write via a temp file and rename, so readers never see half a file."""
+def _write_atomic(path: Path, text: str, mode: int | None = None,
+                  check: Callable[[Path], Any] | None = None) -> None:
+    """Write via a temp file and rename, so readers never see half a file.  `check(temp)`
+    may refuse the new text by raising: the file stays as it was.  `mode` defaults to the
+    file's own (a private config stays private), else 0644."""
     scratch = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     scratch.write_text(text, encoding="utf-8")
+    if mode is None:
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
     scratch.chmod(mode)
+    try:
+        if check:
+            check(scratch)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
     os.replace(scratch, path)
 
 
@@ -1284,6 +1292,20 @@ def _terminate_loop(pid: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         _wait_for_exit(pid, 5.0)
+
+
+def _stop_loops_serving(root: Path, except_agents: Iterable[str] = ()) -> int:
+    """Stop the agent loops serving the folder `root` (but those of `except_agents`): loops
+    under a town name the config no longer has, or whose Redis is gone.  How many."""
+    strays = [pid for pid, agent_id in _loops_serving(root).items() if agent_id not in except_agents]
+    for pid in strays:
+        _terminate_loop(pid)
+    return len(strays)
+
+
+def _mark_stopped(root: Path) -> None:
+    """`tt stop` ran: nothing but a person's start brings the town's Redis back."""
+    _write_atomic(_runtime_dir(root) / "stopped", _now() + "\n")
 
 
 def _terminate_group(pgid: int, grace: float) -> None:
@@ -3527,7 +3549,7 @@ class Town:
     def stop(self, grace: float = STOP_GRACE_SECS) -> dict[str, Any]:
         """Stop every loop serving this folder (remembering the live agents for `start`),
         then the managed Redis, which stays down until a person starts the town."""
-        _write_atomic(_runtime_dir(self._root) / "stopped", _now() + "\n")
+        _mark_stopped(self._root)
         agents = self._channel.agents()
         live = [a for a in agents if not a.terminal]  # a crashed loop's agent was meant to run too
         names = [a.name for a in live]
@@ -3536,17 +3558,14 @@ class Town:
             record = self._root / RUNTIME_DIR / "resume.json"
             _write_atomic(record, json.dumps(sorted(set(_read_name_list(record)) | set(names))))
         self._stop_loops([a.id for a in live], grace)
-        known = {a.id for a in agents}  # strays: loops under a name the config no longer has
-        strays = [pid for pid, agent_id in _loops_serving(self._root).items() if agent_id not in known]
-        for pid in strays:
-            _terminate_loop(pid)
+        strays = _stop_loops_serving(self._root, except_agents={a.id for a in agents})
         elsewhere = [a.name for a in map(self._channel.get_agent, [a.id for a in live])
                      if a and not a.terminal]
         stop_hook_runner(self._root, drain=self)
         stopped_server = self.server.stop()
         self._owns_server = False
         return {"agents": names, "redis_stopped": stopped_server, "still_running_elsewhere": elsewhere,
-                "other_loops_stopped": len(strays)}
+                "other_loops_stopped": strays}
 
     def start(self) -> dict[str, Any]:
         """Redis is running (connecting saw to that); restart the agents `tt stop` stopped."""
@@ -4090,11 +4109,18 @@ def sync_pull(town: Town, path: Path) -> list[dict[str, Any]]:
     for row in rows:
         if row["task"]:
             text = _set_entry_fields(text, row["entry"], {"state": row["state"], "result": row["result"]})
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    scratch.write_text(text, encoding="utf-8")
-    load_plan(scratch)  # never leave a broken plan behind
-    os.replace(scratch, path)
+    _write_plan(path, text)
     return rows
+
+
+def _write_plan(path: Path, text: str) -> None:
+    """Replace tasks.toml, never with a plan that does not load."""
+    def check(scratch: Path) -> None:
+        try:
+            load_plan(scratch)
+        except PlanError as exc:
+            raise PlanError(path, exc.line, exc.entry, exc.problem) from None
+    _write_atomic(path, text, check=check)
 
 
 _DEPENDS = re.compile(r"\b(?:depends on|blocked by|after)\s+((?:#\d+(?:\s*,\s*|\s+and\s+|\s+)?)+)", re.I)
@@ -4137,14 +4163,7 @@ def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[
         added.append(entry_id)
     if blocks:
         new_text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + "\n\n".join(blocks) + "\n"
-        scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        scratch.write_text(new_text, encoding="utf-8")
-        try:
-            load_plan(scratch)
-        except PlanError as exc:
-            scratch.unlink()
-            raise PlanError(path, exc.line, exc.entry, exc.problem) from None
-        os.replace(scratch, path)
+        _write_plan(path, new_text)
     return added
 
 
@@ -5652,13 +5671,11 @@ def _cmd_start(town: Town, args: Any) -> _Reply:
 
 def _stop_without_redis(root: Path, args: Any) -> _Reply:
     """`tt stop` on a town whose Redis is down: its loops still serve the folder."""
-    strays = _loops_serving(root.resolve())
-    for pid in strays:
-        _terminate_loop(pid)
+    strays = _stop_loops_serving(root.resolve())
     stop_hook_runner(root.resolve())
-    _write_atomic(_runtime_dir(root) / "stopped", _now() + "\n")
-    return _Reply({"agents": [], "redis_stopped": False, "other_loops_stopped": len(strays)},
-                  f"redis is not running; {_count(len(strays), 'agent loop') + ' stopped' if strays else 'nothing to stop'}")
+    _mark_stopped(root)
+    return _Reply({"agents": [], "redis_stopped": False, "other_loops_stopped": strays},
+                  f"redis is not running; {_count(strays, 'agent loop') + ' stopped' if strays else 'nothing to stop'}")
 
 
 @_uses_town(_TownUse.NEVER_START, when_stopped=_stop_without_redis)
