@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -2662,6 +2663,219 @@ def test_import_github_with_a_stand_in_gh(town, tmp_path, monkeypatch):
     assert tt_json("sync", "push")["created"] == ["issue-12", "issue-13"]
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert "no `gh` is on PATH" in fail_cli("plan", "import-github", "14")
+
+
+# Tasks #######################################################################
+# The task graph's rules (README "Plans and dependencies"), each where features meet:
+# dependencies x prune x plans x dead retry x delete x restore.
+
+def dead_letter(town, agent, task):
+    """Fail `task` (assigned to `agent`) through the requeue until it is dead-lettered."""
+    for _ in range(town.config.agent.max_attempts):
+        town.channel.take(agent.id)
+        town.channel.settle(agent.id, set(), "the CLI crashed")
+    assert town.task(task.id).state == "failed"
+
+
+def test_a_pruned_plan_task_stays_done_and_is_never_created_again(town):
+    path = write_plan(town, '[[task]]\nid = "a"\ndescription = "A"\n\n'
+                            '[[task]]\nid = "b"\ndescription = "B"\nafter = ["a"]\n')
+    assert tt_json("sync", "push")["created"] == ["a", "b"]
+    mapped = town.redis.hgetall(town.keys.plan)
+    town.complete_task(mapped["a"], "A done")
+    town.complete_task(mapped["b"], "B done")
+    assert {t.id for t in town.prune_tasks(older_than_secs=0, keep=0)} == set(mapped.values())
+    assert town.tasks() == []
+    assert tt_json("sync", "push") == {"created": [], "updated": [], "unchanged": ["a", "b"], "kept": []}
+    assert town.tasks() == []  # done work never runs again
+    shown = tt_json("task", "show", mapped["a"])  # the archive keeps it readable
+    assert (shown["state"], shown["result"]) == ("completed", "A done")
+    assert [(r["entry"], r["state"], r["result"]) for r in tt_json("plan")] == [
+        ("a", "completed", "A done"), ("b", "completed", "B done")]
+    path.write_text(path.read_text() + '\n[[task]]\nid = "c"\ndescription = "C"\nafter = ["b"]\n')
+    assert tt_json("sync", "push")["created"] == ["c"]
+    assert town.task(town.redis.hget(town.keys.plan, "c")).state == "pending"  # b is done
+
+
+def test_a_retried_prerequisite_blocks_its_dependents_again(town):
+    w, v = worker(town), worker(town, "w2")
+    x, y = w.assign("X"), v.assign("Y")
+    run_anyway = town.backlog_add("D runs anyway", after=[x.id, y.id], on_failure="run")
+    strict = town.backlog_add("E fails with X", after=[x.id, y.id])
+    later = town.backlog_add("F after E", after=[strict.id])
+    dead_letter(town, w, x)
+    assert town.task(run_anyway.id).state == "blocked"  # still waits for Y
+    assert (town.task(strict.id).state, town.task(later.id).state) == ("failed", "failed")
+    assert town.task(strict.id).error == f"prerequisite {x.id} failed"
+    town.act_on_dead(None, retry=True)
+    assert town.task(x.id).state == "assigned"
+    assert [town.task(t.id).state for t in (run_anyway, strict, later)] == ["blocked"] * 3
+    town.complete_task(x.id, "X done")
+    assert [town.task(t.id).state for t in (run_anyway, strict, later)] == ["blocked"] * 3  # Y runs
+    town.complete_task(y.id, "Y done")
+    assert [town.task(t.id).state for t in (run_anyway, strict, later)] == ["pending", "pending", "blocked"]
+
+
+def test_a_released_dependent_is_pulled_back_unless_it_started(town):
+    w = worker(town)
+    x = w.assign("X")
+    queued = town.assign("w1", "queued dependent", after=[x.id], on_failure="run")
+    taken = town.assign("w1", "taken dependent", after=[x.id], on_failure="run")
+    dead_letter(town, w, x)  # X failed: both run anyway
+    assert [town.task(t.id).state for t in (queued, taken)] == ["assigned", "assigned"]
+    town.channel.ack(w.id, [m.id for m in w.inbox() if m.body.get("task_id") == taken.id])  # taken away
+    town.act_on_dead(None, retry=True)
+    assert town.task(queued.id).state == "blocked"
+    assert queued.id not in [m.body.get("task_id") for m in w.inbox()]
+    assert town.task(taken.id).state == "assigned"  # never pulled back: reported
+    conflicts = [e for e in town.channel.events(100) if e["event"] == "task_conflict"]
+    assert [(e["task"], e["prerequisite"]) for e in conflicts] == [(taken.id, x.id)]
+    town.complete_task(x.id, "ok")
+    assert town.task(queued.id).state == "assigned"
+    assert [m.body.get("task_id") for m in w.inbox()].count(queued.id) == 1
+
+
+def test_deleting_a_prerequisite_counts_as_its_failure(town):
+    x, y = town.backlog_add("X"), town.backlog_add("Y")
+    strict = town.backlog_add("fails", after=[x.id])
+    anyway = town.backlog_add("runs", after=[x.id, y.id], on_failure="run")
+    town.delete_task(x.id)
+    assert (town.task(strict.id).state, town.task(strict.id).error) == ("failed", f"prerequisite {x.id} deleted")
+    assert town.wait_task(strict.id, timeout=5).state == "failed"
+    assert town.task(anyway.id).state == "blocked"
+    town.complete_task(y.id)
+    assert town.task(anyway.id).state == "pending"
+    assert town.task_store.open_count() == 1  # `anyway`; all_tasks_done counts blocked as open
+
+
+def test_failing_the_head_of_a_long_chain_fails_every_task_and_a_retry_reopens_them(town):
+    w = worker(town)
+    head = w.assign("head")
+    ids, previous = [], head.id
+    pipe = town.redis.pipeline()
+    for i in range(12_000):
+        task = tinytown.Task(description=f"link {i}", after=[previous])
+        town.task_store.queue_create(pipe, task, assign_to=None, backlog=True)
+        ids.append(task.id)
+        previous = task.id
+    pipe.execute()
+    assert town.task_store.task_counts() == {"assigned": 1, "blocked": 12_000}
+    dead_letter(town, w, head)
+    assert town.task_store.task_counts() == {"failed": 12_001}
+    assert town.task(ids[-1]).error == f"prerequisite {ids[-2]} failed"
+    town.act_on_dead(None, retry=True)
+    assert town.task_store.task_counts() == {"assigned": 1, "blocked": 12_000}
+    town.complete_task(head.id)
+    assert town.task_store.task_counts() == {"completed": 1, "pending": 1, "blocked": 11_999}
+
+
+def test_an_unchanged_push_costs_the_same_whatever_the_plan_holds(town):
+    worker(town)
+    def plan(n):
+        return "".join(f'[[task]]\nid = "e{i}"\ndescription = "entry {i}"\nagent = "w1"\n\n' for i in range(n))
+    path = write_plan(town, plan(500))
+    assert len(tinytown.sync_push(town, path)["created"]) == 500
+    report, commands = redis_commands(town, lambda: tinytown.sync_push(town, path))
+    assert len(report["unchanged"]) == 500 and commands <= 10
+    path.write_text(plan(510))
+    report, commands = redis_commands(town, lambda: tinytown.sync_push(town, path))
+    assert report["created"] == [f"e{i}" for i in range(500, 510)] and commands <= 10 + 10 * 30
+
+
+def test_a_big_push_goes_in_atomic_batches_and_a_retry_finishes_it(town, monkeypatch):
+    path = write_plan(town, "".join(f'[[task]]\nid = "e{i}"\ndescription = "entry {i}"\n'
+                                    + (f'after = ["e{i - 1}"]\n' if i else "") + "\n" for i in range(1200)))
+    batches = []
+    real = tinytown.TaskStore.push_batch
+
+    def interrupted(self, batch):
+        if len(batches) == 2:
+            raise redis.TimeoutError("the reply was lost")
+        batches.append(len(batch))
+        return real(self, batch)
+    monkeypatch.setattr(tinytown.TaskStore, "push_batch", interrupted)
+    with pytest.raises(redis.TimeoutError):
+        tinytown.sync_push(town, path)
+    assert batches and max(batches) <= tinytown.PUSH_BATCH and len(town.tasks()) == sum(batches)
+    monkeypatch.setattr(tinytown.TaskStore, "push_batch", real)
+    report = tinytown.sync_push(town, path)
+    assert len(report["created"]) == 1200 - sum(batches) and len(report["unchanged"]) == sum(batches)
+    assert len(town.tasks()) == 1200 and town.task_store.task_counts() == {"pending": 1, "blocked": 1199}
+
+
+def test_respawning_with_a_new_role_moves_the_agent_between_role_indexes(town):
+    w = worker(town, role="dev")
+    town.channel.set_agent_state(w.id, "stopped")
+    town.spawn_agent("w1", "demo", role="ops", start=False)
+    assert town.redis.smembers(town.keys.role("ops")) == {w.id}
+    assert not town.redis.sismember(town.keys.role("dev"), w.id)
+    task = town.backlog_add("ops work", tags=["ops"])
+    assert town.task_store.claim(None, w.id).id == task.id
+
+
+def test_a_snapshot_of_an_old_layout_is_upgraded_after_it_is_restored(town):
+    _write_old_town(town)
+    snapshot = tinytown.save_snapshot(town)
+    town.reset(force=True)
+    tinytown.restore_snapshot(town, snapshot)
+    assert town.redis.get(town.keys.layout) == tinytown.LAYOUT_VERSION
+    assert town.redis.type(town.keys.backlog) == "zset"
+    assert [t["id"] for t in tt_json("backlog", "list")] == ["b4", "b1", "b3", "b2"]
+    assert tt_json("backlog", "add", "new")["state"] == "pending" and tt_json("status")["backlog"] == 5
+    assert tinytown.save_snapshot(town)["layout"] == tinytown.LAYOUT_VERSION
+
+
+def test_a_refused_create_emits_nothing(town):
+    w = worker(town)
+    with pytest.raises(TaskNotFound):
+        town.task_store.create(tinytown.Task(description="x", after=["no-such-task"]), backlog=True)
+    with pytest.raises(TaskNotFound):
+        town.task_store.create(tinytown.Task(description="x", after=["ghost"]), assign_to=w.id)
+    assert [e["event"] for e in town.channel.events(10)] == ["agent_spawned"]
+    assert town.tasks() == [] and town.task_store.task_counts() == {} and w.inbox() == []
+
+
+def test_prune_never_drops_a_prerequisite_an_open_task_needs_nor_a_reopened_task(town):
+    w = worker(town)
+    done, open_one = w.assign("done"), w.assign("open")
+    waiting = town.backlog_add("waits for both", after=[done.id, open_one.id])
+    town.complete_task(done.id, "the result the prompt needs")
+    assert town.prune_tasks(older_than_secs=0, keep=0) == []
+    assert town.task(done.id).result == "the result the prompt needs"
+    v = worker(town, "w2")
+    failed = v.assign("fails")
+    for _ in range(20):  # prune racing a dead retry: the archive tells the truth
+        dead_letter(town, v, failed)
+        run_together(2, lambda i: town.prune_tasks(older_than_secs=0, keep=0) if i else
+                     town.act_on_dead(None, retry=True, agent="w2"))
+        record = town.task_store.get(failed.id)
+        archived = [json.loads(line) for path in (town.root / ".tt" / "tasks").glob("archive-*.jsonl")
+                    for line in path.read_text().splitlines()]
+        if record is None:  # pruned first: archived as failed, and its letter stays dead
+            assert [t["state"] for t in archived if t["id"] == failed.id] == ["failed"]
+            assert not any(m.body.get("task_id") == failed.id for m in v.inbox())
+            assert [m.body["task_id"] for m in town.dead_letters("w2")[v.id]] == [failed.id]
+            break
+        assert record.state == "assigned" and failed.id not in [t["id"] for t in archived]
+    assert town.task(waiting.id).state == "blocked"
+
+
+def test_sync_pull_never_edits_inside_a_multi_line_string(town):
+    worker(town)
+    text = ('[[task]]\nid = "a"\nagent = "w1"\ndescription = """\nSteps:\nstate = draft\n'
+            'result = "keep me"\n"""\n\n[[task]]\nid = "b"\ndescription = \'\'\'\nstate = x\n\'\'\'\n'
+            'result = """old\nlines"""\nnotes_tags = ["state = y"]\n'.replace("notes_tags", "tags"))
+    path = write_plan(town, text)
+    tt_json("sync", "push")
+    mapped = town.redis.hgetall(town.keys.plan)
+    town.complete_task(mapped["a"], "done")
+    town.complete_task(mapped["b"], "fine")
+    tt_json("sync", "pull")
+    entries = {e.id: e for e in tinytown.load_plan(path)}
+    assert entries["a"].description == "\nSteps:\nstate = draft\nresult = \"keep me\"\n".lstrip("\n")
+    assert entries["b"].description == "state = x\n" and entries["b"].tags == ["state = y"]
+    data = tomllib.loads(path.read_text())["task"]
+    assert [(t["state"], t["result"]) for t in data] == [("completed", "done"), ("completed", "fine")]
 
 
 # Agent CLIs ##################################################################
