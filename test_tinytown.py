@@ -545,7 +545,7 @@ def test_take_and_settle_ack_requeue_to_front_and_dead_letter_after_max_attempts
     assert [(m.id, m.attempts) for m in w.inbox()] == [(late.id, 2)]  # not out of attempts yet
     failed = town.task(task.id)
     assert (failed.state, failed.error, failed.attempts) == ("failed", "failure 3", 3)
-    assert failed.completed_at and town.channel.task_counts() == {"failed": 1}
+    assert failed.completed_at and town.task_store.task_counts() == {"failed": 1}
 
     channel.take(w.id)  # e.g. a stop: give the messages back without counting an attempt
     assert channel.settle(w.id, set(), "stopping", count="none") == []
@@ -614,7 +614,7 @@ def test_assign_creates_task_message_and_event_at_once(town):
 
     api_task = w.assign("second", priority="urgent")
     assert w.inbox()[0].body["task_id"] == api_task.id  # the urgent assignment is read first
-    assert town.channel.task_counts() == {"assigned": 2}
+    assert town.task_store.task_counts() == {"assigned": 2}
     assert [t.id for t in town.tasks(agent="w1")] == [task["id"], api_task.id]
 
 
@@ -622,7 +622,7 @@ def test_assign_to_unknown_agent_leaves_nothing_behind(town):
     with pytest.raises(AgentNotFound):
         town.assign("ghost", "lost work")
     fail_cli("assign", "ghost", "lost work")
-    assert town.tasks() == [] and town.channel.task_counts() == {}
+    assert town.tasks() == [] and town.task_store.task_counts() == {}
 
 
 # -- backlog --
@@ -649,7 +649,7 @@ def test_backlog_add_list_claim_assign_all_remove_via_cli(town):
     assert [t["id"] for t in tt_json("backlog", "assign-all", "w1")] == [two, four]
     assert tt_json("backlog", "list") == []
     assert [m.body["task_id"] for m in w.inbox()] == [one["id"], two, four]
-    assert town.channel.task_counts() == {"assigned": 3, "cancelled": 1}
+    assert town.task_store.task_counts() == {"assigned": 3, "cancelled": 1}
 
 
 def test_backlog_through_the_python_api(town):
@@ -670,15 +670,16 @@ def test_backlog_through_the_python_api(town):
 def test_backlog_remove_racing_a_claim_has_one_winner(town, monkeypatch):
     w = worker(town)
     task = town.backlog_add("contested")
-    load = town.channel._load_task_in
+    load = town.task_store.get
     raced = []
 
-    def claim_in_between(client, task_id):  # a claim lands inside remove's WATCH window
+    def claim_in_between(task_id):  # a claim lands between remove's lookup and its script
+        found = load(task_id)
         if not raced:
             raced.append(None)
-            raced[0] = town.channel.claim(task.id, w.id)
-        return load(client, task_id)
-    monkeypatch.setattr(town.channel, "_load_task_in", claim_in_between)
+            raced[0] = town.task_store.claim(task.id, w.id)
+        return found
+    monkeypatch.setattr(town.task_store, "get", claim_in_between)
     with pytest.raises(InvalidTransition, match="not in the backlog"):
         town.backlog_remove(task.id)
     assert raced[0].state == "assigned" and town.task(task.id).state == "assigned"
@@ -691,7 +692,7 @@ def test_completing_a_terminal_task_changes_and_counts_nothing(town):
     task = w.assign("do it")
     done = tt_json("task", "complete", task.id, "--result", "done")
     assert (done["state"], done["result"]) == ("completed", "done")
-    snapshot = (town.task(task.id).to_dict(), town.channel.task_counts(), w.record().tasks_completed)
+    snapshot = (town.task(task.id).to_dict(), town.task_store.task_counts(), w.record().tasks_completed)
     assert snapshot[1:] == ({"completed": 1}, 1)
 
     for argv in (("complete", task.id, "--result", "again"), ("fail", task.id, "--error", "x"),
@@ -699,7 +700,7 @@ def test_completing_a_terminal_task_changes_and_counts_nothing(town):
         assert tt_json("task", *argv)["state"] == "completed"
     assert town.complete_task(task.id, "api").result == "done"
     assert town.fail_task(task.id, "late").state == "completed"
-    assert (town.task(task.id).to_dict(), town.channel.task_counts(),
+    assert (town.task(task.id).to_dict(), town.task_store.task_counts(),
             w.record().tasks_completed) == snapshot
     assert [e["event"] for e in town.channel.events(100) if e.get("task") == task.id] == [
         "task_assigned", "task_completed"]
@@ -711,7 +712,7 @@ def test_complete_fail_cancel_from_pending_leave_the_backlog_and_wait_reports(to
     assert tt_json("task", "fail", failed, "--error", "broken")["error"] == "broken"
     assert tt_json("task", "cancel", cancelled)["state"] == "cancelled"
     assert [t.id for t in town.backlog()] == [open_]
-    assert town.channel.task_counts() == {"completed": 1, "failed": 1, "cancelled": 1, "pending": 1}
+    assert town.task_store.task_counts() == {"completed": 1, "failed": 1, "cancelled": 1, "pending": 1}
 
     assert tt("task", "wait", completed, "--timeout", "1")[0] == 0
     assert tt("task", "wait", failed, "--timeout", "1")[0] == 1
@@ -747,7 +748,7 @@ def test_eight_threads_completing_one_task_count_it_once(town):
     results = run_together(8, lambda i: town.complete_task(task.id, f"by {i}"))
     assert all(r.state == "completed" for r in results)
     assert town.task(task.id).result in {f"by {i}" for i in range(8)}
-    assert town.channel.task_counts() == {"completed": 1}
+    assert town.task_store.task_counts() == {"completed": 1}
     assert w.record().tasks_completed == 1
     assert sum(e["event"] == "task_completed" for e in town.channel.events(100)) == 1
 
@@ -755,7 +756,7 @@ def test_eight_threads_completing_one_task_count_it_once(town):
 def test_racing_complete_and_fail_leave_exactly_one_terminal_state(town):
     task = town.backlog_add("raced")
     run_together(8, lambda i: (town.complete_task if i % 2 else town.fail_task)(task.id, "x"))
-    counts = town.channel.task_counts()
+    counts = town.task_store.task_counts()
     assert sum(counts.values()) == 1 and set(counts) == {town.task(task.id).state}
 
 
@@ -767,7 +768,7 @@ def test_concurrent_claims_of_one_backlog_task_have_one_winner(town):
     assert len(winners) == 1 and all(isinstance(r, InvalidTransition) for r in results if r not in winners)
     assert sum(w.inbox_len() for w in workers) == 1
     assert town.task(task.id).assigned_to == winners[0].assigned_to
-    assert town.channel.task_counts() == {"assigned": 1} and town.backlog() == []
+    assert town.task_store.task_counts() == {"assigned": 1} and town.backlog() == []
 
 
 def test_concurrent_sends_lose_nothing_and_keep_each_senders_order(town):
@@ -804,7 +805,7 @@ def test_two_towns_on_one_redis_are_isolated(town, tmp_path_factory):
             assert all(k.startswith(town.keys.prefix) for k in deleted)
             assert list(town.redis.scan_iter(match=town.keys.prefix + "*")) == []
             assert other_keys() == before
-            assert theirs.inbox_len() == 1 and other.channel.task_counts() == {"assigned": 1}
+            assert theirs.inbox_len() == 1 and other.task_store.task_counts() == {"assigned": 1}
         finally:
             other.reset(force=True)
 
@@ -999,18 +1000,18 @@ def test_a_town_written_by_0_1_0_is_upgraded_once_on_a_persons_connect(town):
         assert set(old.redis.smembers(old.keys.role("dev"))) == {ids["dev1"], ids["busy"]}
         assert not old.redis.exists(old.keys.wake(ids["dev1"]))  # the upgrade woke nobody
         # claims follow the old order and the tags: dev1 takes b4 (its role), ops1 b1, ...
-        assert old.channel.claim(None, ids["dev1"]).id == "b4"
-        assert old.channel.claim(None, ids["ops1"]).id == "b1"
-        assert old.channel.claim(None, ids["ops1"]).id == "b2"
-        assert old.channel.claim(None, ids["dev1"]).id == "b3"
-        assert old.channel.claim(None, ids["ops1"]) is None
+        assert old.task_store.claim(None, ids["dev1"]).id == "b4"
+        assert old.task_store.claim(None, ids["ops1"]).id == "b1"
+        assert old.task_store.claim(None, ids["ops1"]).id == "b2"
+        assert old.task_store.claim(None, ids["dev1"]).id == "b3"
+        assert old.task_store.claim(None, ids["ops1"]) is None
         assert tt_json("backlog", "list") == []
 
     with Town(town.root) as again:  # once: the second connect finds the layout and stops there
-        assert again.channel.upgrade_layout() is None
+        assert again.task_store.upgrade_layout() is None
         upgrades = [e for e in again.channel.events(100) if e["event"] == "upgraded"]
         assert [(e["tasks"], e["backlog"], e["agents"]) for e in upgrades] == [("8", "4", "4")]
-        assert again.channel.task_counts() == {"assigned": 5, "running": 1, "completed": 1, "failed": 1}
+        assert again.task_store.task_counts() == {"assigned": 5, "running": 1, "completed": 1, "failed": 1}
 
 
 def test_a_changing_command_upgrades_and_the_backlog_goes_on_in_order(town):
@@ -1052,7 +1053,7 @@ def bulk_tasks(town, n, *, tags=(), backlog=True, assign_to=None):
         task = tinytown.Task(description=f"bulk {i}", tags=list(tags))
         if assign_to:
             task.state, task.assigned_to = "assigned", assign_to
-        town.channel._queue_new_task(pipe, task, backlog=backlog)
+        town.task_store.queue_create(pipe, task, backlog=backlog)
         tasks.append(task)
     pipe.execute()
     return tasks
@@ -1060,24 +1061,24 @@ def bulk_tasks(town, n, *, tags=(), backlog=True, assign_to=None):
 
 def test_claim_costs_the_same_whatever_the_backlog_holds_and_is_fifo_per_index(town):
     dev = worker(town, "dev1", role="dev")
-    assert town.channel.claim(None, dev.id) is None  # (loads the script: not part of the cost)
+    assert town.task_store.claim(None, dev.id) is None  # (loads the script: not part of the cost)
     costs = []
     for others in (20, 2000):
         bulk_tasks(town, others, tags=["ops"])  # work for another role, ahead in the queue
         mine = town.backlog_add("for a dev", tags=["dev"])
-        claimed, cost = redis_commands(town, lambda: town.channel.claim(None, dev.id, sender=dev.id))
+        claimed, cost = redis_commands(town, lambda: town.task_store.claim(None, dev.id, sender=dev.id))
         assert claimed.id == mine.id and claimed.assigned_to == dev.id
         costs.append(cost)
     assert costs[0] == costs[1], costs
-    assert town.channel.claim(None, dev.id) is None  # only ops work left
+    assert town.task_store.claim(None, dev.id) is None  # only ops work left
     first, second = town.backlog_add("untagged 1"), town.backlog_add("by name", tags=["dev1"])
     third = town.backlog_add("untagged 2")
-    order = [town.channel.claim(None, dev.id).id for _ in range(3)]
+    order = [town.task_store.claim(None, dev.id).id for _ in range(3)]
     assert order == [first.id, second.id, third.id]  # oldest first across its indexes
     [message] = [m for m in dev.inbox() if m.body["task_id"] == first.id]
     assert (message.type, message.body["description"], message.from_) == ("task_assign", "untagged 1",
                                                                           "conductor")
-    assert town.channel.task_counts()["pending"] == 2020 and len(town.backlog()) == 2020
+    assert town.task_store.task_counts()["pending"] == 2020 and len(town.backlog()) == 2020
 
 
 def test_backlog_add_wakes_only_idle_agents_that_may_claim_it(town):
@@ -1113,14 +1114,14 @@ def test_task_indexes_follow_every_change_and_cost_follows_the_result(town):
     assert town.channel.reclaim(w.id, target=v.id) is not None
     town.delete_task(done.id)
 
-    every = town.channel.tasks()
+    every = town.task_store.tasks()
     for state in ("pending", "assigned", "running", "completed", "failed", "cancelled"):
         assert [t.id for t in town.tasks(state=state)] == [t.id for t in every if t.state == state], state
     for agent in (w, v):
         assert [t.id for t in town.tasks(agent=agent.id)] == [t.id for t in every if t.assigned_to == agent.id]
         assert [t.id for t in town.tasks(agent=agent.id, open_only=True)] == [
             t.id for t in every if t.assigned_to == agent.id and not t.terminal]
-    assert town.channel.task_counts() == collections.Counter(t.state for t in every)
+    assert town.task_store.task_counts() == collections.Counter(t.state for t in every)
 
     current, cost = redis_commands(town, lambda: tt_json("task", "current", "w2"))
     _, show_cost = redis_commands(town, lambda: town.task(moved.id[:6]))
@@ -1175,7 +1176,7 @@ def test_task_prune_archives_finished_tasks_then_removes_them(town):
     lines = [json.loads(line) for line in archive.read_text().splitlines()]
     assert [(t["id"], t["result"]) for t in lines] == [(t.id, f"result of t{i}") for i, t in enumerate(tasks[:3])]
     assert [t.id for t in town.tasks()] == [tasks[3].id, tasks[4].id]
-    assert town.channel.task_counts() == {"completed": 1, "assigned": 1}
+    assert town.task_store.task_counts() == {"completed": 1, "assigned": 1}
     assert [t.id for t in town.tasks(agent=w.id)] == [tasks[3].id, tasks[4].id]
     assert [t.id for t in town.prune_tasks(older_than_secs=0, keep=0)] == [tasks[3].id]
     assert town.tasks(state="completed") == [] and town.redis.zcard(town.keys.finished) == 0
@@ -1190,7 +1191,7 @@ def test_auto_prune_runs_once_a_minute_for_the_whole_town(town):
     for key, value in (("town.auto_prune", "true"), ("town.keep_finished", "1")):
         tinytown.set_config_value(town.root / "tinytown.toml", key, value)
     with Town(town.root) as again:
-        assert again.maybe_prune() == 2 and again.channel.task_counts() == {"completed": 1}
+        assert again.maybe_prune() == 2 and again.task_store.task_counts() == {"completed": 1}
         again.complete_task(again.assign("w1", "t3").id, "ok")
         assert again.maybe_prune() == 0  # another prune ran less than a minute ago
         again.release()
@@ -1215,7 +1216,7 @@ def test_dead_letters_list_retry_and_drop(town):
     [back] = w.inbox()
     assert (back.id, back.attempts, back.interruptions) == (assignment["id"], 0, 0)
     assert town.redis.llen(town.keys.wake(w.id)) >= 1
-    assert town.channel.task_counts() == {"assigned": 1}
+    assert town.task_store.task_counts() == {"assigned": 1}
     assert [m["type"] for m in tt_json("dead", "drop", "--all")] == ["task"]
     assert tt_json("dead") == []
     assert tt("dead", "retry")[0] == 2  # ids or --all
@@ -1296,7 +1297,7 @@ def wait_rounds(town, agent_id, rounds, timeout=30):
 
 def wait_task_state(town, task_id, state, timeout=30):
     def check():
-        task = town.channel.get_task(task_id)
+        task = town.task_store.get(task_id)
         return task if task and task.state == state else None
     return wait_for(town, check, timeout, f"task {state}")
 
@@ -2391,11 +2392,11 @@ def test_a_failed_prerequisite_fails_its_dependents_transitively(town):
 
 def test_unknown_prerequisites_are_refused_and_nothing_is_created(town):
     w = worker(town)
-    before = town.channel.task_counts()
+    before = town.task_store.task_counts()
     with pytest.raises(TaskNotFound):
         w.assign("X", after=["no-such-task"])
     assert "nope" in fail_cli("assign", "w1", "X", "--after", "nope")
-    assert town.channel.task_counts() == before and town.tasks() == []
+    assert town.task_store.task_counts() == before and town.tasks() == []
     done = w.assign("done")
     town.complete_task(done.id, "ok")
     ready = town.assign("w1", "ready at once", after=[done.id])
@@ -2548,7 +2549,7 @@ def test_a_second_push_applies_what_changed_to_tasks_not_started(town):
     assert not town.redis.sismember(town.keys.dependents(task["base"].id), task["left"].id)
     # right: still blocked, waiting for both, with its new tags for when it is released
     assert (now["right"].state, now["right"].tags) == ("blocked", ["ops"])
-    assert town.redis.hget(town.keys.task(task["right"].id), "waiting") == "2"
+    assert town.redis.smembers(town.keys.waits(task["right"].id)) == {task["base"].id, task["loose"].id}
     assert town.redis.sismember(town.keys.dependents(task["loose"].id), task["right"].id)
     # loose: moved between the backlog indexes, its FIFO place kept
     assert town.redis.zscore(town.keys.backlog, task["loose"].id) == place
@@ -2560,8 +2561,8 @@ def test_a_second_push_applies_what_changed_to_tasks_not_started(town):
     assert [m.body["task_id"] for m in w2.inbox()][-1] == task["claimme"].id
     assert (now["busy"].description, now["busy"].priority) == ("Busy", "normal")
 
-    again = tinytown.sync_push(town, path)  # the same file again: nothing changes
-    assert again == {"created": [], "updated": [], "kept": kept[1:],  # (loose's priority is recorded)
+    again = tinytown.sync_push(town, path)  # the same file again: nothing changes, nothing to say
+    assert again == {"created": [], "updated": [], "kept": [],
                      "unchanged": ["done", "base", "left", "loose", "right", "claimme", "busy"]}
     assert len(town.tasks()) == count
     assert [m.body["task_id"] for m in w2.inbox()].count(task["claimme"].id) == 1
@@ -2569,7 +2570,7 @@ def test_a_second_push_applies_what_changed_to_tasks_not_started(town):
     town.complete_task(task["loose"].id, "ok")
     assert town.task(task["right"].id).state == "pending"  # released with its last new prerequisite
     path.write_text(edited.replace('"Right"', '"Right, later"').replace('after = ["done"]', 'after = []'))
-    assert tinytown.sync_push(town, path)["kept"] == ["left: after (the task was already released)", *kept[1:]]
+    assert tinytown.sync_push(town, path)["kept"] == ["left: after (the task was already released)"]
     assert town.task(task["right"].id).description == "Right, later"
     path.write_text(edited + '\n[[task]]\nid = "x"\ndescription = "x"\nafter = ["y"]\n\n'
                     '[[task]]\nid = "y"\ndescription = "y"\nafter = ["x"]\n')
@@ -2631,7 +2632,7 @@ def test_save_reset_restore_round_trip_is_identical_and_restores_elsewhere(town,
                 assert {k: v for k, v in tinytown.save_snapshot(second).items() if k != "town"} == {
                     k: v for k, v in document.items() if k != "town"}
                 assert [t.state for t in second.tasks(state="blocked")] == ["blocked"]
-                assert second.channel.claim(None, second.resolve_agent("w1")).description == "C"
+                assert second.task_store.claim(None, second.resolve_agent("w1")).description == "C"
         finally:
             os.environ["REDIS_URL"] = redis_url
     finally:
@@ -4184,7 +4185,7 @@ def test_chaos_random_sigkills_of_loops_and_clis_lose_and_double_nothing(town, c
             fresh.restart_agent(agent.name)
 
     def all_done():
-        counts = fresh.channel.task_counts()
+        counts = fresh.task_store.task_counts()
         return counts if counts.get("completed", 0) + counts.get("failed", 0) >= 300 else None
     counts = wait_for(fresh, all_done, timeout=240, what="300 tasks done")
     assert counts == {"completed": 300}
