@@ -2879,6 +2879,403 @@ def test_sync_pull_never_edits_inside_a_multi_line_string(town):
     assert [(t["state"], t["result"]) for t in data] == [("completed", "done"), ("completed", "fine")]
 
 
+# -- the graph's rules, proven by a model -------------------------------------------------
+# A hypothesis state machine drives a real town (create, assign, claim, start, complete,
+# fail, cancel, failed rounds to the dead letters, dead retry, delete, prune, an agent's
+# loop killed and recovered, a generated plan pushed, save and restore) and after every
+# step compares it with the plain-Python model below.  `make test` runs a bounded number
+# of examples; `make test-slow` a long run (TINYTOWN_MODEL_STEPS steps in all).
+
+from hypothesis import HealthCheck, Phase, settings, strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+
+OPEN_STATES = ("blocked", "pending", "assigned", "running")
+MODEL_AGENTS = ("m1", "m2")
+
+
+@dataclasses.dataclass
+class ModelTask:
+    after: list
+    on_failure: str
+    state: str = "pending"
+    agent: str | None = None  # the agent it is assigned to (or meant for, while blocked)
+    started: bool = False
+    failed_by: str | None = None
+
+
+class TaskGraphModel:
+    """The rules of README "Plans and dependencies", written again plainly: a fixpoint over
+    the whole graph after every change (the real thing spreads changes by a work list)."""
+
+    def __init__(self):
+        self.tasks: dict[str, ModelTask] = {}
+        self.archived: dict[str, str] = {}  # pruned: how they ended
+        self.queue = {a: [] for a in MODEL_AGENTS}  # [task id, attempts, interruptions]
+        self.processing = {a: [] for a in MODEL_AGENTS}
+        self.dead = {a: [] for a in MODEL_AGENTS}
+        self.backlog: set[str] = set()
+        self.plan: dict[str, str] = {}  # entry -> task id
+
+    def state_of(self, task_id):
+        task = self.tasks.get(task_id)
+        return task.state if task else self.archived.get(task_id, "deleted")
+
+    @staticmethod
+    def verdict(state, on_failure):
+        if state == "completed":
+            return "done"
+        if state in ("failed", "cancelled", "deleted"):
+            return "done" if on_failure == "run" else "fail"
+        return "wait"
+
+    def unsatisfied(self, task):
+        return [p for p in task.after if self.verdict(self.state_of(p), task.on_failure) == "wait"]
+
+    def failing(self, task):
+        return [p for p in task.after if self.verdict(self.state_of(p), task.on_failure) == "fail"]
+
+    def hand_out(self, task_id):
+        """Released: to its agent's queue, or to the backlog."""
+        task = self.tasks[task_id]
+        if task.agent:
+            task.state = "assigned"
+            self.queue[task.agent].append([task_id, 0, 0])
+        else:
+            task.state = "pending"
+            self.backlog.add(task_id)
+
+    def settle(self):
+        changed = True
+        while changed:
+            changed = False
+            for task_id, task in self.tasks.items():
+                if task.state == "blocked":
+                    if self.failing(task):
+                        task.state, task.failed_by = "failed", self.failing(task)
+                    elif not self.unsatisfied(task):
+                        self.hand_out(task_id)
+                    else:
+                        continue
+                elif task.state == "failed" and isinstance(task.failed_by, list):
+                    if not set(task.failed_by) & set(self.failing(task)):
+                        task.state, task.failed_by = "blocked", None
+                    else:
+                        continue
+                elif task.state in ("pending", "assigned") and not task.started and self.unsatisfied(task):
+                    queued = [m for m in self.queue.get(task.agent, []) if m[0] == task_id]
+                    if task.state == "pending":
+                        self.backlog.discard(task_id)
+                    elif queued:
+                        self.queue[task.agent].remove(queued[0])
+                    else:
+                        continue
+                    task.state = "blocked"
+                else:
+                    continue
+                changed = True
+
+    def finish(self, task_id, state):
+        task = self.tasks.get(task_id)
+        if task and task.state in OPEN_STATES:
+            task.state = state
+            self.backlog.discard(task_id)
+        self.settle()
+
+    def requeue(self, agent, count):
+        for message in self.processing[agent]:
+            task_id = message[0]
+            message[1 if count == "attempt" else 2] += 1
+            task = self.tasks.get(task_id)
+            if message[1] >= 3 or message[2] >= 10:
+                self.dead[agent].append(message)
+                if task and task.state in OPEN_STATES:
+                    task.state, task.failed_by = "failed", None
+            else:
+                self.queue[agent].insert(0, message)
+                if task and task.state in OPEN_STATES:
+                    task.state = "assigned"
+        self.processing[agent] = []
+        self.settle()
+
+
+class TaskGraphMachine(RuleBasedStateMachine):
+    """A real town against TaskGraphModel."""
+    url = None  # set by the test: the session's redis-server
+    folder = None
+
+    def __init__(self):
+        super().__init__()
+        self.model = TaskGraphModel()
+        self.events: list[tuple[str, dict]] = []
+        self.last_event = "0-0"
+        self.plan_entries: list[tuple[str, list[str], str, str | None]] = []  # id, after, on_failure, agent
+
+    @initialize()
+    def open_town(self):
+        root = Path(self.folder) / uuid.uuid4().hex[:12]
+        root.mkdir()
+        os.environ["REDIS_URL"] = self.url
+        self.town = Town.init(root, f"m-{uuid.uuid4().hex[:10]}")
+        self.ids = {name: worker(self.town, name).id for name in MODEL_AGENTS}
+
+    def teardown(self):
+        if hasattr(self, "town"):
+            self.town.reset(force=True)
+            self.town.close()
+            shutil.rmtree(self.town.root, ignore_errors=True)
+
+    # -- rules -----------------------------------------------------------------------
+
+    def any_task(self, data):
+        known = list(self.model.tasks)  # (creation order: the same draws pick the same tasks)
+        return data.draw(st.sampled_from(known)) if known else None
+
+    @rule(data=st.data(), on_failure=st.sampled_from(["fail", "run"]),
+          agent=st.sampled_from([None, *MODEL_AGENTS]))
+    def create(self, data, on_failure, agent):
+        candidates = [*self.model.tasks, *self.model.archived]
+        after = data.draw(st.lists(st.sampled_from(candidates), max_size=3, unique=True)) if candidates else []
+        if agent:
+            task = self.town.assign(agent, "model work", after=after, on_failure=on_failure)
+        else:
+            task = self.town.backlog_add("model work", after=after, on_failure=on_failure)
+        # Blocked at first: with nothing to wait for it is handed out at once, as by a release.
+        self.model.tasks[task.id] = ModelTask(after=after, on_failure=on_failure, agent=agent, state="blocked")
+        self.model.settle()
+
+    @rule()
+    def refused_create(self):
+        before = len(self.town.redis.xrange(self.town.keys.events))
+        with pytest.raises(TaskNotFound):
+            self.town.task_store.create(tinytown.Task(description="x", after=["not-a-task"]), backlog=True)
+        assert len(self.town.redis.xrange(self.town.keys.events)) == before
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def claim(self, agent):
+        claimed = self.town.task_store.claim(None, self.ids[agent])
+        if not self.model.backlog:
+            assert claimed is None
+            return
+        assert claimed.id in self.model.backlog
+        self.model.backlog.discard(claimed.id)
+        self.model.tasks[claimed.id].agent = agent
+        self.model.tasks[claimed.id].state = "assigned"
+        self.model.queue[agent].append([claimed.id, 0, 0])
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def start(self, agent):
+        """A round begins: the loop takes its messages and marks their tasks running."""
+        self.town.channel.take(self.ids[agent])
+        for message in self.model.queue[agent]:
+            task = self.model.tasks.get(message[0])
+            if task and task.state in ("pending", "assigned"):
+                self.town.task_store.change_task(message[0], lambda t: {
+                    "state": "running", "started_at": t.started_at or tinytown._now(),
+                    "assigned_to": self.ids[agent]})
+                task.state, task.started = "running", True
+        self.model.processing[agent] += self.model.queue[agent]
+        self.model.queue[agent] = []
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def round_done(self, agent):
+        taken = self.town.redis.lrange(self.town.keys.processing(self.ids[agent]), 0, -1)
+        self.town.channel.settle(self.ids[agent], {tinytown.Message.from_json(raw).id for raw in taken}, "done")
+        self.model.processing[agent] = []
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def round_failed(self, agent):
+        self.town.channel.settle(self.ids[agent], set(), "the CLI crashed")
+        self.model.requeue(agent, "attempt")
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def fail_to_the_dead_letters(self, agent):
+        """Rounds that fail until the agent's work is out of attempts."""
+        for _ in range(3):
+            self.start(agent)
+            self.round_failed(agent)
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def loop_killed_and_recovered(self, agent):
+        self.town.channel.recover(self.ids[agent], "its loop was killed")
+        self.model.requeue(agent, "interruption")
+
+    @rule(data=st.data(), how=st.sampled_from(["completed", "failed", "cancelled"]))
+    def finish(self, data, how):
+        task_id = self.any_task(data)
+        if task_id is None:
+            return
+        {"completed": self.town.complete_task, "cancelled": self.town.cancel_task,
+         "failed": lambda ref: self.town.fail_task(ref, "no")}[how](task_id)
+        self.model.finish(task_id, how)
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def dead_retry(self, agent):
+        self.town.act_on_dead(None, retry=True, agent=agent)
+        kept = []
+        for message in self.model.dead[agent]:
+            task = self.model.tasks.get(message[0])
+            if task is None:
+                kept.append(message)  # its task is gone: nothing to retry
+                continue
+            self.model.queue[agent].append([message[0], 0, 0])
+            if task.state == "failed":
+                task.state, task.failed_by = "assigned", None
+        self.model.dead[agent] = kept
+        self.model.settle()
+
+    @rule(data=st.data())
+    def delete(self, data):
+        task_id = self.any_task(data)
+        if task_id is None:
+            return
+        self.town.delete_task(task_id)
+        del self.model.tasks[task_id]
+        self.model.backlog.discard(task_id)
+        self.model.plan = {e: t for e, t in self.model.plan.items() if t != task_id}
+        self.model.settle()
+
+    @rule()
+    def prune(self):
+        pruned = {t.id for t in self.town.prune_tasks(older_than_secs=0, keep=0)}
+        model = self.model
+        needed = {p for t in model.tasks.values() if t.state in OPEN_STATES for p in t.after}
+        expected = {i for i, t in model.tasks.items() if t.state not in OPEN_STATES and i not in needed}
+        assert pruned == expected
+        for task_id in pruned:
+            model.archived[task_id] = model.tasks.pop(task_id).state
+
+    @rule(data=st.data(), new=st.integers(1, 3))
+    def push_plan(self, data, new):
+        """The plan grows by a few entries (after among earlier ones) and is pushed twice."""
+        for _ in range(new):
+            earlier = [e[0] for e in self.plan_entries]
+            after = data.draw(st.lists(st.sampled_from(earlier), max_size=2, unique=True)) if earlier else []
+            self.plan_entries.append((f"e{len(self.plan_entries)}", after,
+                                      data.draw(st.sampled_from(["fail", "run"])),
+                                      data.draw(st.sampled_from([None, *MODEL_AGENTS]))))
+        text = "".join(f'[[task]]\nid = "{e}"\ndescription = "plan {e}"\nafter = {json.dumps(after)}\n'
+                       f'on_failure = "{on_failure}"\n' + (f'agent = "{agent}"\n' if agent else "") + "\n"
+                       for e, after, on_failure, agent in self.plan_entries)
+        path = self.town.root / "tasks.toml"
+        path.write_text(text)
+        report = tinytown.sync_push(self.town, path)
+        mapped = self.town.redis.hgetall(self.town.keys.plan)
+        model = self.model
+        created = []
+        for entry, after, on_failure, agent in self.plan_entries:
+            task_ids = [model.plan[ref] for ref in after]
+            if entry not in model.plan:  # new, or its task was deleted: created
+                created.append(entry)
+                model.plan[entry] = mapped[entry]
+                model.tasks[mapped[entry]] = ModelTask(after=task_ids, on_failure=on_failure, agent=agent,
+                                                       state="blocked")
+            else:
+                task = model.tasks.get(model.plan[entry])
+                if task and task.state == "blocked" and task.after != task_ids:
+                    task.after = task_ids  # a blocked task follows its entry's new `after`
+            model.settle()
+        assert report["created"] == created
+        assert tinytown.sync_push(self.town, path)["created"] == []  # idempotent
+
+    @rule()
+    def save_and_restore(self):
+        snapshot = tinytown.save_snapshot(self.town)
+        self.read_events()
+        self.town.reset(force=True)
+        tinytown.restore_snapshot(self.town, snapshot)
+
+    # -- after every step --------------------------------------------------------------
+
+    def read_events(self):
+        for event_id, fields in self.town.redis.xrange(self.town.keys.events, min=f"({self.last_event}"):
+            self.events.append((event_id, fields))
+            self.last_event = event_id
+
+    @invariant()
+    def town_equals_model(self):
+        if not hasattr(self, "town"):
+            return
+        town, model, keys = self.town, self.model, self.town.keys
+        records = {t.id: t for t in town.task_store.tasks_by_id(list(town.redis.zrange(keys.tasks, 0, -1)))}
+        assert set(records) == set(model.tasks)
+        for task_id, task in model.tasks.items():
+            record = records[task_id]
+            assert record.state == task.state, (task_id, record, task)
+            if task.state == "blocked":
+                assert town.redis.smembers(keys.waits(task_id)) == set(model.unsatisfied(task))
+                assert not model.failing(task)
+            if isinstance(task.failed_by, list):
+                assert record.error.split()[1] in task.failed_by
+        # each task in exactly one state index, its agent's indexes right, counts true
+        for state in tinytown.TaskState:
+            assert set(town.redis.zrange(keys.tasks_in(state), 0, -1)) == {
+                i for i, t in records.items() if t.state == state}
+        counts = collections.Counter(t.state for t in model.tasks.values())
+        assert town.task_store.task_counts() == counts == town.status()["tasks"]
+        for name, agent_id in self.ids.items():
+            mine = {i for i, t in records.items() if t.assigned_to == agent_id}
+            assert set(town.redis.zrange(keys.agent_tasks(agent_id), 0, -1)) == mine
+            assert set(town.redis.zrange(keys.open_tasks(agent_id), 0, -1)) == {
+                i for i in mine if records[i].state in OPEN_STATES}
+            for key, messages in ((keys.inbox(agent_id), model.queue[name]),
+                                  (keys.processing(agent_id), model.processing[name]),
+                                  (keys.dead(agent_id), model.dead[name])):
+                queued = [tinytown.Message.from_json(raw).body["task_id"] for raw in town.redis.lrange(key, 0, -1)]
+                assert sorted(queued) == sorted(m[0] for m in messages), (key, queued, messages)
+        assert set(town.task_store.backlog_ids()) == model.backlog
+        assert set(town.redis.zrange(keys.backlog_any(), 0, -1)) == model.backlog
+
+    @invariant()
+    def events_tell_the_truth(self):
+        if not hasattr(self, "town"):
+            return
+        self.read_events()
+        seen: dict[str, str] = {}
+        released: set[str] = set()  # tasks with prerequisites let go while all were satisfied
+        started: set[str] = set()
+        for _, fields in self.events:
+            kind, task_id = fields.get("event", ""), fields.get("task")
+            if not task_id or not kind.startswith("task_") or kind == "task_conflict":
+                continue
+            task = self.model.tasks.get(task_id)
+            if task and task.after and kind in ("task_pending", "task_assigned") and seen.get(task_id) in (
+                    "blocked", "created"):
+                for pre in task.after:
+                    state = seen.get(pre) or self.model.archived.get(pre, "deleted")
+                    assert self.model.verdict(state, task.on_failure) == "done", (task_id, pre, state)
+                released.add(task_id)
+            if kind == "task_running" and task_id not in started:  # never started unless released
+                started.add(task_id)
+                assert not (task and task.after) or task_id in released, task_id
+            seen[task_id] = "deleted" if kind == "task_deleted" else kind[len("task_"):]
+        for task_id, task in self.model.tasks.items():  # every change has its event, and no more
+            last = seen.get(task_id)
+            assert last == task.state or (last == "created" and task.state in ("blocked", "pending")), (
+                task_id, last, task.state)
+
+
+def run_model(tmp_path, redis_url, monkeypatch, steps):
+    monkeypatch.setattr(TaskGraphMachine, "url", redis_url)
+    monkeypatch.setattr(TaskGraphMachine, "folder", str(tmp_path))
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    examples = max(steps // 40, 1)
+    phases = list(Phase) if os.environ.get("TINYTOWN_MODEL_SHRINK") else [Phase.generate]  # (a bounded run)
+    TaskGraphMachine.TestCase.settings = settings(max_examples=examples, stateful_step_count=40, deadline=None,
+                                                   database=None, suppress_health_check=list(HealthCheck),
+                                                   phases=phases)
+    TaskGraphMachine.TestCase().runTest()
+
+
+def test_the_task_graph_keeps_its_rules_in_every_sequence(tmp_path, redis_url, monkeypatch):
+    run_model(tmp_path, redis_url, monkeypatch, steps=int(os.environ.get("TINYTOWN_MODEL_STEPS", 1500)))
+
+
+@pytest.mark.slow
+def test_the_task_graph_keeps_its_rules_over_a_long_run(tmp_path, redis_url, monkeypatch):
+    run_model(tmp_path, redis_url, monkeypatch, steps=int(os.environ.get("TINYTOWN_MODEL_STEPS", 12000)))
+
+
+
 # Agent CLIs ##################################################################
 # Stand-in CLIs (small Python scripts written here, named like the real programs)
 # print the exact JSON shapes the real ones print; the opt-in suite at the end runs

@@ -1914,9 +1914,10 @@ end
 -- started: out of the backlog, or its task_assign message out of its agent's queue (kept
 -- for the next release).  One that started goes on, and the conflict is reported.
 local function pull_back(task_id, pre, now)
-  local state, agent, message = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to', 'message'))
+  local state, agent, message, started =
+    unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to', 'message', 'started_at'))
   local fields = {}
-  if state == 'assigned' and message and message ~= '' and
+  if state == 'assigned' and (started or '') == '' and message and message ~= '' and
      redis.call('LREM', queue_of(agent, message), 1, message) == 1 then
     fields = {'release_to', agent}
   elseif state ~= 'pending' then
@@ -2209,8 +2210,8 @@ return dropped
 # _TASKS_LUA, then: ARGV[2] = the lowest finish time to look at ('(x': above x), ARGV[3] = the
 # highest, ARGV[4] = how many to look at.  Each finished task in that window that no open
 # task depends on (its result may be in their prompts) is copied to the `pruning` list (for
-# the archive file) and dropped; a plan entry's task is remembered as it ended
-# (`archived`).  Returns {the last finish time looked at, how many were looked at}.
+# the archive file) and dropped; one that a plan entry or another task names is remembered
+# as it ended (`archived`).  Returns {the last finish time looked at, how many were looked at}.
 _PRUNE_LUA = _TASKS_LUA + """
 local window = redis.call('ZRANGEBYSCORE', prefix .. 'finished', ARGV[2], ARGV[3], 'WITHSCORES',
                           'LIMIT', 0, tonumber(ARGV[4]))
@@ -2227,7 +2228,9 @@ for i = 1, #window, 2 do
   end
   if not needed then
     redis.call('RPUSH', prefix .. 'pruning', cjson.encode(fields))
-    if (fields.plan_entry or '') ~= '' then redis.call('HSET', prefix .. 'archived', task_id, fields.state) end
+    if (fields.plan_entry or '') ~= '' or redis.call('EXISTS', key('dependents', task_id)) == 1 then
+      redis.call('HSET', prefix .. 'archived', task_id, fields.state)
+    end
     drop(task_id)
     redis.call('DEL', key('dependents', task_id))
   end
