@@ -3,7 +3,7 @@ cost curves (Redis commands and wall time per operation as the town grows).
 
 Every figure is the median of several repetitions, measured in the same run on the
 same machine and Redis as its baseline.  Prints tables and writes bench_results.json.
-`python bench_tinytown.py [--quick] [--only P1,P2,C1,C2,C3]`; TINYTOWN_BENCH_QUICK=1 is
+`python bench_tinytown.py [--quick] [--only P1,P2,C1,C2,C3,G]`; TINYTOWN_BENCH_QUICK=1 is
 --quick (smaller sizes, shorter windows: not the figures the targets are judged on).
 """
 
@@ -540,6 +540,80 @@ class Bench:
               f" {'ok' if met else 'MISSED'}", flush=True)
 
 
+    # G1, G2: the task graph ------------------------------------------------------
+    def graph_costs(self):
+        """G1: `tt sync push` of 10,000 entries, first and unchanged second push; G2: failing
+        the head of a 100,000-task chain.  Each with its longest script (SLOWLOG) and the
+        worst PING latency another client saw meanwhile."""
+        entries = 2_000 if self.quick else 10_000
+        chain = 20_000 if self.quick else 100_000
+        with Town.init(self.root / "graph", "graph", max_agents=10) as town:
+            town.spawn_agent("w1", "demo", start=False)
+            path = town.root / "tasks.toml"
+            path.write_text("".join(f'[[task]]\nid = "e{i}"\ndescription = "entry {i}"\nagent = "w1"\n'
+                                    + (f'after = ["e{i - 1}"]\n' if i % 10 else "") + "\n" for i in range(entries)))
+            rows = [("G1", f"sync push of {entries:,} entries, first", lambda: tinytown.sync_push(town, path)),
+                    ("G1", f"sync push of {entries:,} entries, unchanged", lambda: tinytown.sync_push(town, path))]
+            head = Task(description="head")
+
+            def make_chain():
+                pipe = town.redis.pipeline(transaction=False)
+                town.task_store.queue_create(pipe, head, backlog=True)
+                previous = head.id
+                for i in range(chain):
+                    task = Task(description=f"link {i}", after=[previous])
+                    town.task_store.queue_create(pipe, task, backlog=True)
+                    previous = task.id
+                    if i % 5000 == 4999:
+                        pipe.execute()
+                pipe.execute()
+            rows.append(("G2", f"fail the head of a {chain:,}-task chain",
+                         lambda: (make_chain(), self._timed_with_pings(town, lambda: town.fail_task(head.id, "no")))))
+            for gid, what, action in rows:
+                if gid == "G2":
+                    _, (seconds, longest, worst_ping) = action()
+                else:
+                    seconds, longest, worst_ping = self._timed_with_pings(town, action)
+                self.results.append({"id": gid, "what": what, "seconds": round(seconds, 3),
+                                     "longest_script_ms": round(longest, 2), "worst_ping_ms": round(worst_ping, 2)})
+                print(f"{gid}  {what:<48} {seconds * 1000:>9.1f} ms; longest script {longest:7.2f} ms;"
+                      f" worst PING meanwhile {worst_ping:7.2f} ms", flush=True)
+            assert town.task_store.task_counts().get("failed", 0) == chain + 1
+
+    def _timed_with_pings(self, town, action):
+        """(seconds, the longest script in ms, the worst PING round trip in ms) of action()."""
+        town.redis.config_set("slowlog-log-slower-than", 0)
+        town.redis.config_set("slowlog-max-len", 100_000)
+        town.redis.slowlog_reset()
+        # Another client in a process of its own (a thread here would wait for our GIL):
+        # PINGs until its stdin closes, then prints its worst round trip.
+        pinger = subprocess.Popen([sys.executable, "-c", (
+            "import redis, sys, threading, time\n"
+            f"r = redis.Redis(unix_socket_path={str(town.server.socket_path)!r})\n"
+            "done = threading.Event()\n"
+            "threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()\n"
+            "worst = 0.0\n"
+            "while not done.is_set():\n"
+            "    start = time.perf_counter()\n"
+            "    try:\n"
+            "        r.ping()\n"
+            "    except redis.ResponseError:\n"
+            "        pass  # BUSY: a script ran past lua-time-limit\n"
+            "    worst = max(worst, time.perf_counter() - start)\n"
+            "print(worst * 1000)\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)  # (it is connected and pinging)
+        start = time.perf_counter()
+        try:
+            action()
+        finally:
+            seconds = time.perf_counter() - start
+            worst = float(pinger.communicate("", timeout=60)[0])
+        scripts = [entry["duration"] / 1000 for entry in town.redis.slowlog_get(100_000)
+                   if str(entry["command"][:7]).upper().startswith(("EVALSHA", "B'EVALSH", "EVAL"))]
+        town.redis.config_set("slowlog-log-slower-than", 10_000)
+        return seconds, max(scripts, default=0.0), worst
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter windows")
@@ -547,12 +621,12 @@ def main() -> int:
     parser.add_argument("--out", default="bench_results.json")
     args = parser.parse_args()
     args.quick = args.quick or bool(os.environ.get("TINYTOWN_BENCH_QUICK"))
-    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8,C1,C2,C3").upper().split(","))
+    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8,C1,C2,C3,G").upper().split(","))
     bench = Bench(args.quick)
     steps = {"P1": bench.p1_round_trip, "P2": bench.p2_wake_up, "P3": bench.p3_list,
              "P4": bench.p4_status, "P5": bench.p5_idle_commands, "P6": bench.p6_drain,
              "P7": bench.p7_init, "P8": bench.p8_rss, "C1": bench.cost_curves,
-             "C2": bench.p6_curve, "C3": bench.idle_loops}
+             "C2": bench.p6_curve, "C3": bench.idle_loops, "G": bench.graph_costs}
     try:
         for key, step in steps.items():
             if key in chosen:

@@ -1441,8 +1441,9 @@ def test_sigkilled_loop_is_recovered_its_cli_stopped_and_the_task_completes(town
     worker = fresh.spawn_agent("phoenix", "once", force=True)
     task = worker.assign("survive a crash")
     cli_pid = int(wait_file(marker))
-    try:
-        agent = town.channel.get_agent(worker.id)
+    try:  # (the CLI may write its marker before the loop records its process group)
+        agent = wait_for(town, lambda: (a := town.channel.get_agent(worker.id)) if a.cli_pgid else None,
+                         what="the CLI's process group on record")
         assert agent.state == "working" and town.task(task.id).state == "running"
         assert int(agent.cli_pgid) == cli_pid  # recorded, so whoever finds the loop dead can stop it
         loop_pid = int(agent.pid)
@@ -1838,7 +1839,8 @@ def test_a_loop_suspended_past_its_ttl_is_never_declared_dead_here_and_takes_its
         os.kill(pid, signal.SIGCONT)
     task = worker.assign("served by the same loop")
     assert town.wait_task(task.id, timeout=30).state == "completed"
-    agent = worker.record()
+    agent = wait_for(town, lambda: worker.record() if worker.record().alive else None,  # (its next beat)
+                     what="the loop to take its lease back")
     assert (int(agent.pid), agent.alive, agent.tasks_completed) == (pid, True, 1)
 
 
@@ -2887,7 +2889,7 @@ def test_sync_pull_never_edits_inside_a_multi_line_string(town):
 # of examples; `make test-slow` a long run (TINYTOWN_MODEL_STEPS steps in all).
 
 from hypothesis import HealthCheck, Phase, settings, strategies as st  # noqa: E402
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule  # noqa: E402
 
 OPEN_STATES = ("blocked", "pending", "assigned", "running")
 MODEL_AGENTS = ("m1", "m2")

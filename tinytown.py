@@ -159,6 +159,7 @@ class Keys:
         self.archived = self.prefix + "archived"        # hash: pruned task id -> how it ended (plan
         #                                                 tasks and archived prerequisites only)
         self.pruning = self.prefix + "pruning"          # list: pruned records not yet in the archive file
+        self.graph_work = self.prefix + "graph_work"    # list: tasks whose dependents are still to settle
         self.prune_lock = self.prefix + "prune_lock"    # string with TTL: a prune is under way
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
         self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
@@ -1709,6 +1710,9 @@ class RedisServer:
 # - changes spread by an iterative work list in the script that made them, so a chain of
 #   any length is one atomic change and never a deep recursion.
 
+GRAPH_BUDGET = 100  # dependents one script settles (about 5 ms); the rest goes on in the next
+
+
 def _lua(script: str) -> str:
     """A Lua script with the module's constants filled in."""
     def table(names: Iterable[str]) -> str:
@@ -1716,7 +1720,8 @@ def _lua(script: str) -> str:
     return (f"local TERMINAL_AGENT = {table(TERMINAL_AGENT_STATES)}\n"
             f"local TERMINAL_TASK = {table(TERMINAL_TASK_STATES)}\n"
             f"local ACTIONABLE = {table(ACTIONABLE_TYPES)}\n" + script
-            ).replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace("WAKE_KEEP", str(WAKE_KEEP))
+            ).replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace("WAKE_KEEP", str(WAKE_KEEP)
+                      ).replace("GRAPH_BUDGET", str(GRAPH_BUDGET))
 
 
 # The tasks library.  ARGV[1] = the town's key prefix.  Keys are built from it because the
@@ -1815,8 +1820,11 @@ local function queue_of(agent, message)
 end
 
 -- The work list: tasks that finished, reopened or went, whose dependents settle_graph()
--- looks at (in the same script, before it returns).
+-- looks at: in the same script while its budget of edges lasts, the rest queued in
+-- `graph_work` for the next script (the caller runs _GRAPH_LUA until it is empty), so no
+-- script holds Redis for long whatever the graph's size.
 local changed = {}
+local budget = GRAPH_BUDGET
 
 local function write_state(task_id, now, detail, old, old_agent, ...)
   local task_key = key('task', task_id)
@@ -1950,18 +1958,28 @@ local function settle_edge(task_id, pre, pre_state, now)
   end
 end
 
--- Works through the work list until it is empty (it grows as dependents change).
+-- Works through the work list (it grows as dependents change) while the budget lasts; an
+-- item is a task id, or 'id|cursor' for a set of dependents scanned in parts.
 local function settle_graph(now)
   local i = 1
-  while i <= #changed do
-    local pre = changed[i]
+  while i <= #changed and budget > 0 do
+    local pre, cursor = changed[i], '0'
+    local bar = string.find(pre, '|', 1, true)
+    if bar then pre, cursor = string.sub(pre, 1, bar - 1), string.sub(pre, bar + 1) end
     local state = state_of(pre)
-    for _, dependent in ipairs(redis.call('SMEMBERS', key('dependents', pre))) do
+    local scan = redis.call('SSCAN', key('dependents', pre), cursor, 'COUNT', 100)
+    for _, dependent in ipairs(scan[2]) do
       settle_edge(dependent, pre, state, now)
+      budget = budget - 1
     end
-    if state == 'deleted' then redis.call('DEL', key('dependents', pre)) end
+    if scan[1] ~= '0' then
+      changed[#changed + 1] = pre .. '|' .. scan[1]
+    elseif state == 'deleted' then
+      redis.call('DEL', key('dependents', pre))
+    end
     i = i + 1
   end
+  for j = i, #changed do redis.call('RPUSH', prefix .. 'graph_work', changed[j]) end
   changed = {}
 end
 
@@ -2046,6 +2064,15 @@ for pre, state in pairs(archived) do redis.call('HSET', prefix .. 'archived', pr
 create(task_id, ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6], fields)
 settle_graph(redis.call('HGET', key('task', task_id), 'created_at'))
 return 1
+"""
+
+# _TASKS_LUA, then: ARGV[2] = timestamp.  Goes on with the graph's queued work (a budget's
+# worth); returns how much is left.
+_GRAPH_LUA = _TASKS_LUA + """
+local items = redis.call('LPOP', prefix .. 'graph_work', GRAPH_BUDGET) or {}
+for _, item in ipairs(items) do changed[#changed + 1] = item end
+settle_graph(ARGV[2])
+return redis.call('LLEN', prefix .. 'graph_work')
 """
 
 # _TASKS_LUA, then: ARGV[2] = timestamp, ARGV[3] = a JSON list of plan operations, in
@@ -2356,7 +2383,7 @@ class TaskStore:
         self._change, self._new = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
         self._plan_push, self._drop = script(_PLAN_PUSH_LUA), script(_DROP_TASKS_LUA)
         self._prune, self._claim = script(_PRUNE_LUA), script(_CLAIM_LUA)
-        self._upgrade = script(_UPGRADE_LUA)
+        self._upgrade, self._graph = script(_UPGRADE_LUA), script(_GRAPH_LUA)
 
     # -- reading -----------------------------------------------------------------
 
@@ -2484,9 +2511,16 @@ class TaskStore:
             if problem.startswith("unknown prerequisite "):
                 raise TaskNotFound(problem.rsplit(" ", 1)[-1]) from None
             raise InvalidTask(task.description, problem) from None
+        self.settle_graph()
         return self.get(task.id) or task if task.after else task
 
     # -- changing ----------------------------------------------------------------
+
+    def settle_graph(self) -> None:
+        """Finish the graph's queued work (a change that reached more dependents than one
+        script settles), a budget per script: one LLEN when there is none."""
+        while self.redis.llen(self.keys.graph_work):
+            self._graph(args=[self.keys.prefix, _now()])
 
     def queue_change(self, pipe: Any, task: Task, *, mode: str = "", **changes: Any) -> Task:
         """Queue (in a MULTI) a change with its counters, indexes, backlog place, event and
@@ -2515,7 +2549,9 @@ class TaskStore:
             pipe.multi()
             return self.queue_change(pipe, task, **changes)
 
-        return self.redis.transaction(change_in, self.keys.task(task_id), value_from_callable=True)
+        changed = self.redis.transaction(change_in, self.keys.task(task_id), value_from_callable=True)
+        self.settle_graph()
+        return changed
 
     def finish(self, task_id: str, state: TaskState, result: str | None = None) -> Task:
         """complete / fail / cancel; on a terminal task nothing changes and nothing counts."""
@@ -2543,12 +2579,15 @@ class TaskStore:
                                      "from_backlog", *_field_args({
                                          "state": TaskState.CANCELLED, "result": "removed from the backlog",
                                          "completed_at": _now()})])
+        self.settle_graph()
         return self.get(task_id) if changed else None
 
     def delete(self, task_id: str) -> bool:
         """Remove a task everywhere it is indexed (e.g. a malformed one); its dependents see
         it as failed (on_failure decides), its messages stay where they are."""
-        return bool(self._drop(args=[self.keys.prefix, _now(), task_id]))
+        dropped = bool(self._drop(args=[self.keys.prefix, _now(), task_id]))
+        self.settle_graph()
+        return dropped
 
     # -- the archive ---------------------------------------------------------------
 
@@ -2637,9 +2676,11 @@ class TaskStore:
         """One batch of a plan push, atomically (_PLAN_PUSH_LUA): per operation, the fields
         applied and, as 'field: reason', those kept."""
         try:
-            return self._plan_push(args=[self.keys.prefix, _now(), json.dumps(ops)])
+            answers = self._plan_push(args=[self.keys.prefix, _now(), json.dumps(ops)])
         except redis.ResponseError as exc:
             raise TinytownError(f"the plan was not applied: {exc}") from None
+        self.settle_graph()
+        return answers
 
     # -- storage -------------------------------------------------------------------
 
@@ -2649,6 +2690,7 @@ class TaskStore:
         if self.redis.get(self.keys.layout) == LAYOUT_VERSION:
             return None
         done = self._queue_upgrade(self.redis)
+        self.settle_graph()
         if done:
             log.info("town %s: storage upgraded to layout %s (%s tasks, %s in the backlog, %s agents)",
                      self.keys.prefix, LAYOUT_VERSION, *done)
@@ -2677,6 +2719,7 @@ class TaskStore:
         pipe.xadd(self.keys.events, {"event": "restored", "at": _now(), "keys": str(written), "source": source},
                   maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.execute()
+        self.settle_graph()
         return written
 
     def layout(self) -> str:
@@ -3141,6 +3184,7 @@ class Channel:
         prefixes (None: every one)."""
         chosen = self._dead(args=[self.keys.prefix, agent_id, "retry" if retry else "drop", _now(),
                                   *(message_ids if message_ids is not None else ["*"])])
+        self.task_store.settle_graph()
         return [Message.from_json(raw) for raw in chosen]
 
     def inbox_len(self, agent_id: str) -> int:
@@ -3185,6 +3229,7 @@ class Channel:
                                    "1" if wake else "0", _now(), *acked])
         if reply is None:
             raise LostLease(agent_id)
+        self.task_store.settle_graph()
         return [Message.from_json(raw) for raw in reply[1:]]
 
     def recover(self, agent_id: str, reason: str, *, gone_holder: str = "",
@@ -3198,6 +3243,7 @@ class Channel:
         verdict, *rest = self._recover(args=[self.keys.prefix, agent_id, gone_holder, running_loop,
                                              reason, self.settings.max_attempts,
                                              self.settings.max_interruptions, _now()])
+        self.task_store.settle_graph()
         return verdict, int(rest[0]) if verdict in ("recovered", "idle") else 0
 
     def pending_counts(self, agent_ids: list[str]) -> dict[str, dict[str, int]]:
@@ -3406,7 +3452,9 @@ class Channel:
             return messages
 
         watched = [*lists, self.keys.alive(agent_id), self.keys.agent(agent_id), self.keys.agents]
-        return self.redis.transaction(move_in, *watched, value_from_callable=True)
+        moved = self.redis.transaction(move_in, *watched, value_from_callable=True)
+        self.task_store.settle_graph()
+        return moved
 
     def wake_all(self, pipe: Any, agent_ids: Iterable[str]) -> None:
         for agent_id in agent_ids:
