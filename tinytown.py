@@ -2363,6 +2363,20 @@ end
 return {#tasks, queued, #agents}
 """
 
+# KEYS = task:<id>...; ARGV[1] = tokens in, ARGV[2] = tokens out, ARGV[3] = cost in USD
+# A round's usage added to the tasks it worked on, those that still exist (one pruned or
+# deleted meanwhile is not brought back as a stub).
+_TASK_USAGE_LUA = """
+for _, task_key in ipairs(KEYS) do
+  if redis.call('EXISTS', task_key) == 1 then
+    redis.call('HINCRBY', task_key, 'tokens_in', ARGV[1])
+    redis.call('HINCRBY', task_key, 'tokens_out', ARGV[2])
+    if tonumber(ARGV[3]) ~= 0 then redis.call('HINCRBYFLOAT', task_key, 'cost_usd', ARGV[3]) end
+  end
+end
+return 1
+"""
+
 PUSH_BATCH = 250  # plan operations per script: each batch keeps Redis busy for a few ms
 PRUNE_BATCH = 500  # finished tasks a prune script looks at
 
@@ -2384,6 +2398,7 @@ class TaskStore:
         self._plan_push, self._drop = script(_PLAN_PUSH_LUA), script(_DROP_TASKS_LUA)
         self._prune, self._claim = script(_PRUNE_LUA), script(_CLAIM_LUA)
         self._upgrade, self._graph = script(_UPGRADE_LUA), script(_GRAPH_LUA)
+        self._usage = client.register_script(_TASK_USAGE_LUA)
 
     # -- reading -----------------------------------------------------------------
 
@@ -2530,6 +2545,12 @@ class TaskStore:
         detail = (changes.get("result") or changes.get("error") or "")[:200]
         self._change(args=[self.keys.prefix, task.id, now, detail, mode, *_field_args(changes)], client=pipe)
         return dataclasses.replace(task, **changes, updated_at=now)
+
+    def queue_usage(self, pipe: Any, task_ids: list[str], tokens_in: int, tokens_out: int, cost_usd: float) -> None:
+        """Queue (in a MULTI) a round's usage onto the tasks it worked on."""
+        if task_ids:
+            self._usage(keys=[self.keys.task(t) for t in task_ids], args=[tokens_in, tokens_out, cost_usd],
+                        client=pipe)
 
     def queue_assign(self, pipe: Any, task_id: str, message: Message) -> None:
         """Queue (in a MULTI) handing an open task to `message.to` with this task_assign message."""
@@ -5414,7 +5435,9 @@ class AgentLoop:
     def _record_usage(self, pipe: Any, task_ids: list[str], usage: RoundUsage, session: str | None,
                       code: int | None) -> None:
         """Queue the round's usage (agent, its tasks, the town) and the conversation to continue."""
-        for key in (self.keys.agent(self.agent.id), self.keys.usage, *map(self.keys.task, task_ids)):
+        self.town.task_store.queue_usage(pipe, task_ids, usage.tokens_in or 0, usage.tokens_out or 0,
+                                         usage.cost_usd or 0)
+        for key in (self.keys.agent(self.agent.id), self.keys.usage):
             pipe.hincrby(key, "tokens_in", usage.tokens_in)
             pipe.hincrby(key, "tokens_out", usage.tokens_out)
             if usage.cost_usd:
