@@ -1442,7 +1442,7 @@ def test_sigkilled_loop_is_recovered_its_cli_stopped_and_the_task_completes(town
     task = worker.assign("survive a crash")
     cli_pid = int(wait_file(marker))
     try:  # (the CLI may write its marker before the loop records its process group)
-        agent = wait_for(town, lambda: (a := town.channel.get_agent(worker.id)) if a.cli_pgid else None,
+        agent = wait_for(town, lambda: a if (a := town.channel.get_agent(worker.id)).cli_pgid else None,
                          what="the CLI's process group on record")
         assert agent.state == "working" and town.task(task.id).state == "running"
         assert int(agent.cli_pgid) == cli_pid  # recorded, so whoever finds the loop dead can stop it
