@@ -1527,7 +1527,8 @@ def test_informational_messages_are_shown_once_in_the_next_round_and_settled(tow
     worker = fresh.spawn_agent("news", "broken")
     wait_state(town, worker.id, "idle")
     worker.send("the build is green", type="info")
-    assert [m.text for m in worker.inbox()] == ["the build is green"]  # waiting for a round
+    waiting = wait_for(town, lambda: worker.inbox() or None, what="the message back in the inbox")
+    assert [m.text for m in waiting] == ["the build is green"]  # it waits for a round
     task = worker.assign("some work")
     assert town.wait_task(task.id, timeout=30).state == "failed"  # every round failed
     assert prompts.read_text().count("## Assigned tasks") == 3

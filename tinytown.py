@@ -4787,9 +4787,15 @@ class AgentLoop:
                                                      secs=min(2.0 ** (self._failures - 1), 60.0))
         if state == AgentState.WORKING:  # the take started a round that is not needed after all
             self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "working")
+        if self.draining:  # nothing actionable is left: news alone is no reason to stay
+            if messages:
+                log.info("agent %s: %d informational messages settled unread (draining)",
+                         self.agent.name, len(messages))
+                self._settle({m.id for m in messages}, "", count="none", wake=False)
+            return bool(messages) and not self._stop_requested  # (once more: more may wait)
         if messages:  # only informational ones left: they wait, unwoken, for the next round
             self._settle(handled, "", count="none", wake=False)
-        if self._stop_requested or (self.draining and self.channel.inbox_len(self.agent.id) == 0):
+        if self._stop_requested:
             return False
         if self.settings.auto_claim and not self.draining and self._claim_backlog():
             return True
@@ -4888,8 +4894,8 @@ class AgentLoop:
             acked = handled | {m.id for m in messages if m.type != MessageType.TASK_ASSIGN
                                or _task_over(states.get(m.body.get("task_id")))}
             reason = f"not completed after {self.settings.max_attempts} rounds"
-        else:
-            acked, reason = handled, outcome
+        else:  # informational messages were shown: settled, whatever the outcome
+            acked, reason = handled | {m.id for m in messages if not m.actionable}, outcome
             if self._signals > 1:  # cut short by this loop's stop: not the messages' fault
                 count = "interruption"
         self._failures = 0 if code == 0 else self._failures + 1
