@@ -425,9 +425,12 @@ class WaitTimeout(TinytownError):
 
 
 class TownStopped(TinytownError):
-    def __init__(self, root: Path):
-        self.root = root
-        super().__init__(f"the town at {root} is stopped; run `tt start`")
+    """The town's managed Redis is down: stopped on purpose, or `crashed` (no `tt stop`)."""
+
+    def __init__(self, root: Path, crashed: bool = False):
+        self.root, self.crashed = root, crashed
+        super().__init__(f"the town's Redis is down, not stopped (a crash?); a loop of this host starts it"
+                         f" again, or run `tt start`" if crashed else f"the town at {root} is stopped; run `tt start`")
 
 
 class LostLease(TinytownError):
@@ -1469,6 +1472,13 @@ class RedisServer:
         return (self.runtime / "stopped").exists()
 
     @property
+    def crashed(self) -> bool:
+        """A managed server that went down without a shutdown (SIGKILL, the OOM killer): its
+        pid file outlived it (a clean shutdown, `tt stop`'s or a Town's, removes it)."""
+        pid = self.read_pid()
+        return self.managed and pid is not None and not (_pid_alive(pid) and _is_redis_process(pid))
+
+    @property
     def socket_path(self) -> Path:
         """The unix socket; a short path under /tmp when the real one is too long to bind."""
         path = self._configured_socket
@@ -1565,8 +1575,10 @@ class RedisServer:
         except (OSError, ValueError):
             return None
 
-    def ensure_running(self) -> bool:
-        """Make sure the server answers; True when this call started it."""
+    def ensure_running(self, *, only_after_crash: bool = False) -> bool:
+        """Make sure the server answers; True when this call started it.  `only_after_crash`
+        (a loop's restart): start one only in place of a server that crashed, never after
+        a stop (TownStopped then)."""
         if self.ping():
             self._wait_loaded()
             return False
@@ -1581,6 +1593,10 @@ class RedisServer:
             if self.ping():
                 self._wait_loaded()
                 return False
+            if only_after_crash and (self.stopped_on_purpose or not self.crashed):
+                raise TownStopped(self.root)
+            if self.crashed:
+                log.warning("redis-server %s went down without `tt stop`; starting it again", self.read_pid())
             self._clear_stale()
             self._start()
             return True
@@ -3112,7 +3128,9 @@ class Town:
             self._owns_server = self.server.ensure_running()
             (self._root / RUNTIME_DIR / "stopped").unlink(missing_ok=True)
         elif not self.server.ping():
-            raise TownStopped(self._root) if self.server.managed else self.server.unreachable()
+            if not self.server.managed:
+                raise self.server.unreachable()
+            raise TownStopped(self._root, crashed=self.server.crashed and not self.server.stopped_on_purpose)
         else:
             self._owns_server = False
         self.redis = self.server.client()
@@ -3231,6 +3249,19 @@ class Town:
                 self._owns_server = False
         finally:
             self.redis.close()
+
+    def revive_server(self) -> bool:
+        """Start the managed Redis again if it crashed (never after a stop): one server
+        however many loops race (the start lock).  True when it answers."""
+        if not self.server.managed:
+            return False
+        try:
+            self.server.ensure_running(only_after_crash=True)
+        except (TownStopped, RedisServerError) as exc:
+            log.debug("not starting redis-server again: %s", exc)
+            return False
+        self.redis.connection_pool.disconnect()  # connections to the dead server are of no use
+        return True
 
     # -- agents ------------------------------------------------------------------
 
@@ -3568,9 +3599,12 @@ class Town:
                 "other_loops_stopped": strays}
 
     def start(self) -> dict[str, Any]:
-        """Redis is running (connecting saw to that); restart the agents `tt stop` stopped."""
+        """Redis is running (connecting saw to that); restart the agents `tt stop` stopped,
+        and those whose loop on this host died (with a crashed Redis, say)."""
         record = self._root / RUNTIME_DIR / "resume.json"
         names = set(self.redis.smembers(self.keys.resume)) | set(_read_name_list(record))
+        names |= {a.name for a in self._channel.agents()
+                  if not a.terminal and _identity_state(a.loop) == "gone"}
         restarted, elsewhere = [], []
         here = socket.gethostname()
         for name in sorted(names):
@@ -4737,27 +4771,41 @@ class AgentLoop:
         self._last_beat = now
 
     def _settle(self, acked: set[str], reason: str, *, count: str = "attempt", wake: bool = True) -> None:
-        """Channel.settle, by the lease's holder only: what a loop took is its own."""
-        self._beat(due_only=False)
-        self.channel.settle(self.agent.id, acked, reason, count=count, wake=wake, holder=self.identity)
+        """Channel.settle, by the lease's holder only: what a loop took is its own.  A Redis
+        that crashed since the take is started again first, so the round's outcome counts
+        (settling twice is harmless: the first emptied `processing`)."""
+        for last in (False, True):
+            try:
+                self._beat(due_only=False)
+                self.channel.settle(self.agent.id, acked, reason, count=count, wake=wake, holder=self.identity)
+                return
+            except redis.ConnectionError:
+                if last or not self.town.revive_server():
+                    raise
 
     def _step_surviving_outages(self) -> bool:
-        """step(), riding out a Redis that went away: back off and retry, then hand back
-        what an interrupted round had taken (at-least-once, never lost).  A loop never
-        starts a server: a person does (`tt start`); after `tt stop` it leaves."""
-        outage_started, attempts = None, 0
+        """step(), riding out a Redis that went away, then handing back what an interrupted
+        round had taken (at-least-once, never lost).  A managed Redis that crashed is
+        started again here (one server however many loops race), so a loop never gives up
+        on it; otherwise it backs off and retries for REDIS_OUTAGE_SECS.  After `tt stop`
+        it leaves: only a person starts a stopped town."""
+        interrupted, attempts, give_up = False, 0, None
         while True:
             try:
-                if outage_started is not None:
+                if interrupted:
                     self._settle(set(), "Redis went away mid-round", count="none")
                     log.info("agent %s: Redis is back", self.agent.name)
                 return self.step()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                outage_started = outage_started or time.monotonic()
-                if (time.monotonic() - outage_started > REDIS_OUTAGE_SECS or self._stop_requested
-                        or self.town.server.stopped_on_purpose):
+                interrupted = True
+                if self._stop_requested or self.town.server.stopped_on_purpose:
                     raise
-                log.warning("agent %s: Redis unavailable (%s); retrying", self.agent.name, exc)
+                revived = self.town.revive_server()
+                give_up = None if revived else give_up or time.monotonic() + REDIS_OUTAGE_SECS
+                if give_up and time.monotonic() > give_up:
+                    raise
+                log.warning("agent %s: Redis unavailable (%s); %s", self.agent.name, exc,
+                            "it answers again" if revived else "retrying")
                 self._wakeup.wait(min(0.05 * 2 ** attempts, 5.0))
                 attempts += 1
 
@@ -5014,11 +5062,14 @@ class AgentLoop:
         return code, "ok" if code == 0 else f"CLI exited with {code}"
 
     def _beat_during_run(self) -> None:
-        """A long run is still a live agent; a Redis blip must not kill the run."""
+        """A long run is still a live agent; a Redis blip must not kill the run, and a Redis
+        that crashed is started again now, so the CLI's own `tt` finds it."""
         try:
             self._beat(due_only=False)
         except redis.RedisError as exc:
             log.warning("agent %s: heartbeat failed during a run (%s)", self.agent.name, exc)
+            if isinstance(exc, redis.ConnectionError) and self.town.revive_server():
+                log.info("agent %s: Redis answers again", self.agent.name)
 
 
 def _feed(pipe: Any, text: str) -> None:
@@ -5478,7 +5529,7 @@ class _TownUse(enum.Enum):
     START = "starts the town (a person's `tt start`)"
 
 
-def _uses_town(use: _TownUse, when_stopped: Callable[[Path, Any], _Reply] | None = None
+def _uses_town(use: _TownUse, when_stopped: Callable[[TownStopped, Any], _Reply] | None = None
                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare how a command uses the town (undeclared: it changes it), and what it says
     when the town is stopped (undeclared: the TownStopped error)."""
@@ -5675,11 +5726,13 @@ def _cmd_start(town: Town, args: Any) -> _Reply:
                   f"{', '.join(started['agents']) or 'none'}" + (f"; hooks: runner pid {hooks}" if hooks else ""))
 
 
-def _stop_without_redis(root: Path, args: Any) -> _Reply:
+def _stop_without_redis(stopped: TownStopped, args: Any) -> _Reply:
     """`tt stop` on a town whose Redis is down: its loops still serve the folder."""
-    strays = _stop_loops_serving(root.resolve())
-    stop_hook_runner(root.resolve())
-    _mark_stopped(root)
+    root = stopped.root.resolve()
+    _mark_stopped(root)  # first: a loop that finds Redis gone no longer starts it again
+    strays = _stop_loops_serving(root)
+    stop_hook_runner(root)
+    RedisServer(root, load_config(root / CONFIG_FILE)).stop()  # one a loop started meanwhile
     return _Reply({"agents": [], "redis_stopped": False, "other_loops_stopped": strays},
                   f"redis is not running; {_count(strays, 'agent loop') + ' stopped' if strays else 'nothing to stop'}")
 
@@ -5701,10 +5754,18 @@ def _cmd_stop(town: Town, args: Any) -> _Reply:
     return _Reply(result, f"stopped agents: {', '.join(result['agents']) or 'none'}; {'; '.join(notes)}")
 
 
-def _stopped_status(root: Path, args: Any) -> _Reply:
-    return _Reply({"town": load_config(root.resolve() / CONFIG_FILE).name, "root": str(root.resolve()),
-                   "redis": {"running": False}, "stopped": True},
-                  f"the town at {root.resolve()} is stopped; `tt start` starts it (and its agents)")
+def _stopped_status(stopped: TownStopped, args: Any) -> _Reply:
+    """A town whose Redis is down: stopped on purpose, or crashed (and who brings it back)."""
+    root = stopped.root.resolve()
+    if not stopped.crashed:
+        text = f"the town at {root} is stopped; `tt start` starts it (and its agents)"
+    elif _loops_serving(root):
+        text = f"the town at {root}: Redis is down, not stopped: a loop will restart it (or `tt start`)"
+    else:
+        text = (f"the town at {root}: Redis is down, not stopped: `tt start` restarts it and the agents"
+                " that died with it")
+    return _Reply({"town": load_config(root / CONFIG_FILE).name, "root": str(root),
+                   "redis": {"running": False, "crashed": stopped.crashed}, "stopped": not stopped.crashed}, text)
 
 
 @_uses_town(_TownUse.READ, when_stopped=_stopped_status)
@@ -6803,7 +6864,7 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
         when_stopped = getattr(args.handler, "when_stopped", None)
         if not when_stopped:
             raise
-        reply = when_stopped(exc.root, args)
+        reply = when_stopped(exc, args)
         show(reply, args.json)
         return reply.exit_code
     try:
