@@ -3641,7 +3641,7 @@ def test_events_trimmed_before_the_runner_read_them_are_counted_and_a_dead_runne
     [missed] = [e for e in town.channel.events(50) if e["event"] == "hooks_missed"]
     assert int(missed["count"]) == 600 - hooks_ran > 0, (missed, hooks_ran)
     assert tt_json("status")["hooks"]["missed"] == 600 - hooks_ran
-    assert f"{600 - hooks_ran} missed" in tt("status")[1]
+    assert f"{600 - hooks_ran} events missed" in tt("status")[1]
     checks = {c.name: c for c in tinytown.doctor(town.root)}
     assert checks["hooks"].ok and f"{600 - hooks_ran} events missed" in checks["hooks"].detail
     tinytown.stop_hook_runner(town.root)
