@@ -80,7 +80,7 @@ __all__ = [
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
     "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
     "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask",
-    "HookRunner", "start_hook_runner", "stop_hook_runner", "serve_mcp",
+    "HookRunner", "start_hook_runner", "revive_hook_runner", "stop_hook_runner", "serve_mcp",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
     "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
 ]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
@@ -433,8 +433,8 @@ class TownStopped(TinytownError):
 
     def __init__(self, root: Path, crashed: bool = False):
         self.root, self.crashed = root, crashed
-        super().__init__(f"the town's Redis is down, not stopped (a crash?); a loop of this host starts it"
-                         f" again, or run `tt start`" if crashed else f"the town at {root} is stopped; run `tt start`")
+        super().__init__("the town's Redis is down, not stopped (a crash?); a loop of this host starts it"
+                         " again, or run `tt start`" if crashed else f"the town at {root} is stopped; run `tt start`")
 
 
 class LostLease(TinytownError):
