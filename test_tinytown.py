@@ -3618,6 +3618,45 @@ def test_tt_text_comes_from_the_event_not_from_the_live_inbox(town, tmp_path):
     tinytown.stop_hook_runner(town.root)
 
 
+def test_the_readmes_hook_examples_hand_hostile_text_on_as_data(town, tmp_path, monkeypatch):
+    import tomllib
+    readme = (MODULE.parent / "README.md").read_text()
+    hooks = tomllib.loads(re.search(r"```toml\n(\[hooks\].*?)```", readme, re.S).group(1))["hooks"]
+    del hooks["all_tasks_done"]  # (it rings a terminal's bell)
+    calls, bin_dir = tmp_path / "calls", tmp_path / "bin"
+    calls.mkdir()
+    bin_dir.mkdir()
+    for name in ("osascript", "notify-send", "curl"):  # stand-ins that keep what they were given
+        (bin_dir / name).write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                    f"open(os.path.join({str(calls)!r}, '{name}.' + str(os.getpid())), 'w')"
+                                    ".write(json.dumps({'argv': sys.argv[1:], 'stdin': sys.stdin.read()}))\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.example/slack")
+    monkeypatch.setenv("DISCORD_WEBHOOK_URL", "https://hooks.example/discord")
+    hook_config(town.root, hooks)
+    tt_json("start")
+    hostile = '"\'$(touch PWNED)`touch PWNED`"}, {"x": "" & do shell script "touch PWNED" & "\nline two'
+    w1 = town.spawn_agent("w1", "demo", start=False)
+    town.complete_task(town.assign("w1", "the intro").id, hostile)
+    town.fail_task(town.backlog_add("the outro").id, hostile)
+    tt("send", "conductor", hostile, "--query", "--from", "w1")
+    town.channel.set_agent_state(w1.id, "error")
+    hooks_caught_up(town, 4)
+    def given(name):
+        return [json.loads(path.read_text()) for path in sorted(calls.glob(f"{name}.*"))]
+    escaped = hostile.replace("\n", "\\x0a")  # (the environment's escaping)
+    [osascript], [notify] = given("osascript"), given("notify-send")
+    assert osascript["argv"] == ["-e", "on run argv", "-e", "display notification (item 1 of argv) with title"
+                                 " (item 2 of argv)", "-e", "end run", escaped, "w1 finished"]
+    assert notify["argv"] == ["tinytown: task failed", f"the outro: {escaped}"]
+    posted = [json.loads(call["stdin"]) for call in given("curl")]  # JSON built by jq: the text exactly
+    assert sorted(posted, key=json.dumps) == sorted([{"text": f"w1 asks: {hostile}"},
+                                                     {"content": "w1 is in error"}], key=json.dumps)
+    assert not list(tmp_path.rglob("PWNED"))
+    tinytown.stop_hook_runner(town.root)
+
+
 def test_events_trimmed_before_the_runner_read_them_are_counted_and_a_dead_runner_comes_back(
         town, tmp_path, monkeypatch):
     ran = tmp_path / "ran.log"

@@ -14,7 +14,7 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Files and processes  private folders, atomic writes, pids, process groups, loop identities
     Redis server         RedisServer: find, start, connect, stop
     Channel              Channel: the delivery contract, the liveness script, the records
-    Town                 Town, AgentHandle
+    Town                 Town, AgentHandle, the hook runner's process (start, revive, stop)
     Plans and snapshots  tasks.toml (plan, sync push / pull), save / restore, import-github
     Agent CLIs           RoundUsage and the CLIs' JSON parsers, env, credentials, sessions
     Agent loop           AgentLoop: one round per step()
@@ -2457,7 +2457,7 @@ class Channel:
         pipe.xadd(self.keys.events, entry, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.incr(self.keys.events_added)
 
-    _event = add_event  # the name Channel and Town use
+    _event = add_event  # (its older name, still used across the module)
 
     def events(self, count: int = 20, agent_id: str | None = None) -> list[dict[str, str]]:
         """The newest `count` events (of one agent), oldest first."""
@@ -4055,21 +4055,25 @@ def stop_hook_runner(root: Path, drain: Town | None = None) -> bool:
 
 
 def _hooks_status(root: Path, config: Config, channel: Channel) -> dict[str, Any]:
-    """What `tt status` and `tt doctor` show of the hook runner."""
-    state = channel.redis.hgetall(channel.keys.hooks)
-    return {"configured": sorted(config.hooks), "pid": _hook_runner_pid(root),
+    """What `tt status` and `tt doctor` show of the hook runner (`lease`: its holder, here
+    or on another host)."""
+    pipe = channel.redis.pipeline(transaction=False)
+    pipe.hgetall(channel.keys.hooks)
+    pipe.get(channel.keys.alive(HOOK_RUNNER_ID))
+    state, lease = pipe.execute()
+    return {"configured": sorted(config.hooks), "pid": _hook_runner_pid(root), "lease": lease,
             **{count: int(state.get(count, 0)) for count in ("ran", "failed", "missed")},
             "last_event": state.get("last_event")}
 
 
 def _hooks_text(hooks: dict[str, Any]) -> str:
     """One line of what _hooks_status found."""
-    runner = f"runner pid {hooks['pid']}" if hooks["pid"] else "runner not running (`tt start` starts it)"
+    runner = (f"runner pid {hooks['pid']}" if hooks["pid"] else f"runner {hooks['lease']}" if hooks["lease"]
+              else "runner not running (`tt start` starts it)")
     missed = (f", {hooks['missed']} events missed (trimmed from the stream before the runner read them)"
               if hooks["missed"] else "")
     return (f"{runner}; {hooks['ran']} ran, {hooks['failed']} failed{missed}"
             f" ({', '.join(hooks['configured']) or 'none configured'})")
-
 
 
 # Plans and snapshots #########################################################
@@ -5290,7 +5294,7 @@ def doctor(path: str | os.PathLike[str] = ".") -> list[Check]:
         checks += _agent_checks(channel, agents)
         if config.hooks:
             hooks = _hooks_status(root, config, channel)
-            down = not hooks["pid"] and not server.stopped_on_purpose
+            down = not hooks["lease"] and not server.stopped_on_purpose
             checks.append(Check("hooks", not down, _hooks_text(hooks),
                                 "any `tt` command here starts the runner again" if down else ""))
     names = dict.fromkeys([config.default_cli, *config.agent_clis, *(a.cli for a in agents if a.cli)])
@@ -5555,7 +5559,7 @@ class HookRunner:
         if not channel.refresh_lease(HOOK_RUNNER_ID, self.identity, ttl, verify=since > ttl - 1) \
                 and channel.acquire_lease(HOOK_RUNNER_ID, self.identity, ttl):
             raise LostLease(HOOK_RUNNER_ID)
-        self._last_beat += since
+        self._last_beat = time.monotonic()
 
     def step(self) -> int:
         """Read a batch of entries, run their hooks, ack each; returns how many were read."""
@@ -5677,10 +5681,10 @@ class HookRunner:
             with proc:
                 code = self._wait_for_hook(proc, json.dumps(data).encode())
             errors.seek(0)
-            shutil.copyfileobj(errors, sys.stderr.buffer)
-            sys.stderr.flush()
-            errors.seek(max(errors.tell() - 4 * HOOK_STDERR_TAIL, 0))
-            lines = [line.strip() for line in errors.read().decode(errors="replace").splitlines()]
+            output = errors.read().decode(errors="replace")
+        sys.stderr.write(output)
+        sys.stderr.flush()
+        lines = [line.strip() for line in output[-4 * HOOK_STDERR_TAIL:].splitlines()]
         return code, _escaped(" | ".join(filter(None, lines))[-HOOK_STDERR_TAIL:])
 
     def _wait_for_hook(self, proc: subprocess.Popen[bytes], document: bytes) -> int:
