@@ -266,7 +266,7 @@ class Bench:
             env = {**os.environ, "TINYTOWN_TOWN": str(folder), "TINYTOWN_AGENT_NAME": "bare"}
 
             def bare():
-                task = town.channel.create_task(Task(description="bare task"))  # in no queue
+                task = town.task_store.create(Task(description="bare task"))  # in no queue
                 prompt = tinytown.build_prompt(town, tinytown.Agent(id="x", name="bare"), [
                     Message(type="task_assign", to="x", body={"task_id": task.id, "description": "bare"})], 1)
                 start = time.perf_counter()
@@ -280,7 +280,7 @@ class Bench:
             start = time.perf_counter()
             for i in range(agents_n):
                 town.spawn_agent(f"w{i}", "demo")
-            while town.channel.task_counts().get("completed", 0) < tasks_n + REPEATS:
+            while town.task_store.task_counts().get("completed", 0) < tasks_n + REPEATS:
                 town.redis.blpop(["bench:never"], timeout=0.5)
             wall = time.perf_counter() - start
             rounds = sum(a.rounds_completed for a in town.list_agents())
@@ -415,10 +415,10 @@ class Bench:
         pipe = town.redis.pipeline(transaction=False)
         for i in range(tasks_n):
             if i % 10:
-                town.channel._queue_new_task(pipe, Task(description=f"ops job {i}", tags=["ops"]), backlog=True)
+                town.task_store.queue_create(pipe, Task(description=f"ops job {i}", tags=["ops"]), backlog=True)
             else:
                 task = Task(description=f"done {i}", state="completed", assigned_to=ids[i % agents_n])
-                town.channel._queue_new_task(pipe, task, backlog=False)
+                town.task_store.queue_create(pipe, task, backlog=False)
             if i % 2000 == 1999:
                 pipe.execute()
         pipe.execute()
@@ -489,12 +489,12 @@ class Bench:
     def _claim_cost(self, town, agent_id, repeats=7):
         for _ in range(repeats + 1):
             town.backlog_add("for dev", tags=["dev"])
-        town.channel.claim(None, agent_id)
+        town.task_store.claim(None, agent_id)
         commands, times = [], []
         for _ in range(repeats):
             before = self._commands(town.redis)
             start = time.perf_counter()
-            assert town.channel.claim(None, agent_id, sender=agent_id)
+            assert town.task_store.claim(None, agent_id, sender=agent_id)
             times.append((time.perf_counter() - start) * 1000)
             commands.append(self._commands(town.redis) - before - 1)
         return statistics.median(commands), statistics.median(times)
@@ -511,7 +511,7 @@ class Bench:
                 start = time.perf_counter()
                 for i in range(agents_n):
                     town.spawn_agent(f"w{i}", "demo")
-                while town.channel.task_counts().get("completed", 0) < tasks_n:
+                while town.task_store.task_counts().get("completed", 0) < tasks_n:
                     town.redis.blpop(["bench:never"], timeout=0.5)
                 wall = time.perf_counter() - start
                 rounds = sum(a.rounds_completed for a in town.list_agents())

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -544,7 +545,7 @@ def test_take_and_settle_ack_requeue_to_front_and_dead_letter_after_max_attempts
     assert [(m.id, m.attempts) for m in w.inbox()] == [(late.id, 2)]  # not out of attempts yet
     failed = town.task(task.id)
     assert (failed.state, failed.error, failed.attempts) == ("failed", "failure 3", 3)
-    assert failed.completed_at and town.channel.task_counts() == {"failed": 1}
+    assert failed.completed_at and town.task_store.task_counts() == {"failed": 1}
 
     channel.take(w.id)  # e.g. a stop: give the messages back without counting an attempt
     assert channel.settle(w.id, set(), "stopping", count="none") == []
@@ -613,7 +614,7 @@ def test_assign_creates_task_message_and_event_at_once(town):
 
     api_task = w.assign("second", priority="urgent")
     assert w.inbox()[0].body["task_id"] == api_task.id  # the urgent assignment is read first
-    assert town.channel.task_counts() == {"assigned": 2}
+    assert town.task_store.task_counts() == {"assigned": 2}
     assert [t.id for t in town.tasks(agent="w1")] == [task["id"], api_task.id]
 
 
@@ -621,7 +622,7 @@ def test_assign_to_unknown_agent_leaves_nothing_behind(town):
     with pytest.raises(AgentNotFound):
         town.assign("ghost", "lost work")
     fail_cli("assign", "ghost", "lost work")
-    assert town.tasks() == [] and town.channel.task_counts() == {}
+    assert town.tasks() == [] and town.task_store.task_counts() == {}
 
 
 # -- backlog --
@@ -648,7 +649,7 @@ def test_backlog_add_list_claim_assign_all_remove_via_cli(town):
     assert [t["id"] for t in tt_json("backlog", "assign-all", "w1")] == [two, four]
     assert tt_json("backlog", "list") == []
     assert [m.body["task_id"] for m in w.inbox()] == [one["id"], two, four]
-    assert town.channel.task_counts() == {"assigned": 3, "cancelled": 1}
+    assert town.task_store.task_counts() == {"assigned": 3, "cancelled": 1}
 
 
 def test_backlog_through_the_python_api(town):
@@ -669,15 +670,16 @@ def test_backlog_through_the_python_api(town):
 def test_backlog_remove_racing_a_claim_has_one_winner(town, monkeypatch):
     w = worker(town)
     task = town.backlog_add("contested")
-    load = town.channel._load_task_in
+    load = town.task_store.get
     raced = []
 
-    def claim_in_between(client, task_id):  # a claim lands inside remove's WATCH window
+    def claim_in_between(task_id):  # a claim lands between remove's lookup and its script
+        found = load(task_id)
         if not raced:
             raced.append(None)
-            raced[0] = town.channel.claim(task.id, w.id)
-        return load(client, task_id)
-    monkeypatch.setattr(town.channel, "_load_task_in", claim_in_between)
+            raced[0] = town.task_store.claim(task.id, w.id)
+        return found
+    monkeypatch.setattr(town.task_store, "get", claim_in_between)
     with pytest.raises(InvalidTransition, match="not in the backlog"):
         town.backlog_remove(task.id)
     assert raced[0].state == "assigned" and town.task(task.id).state == "assigned"
@@ -690,7 +692,7 @@ def test_completing_a_terminal_task_changes_and_counts_nothing(town):
     task = w.assign("do it")
     done = tt_json("task", "complete", task.id, "--result", "done")
     assert (done["state"], done["result"]) == ("completed", "done")
-    snapshot = (town.task(task.id).to_dict(), town.channel.task_counts(), w.record().tasks_completed)
+    snapshot = (town.task(task.id).to_dict(), town.task_store.task_counts(), w.record().tasks_completed)
     assert snapshot[1:] == ({"completed": 1}, 1)
 
     for argv in (("complete", task.id, "--result", "again"), ("fail", task.id, "--error", "x"),
@@ -698,7 +700,7 @@ def test_completing_a_terminal_task_changes_and_counts_nothing(town):
         assert tt_json("task", *argv)["state"] == "completed"
     assert town.complete_task(task.id, "api").result == "done"
     assert town.fail_task(task.id, "late").state == "completed"
-    assert (town.task(task.id).to_dict(), town.channel.task_counts(),
+    assert (town.task(task.id).to_dict(), town.task_store.task_counts(),
             w.record().tasks_completed) == snapshot
     assert [e["event"] for e in town.channel.events(100) if e.get("task") == task.id] == [
         "task_assigned", "task_completed"]
@@ -710,7 +712,7 @@ def test_complete_fail_cancel_from_pending_leave_the_backlog_and_wait_reports(to
     assert tt_json("task", "fail", failed, "--error", "broken")["error"] == "broken"
     assert tt_json("task", "cancel", cancelled)["state"] == "cancelled"
     assert [t.id for t in town.backlog()] == [open_]
-    assert town.channel.task_counts() == {"completed": 1, "failed": 1, "cancelled": 1, "pending": 1}
+    assert town.task_store.task_counts() == {"completed": 1, "failed": 1, "cancelled": 1, "pending": 1}
 
     assert tt("task", "wait", completed, "--timeout", "1")[0] == 0
     assert tt("task", "wait", failed, "--timeout", "1")[0] == 1
@@ -746,7 +748,7 @@ def test_eight_threads_completing_one_task_count_it_once(town):
     results = run_together(8, lambda i: town.complete_task(task.id, f"by {i}"))
     assert all(r.state == "completed" for r in results)
     assert town.task(task.id).result in {f"by {i}" for i in range(8)}
-    assert town.channel.task_counts() == {"completed": 1}
+    assert town.task_store.task_counts() == {"completed": 1}
     assert w.record().tasks_completed == 1
     assert sum(e["event"] == "task_completed" for e in town.channel.events(100)) == 1
 
@@ -754,7 +756,7 @@ def test_eight_threads_completing_one_task_count_it_once(town):
 def test_racing_complete_and_fail_leave_exactly_one_terminal_state(town):
     task = town.backlog_add("raced")
     run_together(8, lambda i: (town.complete_task if i % 2 else town.fail_task)(task.id, "x"))
-    counts = town.channel.task_counts()
+    counts = town.task_store.task_counts()
     assert sum(counts.values()) == 1 and set(counts) == {town.task(task.id).state}
 
 
@@ -766,7 +768,7 @@ def test_concurrent_claims_of_one_backlog_task_have_one_winner(town):
     assert len(winners) == 1 and all(isinstance(r, InvalidTransition) for r in results if r not in winners)
     assert sum(w.inbox_len() for w in workers) == 1
     assert town.task(task.id).assigned_to == winners[0].assigned_to
-    assert town.channel.task_counts() == {"assigned": 1} and town.backlog() == []
+    assert town.task_store.task_counts() == {"assigned": 1} and town.backlog() == []
 
 
 def test_concurrent_sends_lose_nothing_and_keep_each_senders_order(town):
@@ -803,7 +805,7 @@ def test_two_towns_on_one_redis_are_isolated(town, tmp_path_factory):
             assert all(k.startswith(town.keys.prefix) for k in deleted)
             assert list(town.redis.scan_iter(match=town.keys.prefix + "*")) == []
             assert other_keys() == before
-            assert theirs.inbox_len() == 1 and other.channel.task_counts() == {"assigned": 1}
+            assert theirs.inbox_len() == 1 and other.task_store.task_counts() == {"assigned": 1}
         finally:
             other.reset(force=True)
 
@@ -998,18 +1000,18 @@ def test_a_town_written_by_0_1_0_is_upgraded_once_on_a_persons_connect(town):
         assert set(old.redis.smembers(old.keys.role("dev"))) == {ids["dev1"], ids["busy"]}
         assert not old.redis.exists(old.keys.wake(ids["dev1"]))  # the upgrade woke nobody
         # claims follow the old order and the tags: dev1 takes b4 (its role), ops1 b1, ...
-        assert old.channel.claim(None, ids["dev1"]).id == "b4"
-        assert old.channel.claim(None, ids["ops1"]).id == "b1"
-        assert old.channel.claim(None, ids["ops1"]).id == "b2"
-        assert old.channel.claim(None, ids["dev1"]).id == "b3"
-        assert old.channel.claim(None, ids["ops1"]) is None
+        assert old.task_store.claim(None, ids["dev1"]).id == "b4"
+        assert old.task_store.claim(None, ids["ops1"]).id == "b1"
+        assert old.task_store.claim(None, ids["ops1"]).id == "b2"
+        assert old.task_store.claim(None, ids["dev1"]).id == "b3"
+        assert old.task_store.claim(None, ids["ops1"]) is None
         assert tt_json("backlog", "list") == []
 
     with Town(town.root) as again:  # once: the second connect finds the layout and stops there
-        assert again.channel.upgrade_layout() is None
+        assert again.task_store.upgrade_layout() is None
         upgrades = [e for e in again.channel.events(100) if e["event"] == "upgraded"]
         assert [(e["tasks"], e["backlog"], e["agents"]) for e in upgrades] == [("8", "4", "4")]
-        assert again.channel.task_counts() == {"assigned": 5, "running": 1, "completed": 1, "failed": 1}
+        assert again.task_store.task_counts() == {"assigned": 5, "running": 1, "completed": 1, "failed": 1}
 
 
 def test_a_changing_command_upgrades_and_the_backlog_goes_on_in_order(town):
@@ -1051,7 +1053,7 @@ def bulk_tasks(town, n, *, tags=(), backlog=True, assign_to=None):
         task = tinytown.Task(description=f"bulk {i}", tags=list(tags))
         if assign_to:
             task.state, task.assigned_to = "assigned", assign_to
-        town.channel._queue_new_task(pipe, task, backlog=backlog)
+        town.task_store.queue_create(pipe, task, backlog=backlog)
         tasks.append(task)
     pipe.execute()
     return tasks
@@ -1059,24 +1061,24 @@ def bulk_tasks(town, n, *, tags=(), backlog=True, assign_to=None):
 
 def test_claim_costs_the_same_whatever_the_backlog_holds_and_is_fifo_per_index(town):
     dev = worker(town, "dev1", role="dev")
-    assert town.channel.claim(None, dev.id) is None  # (loads the script: not part of the cost)
+    assert town.task_store.claim(None, dev.id) is None  # (loads the script: not part of the cost)
     costs = []
     for others in (20, 2000):
         bulk_tasks(town, others, tags=["ops"])  # work for another role, ahead in the queue
         mine = town.backlog_add("for a dev", tags=["dev"])
-        claimed, cost = redis_commands(town, lambda: town.channel.claim(None, dev.id, sender=dev.id))
+        claimed, cost = redis_commands(town, lambda: town.task_store.claim(None, dev.id, sender=dev.id))
         assert claimed.id == mine.id and claimed.assigned_to == dev.id
         costs.append(cost)
     assert costs[0] == costs[1], costs
-    assert town.channel.claim(None, dev.id) is None  # only ops work left
+    assert town.task_store.claim(None, dev.id) is None  # only ops work left
     first, second = town.backlog_add("untagged 1"), town.backlog_add("by name", tags=["dev1"])
     third = town.backlog_add("untagged 2")
-    order = [town.channel.claim(None, dev.id).id for _ in range(3)]
+    order = [town.task_store.claim(None, dev.id).id for _ in range(3)]
     assert order == [first.id, second.id, third.id]  # oldest first across its indexes
     [message] = [m for m in dev.inbox() if m.body["task_id"] == first.id]
     assert (message.type, message.body["description"], message.from_) == ("task_assign", "untagged 1",
                                                                           "conductor")
-    assert town.channel.task_counts()["pending"] == 2020 and len(town.backlog()) == 2020
+    assert town.task_store.task_counts()["pending"] == 2020 and len(town.backlog()) == 2020
 
 
 def test_backlog_add_wakes_only_idle_agents_that_may_claim_it(town):
@@ -1112,14 +1114,14 @@ def test_task_indexes_follow_every_change_and_cost_follows_the_result(town):
     assert town.channel.reclaim(w.id, target=v.id) is not None
     town.delete_task(done.id)
 
-    every = town.channel.tasks()
+    every = town.task_store.tasks()
     for state in ("pending", "assigned", "running", "completed", "failed", "cancelled"):
         assert [t.id for t in town.tasks(state=state)] == [t.id for t in every if t.state == state], state
     for agent in (w, v):
         assert [t.id for t in town.tasks(agent=agent.id)] == [t.id for t in every if t.assigned_to == agent.id]
         assert [t.id for t in town.tasks(agent=agent.id, open_only=True)] == [
             t.id for t in every if t.assigned_to == agent.id and not t.terminal]
-    assert town.channel.task_counts() == collections.Counter(t.state for t in every)
+    assert town.task_store.task_counts() == collections.Counter(t.state for t in every)
 
     current, cost = redis_commands(town, lambda: tt_json("task", "current", "w2"))
     _, show_cost = redis_commands(town, lambda: town.task(moved.id[:6]))
@@ -1174,7 +1176,7 @@ def test_task_prune_archives_finished_tasks_then_removes_them(town):
     lines = [json.loads(line) for line in archive.read_text().splitlines()]
     assert [(t["id"], t["result"]) for t in lines] == [(t.id, f"result of t{i}") for i, t in enumerate(tasks[:3])]
     assert [t.id for t in town.tasks()] == [tasks[3].id, tasks[4].id]
-    assert town.channel.task_counts() == {"completed": 1, "assigned": 1}
+    assert town.task_store.task_counts() == {"completed": 1, "assigned": 1}
     assert [t.id for t in town.tasks(agent=w.id)] == [tasks[3].id, tasks[4].id]
     assert [t.id for t in town.prune_tasks(older_than_secs=0, keep=0)] == [tasks[3].id]
     assert town.tasks(state="completed") == [] and town.redis.zcard(town.keys.finished) == 0
@@ -1189,7 +1191,7 @@ def test_auto_prune_runs_once_a_minute_for_the_whole_town(town):
     for key, value in (("town.auto_prune", "true"), ("town.keep_finished", "1")):
         tinytown.set_config_value(town.root / "tinytown.toml", key, value)
     with Town(town.root) as again:
-        assert again.maybe_prune() == 2 and again.channel.task_counts() == {"completed": 1}
+        assert again.maybe_prune() == 2 and again.task_store.task_counts() == {"completed": 1}
         again.complete_task(again.assign("w1", "t3").id, "ok")
         assert again.maybe_prune() == 0  # another prune ran less than a minute ago
         again.release()
@@ -1214,7 +1216,7 @@ def test_dead_letters_list_retry_and_drop(town):
     [back] = w.inbox()
     assert (back.id, back.attempts, back.interruptions) == (assignment["id"], 0, 0)
     assert town.redis.llen(town.keys.wake(w.id)) >= 1
-    assert town.channel.task_counts() == {"assigned": 1}
+    assert town.task_store.task_counts() == {"assigned": 1}
     assert [m["type"] for m in tt_json("dead", "drop", "--all")] == ["task"]
     assert tt_json("dead") == []
     assert tt("dead", "retry")[0] == 2  # ids or --all
@@ -1295,7 +1297,7 @@ def wait_rounds(town, agent_id, rounds, timeout=30):
 
 def wait_task_state(town, task_id, state, timeout=30):
     def check():
-        task = town.channel.get_task(task_id)
+        task = town.task_store.get(task_id)
         return task if task and task.state == state else None
     return wait_for(town, check, timeout, f"task {state}")
 
@@ -2500,11 +2502,11 @@ def test_a_failed_prerequisite_fails_its_dependents_transitively(town):
 
 def test_unknown_prerequisites_are_refused_and_nothing_is_created(town):
     w = worker(town)
-    before = town.channel.task_counts()
+    before = town.task_store.task_counts()
     with pytest.raises(TaskNotFound):
         w.assign("X", after=["no-such-task"])
     assert "nope" in fail_cli("assign", "w1", "X", "--after", "nope")
-    assert town.channel.task_counts() == before and town.tasks() == []
+    assert town.task_store.task_counts() == before and town.tasks() == []
     done = w.assign("done")
     town.complete_task(done.id, "ok")
     ready = town.assign("w1", "ready at once", after=[done.id])
@@ -2657,7 +2659,7 @@ def test_a_second_push_applies_what_changed_to_tasks_not_started(town):
     assert not town.redis.sismember(town.keys.dependents(task["base"].id), task["left"].id)
     # right: still blocked, waiting for both, with its new tags for when it is released
     assert (now["right"].state, now["right"].tags) == ("blocked", ["ops"])
-    assert town.redis.hget(town.keys.task(task["right"].id), "waiting") == "2"
+    assert town.redis.smembers(town.keys.waits(task["right"].id)) == {task["base"].id, task["loose"].id}
     assert town.redis.sismember(town.keys.dependents(task["loose"].id), task["right"].id)
     # loose: moved between the backlog indexes, its FIFO place kept
     assert town.redis.zscore(town.keys.backlog, task["loose"].id) == place
@@ -2669,8 +2671,8 @@ def test_a_second_push_applies_what_changed_to_tasks_not_started(town):
     assert [m.body["task_id"] for m in w2.inbox()][-1] == task["claimme"].id
     assert (now["busy"].description, now["busy"].priority) == ("Busy", "normal")
 
-    again = tinytown.sync_push(town, path)  # the same file again: nothing changes
-    assert again == {"created": [], "updated": [], "kept": kept[1:],  # (loose's priority is recorded)
+    again = tinytown.sync_push(town, path)  # the same file again: nothing changes, nothing to say
+    assert again == {"created": [], "updated": [], "kept": [],
                      "unchanged": ["done", "base", "left", "loose", "right", "claimme", "busy"]}
     assert len(town.tasks()) == count
     assert [m.body["task_id"] for m in w2.inbox()].count(task["claimme"].id) == 1
@@ -2678,7 +2680,7 @@ def test_a_second_push_applies_what_changed_to_tasks_not_started(town):
     town.complete_task(task["loose"].id, "ok")
     assert town.task(task["right"].id).state == "pending"  # released with its last new prerequisite
     path.write_text(edited.replace('"Right"', '"Right, later"').replace('after = ["done"]', 'after = []'))
-    assert tinytown.sync_push(town, path)["kept"] == ["left: after (the task was already released)", *kept[1:]]
+    assert tinytown.sync_push(town, path)["kept"] == ["left: after (the task was already released)"]
     assert town.task(task["right"].id).description == "Right, later"
     path.write_text(edited + '\n[[task]]\nid = "x"\ndescription = "x"\nafter = ["y"]\n\n'
                     '[[task]]\nid = "y"\ndescription = "y"\nafter = ["x"]\n')
@@ -2740,7 +2742,7 @@ def test_save_reset_restore_round_trip_is_identical_and_restores_elsewhere(town,
                 assert {k: v for k, v in tinytown.save_snapshot(second).items() if k != "town"} == {
                     k: v for k, v in document.items() if k != "town"}
                 assert [t.state for t in second.tasks(state="blocked")] == ["blocked"]
-                assert second.channel.claim(None, second.resolve_agent("w1")).description == "C"
+                assert second.task_store.claim(None, second.resolve_agent("w1")).description == "C"
         finally:
             os.environ["REDIS_URL"] = redis_url
     finally:
@@ -2772,6 +2774,616 @@ def test_import_github_with_a_stand_in_gh(town, tmp_path, monkeypatch):
     assert tt_json("sync", "push")["created"] == ["issue-12", "issue-13"]
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert "no `gh` is on PATH" in fail_cli("plan", "import-github", "14")
+
+
+# Tasks #######################################################################
+# The task graph's rules (README "Plans and dependencies"), each where features meet:
+# dependencies x prune x plans x dead retry x delete x restore.
+
+def dead_letter(town, agent, task):
+    """Fail `task` (assigned to `agent`) through the requeue until it is dead-lettered."""
+    for _ in range(town.config.agent.max_attempts):
+        town.channel.take(agent.id)
+        town.channel.settle(agent.id, set(), "the CLI crashed")
+    assert town.task(task.id).state == "failed"
+
+
+def test_a_pruned_plan_task_stays_done_and_is_never_created_again(town):
+    path = write_plan(town, '[[task]]\nid = "a"\ndescription = "A"\n\n'
+                            '[[task]]\nid = "b"\ndescription = "B"\nafter = ["a"]\n')
+    assert tt_json("sync", "push")["created"] == ["a", "b"]
+    mapped = town.redis.hgetall(town.keys.plan)
+    town.complete_task(mapped["a"], "A done")
+    town.complete_task(mapped["b"], "B done")
+    assert {t.id for t in town.prune_tasks(older_than_secs=0, keep=0)} == set(mapped.values())
+    assert town.tasks() == []
+    assert tt_json("sync", "push") == {"created": [], "updated": [], "unchanged": ["a", "b"], "kept": []}
+    assert town.tasks() == []  # done work never runs again
+    shown = tt_json("task", "show", mapped["a"])  # the archive keeps it readable
+    assert (shown["state"], shown["result"]) == ("completed", "A done")
+    assert [(r["entry"], r["state"], r["result"]) for r in tt_json("plan")] == [
+        ("a", "completed", "A done"), ("b", "completed", "B done")]
+    path.write_text(path.read_text() + '\n[[task]]\nid = "c"\ndescription = "C"\nafter = ["b"]\n')
+    assert tt_json("sync", "push")["created"] == ["c"]
+    assert town.task(town.redis.hget(town.keys.plan, "c")).state == "pending"  # b is done
+
+
+def test_a_retried_prerequisite_blocks_its_dependents_again(town):
+    w, v = worker(town), worker(town, "w2")
+    x, y = w.assign("X"), v.assign("Y")
+    run_anyway = town.backlog_add("D runs anyway", after=[x.id, y.id], on_failure="run")
+    strict = town.backlog_add("E fails with X", after=[x.id, y.id])
+    later = town.backlog_add("F after E", after=[strict.id])
+    dead_letter(town, w, x)
+    assert town.task(run_anyway.id).state == "blocked"  # still waits for Y
+    assert (town.task(strict.id).state, town.task(later.id).state) == ("failed", "failed")
+    assert town.task(strict.id).error == f"prerequisite {x.id} failed"
+    town.act_on_dead(None, retry=True)
+    assert town.task(x.id).state == "assigned"
+    assert [town.task(t.id).state for t in (run_anyway, strict, later)] == ["blocked"] * 3
+    town.complete_task(x.id, "X done")
+    assert [town.task(t.id).state for t in (run_anyway, strict, later)] == ["blocked"] * 3  # Y runs
+    town.complete_task(y.id, "Y done")
+    assert [town.task(t.id).state for t in (run_anyway, strict, later)] == ["pending", "pending", "blocked"]
+
+
+def test_a_released_dependent_is_pulled_back_unless_it_started(town):
+    w = worker(town)
+    x = w.assign("X")
+    queued = town.assign("w1", "queued dependent", after=[x.id], on_failure="run")
+    taken = town.assign("w1", "taken dependent", after=[x.id], on_failure="run")
+    dead_letter(town, w, x)  # X failed: both run anyway
+    assert [town.task(t.id).state for t in (queued, taken)] == ["assigned", "assigned"]
+    town.channel.ack(w.id, [m.id for m in w.inbox() if m.body.get("task_id") == taken.id])  # taken away
+    town.act_on_dead(None, retry=True)
+    assert town.task(queued.id).state == "blocked"
+    assert queued.id not in [m.body.get("task_id") for m in w.inbox()]
+    assert town.task(taken.id).state == "assigned"  # never pulled back: reported
+    conflicts = [e for e in town.channel.events(100) if e["event"] == "task_conflict"]
+    assert [(e["task"], e["prerequisite"]) for e in conflicts] == [(taken.id, x.id)]
+    town.complete_task(x.id, "ok")
+    assert town.task(queued.id).state == "assigned"
+    assert [m.body.get("task_id") for m in w.inbox()].count(queued.id) == 1
+
+
+def test_deleting_a_prerequisite_counts_as_its_failure(town):
+    x, y = town.backlog_add("X"), town.backlog_add("Y")
+    strict = town.backlog_add("fails", after=[x.id])
+    anyway = town.backlog_add("runs", after=[x.id, y.id], on_failure="run")
+    town.delete_task(x.id)
+    assert (town.task(strict.id).state, town.task(strict.id).error) == ("failed", f"prerequisite {x.id} deleted")
+    assert town.wait_task(strict.id, timeout=5).state == "failed"
+    assert town.task(anyway.id).state == "blocked"
+    town.complete_task(y.id)
+    assert town.task(anyway.id).state == "pending"
+    assert town.task_store.open_count() == 1  # `anyway`; all_tasks_done counts blocked as open
+
+
+def test_failing_the_head_of_a_long_chain_fails_every_task_and_a_retry_reopens_them(town):
+    w = worker(town)
+    head = w.assign("head")
+    ids, previous = [], head.id
+    pipe = town.redis.pipeline()
+    for i in range(12_000):
+        task = tinytown.Task(description=f"link {i}", after=[previous])
+        town.task_store.queue_create(pipe, task, assign_to=None, backlog=True)
+        ids.append(task.id)
+        previous = task.id
+    pipe.execute()
+    assert town.task_store.task_counts() == {"assigned": 1, "blocked": 12_000}
+    dead_letter(town, w, head)
+    assert town.task_store.task_counts() == {"failed": 12_001}
+    assert town.task(ids[-1]).error == f"prerequisite {ids[-2]} failed"
+    town.act_on_dead(None, retry=True)
+    assert town.task_store.task_counts() == {"assigned": 1, "blocked": 12_000}
+    town.complete_task(head.id)
+    assert town.task_store.task_counts() == {"completed": 1, "pending": 1, "blocked": 11_999}
+
+
+def test_an_unchanged_push_costs_the_same_whatever_the_plan_holds(town):
+    worker(town)
+    def plan(n):
+        return "".join(f'[[task]]\nid = "e{i}"\ndescription = "entry {i}"\nagent = "w1"\n\n' for i in range(n))
+    path = write_plan(town, plan(500))
+    assert len(tinytown.sync_push(town, path)["created"]) == 500
+    report, commands = redis_commands(town, lambda: tinytown.sync_push(town, path))
+    assert len(report["unchanged"]) == 500 and commands <= 10
+    path.write_text(plan(510))
+    report, commands = redis_commands(town, lambda: tinytown.sync_push(town, path))
+    assert report["created"] == [f"e{i}" for i in range(500, 510)] and commands <= 10 + 10 * 30
+
+
+def test_a_big_push_goes_in_atomic_batches_and_a_retry_finishes_it(town, monkeypatch):
+    path = write_plan(town, "".join(f'[[task]]\nid = "e{i}"\ndescription = "entry {i}"\n'
+                                    + (f'after = ["e{i - 1}"]\n' if i else "") + "\n" for i in range(1200)))
+    batches = []
+    real = tinytown.TaskStore.push_batch
+
+    def interrupted(self, batch):
+        if len(batches) == 2:
+            raise redis.TimeoutError("the reply was lost")
+        batches.append(len(batch))
+        return real(self, batch)
+    monkeypatch.setattr(tinytown.TaskStore, "push_batch", interrupted)
+    with pytest.raises(redis.TimeoutError):
+        tinytown.sync_push(town, path)
+    assert batches and max(batches) <= tinytown.PUSH_BATCH and len(town.tasks()) == sum(batches)
+    monkeypatch.setattr(tinytown.TaskStore, "push_batch", real)
+    report = tinytown.sync_push(town, path)
+    assert len(report["created"]) == 1200 - sum(batches) and len(report["unchanged"]) == sum(batches)
+    assert len(town.tasks()) == 1200 and town.task_store.task_counts() == {"pending": 1, "blocked": 1199}
+
+
+def test_respawning_with_a_new_role_moves_the_agent_between_role_indexes(town):
+    w = worker(town, role="dev")
+    town.channel.set_agent_state(w.id, "stopped")
+    town.spawn_agent("w1", "demo", role="ops", start=False)
+    assert town.redis.smembers(town.keys.role("ops")) == {w.id}
+    assert not town.redis.sismember(town.keys.role("dev"), w.id)
+    task = town.backlog_add("ops work", tags=["ops"])
+    assert town.task_store.claim(None, w.id).id == task.id
+
+
+def test_a_snapshot_of_an_old_layout_is_upgraded_after_it_is_restored(town):
+    _write_old_town(town)
+    snapshot = tinytown.save_snapshot(town)
+    town.reset(force=True)
+    tinytown.restore_snapshot(town, snapshot)
+    assert town.redis.get(town.keys.layout) == tinytown.LAYOUT_VERSION
+    assert town.redis.type(town.keys.backlog) == "zset"
+    assert [t["id"] for t in tt_json("backlog", "list")] == ["b4", "b1", "b3", "b2"]
+    assert tt_json("backlog", "add", "new")["state"] == "pending" and tt_json("status")["backlog"] == 5
+    assert tinytown.save_snapshot(town)["layout"] == tinytown.LAYOUT_VERSION
+
+
+def test_a_refused_create_emits_nothing(town):
+    w = worker(town)
+    with pytest.raises(TaskNotFound):
+        town.task_store.create(tinytown.Task(description="x", after=["no-such-task"]), backlog=True)
+    with pytest.raises(TaskNotFound):
+        town.task_store.create(tinytown.Task(description="x", after=["ghost"]), assign_to=w.id)
+    assert [e["event"] for e in town.channel.events(10)] == ["agent_spawned"]
+    assert town.tasks() == [] and town.task_store.task_counts() == {} and w.inbox() == []
+
+
+def test_prune_never_drops_a_prerequisite_an_open_task_needs_nor_a_reopened_task(town):
+    w = worker(town)
+    done, open_one = w.assign("done"), w.assign("open")
+    waiting = town.backlog_add("waits for both", after=[done.id, open_one.id])
+    town.complete_task(done.id, "the result the prompt needs")
+    assert town.prune_tasks(older_than_secs=0, keep=0) == []
+    assert town.task(done.id).result == "the result the prompt needs"
+    v = worker(town, "w2")
+    failed = v.assign("fails")
+    for _ in range(20):  # prune racing a dead retry: the archive tells the truth
+        dead_letter(town, v, failed)
+        run_together(2, lambda i: town.prune_tasks(older_than_secs=0, keep=0) if i else
+                     town.act_on_dead(None, retry=True, agent="w2"))
+        record = town.task_store.get(failed.id)
+        archived = [json.loads(line) for path in (town.root / ".tt" / "tasks").glob("archive-*.jsonl")
+                    for line in path.read_text().splitlines()]
+        if record is None:  # pruned first: archived as failed, and its letter stays dead
+            assert [t["state"] for t in archived if t["id"] == failed.id] == ["failed"]
+            assert not any(m.body.get("task_id") == failed.id for m in v.inbox())
+            assert [m.body["task_id"] for m in town.dead_letters("w2")[v.id]] == [failed.id]
+            break
+        assert record.state == "assigned" and failed.id not in [t["id"] for t in archived]
+    assert town.task(waiting.id).state == "blocked"
+
+
+def test_sync_pull_never_edits_inside_a_multi_line_string(town):
+    worker(town)
+    text = ('[[task]]\nid = "a"\nagent = "w1"\ndescription = """\nSteps:\nstate = draft\n'
+            'result = "keep me"\n"""\n\n[[task]]\nid = "b"\ndescription = \'\'\'\nstate = x\n\'\'\'\n'
+            'result = """old\nlines"""\nnotes_tags = ["state = y"]\n'.replace("notes_tags", "tags"))
+    path = write_plan(town, text)
+    tt_json("sync", "push")
+    mapped = town.redis.hgetall(town.keys.plan)
+    town.complete_task(mapped["a"], "done")
+    town.complete_task(mapped["b"], "fine")
+    tt_json("sync", "pull")
+    entries = {e.id: e for e in tinytown.load_plan(path)}
+    assert entries["a"].description == "\nSteps:\nstate = draft\nresult = \"keep me\"\n".lstrip("\n")
+    assert entries["b"].description == "state = x\n" and entries["b"].tags == ["state = y"]
+    data = tomllib.loads(path.read_text())["task"]
+    assert [(t["state"], t["result"]) for t in data] == [("completed", "done"), ("completed", "fine")]
+
+
+# -- the graph's rules, proven by a model -------------------------------------------------
+# A hypothesis state machine drives a real town (create, assign, claim, start, complete,
+# fail, cancel, failed rounds to the dead letters, dead retry, delete, prune, an agent's
+# loop killed and recovered, a generated plan pushed, save and restore) and after every
+# step compares it with the plain-Python model below.  `make test` runs a bounded number
+# of examples; `make test-slow` a long run (TINYTOWN_MODEL_STEPS steps in all).
+
+from hypothesis import HealthCheck, Phase, settings, strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+
+OPEN_STATES = ("blocked", "pending", "assigned", "running")
+MODEL_AGENTS = ("m1", "m2")
+
+
+@dataclasses.dataclass
+class ModelTask:
+    after: list
+    on_failure: str
+    state: str = "pending"
+    agent: str | None = None  # the agent it is assigned to (or meant for, while blocked)
+    started: bool = False
+    failed_by: str | None = None
+
+
+class TaskGraphModel:
+    """The rules of README "Plans and dependencies", written again plainly: a fixpoint over
+    the whole graph after every change (the real thing spreads changes by a work list)."""
+
+    def __init__(self):
+        self.tasks: dict[str, ModelTask] = {}
+        self.archived: dict[str, str] = {}  # pruned: how they ended
+        self.queue = {a: [] for a in MODEL_AGENTS}  # [task id, attempts, interruptions]
+        self.processing = {a: [] for a in MODEL_AGENTS}
+        self.dead = {a: [] for a in MODEL_AGENTS}
+        self.backlog: set[str] = set()
+        self.plan: dict[str, str] = {}  # entry -> task id
+
+    def state_of(self, task_id):
+        task = self.tasks.get(task_id)
+        return task.state if task else self.archived.get(task_id, "deleted")
+
+    @staticmethod
+    def verdict(state, on_failure):
+        if state == "completed":
+            return "done"
+        if state in ("failed", "cancelled", "deleted"):
+            return "done" if on_failure == "run" else "fail"
+        return "wait"
+
+    def unsatisfied(self, task):
+        return [p for p in task.after if self.verdict(self.state_of(p), task.on_failure) == "wait"]
+
+    def failing(self, task):
+        return [p for p in task.after if self.verdict(self.state_of(p), task.on_failure) == "fail"]
+
+    def hand_out(self, task_id):
+        """Released: to its agent's queue, or to the backlog."""
+        task = self.tasks[task_id]
+        if task.agent:
+            task.state = "assigned"
+            self.queue[task.agent].append([task_id, 0, 0])
+        else:
+            task.state = "pending"
+            self.backlog.add(task_id)
+
+    def settle(self):
+        changed = True
+        while changed:
+            changed = False
+            for task_id, task in self.tasks.items():
+                if task.state == "blocked":
+                    if self.failing(task):
+                        task.state, task.failed_by = "failed", self.failing(task)
+                    elif not self.unsatisfied(task):
+                        self.hand_out(task_id)
+                    else:
+                        continue
+                elif task.state == "failed" and isinstance(task.failed_by, list):
+                    if not set(task.failed_by) & set(self.failing(task)):
+                        task.state, task.failed_by = "blocked", None
+                    else:
+                        continue
+                elif task.state in ("pending", "assigned") and not task.started and self.unsatisfied(task):
+                    queued = [m for m in self.queue.get(task.agent, []) if m[0] == task_id]
+                    if task.state == "pending":
+                        self.backlog.discard(task_id)
+                    elif queued:
+                        self.queue[task.agent].remove(queued[0])
+                    else:
+                        continue
+                    task.state = "blocked"
+                else:
+                    continue
+                changed = True
+
+    def finish(self, task_id, state):
+        task = self.tasks.get(task_id)
+        if task and task.state in OPEN_STATES:
+            task.state = state
+            self.backlog.discard(task_id)
+        self.settle()
+
+    def requeue(self, agent, count):
+        for message in self.processing[agent]:
+            task_id = message[0]
+            message[1 if count == "attempt" else 2] += 1
+            task = self.tasks.get(task_id)
+            if message[1] >= 3 or message[2] >= 10:
+                self.dead[agent].append(message)
+                if task and task.state in OPEN_STATES:
+                    task.state, task.failed_by = "failed", None
+            else:
+                self.queue[agent].insert(0, message)
+                if task and task.state in OPEN_STATES:
+                    task.state = "assigned"
+        self.processing[agent] = []
+        self.settle()
+
+
+class TaskGraphMachine(RuleBasedStateMachine):
+    """A real town against TaskGraphModel."""
+    url = None  # set by the test: the session's redis-server
+    folder = None
+
+    def __init__(self):
+        super().__init__()
+        self.model = TaskGraphModel()
+        self.events: list[tuple[str, dict]] = []
+        self.last_event = "0-0"
+        self.plan_entries: list[tuple[str, list[str], str, str | None]] = []  # id, after, on_failure, agent
+
+    @initialize()
+    def open_town(self):
+        root = Path(self.folder) / uuid.uuid4().hex[:12]
+        root.mkdir()
+        os.environ["REDIS_URL"] = self.url
+        self.town = Town.init(root, f"m-{uuid.uuid4().hex[:10]}")
+        self.ids = {name: worker(self.town, name).id for name in MODEL_AGENTS}
+
+    def teardown(self):
+        if hasattr(self, "town"):
+            self.town.reset(force=True)
+            self.town.close()
+            shutil.rmtree(self.town.root, ignore_errors=True)
+
+    # -- rules -----------------------------------------------------------------------
+
+    def any_task(self, data):
+        known = list(self.model.tasks)  # (creation order: the same draws pick the same tasks)
+        return data.draw(st.sampled_from(known)) if known else None
+
+    @rule(data=st.data(), on_failure=st.sampled_from(["fail", "run"]),
+          agent=st.sampled_from([None, *MODEL_AGENTS]))
+    def create(self, data, on_failure, agent):
+        candidates = [*self.model.tasks, *self.model.archived]
+        after = data.draw(st.lists(st.sampled_from(candidates), max_size=3, unique=True)) if candidates else []
+        if agent:
+            task = self.town.assign(agent, "model work", after=after, on_failure=on_failure)
+        else:
+            task = self.town.backlog_add("model work", after=after, on_failure=on_failure)
+        # Blocked at first: with nothing to wait for it is handed out at once, as by a release.
+        self.model.tasks[task.id] = ModelTask(after=after, on_failure=on_failure, agent=agent, state="blocked")
+        self.model.settle()
+
+    @rule()
+    def refused_create(self):
+        before = len(self.town.redis.xrange(self.town.keys.events))
+        with pytest.raises(TaskNotFound):
+            self.town.task_store.create(tinytown.Task(description="x", after=["not-a-task"]), backlog=True)
+        assert len(self.town.redis.xrange(self.town.keys.events)) == before
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def claim(self, agent):
+        claimed = self.town.task_store.claim(None, self.ids[agent])
+        if not self.model.backlog:
+            assert claimed is None
+            return
+        assert claimed.id in self.model.backlog
+        self.model.backlog.discard(claimed.id)
+        self.model.tasks[claimed.id].agent = agent
+        self.model.tasks[claimed.id].state = "assigned"
+        self.model.queue[agent].append([claimed.id, 0, 0])
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def start(self, agent):
+        """A round begins: the loop takes its messages and marks their tasks running."""
+        self.town.channel.take(self.ids[agent])
+        for message in self.model.queue[agent]:
+            task = self.model.tasks.get(message[0])
+            if task and task.state in ("pending", "assigned"):
+                self.town.task_store.change_task(message[0], lambda t: {
+                    "state": "running", "started_at": t.started_at or tinytown._now(),
+                    "assigned_to": self.ids[agent]})
+                task.state, task.started = "running", True
+        self.model.processing[agent] += self.model.queue[agent]
+        self.model.queue[agent] = []
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def round_done(self, agent):
+        taken = self.town.redis.lrange(self.town.keys.processing(self.ids[agent]), 0, -1)
+        self.town.channel.settle(self.ids[agent], {tinytown.Message.from_json(raw).id for raw in taken}, "done")
+        self.model.processing[agent] = []
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def round_failed(self, agent):
+        self.town.channel.settle(self.ids[agent], set(), "the CLI crashed")
+        self.model.requeue(agent, "attempt")
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def fail_to_the_dead_letters(self, agent):
+        """Rounds that fail until the agent's work is out of attempts."""
+        for _ in range(3):
+            self.start(agent)
+            self.round_failed(agent)
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def loop_killed_and_recovered(self, agent):
+        self.town.channel.recover(self.ids[agent], "its loop was killed")
+        self.model.requeue(agent, "interruption")
+
+    @rule(data=st.data(), how=st.sampled_from(["completed", "failed", "cancelled"]))
+    def finish(self, data, how):
+        task_id = self.any_task(data)
+        if task_id is None:
+            return
+        {"completed": self.town.complete_task, "cancelled": self.town.cancel_task,
+         "failed": lambda ref: self.town.fail_task(ref, "no")}[how](task_id)
+        self.model.finish(task_id, how)
+
+    @rule(agent=st.sampled_from(MODEL_AGENTS))
+    def dead_retry(self, agent):
+        self.town.act_on_dead(None, retry=True, agent=agent)
+        kept = []
+        for message in self.model.dead[agent]:
+            task = self.model.tasks.get(message[0])
+            if task is None:
+                kept.append(message)  # its task is gone: nothing to retry
+                continue
+            self.model.queue[agent].append([message[0], 0, 0])
+            if task.state == "failed":
+                task.state, task.failed_by = "assigned", None
+        self.model.dead[agent] = kept
+        self.model.settle()
+
+    @rule(data=st.data())
+    def delete(self, data):
+        task_id = self.any_task(data)
+        if task_id is None:
+            return
+        self.town.delete_task(task_id)
+        del self.model.tasks[task_id]
+        self.model.backlog.discard(task_id)
+        self.model.plan = {e: t for e, t in self.model.plan.items() if t != task_id}
+        self.model.settle()
+
+    @rule()
+    def prune(self):
+        pruned = {t.id for t in self.town.prune_tasks(older_than_secs=0, keep=0)}
+        model = self.model
+        needed = {p for t in model.tasks.values() if t.state in OPEN_STATES for p in t.after}
+        expected = {i for i, t in model.tasks.items() if t.state not in OPEN_STATES and i not in needed}
+        assert pruned == expected
+        for task_id in pruned:
+            model.archived[task_id] = model.tasks.pop(task_id).state
+
+    @rule(data=st.data(), new=st.integers(1, 3))
+    def push_plan(self, data, new):
+        """The plan grows by a few entries (after among earlier ones) and is pushed twice."""
+        for _ in range(new):
+            earlier = [e[0] for e in self.plan_entries]
+            after = data.draw(st.lists(st.sampled_from(earlier), max_size=2, unique=True)) if earlier else []
+            self.plan_entries.append((f"e{len(self.plan_entries)}", after,
+                                      data.draw(st.sampled_from(["fail", "run"])),
+                                      data.draw(st.sampled_from([None, *MODEL_AGENTS]))))
+        text = "".join(f'[[task]]\nid = "{e}"\ndescription = "plan {e}"\nafter = {json.dumps(after)}\n'
+                       f'on_failure = "{on_failure}"\n' + (f'agent = "{agent}"\n' if agent else "") + "\n"
+                       for e, after, on_failure, agent in self.plan_entries)
+        path = self.town.root / "tasks.toml"
+        path.write_text(text)
+        report = tinytown.sync_push(self.town, path)
+        mapped = self.town.redis.hgetall(self.town.keys.plan)
+        model = self.model
+        created = []
+        for entry, after, on_failure, agent in self.plan_entries:
+            task_ids = [model.plan[ref] for ref in after]
+            if entry not in model.plan:  # new, or its task was deleted: created
+                created.append(entry)
+                model.plan[entry] = mapped[entry]
+                model.tasks[mapped[entry]] = ModelTask(after=task_ids, on_failure=on_failure, agent=agent,
+                                                       state="blocked")
+            else:
+                task = model.tasks.get(model.plan[entry])
+                if task and task.state == "blocked" and task.after != task_ids:
+                    task.after = task_ids  # a blocked task follows its entry's new `after`
+            model.settle()
+        assert report["created"] == created
+        assert tinytown.sync_push(self.town, path)["created"] == []  # idempotent
+
+    @rule()
+    def save_and_restore(self):
+        snapshot = tinytown.save_snapshot(self.town)
+        self.read_events()
+        self.town.reset(force=True)
+        tinytown.restore_snapshot(self.town, snapshot)
+
+    # -- after every step --------------------------------------------------------------
+
+    def read_events(self):
+        for event_id, fields in self.town.redis.xrange(self.town.keys.events, min=f"({self.last_event}"):
+            self.events.append((event_id, fields))
+            self.last_event = event_id
+
+    @invariant()
+    def town_equals_model(self):
+        if not hasattr(self, "town"):
+            return
+        town, model, keys = self.town, self.model, self.town.keys
+        records = {t.id: t for t in town.task_store.tasks_by_id(list(town.redis.zrange(keys.tasks, 0, -1)))}
+        assert set(records) == set(model.tasks)
+        for task_id, task in model.tasks.items():
+            record = records[task_id]
+            assert record.state == task.state, (task_id, record, task)
+            if task.state == "blocked":
+                assert town.redis.smembers(keys.waits(task_id)) == set(model.unsatisfied(task))
+                assert not model.failing(task)
+            if isinstance(task.failed_by, list):
+                assert record.error.split()[1] in task.failed_by
+        # each task in exactly one state index, its agent's indexes right, counts true
+        for state in tinytown.TaskState:
+            assert set(town.redis.zrange(keys.tasks_in(state), 0, -1)) == {
+                i for i, t in records.items() if t.state == state}
+        counts = collections.Counter(t.state for t in model.tasks.values())
+        assert town.task_store.task_counts() == counts == town.status()["tasks"]
+        for name, agent_id in self.ids.items():
+            mine = {i for i, t in records.items() if t.assigned_to == agent_id}
+            assert set(town.redis.zrange(keys.agent_tasks(agent_id), 0, -1)) == mine
+            assert set(town.redis.zrange(keys.open_tasks(agent_id), 0, -1)) == {
+                i for i in mine if records[i].state in OPEN_STATES}
+            for key, messages in ((keys.inbox(agent_id), model.queue[name]),
+                                  (keys.processing(agent_id), model.processing[name]),
+                                  (keys.dead(agent_id), model.dead[name])):
+                queued = [tinytown.Message.from_json(raw).body["task_id"] for raw in town.redis.lrange(key, 0, -1)]
+                assert sorted(queued) == sorted(m[0] for m in messages), (key, queued, messages)
+        assert set(town.task_store.backlog_ids()) == model.backlog
+        assert set(town.redis.zrange(keys.backlog_any(), 0, -1)) == model.backlog
+
+    @invariant()
+    def events_tell_the_truth(self):
+        if not hasattr(self, "town"):
+            return
+        self.read_events()
+        seen: dict[str, str] = {}
+        released: set[str] = set()  # tasks with prerequisites let go while all were satisfied
+        started: set[str] = set()
+        for _, fields in self.events:
+            kind, task_id = fields.get("event", ""), fields.get("task")
+            if not task_id or not kind.startswith("task_") or kind == "task_conflict":
+                continue
+            task = self.model.tasks.get(task_id)
+            if task and task.after and kind in ("task_pending", "task_assigned") and seen.get(task_id) in (
+                    "blocked", "created"):
+                for pre in task.after:
+                    state = seen.get(pre) or self.model.archived.get(pre, "deleted")
+                    assert self.model.verdict(state, task.on_failure) == "done", (task_id, pre, state)
+                released.add(task_id)
+            if kind == "task_running" and task_id not in started:  # never started unless released
+                started.add(task_id)
+                assert not (task and task.after) or task_id in released, task_id
+            seen[task_id] = "deleted" if kind == "task_deleted" else kind[len("task_"):]
+        for task_id, task in self.model.tasks.items():  # every change has its event, and no more
+            last = seen.get(task_id)
+            assert last == task.state or (last == "created" and task.state in ("blocked", "pending")), (
+                task_id, last, task.state)
+
+
+def run_model(tmp_path, redis_url, monkeypatch, steps):
+    monkeypatch.setattr(TaskGraphMachine, "url", redis_url)
+    monkeypatch.setattr(TaskGraphMachine, "folder", str(tmp_path))
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    examples = max(steps // 40, 1)
+    phases = list(Phase) if os.environ.get("TINYTOWN_MODEL_SHRINK") else [Phase.generate]  # (a bounded run)
+    TaskGraphMachine.TestCase.settings = settings(max_examples=examples, stateful_step_count=40, deadline=None,
+                                                   database=None, suppress_health_check=list(HealthCheck),
+                                                   phases=phases)
+    TaskGraphMachine.TestCase().runTest()
+
+
+def test_the_task_graph_keeps_its_rules_in_every_sequence(tmp_path, redis_url, monkeypatch):
+    run_model(tmp_path, redis_url, monkeypatch, steps=int(os.environ.get("TINYTOWN_MODEL_STEPS", 1500)))
+
+
+@pytest.mark.slow
+def test_the_task_graph_keeps_its_rules_over_a_long_run(tmp_path, redis_url, monkeypatch):
+    run_model(tmp_path, redis_url, monkeypatch, steps=int(os.environ.get("TINYTOWN_MODEL_STEPS", 12000)))
+
 
 
 # Agent CLIs ##################################################################
@@ -4255,7 +4867,7 @@ def test_chaos_random_sigkills_of_loops_and_clis_lose_and_double_nothing(town, c
             fresh.restart_agent(agent.name)
 
     def all_done():
-        counts = fresh.channel.task_counts()
+        counts = fresh.task_store.task_counts()
         return counts if counts.get("completed", 0) + counts.get("failed", 0) >= 300 else None
     counts = wait_for(fresh, all_done, timeout=240, what="300 tasks done")
     assert counts == {"completed": 300}

@@ -13,7 +13,8 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Records              Agent, Task, Message and their enums
     Files and processes  private folders, atomic writes, pids, process groups, loop identities
     Redis server         RedisServer: find, start, connect, stop
-    Channel              Channel: the delivery contract, the liveness script, the records
+    Tasks                TaskStore: the one owner of task keys, the graph's rules, prune, archive
+    Channel              Channel: the delivery contract, the liveness script, agents and messages
     Town                 Town, AgentHandle, the hook runner's process (start, revive, stop)
     Plans and snapshots  tasks.toml (plan, sync push / pull), save / restore, import-github
     Agent CLIs           RoundUsage and the CLIs' JSON parsers, env, credentials, sessions
@@ -70,7 +71,7 @@ from redis.retry import Retry
 __version__ = "0.1.0"
 
 __all__ = [
-    "Town", "AgentHandle", "Channel", "AgentLoop", "find_town_root",
+    "Town", "AgentHandle", "Channel", "TaskStore", "AgentLoop", "find_town_root",
     "Config", "RedisConfig", "AgentSettings", "TownSettings", "AgentCLI", "load_config",
     "get_config_value", "set_config_value",
     "Preset", "PRESETS", "RoundUsage", "OUTPUT_PARSERS", "missing_credentials", "doctor", "Check",
@@ -112,8 +113,10 @@ CLI_GRACE_SECS = 5.0  # a CLI's whole process group gets this long between SIGTE
 GIT_TIMEOUT_SECS = 60.0
 REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to come back
 # The storage layout's version, in `layout`: 0.1.0 (no key) kept the backlog as a list and
-# no indexes but `tasks` and `task_counts`; a person's connect upgrades it (_UPGRADE_LUA).
-LAYOUT_VERSION = "2"
+# no indexes but `tasks` and `task_counts`; "2" counted a blocked task's open prerequisites
+# (`waiting`) where "3" keeps their set (`waits:<id>`).  A person's connect upgrades a town
+# (_UPGRADE_LUA), and so does restoring an older snapshot.
+LAYOUT_VERSION = "3"
 
 # The event kinds a [hooks] table may name: the stream's own kinds, plus two the hook
 # runner derives (message_to_conductor: a `message` event to the conductor; all_tasks_done:
@@ -156,6 +159,10 @@ class Keys:
         self.finished = self.prefix + "finished"        # zset: finished task id by when it finished
         self.task_ids = self.prefix + "task_ids"        # zset, all scores 0: task ids by prefix (ZRANGEBYLEX)
         self.plan = self.prefix + "plan"                # hash: tasks.toml entry id -> task id
+        self.plan_sig = self.prefix + "plan_sig"        # hash: entry id -> signature of what was pushed
+        self.archived = self.prefix + "archived"        # hash: pruned task id -> how it ended (plan
+        #                                                 tasks and archived prerequisites only)
+        self.pruning = self.prefix + "pruning"          # list: pruned records not yet in the archive file
         self.prune_lock = self.prefix + "prune_lock"    # string with TTL: a prune is under way
         self.resume = self.prefix + "resume"            # set: agents `tt stop` stopped
         self.usage = self.prefix + "usage"              # hash: the town's tokens_in/out, cost_usd
@@ -182,6 +189,7 @@ class Keys:
     def backlog_tag(self, tag: str) -> str: return f"{self.prefix}backlog:tag:{tag}"  # zset per tag
     def role(self, role: str) -> str: return f"{self.prefix}role:{role}"  # set: agent ids with the role
     def dependents(self, task_id: str) -> str: return f"{self.prefix}dependents:{task_id}"  # set
+    def waits(self, task_id: str) -> str: return f"{self.prefix}waits:{task_id}"  # set: unsatisfied prerequisites
 
     def queues(self, agent_id: str) -> tuple[str, str, str]:
         """The pending queues in delivery order."""
@@ -1709,7 +1717,22 @@ class RedisServer:
         return True
 
 
-# Channel #####################################################################
+# Tasks #######################################################################
+# The one owner of task keys: the task records, their indexes, the backlog, the graph of
+# prerequisites, the plan's mappings and the archive.  Every write goes through the tasks
+# Lua library below, from the scripts of this section and from those built on it (the
+# requeue of Channel); TaskStore is its only front in Python.
+#
+# The graph's rules (README "Plans and dependencies"):
+# - a task is `blocked` while any prerequisite is unsatisfied; `waits:<id>` is the set of
+#   those, `dependents:<id>` the tasks whose `after` names <id>;
+# - `completed` satisfies; `failed`, `cancelled` and deleted satisfy under on_failure = "run"
+#   and otherwise fail the dependent, naming the prerequisite (`failed_by`);
+# - a prerequisite that reopens (a dead retry) is unsatisfied again: its dependents that
+#   failed because of it, or were released but not started, go back to `blocked`,
+#   transitively; one that started is never pulled back (a `task_conflict` event says so);
+# - changes spread by an iterative work list in the script that made them, so a chain of
+#   any length is one atomic change and never a deep recursion.
 
 # Every event is added through here (Channel.add_event in Python): the entry, in the capped
 # stream, and the count of events ever added, `<events>_added`, by which the hook runner
@@ -1731,6 +1754,972 @@ def _lua(script: str) -> str:
             f"local ACTIONABLE = {table(ACTIONABLE_TYPES)}\n" + _ADD_EVENT_LUA + script
             ).replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace("WAKE_KEEP", str(WAKE_KEEP))
 
+
+# The tasks library.  ARGV[1] = the town's key prefix.  Keys are built from it because the
+# tasks a change reaches (dependents, the task a message names) are only known inside the
+# script (a town lives on one Redis).
+_TASKS_LUA = """
+local prefix = ARGV[1]
+local function key(kind, id) return prefix .. kind .. ':' .. id end
+local function event(...) add_event(prefix .. 'events', ...) end
+local function wake(agent)
+  redis.call('RPUSH', key('wake', agent), '1')
+  redis.call('LTRIM', key('wake', agent), -WAKE_KEEP, -1)
+end
+local function decode_list(raw)
+  local ok, list = pcall(cjson.decode, raw or '')
+  return ok and type(list) == 'table' and list or {}
+end
+
+-- Moves a task between the per-state and per-agent indexes (nil state: out of all).
+local function reindex(task_id, old_state, old_agent, state, agent)
+  local score = redis.call('ZSCORE', prefix .. 'tasks', task_id) or 0
+  if old_state ~= state then
+    if old_state then
+      redis.call('ZREM', key('tasks', old_state), task_id)
+      redis.call('HINCRBY', prefix .. 'task_counts', old_state, -1)
+    end
+    if state then
+      redis.call('ZADD', key('tasks', state), score, task_id)
+      redis.call('HINCRBY', prefix .. 'task_counts', state, 1)
+    end
+    if TERMINAL_TASK[state] then  -- what `tt task prune` archives, by when it finished
+      local time = redis.call('TIME')
+      redis.call('ZADD', prefix .. 'finished', tonumber(time[1]) + tonumber(time[2]) / 1e6, task_id)
+    else
+      redis.call('ZREM', prefix .. 'finished', task_id)
+    end
+  end
+  if old_agent and old_agent ~= '' and old_agent ~= agent then
+    redis.call('ZREM', key('agent_tasks', old_agent), task_id)
+    redis.call('ZREM', key('open_tasks', old_agent), task_id)
+  end
+  if agent and agent ~= '' then
+    redis.call('ZADD', key('agent_tasks', agent), score, task_id)
+    if state and not TERMINAL_TASK[state] then
+      redis.call('ZADD', key('open_tasks', agent), score, task_id)
+    else
+      redis.call('ZREM', key('open_tasks', agent), task_id)
+    end
+  end
+end
+
+-- The backlog indexes a task belongs in: backlog:tag:<tag> per tag, else backlog:any.
+local function backlog_indexes(task_id)
+  local tags = decode_list(redis.call('HGET', key('task', task_id), 'tags'))
+  local out = {}
+  for _, tag in ipairs(tags) do out[#out + 1] = key('backlog:tag', tostring(tag)) end
+  if #out == 0 then out[1] = prefix .. 'backlog:any' end
+  return out, tags
+end
+
+local function off_backlog(task_id)
+  if redis.call('ZREM', prefix .. 'backlog', task_id) == 0 then return false end
+  for _, index in ipairs(backlog_indexes(task_id)) do redis.call('ZREM', index, task_id) end
+  return true
+end
+
+-- Into the backlog (FIFO; `place`: back at the place it had), waking only the idle agents
+-- that may claim it: any idle one for an untagged task, else those whose role or name is
+-- one of its tags.
+local function to_backlog(task_id, place)
+  local seq = place or redis.call('INCR', prefix .. 'backlog_seq')
+  redis.call('ZADD', prefix .. 'backlog', seq, task_id)
+  local indexes, tags = backlog_indexes(task_id)
+  for _, index in ipairs(indexes) do redis.call('ZADD', index, seq, task_id) end
+  if #tags == 0 then
+    for _, agent in ipairs(redis.call('SMEMBERS', prefix .. 'idle')) do wake(agent) end
+    return
+  end
+  for _, tag in ipairs(tags) do
+    for _, agent in ipairs(redis.call('SINTER', prefix .. 'idle', key('role', tostring(tag)))) do
+      wake(agent)
+    end
+    local named = redis.call('HGET', prefix .. 'agents', tostring(tag))
+    if named and redis.call('SISMEMBER', prefix .. 'idle', named) == 1 then wake(named) end
+  end
+end
+
+-- The queue a task_assign message waits in: its agent's, by its priority.
+local QUEUE = {urgent = 'urgent', high = 'high'}
+local function queue_of(agent, message)
+  local ok, decoded = pcall(cjson.decode, message)
+  local priority = ok and type(decoded) == 'table' and decoded['priority'] or 'normal'
+  return key(QUEUE[priority] or 'inbox', agent)
+end
+
+-- The work list: tasks that finished, reopened or went, whose dependents settle_graph()
+-- looks at (in the same script, before it returns).
+local changed = {}
+
+local function write_state(task_id, now, detail, old, old_agent, ...)
+  local task_key = key('task', task_id)
+  redis.call('HSET', task_key, 'updated_at', now, ...)
+  local state, agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
+  reindex(task_id, old, old_agent, state, agent)
+  if state ~= 'pending' then off_backlog(task_id) end
+  if old ~= state then
+    if state == 'completed' and agent and agent ~= '' then
+      redis.call('HINCRBY', key('agent', agent), 'tasks_completed', 1)
+    end
+    event('event', 'task_' .. state, 'at', now, 'task', task_id, 'agent', agent or '', 'detail', detail)
+    if TERMINAL_TASK[state] or TERMINAL_TASK[old] then changed[#changed + 1] = task_id end
+  end
+end
+
+-- A task's change: fields, counters, indexes, backlog place and event.  A finished task
+-- never changes (false); only reopen() brings one back.
+local function change_task(task_id, now, detail, ...)
+  local old, old_agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
+  if not old or TERMINAL_TASK[old] then return false end
+  write_state(task_id, now, detail, old, old_agent, ...)
+  return true
+end
+
+-- The one way back from a finished state: a person's dead retry, or a prerequisite that
+-- came back for a task it had failed.
+local function reopen(task_id, now, detail, ...)
+  local old, old_agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
+  if not TERMINAL_TASK[old or ''] then return false end
+  write_state(task_id, now, detail, old, old_agent, 'error', '', 'completed_at', '', 'failed_by', '', ...)
+  return true
+end
+
+-- To an agent: the task assigned, its task_assign message (kept on the record, so it can
+-- be found in the queue again) queued by its priority, a wake.
+local function assign(task_id, now, detail, agent, message)
+  change_task(task_id, now, detail, 'state', 'assigned', 'assigned_to', agent, 'message', message)
+  redis.call('RPUSH', queue_of(agent, message), message)
+  wake(agent)
+end
+
+-- A blocked task with nothing left to wait for: to the agent it was meant for (its stored
+-- task_assign message) or, without one (or gone), to the backlog.
+local function release(task_id, now)
+  local to, message = unpack(redis.call('HMGET', key('task', task_id), 'release_to', 'message'))
+  if to and to ~= '' and message and message ~= '' and redis.call('EXISTS', key('agent', to)) == 1 then
+    assign(task_id, now, 'prerequisites done', to, message)
+  else
+    change_task(task_id, now, 'prerequisites done', 'state', 'pending', 'assigned_to', '')
+    to_backlog(task_id)
+  end
+end
+
+-- A prerequisite's state as its dependents see it: a pruned one as it ended (the
+-- `archived` hash), one that is gone as `deleted`.
+local function state_of(task_id)
+  return redis.call('HGET', key('task', task_id), 'state')
+      or redis.call('HGET', prefix .. 'archived', task_id) or 'deleted'
+end
+
+local FAILED = {failed = true, cancelled = true, deleted = true}
+-- What a prerequisite in `state` means to a dependent: 'done', 'fail' or 'wait'.
+local function verdict(state, on_failure)
+  if state == 'completed' then return 'done' end
+  if FAILED[state] then return on_failure == 'run' and 'done' or 'fail' end
+  return 'wait'
+end
+
+local function fail_with(task_id, pre, pre_state, now)
+  redis.call('DEL', key('waits', task_id))
+  change_task(task_id, now, '', 'state', 'failed', 'completed_at', now, 'failed_by', pre,
+              'error', 'prerequisite ' .. pre .. ' ' .. pre_state)
+end
+
+-- A blocked task looks at all its prerequisites afresh: it fails with the first that
+-- fails it, is released when none is left to wait for, else waits for the rest.
+local function wait_for_prerequisites(task_id, now)
+  local after, on_failure = unpack(redis.call('HMGET', key('task', task_id), 'after', 'on_failure'))
+  local prerequisites, waits = decode_list(after), key('waits', task_id)
+  redis.call('DEL', waits)
+  for _, pre in ipairs(prerequisites) do
+    if redis.call('EXISTS', key('task', pre)) == 1 then redis.call('SADD', key('dependents', pre), task_id) end
+  end
+  for _, pre in ipairs(prerequisites) do
+    local state = state_of(pre)
+    local seen = verdict(state, on_failure)
+    if seen == 'fail' then return fail_with(task_id, pre, state, now) end
+    if seen == 'wait' then redis.call('SADD', waits, pre) end
+  end
+  if redis.call('EXISTS', waits) == 0 then release(task_id, now) end
+end
+
+-- A released dependent whose prerequisite reopened goes back to `blocked` while it has not
+-- started: out of the backlog, or its task_assign message out of its agent's queue (kept
+-- for the next release).  One that started goes on, and the conflict is reported.
+local function pull_back(task_id, pre, now)
+  local state, agent, message, started =
+    unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to', 'message', 'started_at'))
+  local fields = {}
+  if state == 'assigned' and (started or '') == '' and message and message ~= '' and
+     redis.call('LREM', queue_of(agent, message), 1, message) == 1 then
+    fields = {'release_to', agent}
+  elseif state ~= 'pending' then
+    event('event', 'task_conflict', 'at', now, 'task', task_id, 'prerequisite', pre, 'state', state,
+          'detail', 'its prerequisite reopened after it started; it goes on')
+    return
+  end
+  change_task(task_id, now, 'prerequisite ' .. pre .. ' reopened', 'state', 'blocked', 'assigned_to', '',
+              unpack(fields))
+  redis.call('SADD', key('waits', task_id), pre)
+end
+
+-- One edge: the dependent `task_id` sees its prerequisite `pre` in `pre_state`.
+local function settle_edge(task_id, pre, pre_state, now)
+  local state, on_failure, failed_by =
+    unpack(redis.call('HMGET', key('task', task_id), 'state', 'on_failure', 'failed_by'))
+  if not state then return end
+  local seen = verdict(pre_state, on_failure)
+  if state == 'blocked' then
+    if seen == 'fail' then return fail_with(task_id, pre, pre_state, now) end
+    if seen == 'wait' then return redis.call('SADD', key('waits', task_id), pre) end
+    redis.call('SREM', key('waits', task_id), pre)
+    if redis.call('EXISTS', key('waits', task_id)) == 0 then release(task_id, now) end
+  elseif state == 'failed' and failed_by == pre then
+    if seen ~= 'fail' and reopen(task_id, now, 'prerequisite ' .. pre .. ' reopened', 'state', 'blocked') then
+      wait_for_prerequisites(task_id, now)
+    end
+  elseif seen == 'wait' and state ~= 'failed' and state ~= 'cancelled' then
+    pull_back(task_id, pre, now)
+  end
+end
+
+-- Works through the work list until it is empty (it grows as dependents change).
+local function settle_graph(now)
+  local i = 1
+  while i <= #changed do
+    local pre = changed[i]
+    local state = state_of(pre)
+    for _, dependent in ipairs(redis.call('SMEMBERS', key('dependents', pre))) do
+      settle_edge(dependent, pre, state, now)
+    end
+    if state == 'deleted' then redis.call('DEL', key('dependents', pre)) end
+    i = i + 1
+  end
+  changed = {}
+end
+
+-- Out of Redis and of every index, its links to its prerequisites and plan entry undone.
+local function drop(task_id)
+  local task_key = key('task', task_id)
+  local state, agent, after, entry = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to', 'after', 'plan_entry'))
+  off_backlog(task_id)
+  for _, pre in ipairs(decode_list(after)) do redis.call('SREM', key('dependents', pre), task_id) end
+  if state then reindex(task_id, state, agent, nil, nil) end
+  redis.call('DEL', task_key, key('waits', task_id))
+  redis.call('ZREM', prefix .. 'tasks', task_id)
+  redis.call('ZREM', prefix .. 'task_ids', task_id)
+  return state, entry
+end
+
+-- Why a new task cannot be stored (nil: it can).  `known`: tasks this script creates first.
+local function refusal(task_id, after, known)
+  if redis.call('EXISTS', key('task', task_id)) == 1 then return 'task ' .. task_id .. ' exists already' end
+  for _, pre in ipairs(decode_list(after)) do
+    if pre == task_id then return 'a task cannot wait for itself' end
+    if not known[pre] and redis.call('EXISTS', key('task', pre)) == 0 and
+       not redis.call('HGET', prefix .. 'archived', pre) then
+      return 'unknown prerequisite ' .. pre
+    end
+  end
+end
+
+-- A new task (validated by refusal() first): its record, indexes and creation event, then
+-- its prerequisites, its assignment (the stored message, queued) or its backlog place.
+local function create(task_id, score, backlog, kind, detail, fields)
+  local task_key = key('task', task_id)
+  redis.call('HSET', task_key, unpack(fields))
+  redis.call('ZADD', prefix .. 'tasks', score, task_id)
+  redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
+  local state, agent, now, message =
+    unpack(redis.call('HMGET', task_key, 'state', 'assigned_to', 'created_at', 'message'))
+  reindex(task_id, nil, nil, state, agent)
+  local to = agent ~= '' and agent or redis.call('HGET', task_key, 'release_to') or ''
+  event('event', kind, 'at', now, 'task', task_id, 'agent', to, 'detail', detail)
+  if state == 'blocked' then
+    wait_for_prerequisites(task_id, now)
+  elseif state == 'assigned' and message then
+    redis.call('RPUSH', queue_of(agent, message), message)
+    wake(agent)
+  elseif backlog then
+    to_backlog(task_id)
+  end
+end
+"""
+
+# _TASKS_LUA, then: ARGV[2] = task id, ARGV[3] = timestamp, ARGV[4] = event detail, ARGV[5] = mode:
+# '' (plain), 'to_backlog' (then into the backlog), 'from_backlog' (only if in the backlog),
+# 'assign' (to the agent ARGV[6] with the task_assign message ARGV[7]), then field/value pairs.
+# Returns 1, or 0 when nothing changed.
+_CHANGE_TASK_LUA = _TASKS_LUA + """
+local task_id, now, detail, mode = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if mode == 'from_backlog' and not redis.call('ZSCORE', prefix .. 'backlog', task_id) then return 0 end
+if mode == 'assign' then
+  if TERMINAL_TASK[redis.call('HGET', key('task', task_id), 'state') or 'deleted'] then return 0 end
+  assign(task_id, now, detail, ARGV[6], ARGV[7])
+  return 1
+end
+if not change_task(task_id, now, detail, unpack(ARGV, 6)) then return 0 end
+if mode == 'to_backlog' then to_backlog(task_id) end
+settle_graph(now)
+return 1
+"""
+
+# _TASKS_LUA, then: ARGV[2] = task id, ARGV[3] = creation score, ARGV[4] = '1': into the
+# backlog, ARGV[5] = event kind, ARGV[6] = event detail, ARGV[7] = archived prerequisites
+# (JSON {id: final state}, read from the archive files), ARGV[8..] = the record's fields.
+# A new task, or an error reply (writing nothing) naming what refused it.
+_NEW_TASK_LUA = _TASKS_LUA + """
+local task_id, fields = ARGV[2], {unpack(ARGV, 8)}
+local after
+for i = 1, #fields - 1, 2 do if fields[i] == 'after' then after = fields[i + 1] end end
+local archived = cjson.decode(ARGV[7])
+local problem = refusal(task_id, after, archived)
+if problem then return redis.error_reply(problem) end
+for pre, state in pairs(archived) do redis.call('HSET', prefix .. 'archived', pre, state) end
+create(task_id, ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6], fields)
+settle_graph(redis.call('HGET', key('task', task_id), 'created_at'))
+return 1
+"""
+
+# _TASKS_LUA, then: ARGV[2] = timestamp, ARGV[3] = a JSON list of plan operations, in
+# prerequisite order: {op = 'create', entry, sig, id, score, backlog, kind, detail, fields}
+# or {op = 'update', entry, sig, id, description, tags, after, agent, priority, message}
+# (`agent`: the agent the entry names, '' for none; `message`: the task_assign message for
+# the agent it goes to, '' for none).  One batch of `tt sync push`, all or nothing: every
+# creation is checked before the first write.  Each operation records its entry -> task
+# mapping and the entry's signature.  Returns, per operation, the fields applied and, as
+# 'field: reason', those the task keeps.
+_PLAN_PUSH_LUA = _TASKS_LUA + """
+local now, ops = ARGV[2], cjson.decode(ARGV[3])
+local known = {}
+for _, op in ipairs(ops) do
+  if op.op == 'create' then
+    local after
+    for i = 1, #op.fields - 1, 2 do if op.fields[i] == 'after' then after = op.fields[i + 1] end end
+    local problem = refusal(op.id, after, known)
+    if problem then return redis.error_reply('plan entry ' .. op.entry .. ': ' .. problem) end
+    known[op.id] = true
+  end
+end
+
+-- Does `task_id` wait, through `after` links, for `target`?  (A new `after` must not close a
+-- cycle with tasks the file no longer describes.)
+local function reaches(from, target)
+  local seen, stack = {}, {from}
+  while #stack > 0 do
+    local at = table.remove(stack)
+    if at == target then return true end
+    if not seen[at] then
+      seen[at] = true
+      for _, pre in ipairs(decode_list(redis.call('HGET', key('task', at), 'after'))) do stack[#stack + 1] = pre end
+    end
+  end
+  return false
+end
+
+-- What changed in the file, applied while the task has not started (blocked, pending, or
+-- assigned with its message still queued); the rest is kept, with the reason.
+local function update(op)
+  local task_id = op.id
+  local task_key = key('task', task_id)
+  local state, owner, release_to, old_description, old_tags, old_after, old_priority, queued_message =
+    unpack(redis.call('HMGET', task_key, 'state', 'assigned_to', 'release_to', 'description', 'tags',
+                      'after', 'priority', 'message'))
+  local out = {}
+  local function kept(name, reason) out[#out + 1] = name .. ': ' .. reason end
+  if not state then
+    kept('description', 'the task is archived')
+    return out
+  end
+  owner, release_to = owner or '', release_to or ''
+  old_priority = (old_priority and old_priority ~= '') and old_priority or 'normal'
+  local queue = (state == 'assigned' and owner ~= '' and queued_message and queued_message ~= '')
+                and queue_of(owner, queued_message)
+  local place = queue and redis.call('LPOS', queue, queued_message)
+  local started
+  if TERMINAL_TASK[state] or state == 'running' then started = 'the task is ' .. state
+  elseif state == 'assigned' and not place then started = 'its agent has taken it' end
+  local function set(...) change_task(task_id, now, '', ...) end
+
+  local current = state == 'blocked' and release_to or owner
+  local to = op.agent ~= '' and op.agent or current
+  local moved = op.agent ~= '' and op.agent ~= current
+  local reprioritized = op.priority ~= old_priority
+  local described = op.description ~= old_description
+  local retagged = op.tags ~= (old_tags or '[]')
+  if started then
+    if described then kept('description', started) end
+    if retagged then kept('tags', started) end
+    if moved then kept('agent', started) end
+    if reprioritized then kept('priority', started) end
+  else
+    if described then set('description', op.description); out[#out + 1] = 'description' end
+    if retagged then
+      local backlog_place = redis.call('ZSCORE', prefix .. 'backlog', task_id)
+      if backlog_place then off_backlog(task_id) end  -- (its indexes follow its tags)
+      set('tags', op.tags)
+      if backlog_place then to_backlog(task_id, backlog_place) end
+      out[#out + 1] = 'tags'
+    end
+    if reprioritized then set('priority', op.priority) end
+    if state == 'blocked' then  -- the assignment it is released with
+      if to ~= '' and (moved or reprioritized or described) then
+        set('release_to', to, 'message', op.message)
+      end
+    elseif state == 'assigned' and (moved or reprioritized) then
+      redis.call('LREM', queue, 1, queued_message)
+      assign(task_id, now, 'moved by the plan', to, op.message)
+    elseif state == 'assigned' and described then  -- the queued message, in its place
+      redis.call('LSET', queue, place, op.message)
+      set('message', op.message)
+    elseif state == 'pending' and moved then  -- as `tt backlog claim`
+      assign(task_id, now, 'assigned by the plan', to, op.message)
+    end
+    if moved then out[#out + 1] = 'agent' end
+    if reprioritized then
+      if state == 'pending' and not moved then
+        kept('priority', 'recorded; a backlog claim assigns at normal priority')
+      else
+        out[#out + 1] = 'priority'
+      end
+    end
+  end
+  if op.after ~= (old_after or '[]') then
+    local cycle
+    for _, pre in ipairs(decode_list(op.after)) do
+      if reaches(pre, task_id) then cycle = pre end
+    end
+    if state ~= 'blocked' then
+      kept('after', started or 'the task was already released')
+    elseif cycle then
+      kept('after', 'it would wait for ' .. cycle .. ', which waits for it')
+    else  -- waits for the new prerequisites (released now if they are done)
+      for _, pre in ipairs(decode_list(old_after)) do redis.call('SREM', key('dependents', pre), task_id) end
+      set('after', op.after)
+      wait_for_prerequisites(task_id, now)
+      out[#out + 1] = 'after'
+    end
+  end
+  return out
+end
+
+local answers = {}
+for i, op in ipairs(ops) do
+  if op.op == 'create' then
+    create(op.id, op.score, op.backlog, op.kind, op.detail, op.fields)
+    answers[i] = {'created'}
+  else
+    answers[i] = update(op)
+  end
+  if redis.call('EXISTS', key('task', op.id)) == 1 then redis.call('HSET', key('task', op.id), 'plan_entry', op.entry) end
+  redis.call('HSET', prefix .. 'plan', op.entry, op.id)
+  redis.call('HSET', prefix .. 'plan_sig', op.entry, op.sig)
+  settle_graph(now)
+end
+return answers
+"""
+
+# _TASKS_LUA, then: ARGV[2] = timestamp, ARGV[3..] = task ids.  Removes tasks from Redis
+# and from every index; their dependents see them as `deleted` (a failure), a plan entry
+# that named one is forgotten (the next push creates it again).  Returns how many existed.
+_DROP_TASKS_LUA = _TASKS_LUA + """
+local now, dropped = ARGV[2], 0
+for i = 3, #ARGV do
+  local state, entry = drop(ARGV[i])
+  if state then
+    dropped = dropped + 1
+    changed[#changed + 1] = ARGV[i]
+    event('event', 'task_deleted', 'at', now, 'task', ARGV[i])
+    if entry and entry ~= '' and redis.call('HGET', prefix .. 'plan', entry) == ARGV[i] then
+      redis.call('HDEL', prefix .. 'plan', entry)
+      redis.call('HDEL', prefix .. 'plan_sig', entry)
+    end
+  end
+end
+settle_graph(now)
+return dropped
+"""
+
+# _TASKS_LUA, then: ARGV[2] = the lowest finish time to look at ('(x': above x), ARGV[3] = the
+# highest, ARGV[4] = how many to look at.  Each finished task in that window that no open
+# task depends on (its result may be in their prompts) is copied to the `pruning` list (for
+# the archive file) and dropped; one that a plan entry or another task names is remembered
+# as it ended (`archived`).  Returns {the last finish time looked at, how many were looked at}.
+_PRUNE_LUA = _TASKS_LUA + """
+local window = redis.call('ZRANGEBYSCORE', prefix .. 'finished', ARGV[2], ARGV[3], 'WITHSCORES',
+                          'LIMIT', 0, tonumber(ARGV[4]))
+local last = ARGV[2]
+for i = 1, #window, 2 do
+  local task_id = window[i]
+  last = window[i + 1]
+  local record = redis.call('HGETALL', key('task', task_id))
+  local fields = {}
+  for j = 1, #record, 2 do fields[record[j]] = record[j + 1] end
+  local needed = not TERMINAL_TASK[fields.state or '']
+  for _, dependent in ipairs(redis.call('SMEMBERS', key('dependents', task_id))) do
+    if not TERMINAL_TASK[redis.call('HGET', key('task', dependent), 'state') or 'deleted'] then needed = true end
+  end
+  if not needed then
+    redis.call('RPUSH', prefix .. 'pruning', cjson.encode(fields))
+    if (fields.plan_entry or '') ~= '' or redis.call('EXISTS', key('dependents', task_id)) == 1 then
+      redis.call('HSET', prefix .. 'archived', task_id, fields.state)
+    end
+    drop(task_id)
+    redis.call('DEL', key('dependents', task_id))
+  end
+end
+return {last, #window / 2}
+"""
+
+# _TASKS_LUA, then: ARGV[2] = agent id, ARGV[3] = a task id ('': the first the agent may
+# take: untagged, or tagged with its role or name, oldest first), ARGV[4] = the
+# task_assign message (JSON) with "\u0001" standing for the task id and "\u0002" for the
+# description, ARGV[5] = timestamp
+# The whole claim in one script: a constant number of commands, whatever the backlog
+# holds.  Returns the task id, or false (nothing to claim, or the task is not in the backlog).
+_CLAIM_LUA = _TASKS_LUA + """
+local agent, task_id, now = ARGV[2], ARGV[3], ARGV[5]
+local role, name = unpack(redis.call('HMGET', key('agent', agent), 'role', 'name'))
+if not name then return false end
+if task_id == '' then
+  local best
+  local indexes = {prefix .. 'backlog:any', key('backlog:tag', name)}
+  if role and role ~= '' then indexes[3] = key('backlog:tag', role) end
+  for _, index in ipairs(indexes) do
+    local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+    if head[1] and (not best or tonumber(head[2]) < best[2]) then best = {head[1], tonumber(head[2])} end
+  end
+  if not best then return false end
+  task_id = best[1]
+elseif not redis.call('ZSCORE', prefix .. 'backlog', task_id) then
+  return false
+end
+local state, description = unpack(redis.call('HMGET', key('task', task_id), 'state', 'description'))
+if state ~= 'pending' then
+  off_backlog(task_id)  -- a stray entry (a finished task): never offered again
+  return false
+end
+local function put(text, placeholder, value)
+  local i, j = string.find(text, placeholder, 1, true)
+  return string.sub(text, 1, i - 1) .. cjson.encode(value) .. string.sub(text, j + 1)
+end
+assign(task_id, now, '', agent, put(put(ARGV[4], '"\\\\u0001"', task_id), '"\\\\u0002"', description or ''))
+return task_id
+"""
+
+# _TASKS_LUA, then: ARGV[2] = LAYOUT_VERSION, ARGV[3] = timestamp, ARGV[4..] = every task state
+# Brings a town's keys to this layout, once: the 0.1.0 backlog list becomes the backlog
+# zset and its indexes (same order), the task indexes and task_counts are rebuilt from the
+# records, the graph (dependents, waits) from their `after`, the agent sets from the agent
+# records, and `layout` is set.  Safe on keys of this layout too (a town reset and
+# refilled by a Town object that outlived the reset).  Returns false when `layout` was
+# already set, else {tasks, backlog, agents} indexed.
+_UPGRADE_LUA = _TASKS_LUA + """
+if redis.call('GET', prefix .. 'layout') == ARGV[2] then return false end
+local now = ARGV[3]
+local backlog, kind = {}, redis.call('TYPE', prefix .. 'backlog')['ok']
+if kind == 'list' then
+  backlog = redis.call('LRANGE', prefix .. 'backlog', 0, -1)
+  redis.call('DEL', prefix .. 'backlog')
+elseif kind == 'zset' then
+  backlog = redis.call('ZRANGE', prefix .. 'backlog', 0, -1)
+  for _, task_id in ipairs(backlog) do off_backlog(task_id) end
+end
+redis.call('DEL', prefix .. 'task_counts', prefix .. 'idle')
+for i = 4, #ARGV do redis.call('DEL', key('tasks', ARGV[i])) end
+local tasks = redis.call('ZRANGE', prefix .. 'tasks', 0, -1)
+for _, task_id in ipairs(tasks) do
+  local task_key = key('task', task_id)
+  local state, agent, old_message = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to', 'release_message'))
+  if state then
+    local finished = redis.call('ZSCORE', prefix .. 'finished', task_id)
+    redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
+    reindex(task_id, nil, nil, state, agent)
+    if finished and TERMINAL_TASK[state] then redis.call('ZADD', prefix .. 'finished', finished, task_id) end
+    if old_message then redis.call('HSET', task_key, 'message', old_message) end  -- (layout 2's name)
+    redis.call('HDEL', task_key, 'release_message', 'waiting')
+    for _, pre in ipairs(decode_list(redis.call('HGET', task_key, 'after'))) do
+      if redis.call('EXISTS', key('task', pre)) == 1 then redis.call('SADD', key('dependents', pre), task_id) end
+    end
+  end
+end
+for _, task_id in ipairs(redis.call('ZRANGE', prefix .. 'tasks:blocked', 0, -1)) do
+  wait_for_prerequisites(task_id, now)
+end
+local queued = 0
+for _, task_id in ipairs(backlog) do  -- (before the idle set exists: nobody is woken)
+  if redis.call('HGET', key('task', task_id), 'state') == 'pending' and
+     not redis.call('ZSCORE', prefix .. 'backlog', task_id) then
+    to_backlog(task_id)
+    queued = queued + 1
+  end
+end
+settle_graph(now)
+local agents = redis.call('HVALS', prefix .. 'agents')
+for _, agent in ipairs(agents) do
+  local state, role = unpack(redis.call('HMGET', key('agent', agent), 'state', 'role'))
+  if state == 'idle' then redis.call('SADD', prefix .. 'idle', agent) end
+  if role and role ~= '' then redis.call('SADD', key('role', role), agent) end
+end
+redis.call('SET', prefix .. 'layout', ARGV[2])
+if #tasks + #backlog + #agents > 0 then
+  event('event', 'upgraded', 'at', now, 'layout', ARGV[2], 'tasks', #tasks, 'backlog', queued,
+        'agents', #agents)
+end
+return {#tasks, queued, #agents}
+"""
+
+PUSH_BATCH = 250  # plan operations per script: each batch keeps Redis busy for a few ms
+PRUNE_BATCH = 500  # finished tasks a prune script looks at
+
+
+class TaskStore:
+    """Tasks in Redis: the only code that writes task records and their indexes.
+
+    Creation, state changes, claims, the backlog, the graph of prerequisites (kept by the
+    tasks library's rules in one script per change), deletion, prune and the archive under
+    `.tt/tasks/`, the plan's mappings, snapshot loads and layout upgrades.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, archive_dir: Path | None = None):
+        self.redis = client
+        self.keys = keys
+        self.archive_dir = archive_dir
+        script = lambda text: client.register_script(_lua(text))  # noqa: E731
+        self._change, self._new = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
+        self._plan_push, self._drop = script(_PLAN_PUSH_LUA), script(_DROP_TASKS_LUA)
+        self._prune, self._claim = script(_PRUNE_LUA), script(_CLAIM_LUA)
+        self._upgrade = script(_UPGRADE_LUA)
+
+    # -- reading -----------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task | None:
+        data = self.redis.hgetall(self.keys.task(task_id))
+        return _from_hash(Task, data) if data else None
+
+    def tasks_by_id(self, task_ids: list[str]) -> list[Task]:
+        """These tasks (those that exist), in order, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(self.keys.task(task_id))
+        return [_from_hash(Task, data) for data in pipe.execute() if data]
+
+    def tasks(self, state: str | None = None, agent_id: str | None = None, limit: int | None = None,
+              *, open_only: bool = False) -> list[Task]:
+        """Tasks oldest first, optionally filtered; read from the narrowest index, so the
+        cost follows the result, not the town (`open_only`: not finished, with `agent_id`)."""
+        if agent_id:
+            index = self.keys.open_tasks(agent_id) if open_only else self.keys.agent_tasks(agent_id)
+        else:
+            index = self.keys.tasks_in(state) if state else self.keys.tasks
+        found: list[Task] = []
+        page = 1000
+        for start in range(0, self.redis.zcard(index), page):
+            batch = self.tasks_by_id(self.redis.zrange(index, start, start + page - 1))
+            found += [t for t in batch if state is None or t.state == state]
+            if limit and len(found) >= limit:
+                return found[:limit]
+        return found
+
+    def task_ids_with_prefix(self, prefix: str) -> list[str]:
+        if self.redis.exists(self.keys.task(prefix)):
+            return [prefix]
+        if not prefix:
+            return []
+        return self.redis.zrangebylex(self.keys.task_ids, f"[{prefix}", f"[{prefix}\xff", start=0, num=6)
+
+    def task_states(self, task_ids: list[str]) -> list[str | None]:
+        """The state of each task (None: no such task), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(self.keys.task(task_id), "state")
+        return pipe.execute() if task_ids else []
+
+    def task_counts(self) -> dict[str, int]:
+        return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items() if int(n)}
+
+    def open_count(self) -> int:
+        """Tasks not finished (blocked ones too: they are work to come)."""
+        counts = self.task_counts()
+        return sum(n for state, n in counts.items() if state not in TERMINAL_TASK_STATES)
+
+    def dependents(self, task_id: str) -> list[Task]:
+        return sorted(self.tasks_by_id(list(self.redis.smembers(self.keys.dependents(task_id)))),
+                      key=lambda t: t.created_at)
+
+    def backlog(self) -> list[Task]:
+        return self.tasks_by_id(self.backlog_ids())
+
+    def backlog_ids(self) -> list[str]:
+        return self.redis.zrange(self.keys.backlog, 0, -1)
+
+    def backlog_len(self) -> int:
+        return self.redis.zcard(self.keys.backlog)
+
+    def backlog_for(self, agent: Agent, limit: int) -> list[Task]:
+        """The first `limit` backlog tasks `agent` may claim, from the heads of its indexes."""
+        indexes = [self.keys.backlog_any(), self.keys.backlog_tag(agent.name)]
+        if agent.role:
+            indexes.append(self.keys.backlog_tag(agent.role))
+        pipe = self.redis.pipeline(transaction=False)
+        for index in indexes:
+            pipe.zrange(index, 0, limit - 1, withscores=True)
+        heads = sorted({(score, task_id) for batch in pipe.execute() for task_id, score in batch})
+        return self.tasks_by_id([task_id for _, task_id in heads[:limit]])
+
+    # -- creating ----------------------------------------------------------------
+
+    @staticmethod
+    def assignment(task: Task, agent_id: str, sender: str = CONDUCTOR_ID,
+                   priority: str = Priority.NORMAL) -> Message:
+        """The task_assign message that hands `task` to an agent."""
+        return Message(type=MessageType.TASK_ASSIGN, to=agent_id, from_=sender, priority=priority,
+                       body={"task_id": task.id, "description": task.description})
+
+    def _creation(self, task: Task, assign_to: str | None, backlog: bool, sender: str, priority: str,
+                  detail: str | None) -> tuple[str, list[str]]:
+        """A new task checked and made ready: (event kind, the record's fields).  With
+        prerequisites it is `blocked`, and its assignment is kept for when it is released."""
+        if not isinstance(task.description, str) or not task.description.strip():
+            raise InvalidTask(task.description)
+        if task.on_failure not in ("fail", "run"):
+            raise InvalidTask(task.description, f"on_failure must be fail or run, not {_shown(task.on_failure)}")
+        task.priority = priority
+        extra = {"message": self.assignment(task, assign_to, sender, priority).to_json()} if assign_to else {}
+        if task.after:
+            task.state, task.release_to = TaskState.BLOCKED, assign_to
+        elif assign_to:
+            task.state, task.assigned_to = TaskState.ASSIGNED, assign_to
+        task.updated_at = task.created_at
+        kind = "task_assigned" if assign_to and not task.after else "task_created"
+        return kind, _field_args({**_to_hash(task), **extra})
+
+    def queue_create(self, pipe: Any, task: Task, *, assign_to: str | None = None, backlog: bool = False,
+                     sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL,
+                     archived: dict[str, str] | None = None) -> None:
+        """Queue create()'s script in `pipe` (a MULTI of the caller's)."""
+        kind, fields = self._creation(task, assign_to, backlog, sender, priority, None)
+        self._new(args=[self.keys.prefix, task.id, time.time(), "1" if backlog and not task.after else "",
+                        kind, task.description[:200], json.dumps(archived or {}), *fields], client=pipe)
+
+    def create(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
+               sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL,
+               archived: dict[str, str] | None = None) -> Task:
+        """Store a new task: assigned to an agent (task_assign message), in the backlog, or
+        neither; with prerequisites (`task.after`) `blocked` until they are satisfied.  One
+        script: a refused task (an unknown prerequisite) writes nothing and emits nothing.
+        `archived`: prerequisites found only in the archive, with how they ended."""
+        try:
+            self.queue_create(self.redis, task, assign_to=assign_to, backlog=backlog, sender=sender,
+                              priority=priority, archived=archived)
+        except redis.ResponseError as exc:
+            problem = str(exc)
+            if problem.startswith("unknown prerequisite "):
+                raise TaskNotFound(problem.rsplit(" ", 1)[-1]) from None
+            raise InvalidTask(task.description, problem) from None
+        return self.get(task.id) or task if task.after else task
+
+    # -- changing ----------------------------------------------------------------
+
+    def queue_change(self, pipe: Any, task: Task, *, mode: str = "", **changes: Any) -> Task:
+        """Queue (in a MULTI) a change with its counters, indexes, backlog place, event and
+        what it means to the task's dependents.  `mode` "to_backlog" also puts it into the
+        backlog."""
+        now = _now()
+        detail = (changes.get("result") or changes.get("error") or "")[:200]
+        self._change(args=[self.keys.prefix, task.id, now, detail, mode, *_field_args(changes)], client=pipe)
+        return dataclasses.replace(task, **changes, updated_at=now)
+
+    def queue_assign(self, pipe: Any, task_id: str, message: Message) -> None:
+        """Queue (in a MULTI) handing an open task to `message.to` with this task_assign message."""
+        self._change(args=[self.keys.prefix, task_id, _now(), "", "assign", message.to, message.to_json()],
+                     client=pipe)
+
+    def change_task(self, task_id: str, decide: Callable[[Task], dict[str, Any] | None]) -> Task:
+        """Apply `decide(task)`'s changes under WATCH (None: leave the task as it is)."""
+        def change_in(pipe: Any) -> Task:
+            data = pipe.hgetall(self.keys.task(task_id))
+            if not data:
+                raise TaskNotFound(task_id)
+            task = _from_hash(Task, data)
+            changes = decide(task)
+            if not changes:
+                return task
+            pipe.multi()
+            return self.queue_change(pipe, task, **changes)
+
+        return self.redis.transaction(change_in, self.keys.task(task_id), value_from_callable=True)
+
+    def finish(self, task_id: str, state: TaskState, result: str | None = None) -> Task:
+        """complete / fail / cancel; on a terminal task nothing changes and nothing counts."""
+        def decide(task: Task) -> dict[str, Any] | None:
+            if task.terminal:
+                return None
+            return {"state": state, "error" if state == TaskState.FAILED else "result": result,
+                    "completed_at": _now()}
+        return self.change_task(task_id, decide)
+
+    def claim(self, task_id: str | None, agent_id: str, sender: str = CONDUCTOR_ID) -> Task | None:
+        """Move a backlog task to an agent: record, indexes and inbox at once (_CLAIM_LUA).
+
+        `task_id` None: the first the agent may take (untagged, or tagged with its role or
+        name), in a constant number of commands.  Returns None when there is none, or when
+        the task is no longer in the backlog (a claim got there first).
+        """
+        template = self.assignment(Task(description="\x02", id="\x01"), agent_id, sender)
+        claimed = self._claim(args=[self.keys.prefix, agent_id, task_id or "", template.to_json(), _now()])
+        return self.get(claimed) if claimed else None
+
+    def unbacklog(self, task_id: str) -> Task | None:
+        """Cancel a backlog task (None: it was claimed meanwhile)."""
+        changed = self._change(args=[self.keys.prefix, task_id, _now(), "removed from the backlog",
+                                     "from_backlog", *_field_args({
+                                         "state": TaskState.CANCELLED, "result": "removed from the backlog",
+                                         "completed_at": _now()})])
+        return self.get(task_id) if changed else None
+
+    def delete(self, task_id: str) -> bool:
+        """Remove a task everywhere it is indexed (e.g. a malformed one); its dependents see
+        it as failed (on_failure decides), its messages stay where they are."""
+        return bool(self._drop(args=[self.keys.prefix, _now(), task_id]))
+
+    # -- the archive ---------------------------------------------------------------
+
+    def prune(self, older_than: float, keep: int) -> list[Task]:
+        """Archive finished tasks to archive-<date>.jsonl and remove them from Redis: those
+        finished before `older_than` (epoch seconds) and those beyond the newest `keep` (0:
+        no count limit), except the prerequisites an open task still needs.  Each script
+        re-checks what it drops; a record reaches the file (fsync) before it leaves the
+        `pruning` list, so a crash in between loses nothing.  Returns the tasks archived."""
+        pruned = self._flush_pruned()
+        finished = self.keys.finished
+        count = max(self.redis.zcard(finished) - keep if keep else 0, self.redis.zcount(finished, "-inf", older_than))
+        if count <= 0:
+            return pruned
+        [(_, highest)] = self.redis.zrange(finished, count - 1, count - 1, withscores=True)
+        lowest = "-inf"
+        while True:
+            last, looked = self._prune(args=[self.keys.prefix, lowest, repr(highest), PRUNE_BATCH])
+            pruned += self._flush_pruned()
+            if int(looked) < PRUNE_BATCH:
+                return pruned
+            lowest = f"({last}"
+
+    def _flush_pruned(self) -> list[Task]:
+        """The records the prune script set aside, appended to the archive file (fsynced),
+        then taken off the `pruning` list."""
+        raws = self.redis.lrange(self.keys.pruning, 0, -1)
+        if not raws:
+            return []
+        if self.archive_dir is None:
+            raise TinytownError("this TaskStore has no archive folder; prune through a Town")
+        tasks = [_from_hash(Task, json.loads(raw)) for raw in raws]
+        self.archive_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.archive_dir / f"archive-{time.strftime('%Y%m%d')}.jsonl"
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") as out:
+            out.writelines(json.dumps(t.to_dict()) + "\n" for t in tasks)
+            out.flush()
+            os.fsync(out.fileno())
+        self.redis.ltrim(self.keys.pruning, len(raws), -1)
+        return tasks
+
+    def archived(self, refs: Iterable[str]) -> list[Task]:
+        """Archived tasks whose id is one of `refs` or starts with one (8 characters at
+        least), newest archive first, in one pass over the files: a pruned task stays
+        readable."""
+        wanted = tuple(ref for ref in refs if len(ref) >= 8)
+        if self.archive_dir is None or not wanted:
+            return []
+        found: dict[str, Task] = {}
+        for path in sorted(self.archive_dir.glob("archive-*.jsonl"), reverse=True):
+            with open(path, encoding="utf-8", errors="replace") as lines:
+                for line in lines:
+                    if not any(f'"id": "{ref}' in line for ref in wanted):
+                        continue
+                    with contextlib.suppress(ValueError, TypeError, KeyError):
+                        record = json.loads(line)
+                        if record["id"].startswith(wanted):
+                            found.setdefault(record["id"], Task(**{k: v for k, v in record.items()
+                                                                   if k in Task.__dataclass_fields__}))
+        return list(found.values())
+
+    # -- plans ---------------------------------------------------------------------
+
+    def plan_mapping(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The plan's entry -> task id and entry -> signature (of what the last push applied)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.plan)
+        pipe.hgetall(self.keys.plan_sig)
+        mapped, signatures = pipe.execute()
+        return mapped, signatures
+
+    def archived_states(self, task_ids: list[str]) -> dict[str, str]:
+        """How each of these pruned plan tasks ended (those the archive index knows)."""
+        states = self.redis.hmget(self.keys.archived, task_ids) if task_ids else []
+        return {task_id: state for task_id, state in zip(task_ids, states) if state}
+
+    def plan_create_op(self, entry_id: str, signature: str, task: Task, agent_id: str | None,
+                       priority: str) -> dict[str, Any]:
+        """A plan push's operation that creates an entry's task."""
+        kind, fields = self._creation(task, agent_id, not agent_id, CONDUCTOR_ID, priority, None)
+        return {"op": "create", "entry": entry_id, "sig": signature, "id": task.id, "score": time.time(),
+                "backlog": not agent_id and not task.after, "kind": kind, "detail": f"plan entry {entry_id}",
+                "fields": fields}
+
+    def push_batch(self, ops: list[dict[str, Any]]) -> list[list[str]]:
+        """One batch of a plan push, atomically (_PLAN_PUSH_LUA): per operation, the fields
+        applied and, as 'field: reason', those kept."""
+        try:
+            return self._plan_push(args=[self.keys.prefix, _now(), json.dumps(ops)])
+        except redis.ResponseError as exc:
+            raise TinytownError(f"the plan was not applied: {exc}") from None
+
+    # -- storage -------------------------------------------------------------------
+
+    def upgrade_layout(self) -> list[int] | None:
+        """Bring the town's keys to LAYOUT_VERSION (one GET when they are there already).
+        Returns [tasks, backlog tasks, agents] indexed, or None when nothing was to do."""
+        if self.redis.get(self.keys.layout) == LAYOUT_VERSION:
+            return None
+        done = self._queue_upgrade(self.redis)
+        if done:
+            log.info("town %s: storage upgraded to layout %s (%s tasks, %s in the backlog, %s agents)",
+                     self.keys.prefix, LAYOUT_VERSION, *done)
+        return [int(n) for n in done] if done else None
+
+    def _queue_upgrade(self, client: Any) -> Any:
+        return self._upgrade(args=[self.keys.prefix, LAYOUT_VERSION, _now(), *(s.value for s in TaskState)],
+                             client=client)
+
+    def load(self, keys: dict[str, tuple[str, Any]], layout: str, source: str) -> int:
+        """Write a snapshot's keys (relative name -> (type, value)) into this town in one
+        transaction, then bring an older layout to this one.  Returns keys written."""
+        write = {"string": lambda p, k, v: p.set(k, v), "hash": lambda p, k, v: p.hset(k, mapping=v),
+                 "list": lambda p, k, v: p.rpush(k, *v), "set": lambda p, k, v: p.sadd(k, *v),
+                 "zset": lambda p, k, v: p.zadd(k, {member: score for member, score in v})}
+        pipe = self.redis.pipeline(transaction=True)
+        written = 0
+        for relative, (kind, value) in keys.items():
+            if relative != "layout":  # (set below, once the keys are in this layout)
+                write[kind](pipe, self.keys.prefix + relative, value)
+            written += 1
+        if layout == LAYOUT_VERSION:
+            pipe.set(self.keys.layout, LAYOUT_VERSION)
+        else:
+            self._queue_upgrade(pipe)
+        pipe.xadd(self.keys.events, {"event": "restored", "at": _now(), "keys": str(written), "source": source},
+                  maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.incr(self.keys.events_added)  # (as every event is counted: the hook runner's gap check)
+        pipe.execute()
+        return written
+
+    def layout(self) -> str:
+        """The layout this town's keys are in ('1': tinytown 0.1.0's, which had no `layout`)."""
+        return self.redis.get(self.keys.layout) or "1"
+
+
+# Channel #####################################################################
 
 # KEYS[1] = stop:<id>, KEYS[2] = agent:<id>, KEYS[3] = wake:<id>,
 # KEYS[4..6] = urgent:<id>, high:<id>, inbox:<id> (delivery order), KEYS[7] = processing:<id>,
@@ -1794,13 +2783,20 @@ return false
 # KEYS[1] = agent:<id>, KEYS[2] = events, KEYS[3] = idle
 # ARGV[1] = new state, ARGV[2] = the states it may replace, space-separated ('*': any),
 # ARGV[3] = agent id, ARGV[4] = timestamp, ARGV[5..] = more field/value pairs to set
+# KEYS[4] = the role index's prefix (role:)
 # Returns the old state, or false when the agent is gone or in a state not allowed.
-# The idle set follows, for the backlog's wake-ups.
+# The idle set follows, for the backlog's wake-ups, and the role indexes a role change.
 _SET_STATE_LUA = """
-local old = redis.call('HGET', KEYS[1], 'state')
+local old, old_role = unpack(redis.call('HMGET', KEYS[1], 'state', 'role'))
 if not old then return false end
 if ARGV[2] ~= '*' and not string.find(' ' .. ARGV[2] .. ' ', ' ' .. old .. ' ', 1, true) then
   return false
+end
+for i = 5, #ARGV - 1, 2 do
+  if ARGV[i] == 'role' and ARGV[i + 1] ~= (old_role or '') then
+    if old_role and old_role ~= '' then redis.call('SREM', KEYS[4] .. old_role, ARGV[3]) end
+    if ARGV[i + 1] ~= '' then redis.call('SADD', KEYS[4] .. ARGV[i + 1], ARGV[3]) end
+  end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 5))
 redis.call(ARGV[1] == 'idle' and 'SADD' or 'SREM', KEYS[3], ARGV[3])
@@ -1860,376 +2856,11 @@ add_event(KEYS[4], 'event', 'agent_' .. ARGV[2], 'agent', ARGV[3], 'from', old, 
 return 1
 """
 
-# The tasks library: every task state change, creation, backlog move and deletion goes
-# through these functions, from Python (the scripts below, queued inside a MULTI) and from
-# the requeue (settle, recover), so the indexes can never disagree with the records.
-# ARGV[1] = the town's key prefix.  Keys are built from it because the task records a
-# message names are only known inside the script (a town lives on one Redis, not a cluster).
-_TASKS_LUA = """
-local prefix = ARGV[1]
-local function key(kind, id) return prefix .. kind .. ':' .. id end
-local function event(...) add_event(prefix .. 'events', ...) end
-local function wake(agent)
-  redis.call('RPUSH', key('wake', agent), '1')
-  redis.call('LTRIM', key('wake', agent), -WAKE_KEEP, -1)
-end
-
--- Moves a task between the per-state and per-agent indexes (nil state: out of all).
-local function reindex(task_id, old_state, old_agent, state, agent)
-  local score = redis.call('ZSCORE', prefix .. 'tasks', task_id) or 0
-  if old_state ~= state then
-    if old_state then
-      redis.call('ZREM', key('tasks', old_state), task_id)
-      redis.call('HINCRBY', prefix .. 'task_counts', old_state, -1)
-    end
-    if state then
-      redis.call('ZADD', key('tasks', state), score, task_id)
-      redis.call('HINCRBY', prefix .. 'task_counts', state, 1)
-    end
-    if TERMINAL_TASK[state] then  -- what `tt task prune` archives, by when it finished
-      local time = redis.call('TIME')
-      redis.call('ZADD', prefix .. 'finished', tonumber(time[1]) + tonumber(time[2]) / 1e6, task_id)
-    else
-      redis.call('ZREM', prefix .. 'finished', task_id)
-    end
-  end
-  if old_agent and old_agent ~= '' and old_agent ~= agent then
-    redis.call('ZREM', key('agent_tasks', old_agent), task_id)
-    redis.call('ZREM', key('open_tasks', old_agent), task_id)
-  end
-  if agent and agent ~= '' then
-    redis.call('ZADD', key('agent_tasks', agent), score, task_id)
-    if state and not TERMINAL_TASK[state] then
-      redis.call('ZADD', key('open_tasks', agent), score, task_id)
-    else
-      redis.call('ZREM', key('open_tasks', agent), task_id)
-    end
-  end
-end
-
--- The backlog indexes a task belongs in: backlog:tag:<tag> per tag, else backlog:any.
-local function backlog_indexes(task_id)
-  local ok, tags = pcall(cjson.decode, redis.call('HGET', key('task', task_id), 'tags') or '')
-  local out = {}
-  if ok and type(tags) == 'table' then
-    for _, tag in ipairs(tags) do out[#out + 1] = key('backlog:tag', tostring(tag)) end
-  end
-  if #out == 0 then out[1] = prefix .. 'backlog:any' end
-  return out, ok and type(tags) == 'table' and tags or {}
-end
-
-local function off_backlog(task_id)
-  if redis.call('ZREM', prefix .. 'backlog', task_id) == 0 then return false end
-  for _, index in ipairs(backlog_indexes(task_id)) do redis.call('ZREM', index, task_id) end
-  return true
-end
-
--- Into the backlog (FIFO; `place`: back at the place it had), waking only the idle agents
--- that may claim it: any idle one for an untagged task, else those whose role or name is
--- one of its tags.
-local function to_backlog(task_id, place)
-  local seq = place or redis.call('INCR', prefix .. 'backlog_seq')
-  redis.call('ZADD', prefix .. 'backlog', seq, task_id)
-  local indexes, tags = backlog_indexes(task_id)
-  for _, index in ipairs(indexes) do redis.call('ZADD', index, seq, task_id) end
-  if #tags == 0 then
-    for _, agent in ipairs(redis.call('SMEMBERS', prefix .. 'idle')) do wake(agent) end
-    return
-  end
-  for _, tag in ipairs(tags) do
-    for _, agent in ipairs(redis.call('SINTER', prefix .. 'idle', key('role', tostring(tag)))) do
-      wake(agent)
-    end
-    local named = redis.call('HGET', prefix .. 'agents', tostring(tag))
-    if named and redis.call('SISMEMBER', prefix .. 'idle', named) == 1 then wake(named) end
-  end
-end
-
-local QUEUE = {urgent = 'urgent', high = 'high'}
-local change_task  -- (defined below: a finished task finishes or releases its dependents)
-
--- To an agent: the task assigned, its task_assign message queued by its priority, a wake.
-local function assign(task_id, now, detail, agent, message)
-  change_task(task_id, now, detail, 'state', 'assigned', 'assigned_to', agent)
-  local ok, decoded = pcall(cjson.decode, message)
-  local priority = ok and type(decoded) == 'table' and decoded['priority'] or 'normal'
-  redis.call('RPUSH', key(QUEUE[priority] or 'inbox', agent), message)
-  wake(agent)
-end
-
--- A blocked task whose prerequisites are done: to its agent (the task_assign message
--- stored when it was created, and a wake) or, without one (or gone), to the backlog.
-local function release(task_id, now)
-  local to, message = unpack(redis.call('HMGET', key('task', task_id), 'release_to', 'release_message'))
-  if to and to ~= '' and message and redis.call('EXISTS', key('agent', to)) == 1 then
-    assign(task_id, now, 'prerequisites done', to, message)
-  else
-    change_task(task_id, now, 'prerequisites done', 'state', 'pending', 'assigned_to', '')
-    to_backlog(task_id)
-  end
-  redis.call('HDEL', key('task', task_id), 'release_message')
-end
-
--- A new task waits for its prerequisites (`after`, JSON): those already completed count
--- as done; one that failed or was cancelled fails it (unless on_failure = run).  Then it
--- is released at once if nothing is left to wait for.  Called with the record stored.
-local function wait_for_prerequisites(task_id, now)
-  local task_key = key('task', task_id)
-  local after, on_failure = unpack(redis.call('HMGET', task_key, 'after', 'on_failure'))
-  local waiting = 0
-  for _, pre in ipairs(cjson.decode(after)) do
-    local state = redis.call('HGET', key('task', pre), 'state')
-    if state == 'failed' or state == 'cancelled' then
-      if on_failure ~= 'run' then
-        change_task(task_id, now, '', 'state', 'failed', 'completed_at', now,
-                    'error', 'prerequisite ' .. pre .. ' ' .. state)
-        return
-      end
-    elseif state ~= 'completed' then
-      redis.call('SADD', key('dependents', pre), task_id)
-      waiting = waiting + 1
-    end
-  end
-  redis.call('HSET', task_key, 'waiting', waiting)
-  if waiting == 0 then release(task_id, now) end
-end
-
--- A task just finished: each blocked dependent counts it done (completed, or on_failure =
--- run) and is released with its last prerequisite; otherwise it fails, naming it, and so,
--- transitively, do the tasks waiting for that one.
-local function finish_dependents(task_id, state, now)
-  for _, dependent in ipairs(redis.call('SMEMBERS', key('dependents', task_id))) do
-    local dep_key = key('task', dependent)
-    local dep_state, on_failure = unpack(redis.call('HMGET', dep_key, 'state', 'on_failure'))
-    if dep_state == 'blocked' then
-      if state == 'completed' or on_failure == 'run' then
-        if redis.call('HINCRBY', dep_key, 'waiting', -1) <= 0 then release(dependent, now) end
-      else
-        change_task(dependent, now, '', 'state', 'failed', 'completed_at', now,
-                    'error', 'prerequisite ' .. task_id .. ' ' .. state)
-      end
-    end
-  end
-end
-
--- A task's change: fields, counters, indexes, backlog place, dependents and event.  A
--- terminal task never changes (false).  `detail` goes into the event.
-change_task = function(task_id, now, detail, ...)
-  local task_key = key('task', task_id)
-  local old, old_agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
-  if not old or TERMINAL_TASK[old] then return false end
-  redis.call('HSET', task_key, 'updated_at', now, ...)
-  local state, agent = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
-  reindex(task_id, old, old_agent, state, agent)
-  if state ~= 'pending' then off_backlog(task_id) end
-  if old ~= state then
-    if state == 'completed' and agent and agent ~= '' then
-      redis.call('HINCRBY', key('agent', agent), 'tasks_completed', 1)
-    end
-    event('event', 'task_' .. state, 'at', now, 'task', task_id, 'agent', agent or '',
-          'detail', detail)
-    if TERMINAL_TASK[state] then finish_dependents(task_id, state, now) end
-  end
-  return true
-end
-"""
-
-# _TASKS_LUA, then:
-# ARGV[2] = task id, ARGV[3] = timestamp, ARGV[4] = event detail, ARGV[5] = mode:
-# '' (plain), 'to_backlog' (then into the backlog), 'from_backlog' (only if in the backlog),
-# ARGV[6..] = field/value pairs.  Returns 1, or 0 when nothing changed.
-_CHANGE_TASK_LUA = _TASKS_LUA + """
-local task_id, mode = ARGV[2], ARGV[5]
-if mode == 'from_backlog' and not redis.call('ZSCORE', prefix .. 'backlog', task_id) then return 0 end
-if not change_task(task_id, ARGV[3], ARGV[4], unpack(ARGV, 6)) then return 0 end
-if mode == 'to_backlog' then to_backlog(task_id) end
-return 1
-"""
-
-# _TASKS_LUA, then: ARGV[2] = task id, ARGV[3] = creation score, ARGV[4] = '1': into the
-# backlog, ARGV[5..] = the record's field/value pairs.  A new task, indexed.
-_NEW_TASK_LUA = _TASKS_LUA + """
-local task_id = ARGV[2]
-for i = 5, #ARGV - 1, 2 do  -- an unknown prerequisite (deleted meanwhile) refuses the task
-  if ARGV[i] == 'after' and ARGV[i + 1] ~= '' then
-    for _, pre in ipairs(cjson.decode(ARGV[i + 1])) do
-      if redis.call('EXISTS', key('task', pre)) == 0 then
-        return redis.error_reply('unknown prerequisite ' .. pre)
-      end
-    end
-  end
-end
-redis.call('HSET', key('task', task_id), unpack(ARGV, 5))
-redis.call('ZADD', prefix .. 'tasks', ARGV[3], task_id)
-redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
-local state, agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
-reindex(task_id, nil, nil, state, agent)
-if state == 'blocked' then
-  wait_for_prerequisites(task_id, redis.call('HGET', key('task', task_id), 'created_at'))
-elseif ARGV[4] == '1' then
-  to_backlog(task_id)
-end
-return 1
-"""
-
-# _TASKS_LUA, then: ARGV[2] = task id, ARGV[3] = timestamp, ARGV[4] = description,
-# ARGV[5] = tags (JSON), ARGV[6] = after (JSON task ids), ARGV[7] = the agent the plan entry
-# names ('': none, or no such agent), ARGV[8] = priority, ARGV[9] = the task_assign message
-# for that agent (else the task's own) with this description and priority ('': no agent)
-# `tt sync push` for a task that exists: what changed in the file is applied while the task
-# has not started (blocked, pending, or assigned with its message still queued), through
-# the functions above; the rest stays as it was.  Returns the fields applied and, as
-# 'field: reason', those the task keeps.
-_PLAN_UPDATE_LUA = _TASKS_LUA + """
-local task_id, now, description, tags, after, agent, priority, message = unpack(ARGV, 2, 9)
-local task_key = key('task', task_id)
-local state, owner, release_to, old_description, old_tags, old_after, old_priority =
-  unpack(redis.call('HMGET', task_key, 'state', 'assigned_to', 'release_to', 'description', 'tags',
-                    'after', 'priority'))
-if not state then return {} end
-owner, release_to = owner or '', release_to or ''
-old_priority = (old_priority and old_priority ~= '') and old_priority or 'normal'
-local queued  -- an assigned task's message, still waiting in its agent's queues
-if state == 'assigned' and owner ~= '' then
-  for _, queue in ipairs({'urgent', 'high', 'inbox'}) do
-    for _, raw in ipairs(redis.call('LRANGE', key(queue, owner), 0, -1)) do
-      local ok, m = pcall(cjson.decode, raw)
-      if ok and type(m) == 'table' and m['type'] == 'task_assign' and m['task_id'] == task_id then
-        queued = {key(queue, owner), raw}
-      end
-    end
-  end
-end
-local started  -- why the task keeps its fields
-if TERMINAL_TASK[state] or state == 'running' then started = 'the task is ' .. state
-elseif state == 'assigned' and not queued then started = 'its agent has taken it' end
-local out = {}
-local function kept(name, reason) out[#out + 1] = name .. ': ' .. reason end
-local function set(...) change_task(task_id, now, '', ...) end
-
-local current = state == 'blocked' and release_to or owner
-local to = agent ~= '' and agent or current
-local moved = agent ~= '' and agent ~= current
-local reprioritized = priority ~= old_priority
-local described = description ~= old_description
-local retagged = tags ~= (old_tags or '[]')
-if started then
-  if described then kept('description', started) end
-  if retagged then kept('tags', started) end
-  if moved then kept('agent', started) end
-  if reprioritized then kept('priority', started) end
-else
-  if described then set('description', description); out[#out + 1] = 'description' end
-  if retagged then
-    local place = redis.call('ZSCORE', prefix .. 'backlog', task_id)
-    if place then off_backlog(task_id) end  -- (its indexes follow its tags)
-    set('tags', tags)
-    if place then to_backlog(task_id, place) end
-    out[#out + 1] = 'tags'
-  end
-  if reprioritized then set('priority', priority) end
-  if state == 'blocked' then  -- the assignment it is released with
-    if to ~= '' and (moved or reprioritized or described) then
-      set('release_to', to, 'release_message', message)
-    end
-  elseif state == 'assigned' and (moved or reprioritized) then
-    redis.call('LREM', queued[1], 1, queued[2])
-    assign(task_id, now, 'moved by the plan', to, message)
-  elseif state == 'assigned' and described then  -- the queued message, in its place
-    redis.call('LSET', queued[1], redis.call('LPOS', queued[1], queued[2]), message)
-  elseif state == 'pending' and moved then  -- as `tt backlog claim`
-    assign(task_id, now, 'assigned by the plan', to, message)
-  end
-  if moved then out[#out + 1] = 'agent' end
-  if reprioritized then
-    if state == 'pending' and not moved then
-      kept('priority', 'recorded; a backlog claim assigns at normal priority')
-    else
-      out[#out + 1] = 'priority'
-    end
-  end
-end
-if after ~= (old_after or '[]') then
-  if state == 'blocked' then  -- waits for the new prerequisites (released now if they are done)
-    local ok, old = pcall(cjson.decode, old_after or '')
-    for _, pre in ipairs(ok and type(old) == 'table' and old or {}) do
-      redis.call('SREM', key('dependents', pre), task_id)
-    end
-    set('after', after)
-    wait_for_prerequisites(task_id, now)
-    out[#out + 1] = 'after'
-  else
-    kept('after', started or 'the task was already released')
-  end
-end
-return out
-"""
-
-# _TASKS_LUA, then: ARGV[2..] = task ids.  Removes tasks from Redis and from every index;
-# returns how many existed.
-_DROP_TASKS_LUA = _TASKS_LUA + """
-local dropped = 0
-for i = 2, #ARGV do
-  local task_id = ARGV[i]
-  local state, agent, after = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to', 'after'))
-  off_backlog(task_id)
-  local ok, prerequisites = pcall(cjson.decode, after or '')
-  for _, pre in ipairs(ok and type(prerequisites) == 'table' and prerequisites or {}) do
-    redis.call('SREM', key('dependents', pre), task_id)
-  end
-  redis.call('DEL', key('dependents', task_id))  -- (its dependents keep their `after`)
-  if state then
-    reindex(task_id, state, agent, nil, nil)
-    dropped = dropped + 1
-  end
-  redis.call('DEL', key('task', task_id))
-  redis.call('ZREM', prefix .. 'tasks', task_id)
-  redis.call('ZREM', prefix .. 'task_ids', task_id)
-end
-return dropped
-"""
-
-# _TASKS_LUA, then: ARGV[2] = agent id, ARGV[3] = a task id ('': the first the agent may
-# take: untagged, or tagged with its role or name, oldest first), ARGV[4] = the
-# task_assign message (JSON) with "\u0001" standing for the task id and "\u0002" for the
-# description, ARGV[5] = timestamp, ARGV[6] = queue (inbox:<id> or the like)
-# The whole claim in one script: a constant number of commands, whatever the backlog
-# holds.  Returns the task id, or false (nothing to claim, or the task is not in the backlog).
-_CLAIM_LUA = _TASKS_LUA + """
-local agent, task_id, now = ARGV[2], ARGV[3], ARGV[5]
-local role, name = unpack(redis.call('HMGET', key('agent', agent), 'role', 'name'))
-if not name then return false end
-if task_id == '' then
-  local best
-  local indexes = {prefix .. 'backlog:any', key('backlog:tag', name)}
-  if role and role ~= '' then indexes[3] = key('backlog:tag', role) end
-  for _, index in ipairs(indexes) do
-    local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
-    if head[1] and (not best or tonumber(head[2]) < best[2]) then best = {head[1], tonumber(head[2])} end
-  end
-  if not best then return false end
-  task_id = best[1]
-elseif not redis.call('ZSCORE', prefix .. 'backlog', task_id) then
-  return false
-end
-local description = redis.call('HGET', key('task', task_id), 'description') or ''
-if not change_task(task_id, now, '', 'state', 'assigned', 'assigned_to', agent) then
-  off_backlog(task_id)  -- a stray entry (a finished task): never offered again
-  return false
-end
-local function put(text, placeholder, value)
-  local i, j = string.find(text, placeholder, 1, true)
-  return string.sub(text, 1, i - 1) .. cjson.encode(value) .. string.sub(text, j + 1)
-end
-redis.call('RPUSH', ARGV[6], put(put(ARGV[4], '"\\\\u0001"', task_id), '"\\\\u0002"', description))
-wake(agent)
-return task_id
-"""
-
 # _TASKS_LUA, then: ARGV[2] = agent id, ARGV[3] = 'retry' or 'drop', ARGV[4] = timestamp,
 # ARGV[5..] = message ids or id prefixes ('*': all)
 # Acts on dead:<agent>: drops the chosen letters, or puts them back at the end of their
-# queue with fresh counters, a task they assign that failed reopened.  Returns them.
+# queue with fresh counters, a task they assign that failed reopened (its dependents
+# blocked again).  Returns them.
 _DEAD_LUA = _TASKS_LUA + """
 local agent, now = ARGV[2], ARGV[4]
 local dead = key('dead', agent)
@@ -2245,82 +2876,28 @@ for _, raw in ipairs(redis.call('LRANGE', dead, 0, -1)) do
     end
   end
 end
+local acted = {}
 for _, pick in ipairs(chosen) do
   local raw, m = pick[1], pick[2]
-  redis.call('LREM', dead, 1, raw)
-  if ARGV[3] == 'retry' then
-    local head = string.match(raw, '^(.*),"attempts":%d+,"interruptions":%d+}%s*$')
-    local fresh = head and (head .. ',"attempts":0,"interruptions":0}') or raw
-    local queue = ({urgent = 'urgent', high = 'high'})[m['priority']] or 'inbox'
-    redis.call('RPUSH', key(queue, agent), fresh)
-    local task_id = m['type'] == 'task_assign' and m['task_id']
-    if type(task_id) == 'string' then
-      local task_key = key('task', task_id)
-      local state, owner = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to'))
-      if state == 'failed' then  -- the one way back from a finished state: a person's retry
-        redis.call('HSET', task_key, 'state', 'assigned', 'error', '', 'completed_at', '',
-                   'attempts', 0, 'updated_at', now)
-        reindex(task_id, 'failed', owner, 'assigned', owner)
-        event('event', 'task_assigned', 'at', now, 'task', task_id, 'agent', owner or '',
-              'detail', 'retried from the dead letters')
+  local task_id = m['type'] == 'task_assign' and type(m['task_id']) == 'string' and m['task_id']
+  -- A letter whose task was pruned or deleted has nothing left to retry: it stays.
+  if ARGV[3] ~= 'retry' or not task_id or redis.call('EXISTS', key('task', task_id)) == 1 then
+    redis.call('LREM', dead, 1, raw)
+    acted[#acted + 1] = raw
+    if ARGV[3] == 'retry' then
+      local head = string.match(raw, '^(.*),"attempts":%d+,"interruptions":%d+}%s*$')
+      local fresh = head and (head .. ',"attempts":0,"interruptions":0}') or raw
+      redis.call('RPUSH', queue_of(agent, fresh), fresh)
+      if task_id and redis.call('HGET', key('task', task_id), 'state') == 'failed' then
+        reopen(task_id, now, 'retried from the dead letters', 'state', 'assigned', 'attempts', 0,
+               'message', fresh)
       end
     end
   end
 end
-if #chosen > 0 and ARGV[3] == 'retry' then wake(agent) end
-local out = {}
-for i, pick in ipairs(chosen) do out[i] = pick[1] end
-return out
-"""
-
-# _TASKS_LUA, then: ARGV[2] = LAYOUT_VERSION, ARGV[3] = timestamp, ARGV[4..] = every task state
-# Brings a town's keys to this layout, once: the 0.1.0 backlog list becomes the backlog
-# zset and its indexes (same order), the task indexes and task_counts are rebuilt from the
-# records, the agent sets from the agent records, and `layout` is set.  Safe on keys of
-# this layout too (a town reset and refilled by a Town object that outlived the reset).
-# Returns false when `layout` was already set, else {tasks, backlog, agents} indexed.
-_UPGRADE_LUA = _TASKS_LUA + """
-if redis.call('GET', prefix .. 'layout') == ARGV[2] then return false end
-local backlog, kind = {}, redis.call('TYPE', prefix .. 'backlog')['ok']
-if kind == 'list' then
-  backlog = redis.call('LRANGE', prefix .. 'backlog', 0, -1)
-  redis.call('DEL', prefix .. 'backlog')
-elseif kind == 'zset' then
-  backlog = redis.call('ZRANGE', prefix .. 'backlog', 0, -1)
-  for _, task_id in ipairs(backlog) do off_backlog(task_id) end
-end
-redis.call('DEL', prefix .. 'task_counts', prefix .. 'idle')
-for i = 4, #ARGV do redis.call('DEL', key('tasks', ARGV[i])) end
-local tasks = redis.call('ZRANGE', prefix .. 'tasks', 0, -1)
-for _, task_id in ipairs(tasks) do
-  local state, agent = unpack(redis.call('HMGET', key('task', task_id), 'state', 'assigned_to'))
-  if state then
-    local finished = redis.call('ZSCORE', prefix .. 'finished', task_id)
-    redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
-    reindex(task_id, nil, nil, state, agent)
-    if finished and TERMINAL_TASK[state] then redis.call('ZADD', prefix .. 'finished', finished, task_id) end
-  end
-end
-local queued = 0
-for _, task_id in ipairs(backlog) do  -- (before the idle set exists: nobody is woken)
-  if redis.call('HGET', key('task', task_id), 'state') == 'pending' and
-     not redis.call('ZSCORE', prefix .. 'backlog', task_id) then
-    to_backlog(task_id)
-    queued = queued + 1
-  end
-end
-local agents = redis.call('HVALS', prefix .. 'agents')
-for _, agent in ipairs(agents) do
-  local state, role = unpack(redis.call('HMGET', key('agent', agent), 'state', 'role'))
-  if state == 'idle' then redis.call('SADD', prefix .. 'idle', agent) end
-  if role and role ~= '' then redis.call('SADD', key('role', role), agent) end
-end
-redis.call('SET', prefix .. 'layout', ARGV[2])
-if #tasks + #backlog + #agents > 0 then
-  event('event', 'upgraded', 'at', ARGV[3], 'layout', ARGV[2], 'tasks', #tasks,
-        'backlog', queued, 'agents', #agents)
-end
-return {#tasks, queued, #agents}
+if #acted > 0 and ARGV[3] == 'retry' then wake(agent) end
+settle_graph(now)
+return acted
 """
 
 # The requeue shared by settling (a loop ends its round) and recovering (a loop died).
@@ -2357,7 +2934,9 @@ local function requeue(agent, acked, count, reason, max_attempts, max_interrupti
         end
       else
         back[#back + 1] = {key(QUEUE[m['priority']] or 'inbox', agent), updated}
-        if task_id then change_task(task_id, now, '', 'state', 'assigned', 'attempts', attempts) end
+        if task_id then
+          change_task(task_id, now, '', 'state', 'assigned', 'attempts', attempts, 'message', updated)
+        end
       end
     end
   end
@@ -2369,6 +2948,7 @@ local function requeue(agent, acked, count, reason, max_attempts, max_interrupti
     event('event', 'requeued', 'at', now, 'agent', agent, 'count', #back, 'dead', #dead,
           'reason', reason)
   end
+  settle_graph(now)
   return {#back, unpack(buried)}
 end
 """
@@ -2433,10 +3013,12 @@ class Channel:
     `max_attempts` to the dead-letter list (their tasks failed with the reason).
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, settings: AgentSettings):
+    def __init__(self, client: redis.Redis, keys: Keys, settings: AgentSettings,
+                 task_store: TaskStore | None = None):
         self.redis = client
         self.keys = keys
         self.settings = settings
+        self.task_store = task_store or TaskStore(client, keys)  # (reclaim moves tasks)
         script = lambda text: client.register_script(_lua(text))  # noqa: E731
         self._send, self._take, self._pop = script(_SEND_LUA), script(_TAKE_LUA), script(_POP_LUA)
         self._set_state = script(_SET_STATE_LUA)
@@ -2444,10 +3026,7 @@ class Channel:
         self._refresh_lease = script(_REFRESH_LEASE_LUA)
         self._release_lease = script(_RELEASE_LEASE_LUA)
         self._settle, self._recover = script(_SETTLE_LUA), script(_RECOVER_LUA)
-        self._change_task, self._new_task = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
-        self._drop_tasks, self._claim = script(_DROP_TASKS_LUA), script(_CLAIM_LUA)
-        self._dead, self._upgrade = script(_DEAD_LUA), script(_UPGRADE_LUA)
-        self._plan_update = script(_PLAN_UPDATE_LUA)
+        self._dead = script(_DEAD_LUA)
 
     # -- events ------------------------------------------------------------------
 
@@ -2702,7 +3281,8 @@ class Channel:
         `pipe` instead when one is given).
         """
         allowed = allowed_from if isinstance(allowed_from, str) else " ".join(allowed_from)
-        return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events, self.keys.idle],
+        return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events, self.keys.idle,
+                                     self.keys.role("")],
                                args=[state, allowed, agent_id, _now(), *_field_args(fields)], client=pipe)
 
     def acquire_lease(self, agent_id: str, identity: str, ttl: int, replaceable: str = "") -> str | None:
@@ -2827,7 +3407,7 @@ class Channel:
                         and m.body.get("task_id")]
             if task_ids:
                 pipe.watch(*(self.keys.task(t) for t in task_ids))
-            tasks = {t: self._load_task_in(pipe, t) for t in task_ids}
+            tasks = {t: _from_hash(Task, data) for t in task_ids if (data := pipe.hgetall(self.keys.task(t)))}
             name, role = pipe.hmget(self.keys.agent(agent_id), "name", "role") if retire else (None, None)
             owner = pipe.hget(self.keys.agents, name) if name else None
             pipe.multi()
@@ -2839,15 +3419,15 @@ class Channel:
                 task = tasks.get(message.body.get("task_id", ""))
                 if message.type == MessageType.TASK_ASSIGN and (task is None or task.terminal):
                     continue  # the work is over; nothing to hand on
-                if target:
-                    if task:
-                        self._queue_task_change(pipe, task, state=TaskState.ASSIGNED, assigned_to=target)
+                if target and task:
+                    self.task_store.queue_assign(pipe, task.id, dataclasses.replace(message, to=target))
+                elif target:
                     self._push(pipe, dataclasses.replace(message, to=target))
                 elif task:
-                    self._queue_task_change(pipe, task, mode="to_backlog", state=TaskState.PENDING,
-                                            assigned_to=None)
+                    self.task_store.queue_change(pipe, task, mode="to_backlog", state=TaskState.PENDING,
+                                                 assigned_to=None)
                 elif message.type == MessageType.TASK:  # plain work becomes a backlog task
-                    self._queue_new_task(pipe, Task(description=message.text), backlog=True)
+                    self.task_store.queue_create(pipe, Task(description=message.text), backlog=True)
                 else:
                     self._push(pipe, dataclasses.replace(message, to=CONDUCTOR_ID))
             if messages:
@@ -2872,210 +3452,6 @@ class Channel:
         for agent_id in agent_ids:
             pipe.rpush(self.keys.wake(agent_id), "1")
             pipe.ltrim(self.keys.wake(agent_id), -WAKE_KEEP, -1)
-
-    # -- tasks -------------------------------------------------------------------
-
-    def _load_task_in(self, client: Any, task_id: str) -> Task | None:
-        data = client.hgetall(self.keys.task(task_id))
-        return _from_hash(Task, data) if data else None
-
-    def get_task(self, task_id: str) -> Task | None:
-        return self._load_task_in(self.redis, task_id)
-
-    def _queue_task_change(self, pipe: Any, task: Task, *, mode: str = "", **changes: Any) -> Task:
-        """Queue (in a MULTI) a change with its counters, indexes, backlog place and event
-        (_TASKS_LUA's change_task).  `mode` "to_backlog" also puts it into the backlog."""
-        now = _now()
-        detail = (changes.get("result") or changes.get("error") or "")[:200]
-        self._change_task(args=[self.keys.prefix, task.id, now, detail, mode, *_field_args(changes)],
-                          client=pipe)
-        return dataclasses.replace(task, **changes, updated_at=now)
-
-    def create_task(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
-                    sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL) -> Task:
-        """Store a new task: assigned to an agent (task_assign message), in the backlog, or neither.
-
-        A task with prerequisites (`task.after`, ids) is `blocked` until they are all
-        completed; the same script that completes the last one sends it on (_TASKS_LUA).
-        """
-        pipe = self.redis.pipeline()
-        self._queue_create(pipe, task, assign_to=assign_to, backlog=backlog, sender=sender, priority=priority)
-        try:
-            pipe.execute()
-        except redis.ResponseError as exc:
-            if "unknown prerequisite" in str(exc):
-                raise TaskNotFound(str(exc).rsplit(" ", 1)[-1]) from None
-            raise
-        return self.get_task(task.id) or task if task.after else task
-
-    def _queue_create(self, pipe: Any, task: Task, *, assign_to: str | None, backlog: bool,
-                      sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL,
-                      detail: str | None = None) -> None:
-        """Queue (in a MULTI) create_task's writes: the record, and its assignment or backlog
-        place, or (with prerequisites) the assignment kept for when it is released."""
-        if not isinstance(task.description, str) or not task.description.strip():
-            raise InvalidTask(task.description)
-        if task.on_failure not in ("fail", "run"):
-            raise InvalidTask(task.description, f"on_failure must be fail or run, not {_shown(task.on_failure)}")
-        assignment = self._assignment(task, assign_to, sender, priority) if assign_to else None
-        task.priority = priority
-        extra = {}
-        if task.after:
-            task.state, task.release_to = TaskState.BLOCKED, assign_to
-            if assignment:
-                extra["release_message"] = assignment.to_json()
-        elif assign_to:
-            task.state, task.assigned_to = TaskState.ASSIGNED, assign_to
-        self._event(pipe, "task_assigned" if assign_to and not task.after else "task_created", task=task.id,
-                    agent=assign_to, detail=detail or task.description[:200])
-        self._queue_new_task(pipe, task, backlog=backlog and not task.after, **extra)
-        if assignment and not task.after:
-            self._push(pipe, assignment)
-
-    def _queue_new_task(self, pipe: Any, task: Task, *, backlog: bool, **extra: str) -> None:
-        """Queue (in a MULTI) a new task's record, indexes, count, backlog place and
-        prerequisites (`extra`: more hash fields)."""
-        task.updated_at = task.created_at
-        self._new_task(args=[self.keys.prefix, task.id, time.time(), "1" if backlog else "",
-                             *_field_args({**_to_hash(task), **extra})], client=pipe)
-
-    @staticmethod
-    def _assignment(task: Task, agent_id: str, sender: str, priority: str = Priority.NORMAL) -> Message:
-        return Message(type=MessageType.TASK_ASSIGN, to=agent_id, from_=sender, priority=priority,
-                       body={"task_id": task.id, "description": task.description})
-
-    def change_task(self, task_id: str, decide: Callable[[Task], dict[str, Any] | None]) -> Task:
-        """Apply `decide(task)`'s changes under WATCH (None: leave the task as it is)."""
-        def change_in(pipe: Any) -> Task:
-            task = self._load_task_in(pipe, task_id)
-            if task is None:
-                raise TaskNotFound(task_id)
-            changes = decide(task)
-            if not changes:
-                return task
-            pipe.multi()
-            return self._queue_task_change(pipe, task, **changes)
-
-        return self.redis.transaction(change_in, self.keys.task(task_id), value_from_callable=True)
-
-    def finish_task(self, task_id: str, state: TaskState, result: str | None = None) -> Task:
-        """complete / fail / cancel; on a terminal task nothing changes and nothing counts."""
-        def decide(task: Task) -> dict[str, Any] | None:
-            if task.terminal:
-                return None
-            return {"state": state, "error" if state == TaskState.FAILED else "result": result,
-                    "completed_at": _now()}
-        return self.change_task(task_id, decide)
-
-    def claim(self, task_id: str | None, agent_id: str, sender: str = CONDUCTOR_ID) -> Task | None:
-        """Move a backlog task to an agent: record, indexes and inbox at once (_CLAIM_LUA).
-
-        `task_id` None: the first the agent may take (untagged, or tagged with its role or
-        name), in a constant number of commands.  Returns None when there is none, or when
-        the task is no longer in the backlog (a claim got there first).
-        """
-        template = self._assignment(Task(description="\x02", id="\x01"), agent_id, sender)
-        claimed = self._claim(args=[self.keys.prefix, agent_id, task_id or "", template.to_json(), _now(),
-                                    self.keys.queue_for(agent_id, template.priority)])
-        return self.get_task(claimed) if claimed else None
-
-    def unbacklog(self, task_id: str) -> Task | None:
-        """Cancel a backlog task (None: it was claimed meanwhile)."""
-        changed = self._change_task(args=[self.keys.prefix, task_id, _now(), "removed from the backlog",
-                                          "from_backlog", *_field_args({
-                                              "state": TaskState.CANCELLED, "result": "removed from the backlog",
-                                              "completed_at": _now()})])
-        return self.get_task(task_id) if changed else None
-
-    def backlog(self) -> list[Task]:
-        return self.tasks_by_id(self.redis.zrange(self.keys.backlog, 0, -1))
-
-    def backlog_for(self, agent: Agent, limit: int) -> list[Task]:
-        """The first `limit` backlog tasks `agent` may claim, from the heads of its indexes."""
-        indexes = [self.keys.backlog_any(), self.keys.backlog_tag(agent.name)]
-        if agent.role:
-            indexes.append(self.keys.backlog_tag(agent.role))
-        pipe = self.redis.pipeline(transaction=False)
-        for index in indexes:
-            pipe.zrange(index, 0, limit - 1, withscores=True)
-        heads = sorted({(score, task_id) for batch in pipe.execute() for task_id, score in batch})
-        return self.tasks_by_id([task_id for _, task_id in heads[:limit]])
-
-    def tasks_by_id(self, task_ids: list[str]) -> list[Task]:
-        """These tasks (those that exist), in order, in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.hgetall(self.keys.task(task_id))
-        return [_from_hash(Task, data) for data in pipe.execute() if data]
-
-    def tasks(self, state: str | None = None, agent_id: str | None = None, limit: int | None = None,
-              *, open_only: bool = False) -> list[Task]:
-        """Tasks oldest first, optionally filtered; read from the narrowest index, so the
-        cost follows the result, not the town (`open_only`: not finished, with `agent_id`)."""
-        if agent_id:
-            index = self.keys.open_tasks(agent_id) if open_only else self.keys.agent_tasks(agent_id)
-        else:
-            index = self.keys.tasks_in(state) if state else self.keys.tasks
-        found: list[Task] = []
-        page = 1000
-        for start in range(0, self.redis.zcard(index), page):
-            batch = self.tasks_by_id(self.redis.zrange(index, start, start + page - 1))
-            found += [t for t in batch if state is None or t.state == state]
-            if limit and len(found) >= limit:
-                return found[:limit]
-        return found
-
-    def task_ids_with_prefix(self, prefix: str) -> list[str]:
-        if self.redis.exists(self.keys.task(prefix)):
-            return [prefix]
-        if not prefix:
-            return []
-        return self.redis.zrangebylex(self.keys.task_ids, f"[{prefix}", f"[{prefix}\xff", start=0, num=6)
-
-    def task_states(self, task_ids: list[str]) -> list[str | None]:
-        """The state of each task (None: no such task), in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.hget(self.keys.task(task_id), "state")
-        return pipe.execute() if task_ids else []
-
-    def delete_task(self, task_id: str) -> bool:
-        """Remove a task record everywhere it is indexed (e.g. a malformed one)."""
-        pipe = self.redis.pipeline()
-        self._drop_tasks(args=[self.keys.prefix, task_id], client=pipe)
-        self._event(pipe, "task_deleted", task=task_id)
-        return bool(pipe.execute()[0])
-
-    def finished_to_prune(self, older_than: float, keep: int, limit: int = 1000) -> list[str]:
-        """Finished tasks past `older_than` (epoch seconds) or beyond the newest `keep`
-        (0: no count limit), oldest first, at most `limit`."""
-        beyond = max(self.redis.zcard(self.keys.finished) - keep, 0) if keep else 0
-        aged = self.redis.zrangebyscore(self.keys.finished, "-inf", older_than, start=0, num=limit)
-        over = self.redis.zrange(self.keys.finished, 0, min(beyond, limit) - 1) if beyond else []
-        return list(dict.fromkeys([*aged, *over]))[:limit]  # `over`: the oldest beyond the newest `keep`
-
-    def drop_tasks(self, task_ids: list[str]) -> int:
-        """Remove tasks and their index entries in one script; returns how many existed."""
-        return int(self._drop_tasks(args=[self.keys.prefix, *task_ids])) if task_ids else 0
-
-    def dependents(self, task_id: str) -> list[Task]:
-        return sorted(self.tasks_by_id(list(self.redis.smembers(self.keys.dependents(task_id)))),
-                      key=lambda t: t.created_at)
-
-    def task_counts(self) -> dict[str, int]:
-        return {state: int(n) for state, n in self.redis.hgetall(self.keys.task_counts).items()
-                if int(n)}
-
-    def upgrade_layout(self) -> list[int] | None:
-        """Bring the town's keys to LAYOUT_VERSION (one GET when they are there already).
-        Returns [tasks, backlog tasks, agents] indexed, or None when nothing was to do."""
-        if self.redis.get(self.keys.layout) == LAYOUT_VERSION:
-            return None
-        done = self._upgrade(args=[self.keys.prefix, LAYOUT_VERSION, _now(), *(s.value for s in TaskState)])
-        if done:
-            log.info("town %s: storage upgraded to layout %s (%s tasks, %s in the backlog, %s agents)",
-                     self.keys.prefix, LAYOUT_VERSION, *done)
-        return [int(n) for n in done] if done else None
 
 
 # Town ########################################################################
@@ -3158,11 +3534,12 @@ class Town:
             self._owns_server = False
         self.redis = self.server.client()
         self.keys = Keys(self._config.name)
-        self._channel = Channel(self.redis, self.keys, self._config.agent)
+        self._tasks = TaskStore(self.redis, self.keys, self._root / RUNTIME_DIR / "tasks")
+        self._channel = Channel(self.redis, self.keys, self._config.agent, self._tasks)
         self._spawned: dict[str, subprocess.Popen[bytes]] = {}
         self.created = False  # set by init() when it made the town
         if start_server:  # a person's connect: keys of an older tinytown are upgraded here, once
-            self._channel.upgrade_layout()
+            self._tasks.upgrade_layout()
         self.stranded_name = self._name_with_data()
 
     def _name_with_data(self) -> str | None:
@@ -3242,6 +3619,10 @@ class Town:
     @property
     def name(self) -> str:
         return self._config.name
+
+    @property
+    def task_store(self) -> TaskStore:
+        return self._tasks
 
     @property
     def channel(self) -> Channel:
@@ -3675,28 +4056,39 @@ class Town:
         sent to the agent in the transaction that completes the last one.
         """
         agent_id = self.resolve_agent(agent)
-        task = self._new_task(task, tags, parent, after, on_failure)
-        return self._channel.create_task(task, assign_to=agent_id, priority=Priority(priority),
-                                         sender=self.resolve_agent(sender) if sender else CONDUCTOR_ID)
+        task, archived = self._new_task(task, tags, parent, after, on_failure)
+        return self._tasks.create(task, assign_to=agent_id, priority=Priority(priority), archived=archived,
+                                  sender=self.resolve_agent(sender) if sender else CONDUCTOR_ID)
 
     def _new_task(self, task: Task | str, tags: Iterable[str], parent: str | None,
-                  after: Iterable[str], on_failure: str) -> Task:
-        """A Task with its references resolved (an unknown one refused)."""
+                  after: Iterable[str], on_failure: str) -> tuple[Task, dict[str, str]]:
+        """A Task with its references resolved (an unknown one refused), and the
+        prerequisites only the archive knows, with how they ended."""
         if isinstance(task, str):
             task = Task(description=task, tags=list(tags))
         if parent:
-            task.parent_id = self.task(parent).id
-        task.after = list(dict.fromkeys([*task.after, *(self.task(ref).id for ref in after)]))
+            task.parent_id = self.task(parent, archived=True).id
+        prerequisites = [self.task(ref, archived=True) for ref in after]
+        task.after = list(dict.fromkeys([*task.after, *(t.id for t in prerequisites)]))
         task.on_failure = on_failure if on_failure != "fail" else task.on_failure
-        return task
+        states = self._tasks.task_states([t.id for t in prerequisites])
+        return task, {t.id: t.state for t, state in zip(prerequisites, states) if state is None}
 
-    def task(self, ref: str) -> Task:
-        matches = self._channel.task_ids_with_prefix(str(ref).strip())
+    def task(self, ref: str, *, archived: bool = False) -> Task:
+        """A task by id or unique id prefix; with `archived`, a pruned one is found in the
+        archive too."""
+        ref = str(ref).strip()
+        matches = self._tasks.task_ids_with_prefix(ref)
+        if not matches and archived:
+            found = self._tasks.archived([ref])
+            if len(found) == 1:
+                return found[0]
+            matches = [t.id for t in found]
         if len(matches) > 1:
             raise TaskAmbiguous(ref, matches[:5])
         if not matches:
             raise TaskNotFound(ref)
-        task = self._channel.get_task(matches[0])
+        task = self._tasks.get(matches[0])
         if task is None:
             raise TaskNotFound(ref)
         return task
@@ -3704,29 +4096,30 @@ class Town:
     def tasks(self, state: str | None = None, agent: str | None = None, *, open_only: bool = False
               ) -> list[Task]:
         """Tasks oldest first (of one agent: `open_only` leaves out the finished ones)."""
-        return self._channel.tasks(TaskState(state) if state else None,
-                                   self.resolve_agent(agent) if agent else None, open_only=open_only)
+        return self._tasks.tasks(TaskState(state) if state else None,
+                                 self.resolve_agent(agent) if agent else None, open_only=open_only)
 
     def complete_task(self, ref: str, result: str | None = None) -> Task:
-        return self._channel.finish_task(self.task(ref).id, TaskState.COMPLETED, result)
+        return self._tasks.finish(self.task(ref).id, TaskState.COMPLETED, result)
 
     def fail_task(self, ref: str, error: str) -> Task:
-        return self._channel.finish_task(self.task(ref).id, TaskState.FAILED, error)
+        return self._tasks.finish(self.task(ref).id, TaskState.FAILED, error)
 
     def cancel_task(self, ref: str) -> Task:
-        return self._channel.finish_task(self.task(ref).id, TaskState.CANCELLED, "cancelled")
+        return self._tasks.finish(self.task(ref).id, TaskState.CANCELLED, "cancelled")
 
     def delete_task(self, ref: str) -> Task:
-        """Remove a task record and its index entries (its messages stay where they are)."""
+        """Remove a task record and its index entries (its messages stay where they are); its
+        dependents see it as failed."""
         task = self.task(ref)
-        self._channel.delete_task(task.id)
+        self._tasks.delete(task.id)
         return task
 
     def wait_task(self, ref: str, timeout: float | None = None) -> Task:
         task_id = self.task(ref).id
 
         def check() -> Task | None:
-            task = self._channel.get_task(task_id)
+            task = self._tasks.get(task_id)
             if task is None:
                 raise TaskNotFound(task_id)
             return task if task.terminal else None
@@ -3735,27 +4128,11 @@ class Town:
     def prune_tasks(self, older_than_secs: float | None = None, keep: int | None = None) -> list[Task]:
         """Archive finished tasks to .tt/tasks/archive-<date>.jsonl and remove them from Redis:
         those finished more than `older_than_secs` ago and those beyond the newest `keep`
-        (default: the town's prune_after_secs and keep_finished).  A line is on disk (fsync)
-        before its task leaves Redis, so nothing is lost; returns the tasks archived."""
+        (default: the town's prune_after_secs and keep_finished), but never a prerequisite an
+        open task still needs.  Nothing is lost (TaskStore.prune); returns the tasks archived."""
         settings = self._config.town
         age = settings.prune_after_secs if older_than_secs is None else older_than_secs
-        keep = settings.keep_finished if keep is None else keep
-        folder = self._root / RUNTIME_DIR / "tasks"
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        archive = folder / f"archive-{time.strftime('%Y%m%d')}.jsonl"
-        pruned: list[Task] = []
-        while True:  # a batch at a time off the oldest end, so `keep` still counts the rest
-            ids = self._channel.finished_to_prune(time.time() - age, keep)
-            if not ids:
-                return pruned
-            batch = self._channel.tasks_by_id(ids)
-            with open(os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a",
-                      encoding="utf-8") as out:
-                out.writelines(json.dumps(t.to_dict()) + "\n" for t in batch)
-                out.flush()
-                os.fsync(out.fileno())
-            self._channel.drop_tasks(ids)
-            pruned += batch
+        return self._tasks.prune(time.time() - age, settings.keep_finished if keep is None else keep)
 
     def maybe_prune(self) -> int:
         """auto_prune: one prune at a time in the whole town, at most once a minute."""
@@ -3778,34 +4155,33 @@ class Town:
     def backlog_add(self, description: str, tags: Iterable[str] = (), *, after: Iterable[str] = (),
                     on_failure: str = "fail", parent: str | None = None) -> Task:
         """An unassigned task (with `after`: blocked until those tasks are completed)."""
-        return self._channel.create_task(self._new_task(description, tags, parent, after, on_failure),
-                                         backlog=True)
+        task, archived = self._new_task(description, tags, parent, after, on_failure)
+        return self._tasks.create(task, backlog=True, archived=archived)
 
     def dependents(self, ref: str) -> list[Task]:
         """The tasks that wait (or waited) for this one."""
-        return self._channel.dependents(self.task(ref).id)
+        return self._tasks.dependents(self.task(ref, archived=True).id)
 
     def backlog(self) -> list[Task]:
-        return self._channel.backlog()
+        return self._tasks.backlog()
 
     def claim(self, task_ref: str, agent: str) -> Task:
         agent_id = self.agent(agent).id  # resolved first: an unknown agent changes nothing
         task = self.task(task_ref)
-        claimed = self._channel.claim(task.id, agent_id)
+        claimed = self._tasks.claim(task.id, agent_id)
         if claimed is None:
             raise InvalidTransition(f"task {task.id[:8]}", task.state, "it is not in the backlog")
         return claimed
 
     def assign_all(self, agent: str) -> list[Task]:
         agent_id = self.agent(agent).id
-        claimed = (self._channel.claim(task_id, agent_id)
-                   for task_id in self.redis.zrange(self.keys.backlog, 0, -1))
+        claimed = (self._tasks.claim(task_id, agent_id) for task_id in self._tasks.backlog_ids())
         return [task for task in claimed if task]
 
     def backlog_remove(self, task_ref: str) -> Task:
         """Take a task off the backlog; it is cancelled, not deleted."""
         task = self.task(task_ref)
-        removed = self._channel.unbacklog(task.id)
+        removed = self._tasks.unbacklog(task.id)
         if removed is None:
             raise InvalidTransition(f"task {task.id[:8]}", task.state, "it is not in the backlog")
         return removed
@@ -3839,7 +4215,7 @@ class Town:
         agents = self._channel.agents()
         counts = self._channel.pending_counts([a.id for a in agents])
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zcard(self.keys.backlog)
+        pipe.zcard(self.keys.backlog)  # (the backlog's length and activity in one round trip)
         for agent in agents if deep else ():
             pipe.lrange(self.keys.activity(agent.id), 0, 4)
         backlog_len, *activity = pipe.execute()
@@ -3856,7 +4232,7 @@ class Town:
                       "running": True, "pid": self.server.read_pid() if self.server.managed else None},
             "agents": listed,
             "conductor_inbox": self._channel.inbox_len(CONDUCTOR_ID),
-            "tasks": self._channel.task_counts(),
+            "tasks": self._tasks.task_counts(),
             "backlog": backlog_len,
             "usage": self.usage(),
         }
@@ -4124,9 +4500,60 @@ class PlanEntry:
     on_failure: str = "fail"
 
 
+def _toml_value_end(lines: list[str], row: int, column: int) -> int:
+    """The line on which the value starting at lines[row][column] ends: strings of every
+    kind TOML has, arrays and inline tables may span lines; a comment ends a line."""
+    depth, quote = 0, ""
+    while row < len(lines):
+        line = lines[row]
+        while column < len(line):
+            if quote:
+                if line[column] == "\\" and quote in ('"', '"""'):
+                    column += 2
+                elif line.startswith(quote, column):
+                    column, quote = column + len(quote), ""
+                else:
+                    column += 1
+            elif line[column] == "#":
+                break
+            elif line.startswith(('"""', "'''"), column) or line[column] in "\"'":
+                quote = line[column:column + 3] if line.startswith(('"""', "'''"), column) else line[column]
+                column += len(quote)
+            else:
+                depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(line[column], 0)
+                column += 1
+        if len(quote) == 1:
+            quote = ""  # (a one-line string ends with its line: the file does not parse anyway)
+        if not quote and depth <= 0:
+            return row
+        row, column = row + 1, 0
+    return len(lines) - 1
+
+
+def _plan_layout(lines: list[str]) -> list[tuple[int, dict[str, tuple[int, int]]]]:
+    """Each [[task]] table of a plan: its header's line index and its keys, each with the
+    first and last line of its value.  Lines inside a value (a multi-line string holding
+    `state = x` or `[[task]]`) are never taken for keys or headers."""
+    tables: list[tuple[int, dict[str, tuple[int, int]]]] = []
+    row = 0
+    while row < len(lines):
+        stripped = lines[row].strip()
+        key = re.match(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*=", lines[row])
+        if stripped.startswith("[") and not key:
+            if stripped.split("#")[0].strip() == "[[task]]":
+                tables.append((row, {}))
+        elif key:
+            end = _toml_value_end(lines, row, key.end())
+            if tables:
+                tables[-1][1][key[1].strip("\"'")] = (row, end)
+            row = end
+        row += 1
+    return tables
+
+
 def _entry_lines(text: str) -> list[int]:
     """The line number of each [[task]] header, in order."""
-    return [number for number, line in enumerate(text.splitlines(), 1) if line.strip() == "[[task]]"]
+    return [header + 1 for header, _ in _plan_layout(text.splitlines())]
 
 
 def load_plan(path: Path) -> list[PlanEntry]:
@@ -4204,35 +4631,35 @@ def _plan_order(entries: list[PlanEntry], path: Path) -> list[PlanEntry]:
 
 
 def _set_entry_fields(text: str, entry_id: str, fields: dict[str, str | None]) -> str:
-    """tasks.toml with `fields` set (None: removed) in the entry `entry_id`, as text edits."""
+    """tasks.toml with `fields` set (None: removed) in the entry `entry_id`, as text edits of
+    that entry's own keys (a value over several lines replaced whole)."""
     lines = text.splitlines()
-    headers = [n - 1 for n in _entry_lines(text)]
-    for start, end in zip(headers, [*headers[1:], len(lines)]):
-        block = lines[start:end]
-        if not any(re.fullmatch(rf'\s*id\s*=\s*["\']{re.escape(entry_id)}["\']\s*(#.*)?', ln) for ln in block):
-            continue
-        while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
-            end -= 1  # after the entry's last key, before blank lines and the next entry's comments
-        for key, value in fields.items():
-            found = next((i for i in range(start, end) if re.match(rf"\s*{key}\s*=", lines[i])), None)
-            if value is None:
-                if found is not None:
-                    del lines[found]
-                    end -= 1
-            elif found is not None:
-                lines[found] = f"{key} = {_toml_value(value)}"
+    for key, value in fields.items():
+        for _, keys in _plan_layout(lines):
+            if "id" not in keys or not re.fullmatch(rf'\s*id\s*=\s*["\']{re.escape(entry_id)}["\']\s*(#.*)?',
+                                                    lines[keys["id"][0]]):
+                continue
+            new = [] if value is None else [f"{key} = {_toml_value(value)}"]
+            if key in keys:
+                first, last = keys[key]
+                lines[first:last + 1] = new
             else:
-                lines.insert(end, f"{key} = {_toml_value(value)}")
-                end += 1
-        break
+                end = max(last for _, last in keys.values()) + 1
+                lines[end:end] = new
+            break
     return "\n".join(lines) + "\n"
 
 
 def plan_status(town: Town, path: Path) -> list[dict[str, Any]]:
-    """Each entry with its task's live state (None: not pushed yet)."""
+    """Each entry with its task's live state (None: not pushed yet); a pruned task as the
+    archive has it."""
     entries = load_plan(path)
-    mapped = town.redis.hgetall(town.keys.plan)
-    tasks = {t.id: t for t in town.channel.tasks_by_id([mapped[e.id] for e in entries if e.id in mapped])}
+    store = town.task_store
+    mapped, _ = store.plan_mapping()
+    wanted = [mapped[e.id] for e in entries if e.id in mapped]
+    tasks = {t.id: t for t in store.tasks_by_id(wanted)}
+    gone = [task_id for task_id in wanted if task_id not in tasks]
+    tasks.update({t.id: t for t in store.archived(gone) if t.id in gone})
     out = []
     for entry in sorted(entries, key=lambda e: e.line):
         task = tasks.get(mapped.get(entry.id, ""))
@@ -4242,53 +4669,75 @@ def plan_status(town: Town, path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
-    """Create the plan's missing tasks and apply what changed in the file to the others, in
-    one transaction (_PLAN_UPDATE_LUA: changes apply while a task has not started).
+def _entry_signature(entry: PlanEntry, agent_id: str, after: list[str], parent: str | None) -> str:
+    """What a push applies of an entry, as a short hash: an entry whose signature is the one
+    its last push recorded costs nothing."""
+    fields = [entry.description, entry.tags, after, agent_id, entry.priority, entry.on_failure, parent]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:20]
 
-    Returns {"created": [...], "updated": [...], "unchanged": [...], "kept": [...]} (entry
-    ids; "kept": "entry: field (why)" for a change its task keeps, e.g. because it is
-    running).  Nothing is applied when the plan is bad.
+
+def sync_push(town: Town, path: Path) -> dict[str, list[str]]:
+    """Create the plan's missing tasks and apply what changed in the file to the others
+    (_PLAN_PUSH_LUA: changes apply while a task has not started; a pruned one stays done).
+
+    The cost follows the entries that changed since the last push, not the plan: each
+    entry's signature is recorded with its task.  The work goes in batches of PUSH_BATCH
+    operations, each atomic and checked before its first write; the push as a whole is
+    idempotent, so running it again after a timeout finishes it.  Returns {"created",
+    "updated", "unchanged", "kept"} (entry ids; "kept": "entry: field (why)" for a change
+    its task keeps, e.g. because it is running).  Nothing is applied when the plan is bad.
     """
     entries = load_plan(path)
-    mapped = town.redis.hgetall(town.keys.plan)
-    existing = {t.id: t for t in town.channel.tasks_by_id(list(mapped.values()))}
+    store = town.task_store
+    mapped, signatures = store.plan_mapping()
     agents = town.redis.hgetall(town.keys.agents)
-    ids = {e.id: existing[mapped[e.id]].id if mapped.get(e.id) in existing else str(uuid.uuid4())
-           for e in entries}
-    report: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": [], "kept": []}
-    channel = town.channel
-    pipe = town.redis.pipeline()
-    updates: list[tuple[str, int]] = []  # entry id, the place of its script's answer
-    for entry in entries:  # prerequisites first: each script finds those it waits for
-        task = existing.get(ids[entry.id])
-        agent_id = agents.get(entry.agent or "")
-        if task is not None:
-            current = task.release_to or task.assigned_to
-            if entry.agent and not agent_id and current:
-                report["kept"].append(f"{entry.id}: agent (no agent named {entry.agent!r})")
-            to = agent_id or current
-            message = channel._assignment(dataclasses.replace(task, description=entry.description), to,
-                                          CONDUCTOR_ID, entry.priority).to_json() if to else ""
-            updates.append((entry.id, len(pipe)))
-            channel._plan_update(args=[town.keys.prefix, task.id, _now(), entry.description,
-                                       _hash_value(entry.tags), _hash_value([ids[ref] for ref in entry.after]),
-                                       agent_id or "", entry.priority, message], client=pipe)
+
+    def signature(entry: PlanEntry, ids: dict[str, str]) -> str:
+        return _entry_signature(entry, agents.get(entry.agent or "", ""), [ids.get(ref, "") for ref in entry.after],
+                                ids.get(entry.parent, "") if entry.parent else None)
+    changed = [e for e in entries if signatures.get(e.id) != signature(e, mapped) or e.id not in mapped]
+    existing = {t.id: t for t in store.tasks_by_id([mapped[e.id] for e in changed if e.id in mapped])}
+    archived = store.archived_states([mapped[e.id] for e in changed
+                                      if e.id in mapped and mapped[e.id] not in existing])
+    ids = dict(mapped)
+    for entry in changed:  # a task deleted meanwhile is created again, under a new id
+        if ids.get(entry.id) not in existing and ids.get(entry.id) not in archived:
+            ids[entry.id] = str(uuid.uuid4())
+    outcome = {e.id: "unchanged" for e in entries}
+    kept: list[str] = []
+    ops: list[dict[str, Any]] = []
+    for entry in changed:  # (prerequisites first: each batch finds those it waits for)
+        task_id, agent_id = ids[entry.id], agents.get(entry.agent or "")
+        after, parent = [ids[ref] for ref in entry.after], ids[entry.parent] if entry.parent else None
+        if task_id in archived:
+            kept.append(f"{entry.id}: its changes (the task is {archived[task_id]} and archived)")
             continue
-        task = Task(description=entry.description, id=ids[entry.id], tags=entry.tags,
-                    after=[ids[ref] for ref in entry.after], on_failure=entry.on_failure,
-                    parent_id=ids[entry.parent] if entry.parent else None)
-        channel._queue_create(pipe, task, assign_to=agent_id, backlog=not agent_id, priority=entry.priority,
-                              detail=f"plan entry {entry.id}")
-        pipe.hset(town.keys.plan, entry.id, task.id)
-        report["created"].append(entry.id)
-    answers = pipe.execute()
-    for entry_id, place in updates:
-        changes = answers[place]
-        applied = [name for name in changes if ": " not in name]
-        report["updated" if applied else "unchanged"].append(entry_id)
-        report["kept"] += [f"{entry_id}: {name} ({why})" for name, why in
-                           (change.split(": ", 1) for change in changes if ": " in change)]
+        task = existing.get(task_id)
+        if task is None:
+            new = Task(description=entry.description, id=task_id, tags=entry.tags, after=after,
+                       on_failure=entry.on_failure, parent_id=parent)
+            ops.append(store.plan_create_op(entry.id, signature(entry, ids), new, agent_id, entry.priority))
+            continue
+        current = task.release_to or task.assigned_to
+        if entry.agent and not agent_id and current:
+            kept.append(f"{entry.id}: agent (no agent named {entry.agent!r})")
+        to = agent_id or current
+        message = store.assignment(dataclasses.replace(task, description=entry.description), to,
+                                   CONDUCTOR_ID, entry.priority).to_json() if to else ""
+        ops.append({"op": "update", "entry": entry.id, "sig": signature(entry, ids), "id": task.id,
+                    "description": entry.description, "tags": _hash_value(entry.tags),
+                    "after": _hash_value(after), "agent": agent_id or "", "priority": entry.priority,
+                    "message": message})
+    for start in range(0, len(ops), PUSH_BATCH):
+        batch = ops[start:start + PUSH_BATCH]
+        for op, changes in zip(batch, store.push_batch(batch)):
+            applied = [name for name in changes if ": " not in name]
+            outcome[op["entry"]] = "created" if applied == ["created"] else "updated" if applied else "unchanged"
+            kept += [f"{op['entry']}: {name} ({why})" for name, why in
+                     (change.split(": ", 1) for change in changes if ": " in change)]
+    report: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": [], "kept": kept}
+    for entry in entries:
+        report[outcome[entry.id]].append(entry.id)
     return report
 
 
@@ -4361,6 +4810,7 @@ def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[
 # Snapshots: every key of the town but the ones that only mean something while loops run.
 _SNAPSHOT_SKIP = ("alive:", "stop:", "wake:", "prune_lock", "events", "idle")
 SNAPSHOT_VERSION = 1
+_SNAPSHOT_TYPES = ("string", "hash", "list", "set", "zset")
 _STOPPED_AGENT = {"state": AgentState.STOPPED.value, "pid": "", "loop": "", "cli_pgid": "", "current_task": ""}
 
 
@@ -4389,7 +4839,8 @@ def save_snapshot(town: Town) -> dict[str, Any]:
         elif kind == "hash" and relative.startswith("agent:"):
             value = {**value, **_STOPPED_AGENT}
         data[relative] = {"type": kind, "value": value}
-    return {"tinytown_snapshot": SNAPSHOT_VERSION, "town": town.name, "keys": data}
+    return {"tinytown_snapshot": SNAPSHOT_VERSION, "town": town.name, "layout": town.task_store.layout(),
+            "keys": data}
 
 
 def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = False) -> int:
@@ -4403,21 +4854,12 @@ def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = Fals
             raise TinytownError(f"the town {town.name!r} already holds data; `tt restore FILE --force`"
                                 " resets it first")
         town.reset(force=True)
-    write = {"string": lambda p, k, v: p.set(k, v), "hash": lambda p, k, v: p.hset(k, mapping=v),
-             "list": lambda p, k, v: p.rpush(k, *v), "set": lambda p, k, v: p.sadd(k, *v),
-             "zset": lambda p, k, v: p.zadd(k, {member: score for member, score in v})}
-    pipe = town.redis.pipeline(transaction=True)
-    written = 0
-    for relative, item in snapshot["keys"].items():
-        if item.get("type") not in write or not item.get("value") or relative.startswith(_SNAPSHOT_SKIP):
-            continue
-        value = {**item["value"], **_STOPPED_AGENT} if relative.startswith("agent:") else item["value"]
-        write[item["type"]](pipe, town.keys.prefix + relative, value)
-        written += 1
-    pipe.set(town.keys.layout, LAYOUT_VERSION)  # snapshots are written in this layout
-    town.channel._event(pipe, "restored", keys=written, source=snapshot.get("town"))
-    pipe.execute()
-    return written
+    keys = {relative: (item["type"], {**item["value"], **_STOPPED_AGENT} if relative.startswith("agent:")
+                       else item["value"])
+            for relative, item in snapshot["keys"].items()
+            if item.get("type") in _SNAPSHOT_TYPES and item.get("value") and not relative.startswith(_SNAPSHOT_SKIP)}
+    layout = snapshot.get("layout") or snapshot["keys"].get("layout", {}).get("value") or "1"
+    return town.task_store.load(keys, str(layout), str(snapshot.get("town")))
 
 
 # Agent CLIs ##################################################################
@@ -4725,7 +5167,7 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
         lines += ["## For your information", ""]
         lines += [f"- {m.type} from {who(m.from_)}: {m.text}" for m in informational]
         lines.append("")
-    matching = town.channel.backlog_for(agent, 5)
+    matching = town.task_store.backlog_for(agent, 5)
     if matching:
         lines += ["## Backlog you could claim", ""]
         lines += [f"- {t.id[:8]}: {t.description} (`{tt} backlog claim {t.id[:8]} {agent.name}`)"
@@ -4743,9 +5185,9 @@ def build_prompt(town: Town, agent: Agent, messages: list[Message], round_no: in
 
 def _prerequisite_results(town: Town, task_ids: list[str]) -> dict[str, list[Task]]:
     """The prerequisites (with their results) of each of these tasks, in two round trips."""
-    tasks = town.channel.tasks_by_id([t for t in task_ids if t])
+    tasks = town.task_store.tasks_by_id([t for t in task_ids if t])
     wanted = {t.id: t.after for t in tasks if t.after}
-    found = {t.id: t for t in town.channel.tasks_by_id([p for after in wanted.values() for p in after])}
+    found = {t.id: t for t in town.task_store.tasks_by_id([p for after in wanted.values() for p in after])}
     return {task_id: [found[p] for p in after if p in found] for task_id, after in wanted.items()}
 
 
@@ -5042,7 +5484,7 @@ class AgentLoop:
         here), shutdowns, and assignments of tasks that are already over."""
         handled = set()
         assignments = [m for m in messages if m.type == MessageType.TASK_ASSIGN]
-        states = self.channel.task_states([m.body.get("task_id", "") for m in assignments])
+        states = self.town.task_store.task_states([m.body.get("task_id", "") for m in assignments])
         handled |= {m.id for m, state in zip(assignments, states) if _task_over(state)}
         for message in messages:
             reply_type = {MessageType.PING: MessageType.PONG,
@@ -5059,7 +5501,7 @@ class AgentLoop:
         return handled
 
     def _claim_backlog(self) -> bool:
-        task = self.channel.claim(None, self.agent.id, sender=self.agent.id)
+        task = self.town.task_store.claim(None, self.agent.id, sender=self.agent.id)
         if task:
             log.info("agent %s: claimed backlog task %s", self.agent.name, task.id[:8])
         return task is not None
@@ -5101,7 +5543,7 @@ class AgentLoop:
             code, outcome = 1, f"the CLI reported an error: {usage.error[:200]}"
         count = "attempt"
         if code == 0:
-            states = dict(zip(task_ids, self.channel.task_states(task_ids)))
+            states = dict(zip(task_ids, self.town.task_store.task_states(task_ids)))
             acked = handled | {m.id for m in messages if m.type != MessageType.TASK_ASSIGN
                                or _task_over(states.get(m.body.get("task_id")))}
             reason = f"not completed after {self.settings.max_attempts} rounds"
@@ -5137,7 +5579,7 @@ class AgentLoop:
                         "assigned_to": self.agent.id}
             return None
         with contextlib.suppress(TaskNotFound):
-            self.channel.change_task(task_id, decide)
+            self.town.task_store.change_task(task_id, decide)
 
     def _record_usage(self, pipe: Any, task_ids: list[str], usage: RoundUsage, session: str | None,
                       code: int | None) -> None:
@@ -5604,8 +6046,7 @@ class HookRunner:
         if kind in ("task_created", "task_assigned"):
             self.town.redis.hset(self.town.keys.hooks, "armed", 1)
         elif kind in _TASK_ENDINGS:
-            counts = self.town.channel.task_counts()
-            open_tasks = sum(counts.get(state, 0) for state in ("pending", "assigned", "running"))
+            open_tasks = self.town.task_store.open_count()
             # Armed by a new task, so a burst of endings reports "all done" once.
             if open_tasks == 0 and self.town.redis.hget(self.town.keys.hooks, "armed") != "0":
                 self.town.redis.hset(self.town.keys.hooks, "armed", 0)
@@ -5640,7 +6081,7 @@ class HookRunner:
         if sender:
             data["sender_name"] = names.get(sender, sender)
         text = fields.get("detail", "")
-        task = self.town.channel.get_task(task_id) if task_id else None
+        task = self.town.task_store.get(task_id) if task_id else None
         if task_id:
             data["task_id"] = task_id
         if task:
@@ -6327,9 +6768,9 @@ def _cmd_task_show(town: Town, args: Any) -> _Reply:
 
     Example: tt task show 3f2a9c1e
     """
-    task = town.task(args.id)
+    task = town.task(args.id, archived=True)
     names = _Names(town)
-    prerequisites = town.channel.tasks_by_id(task.after)
+    prerequisites = town.task_store.tasks_by_id(task.after)
     dependents = town.dependents(task.id)
     details = [f"  {label}: {value}" for label, value in (
         ("description", task.description), ("agent", names.show(task.assigned_to)),
@@ -7188,7 +7629,7 @@ def _watch_snapshot(town: Town, events: int = 50) -> dict[str, Any]:
     recent = town.channel.events(max(events, WATCH_FAILURES_SEEN))
     current = {a["current_task"] for a in status["agents"] if a.get("current_task")}
     failed = list(dict.fromkeys(e["task"] for e in reversed(recent) if e.get("event") == "task_failed"))[:5]
-    tasks = {t.id: t for t in town.channel.tasks_by_id(sorted(current) + failed)} if current or failed else {}
+    tasks = {t.id: t for t in town.task_store.tasks_by_id(sorted(current) + failed)} if current or failed else {}
     waiting = town.channel.peek(CONDUCTOR_ID, limit=PENDING_SAMPLE)  # a redraw reads no whole inbox
     queries = [m for m in waiting if m.type == MessageType.QUERY]
     return {**status, "current_tasks": tasks, "queries": queries, "events": recent[-events:],
