@@ -4178,7 +4178,7 @@ def test_hostile_event_data_reaches_a_hook_escaped_in_its_environment_and_whole_
         town.backlog_add(description)
     hooks_caught_up(town, 3)
     assert env_log.read_text().splitlines() == [
-        "nul\\x00here|nul\\x00here", "esc\\x1b[2K\\x0dfake \u2713 done\\x9b31m|esc\\x1b[2K\\x0dfake \u2713 done\\x9b31m",
+        "nul\\x00here|nul\\x00here", "esc\\x1b[2K\\rfake \u2713 done\\x9b31m|esc\\x1b[2K\\rfake \u2713 done\\x9b31m",
         "plain|plain"]
     documents = [json.loads(line) for line in stdin_log.read_text().splitlines()]
     assert [d["task_description"] for d in documents] == hostile  # stdin: the data itself, as JSON
@@ -4257,7 +4257,7 @@ def test_the_readmes_hook_examples_hand_hostile_text_on_as_data(town, tmp_path, 
     hooks_caught_up(town, 4)
     def given(name):
         return [json.loads(path.read_text()) for path in sorted(calls.glob(f"{name}.*"))]
-    escaped = hostile.replace("\n", "\\x0a")  # (the environment's escaping)
+    escaped = hostile.replace("\n", "\\n")  # (the environment's escaping)
     [osascript], [notify] = given("osascript"), given("notify-send")
     assert osascript["argv"] == ["-e", "on run argv", "-e", "display notification (item 1 of argv) with title"
                                  " (item 2 of argv)", "-e", "end run", escaped, "w1 finished"]

@@ -5917,14 +5917,9 @@ _UNSAFE_IN_ENV = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _escaped(text: str) -> str:
-    """`text` with each control character (C0, DEL, C1) as \\xHH, and each byte that was
-    not UTF-8 (a surrogate, see Redis client's surrogateescape) as the \\xHH it was."""
-    def one(match: re.Match[str]) -> str:
-        code = ord(match.group())
-        if code < 0xa0:
-            return f"\\x{code:02x}"
-        return f"\\x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff else f"\\u{code:04x}"
-    return _UNSAFE_IN_ENV.sub(one, text)
+    """`text` with each control character (C0, DEL, C1) and each lone surrogate (a byte
+    that was not UTF-8) as its escape: \\x00, \\x1b, \\r, \\n, \\x9b, \\udcff."""
+    return _UNSAFE_IN_ENV.sub(lambda found: found[0].encode("unicode_escape").decode("ascii"), text)
 
 
 class HookRunner:
