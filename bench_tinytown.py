@@ -292,29 +292,30 @@ class Bench:
                     note=f"{rounds} rounds in {wall:.1f}s; baseline = the demo CLI run alone")
 
     # P7 ----------------------------------------------------------------------
-    def p7_init(self):
-        binary = str(tinytown.find_redis_server())
+    def _bare_redis_start(self):
+        """ms from starting a bare redis-server (our persistence settings) to its first PING."""
+        folder = Path(tempfile.mkdtemp(dir=self.root))
+        sock = folder / "r.sock"
+        start = time.perf_counter()
+        subprocess.run([str(tinytown.find_redis_server()), "-"], stdout=subprocess.DEVNULL, input=(
+            f"daemonize yes\nport 0\nunixsocket {sock}\ndir {folder}\npidfile {folder}/r.pid\n"
+            f"logfile {folder}/r.log\nappendonly yes\nappendfsync everysec\nsave \"\"\n"),
+            text=True, check=True)
+        client = redis.Redis(unix_socket_path=str(sock))
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.ConnectionError, FileNotFoundError):
+                time.sleep(0.002)
+        elapsed = (time.perf_counter() - start) * 1000
+        pid = int((folder / "r.pid").read_text())
+        client.shutdown(nosave=True)
+        tinytown._wait_for_exit(pid, 10)  # as Town.close() does: no server dies during the next run
+        return elapsed
 
-        def bare():
-            folder = Path(tempfile.mkdtemp(dir=self.root))
-            sock = folder / "r.sock"
-            start = time.perf_counter()
-            subprocess.run([binary, "-"], stdout=subprocess.DEVNULL, input=(
-                f"daemonize yes\nport 0\nunixsocket {sock}\ndir {folder}\npidfile {folder}/r.pid\n"
-                f"logfile {folder}/r.log\nappendonly yes\nappendfsync everysec\nsave \"\"\n"),
-                text=True, check=True)
-            client = redis.Redis(unix_socket_path=str(sock))
-            while True:
-                try:
-                    client.ping()
-                    break
-                except (redis.ConnectionError, FileNotFoundError):
-                    time.sleep(0.002)
-            elapsed = (time.perf_counter() - start) * 1000
-            pid = int((folder / "r.pid").read_text())
-            client.shutdown(nosave=True)
-            tinytown._wait_for_exit(pid, 10)  # as Town.close() does: no server dies during the next run
-            return elapsed
+    def p7_init(self):
+        bare = self._bare_redis_start
 
         def ours():
             folder = Path(tempfile.mkdtemp(dir=self.root))
@@ -326,6 +327,33 @@ class Bench:
 
         self.record("P7", "Town.init to ready (vs bare redis-server start-to-PING)",
                     *paired(ours, bare, 7), 1.5)
+
+    # H1 ----------------------------------------------------------------------
+    def h1_heal(self):
+        """A managed redis-server SIGKILLed (as the OOM killer would) under an idle demo
+        agent: its loop starts one again; ms from the kill to the new server's PING."""
+        town = Town.init(Path(tempfile.mkdtemp(dir=self.root)), "h1")
+        agent = town.spawn_agent("w1", "demo")
+        self._wait_state(town, agent.id, "idle")
+        server = town.server
+
+        def ours():
+            time.sleep(0.3)  # the loop back in its BLPOP
+            old = server.read_pid()
+            start = time.perf_counter()
+            os.kill(old, 9)
+            while not (server.read_pid() not in (None, old) and server.ping(loaded=True)):
+                time.sleep(0.0005)
+            return (time.perf_counter() - start) * 1000
+
+        try:
+            self.record("H1", "crashed Redis answers again, started by its loop",
+                        *paired(ours, self._bare_redis_start), 3.0, note="vs a bare start-to-PING")
+            alive = town.agent("w1").record()
+            assert alive.alive and alive.state == "idle", alive
+        finally:
+            town.kill_agent("w1")
+            town.close()
 
     # P8 ----------------------------------------------------------------------
     def p8_rss(self):
@@ -621,11 +649,11 @@ def main() -> int:
     parser.add_argument("--out", default="bench_results.json")
     args = parser.parse_args()
     args.quick = args.quick or bool(os.environ.get("TINYTOWN_BENCH_QUICK"))
-    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8,C1,C2,C3,G").upper().split(","))
+    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8,H1,C1,C2,C3,G").upper().split(","))
     bench = Bench(args.quick)
     steps = {"P1": bench.p1_round_trip, "P2": bench.p2_wake_up, "P3": bench.p3_list,
              "P4": bench.p4_status, "P5": bench.p5_idle_commands, "P6": bench.p6_drain,
-             "P7": bench.p7_init, "P8": bench.p8_rss, "C1": bench.cost_curves,
+             "P7": bench.p7_init, "P8": bench.p8_rss, "H1": bench.h1_heal, "C1": bench.cost_curves,
              "C2": bench.p6_curve, "C3": bench.idle_loops, "G": bench.graph_costs}
     try:
         for key, step in steps.items():

@@ -1514,6 +1514,32 @@ def test_close_drains_the_queue_then_goes_cold(town, configure, tmp_path):
     assert agent.tasks_completed == 2 and worker.inbox_len() == 0
 
 
+def test_close_ends_when_only_informational_messages_are_left(town):
+    worker = town.spawn_agent("reader", "demo")
+    wait_state(town, worker.id, "idle")
+    assert tt("broadcast", "lunch at noon", "--info")[0] == 0
+    assert tt("close", "reader")[0] == 0  # it used to stay draining, "pending: 1 info", for ever
+    agent = worker.wait(timeout=30)
+    assert agent.state == "cold" and agent.rounds_completed == 0  # no round for news alone
+    assert worker.inbox_len() == 0 and not town.redis.llen(town.keys.processing(worker.id))
+
+
+def test_informational_messages_are_shown_once_in_the_next_round_and_settled(town, configure, tmp_path):
+    prompts = tmp_path / "prompts.log"
+    fresh = configure(clis={"broken": f"cat >> {shlex.quote(str(prompts))}; false"})
+    worker = fresh.spawn_agent("news", "broken")
+    wait_state(town, worker.id, "idle")
+    worker.send("the build is green", type="info")
+    waiting = wait_for(town, lambda: worker.inbox() or None, what="the message back in the inbox")
+    assert [m.text for m in waiting] == ["the build is green"]  # it waits for a round
+    task = worker.assign("some work")
+    assert town.wait_task(task.id, timeout=30).state == "failed"  # every round failed
+    assert prompts.read_text().count("## Assigned tasks") == 3
+    assert prompts.read_text().count("the build is green") == 1  # shown once, then settled
+    assert [m.type for m in dead_letters(town, worker.id)] == ["task_assign"]
+    assert worker.inbox_len() == 0
+
+
 def test_interrupt_pauses_at_once_and_resume_continues(town, configure, tmp_path):
     worker, first, gate = mid_round(town, configure, tmp_path, "pauser")
     code, out, err = tt("interrupt", "pauser", "--json")
@@ -2283,6 +2309,90 @@ def test_killed_redis_loses_nothing_and_the_loop_carries_on(cli_town):
         assert town.server.read_pid() != pid
         [agent] = town.list_agents()
         assert agent.alive and agent.tasks_completed == 2
+
+
+def redis_back(proj, old_pid, timeout=30):
+    """The town's managed Redis answers again under a new pid (started by someone else)."""
+    server = tinytown.RedisServer(proj, tinytown.load_config(proj / "tinytown.toml"))
+    deadline = time.monotonic() + timeout
+    while not (server.read_pid() not in (None, old_pid) and server.ping(loaded=True)):
+        assert time.monotonic() < deadline, f"no Redis came back within {timeout}s"
+        time.sleep(0.02)
+    return server.read_pid()
+
+
+def crash_redis(proj):
+    pid = int((proj / ".tt" / "redis.pid").read_text())
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer would: no SHUTDOWN, the pid file left behind
+    assert _wait_gone(pid, 10)
+    return pid
+
+
+def test_a_crashed_redis_is_down_not_stopped_and_the_loops_of_its_host_start_one_again(cli_town):
+    proj = cli_town
+    assert run_module("config", "agent.heartbeat_secs", "1", cwd=proj).returncode == 0
+    crash_redis(proj)  # no loop yet: a person is told what happened and what to do
+    status = run_module("status", cwd=proj)
+    assert status.returncode == 0 and "Redis is down, not stopped" in status.stdout
+    assert "`tt start`" in status.stdout and "tt stop" not in status.stdout
+    shown = json.loads(run_module("status", "--json", cwd=proj).stdout)
+    assert shown["stopped"] is False and shown["redis"] == {"running": False, "crashed": True}
+    listed = run_module("list", cwd=proj)
+    assert listed.returncode == 1 and "down, not stopped" in listed.stderr and listed.stderr.count("\n") == 1
+    assert not serving(proj)  # a read-only command never starts it
+    assert run_module("start", cwd=proj).returncode == 0
+    for name in ("a1", "a2", "a3"):
+        assert run_module("spawn", name, "--cli", "demo", cwd=proj).returncode == 0
+    with Town(proj) as town:
+        loops = {a.name: int(wait_state(town, a.id, "idle").pid) for a in town.list_agents()}
+        first = town.assign("a1", "before the crash")
+        assert town.wait_task(first.id, 30).state == "completed"
+    old = crash_redis(proj)  # three loops race to start it again
+    redis_back(proj, old)
+    assert len(serving(proj)) == 1
+    with Town(proj, start_server=False) as town:
+        second = town.assign("a2", "after the crash")
+        assert town.wait_task(second.id, 30).state == "completed"
+        assert town.task(first.id).state == "completed"
+        agents = {a.name: wait_state(town, a.id, "idle") for a in town.list_agents()}
+        assert {name: int(a.pid) for name, a in agents.items()} == loops  # nobody gave up
+        assert all(a.alive for a in agents.values())
+
+
+def test_the_round_in_flight_survives_a_redis_crash(cli_town, tmp_path):
+    proj, gate = cli_town, tmp_path / "gate"
+    assert run_module("config", "agent.heartbeat_secs", "1", cwd=proj).returncode == 0
+    assert run_module("config", "agent_clis.gated.command", gated_demo(gate), cwd=proj).returncode == 0
+    assert run_module("spawn", "a1", "--cli", "gated", "--force", cwd=proj).returncode == 0
+    with Town(proj) as town:
+        task = town.assign("a1", "a long job")
+        wait_for(town, lambda: town.agent("a1").record().cli_pgid or None, what="the CLI running")
+    old = crash_redis(proj)
+    redis_back(proj, old)  # the loop's heartbeat during the run finds it gone and starts it
+    gate.touch()  # the CLI goes on and reports through `tt`
+    with Town(proj, start_server=False) as town:
+        done = town.wait_task(task.id, 30)
+        assert (done.state, done.attempts) == ("completed", 0)
+        agent = wait_rounds(town, town.agent("a1").id, 1)
+        assert agent.tasks_completed == 1 and agent.alive
+        assert not [e for e in town.channel.events(100) if e["event"] == "requeued"]
+
+
+def test_start_restarts_the_agents_that_died_with_their_redis(cli_town):
+    proj = cli_town
+    assert run_module("spawn", "a1", "--cli", "demo", cwd=proj).returncode == 0
+    with Town(proj) as town:
+        loop = int(wait_state(town, town.agent("a1").id, "idle").pid)
+    os.kill(loop, signal.SIGKILL)  # the OOM killer takes the loop too
+    assert _wait_gone(loop, 10)
+    crash_redis(proj)
+    start = run_module("start", cwd=proj)
+    assert start.returncode == 0 and "restarted agents: a1" in start.stdout, start.stdout + start.stderr
+    with Town(proj) as town:
+        agent = wait_state(town, town.agent("a1").id, "idle")
+        assert int(agent.pid) != loop and agent.alive
+        task = town.assign("a1", "after the restart")
+        assert town.wait_task(task.id, 30).state == "completed"
 
 
 # -- git worktrees --
@@ -4054,6 +4164,171 @@ def test_stop_stops_the_hook_runner_after_the_hooks_of_its_own_events(cli_town):
     tt("stop", town_path=cli_town)
 
 
+def hooks_caught_up(town, ran):
+    """Wait until the runner acked every event and `ran` hooks ran (their lines in a file)."""
+    until(town, lambda: tinytown._hooks_drained(town) and int(
+        town.redis.hget(town.keys.hooks, "ran") or 0) >= ran, what=f"{ran} hooks to run")
+
+
+def test_hostile_event_data_reaches_a_hook_escaped_in_its_environment_and_whole_on_stdin(town, tmp_path):
+    env_log, stdin_log = tmp_path / "env.log", tmp_path / "stdin.log"
+    hook_config(town.root, {"task_created": f'printf "%s\\n" "$TT_TASK_DESCRIPTION|$TT_TEXT" >> {env_log};'
+                                            f' cat >> {stdin_log}; echo >> {stdin_log}'})
+    runner = tt_json("start")["hook_runner"]
+    hostile = ["nul\x00here", "esc\x1b[2K\rfake \u2713 done\x9b31m", "plain"]
+    for description in hostile:  # a NUL used to kill the runner for good (embedded null byte)
+        town.backlog_add(description)
+    hooks_caught_up(town, 3)
+    assert env_log.read_text().splitlines() == [
+        "nul\\x00here|nul\\x00here", "esc\\x1b[2K\\rfake \u2713 done\\x9b31m|esc\\x1b[2K\\rfake \u2713 done\\x9b31m",
+        "plain|plain"]
+    documents = [json.loads(line) for line in stdin_log.read_text().splitlines()]
+    assert [d["task_description"] for d in documents] == hostile  # stdin: the data itself, as JSON
+    assert [d["text"] for d in documents] == hostile and documents[0]["event"] == "task_created"
+    assert documents[0]["fields"]["task"] == documents[0]["task_id"]
+    assert tinytown._hook_runner_pid(town.root) == runner  # the same runner goes on
+    assert not any(e["event"] == "hook_failed" for e in town.channel.events(50))
+    tinytown.stop_hook_runner(town.root)
+
+
+def test_a_failing_hook_is_recorded_with_its_status_and_stderr_never_its_command_line(town, tmp_path):
+    hook_config(town.root, {"task_failed": "curl_token=s3cr3t-t0ken; echo 'no route to host' >&2; exit 3"})
+    tt_json("start")
+    failing = town.backlog_add("never done")
+    town.fail_task(failing.id, "out of scope")
+    until(town, lambda: tinytown._hooks_drained(town) and town.redis.llen(town.keys.hooks_failed),
+          what="the failure to be recorded")
+    [event] = [e for e in town.channel.events(50) if e["event"] == "hook_failed"]
+    assert event["hook"] == "task_failed" and event["exit_code"] == "3"
+    assert event["stderr"] == "no route to host"
+    record = json.loads(town.redis.lindex(town.keys.hooks_failed, 0))
+    assert record["exit_code"] == 3 and record["stderr"] == "no route to host"
+    everything = json.dumps([town.channel.events(100), town.redis.lrange(town.keys.hooks_failed, 0, -1),
+                             tt_json("history", "-n", "100")])
+    assert "s3cr3t" not in everything  # tokens in a hook's command line stay in the config
+    tinytown.stop_hook_runner(town.root)
+
+
+def test_tt_text_comes_from_the_event_not_from_the_live_inbox(town, tmp_path):
+    texts = tmp_path / "texts.log"
+    hook_config(town.root, {"message_to_conductor": f'printf "%s\\n" "$TT_TEXT" >> {texts}'})
+    town.spawn_agent("w1", "demo", start=False)
+    tt_json("start")
+    assert tinytown.stop_hook_runner(town.root)  # its events wait for the next runner
+    for text in ("first", "second"):
+        tt("send", "conductor", text, "--query", "--from", "w1")
+    second = [m for m in town.channel.peek("conductor") if m.text == "second"][0]
+    assert tt("inbox", "ack", second.id)[0] == 0  # read before the runner got to its event
+    fillers = [Message.text_message("info", "conductor", f"filler {n}").to_json() for n in range(300)]
+    town.redis.rpush(town.keys.inbox("conductor"), *fillers)  # a full inbox: never read per event
+
+    def lranges():
+        return town.redis.info("commandstats").get("cmdstat_lrange", {}).get("calls", 0)
+    before = lranges()
+    tt_json("start")
+    hooks_caught_up(town, 2)
+    assert texts.read_text().splitlines() == ["first", "second"]
+    assert lranges() == before  # no inbox read at all
+    tinytown.stop_hook_runner(town.root)
+
+
+def test_the_readmes_hook_examples_hand_hostile_text_on_as_data(town, tmp_path, monkeypatch):
+    import tomllib
+    readme = (MODULE.parent / "README.md").read_text()
+    hooks = tomllib.loads(re.search(r"```toml\n(\[hooks\].*?)```", readme, re.S).group(1))["hooks"]
+    del hooks["all_tasks_done"]  # (it rings a terminal's bell)
+    calls, bin_dir = tmp_path / "calls", tmp_path / "bin"
+    calls.mkdir()
+    bin_dir.mkdir()
+    for name in ("osascript", "notify-send", "curl"):  # stand-ins that keep what they were given
+        (bin_dir / name).write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                    f"open(os.path.join({str(calls)!r}, '{name}.' + str(os.getpid())), 'w')"
+                                    ".write(json.dumps({'argv': sys.argv[1:], 'stdin': sys.stdin.read()}))\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.example/slack")
+    monkeypatch.setenv("DISCORD_WEBHOOK_URL", "https://hooks.example/discord")
+    hook_config(town.root, hooks)
+    tt_json("start")
+    hostile = '"\'$(touch PWNED)`touch PWNED`"}, {"x": "" & do shell script "touch PWNED" & "\nline two'
+    w1 = town.spawn_agent("w1", "demo", start=False)
+    town.complete_task(town.assign("w1", "the intro").id, hostile)
+    town.fail_task(town.backlog_add("the outro").id, hostile)
+    tt("send", "conductor", hostile, "--query", "--from", "w1")
+    town.channel.set_agent_state(w1.id, "error")
+    hooks_caught_up(town, 4)
+    def given(name):
+        return [json.loads(path.read_text()) for path in sorted(calls.glob(f"{name}.*"))]
+    escaped = hostile.replace("\n", "\\n")  # (the environment's escaping)
+    [osascript], [notify] = given("osascript"), given("notify-send")
+    assert osascript["argv"] == ["-e", "on run argv", "-e", "display notification (item 1 of argv) with title"
+                                 " (item 2 of argv)", "-e", "end run", escaped, "w1 finished"]
+    assert notify["argv"] == ["tinytown: task failed", f"the outro: {escaped}"]
+    posted = [json.loads(call["stdin"]) for call in given("curl")]  # JSON built by jq: the text exactly
+    assert sorted(posted, key=json.dumps) == sorted([{"text": f"w1 asks: {hostile}"},
+                                                     {"content": "w1 is in error"}], key=json.dumps)
+    assert not list(tmp_path.rglob("PWNED"))
+    tinytown.stop_hook_runner(town.root)
+
+
+def test_events_trimmed_before_the_runner_read_them_are_counted_and_a_dead_runner_comes_back(
+        town, tmp_path, monkeypatch):
+    ran, started, gate = tmp_path / "ran.log", tmp_path / "started", tmp_path / "gate"
+    hook_config(town.root, {"task_created": f'if [ "$TT_DETAIL" = first ]; then touch {started};'
+                                            f' while [ ! -e {gate} ]; do sleep 0.05; done; fi;'
+                                            f' echo $TT_TASK_ID >> {ran}'})
+    runner = tt_json("start")["hook_runner"]
+    assert town.redis.get(town.keys.alive("hooks")).startswith(f"{runner}.")  # it holds a lease
+    town.backlog_add("first")
+    wait_file(started, words=0)
+    os.kill(runner, signal.SIGKILL)  # in the middle of a hook: its event stays pending
+    assert _wait_gone(runner, 10)
+    gate.touch()
+    wait_file(ran)  # (the orphaned hook ends)
+    monkeypatch.setattr(tinytown, "EVENTS_MAXLEN", 100)  # the cap, small: trimming within seconds
+    short = Town(town.root)
+    for n in range(600):
+        short.backlog_add(f"job {n}")
+    short.release()
+    short.close()
+    assert town.redis.xlen(town.keys.events) < 600
+    status = tt_json("status")["hooks"]  # any tt command of this host starts a dead runner again
+    assert status["pid"] not in (None, runner)
+    until(town, lambda: tinytown._hooks_drained(town) and town.redis.hget(town.keys.hooks, "missed"),
+          what="the runner to catch up")
+    hooks_ran = len(ran.read_text().split()) - 1  # by the new runner
+    missed = {e.get("event_id", "gap"): int(e["count"]) for e in town.channel.events(50)
+              if e["event"] == "hooks_missed"}
+    assert len(missed) == 2 and missed["gap"] > 0  # the pending one trimmed, and the gap after it
+    assert sum(missed.values()) == 601 - hooks_ran, (missed, hooks_ran)  # every event counted once
+    assert tt_json("status")["hooks"]["missed"] == 601 - hooks_ran
+    assert f"{601 - hooks_ran} events missed" in tt("status")[1]
+    checks = {c.name: c for c in tinytown.doctor(town.root)}
+    assert checks["hooks"].ok and f"{601 - hooks_ran} events missed" in checks["hooks"].detail
+    tinytown.stop_hook_runner(town.root)
+
+
+def test_a_dead_runner_is_started_again_by_a_loop_of_its_host_and_not_after_stop(cli_town):
+    fired = cli_town / "fired.log"
+    tt("config", "agent.heartbeat_secs", "1", town_path=cli_town)
+    hook_config(cli_town, {"task_completed": f"echo $TT_TASK_ID >> {fired}"})
+    assert tt("start", town_path=cli_town)[0] == 0
+    runner = tinytown._hook_runner_pid(cli_town)
+    assert tt("spawn", "w1", "--cli", "demo", town_path=cli_town)[0] == 0
+    with Town(cli_town) as town:
+        wait_state(town, town.agent("w1").id, "idle")
+        os.kill(runner, signal.SIGKILL)
+        assert _wait_gone(runner, 10)
+        until(town, lambda: tinytown._hook_runner_pid(cli_town) not in (None, runner), what="a new runner")
+        task = town.assign("w1", "after the runner died")
+        assert town.wait_task(task.id, 30).state == "completed"
+        wait_file(fired)
+        assert fired.read_text().split() == [task.id]
+    assert tt("stop", town_path=cli_town)[0] == 0
+    assert tinytown._hook_runner_pid(cli_town) is None
+    assert tt("status", town_path=cli_town)[0] == 0 and tinytown._hook_runner_pid(cli_town) is None
+
+
 # Watch #######################################################################
 
 @pytest.fixture(scope="session")
@@ -4113,6 +4388,16 @@ def test_watch_redraws_live_in_a_terminal_and_q_restores_it(town, tmux, tmp_path
         assert "AGENTS" not in screen() and "watch-exit=0" in screen()  # the terminal as it was
     finally:
         subprocess.run([tmux, "-L", server, "kill-server"], capture_output=True)
+
+
+def test_a_redraw_reads_a_bounded_part_of_the_conductors_inbox(town):
+    town.spawn_agent("w1", "demo", start=False)
+    for n in range(3 * tinytown.PENDING_SAMPLE):
+        tt("send", "conductor", f"question {n}", "--query", "--from", "w1")
+    snapshot = tinytown._watch_snapshot(town)
+    assert [m.text for m in snapshot["queries"]] == [f"question {n}" for n in range(tinytown.PENDING_SAMPLE)]
+    lines = [text for text, _ in tinytown._watch_lines(snapshot, tinytown._Names(town), 200)]
+    assert f"  ? {2 * tinytown.PENDING_SAMPLE} more in your inbox (`tt inbox`)" in lines
 
 
 def test_watch_without_a_terminal_prints_events_as_lines(town):

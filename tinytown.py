@@ -15,7 +15,7 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Redis server         RedisServer: find, start, connect, stop
     Tasks                TaskStore: the one owner of task keys, the graph's rules, prune, archive
     Channel              Channel: the delivery contract, the liveness script, agents and messages
-    Town                 Town, AgentHandle
+    Town                 Town, AgentHandle, the hook runner's process (start, revive, stop)
     Plans and snapshots  tasks.toml (plan, sync push / pull), save / restore, import-github
     Agent CLIs           RoundUsage and the CLIs' JSON parsers, env, credentials, sessions
     Agent loop           AgentLoop: one round per step()
@@ -53,6 +53,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -80,7 +81,7 @@ __all__ = [
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
     "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
     "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask",
-    "HookRunner", "start_hook_runner", "stop_hook_runner", "serve_mcp",
+    "HookRunner", "start_hook_runner", "revive_hook_runner", "stop_hook_runner", "serve_mcp",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
     "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
 ]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
@@ -96,8 +97,10 @@ RUNTIME_DIR = ".tt"
 MIN_REDIS_VERSION = (6, 2)
 RESERVED_NAMES = ("supervisor", "conductor")
 CONDUCTOR_ID = "conductor"  # the human's one mailbox; `supervisor` is an alias
+HOOK_RUNNER_ID = "hooks"  # the hook runner holds alive:hooks as a loop holds alive:<agent id>
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 EVENTS_MAXLEN = 10_000
+EVENT_DETAIL_MAX = 2000  # characters of a message's text its event carries (for hooks)
 ACTIVITY_KEEP = 20
 WAKE_KEEP = 4  # wake tokens kept: one is enough to wake, a few absorb bursts
 MESSAGES_PER_ROUND = 50
@@ -150,6 +153,7 @@ class Keys:
         self.backlog = self.prefix + "backlog"          # zset unassigned task id by arrival (FIFO)
         self.backlog_seq = self.prefix + "backlog_seq"  # counter: the backlog's arrival order
         self.events = self.prefix + "events"            # capped stream of state changes
+        self.events_added = self.events + "_added"      # counter: events ever added (hooks see gaps)
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
         self.idle = self.prefix + "idle"                # set: idle agent ids (whom a backlog add wakes)
         self.finished = self.prefix + "finished"        # zset: finished task id by when it finished
@@ -434,9 +438,12 @@ class WaitTimeout(TinytownError):
 
 
 class TownStopped(TinytownError):
-    def __init__(self, root: Path):
-        self.root = root
-        super().__init__(f"the town at {root} is stopped; run `tt start`")
+    """The town's managed Redis is down: stopped on purpose, or `crashed` (no `tt stop`)."""
+
+    def __init__(self, root: Path, crashed: bool = False):
+        self.root, self.crashed = root, crashed
+        super().__init__("the town's Redis is down, not stopped (a crash?); a loop of this host starts it"
+                         " again, or run `tt start`" if crashed else f"the town at {root} is stopped; run `tt start`")
 
 
 class LostLease(TinytownError):
@@ -1406,6 +1413,11 @@ _NO_CLIENT_SETINFO: dict[str, Any] = (
     else {"lib_name": None, "lib_version": None})
 
 
+def _lease_ttl(settings: AgentSettings) -> int:
+    """A heartbeat lease's TTL: three beats (a loop's, the hook runner's)."""
+    return max(int(settings.heartbeat_secs * 3 + 0.999), 2)
+
+
 def _max_block_secs(settings: AgentSettings) -> float:
     """The longest any Redis call blocks (BLPOP, XREAD): sockets time out a bit after it."""
     return max(settings.heartbeat_secs * 2, 5.0)
@@ -1476,6 +1488,13 @@ class RedisServer:
     def stopped_on_purpose(self) -> bool:
         """`tt stop` ran and no person has started the town since."""
         return (self.runtime / "stopped").exists()
+
+    @property
+    def crashed(self) -> bool:
+        """A managed server that went down without a shutdown (SIGKILL, the OOM killer): its
+        pid file outlived it (a clean shutdown, `tt stop`'s or a Town's, removes it)."""
+        pid = self.read_pid()
+        return self.managed and pid is not None and not (_pid_alive(pid) and _is_redis_process(pid))
 
     @property
     def socket_path(self) -> Path:
@@ -1574,8 +1593,10 @@ class RedisServer:
         except (OSError, ValueError):
             return None
 
-    def ensure_running(self) -> bool:
-        """Make sure the server answers; True when this call started it."""
+    def ensure_running(self, *, only_after_crash: bool = False) -> bool:
+        """Make sure the server answers; True when this call started it.  `only_after_crash`
+        (a loop's restart): start one only in place of a server that crashed, never after
+        a stop (TownStopped then)."""
         if self.ping():
             self._wait_loaded()
             return False
@@ -1590,6 +1611,10 @@ class RedisServer:
             if self.ping():
                 self._wait_loaded()
                 return False
+            if only_after_crash and (self.stopped_on_purpose or not self.crashed):
+                raise TownStopped(self.root)
+            if self.crashed:
+                log.warning("redis-server %s went down without `tt stop`; starting it again", self.read_pid())
             self._clear_stale()
             self._start()
             return True
@@ -1712,6 +1737,16 @@ class RedisServer:
 
 GRAPH_BUDGET = 100  # dependents one script settles (about 5 ms); the rest goes on in the next
 
+# Every event is added through here (Channel.add_event in Python): the entry, in the capped
+# stream, and the count of events ever added, `<events>_added`, by which the hook runner
+# tells that trimming took events it had not read yet.
+_ADD_EVENT_LUA = """
+local function add_event(stream, ...)
+  redis.call('INCR', stream .. '_added')
+  return redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', ...)
+end
+"""
+
 
 def _lua(script: str) -> str:
     """A Lua script with the module's constants filled in."""
@@ -1719,7 +1754,7 @@ def _lua(script: str) -> str:
         return "{" + ", ".join(f"{name} = true" for name in sorted(names)) + "}"
     return (f"local TERMINAL_AGENT = {table(TERMINAL_AGENT_STATES)}\n"
             f"local TERMINAL_TASK = {table(TERMINAL_TASK_STATES)}\n"
-            f"local ACTIONABLE = {table(ACTIONABLE_TYPES)}\n" + script
+            f"local ACTIONABLE = {table(ACTIONABLE_TYPES)}\n" + _ADD_EVENT_LUA + script
             ).replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace("WAKE_KEEP", str(WAKE_KEEP)
                       ).replace("GRAPH_BUDGET", str(GRAPH_BUDGET))
 
@@ -1730,9 +1765,7 @@ def _lua(script: str) -> str:
 _TASKS_LUA = """
 local prefix = ARGV[1]
 local function key(kind, id) return prefix .. kind .. ':' .. id end
-local function event(...)
-  redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', EVENTS_MAXLEN, '*', ...)
-end
+local function event(...) add_event(prefix .. 'events', ...) end
 local function wake(agent)
   redis.call('RPUSH', key('wake', agent), '1')
   redis.call('LTRIM', key('wake', agent), -WAKE_KEEP, -1)
@@ -2739,6 +2772,7 @@ class TaskStore:
             self._queue_upgrade(pipe)
         pipe.xadd(self.keys.events, {"event": "restored", "at": _now(), "keys": str(written), "source": source},
                   maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.incr(self.keys.events_added)  # (as every event is counted: the hook runner's gap check)
         pipe.execute()
         self.settle_graph()
         return written
@@ -2778,8 +2812,7 @@ end
 if work > 0 and (state == 'idle' or state == 'starting') then
   redis.call('HSET', KEYS[2], 'state', 'working')
   redis.call('SREM', KEYS[9], ARGV[2])
-  redis.call('XADD', KEYS[8], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_working',
-             'agent', ARGV[2], 'from', state, 'at', ARGV[3])
+  add_event(KEYS[8], 'event', 'agent_working', 'agent', ARGV[2], 'from', state, 'at', ARGV[3])
   out[2] = 'working'
 end
 return out
@@ -2796,7 +2829,7 @@ if KEYS[4] ~= '' and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[2], '1')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(ARGV, 3))
+add_event(KEYS[3], unpack(ARGV, 3))
 return 1
 """
 
@@ -2831,8 +2864,7 @@ end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 5))
 redis.call(ARGV[1] == 'idle' and 'SADD' or 'SREM', KEYS[3], ARGV[3])
 if old ~= ARGV[1] then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', EVENTS_MAXLEN, '*',
-             'event', 'agent_' .. ARGV[1], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
+  add_event(KEYS[2], 'event', 'agent_' .. ARGV[1], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
 end
 return old
 """
@@ -2842,6 +2874,7 @@ return old
 # is known, so an agent being started is never taken for dead.
 
 # KEYS[1] = alive:<id>; ARGV[1] = the loop's identity, ARGV[2] = TTL, ARGV[3] = launching@<host>
+# (or a holder the caller saw gone on its own host)
 # A new loop takes the lease if it is free, already its own (its spawner wrote its pid), or
 # held for the launch.  Returns 1, or the identity of the loop that holds it.
 _ACQUIRE_LEASE_LUA = """
@@ -2882,8 +2915,7 @@ redis.call('SREM', KEYS[5], ARGV[3])
 local old = redis.call('HGET', KEYS[3], 'state')
 if not old then return 1 end
 redis.call('HSET', KEYS[3], 'state', ARGV[2], unpack(ARGV, 5))
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', 'agent_' .. ARGV[2],
-           'agent', ARGV[3], 'from', old, 'at', ARGV[4])
+add_event(KEYS[4], 'event', 'agent_' .. ARGV[2], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
 return 1
 """
 
@@ -3061,9 +3093,13 @@ class Channel:
 
     # -- events ------------------------------------------------------------------
 
-    def _event(self, pipe: Any, kind: str, **fields: Any) -> None:
+    def add_event(self, pipe: Any, kind: str, **fields: Any) -> None:
+        """Queue an event in `pipe` (a MULTI), counted as the Lua scripts count theirs."""
         entry = {"event": kind, "at": _now(), **{k: str(v) for k, v in fields.items() if v is not None}}
         pipe.xadd(self.keys.events, entry, maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.incr(self.keys.events_added)
+
+    _event = add_event  # (its older name, still used across the module)
 
     def events(self, count: int = 20, agent_id: str | None = None) -> list[dict[str, str]]:
         """The newest `count` events (of one agent), oldest first."""
@@ -3110,7 +3146,8 @@ class Channel:
         if not self._send(keys=[self.keys.queue_for(message.to, message.priority),
                                 self.keys.wake(message.to), self.keys.events, record],
                           args=[message.to_json(), WAKE_KEEP, "event", "message", "at", _now(),
-                                "agent", message.to, "type", message.type, "sender", message.from_]):
+                                "agent", message.to, "type", message.type, "sender", message.from_,
+                                "message", message.id, "detail", message.text[:EVENT_DETAIL_MAX]]):
             raise AgentNotFound(message.to)
         return message
 
@@ -3122,7 +3159,8 @@ class Channel:
         pipe = self.redis.pipeline()
         for copy in copies:
             self._push(pipe, copy)
-        self._event(pipe, "broadcast", type=message.type, sender=message.from_, count=len(copies))
+        self._event(pipe, "broadcast", type=message.type, sender=message.from_, count=len(copies),
+                    detail=message.text[:EVENT_DETAIL_MAX])
         pipe.execute()
         return copies
 
@@ -3214,12 +3252,12 @@ class Channel:
             pipe.llen(key)
         return sum(pipe.execute())
 
-    def peek(self, agent_id: str, *, processing: bool = False) -> list[Message]:
-        """Pending messages in delivery order, left where they are."""
+    def peek(self, agent_id: str, *, processing: bool = False, limit: int = 0) -> list[Message]:
+        """Pending messages in delivery order, left where they are (`limit`: of each queue)."""
         keys = [*self.keys.queues(agent_id)] + ([self.keys.processing(agent_id)] if processing else [])
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
-            pipe.lrange(key, 0, -1)
+            pipe.lrange(key, 0, limit - 1)
         parsed = (_parse_message(raw) for batch in pipe.execute() for raw in batch)
         return [message for message in parsed if message]  # a malformed one goes to dead: on take
 
@@ -3313,10 +3351,11 @@ class Channel:
                                      self.keys.role("")],
                                args=[state, allowed, agent_id, _now(), *_field_args(fields)], client=pipe)
 
-    def acquire_lease(self, agent_id: str, identity: str, ttl: int) -> str | None:
-        """Take `alive:<id>` for a new loop; None when taken, else the holder's identity."""
+    def acquire_lease(self, agent_id: str, identity: str, ttl: int, replaceable: str = "") -> str | None:
+        """Take `alive:<id>` for a new loop; None when taken, else the holder's identity.
+        It may replace a launch hold of this host, or `replaceable` (a holder seen gone)."""
         got = self._acquire_lease(keys=[self.keys.alive(agent_id)],
-                                  args=[identity, ttl, f"launching@{socket.gethostname()}"])
+                                  args=[identity, ttl, replaceable or f"launching@{socket.gethostname()}"])
         return None if got == 1 else got
 
     def refresh_lease(self, agent_id: str, identity: str, ttl: int, verify: bool = True) -> bool:
@@ -3556,7 +3595,9 @@ class Town:
             self._owns_server = self.server.ensure_running()
             (self._root / RUNTIME_DIR / "stopped").unlink(missing_ok=True)
         elif not self.server.ping():
-            raise TownStopped(self._root) if self.server.managed else self.server.unreachable()
+            if not self.server.managed:
+                raise self.server.unreachable()
+            raise TownStopped(self._root, crashed=self.server.crashed and not self.server.stopped_on_purpose)
         else:
             self._owns_server = False
         self.redis = self.server.client()
@@ -3680,6 +3721,19 @@ class Town:
                 self._owns_server = False
         finally:
             self.redis.close()
+
+    def revive_server(self) -> bool:
+        """Start the managed Redis again if it crashed (never after a stop): one server
+        however many loops race (the start lock).  True when it answers."""
+        if not self.server.managed:
+            return False
+        try:
+            self.server.ensure_running(only_after_crash=True)
+        except (TownStopped, RedisServerError) as exc:
+            log.debug("not starting redis-server again: %s", exc)
+            return False
+        self.redis.connection_pool.disconnect()  # connections to the dead server are of no use
+        return True
 
     # -- agents ------------------------------------------------------------------
 
@@ -4017,9 +4071,12 @@ class Town:
                 "other_loops_stopped": strays}
 
     def start(self) -> dict[str, Any]:
-        """Redis is running (connecting saw to that); restart the agents `tt stop` stopped."""
+        """Redis is running (connecting saw to that); restart the agents `tt stop` stopped,
+        and those whose loop on this host died (with a crashed Redis, say)."""
         record = self._root / RUNTIME_DIR / "resume.json"
         names = set(self.redis.smembers(self.keys.resume)) | set(_read_name_list(record))
+        names |= {a.name for a in self._channel.agents()
+                  if not a.terminal and _identity_state(a.loop) == "gone"}
         restarted, elsewhere = [], []
         here = socket.gethostname()
         for name in sorted(names):
@@ -4327,6 +4384,140 @@ class AgentHandle:
 
     def restart(self, rounds: int | None = None) -> AgentHandle:
         return self.town.restart_agent(self.id, rounds)
+
+
+# -- the hook runner's process ------------------------------------------------
+# The runner itself (HookRunner) is under Hooks.  It is looked after like an agent loop: it
+# holds the lease alive:hooks through the loops' lease scripts (with no agent record
+# behind it they only guard the key), and a runner that died is started again by the
+# loops and `tt` commands of the host it ran on (its identity file is there), unless the
+# town was stopped on purpose.
+
+HOOK_STOP_SECS = 10.0       # `tt stop` waits this long for a running hook to end
+_HOOK_GROUP, _HOOK_CONSUMER = "hooks", "runner"  # one consumer: its pending entries are ours
+
+# KEYS[1] = events, KEYS[2] = events_added, KEYS[3] = hooks; ARGV[1] = the group's name
+# The runner's consumer group, reading the events from now on, with every event so far
+# accounted for (the runner's gap check counts from there).  0 when the group exists.
+_HOOK_GROUP_LUA = """
+if redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '$', 'MKSTREAM')['err'] then return 0 end
+redis.call('HSET', KEYS[3], 'accounted', redis.call('GET', KEYS[2]) or 0)
+return 1
+"""
+
+
+def _hook_identity_file(root: Path) -> Path:
+    return root / RUNTIME_DIR / "hooks.pid"
+
+
+def _hook_runner_identity(root: Path) -> str:
+    """`pid.start@host` of the last runner started from this host ('' when none is to be
+    looked after here: never one, or it ended on purpose)."""
+    try:
+        return _hook_identity_file(root).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _hook_runner_pid(root: Path) -> int | None:
+    """The pid of this town's live hook runner on this host (its identity file names it)."""
+    identity = _hook_runner_identity(root)
+    return int(identity.partition(".")[0]) if _identity_state(identity) == "running" else None
+
+
+def _create_hook_group(town: Town) -> None:
+    town.redis.register_script(_lua(_HOOK_GROUP_LUA))(
+        keys=[town.keys.events, town.keys.events_added, town.keys.hooks], args=[_HOOK_GROUP])
+
+
+def start_hook_runner(town: Town, *, revive: bool = False) -> int | None:
+    """Start the town's hook runner when [hooks] names any and none runs; its pid (None: no
+    hooks, or a runner of another host holds the lease).  `revive`: only in place of a
+    runner of this host that died."""
+    if not town.config.hooks:
+        return None
+    with open(_runtime_dir(town.root) / "hooks.start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two starts at once on this host start one runner
+        identity = _hook_runner_identity(town.root)
+        seen = _identity_state(identity)
+        if seen == "running":
+            return int(identity.partition(".")[0])
+        if revive and seen != "gone":
+            return None
+        # Held for the launch if free, or if its holder is a runner seen dead here.
+        holder = town.redis.get(town.keys.alive(HOOK_RUNNER_ID)) or ""
+        if town.channel.acquire_lease(HOOK_RUNNER_ID, f"launching@{socket.gethostname()}", int(LAUNCH_LEASE_SECS),
+                                      replaceable=holder if _identity_state(holder) == "gone" else ""):
+            _hook_identity_file(town.root).unlink(missing_ok=True)  # another host's runner serves
+            return None
+        # Made here, not by the runner: events from now on are the runner's, however slowly it starts.
+        _create_hook_group(town)
+        proc = _start_detached(town.root, ["hook-runner"], "hooks.log")
+        pipe = town.redis.pipeline()
+        town.channel.hold_for_launch(pipe, HOOK_RUNNER_ID, proc.pid)
+        pipe.execute()
+        _write_atomic(_hook_identity_file(town.root), _loop_identity(proc.pid) + "\n")
+        return proc.pid
+
+
+def revive_hook_runner(town: Town) -> int | None:
+    """Start this host's hook runner again if it died (never after `tt stop`); a look at
+    the identity file first, so that a loop's heartbeat costs no Redis command for it."""
+    if not town.config.hooks or town.server.stopped_on_purpose:
+        return None
+    identity = _hook_runner_identity(town.root)
+    if _identity_state(identity) != "gone":
+        return None
+    log.warning("hooks: the runner %s died; starting it again", identity)
+    return start_hook_runner(town, revive=True)
+
+
+def _hooks_drained(town: Town) -> bool:
+    """Has the runner acked every event in the stream?"""
+    groups = {g["name"]: g for g in town.redis.xinfo_groups(town.keys.events)}
+    group = groups.get(_HOOK_GROUP)
+    return not group or group["pending"] == 0 and group["last-delivered-id"] == town.channel.last_event_id()
+
+
+def stop_hook_runner(root: Path, drain: Town | None = None) -> bool:
+    """Stop the folder's hook runner (its current hook may finish first); True if one ran.
+    With `drain`, the runner first gets up to HOOK_STOP_SECS to run the hooks of the
+    events so far (`tt stop`'s own agent_stopped events, say)."""
+    pid = _hook_runner_pid(root)
+    if pid is None:
+        return False
+    if drain is not None:
+        _poll(lambda: _hooks_drained(drain) or not _pid_alive(pid), HOOK_STOP_SECS, 0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not _wait_for_exit(pid, HOOK_STOP_SECS):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # its entry stays pending: the next runner runs it
+        _wait_for_exit(pid, 5.0)
+    _hook_identity_file(root).unlink(missing_ok=True)  # stopped on purpose: not to be revived
+    return True
+
+
+def _hooks_status(root: Path, config: Config, channel: Channel) -> dict[str, Any]:
+    """What `tt status` and `tt doctor` show of the hook runner (`lease`: its holder, here
+    or on another host)."""
+    pipe = channel.redis.pipeline(transaction=False)
+    pipe.hgetall(channel.keys.hooks)
+    pipe.get(channel.keys.alive(HOOK_RUNNER_ID))
+    state, lease = pipe.execute()
+    return {"configured": sorted(config.hooks), "pid": _hook_runner_pid(root), "lease": lease,
+            **{count: int(state.get(count, 0)) for count in ("ran", "failed", "missed")},
+            "last_event": state.get("last_event")}
+
+
+def _hooks_text(hooks: dict[str, Any]) -> str:
+    """One line of what _hooks_status found."""
+    runner = (f"runner pid {hooks['pid']}" if hooks["pid"] else f"runner {hooks['lease']}" if hooks["lease"]
+              else "runner not running (`tt start` starts it)")
+    missed = (f", {hooks['missed']} events missed (trimmed from the stream before the runner read them)"
+              if hooks["missed"] else "")
+    return (f"{runner}; {hooks['ran']} ran, {hooks['failed']} failed{missed}"
+            f" ({', '.join(hooks['configured']) or 'none configured'})")
 
 
 # Plans and snapshots #########################################################
@@ -5192,7 +5383,7 @@ class AgentLoop:
     def _hold_lease(self) -> None:
         """Take `alive:<id>`.  A holder that died on this host is recovered first (its CLI
         stopped, its work requeued); a live one refuses this loop."""
-        ttl = self._heartbeat_ttl()
+        ttl = _lease_ttl(self.settings)
         holder = self.channel.acquire_lease(self.agent.id, self.identity, ttl)
         if holder and _identity_state(holder) == "gone":
             self.town._recover(self.channel.get_agent(self.agent.id) or self.agent,
@@ -5230,9 +5421,6 @@ class AgentLoop:
         except (LostLease, redis.RedisError) as exc:
             log.error("agent %s: could not record the final state %s: %s", self.agent.name, final, exc)
 
-    def _heartbeat_ttl(self) -> int:
-        return max(int(self.settings.heartbeat_secs * 3 + 0.999), 2)
-
     def _beat(self, due_only: bool = True) -> None:
         """Refresh the lease; with `due_only`, only once a heartbeat period has passed."""
         now = time.monotonic()
@@ -5241,33 +5429,56 @@ class AgentLoop:
             return
         # Only expiry frees a lease, so one refreshed well within its TTL is still ours
         # and a plain SET will do; a loop that stalled longer must ask first.
-        ttl = self._heartbeat_ttl()
+        ttl = _lease_ttl(self.settings)
         if not self.channel.refresh_lease(self.agent.id, self.identity, ttl, verify=since > ttl - 1):
             raise LostLease(self.agent.id)
         self._last_beat = now
+        if since >= self.settings.heartbeat_secs:
+            self._look_after_hook_runner()
+
+    def _look_after_hook_runner(self) -> None:
+        """Start this host's hook runner again if it died (most beats: a look at a file)."""
+        try:
+            revive_hook_runner(self.town)
+        except (OSError, redis.RedisError) as exc:
+            log.warning("agent %s: could not start the hook runner again: %s", self.agent.name, exc)
 
     def _settle(self, acked: set[str], reason: str, *, count: str = "attempt", wake: bool = True) -> None:
-        """Channel.settle, by the lease's holder only: what a loop took is its own."""
-        self._beat(due_only=False)
-        self.channel.settle(self.agent.id, acked, reason, count=count, wake=wake, holder=self.identity)
+        """Channel.settle, by the lease's holder only: what a loop took is its own.  A Redis
+        that crashed since the take is started again first, so the round's outcome counts
+        (settling twice is harmless: the first emptied `processing`)."""
+        for last in (False, True):
+            try:
+                self._beat(due_only=False)
+                self.channel.settle(self.agent.id, acked, reason, count=count, wake=wake, holder=self.identity)
+                return
+            except redis.ConnectionError:
+                if last or not self.town.revive_server():
+                    raise
 
     def _step_surviving_outages(self) -> bool:
-        """step(), riding out a Redis that went away: back off and retry, then hand back
-        what an interrupted round had taken (at-least-once, never lost).  A loop never
-        starts a server: a person does (`tt start`); after `tt stop` it leaves."""
-        outage_started, attempts = None, 0
+        """step(), riding out a Redis that went away, then handing back what an interrupted
+        round had taken (at-least-once, never lost).  A managed Redis that crashed is
+        started again here (one server however many loops race), so a loop never gives up
+        on it; otherwise it backs off and retries for REDIS_OUTAGE_SECS.  After `tt stop`
+        it leaves: only a person starts a stopped town."""
+        interrupted, attempts, give_up = False, 0, None
         while True:
             try:
-                if outage_started is not None:
+                if interrupted:
                     self._settle(set(), "Redis went away mid-round", count="none")
                     log.info("agent %s: Redis is back", self.agent.name)
                 return self.step()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                outage_started = outage_started or time.monotonic()
-                if (time.monotonic() - outage_started > REDIS_OUTAGE_SECS or self._stop_requested
-                        or self.town.server.stopped_on_purpose):
+                interrupted = True
+                if self._stop_requested or self.town.server.stopped_on_purpose:
                     raise
-                log.warning("agent %s: Redis unavailable (%s); retrying", self.agent.name, exc)
+                revived = self.town.revive_server()
+                give_up = None if revived else give_up or time.monotonic() + REDIS_OUTAGE_SECS
+                if give_up and time.monotonic() > give_up:
+                    raise
+                log.warning("agent %s: Redis unavailable (%s); %s", self.agent.name, exc,
+                            "it answers again" if revived else "retrying")
                 self._wakeup.wait(min(0.05 * 2 ** attempts, 5.0))
                 attempts += 1
 
@@ -5297,9 +5508,15 @@ class AgentLoop:
                                                      secs=min(2.0 ** (self._failures - 1), 60.0))
         if state == AgentState.WORKING:  # the take started a round that is not needed after all
             self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "working")
+        if self.draining:  # nothing actionable is left: news alone is no reason to stay
+            if messages:
+                log.info("agent %s: %d informational messages settled unread (draining)",
+                         self.agent.name, len(messages))
+                self._settle({m.id for m in messages}, "", count="none", wake=False)
+            return bool(messages) and not self._stop_requested  # (once more: more may wait)
         if messages:  # only informational ones left: they wait, unwoken, for the next round
             self._settle(handled, "", count="none", wake=False)
-        if self._stop_requested or (self.draining and self.channel.inbox_len(self.agent.id) == 0):
+        if self._stop_requested:
             return False
         if self.settings.auto_claim and not self.draining and self._claim_backlog():
             return True
@@ -5398,8 +5615,8 @@ class AgentLoop:
             acked = handled | {m.id for m in messages if m.type != MessageType.TASK_ASSIGN
                                or _task_over(states.get(m.body.get("task_id")))}
             reason = f"not completed after {self.settings.max_attempts} rounds"
-        else:
-            acked, reason = handled, outcome
+        else:  # informational messages were shown: settled, whatever the outcome
+            acked, reason = handled | {m.id for m in messages if not m.actionable}, outcome
             if self._signals > 1:  # cut short by this loop's stop: not the messages' fault
                 count = "interruption"
         self._failures = 0 if code == 0 else self._failures + 1
@@ -5520,11 +5737,14 @@ class AgentLoop:
         return code, "ok" if code == 0 else f"CLI exited with {code}"
 
     def _beat_during_run(self) -> None:
-        """A long run is still a live agent; a Redis blip must not kill the run."""
+        """A long run is still a live agent; a Redis blip must not kill the run, and a Redis
+        that crashed is started again now, so the CLI's own `tt` finds it."""
         try:
             self._beat(due_only=False)
         except redis.RedisError as exc:
             log.warning("agent %s: heartbeat failed during a run (%s)", self.agent.name, exc)
+            if isinstance(exc, redis.ConnectionError) and self.town.revive_server():
+                log.info("agent %s: Redis answers again", self.agent.name)
 
 
 def _feed(pipe: Any, text: str) -> None:
@@ -5584,6 +5804,11 @@ def doctor(path: str | os.PathLike[str] = ".") -> list[Check]:
         channel = Channel(server.client(), Keys(config.name), config.agent)
         agents = channel.agents()
         checks += _agent_checks(channel, agents)
+        if config.hooks:
+            hooks = _hooks_status(root, config, channel)
+            down = not hooks["lease"] and not server.stopped_on_purpose
+            checks.append(Check("hooks", not down, _hooks_text(hooks),
+                                "any `tt` command here starts the runner again" if down else ""))
     names = dict.fromkeys([config.default_cli, *config.agent_clis, *(a.cli for a in agents if a.cli)])
     for name in names:
         checks += _cli_checks(config, name)
@@ -5706,147 +5931,174 @@ def demo_agent(prompt: str) -> int:
 
 
 # Hooks #######################################################################
-# `[hooks]` in tinytown.toml runs a shell command for each event of a kind.  One runner
-# process per town (`tt init`/`tt start` start it, `tt stop` stops it) reads the event
-# stream through a consumer group and acks an entry only after its hooks exited, so across
-# restarts no entry is missed or run twice; only a runner killed in the middle of a hook
-# runs that one hook again.
+# `[hooks]` in tinytown.toml runs a shell command for each event of a kind, with the event
+# in its environment (control characters escaped) and whole on its stdin (JSON).  One
+# runner per town (its process is looked after under Town) reads the event stream through
+# a consumer group and acks an entry only after its hooks exited, so across restarts no
+# entry is run twice (only a runner killed in the middle of a hook runs that one again);
+# events the capped stream lost before the runner read them are counted (`hooks_missed`).
 
 HOOK_RETRIES = 3            # runs of a failing hook before it is recorded as failed
 HOOK_TIMEOUT_SECS = 60.0    # a hook running longer is killed (with its process group)
-HOOK_STOP_SECS = 10.0       # `tt stop` waits this long for a running hook to end
-_HOOK_GROUP, _HOOK_CONSUMER = "hooks", "runner"  # one consumer: its pending entries are ours
+HOOK_STDERR_TAIL = 500      # characters of a failing hook's stderr kept in its record
 _TASK_ENDINGS = ("task_completed", "task_failed", "task_cancelled", "task_deleted")
 
 
-def _hook_identity_file(root: Path) -> Path:
-    return root / RUNTIME_DIR / "hooks.pid"
+# KEYS[1] = events, KEYS[2] = events_added, KEYS[3] = hooks; ARGV[1] = the group, ARGV[2] = timestamp
+# The gap trimming left.  Every event ever added (events_added) is accounted for (acked by
+# the runner, or added before its group was made), pending, unread in the stream, or lost.
+# Lost ones can only be there once the stream's first entry lies past the group's
+# last-delivered id (the stream is trimmed from its head), and then every entry in it is
+# unread.  They are counted once, into `accounted` and `missed`, and recorded as a
+# `hooks_missed` event.  Returns how many.
+_HOOK_GAP_LUA = """
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return 0 end
+local last, pending
+for _, group in ipairs(groups) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if info['name'] == ARGV[1] then last, pending = info['last-delivered-id'], info['pending'] end
+end
+if not last then return 0 end
+local added = tonumber(redis.call('GET', KEYS[2]) or '0')
+local accounted = redis.call('HGET', KEYS[3], 'accounted')
+if not accounted then  -- a group an older tinytown made: counted from here on
+  local unread = #redis.call('XRANGE', KEYS[1], '(' .. last, '+')
+  redis.call('HSET', KEYS[3], 'accounted', added - pending - unread)
+  return 0
+end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if first then
+  local fm, fs = string.match(first[1], '^(%d+)-(%d+)$')
+  local lm, ls = string.match(last, '^(%d+)-(%d+)$')
+  fm, fs, lm, ls = tonumber(fm), tonumber(fs), tonumber(lm), tonumber(ls)
+  if fm < lm or (fm == lm and fs <= ls) then return 0 end  -- nothing unread was trimmed
+end
+local missed = added - tonumber(accounted) - pending - redis.call('XLEN', KEYS[1])
+if missed <= 0 then return 0 end
+redis.call('HINCRBY', KEYS[3], 'accounted', missed)
+redis.call('HINCRBY', KEYS[3], 'missed', missed)
+add_event(KEYS[1], 'event', 'hooks_missed', 'at', ARGV[2], 'count', missed)
+return missed
+"""
+
+_UNSAFE_IN_ENV = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-def _hook_runner_pid(root: Path) -> int | None:
-    """The pid of this town's live hook runner on this host (its identity file names it)."""
-    try:
-        identity = _hook_identity_file(root).read_text().strip()
-    except OSError:
-        return None
-    pid = identity.partition(".")[0]
-    return int(pid) if _identity_state(identity) == "running" else None
-
-
-def start_hook_runner(town: Town) -> int | None:
-    """Start the town's hook runner when [hooks] names any; its pid (None: no hooks)."""
-    if not town.config.hooks:
-        return None
-    with open(_runtime_dir(town.root) / "hooks.start.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two `tt start`s at once start one runner
-        running = _hook_runner_pid(town.root)
-        if running:
-            return running
-        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: events since the last runner wait
-            # Made here, not by the runner: events from now on are the runner's, however slowly it starts.
-            town.redis.xgroup_create(town.keys.events, _HOOK_GROUP, id="$", mkstream=True)
-        proc = _start_detached(town.root, ["hook-runner"], "hooks.log")
-        _write_atomic(_hook_identity_file(town.root), _loop_identity(proc.pid) + "\n")
-        return proc.pid
-
-
-def _hooks_drained(town: Town) -> bool:
-    """Has the runner acked every event in the stream?"""
-    groups = {g["name"]: g for g in town.redis.xinfo_groups(town.keys.events)}
-    group = groups.get(_HOOK_GROUP)
-    return not group or group["pending"] == 0 and group["last-delivered-id"] == town.channel.last_event_id()
-
-
-def stop_hook_runner(root: Path, drain: Town | None = None) -> bool:
-    """Stop the folder's hook runner (its current hook may finish first); True if one ran.
-    With `drain`, the runner first gets up to HOOK_STOP_SECS to run the hooks of the
-    events so far (`tt stop`'s own agent_stopped events, say)."""
-    pid = _hook_runner_pid(root)
-    if pid is None:
-        return False
-    if drain is not None:
-        _poll(lambda: _hooks_drained(drain) or not _pid_alive(pid), HOOK_STOP_SECS, 0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if not _wait_for_exit(pid, HOOK_STOP_SECS):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # its entry stays pending: the next runner runs it
-        _wait_for_exit(pid, 5.0)
-    return True
-
-
-def _hooks_status(town: Town) -> dict[str, Any]:
-    """What `tt status` shows of the hook runner."""
-    state = town.redis.hgetall(town.keys.hooks)
-    return {"configured": sorted(town.config.hooks), "pid": _hook_runner_pid(town.root),
-            "ran": int(state.get("ran", 0)), "failed": int(state.get("failed", 0)),
-            "last_event": state.get("last_event")}
+def _escaped(text: str) -> str:
+    """`text` with each control character (C0, DEL, C1) and each lone surrogate (a byte
+    that was not UTF-8) as its escape: \\x00, \\x1b, \\r, \\n, \\x9b, \\udcff."""
+    return _UNSAFE_IN_ENV.sub(lambda found: found[0].encode("unicode_escape").decode("ascii"), text)
 
 
 class HookRunner:
     """Runs the [hooks] commands for the town's events; `run()` around `step()`."""
 
-    def __init__(self, town: Town, block_secs: float = 1.0):
+    def __init__(self, town: Town, block_secs: float | None = None):
         self.town = town
-        self.block_ms = int(block_secs * 1000)
+        self.settings = town.config.agent
+        self.block_ms = int((block_secs or self.settings.heartbeat_secs) * 1000)
+        self.identity = _loop_identity(os.getpid())
         self._cursor = "0"  # our pending entries first (a previous run's), then new ones: ">"
+        self._check_gap = True  # at the start, and after each batch: trimming may have passed us
         self._stopping = False
+        self._last_beat = 0.0
+        self._gap = town.redis.register_script(_lua(_HOOK_GAP_LUA))
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stopping = True  # a flag only: the loop checks it between entries
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT, or until Redis went away after `tt stop`."""
+        """Serve until SIGTERM/SIGINT, the town's stop, or another runner holding the lease."""
         if not self.town.config.hooks:
             log.info("hooks: none configured in %s; exiting", CONFIG_FILE)
             return
-        lock = open(_runtime_dir(self.town.root) / "hooks.lock", "a")
-        with lock:
-            if not _try_lock(lock):
-                log.info("hooks: another runner serves this town; exiting")
-                return
-            _write_atomic(_hook_identity_file(self.town.root), _loop_identity(os.getpid()) + "\n")
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, self._request_stop)
-            self.town.redis.hset(self.town.keys.hooks, mapping={"pid": os.getpid(), "started_at": _now()})
-            log.info("hooks: serving %s", ", ".join(sorted(self.town.config.hooks)))
-            outage = None
-            while not self._stopping:
-                try:
-                    self.step()
-                    outage = None
-                except redis.ConnectionError:
-                    outage = outage or time.monotonic()
-                    if (self.town.root / RUNTIME_DIR / "stopped").exists() \
-                            or time.monotonic() - outage > REDIS_OUTAGE_SECS:
-                        log.info("hooks: redis is gone; exiting")
-                        return
-                    _poll(lambda: self._stopping, 0.5, 0.05)  # a pause a stop request ends
-            log.info("hooks: stopping on request")
+        root, channel = self.town.root, self.town.channel
+        holder = channel.acquire_lease(HOOK_RUNNER_ID, self.identity, _lease_ttl(self.settings))
+        if holder:
+            log.info("hooks: the runner %s serves this town; exiting", holder)
+            return
+        self._last_beat = time.monotonic()
+        _write_atomic(_hook_identity_file(root), self.identity + "\n")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._request_stop)
+        self.town.redis.hset(self.town.keys.hooks, mapping={"pid": os.getpid(), "host": socket.gethostname(),
+                                                            "started_at": _now()})
+        log.info("hooks: serving %s", ", ".join(sorted(self.town.config.hooks)))
+        try:
+            self._serve()
+        except LostLease:
+            log.info("hooks: another runner holds the lease now; exiting")
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                channel.release_lease(HOOK_RUNNER_ID, self.identity, AgentState.STOPPED)
+        # Ended on purpose: nothing for the loops to start again (a crash leaves the file).
+        if _hook_runner_identity(root) == self.identity:
+            _hook_identity_file(root).unlink(missing_ok=True)
+
+    def _serve(self) -> None:
+        """step() until asked to stop, riding out Redis outages as a loop does: a crashed
+        managed Redis is started again; after `tt stop` the runner leaves."""
+        give_up = None
+        while not self._stopping:
+            try:
+                self._beat()
+                self.step()
+                give_up = None
+            except (redis.ConnectionError, redis.TimeoutError):
+                if self.town.server.stopped_on_purpose:
+                    log.info("hooks: the town was stopped; exiting")
+                    return
+                revived = self.town.revive_server()
+                give_up = None if revived else give_up or time.monotonic() + REDIS_OUTAGE_SECS
+                if give_up and time.monotonic() > give_up:
+                    raise
+                _poll(lambda: self._stopping, 0.5, 0.05)  # a pause a stop request ends
+        log.info("hooks: stopping on request")
+
+    def _beat(self) -> None:
+        """Keep the lease as a loop keeps its own (LostLease once another runner holds it)."""
+        since = time.monotonic() - self._last_beat
+        if since < self.settings.heartbeat_secs:
+            return
+        ttl, channel = _lease_ttl(self.settings), self.town.channel
+        if not channel.refresh_lease(HOOK_RUNNER_ID, self.identity, ttl, verify=since > ttl - 1) \
+                and channel.acquire_lease(HOOK_RUNNER_ID, self.identity, ttl):
+            raise LostLease(HOOK_RUNNER_ID)
+        self._last_beat = time.monotonic()
 
     def step(self) -> int:
         """Read a batch of entries, run their hooks, ack each; returns how many were read."""
         keys = self.town.keys
+        if self._check_gap:
+            missed = self._gap(keys=[keys.events, keys.events_added, keys.hooks], args=[_HOOK_GROUP, _now()])
+            if missed:
+                log.warning("hooks: %d events were trimmed off the stream before the runner read them", missed)
         try:
             reply = self.town.redis.xreadgroup(_HOOK_GROUP, _HOOK_CONSUMER, {keys.events: self._cursor}, count=50,
                                                block=None if self._cursor == "0" else self.block_ms)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            # The first run (or after `tt reset`): hooks fire for events from now on.
-            self.town.redis.xgroup_create(keys.events, _HOOK_GROUP, id="$", mkstream=True)
+            _create_hook_group(self.town)  # the first run (or after `tt reset`): events from now on
             return 0
         entries = reply[0][1] if reply else []
         if not entries and self._cursor == "0":
             self._cursor = ">"
+        self._check_gap = bool(entries)
         for entry_id, fields in entries:
             if self._stopping:
                 break  # unacked: the next runner reads it from its pending entries
-            if fields:  # an entry trimmed off the capped stream while pending has none
+            if fields:
                 self._handle(entry_id, fields)
             pipe = self.town.redis.pipeline()
             pipe.xack(keys.events, _HOOK_GROUP, entry_id)
             pipe.hset(keys.hooks, "last_event", entry_id)
+            pipe.hincrby(keys.hooks, "accounted", 1)
+            if not fields:  # trimmed off the capped stream while pending: its hooks never ran
+                pipe.hincrby(keys.hooks, "missed", 1)
+                self.town.channel.add_event(pipe, "hooks_missed", count=1, event_id=entry_id)
             pipe.execute()
         return len(entries)
 
@@ -5867,69 +6119,114 @@ class HookRunner:
         return [k for k in kinds if k in self.town.config.hooks]
 
     def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+        """Run the entry's hooks.  One that cannot run or keeps failing is recorded: no event
+        stops the runner (a Redis outage does; the entry then stays pending)."""
         for kind in self._kinds(fields):
-            env = self._environment(kind, entry_id, fields)
-            command = self.town.config.hooks[kind]
-            for attempt in range(1, HOOK_RETRIES + 1):
-                code = self._run_hook(command, env)
-                if code == 0:
-                    self.town.redis.hincrby(self.town.keys.hooks, "ran", 1)
-                    break
-                log.warning("hooks: %s hook exited %s (run %d of %d)", kind, code, attempt, HOOK_RETRIES)
-                if attempt < HOOK_RETRIES:
-                    _poll(lambda: self._stopping, 0.5 * attempt, 0.05)
+            try:
+                code, stderr = self._run_with_retries(kind, self._event_data(kind, entry_id, fields))
+            except (redis.RedisError, LostLease):
+                raise
+            except Exception as exc:
+                log.exception("hooks: the %s hook for %s could not run", kind, entry_id)
+                code, stderr = None, _escaped(f"{type(exc).__name__}: {exc}")
+            if code == 0:
+                self.town.redis.hincrby(self.town.keys.hooks, "ran", 1)
             else:
-                self._record_failure(kind, entry_id, command, code)
+                self._record_failure(kind, entry_id, code, stderr)
 
-    def _environment(self, kind: str, entry_id: str, fields: dict[str, str]) -> dict[str, str]:
-        """The event's fields as TT_<FIELD>, plus names, task details and TT_TEXT."""
-        env = {key: value for key, value in os.environ.items() if not key.startswith("TT_")}
-        env.update({f"TT_{key.upper()}": value for key, value in fields.items() if key.isidentifier()})
-        agent_id = fields.get("agent")
-        task_id = fields.get("task")
-        text = fields.get("detail", "")
+    def _event_data(self, kind: str, entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+        """What a hook is told: the event's fields, the names and the task they point to, and
+        `text` (TT_TEXT), the event's own detail (a message's text) or its task's result."""
+        data: dict[str, Any] = {"event": kind, "event_kind": fields.get("event", ""), "event_id": entry_id,
+                                "town": self.town.name, "root": str(self.town.root)}
+        agent_id, task_id, sender = fields.get("agent"), fields.get("task"), fields.get("sender")
+        names = self.town.channel.agent_names(filter(None, [agent_id, sender]))
         if agent_id:
-            agent = None if agent_id == CONDUCTOR_ID else self.town.channel.get_agent(agent_id)
-            env.update(TT_AGENT_ID=agent_id, TT_AGENT_NAME=agent.name if agent else agent_id)
+            data.update(agent_id=agent_id, agent_name=names.get(agent_id, agent_id))
+        if sender:
+            data["sender_name"] = names.get(sender, sender)
+        text = fields.get("detail", "")
+        task = self.town.task_store.get(task_id) if task_id else None
         if task_id:
-            env["TT_TASK_ID"] = task_id
-            with contextlib.suppress(TaskNotFound):
-                task = self.town.task(task_id)
-                env.update(TT_TASK_DESCRIPTION=task.description, TT_TASK_STATE=task.state)
-                text = text or task.result or task.error or task.description
-        if fields.get("event") == "message" and fields.get("sender"):
-            sender = self.town.channel.get_agent(fields["sender"])
-            env["TT_SENDER_NAME"] = sender.name if sender else fields["sender"]
-            if agent_id:  # the message itself: the sender's last one queued before the event
-                sent = [m for m in self.town.channel.peek(agent_id)
-                        if m.from_ == fields["sender"] and m.created_at <= fields.get("at", "")]
-                text = max(sent, key=lambda m: m.created_at).text if sent else text
-        env.update(TT_EVENT=kind, TT_EVENT_KIND=fields.get("event", ""), TT_EVENT_ID=entry_id,
-                   TT_TEXT=text, TT_TOWN=self.town.name, TINYTOWN_TOWN=str(self.town.root))
+            data["task_id"] = task_id
+        if task:
+            data.update(task_description=task.description, task_state=task.state)
+            text = text or task.result or task.error or task.description
+        return {**data, "text": text, "fields": fields}
+
+    def _run_with_retries(self, kind: str, data: dict[str, Any]) -> tuple[int | None, str]:
+        """Run `kind`'s hook until it exits 0, at most HOOK_RETRIES times; (status, stderr)."""
+        for attempt in range(1, HOOK_RETRIES + 1):
+            code, stderr = self._run_hook(self.town.config.hooks[kind], data)
+            if code == 0 or attempt == HOOK_RETRIES:
+                return code, stderr
+            log.warning("hooks: %s hook exited %s (run %d of %d)", kind, code, attempt, HOOK_RETRIES)
+            _poll(lambda: self._stopping, 0.5 * attempt, 0.05)
+        raise AssertionError("unreachable")
+
+    def _environment(self, data: dict[str, Any]) -> dict[str, str]:
+        """TT_<FIELD> per event field, then TT_<KEY> per value of `data`, each with its
+        control characters escaped (a NUL cannot be in an environment at all)."""
+        env = {key: value for key, value in os.environ.items() if not key.startswith("TT_")}
+        told = {**{key: value for key, value in data["fields"].items() if key.isidentifier()},
+                **{key: value for key, value in data.items() if key != "fields"}}
+        env.update({f"TT_{key.upper()}": _escaped(str(value)) for key, value in told.items()})
+        env["TINYTOWN_TOWN"] = env.pop("TT_ROOT")
         return env
 
-    def _run_hook(self, command: str, env: dict[str, str]) -> int:
-        """One run of a hook in its own process group, killed past HOOK_TIMEOUT_SECS."""
-        with subprocess.Popen(["sh", "-c", command], cwd=self.town.root, env=env, stdin=subprocess.DEVNULL,
-                              start_new_session=True) as proc:
+    def _run_hook(self, command: str, data: dict[str, Any]) -> tuple[int | None, str]:
+        """One run of a hook in its own process group, the event as JSON on its stdin,
+        killed past HOOK_TIMEOUT_SECS; (exit status, the tail of its stderr).  Its stderr
+        also goes to the runner's log."""
+        with tempfile.TemporaryFile() as errors:
             try:
-                return proc.wait(timeout=HOOK_TIMEOUT_SECS)
-            except subprocess.TimeoutExpired:
-                _terminate_group(proc.pid, CLI_GRACE_SECS)
-                proc.wait()
-                return -signal.SIGKILL
-            except BaseException:
-                _terminate_group(proc.pid, CLI_GRACE_SECS)
-                raise
+                proc = subprocess.Popen(["sh", "-c", command], cwd=self.town.root, env=self._environment(data),
+                                        stdin=subprocess.PIPE, stderr=errors, start_new_session=True)
+            except OSError as exc:
+                return None, _escaped(f"cannot run sh: {exc}")
+            with proc:
+                code = self._wait_for_hook(proc, json.dumps(data).encode())
+            errors.seek(0)
+            output = errors.read().decode(errors="replace")
+        sys.stderr.write(output)
+        sys.stderr.flush()
+        lines = [line.strip() for line in output[-4 * HOOK_STDERR_TAIL:].splitlines()]
+        return code, _escaped(" | ".join(filter(None, lines))[-HOOK_STDERR_TAIL:])
 
-    def _record_failure(self, kind: str, entry_id: str, command: str, code: int) -> None:
-        record = {"hook": kind, "event_id": entry_id, "command": command, "exit_code": code, "at": _now()}
+    def _wait_for_hook(self, proc: subprocess.Popen[bytes], document: bytes) -> int:
+        """Feed the document and wait, keeping the lease meanwhile; past HOOK_TIMEOUT_SECS
+        (or on any error) the hook's whole process group is stopped."""
+        deadline = time.monotonic() + HOOK_TIMEOUT_SECS
+        feed: bytes | None = document
+        try:
+            while True:
+                try:  # (communicate again after a timeout: it goes on where it was)
+                    proc.communicate(feed, timeout=max(min(self.settings.heartbeat_secs,
+                                                           deadline - time.monotonic()), 0.01))
+                    return proc.returncode
+                except subprocess.TimeoutExpired:
+                    feed = None
+                    if time.monotonic() >= deadline:
+                        _terminate_group(proc.pid, CLI_GRACE_SECS)
+                        proc.wait()
+                        return -signal.SIGKILL
+                    with contextlib.suppress(redis.RedisError):
+                        self._beat()
+        except BaseException:
+            _terminate_group(proc.pid, CLI_GRACE_SECS)
+            raise
+
+    def _record_failure(self, kind: str, entry_id: str, code: int | None, stderr: str) -> None:
+        """A hook that failed every run: in hooks:failed and a `hook_failed` event (that no
+        hook can name, so a failing hook never loops), with its exit status and the tail of
+        its stderr, never its command line (which may hold tokens)."""
+        record = {"hook": kind, "event_id": entry_id, "exit_code": code, "stderr": stderr, "at": _now()}
         pipe = self.town.redis.pipeline()
         pipe.lpush(self.town.keys.hooks_failed, json.dumps(record))
         pipe.ltrim(self.town.keys.hooks_failed, 0, 99)
         pipe.hincrby(self.town.keys.hooks, "failed", 1)
-        # An event of its own (no hook can name it, so a failing hook never loops).
-        self.town.channel._event(pipe, "hook_failed", hook=kind, detail=f"{command[:120]} exited {code}")
+        self.town.channel.add_event(pipe, "hook_failed", hook=kind, event_id=entry_id, exit_code=code,
+                                    stderr=stderr)
         pipe.execute()
         log.error("hooks: %s hook failed %d times; recorded", kind, HOOK_RETRIES)
 
@@ -5983,7 +6280,7 @@ class _TownUse(enum.Enum):
     START = "starts the town (a person's `tt start`)"
 
 
-def _uses_town(use: _TownUse, when_stopped: Callable[[Path, Any], _Reply] | None = None
+def _uses_town(use: _TownUse, when_stopped: Callable[[TownStopped, Any], _Reply] | None = None
                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare how a command uses the town (undeclared: it changes it), and what it says
     when the town is stopped (undeclared: the TownStopped error)."""
@@ -6006,11 +6303,15 @@ def _open_town(root: Path, use: _TownUse) -> Town:
     `tt start` starts its Redis; a person's other command that changes the town starts a
     managed Redis that went down by accident.  Read-only commands, any `tt` run inside an
     agent (a leftover CLI's included) and every command after `tt stop` never start one:
-    they meet TownStopped.
+    they meet TownStopped.  Each command here also starts this host's hook runner again
+    if it died (the internal ones, which never start anything, aside).
     """
     stopped = (root / RUNTIME_DIR / "stopped").exists()
     town = Town(root, start_server=use is _TownUse.START or (
         use is _TownUse.CHANGE and not stopped and not os.environ.get("TINYTOWN_AGENT_ID")))
+    if use is not _TownUse.NEVER_START:
+        with contextlib.suppress(OSError, redis.RedisError):  # (never at the command's expense)
+            revive_hook_runner(town)
     if town.stranded_name:
         print(f"tt: warning: this folder's agents and tasks are in Redis under the name"
               f" {town.stranded_name!r}, but {CONFIG_FILE} says {town.name!r}; put that name"
@@ -6180,11 +6481,13 @@ def _cmd_start(town: Town, args: Any) -> _Reply:
                   f"{', '.join(started['agents']) or 'none'}" + (f"; hooks: runner pid {hooks}" if hooks else ""))
 
 
-def _stop_without_redis(root: Path, args: Any) -> _Reply:
+def _stop_without_redis(stopped: TownStopped, args: Any) -> _Reply:
     """`tt stop` on a town whose Redis is down: its loops still serve the folder."""
-    strays = _stop_loops_serving(root.resolve())
-    stop_hook_runner(root.resolve())
-    _mark_stopped(root)
+    root = stopped.root.resolve()
+    _mark_stopped(root)  # first: a loop that finds Redis gone no longer starts it again
+    strays = _stop_loops_serving(root)
+    stop_hook_runner(root)
+    RedisServer(root, load_config(root / CONFIG_FILE)).stop()  # one a loop started meanwhile
     return _Reply({"agents": [], "redis_stopped": False, "other_loops_stopped": strays},
                   f"redis is not running; {_count(strays, 'agent loop') + ' stopped' if strays else 'nothing to stop'}")
 
@@ -6206,10 +6509,18 @@ def _cmd_stop(town: Town, args: Any) -> _Reply:
     return _Reply(result, f"stopped agents: {', '.join(result['agents']) or 'none'}; {'; '.join(notes)}")
 
 
-def _stopped_status(root: Path, args: Any) -> _Reply:
-    return _Reply({"town": load_config(root.resolve() / CONFIG_FILE).name, "root": str(root.resolve()),
-                   "redis": {"running": False}, "stopped": True},
-                  f"the town at {root.resolve()} is stopped; `tt start` starts it (and its agents)")
+def _stopped_status(stopped: TownStopped, args: Any) -> _Reply:
+    """A town whose Redis is down: stopped on purpose, or crashed (and who brings it back)."""
+    root = stopped.root.resolve()
+    if not stopped.crashed:
+        text = f"the town at {root} is stopped; `tt start` starts it (and its agents)"
+    elif _loops_serving(root):
+        text = f"the town at {root}: Redis is down, not stopped: a loop will restart it (or `tt start`)"
+    else:
+        text = (f"the town at {root}: Redis is down, not stopped: `tt start` restarts it and the agents"
+                " that died with it")
+    return _Reply({"town": load_config(root / CONFIG_FILE).name, "root": str(root),
+                   "redis": {"running": False, "crashed": stopped.crashed}, "stopped": not stopped.crashed}, text)
 
 
 @_uses_town(_TownUse.READ, when_stopped=_stopped_status)
@@ -6226,7 +6537,7 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
     if args.tasks:
         status["task_list"] = [names.add_to(t.to_dict()) for t in tasks]
     status["agents"] = [names.add_to(agent) for agent in status["agents"]]
-    status["hooks"] = _hooks_status(town)
+    status["hooks"] = _hooks_status(town.root, town.config, town.channel)
     redis_pid = f" (pid {status['redis']['pid']})" if status["redis"]["pid"] else ""
     lines = [f"town {status['town']} at {status['root']}", f"redis {status['redis']['url']}{redis_pid}",
              f"agents: {len(status['agents'])}"]
@@ -6244,9 +6555,7 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
         lines.append(f"usage:{_usage_text(usage) or ' none'}{budget}")
     hooks = status["hooks"]
     if hooks["configured"] or hooks["pid"]:
-        runner = f"runner pid {hooks['pid']}" if hooks["pid"] else "runner not running (`tt start` starts it)"
-        lines.append(f"hooks: {runner}; {hooks['ran']} ran, {hooks['failed']} failed"
-                     f" ({', '.join(hooks['configured']) or 'none configured'})")
+        lines.append(f"hooks: {_hooks_text(hooks)}")
     lines += ["  " + _task_line(task, names) for task in tasks]
     return _Reply(status, "\n".join(lines))
 
@@ -7308,7 +7617,7 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
         when_stopped = getattr(args.handler, "when_stopped", None)
         if not when_stopped:
             raise
-        reply = when_stopped(exc.root, args)
+        reply = when_stopped(exc, args)
         show(reply, args.json)
         return reply.exit_code
     try:
@@ -7386,8 +7695,10 @@ def _watch_snapshot(town: Town, events: int = 50) -> dict[str, Any]:
     current = {a["current_task"] for a in status["agents"] if a.get("current_task")}
     failed = list(dict.fromkeys(e["task"] for e in reversed(recent) if e.get("event") == "task_failed"))[:5]
     tasks = {t.id: t for t in town.task_store.tasks_by_id(sorted(current) + failed)} if current or failed else {}
-    queries = [m for m in town.channel.peek(CONDUCTOR_ID) if m.type == MessageType.QUERY]
+    waiting = town.channel.peek(CONDUCTOR_ID, limit=PENDING_SAMPLE)  # a redraw reads no whole inbox
+    queries = [m for m in waiting if m.type == MessageType.QUERY]
     return {**status, "current_tasks": tasks, "queries": queries, "events": recent[-events:],
+            "inbox_unread": max(status["conductor_inbox"] - len(waiting), 0),
             "failed_tasks": [tasks[i] for i in failed if i in tasks and tasks[i].state == TaskState.FAILED]}
 
 
@@ -7419,6 +7730,8 @@ def _watch_lines(snapshot: dict[str, Any], names: _Names, height: int) -> list[t
     attention += [f"  ✗ {a['name']} is in error: {(a.get('error') or '')[:80]}" for a in snapshot["agents"]
                   if a["state"] == AgentState.ERROR]
     attention += [f"  ? query from {names.show(m.from_)}: {m.text[:80]}" for m in snapshot["queries"]]
+    if snapshot["inbox_unread"]:
+        attention.append(f"  ? {snapshot['inbox_unread']} more in your inbox (`tt inbox`)")
     if attention:
         lines += [("", ""), ("NEEDS YOU", _ATTENTION_SGR), *((line, _ATTENTION_SGR) for line in attention)]
     room = height - len(lines) - 2
