@@ -4876,7 +4876,7 @@ def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[
 
 
 # Snapshots: every key of the town but the ones that only mean something while loops run.
-_SNAPSHOT_SKIP = ("alive:", "stop:", "wake:", "prune_lock", "events", "idle")
+_SNAPSHOT_SKIP = ("alive:", "stop:", "wake:", "prune_lock", "events", "idle", "hooks")  # (events: events_added too)
 SNAPSHOT_VERSION = 1
 _SNAPSHOT_TYPES = ("string", "hash", "list", "set", "zset")
 _STOPPED_AGENT = {"state": AgentState.STOPPED.value, "pid": "", "loop": "", "cli_pgid": "", "current_task": ""}
