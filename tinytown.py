@@ -1732,8 +1732,9 @@ class RedisServer:
 # - a prerequisite that reopens (a dead retry) is unsatisfied again: its dependents that
 #   failed because of it, or were released but not started, go back to `blocked`,
 #   transitively; one that started is never pulled back (a `task_conflict` event says so);
-# - changes spread by an iterative work list in the script that made them, so a chain of
-#   any length is one atomic change and never a deep recursion.
+# - changes spread by an iterative work list (never a deep recursion), GRAPH_BUDGET
+#   dependents per script; what is left is queued in `graph_work` and settled by the
+#   caller (TaskStore.settle_graph) before it returns, so no script holds Redis for long.
 
 GRAPH_BUDGET = 100  # dependents one script settles (about 5 ms); the rest goes on in the next
 
