@@ -11,6 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import inspect
+import io
 import json
 import os
 import re
@@ -3163,6 +3164,57 @@ def test_people_see_agent_names_and_scripts_get_names_next_to_ids(town):
     assert "agent=w1" in out and w.id[:8] not in out
     assert all(e["agent_name"] == "w1" for e in tt_json("history", "--agent", "w1"))
     assert tt("kill", "w1")[1] == "stopping w1 (was idle)\n"
+
+
+# Erase the line, go back to its start, print a fake line, set the clipboard (OSC 52), CSI as one C1 byte.
+HOSTILE_TEXT = "x\x1b[2K\r✓ all tasks completed\x1b]52;c;ZXZpbA==\x07\x9b2J\nfake line"
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but newline and tab
+
+
+def test_escape_sequences_in_data_never_reach_the_terminal_raw(town, tmp_path):
+    w = worker(town)
+    town.redis.set(town.keys.alive(w.id), "1", ex=60)
+    town.backlog_add(HOSTILE_TEXT, tags=["t\x1b[31m"])
+    done = town.assign("w1", "fine")
+    town.complete_task(done.id, HOSTILE_TEXT)
+    town.fail_task(town.assign("w1", "doomed").id, HOSTILE_TEXT)
+    town.send("conductor", HOSTILE_TEXT, "query", sender="w1")
+    town.redis.lpush(town.keys.activity(w.id), HOSTILE_TEXT)
+    (town.root / ".tt" / "logs" / "w1.log").write_text(HOSTILE_TEXT.replace("\n", " ") + "\n")  # its own lines
+    tasks = len(town.tasks())
+    for argv in (["task", "list"], ["backlog", "list"], ["status", "--deep", "--tasks"], ["history"],
+                 ["inbox"], ["inbox", "--all"], ["task", "show", done.id], ["events"], ["list"],
+                 ["restore", f"{tmp_path}/\x1b]52;c;ZXZpbA==\x07.json"]):
+        code, out, err = tt(*argv)
+        assert not RAW_CONTROL.search(out + err), (argv, out + err)
+        if argv[:2] != ["task", "show"]:
+            assert not re.search(r"^\s*(fake line|✓ all tasks)", out, re.M), argv  # never a line of its own
+    assert len(tt("task", "list")[1].splitlines()) == tasks
+    assert "\n  result: x\\x1b[2K\\r✓ all tasks completed" in tt("task", "show", done.id)[1]
+    assert "\\x9b2J\n          fake line\n" in tt("task", "show", done.id)[1]  # a result's lines, under its label
+    assert "\\x1b]52;c;ZXZpbA==\\x07" in tt("backlog", "list")[1]
+    assert tt_json("backlog", "list")[0]["description"] == HOSTILE_TEXT  # JSON keeps the data as it is
+    screen = io.StringIO()
+    with contextlib.redirect_stdout(screen):
+        tinytown._Watch(town).draw()
+    assert "\x1b]52" not in screen.getvalue() and "\x1b[2K" not in screen.getvalue()
+    assert "\\x1b[2K" in screen.getvalue()
+
+
+def test_bytes_that_are_not_utf8_are_stored_as_u_fffd(town, redis_url):
+    town.spawn_agent("w1", "demo")
+    raw = redis.Redis.from_url(redis_url)  # a plain client: it decodes what it reads as UTF-8
+    backlog_id = tt("backlog", "add", "desc\udcffz", "--tags", "t\udcfe")[1].strip()  # argv as Python decodes it
+    assigned_id = tt("assign", "w1", "caf\udce9 menu")[1].strip()
+    tt("send", "conductor", "hi\udcff")
+    assert raw.hget(town.keys.task(backlog_id), "description").decode() == "desc\ufffdz"
+    assert json.loads(raw.hget(town.keys.task(backlog_id), "tags")) == ["t\ufffd"]
+    assert town.wait_task(assigned_id, 30).state == "completed"  # the loop took it in its stride
+    assert town.task(assigned_id).result.endswith("caf\ufffd menu")
+    assert json.loads(raw.lindex(town.keys.inbox("conductor"), 0))["description"] == "hi\ufffd"
+    for _, fields in raw.xrange(town.keys.events):
+        assert all(b"\\ud" not in value for value in fields.values())  # no escaped surrogate either
+        {key.decode(): value.decode() for key, value in fields.items()}
 
 
 def test_task_show_says_why_a_task_failed(town):

@@ -8,6 +8,7 @@ Redis, and nothing that was sent is lost when a loop or the server dies.
 Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
 
     Constants and keys   Keys, built-in CLI presets
+    Text                 text at the doors: valid UTF-8 in, control characters escaped out
     Errors               TinytownError and its subclasses
     Config               Config, load_config(), set_config_value()
     Records              Agent, Task, Message and their enums
@@ -280,6 +281,44 @@ def _fill_command(command: str, prompt_file: Path) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+# Text ########################################################################
+# Text comes in from argv, files, JSON documents and programs, and goes out to terminals.
+# One rule each way: what comes in is valid Unicode (a byte that is not UTF-8 becomes
+# U+FFFD), and what is printed from data has its control characters escaped.
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# C0 and C1 controls and DEL: a terminal acts on them (ESC [2K erases a line, CR starts it
+# again, OSC 52 sets the clipboard); lone surrogates cannot be printed at all.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _valid_text(value: Any) -> Any:
+    """`value` with every lone surrogate replaced by U+FFFD, in strings, lists and dicts.
+
+    Lone surrogates are how Python decodes bytes that are not UTF-8 (argv, the environment,
+    file names) and what a JSON `\\udcff` escape gives; stored as they are, they become bytes
+    no client can decode (or escapes no encoder takes)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_valid_text(item) for item in value]
+    if isinstance(value, dict):
+        return {_valid_text(key): _valid_text(item) for key, item in value.items()}
+    return value
+
+
+def _read_text(path: Path) -> str:
+    """A file's text, bytes that are not UTF-8 replaced by U+FFFD (the rule above)."""
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def _printable(text: Any, keep: str = "") -> str:
+    """`text` fit for a terminal: each control character but those in `keep` (newline and
+    tab where the layout wants them) shown as its escape (\\x1b, \\r, \\n, \\udcff)."""
+    return _CONTROL.sub(lambda found: found[0] if found[0] in keep
+                        else found[0].encode("unicode_escape").decode("ascii"), str(text))
 
 
 # Errors ######################################################################
@@ -5449,10 +5488,17 @@ _COLORS = {"working": 32, "idle": 36, "paused": 33, "draining": 33, "error": 31,
 
 
 def _icon(state: str) -> str:
-    icon = _ICONS.get(state, "?")
-    if state in _COLORS and sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
-        return f"\033[{_COLORS[state]}m{icon}\033[0m"
-    return icon
+    return _ICONS.get(state, "?")
+
+
+_ICON_COLORS = {_ICONS[state]: color for state, color in _COLORS.items()}
+_LEADING_ICON = re.compile(rf"^(\s*)([{''.join(_ICON_COLORS)}])", re.M)
+
+
+def _colored(text: str) -> str:
+    """The state icons that start lines, in colour.  Applied to text already escaped, so
+    the only escape sequences on the screen are these."""
+    return _LEADING_ICON.sub(lambda found: f"{found[1]}\033[{_ICON_COLORS[found[2]]}m{found[2]}\033[0m", text)
 
 
 @dataclass
@@ -5539,16 +5585,16 @@ def _count(n: int, noun: str) -> str:
 
 
 def _counts_text(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {what}" for what, n in counts.items()) or "none"
+    return _printable(", ".join(f"{n} {what}" for what, n in counts.items()) or "none")
 
 
 def _agent_line(agent: Agent | dict[str, Any]) -> str:
     a = agent if isinstance(agent, dict) else {**agent.to_dict(), "dead": agent.dead}
     state = "dead" if a["dead"] else a["state"]
     liveness = f"pid {a['pid']}" if a.get("alive") and a.get("pid") else ("no heartbeat" if a["dead"] else "")
-    task = f", task {a['current_task'][:8]}" if a.get("current_task") else ""
-    return (f"{_icon(state)} {a['name']:<16} {state:<9} {a['cli'] or '':<10} rounds {a['rounds_completed']:<4}"
-            f" done {a['tasks_completed']:<4} {liveness}{task}")
+    task = f", task {_printable(a['current_task'][:8])}" if a.get("current_task") else ""
+    return (f"{_icon(state)} {_printable(a['name']):<16} {_printable(state):<9} {_printable(a['cli'] or ''):<10}"
+            f" rounds {a['rounds_completed']:<4} done {a['tasks_completed']:<4} {liveness}{task}")
 
 
 def _usage_text(usage: dict[str, Any]) -> str:
@@ -5562,14 +5608,16 @@ def _usage_text(usage: dict[str, Any]) -> str:
 def _task_line(task: Task, names: _Names) -> str:
     if task.malformed:
         return f"! {task.id} malformed record ({task.malformed}); `tt task delete {task.id}` removes it"
-    tags = f" [{', '.join(task.tags)}]" if task.tags else ""
-    owner = f" -> {names.show(task.assigned_to)}" if task.assigned_to else ""
-    return f"{_icon(task.state)} {task.id[:8]} {task.state:<9} {task.description[:70]}{tags}{owner}"
+    tags = f" [{_printable(', '.join(task.tags))}]" if task.tags else ""
+    owner = f" -> {_printable(names.show(task.assigned_to))}" if task.assigned_to else ""
+    return (f"{_icon(task.state)} {_printable(task.id[:8])} {_printable(task.state):<9}"
+            f" {_printable(task.description[:70])}{tags}{owner}")
 
 
 def _message_line(message: Message, names: _Names) -> str:
     urgent = "!" if message.priority == Priority.URGENT else " "
-    return f"{urgent}{message.type:<14} from {names.show(message.from_)[:16]:<16} {message.text[:80]}"
+    return (f"{urgent}{_printable(message.type):<14} from {_printable(names.show(message.from_)[:16]):<16}"
+            f" {_printable(message.text[:80])}")
 
 
 def _event_line(event: dict[str, str], names: _Names) -> str:
@@ -5578,7 +5626,7 @@ def _event_line(event: dict[str, str], names: _Names) -> str:
             return names.show(value)
         return value[:8] if key == "task" else value[:60]
     rest = " ".join(f"{k}={shown(k, v)}" for k, v in event.items() if k not in ("id", "event", "at"))
-    return f"{event.get('at', '')} {event.get('event', ''):<18} {rest}"
+    return _printable(f"{event.get('at', '')} {event.get('event', ''):<18} {rest}")
 
 
 def _task_reply(task: Task, names: _Names, text: str | None = None) -> _Reply:
@@ -5723,8 +5771,8 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
         lines.append("  " + _agent_line(agent) + _usage_text(agent))
         if agent["pending"]:
             lines.append(f"      pending: {_counts_text(agent['pending'])}")
-        lines += [f"      {entry}" for entry in agent.get("recent_rounds", [])]
-        lines += [f"      | {entry}" for entry in agent.get("log_tail", [])]
+        lines += [f"      {_printable(entry)}" for entry in agent.get("recent_rounds", [])]
+        lines += [f"      | {_printable(entry)}" for entry in agent.get("log_tail", [])]
     lines.append(f"tasks: {_counts_text(status['tasks'])}; backlog: {status['backlog']};"
                  f" conductor inbox: {status['conductor_inbox']}")
     usage = status["usage"]
@@ -6017,7 +6065,9 @@ def _cmd_task_show(town: Town, args: Any) -> _Reply:
     names = _Names(town)
     prerequisites = town.channel.tasks_by_id(task.after)
     dependents = town.dependents(task.id)
-    details = [f"  {label}: {value}" for label, value in (
+    # A multi-line description or result keeps its lines, each indented under its label.
+    details = [f"  {label}: " + _printable(value, keep="\n\t").replace("\n", "\n" + " " * (len(label) + 4))
+               for label, value in (
         ("description", task.description), ("agent", names.show(task.assigned_to)),
         ("goes to", names.show(task.release_to) if task.state == TaskState.BLOCKED else None),
         ("tags", ", ".join(task.tags)), ("parent", task.parent_id), ("attempts", task.attempts),
@@ -6205,7 +6255,8 @@ def _cmd_inbox(town: Town, args: Any) -> _Reply:
         names = _Names(town, {a.id: a.name for a in agents})
         counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
         data = {names.show(agent_id): c for agent_id, c in counts.items()}
-        return _Reply(data, "\n".join(f"{name:<16} {_counts_text(c) if c else 'empty'}" for name, c in data.items()))
+        return _Reply(data, "\n".join(f"{_printable(name):<16} {_counts_text(c) if c else 'empty'}"
+                                      for name, c in data.items()))
     acking = args.agent == "ack" and (args.ids or args.all)
     own = os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID
     agent_id = town.resolve_agent(own if acking else args.agent or own)
@@ -6772,7 +6823,7 @@ def _report(error: BaseException, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"error": message, "code": code}))
     usage = error.usage if isinstance(error, _UsageError) else ""
-    print(f"{usage}tt: error: {message}", file=sys.stderr)
+    print(f"{usage}tt: error: {_printable(message)}", file=sys.stderr)
     return 2 if isinstance(error, _UsageError) else 1
 
 
@@ -6780,11 +6831,14 @@ def _show(reply: _Reply, as_json: bool, *, stream: bool = False) -> None:
     if as_json and reply.data is not None:
         text = json.dumps(reply.data, default=str, **({} if stream else {"indent": 2}))
     elif reply.text:
-        text = reply.text
+        # The text's parts from data are escaped where they are put in a line; this catches
+        # any part that was not: no control sequence from data reaches the terminal.
+        text = _printable(reply.text, keep="\n\t")
+        if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+            text = _colored(text)
     else:
         return
-    # Stored text may hold bytes that are not UTF-8 (surrogates): shown escaped, never a crash.
-    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"  # a terminal that is not UTF-8
     print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), flush=stream)
 
 
@@ -6818,7 +6872,7 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The `tt` command: returns the exit code (0 ok, 1 error, 2 usage)."""
-    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    argv = [_valid_text(str(arg)) for arg in (sys.argv[1:] if argv is None else argv)]
     options = argv[:argv.index("--")] if "--" in argv else argv
     as_json = "--json" in options  # known before parsing, for a usage error's JSON
     parser = _build_parser()
@@ -6951,8 +7005,9 @@ class _Watch:
     def draw(self) -> None:
         width, height = shutil.get_terminal_size()
         lines = _watch_lines(_watch_snapshot(self.town, height), self.names, height)
-        shown = [f"\033[{sgr}m{text[:width]}\033[0m" if sgr and self.color else text[:width]
-                 for text, sgr in lines]
+        shown = [_printable(text)[:width] for text, _ in lines]
+        shown = [f"\033[{sgr}m{text}\033[0m" if sgr and self.color else text
+                 for text, (_, sgr) in zip(shown, lines)]
         # Home, each line cleared to its end, the rest of the screen cleared: no flicker.
         sys.stdout.write("\033[H" + "\033[K\r\n".join(shown) + "\033[K\033[J")
         sys.stdout.flush()
