@@ -2639,6 +2639,47 @@ def test_save_reset_restore_round_trip_is_identical_and_restores_elsewhere(town,
         proc.wait(10)
 
 
+def test_a_hostile_snapshot_is_refused_whole_and_agent_paths_never_leave_the_town(town, tmp_path):
+    w = worker(town)
+    town.assign("w1", "keep me")
+    saved = Path(tt_json("save")["file"])
+    before = tinytown.save_snapshot(town)
+    escaped = tmp_path / "x"
+    name = "../" * 20 + f"{str(escaped)[1:]}/ESCAPED"
+    hostile = json.loads(saved.read_text())
+    hostile["keys"][f"agent:{w.id}"]["value"].update(name=name, worktree="/")
+    hostile["keys"]["agents"]["value"] = {name: w.id}
+    (tmp_path / "hostile.json").write_text(json.dumps(hostile))
+    err = fail_cli("restore", tmp_path / "hostile.json", "--force")
+    assert "invalid agent name" in err and "nothing was changed" in err
+    assert tinytown.save_snapshot(town) == before  # refused before the reset that --force asks for
+    for key, value, problem in [  # one bad field each
+            (f"agent:{w.id}", {"worktree": "/"}, "worktree"), (f"agent:{w.id}", {"state": "bogus"}, "state"),
+            (f"agent:{w.id}", {"rounds_completed": "-1"}, "rounds_completed"),
+            (f"agent:{w.id}", {"lease": "x"}, "unknown field"),
+            (next(k for k in hostile["keys"] if k.startswith("task:")), {"tags": '["a", 3]'}, "tags"),
+            (next(k for k in hostile["keys"] if k.startswith("task:")), {"description": " "}, "description"),
+            (next(k for k in hostile["keys"] if k.startswith("task:")), {"id": str(uuid.uuid4())}, "id"),
+            (f"inbox:{w.id}", ["not a message"], "message"), ("tasks", [["x", "nan"]], "tasks"),
+            ("../../etc/passwd", "x", "unknown key")]:
+        document = json.loads(saved.read_text())
+        item = document["keys"].setdefault(key, {"type": "list" if isinstance(value, list) else "string",
+                                                 "value": value})
+        if isinstance(value, dict):
+            item["value"].update(value)
+        else:
+            item["value"] = value
+        with pytest.raises(tinytown.InvalidSnapshot, match=re.escape(problem)):
+            tinytown.restore_snapshot(town, document, force=True)
+        assert tinytown.save_snapshot(town) == before
+    # A record that reaches Redis some other way: its name still makes no path outside .tt/.
+    town.channel.set_agent_state(w.id, "stopped")
+    town.redis.hset(town.keys.agent(w.id), mapping={"name": name, "worktree": "/"})
+    town.redis.hset(town.keys.agents, name, w.id)
+    assert "invalid agent name" in fail_cli("restart", w.id)
+    assert not escaped.exists() and town.agent(w.id).record().state == "stopped"
+
+
 def test_import_github_with_a_stand_in_gh(town, tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -79,7 +79,7 @@ __all__ = [
     "TinytownError", "TownNotFound", "NestedTown", "ConfigError", "RedisServerError",
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
     "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
-    "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask",
+    "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask", "InvalidSnapshot",
     "HookRunner", "start_hook_runner", "stop_hook_runner", "serve_mcp",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
     "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
@@ -491,6 +491,15 @@ class PlanError(TinytownError):
         super().__init__(f"{where}: {problem}; nothing was changed")
 
 
+class InvalidSnapshot(TinytownError):
+    """A snapshot `tt restore` refuses (before it changes anything): which key, what is wrong."""
+
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"refused the snapshot: {f'key {_shown(key)}: ' if key else ''}{problem};"
+                         " nothing was changed")
+
+
 def _check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidName(name, what)
@@ -629,11 +638,11 @@ def load_config(path: Path) -> Config:
     """Read and validate tinytown.toml; errors name the file, the key and the line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         data = tomllib.loads(text)
     except FileNotFoundError:
         raise TownNotFound(path.parent) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
@@ -782,7 +791,7 @@ def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
     """
     path = Path(path)
     section, leaf = _config_key(key)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     value = raw_value
     if isinstance(raw_value, str) and (_key_type(key) is not str or raw_value[:1] in ('"', "'")):
         try:
@@ -1170,6 +1179,13 @@ def _write_atomic(path: Path, text: str, mode: int | None = None,
         scratch.unlink(missing_ok=True)
         raise
     os.replace(scratch, path)
+
+
+def _agent_path(root: Path, name: str, template: str) -> Path:
+    """An agent's file or folder under .tt/, e.g. template "logs/{name}.log".  The name is
+    checked where paths are made: no record (a restored snapshot's, another client's) puts
+    a log, a prompt, a worktree or a CLI run outside the town."""
+    return root / RUNTIME_DIR / template.format(name=_check_name(name, "agent name"))
 
 
 def _runtime_dir(root: Path) -> Path:
@@ -3358,7 +3374,7 @@ class Town:
         """A git worktree on branch tt/NAME for the agent; one this call made is removed
         again (with a branch it made) when the spawn is refused.  An existing branch is
         checked out as it is, never reset."""
-        path = self._root / RUNTIME_DIR / "agents" / name / "worktree"
+        path = _agent_path(self._root, name, "agents/{name}/worktree")
         if path.exists():
             yield path
             return
@@ -3387,7 +3403,8 @@ class Town:
 
     def _launch_loop(self, agent_id: str, name: str) -> None:
         """Start `agent-loop` detached: its own session, output to .tt/logs/NAME.log."""
-        proc = _start_detached(self._root, ["agent-loop", agent_id], f"{name}.log")
+        log_file = _agent_path(self._root, name, "logs/{name}.log")
+        proc = _start_detached(self._root, ["agent-loop", agent_id], log_file.name)
         self._spawned[agent_id] = proc
         pipe = self.redis.pipeline()
         pipe.hset(self.keys.agent(agent_id), mapping={"pid": proc.pid, "host": socket.gethostname()})
@@ -3477,6 +3494,7 @@ class Town:
 
     def _respawn(self, agent: Agent, *, start: bool = True, **fields: Any) -> AgentHandle:
         """A stopped agent back to `starting` (with `fields` changed), its loop started."""
+        _check_name(agent.name, "agent name")  # its paths are made of it (a record from elsewhere?)
         self._config.cli(fields.get("cli") or agent.cli or self._config.default_cli)  # still configured?
         if self._recover(agent, "its loop was gone when it was restarted")[0] == "alive":
             raise InvalidTransition(f"agent {agent.name}", f"{agent.state} with a live loop",
@@ -3830,7 +3848,8 @@ class Town:
             entry = {**agent.to_dict(), "dead": agent.dead, "pending": counts.get(agent.id, {})}
             if deep:
                 entry["recent_rounds"] = activity[index]
-                entry["log_tail"] = _tail(self._root / RUNTIME_DIR / "logs" / f"{agent.name}.log", 5)
+                with contextlib.suppress(InvalidName):  # no tail of a path a bad record names
+                    entry["log_tail"] = _tail(_agent_path(self._root, agent.name, "logs/{name}.log"), 5)
             listed.append(entry)
         return {
             "town": self.name, "root": str(self._root), "version": __version__,
@@ -3981,7 +4000,7 @@ def load_plan(path: Path) -> list[PlanEntry]:
     """The entries of a tasks.toml, checked: PlanError names the file, line and entry."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
     except FileNotFoundError:
         raise PlanError(path, None, None, f"no plan here; `tt plan --init` writes a {PLAN_FILE}") from None
     try:
@@ -4144,7 +4163,7 @@ def sync_pull(town: Town, path: Path) -> list[dict[str, Any]]:
     """Write each pushed entry's state and result into tasks.toml (text edits)."""
     path = Path(path)
     rows = plan_status(town, path)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     for row in rows:
         if row["task"]:
             text = _set_entry_fields(text, row["entry"], {"state": row["state"], "result": row["result"]})
@@ -4165,6 +4184,19 @@ def _write_plan(path: Path, text: str) -> None:
 _DEPENDS = re.compile(r"\b(?:depends on|blocked by|after)\s+((?:#\d+(?:\s*,\s*|\s+and\s+|\s+)?)+)", re.I)
 
 
+def _github_issue(number: str, output: str) -> dict[str, Any]:
+    """The issue `gh issue view N --json number,title,body,labels` printed, checked."""
+    try:
+        issue = _valid_text(json.loads(output))
+    except (ValueError, RecursionError):
+        issue = None
+    if not (isinstance(issue, dict) and type(issue.get("number")) is int and issue["number"] > 0
+            and isinstance(issue.get("title"), str) and isinstance(issue.get("body") or "", str)):
+        raise TinytownError(f"`gh issue view {number}` printed no issue with a number, a title and a"
+                            f" text body: {_shown(output)}; is gh up to date?")
+    return issue
+
+
 def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[str]:
     """Entries for GitHub issues read with the `gh` CLI, appended to tasks.toml: the
     description is the title and body; "depends on / blocked by / after #N" become `after`.
@@ -4174,17 +4206,23 @@ def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[
         raise TinytownError("`tt plan import-github` reads issues with the GitHub CLI, and no `gh` is on"
                             " PATH; install it (https://cli.github.com) and run `gh auth login`")
     path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = _read_text(path) if path.exists() else ""
     known = {e for e in re.findall(r'^\s*id\s*=\s*"([^"]+)"', text, re.M)}
     fetched = []
     for number in issues:
         number = str(number).lstrip("#")
+        if not re.fullmatch(r"[0-9]{1,12}", number):  # never an option (--repo=...) for gh
+            raise TinytownError(f"GitHub issues are numbers like 12 or #12, not {_shown(number)}")
         try:
             out = subprocess.run([gh, "issue", "view", number, "--json", "number,title,body,labels"],
-                                 capture_output=True, text=True, timeout=GIT_TIMEOUT_SECS, check=True).stdout
+                                 capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                 timeout=GIT_TIMEOUT_SECS, check=True).stdout
         except subprocess.CalledProcessError as exc:
             raise TinytownError(f"`gh issue view {number}` failed: {(exc.stderr or '').strip()[:300]}") from None
-        fetched.append(json.loads(out))
+        except subprocess.TimeoutExpired:
+            raise TinytownError(f"`gh issue view {number}` took over {GIT_TIMEOUT_SECS:g}s; is GitHub"
+                                " reachable?") from None
+        fetched.append(_github_issue(number, out))
     wanted = {f"issue-{issue['number']}" for issue in fetched} | known
     blocks, added = [], []
     for issue in fetched:
@@ -4240,12 +4278,132 @@ def save_snapshot(town: Town) -> dict[str, Any]:
     return {"tinytown_snapshot": SNAPSHOT_VERSION, "town": town.name, "keys": data}
 
 
+# Snapshot checks: every key and field as the town itself would have written it, before
+# anything is written, so that a refused snapshot changes nothing.
+_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"  # uuid4, as made
+_MAILBOX = rf"(?:{_ID}|{CONDUCTOR_ID})"
+_TASK_INDEXES = "|".join(["tasks", "finished", "task_ids", "backlog", "backlog:any", "backlog:tag:.+",
+                          *(f"tasks:{state.value}" for state in TaskState)])
+# Each key a snapshot may hold (the name after the town's prefix): its type, what it holds.
+_SNAPSHOT_LAYOUT = {
+    "agents": ("hash", "agent_index"), f"agent:({_ID})": ("hash", "agent"),
+    f"(?:inbox|high|urgent|processing):{_MAILBOX}": ("list", "message"),
+    f"dead:{_MAILBOX}|activity:{_ID}|hooks:failed": ("list", "text"),
+    f"{_TASK_INDEXES}|(?:agent_tasks|open_tasks):{_ID}": ("zset", "task_id"),
+    f"task:({_ID})": ("hash", "task"), f"dependents:{_ID}": ("set", "task_id"),
+    "role:.+": ("set", "agent_id"), "resume": ("set", "agent_name"),
+    "task_counts|usage": ("hash", "count"), "hooks": ("hash", "text"), "plan": ("hash", "plan_entry"),
+    "backlog_seq": ("string", "count"), "layout": ("string", "layout"),
+}
+_TASK_HASH_EXTRAS = ("waiting", "release_message")  # kept by _TASKS_LUA next to a Task's fields
+_NUMBER = r"-?[0-9]{1,18}(\.[0-9]{1,18})?(e-?[0-9]{1,3})?"  # a counter or an amount, as Redis writes it
+_SHAPES = {"string": str, "hash": dict, "list": list, "set": list, "zset": list}
+
+
+def _check_snapshot(town: Town, snapshot: Any) -> None:
+    """Refuse (InvalidSnapshot) a snapshot with anything `tt save` of a town never writes:
+    an unknown key, a wrong type, a bad name, id, state, count, path or message."""
+    if not isinstance(snapshot, dict) or snapshot.get("tinytown_snapshot") != SNAPSHOT_VERSION or \
+            not isinstance(snapshot.get("keys"), dict) or not isinstance(snapshot.get("town", ""), str):
+        raise InvalidSnapshot("", "not a tinytown snapshot (`tt save` writes them)")
+    for relative, item in snapshot["keys"].items():
+        if relative.startswith(_SNAPSHOT_SKIP):
+            continue  # never written back
+        layout = next(((kind, holds, found) for pattern, (kind, holds) in _SNAPSHOT_LAYOUT.items()
+                       if (found := re.fullmatch(pattern, relative))), None)
+        if layout is None:
+            raise InvalidSnapshot(relative, "unknown key")
+        kind, holds, found = layout
+        if not isinstance(item, dict) or item.get("type") != kind or not isinstance(item.get("value"), _SHAPES[kind]):
+            raise InvalidSnapshot(relative, f"must be a {kind}")
+        problem = _snapshot_value_problem(town, holds, item["value"], found[1] if found.groups() else "")
+        if problem:
+            raise InvalidSnapshot(relative, problem)
+
+
+def _snapshot_value_problem(town: Town, holds: str, value: Any, key_id: str) -> str | None:
+    """What is wrong with one key's value (None: nothing)."""
+    if holds in ("agent", "task"):
+        if not all(isinstance(v, str) for v in value.values()):
+            return "its fields must be strings"
+        return _snapshot_record_problem(town, Agent if holds == "agent" else Task, value, key_id)
+    if isinstance(value, dict):  # a hash: what its field names and values must be
+        name_ok, value_ok = {"agent_index": (_snapshot_agent_name, _matcher(_ID)),
+                             "count": (_matcher("[a-z_]+"), _matcher(_NUMBER)),
+                             "plan_entry": (_matcher(NAME_PATTERN.pattern), _matcher(_ID)),
+                             "text": (bool, lambda text: True)}[holds]
+        bad = next((k for k, v in value.items() if not (name_ok(k) and isinstance(v, str) and value_ok(v))), None)
+        return None if bad is None else f"bad field {_shown(bad)}: {_shown(value[bad])}"
+    members = value if isinstance(value, list) else [value]
+    if holds == "task_id" and all(isinstance(m, list) and len(m) == 2 for m in members):  # a zset
+        if not all(type(score) in (int, float) and abs(score) < float("inf") for _, score in members):
+            return "scores must be finite numbers"
+        members = [member for member, _ in members]
+    member_ok = {"message": lambda text: _parse_message(text) is not None, "agent_name": _snapshot_agent_name,
+                 "task_id": _matcher(_ID), "agent_id": _matcher(_ID), "count": _matcher("[0-9]{1,18}"),
+                 "layout": lambda text: text == LAYOUT_VERSION, "text": lambda text: True}[holds]
+    bad = next((m for m in members if not (isinstance(m, str) and member_ok(m))), None)
+    return None if bad is None else f"bad {holds.replace('_', ' ')} {_shown(bad)}"
+
+
+def _matcher(pattern: str) -> Callable[[str], bool]:
+    return lambda text: re.fullmatch(pattern, text) is not None
+
+
+def _snapshot_agent_name(name: str) -> bool:
+    return NAME_PATTERN.fullmatch(name) is not None and name.lower() not in RESERVED_NAMES
+
+
+def _snapshot_record_problem(town: Town, cls: type, fields: dict[str, str], key_id: str) -> str | None:
+    """An agent or task record's problem: each field parsed as the record's type, then the
+    rules spawn and task creation follow (names, ids, states, where a worktree is)."""
+    types = {f.name: f.type for f in dataclasses.fields(cls) if f.name not in ("lease", "malformed")}
+    for name, raw in fields.items():
+        kind = types.get(name, "int" if name == "waiting" and cls is Task else None)
+        if kind is None and not (cls is Task and name in _TASK_HASH_EXTRAS):
+            return f"unknown field {_shown(name)}"
+        ok = {"int": _matcher("[0-9]{0,18}"), "float": _matcher(f"|{_NUMBER}"), "bool": _matcher("|True|False"),
+              "list[str]": lambda text: _snapshot_list_ok(text, _ID if name == "after" else ".+")
+              }.get(kind, lambda text: True)
+        if not ok(raw) or kind == "float" and raw.startswith("-"):
+            return f"bad {name} {_shown(raw)}"
+    if fields.get("id") != key_id:
+        return f"its id {_shown(fields.get('id'))} is not the one in its key"
+    record = _from_hash(cls, fields)
+    if cls is Agent:
+        expected = f"/{RUNTIME_DIR}/agents/{record.name}/worktree"  # spawn's place, in any town's folder
+        checks = [(_snapshot_agent_name(record.name), f"invalid agent name {_shown(record.name)}"),
+                  (record.state in set(AgentState), f"bad state {_shown(record.state)}"),
+                  (re.fullmatch(f"|{_MAILBOX}", record.parent or ""), f"bad parent {_shown(record.parent)}"),
+                  (not record.worktree or record.worktree.startswith("/") and record.worktree.endswith(expected),
+                   f"bad worktree {_shown(record.worktree)} (spawn puts it at ...{expected})")]
+    else:
+        checks = [(record.description.strip(), "an empty description"),
+                  (record.state in set(TaskState), f"bad state {_shown(record.state)}"),
+                  (record.on_failure in ("fail", "run"), f"bad on_failure {_shown(record.on_failure)}"),
+                  (record.priority in set(Priority), f"bad priority {_shown(record.priority)}"),
+                  (re.fullmatch(f"|{_ID}", record.parent_id or ""), f"bad parent_id {_shown(record.parent_id)}"),
+                  *((re.fullmatch(f"|{_MAILBOX}", getattr(record, owner) or ""),
+                     f"bad {owner} {_shown(getattr(record, owner))}") for owner in ("assigned_to", "release_to")),
+                  (_parse_message(fields.get("release_message") or "{}") or not fields.get("release_message"),
+                   "bad release_message")]
+    return next((problem for ok, problem in checks if not ok), None)
+
+
+def _snapshot_list_ok(raw: str, item: str) -> bool:
+    """A list field as _hash_value stores it: a JSON list of strings, each matching `item`."""
+    try:
+        value = json.loads(raw or "[]")
+    except ValueError:
+        return False
+    return isinstance(value, list) and all(isinstance(v, str) and re.fullmatch(item, v) for v in value)
+
+
 def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = False) -> int:
     """Import a snapshot (of this or another town) into this one, in one transaction.
     Refused when the town holds data unless `force` (which resets it first, its loops
     stopped).  Restored agents are `stopped` until `tt restart`.  Returns keys written."""
-    if snapshot.get("tinytown_snapshot") != SNAPSHOT_VERSION or not isinstance(snapshot.get("keys"), dict):
-        raise TinytownError("not a tinytown snapshot (`tt save` writes them)")
+    _check_snapshot(town, snapshot)
     if any(key != town.keys.layout for key in town.redis.scan_iter(match=town.keys.prefix + "*", count=1000)):
         if not force:
             raise TinytownError(f"the town {town.name!r} already holds data; `tt restore FILE --force`"
@@ -4298,7 +4456,7 @@ def _json_objects(text: str) -> Iterator[dict[str, Any]]:
             index = text.find("\n", start) + 1 or len(text)
             continue
         if isinstance(value, dict):
-            yield value
+            yield _valid_text(value)  # a "\udcff" in it would be stored, and break the round log
 
 
 def _int(value: Any) -> int:
@@ -4905,12 +5063,11 @@ class AgentLoop:
             self._mark_running(task_id)
         self.channel.update_agent(agent_id, current_task=task_ids[0] if task_ids else "",
                                   last_heartbeat=_now())
-        work_dir = self.town.root / RUNTIME_DIR / "agents" / agent.name
-        work_dir.mkdir(parents=True, exist_ok=True)
+        prompt_file = _agent_path(self.town.root, agent.name, "agents/{name}/prompt.md")
+        prompt_file.parent.mkdir(parents=True, exist_ok=True)
         prompt = build_prompt(self.town, agent, messages, round_no)
-        prompt_file = work_dir / "prompt.md"
         _write_atomic(prompt_file, prompt)
-        log_file = self.town.root / RUNTIME_DIR / "logs" / agent.name / f"round-{round_no}.log"
+        log_file = _agent_path(self.town.root, agent.name, f"logs/{{name}}/round-{round_no}.log")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         _drop_old_round_logs(log_file.parent, round_no, self.settings.keep_round_logs)
         command, session = _session_command(self.cli, agent, round_no)
@@ -5001,7 +5158,9 @@ class AgentLoop:
         uses_file = "{prompt_file}" in command
         command = _fill_command(command, prompt_file)
         env = _cli_env(self.cli, agent, self.town.root, self.bin_dir)
-        cwd = Path(agent.worktree) if agent.worktree else self.town.root / (self.cli.cwd or ".")
+        # The worktree is where spawn made it, whatever the record says (a snapshot of a town elsewhere).
+        cwd = (_agent_path(self.town.root, agent.name, "agents/{name}/worktree") if agent.worktree
+               else self.town.root / (self.cli.cwd or "."))
         with open(log_file, "ab") as output, \
                 open(raw_file, "ab") if raw_file else contextlib.nullcontext(output) as stdout:
             output.write(f"[tinytown] {_now()} $ {command}\n".encode())  # a round run again appends
@@ -6396,8 +6555,8 @@ def _cmd_restore(town: Town, args: Any) -> _Reply:
     if not path.exists() and (town.root / RUNTIME_DIR / "tasks" / path).exists():
         path = town.root / RUNTIME_DIR / "tasks" / path
     try:
-        snapshot = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        snapshot = _valid_text(json.loads(_read_text(path)))
+    except (OSError, ValueError, RecursionError) as exc:
         raise TinytownError(f"cannot read the snapshot {path}: {exc}") from None
     written = restore_snapshot(town, snapshot, force=args.force)
     return _Reply({"file": str(path), "keys": written},
