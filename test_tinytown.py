@@ -3717,6 +3717,129 @@ def test_mcp_protocol_details_version_negotiation_errors_and_batches(town):
         -32700, -32601, -32602, [4, 5], -32002]
 
 
+class McpProcess:
+    """`tt mcp` as a process, spoken to a line at a time (each reply awaited at most 30 s)."""
+
+    def __init__(self, root):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinytown", "-t", str(root), "mcp"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONPATH": str(MODULE.parent)})
+        self.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                    "clientInfo": {"name": "test", "version": "1"}}, 0)
+
+    def send(self, message):
+        self.proc.stdin.write((json.dumps(message) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def receive(self):
+        import select
+        assert select.select([self.proc.stdout], [], [], 30)[0], "no reply within 30s"
+        return json.loads(self.proc.stdout.readline())
+
+    def request(self, method, params, request_id):
+        self.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        reply = self.receive()
+        assert reply["id"] == request_id, reply
+        return reply
+
+    def call(self, tool, arguments, request_id=1):
+        return self.request("tools/call", {"name": tool, "arguments": arguments}, request_id)["result"]
+
+    def close(self):
+        """End the input; the server must exit within 30 s.  What it printed last."""
+        try:
+            rest, _ = self.proc.communicate(timeout=30)  # closes its stdin
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise AssertionError("tt mcp did not exit within 30s of its input ending") from None
+        assert self.proc.returncode == 0
+        return rest
+
+
+def mcp_error(result):
+    assert result["isError"], result
+    return result["content"][0].text if hasattr(result["content"][0], "text") else result["content"][0]["text"]
+
+
+def test_mcp_offers_file_writing_and_destroying_tools_only_when_allowed(town, tmp_path):
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.json"
+    outside.write_text("a person's file\n")
+    guarded = {"save", "restore", "reset", "sync_pull", "plan_init", "plan_import_github", "prune", "task_prune",
+               "task_delete", "dead_drop"}
+    server = McpProcess(town.root)
+    try:
+        tools = {t["name"] for t in server.request("tools/list", {}, 2)["result"]["tools"]}
+        assert not guarded & tools and {"status", "assign", "dead", "dead_retry", "plan", "sync_push"} <= tools
+        assert "unknown tool" in server.request("tools/call", {"name": "save", "arguments": {
+            "file": str(outside)}}, 3)["error"]["message"]
+        assert "unknown tool" in server.request("tools/call", {"name": "restore", "arguments": {
+            "file": str(outside), "force": True}}, 4)["error"]["message"]
+    finally:
+        server.close()
+    assert outside.read_text() == "a person's file\n"
+    code, _, err = tt("config", "mcp.allow", '["save", "nonsense"]')
+    assert code == 1 and "mcp.allow" in err and "'nonsense'" in err and "save, restore" in err
+    assert tt("config", "mcp.allow", '["save", "restore"]')[0] == 0
+    town.backlog_add("kept")
+    server = McpProcess(town.root)
+    try:
+        tools = {t["name"] for t in server.request("tools/list", {}, 2)["result"]["tools"]}
+        assert guarded & tools == {"save", "restore"}
+        config = (town.root / "tinytown.toml").read_text()
+        for path in (str(outside), "../" + outside.name, ".tt/../../x.json", "src/main.py"):
+            assert "inside the town" in mcp_error(server.call("save", {"file": path}))
+        for path in (str(outside), "../" + outside.name, ".tt/../../x.json"):
+            assert "inside the town" in mcp_error(server.call("restore", {"file": path, "force": True}))
+        saved = tool_json(_McpResult(server.call("save", {"file": "tinytown.toml"})))["file"]
+        assert saved == str(town.root / ".tt" / "tasks" / "tinytown.toml")  # a bare name: with the snapshots
+    finally:
+        server.close()
+    assert outside.read_text() == "a person's file\n" and [t.description for t in town.tasks()] == ["kept"]
+    assert (town.root / "tinytown.toml").read_text() == config and not (town.root / "src").exists()
+
+
+class _McpResult:
+    """A tools/call result (JSON) shaped like the SDK's, for tool_json()."""
+
+    def __init__(self, result):
+        self.is_error = result["isError"]
+        self.content = [type("Text", (), {"text": result["content"][0]["text"]})]
+
+
+def test_mcp_answers_pings_during_a_wait_honours_cancels_and_passes_arrays_as_arrays(town):
+    w = worker(town)
+    town.redis.set(town.keys.alive(w.id), "1", ex=60)  # a live agent, for wait_agent
+    waited = town.backlog_add("never done")
+    server = McpProcess(town.root)
+    try:
+        server.send({"jsonrpc": "2.0", "id": 10, "method": "tools/call",
+                     "params": {"name": "task_wait", "arguments": {"id": waited.id}}})
+        assert server.request("ping", {}, 11)["result"] == {}  # answered while the wait goes on
+        server.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 10}})
+        town.complete_task(waited.id, "done after all")  # a wait still running would answer now
+        assert server.request("ping", {}, 12)["result"] == {}
+        for text in ("first", "second"):
+            town.send(w.id, text)
+            town.send("conductor", text, "info")
+        acked = server.call("inbox", {"agent": "ack", "ids": [m.id[:8] for m in town.channel.peek("conductor")]}, 13)
+        assert [m["summary"] for m in tool_json(_McpResult(acked))] == ["first", "second"]
+        assert town.channel.peek("conductor") == []
+        messages = town.channel.peek(w.id)
+        bad = server.call("send", {"to": "w1", "message": ["not", "a", "string"]}, 14)
+        assert "'message' must be a string" in mcp_error(bad)
+        for m in messages:
+            town.channel.ack(w.id, [m.id])
+            town.redis.rpush(town.keys.dead(w.id), m.to_json())
+        retried = tool_json(_McpResult(server.call("dead_retry", {"ids": [m.id[:8] for m in messages]}, 15)))
+        assert sorted(m["id"] for m in retried) == sorted(m.id for m in messages)
+        bounded = server.call("wait_agent", {"agent": "w1", "timeout": 0.2}, 16)
+        assert "timed out after 0.2s" in mcp_error(bounded)
+    finally:
+        rest = server.close()
+    assert b'"id": 10' not in rest and b'"id":10' not in rest  # the cancelled call never answered
+
+
 def test_conductor_hands_the_town_over_as_an_mcp_server(town):
     data = tt_json("conductor", "--cli", "claude", "--mcp")
     config = json.loads(Path(data["mcp_config"]).read_text())["mcpServers"]["tinytown"]

@@ -71,7 +71,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Town", "AgentHandle", "Channel", "AgentLoop", "find_town_root",
-    "Config", "RedisConfig", "AgentSettings", "TownSettings", "AgentCLI", "load_config",
+    "Config", "RedisConfig", "AgentSettings", "TownSettings", "McpSettings", "AgentCLI", "load_config",
     "get_config_value", "set_config_value",
     "Preset", "PRESETS", "RoundUsage", "OUTPUT_PARSERS", "missing_credentials", "doctor", "Check",
     "Agent", "Task", "Message", "AgentState", "TaskState", "Priority", "MessageType",
@@ -124,6 +124,11 @@ HOOK_EVENTS = (
     "message_to_conductor", "message_dead", "broadcast", "reclaimed", "requeued", "round",
     "budget_reached", "restored", "upgraded", "all_tasks_done",
 )
+
+# The MCP tools that write files or destroy state: `tt mcp` offers one only when the town's
+# `[mcp] allow` names it.
+MCP_GUARDED_TOOLS = ("save", "restore", "reset", "sync_pull", "plan_init", "plan_import_github", "prune",
+                     "task_prune", "task_delete", "dead_drop")
 
 # 1920s first names for nicknames, picked by the agent id.
 NICKNAMES = (
@@ -552,6 +557,11 @@ class TownSettings:
 
 
 @dataclass
+class McpSettings:
+    allow: list[str] = field(default_factory=list)  # of MCP_GUARDED_TOOLS, those `tt mcp` offers
+
+
+@dataclass
 class AgentCLI:
     """An [agent_clis.X] table; one named like a preset takes the preset's unset fields."""
     name: str
@@ -572,6 +582,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     agent: AgentSettings = field(default_factory=AgentSettings)
     town: TownSettings = field(default_factory=TownSettings)
+    mcp: McpSettings = field(default_factory=McpSettings)
     agent_clis: dict[str, AgentCLI] = field(default_factory=dict)
     hooks: dict[str, str] = field(default_factory=dict)  # event kind -> shell command
     path: Path | None = None
@@ -600,14 +611,15 @@ class Config:
         return _redacted("", data)
 
 
-_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings, "town": TownSettings}
+_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings, "town": TownSettings, "mcp": McpSettings}
 _TOP_LEVEL = {"name": str, "default_cli": str, "max_agents": int}
-_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+               list: "a list of strings"}
 
 
 def _field_types(cls: type) -> dict[str, type]:
     """The plain type of each dataclass field (str | None -> str)."""
-    hints = {"bool": bool, "int": int, "float": float, "str": str, "str | None": str}
+    hints = {"bool": bool, "int": int, "float": float, "str": str, "str | None": str, "list[str]": list}
     return {f.name: hints[f.type] for f in dataclasses.fields(cls) if f.type in hints}
 
 
@@ -627,10 +639,14 @@ def _typed(value: Any, expected: type, where: Callable[[], str]) -> Any:
     """`value` checked against `expected`; where() names the place, only for an error."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected):
-        raise ConfigError(f"{where()} must be {_TYPE_NAMES[expected]}, not {value!r}")
+    if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected) or (
+            expected is list and not all(isinstance(item, str) for item in value)):
+        raise ConfigError(f"{where()} must be {_TYPE_NAMES[expected]}, not {_shown(value)}")
     if expected in (int, float) and value < 0:
         raise ConfigError(f"{where()} must not be negative, not {value!r}")
+    limit = 10**9 if expected is float else 2**63  # seconds, amounts; counts Redis can hold
+    if expected in (int, float) and not value < limit:  # inf and nan too: TOML has both
+        raise ConfigError(f"{where()} must be less than {limit}, not {value!r}")
     return value
 
 
@@ -694,6 +710,10 @@ def load_config(path: Path) -> Config:
             raise ConfigError(f"{where('agent', key)} must be at least 1")
     if config.agent.on_budget not in ("stop", "pause"):
         raise ConfigError(f"{where('agent', 'on_budget')} must be \"stop\" or \"pause\"")
+    unknown_tools = [tool for tool in config.mcp.allow if tool not in MCP_GUARDED_TOOLS]
+    if unknown_tools:
+        raise ConfigError(f"{where('mcp', 'allow')}: no tool {_shown(unknown_tools[0])} needs allowing;"
+                          f" the tools that do are {', '.join(MCP_GUARDED_TOOLS)}")
     runtime = (path.parent / RUNTIME_DIR).resolve()
     if runtime not in (path.parent / config.redis.socket_path).resolve().parents:
         raise ConfigError(f"{where('redis', 'socket_path')} must be a path under {RUNTIME_DIR}/"
@@ -765,6 +785,9 @@ budget_usd = 0               # all the town's agents together (0: no limit)
 prune_after_secs = 604800    # `tt task prune` archives tasks finished longer ago than this
 keep_finished = 10000        # ... and beyond the newest this many finished tasks
 auto_prune = false           # agent loops prune after their rounds
+
+[mcp]
+allow = []                   # `tt mcp` tools that write files or destroy state, e.g. ["save"]
 {clis}"""
 
 
@@ -5801,6 +5824,48 @@ def _agent_reply(town: Town, agent: Agent, text: str) -> _Reply:
     return _Reply(_Names(town).add_to(agent.to_dict()), text)
 
 
+def _count_arg(text: str) -> int:
+    """argparse type of a count (rounds, events, tasks kept): a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {_shown(text)}") from None
+    if not 0 <= value <= 10**9:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000000000, not {text}")
+    return value
+
+
+def _seconds_arg(text: str) -> float:
+    """argparse type of a duration: seconds, 0 or more (finite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {_shown(text)}") from None
+    if not 0 <= value <= 10**9:  # nan and inf too
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000000000 seconds, not {text}")
+    return value
+
+
+def _given_path(town: Town, args: Any, value: str, folder: Path | None = None) -> Path:
+    """A path from the command line; a bare name goes into `folder` when given.  Over MCP
+    (`args.confined`) a relative path starts at the town's folder, and one that leads
+    outside it (or, with a `folder`, outside that) is refused: an assistant writes and
+    reads only the town's files."""
+    if "\0" in value:
+        raise TinytownError(f"a path cannot hold a NUL byte: {_shown(value)}")
+    path = Path(value)
+    if folder is not None and not path.is_absolute() and path.parent == Path("."):
+        path = folder / path
+    if not args.confined:
+        return path
+    within = folder or town.root
+    resolved = (town.root / path).resolve()  # symlinks followed: where the bytes would go
+    if not resolved.is_relative_to(within.resolve()):
+        raise TinytownError(f"{_shown(value)} is not inside the town's {within}; over MCP, files"
+                            " stay inside the town")
+    return resolved
+
+
 def _tags(raw: str | None) -> list[str]:
     return [tag.strip() for tag in (raw or "").split(",") if tag.strip()]
 
@@ -6468,7 +6533,7 @@ def _cmd_dead(town: Town, args: Any) -> _Reply:
 # -- plans and snapshots -------------------------------------------------------
 
 def _plan_path(town: Town, args: Any) -> Path:
-    return Path(args.file) if args.file else town.root / PLAN_FILE
+    return _given_path(town, args, args.file) if args.file else town.root / PLAN_FILE
 
 
 def _plan_rows_text(rows: list[dict[str, Any]]) -> str:
@@ -6534,10 +6599,8 @@ def _cmd_save(town: Town, args: Any) -> _Reply:
 
     Example: tt save before-refactor.json
     """
-    folder = town.root / RUNTIME_DIR / "tasks"
-    path = Path(args.file) if args.file else folder / f"snapshot-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    if not path.is_absolute() and path.parent == Path("."):
-        path = folder / path  # a bare name goes with the other snapshots
+    folder = town.root / RUNTIME_DIR / "tasks"  # a bare name goes with the other snapshots
+    path = _given_path(town, args, args.file or f"snapshot-{time.strftime('%Y%m%d-%H%M%S')}.json", folder)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     snapshot = save_snapshot(town)
     _write_atomic(path, json.dumps(snapshot, indent=1, sort_keys=True), mode=0o600)
@@ -6551,9 +6614,9 @@ def _cmd_restore(town: Town, args: Any) -> _Reply:
 
     Example: tt restore .tt/tasks/snapshot-20260101-120000.json --force
     """
-    path = Path(args.file)
-    if not path.exists() and (town.root / RUNTIME_DIR / "tasks" / path).exists():
-        path = town.root / RUNTIME_DIR / "tasks" / path
+    path = _given_path(town, args, args.file)
+    if not path.exists():  # a bare name: one of the snapshots `tt save` keeps
+        path = _given_path(town, args, args.file, town.root / RUNTIME_DIR / "tasks")
     try:
         snapshot = _valid_text(json.loads(_read_text(path)))
     except (OSError, ValueError, RecursionError) as exc:
@@ -6795,13 +6858,14 @@ def _build_parser() -> _Parser:
                             f" \"Write the README\"\n\n`{prog} COMMAND --help` explains a command.")
     _add_global_options(parser, top=True)
     parser.add_argument("--version", action="version", version=f"tinytown {__version__}")
+    parser.set_defaults(confined=False)  # `tt mcp` confines its calls' paths to the town
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog=prog,
                                      help=argparse.SUPPRESS)
 
     add(commands, "init", _cmd_init).add_argument("--name", help="the town's name (default: the folder's)")
     add(commands, "start", _cmd_start)
     add(commands, "stop", _cmd_stop).add_argument(
-        "--grace", type=float, default=STOP_GRACE_SECS, metavar="SECONDS",
+        "--grace", type=_seconds_arg, default=STOP_GRACE_SECS, metavar="SECONDS",
         help=f"how long running rounds may finish before their loops are ended (default: {STOP_GRACE_SECS:g})")
     sub = add(commands, "status", _cmd_status)
     sub.add_argument("--deep", action="store_true", help="also each agent's recent rounds and log tail")
@@ -6823,7 +6887,7 @@ def _build_parser() -> _Parser:
     sub.add_argument("--role", help="its role; backlog tasks tagged with it are claimed by it")
     sub.add_argument("--nickname", help="another name to refer to it by (default: picked for it)")
     sub.add_argument("--parent", metavar="AGENT", help="the agent that spawned this one")
-    sub.add_argument("--max-rounds", type=int, metavar="N",
+    sub.add_argument("--max-rounds", type=_count_arg, metavar="N",
                      help="CLI runs before the loop stops (default: agent.max_rounds)")
     sub.add_argument("--foreground", action="store_true", help="run the loop in this terminal")
     sub.add_argument("--worktree", action="store_true", help="work in a git worktree of its own")
@@ -6836,10 +6900,10 @@ def _build_parser() -> _Parser:
         add(commands, name, handler).add_argument("agent", help=agent_help)
     sub = add(commands, "wait", _cmd_wait)
     sub.add_argument("agent", help=agent_help)
-    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
+    sub.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS", help="give up after this long (default: never)")
     sub = add(commands, "restart", _cmd_restart)
     sub.add_argument("agent", help=agent_help)
-    sub.add_argument("--rounds", type=int, metavar="N", help="CLI runs before it stops again")
+    sub.add_argument("--rounds", type=_count_arg, metavar="N", help="CLI runs before it stops again")
     sub.add_argument("--fresh", action="store_true", help="start a new CLI conversation (forget the session)")
     add(commands, "prune", _cmd_prune).add_argument(
         "--all", action="store_true", help="also agents still holding work (it goes to the backlog)")
@@ -6875,13 +6939,13 @@ def _build_parser() -> _Parser:
     add(task, "cancel", _cmd_task_cancel).add_argument("id", help=task_help)
     add(task, "delete", _cmd_task_delete).add_argument("id", help=task_help)
     sub = add(task, "prune", _cmd_task_prune)
-    sub.add_argument("--older-than", type=float, metavar="SECONDS",
+    sub.add_argument("--older-than", type=_seconds_arg, metavar="SECONDS",
                      help="archive tasks finished longer ago than this (default: town.prune_after_secs)")
-    sub.add_argument("--keep", type=int, metavar="N",
+    sub.add_argument("--keep", type=_count_arg, metavar="N",
                      help="keep the newest N finished tasks, archive the rest (default: town.keep_finished; 0: no limit)")
     sub = add(task, "wait", _cmd_task_wait)
     sub.add_argument("id", help=task_help)
-    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
+    sub.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS", help="give up after this long (default: never)")
 
     backlog_parser = add(commands, "backlog", doc="Unassigned work: add, list, claim, assign-all, remove."
                          "\n\nExample: tt backlog add \"Fix the flaky test\" --tags tests")
@@ -6934,10 +6998,10 @@ def _build_parser() -> _Parser:
     sub.add_argument("--force", action="store_true", help="reset a town that holds data first")
 
     sub = add(commands, "history", _cmd_history)
-    sub.add_argument("-n", dest="count", type=int, default=20, metavar="N", help="how many (default: 20)")
+    sub.add_argument("-n", dest="count", type=_count_arg, default=20, metavar="N", help="how many (default: 20)")
     sub.add_argument("--agent", help="only this agent's events")
     sub = add(commands, "events", _cmd_events)
-    sub.add_argument("--count", type=int, default=20, metavar="N", help="how many (default: 20)")
+    sub.add_argument("--count", type=_count_arg, default=20, metavar="N", help="how many (default: 20)")
     sub.add_argument("--follow", action="store_true", help="keep printing new events (Ctrl-C stops)")
     sub.add_argument("--agent", help="only this agent's events")
     sub.add_argument("--since", metavar="ID", help="only the events after this event id (oldest first)")
@@ -7224,12 +7288,31 @@ class _Watch:
 # would and runs the same handler, and the result is the command's --json document.
 
 MCP_PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
-# Commands that are no tools: they start, stop or wipe the town, take over a terminal,
-# edit the config file, or are internal.
-_MCP_LEFT_OUT = {"init", "start", "stop", "reset", "config", "conductor", "mcp", "watch",
-                 *_INTERNAL_COMMANDS}
+MCP_WAIT_SECS = 300.0  # the longest a blocking tool (task_wait, wait_agent) waits: every call ends
+MCP_MAX_CALLS = 16  # calls answered at once (each a thread and a connection); more are refused
+_MCP_SLICE_SECS = 1.0  # a blocking tool waits in slices this long: a cancel ends it within one
+# The tools, an explicit list (a new command is no tool until it is added here): name -> the
+# `tt` words it runs; "NAMES..." is the list argument the rest of its command line is made
+# of.  Left out on purpose: init, start, stop, config, conductor, mcp and watch (they start,
+# stop or configure the town, or take over a terminal) and the internal commands; those in
+# MCP_GUARDED_TOOLS are offered only when [mcp] allow names them.
+_MCP_TOOLS = {
+    "status": "status", "list_agents": "list", "spawn": "spawn", "kill": "kill", "close": "close",
+    "interrupt": "interrupt", "resume": "resume", "wait_agent": "wait", "restart": "restart",
+    "recover": "recover", "reclaim": "reclaim", "assign": "assign", "task_show": "task show",
+    "task_list": "task list", "task_current": "task current", "task_complete": "task complete",
+    "task_fail": "task fail", "task_cancel": "task cancel", "task_wait": "task wait",
+    "backlog_add": "backlog add", "backlog_list": "backlog list", "backlog_claim": "backlog claim",
+    "backlog_assign_all": "backlog assign-all", "backlog_remove": "backlog remove", "send": "send",
+    "broadcast": "broadcast", "inbox": "inbox", "dead": "dead", "dead_retry": "dead retry IDS...",
+    "plan": "plan", "sync_push": "sync push", "history": "history", "events": "events", "doctor": "doctor",
+    "save": "save", "restore": "restore", "reset": "reset", "sync_pull": "sync pull", "plan_init": "plan --init",
+    "plan_import_github": "plan import-github ISSUES...", "prune": "prune", "task_prune": "task prune",
+    "task_delete": "task delete", "dead_drop": "dead drop IDS...",
+}
 _MCP_LEFT_OUT_OPTIONS = {"help", "town", "verbose", "json", "foreground", "follow", "watch"}
-_MCP_TOOL_NAMES = {"list": "list_agents", "wait": "wait_agent"}  # clearer out of the CLI's context
+_MCP_TYPES = {_count_arg: "integer", _seconds_arg: "number"}  # argparse type -> JSON Schema type
+_JSON_TYPES = {"boolean": (bool,), "integer": (int,), "number": (int, float), "string": (str,), "array": (list,)}
 _MCP_RESOURCES = {  # uri -> (name, description, the command behind it)
     "tinytown://status": ("status", "The town at a glance: agents, task counts, usage", ["status"]),
     "tinytown://agents": ("agents", "Every agent with its state and liveness", ["list"]),
@@ -7249,42 +7332,64 @@ def _long_flag(action: argparse.Action) -> str:
     return next((s for s in action.option_strings if s.startswith("--")), "")
 
 
+def _json_type(action: argparse.Action) -> str:
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        return "boolean"
+    if action.nargs in ("*", "+"):
+        return "array"
+    return _MCP_TYPES.get(action.type, "string")  # type: ignore[arg-type]
+
+
 @dataclass
 class _McpTool:
     name: str
-    path: list[str]  # the subcommand: ["task", "show"]
+    path: list[str]  # the command: ["task", "show"]
+    fixed: list[str]  # words every call adds: options ("--init"), then leading positionals ("drop")
     description: str
     params: dict[str, argparse.Action]
+
+    @property
+    def blocking(self) -> bool:
+        return "timeout" in self.params
 
     def input_schema(self) -> dict[str, Any]:
         properties, required = {}, []
         for name, action in self.params.items():
-            if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
-                prop: dict[str, Any] = {"type": "boolean"}
-            else:
-                prop = {"type": {int: "integer", float: "number"}.get(action.type, "string")}  # type: ignore[call-overload]
+            prop: dict[str, Any] = {"type": _json_type(action)}
+            if prop["type"] == "array":
+                prop["items"] = {"type": "string"}
             if action.choices:
                 prop["enum"] = list(action.choices)
-            prop["description"] = action.help or name
+            prop["description"] = (action.help or name) + (
+                f" (over MCP at most {MCP_WAIT_SECS:g})" if name == "timeout" else "")
             properties[name] = prop
-            if not action.option_strings and action.nargs != "?" or action.required:
+            if not action.option_strings and action.nargs not in ("?", "*") or action.required:
                 required.append(name)
         return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
-    def argv(self, arguments: dict[str, Any]) -> list[str]:
-        """The `tt` command line of a call (options first, then `--` and the positionals)."""
+    def argv(self, arguments: Any) -> list[str]:
+        """The `tt` command line of a call (options first, then `--` and the positionals);
+        each argument checked against the schema first."""
+        if not isinstance(arguments, dict):
+            raise _UsageError(f"the arguments must be an object, not {_shown(arguments)}", "")
         unknown = set(arguments) - set(self.params)
         if unknown:
-            raise _UsageError(f"unknown argument {min(unknown)!r}; {self.name} takes"
+            raise _UsageError(f"unknown argument {_shown(min(unknown))}; {self.name} takes"
                               f" {', '.join(self.params) or 'none'}", "")
-        options, positionals = [], []
+        options = [word for word in self.fixed if word.startswith("-")]
+        positionals = [word for word in self.fixed if not word.startswith("-")]
         for name, action in self.params.items():
             value = arguments.get(name)
             if value is None:
                 continue
+            kind = _json_type(action)
+            if not isinstance(value, _JSON_TYPES[kind]) or isinstance(value, bool) != (kind == "boolean") or (
+                    kind == "array" and not all(isinstance(item, str) for item in value)):
+                raise _UsageError(f"argument {name!r} must be {'an' if kind[0] in 'aei' else 'a'} {kind}"
+                                  f"{' of strings' if kind == 'array' else ''}, not {_shown(value)}", "")
             flag = _long_flag(action) or (action.option_strings or [""])[0]
             if not flag:
-                positionals.append(str(value))
+                positionals += value if kind == "array" else [str(value)]
             elif isinstance(action, argparse.BooleanOptionalAction):
                 options.append(flag if value else f"--no-{flag[2:]}")
             elif isinstance(action, argparse._StoreTrueAction):
@@ -7294,24 +7399,35 @@ class _McpTool:
         return [*self.path, *options, "--", *positionals] if positionals else [*self.path, *options]
 
 
-def _mcp_tools(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[str, _McpTool]:
-    """A tool per command with a handler, nested commands (task show) included."""
+def _mcp_tools(parser: argparse.ArgumentParser, allowed: Iterable[str]) -> dict[str, _McpTool]:
+    """The tools of _MCP_TOOLS this town offers (the guarded ones only when allowed), each
+    described and typed by its command's docstring and argparse options."""
     tools: dict[str, _McpTool] = {}
-    for action in parser._actions:
-        if not isinstance(action, argparse._SubParsersAction):
+    for name, words in _MCP_TOOLS.items():
+        if name in MCP_GUARDED_TOOLS and name not in allowed:
             continue
-        for name, sub in action.choices.items():
-            if name in _MCP_LEFT_OUT:
+        sub, path, fixed = parser, [], []
+        rest = ""
+        for word in words.split():
+            commands = next((a.choices for a in sub._actions if isinstance(a, argparse._SubParsersAction)), {})
+            if word in commands and not fixed:
+                sub, path = commands[word], [*path, word]
+            elif word.endswith("..."):
+                rest = word[:-3].lower()
+            else:
+                fixed.append(word)
+        params: dict[str, argparse.Action] = {}
+        for action in sub._actions:
+            if action.dest in _MCP_LEFT_OUT_OPTIONS or action.help is argparse.SUPPRESS or set(
+                    action.option_strings) & set(fixed):
                 continue
-            tools.update(_mcp_tools(sub, (*path, name)))
-            handler = sub.get_default("handler")
-            if handler:
-                tool = "_".join((*path, name)).replace("-", "_")
-                tool = _MCP_TOOL_NAMES.get(tool, tool)
-                description = inspect.cleandoc(handler.__doc__ or "").partition("\n\nExample:")[0]
-                params = {_option_name(a): a for a in sub._actions
-                          if a.dest not in _MCP_LEFT_OUT_OPTIONS and a.help is not argparse.SUPPRESS}
-                tools[tool] = _McpTool(tool, [*path, name], description, params)
+            if action.dest == "what":  # a command's actions (dead drop, plan import-github): tools of their own
+                if rest:  # the fixed words begin it, the list is the rest of it
+                    params[rest] = action
+                continue
+            params[_option_name(action)] = action
+        description = inspect.cleandoc(sub.get_default("handler").__doc__ or "").partition("\n\nExample:")[0]
+        tools[name] = _McpTool(name, path, fixed, description, params)
     return tools
 
 
@@ -7323,49 +7439,115 @@ class _JsonRpcError(Exception):
         super().__init__(message)
 
 
+@dataclass
+class _McpCall:
+    """A request answered in a thread of its own; notifications/cancelled sets `cancelled`."""
+    request_id: Any
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    blocking: bool = False  # a wait, which the end of the input cancels too
+
+
 class _McpServer:
-    """One MCP session over a pair of streams; `serve()` until the input ends."""
+    """One MCP session over a pair of streams; `serve()` until the input ends.
+
+    Tool calls and resource reads are answered in threads of their own, so a long one
+    (task_wait) neither delays `ping` nor stops a cancel from reaching it."""
 
     def __init__(self, root: Path, reader: Any, writer: Any):
         self.root, self._reader, self._writer = root, reader, writer
         self.parser = _build_parser()
-        self.tools = _mcp_tools(self.parser)
+        self.tools = _mcp_tools(self.parser, load_config(root / CONFIG_FILE).mcp.allow)
+        self._lock = threading.Lock()  # one reply written at a time; the calls below
+        self._calls: dict[str, _McpCall] = {}  # by json.dumps(request id), for cancels
+        self._threads: dict[threading.Thread, _McpCall] = {}  # the calls being answered
 
     def serve(self) -> None:
-        for line in self._reader:
-            if not line.strip():
-                continue
-            try:
-                message = json.loads(line)
-            except ValueError as exc:
-                self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": f"parse error: {exc}"}})
-                continue
-            # A batch (2025-03-26) gets a batch of replies; notifications get none.
-            replies = [r for r in map(self.handle, message if isinstance(message, list) else [message]) if r]
-            if replies:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the protocol only
+            for line in self._reader:
+                if line.strip():
+                    self._receive(line)
+            with self._lock:  # the client is gone: its waits end at their next slice
+                for call in self._threads.values():
+                    if call.blocking:
+                        call.cancelled.set()
+                threads = list(self._threads)
+            for thread in threads:
+                thread.join()
+
+    def _receive(self, line: str) -> None:
+        try:
+            message = _valid_text(json.loads(line))
+        except (ValueError, RecursionError) as exc:
+            self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": f"parse error: {exc}"}})
+            return
+        if isinstance(message, list) or isinstance(message, dict) and message.get("method") in (
+                "tools/call", "resources/read"):
+            self._answer_apart(message)
+        else:
+            reply = self.handle(message)
+            if reply:
+                self._send(reply)
+
+    def _answer_apart(self, message: Any) -> None:
+        """Answer a call (or a batch) in a thread of its own."""
+        call = _McpCall(message.get("id") if isinstance(message, dict) else None)
+        key = json.dumps(call.request_id)
+        with self._lock:
+            if len(self._threads) >= MCP_MAX_CALLS:
+                busy = {"code": -32000, "message": f"{MCP_MAX_CALLS} calls are in progress; try again when one ended"}
+                self._write({"jsonrpc": "2.0", "id": call.request_id, "error": busy})
+                return
+            thread = threading.Thread(target=self._answer, args=(message, call, key), daemon=True)
+            self._threads[thread] = call
+            if isinstance(message, dict) and "id" in message:
+                self._calls[key] = call
+        thread.start()
+
+    def _answer(self, message: Any, call: _McpCall, key: str) -> None:
+        try:
+            replies = [r for r in (self.handle(m, call) for m in (message if isinstance(message, list) else [message]))
+                       if r]
+            if replies and not call.cancelled.is_set():
                 self._send(replies if isinstance(message, list) else replies[0])
+        finally:
+            with self._lock:
+                self._threads.pop(threading.current_thread(), None)
+                if self._calls.get(key) is call:
+                    del self._calls[key]
 
     def _send(self, reply: Any) -> None:
+        with self._lock:
+            self._write(reply)
+
+    def _write(self, reply: Any) -> None:
         self._writer.write(json.dumps(reply, default=str) + "\n")  # ASCII: no stray newline or bad byte
         self._writer.flush()
 
-    def handle(self, message: Any) -> dict[str, Any] | None:
+    def handle(self, message: Any, call: _McpCall | None = None) -> dict[str, Any] | None:
         """The reply to one request (None for a notification)."""
-        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or "method" not in message:
+        if not (isinstance(message, dict) and message.get("jsonrpc") == "2.0" and isinstance(message.get("method"), str)
+                and isinstance(message.get("id"), (str, int, type(None)))):
             return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "invalid request"}}
-        if "id" not in message:
-            return None  # notifications/initialized, notifications/cancelled: nothing to answer
         params = message.get("params") or {}
+        if "id" not in message:  # a notification: nothing to answer
+            if message["method"] == "notifications/cancelled" and isinstance(params, dict):
+                with self._lock:
+                    cancelled = self._calls.get(json.dumps(params.get("requestId")))
+                if cancelled:
+                    cancelled.cancelled.set()
+            return None
         try:
             method = getattr(self, "_" + message["method"].replace("/", "_"), None)
             if method is None:
-                raise _JsonRpcError(-32601, f"method not found: {message['method']}")
-            result = method(params)
+                raise _JsonRpcError(-32601, f"method not found: {_shown(message['method'])}")
+            if not isinstance(params, dict):
+                raise _JsonRpcError(-32602, "params must be an object")
+            result = method(params, call or _McpCall(message["id"]))
         except _JsonRpcError as exc:
             return {"jsonrpc": "2.0", "id": message["id"], "error": {"code": exc.code, "message": exc.message}}
         return {"jsonrpc": "2.0", "id": message["id"], "result": result}
 
-    def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _initialize(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         asked = params.get("protocolVersion")
         return {"protocolVersion": asked if asked in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[0],
                 "capabilities": {"tools": {"listChanged": False},
@@ -7374,19 +7556,20 @@ class _McpServer:
                 "instructions": f"The Tinytown town at {self.root}: spawn agents, assign tasks, read"
                                 " their results. Tool results are the `tt --json` documents."}
 
-    def _ping(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _ping(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         return {}
 
-    def _tools_list(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _tools_list(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         return {"tools": [{"name": t.name, "description": t.description, "inputSchema": t.input_schema()}
                           for t in self.tools.values()]}
 
-    def _tools_call(self, params: dict[str, Any]) -> dict[str, Any]:
-        tool = self.tools.get(params.get("name", ""))
+    def _tools_call(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
+        tool = self.tools.get(params.get("name")) if isinstance(params.get("name"), str) else None
         if tool is None:
-            raise _JsonRpcError(-32602, f"unknown tool: {params.get('name')!r}")
+            raise _JsonRpcError(-32602, f"unknown tool: {_shown(params.get('name'))}")
         try:
-            reply = self.run(tool.argv(params.get("arguments") or {}))
+            arguments = params.get("arguments") or {}
+            reply = self._wait(tool, arguments, call) if tool.blocking else self.run(tool.argv(arguments))
         except Exception as exc:  # a tool error: the model reads the one-line message
             return {"content": [{"type": "text", "text": _error_line(exc)[0]}], "isError": True}
         data = reply.data if reply.data is not None else reply.text
@@ -7396,17 +7579,35 @@ class _McpServer:
             result["structuredContent"] = json.loads(json.dumps(data, default=str))
         return result
 
-    def _resources_list(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _wait(self, tool: _McpTool, arguments: dict[str, Any], call: _McpCall) -> _Reply:
+        """A blocking tool, run as waits of one slice each until its timeout (at most
+        MCP_WAIT_SECS): a cancel, or the end of the input, ends it at the next slice."""
+        tool.argv(arguments)  # the arguments checked once, up front
+        call.blocking = True
+        try:
+            timeout = min(_seconds_arg(str(arguments.get("timeout", MCP_WAIT_SECS))), MCP_WAIT_SECS)
+        except argparse.ArgumentTypeError as exc:
+            raise _UsageError(f"argument 'timeout' {exc}", "") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return self.run(tool.argv({**arguments, "timeout": max(min(remaining, _MCP_SLICE_SECS), 0.0)}))
+            except WaitTimeout as exc:
+                if remaining <= _MCP_SLICE_SECS or call.cancelled.is_set():
+                    raise WaitTimeout(exc.what, timeout) from None
+
+    def _resources_list(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         return {"resources": [{"uri": uri, "name": name, "description": text, "mimeType": "application/json"}
                               for uri, (name, text, _) in _MCP_RESOURCES.items()]}
 
-    def _resources_templates_list(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _resources_templates_list(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         return {"resourceTemplates": []}
 
-    def _resources_read(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _resources_read(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         uri = params.get("uri", "")
-        if uri not in _MCP_RESOURCES:
-            raise _JsonRpcError(-32002, f"resource not found: {uri}")
+        if not isinstance(uri, str) or uri not in _MCP_RESOURCES:
+            raise _JsonRpcError(-32002, f"resource not found: {_shown(uri)}")
         try:
             reply = self.run(_MCP_RESOURCES[uri][2])
         except Exception as exc:
@@ -7415,13 +7616,14 @@ class _McpServer:
                               "text": json.dumps(reply.data, default=str)}]}
 
     def run(self, argv: list[str]) -> _Reply:
-        """A `tt -t ROOT ARGV --json` through the command layer; its reply (errors raise)."""
+        """A `tt -t ROOT ARGV --json` through the command layer, its paths confined to the
+        town; its reply (errors raise)."""
         replies: list[_Reply] = []
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the protocol only
-            args, extras = self.parser.parse_known_args(["-t", str(self.root), "--json", *argv])
-            if extras:
-                args.parser.unknown(extras)
-            _run(args, show=lambda reply, as_json, **_: replies.append(reply))
+        args, extras = self.parser.parse_known_args(["-t", str(self.root), "--json", *argv])
+        if extras:
+            args.parser.unknown(extras)
+        args.confined = True
+        _run(args, show=lambda reply, as_json, **_: replies.append(reply))
         return replies[0]
 
 
@@ -7429,6 +7631,8 @@ def serve_mcp(root: str | os.PathLike[str], reader: Any = None, writer: Any = No
     """Serve the town at `root` over MCP on `reader`/`writer` (default: stdin/stdout)."""
     root = Path(root).resolve()
     load_config(root / CONFIG_FILE)  # no town: the error now, not at the first call
+    if reader is None:
+        sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]  # bytes that are not UTF-8: U+FFFD
     _McpServer(root, reader or sys.stdin, writer or sys.stdout).serve()
 
 
