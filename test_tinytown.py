@@ -10,10 +10,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import inspect
 import io
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -3849,6 +3851,418 @@ def test_conductor_hands_the_town_over_as_an_mcp_server(town):
     assert codex.startswith("codex -c 'mcp_servers.tinytown.command=") and " exec " in codex
     code, _, err = tt("conductor", "--cli", "aider", "--mcp")
     assert code == 1 and "knows claude and codex" in err
+
+
+# Fuzz: every door, hostile values ############################################
+# Each door (CLI arguments, MCP tool arguments and messages, tasks.toml, snapshot files,
+# GitHub issue JSON, hook event data, config values) is fed hostile values, drawn by a seeded
+# generator.  Every case must end in success or a one-line error: never a traceback, an
+# "unexpected error", a hang, a raw control character on the terminal, a file written outside
+# the town, a dead hook runner, or a town changed by a command that was refused.  `make test`
+# runs FUZZ_QUICK cases per door; the slow profile (`make test-slow`) runs TT_FUZZ_CASES
+# (default 400) per door.  TT_FUZZ_SEED picks another draw.
+
+FUZZ_QUICK = 40
+FUZZ_SEED = int(os.environ.get("TT_FUZZ_SEED", "16"))
+FUZZ_PROFILES = [pytest.param(FUZZ_QUICK, id="quick"),
+                 pytest.param(int(os.environ.get("TT_FUZZ_CASES", "400")), id="long", marks=pytest.mark.slow)]
+
+
+class FuzzHang(BaseException):
+    """A case that ran too long (BaseException: no `except Exception` in the code under test takes it)."""
+
+
+@contextlib.contextmanager
+def at_most(seconds, what):
+    def expired(signum, frame):
+        raise FuzzHang(f"{what!r} ran over {seconds}s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def hostile_strings(outside):
+    """NUL, C0/C1 controls, bytes that are not UTF-8 (as Python decodes argv), 1 MB, TOML and
+    JSON quotes, shell metacharacters aimed at `outside`, ../ and absolute paths, numbers."""
+    canary = shlex.quote(str(outside / "shell-ran"))
+    return [
+        "", " ", "\x00", "a\x00b", "\x01\x02\x07\x08\t\x0b\x0c\x7f", "x\x1b[2K\r✓ all done", "\x1b]52;c;ZXZpbA==\x07",
+        "\x85\x9b2J\x9d0;t\x9c", "\udcff\udcfe", "caf\udce9", "\ud800", "x" * 1_000_000, "é" * 300_000,
+        '"""', "'''", '"', "\\", 'a"b\'c', 'x"\n[[task]]\nid = "evil"', "}\n[hooks]\nmessage = 'touch x'",
+        '{"a": "b"}', '"}]', "\\u0000", "\\ud800", f"$(touch {canary})", f"`touch {canary}`",
+        f"; touch {canary}", f"| touch {canary}", "&& rm -rf ~", "*", "~", "${HOME}", "%s%n",
+        "../" * 20 + f"{str(outside)[1:]}/deep", "../x", "../../x", str(outside / "abs"), "/", "/etc/passwd",
+        ".", "..", "-", "--", "--json", "-t", "--force", "-v", "-1", "-99999999999999999999",
+        "99999999999999999999999", "1e308", "nan", "inf", "0", "1", "0x10", "日本語", "\u202etxt.exe", "🏘️", "\u2028",
+        "w1", "conductor", "supervisor",
+    ]
+
+
+def hostile_json_values(outside):
+    """What a JSON document can hold that no schema wants: the strings above, and the rest."""
+    return [*hostile_strings(outside), None, True, False, 0, -1, 2**64, -(2**63) - 1, 1e308, 0.5, float("nan"),
+            [], ["a", 1], [["x"]], {}, {"a": {"b": []}}, functools.reduce(lambda v, _: [v], range(200), []),
+            {"$ref": "#"}, ["../" * 12 + "etc/passwd"]]
+
+
+@dataclasses.dataclass
+class Fuzz:
+    """One fuzzed town: its doors' cases, and the checks every case must pass."""
+    town: Town
+    outside: Path  # nothing may appear here (hostile paths and shell canaries point at it)
+    rng: random.Random
+    ids: dict  # seeded records' ids: agent, pending, done
+
+    def strings(self):
+        return hostile_strings(self.outside)
+
+    def values(self):
+        return hostile_json_values(self.outside)
+
+    def pick(self, pool):
+        return self.rng.choice(pool)
+
+    def state(self):
+        return tinytown.save_snapshot(self.town)
+
+    @contextlib.contextmanager
+    def outside_untouched(self, what):
+        """Nothing new in `outside`, nor next to the town (where "../x" from its folder goes)."""
+        listed = sorted(os.listdir(self.town.root.parent))
+        yield
+        assert not list(self.outside.iterdir()), (what, list(self.outside.iterdir()))
+        assert sorted(os.listdir(self.town.root.parent)) == listed, what
+
+    def cli(self, *argv, refused_changes_nothing=True):
+        """`tt ARGV` in-process: success, or one clear error line, and nothing else."""
+        before = self.state() if refused_changes_nothing else None
+        with self.outside_untouched(argv), at_most(60, argv[:3]):
+            code, out, err = tt(*argv)
+        check_output(argv, code, out, err)
+        if "tt: error: " in err and before is not None:
+            assert self.state() == before, (argv, err)  # refused: the town is as it was
+        self.stop_loops()
+        return code, out, err
+
+    def stop_loops(self):
+        """Loops a case started (spawn, restart) are stopped at once."""
+        for agent in self.town.list_agents():
+            if agent.pid and not agent.terminal:
+                self.town.kill_agent(agent.id)
+                assert _wait_gone(int(agent.pid), 15), agent.name
+
+    def reseed(self):
+        """The records the cases refer to, back when a case (reset, restore) removed them."""
+        if self.town.channel.get_agent(self.ids.get("agent", "")) is None:
+            self.town.reset(force=True)
+            self.ids.update(seed_records(self.town))
+
+
+def seed_records(town):
+    """A stopped agent w1, a pending and a completed task, messages for w1 and the conductor."""
+    agent = town.spawn_agent("w1", "demo", start=False)
+    town.channel.set_agent_state(agent.id, "stopped")
+    pending = town.backlog_add("pending work", tags=["dev"])
+    done = town.assign("w1", "done work")
+    town.complete_task(done.id, "its result")
+    town.send("w1", "hello w1")
+    town.send("conductor", "hello conductor", "query", sender="w1")
+    return {"agent": agent.id, "pending": pending.id, "done": done.id}
+
+
+def check_output(what, code, out, err):
+    """Success, or one clear `tt: error:` line (after the usage, for a usage error); never a
+    traceback, an unexpected error or a control character for the terminal."""
+    assert code in (0, 1, 2), (what, code, err[-300:])
+    assert "Traceback" not in out + err and "unexpected error" not in err, (what, err[-600:])
+    assert not RAW_CONTROL.search(out + err), (what, RAW_CONTROL.search(out + err))
+    lines = err.rstrip("\n").split("\n")  # a terminal's lines: U+2028 and the like are none
+    errors = [line for line in lines if line.startswith("tt: error: ")]
+    assert len(errors) <= 1 and (not errors or lines[-1] == errors[0]), (what, err[-600:])
+    assert all(len(line) < 1000 for line in errors), (what, errors[0][:300])
+    if code == 2:
+        assert errors, (what, err[-300:])
+
+
+@pytest.fixture
+def fuzz(town, tmp_path, tmp_path_factory, monkeypatch):
+    outside = tmp_path_factory.mktemp("outside")
+    (town.root / "sub").mkdir()
+    monkeypatch.chdir(town.root / "sub")  # "../x" is in the town, "../../x" is not
+    tinytown.set_config_value(town.root / "tinytown.toml", "agent.auto_claim", "false")
+    tinytown.set_config_value(town.root / "tinytown.toml", "mcp.allow", json.dumps(list(tinytown.MCP_GUARDED_TOOLS)))
+    fuzzed = Fuzz(town, outside, random.Random(FUZZ_SEED), {})
+    fuzzed.ids.update(seed_records(town))
+    yield fuzzed
+    fuzzed.stop_loops()
+
+
+# The command lines: V is the hostile value; AGENT, PENDING and DONE the seeded records.
+FUZZ_COMMANDS = [
+    "assign AGENT V", "assign V desc", "assign w1 desc --tags V", "assign w1 desc --after V",
+    "assign w1 desc --parent V", "assign w1 desc --on-failure V", "backlog add V", "backlog add desc --tags V",
+    "backlog add desc --after V", "backlog claim V w1", "backlog claim PENDING V", "backlog remove V",
+    "backlog assign-all V", "send w1 V", "send V text", "send w1 text --from V", "send conductor V --query",
+    "broadcast V", "inbox V", "inbox ack V", "dead V", "dead retry V", "dead drop V", "task show V",
+    "task complete PENDING --result V", "task fail PENDING --error V", "task cancel V", "task delete V",
+    "task list --agent V", "task list --state V", "task current V", "task wait V --timeout 0",
+    "task wait DONE --timeout V", "task prune --older-than V", "task prune --keep V", "wait V --timeout 0",
+    "kill V", "close V", "interrupt V", "resume V", "restart V", "restart w1 --rounds V", "spawn V --cli demo",
+    "spawn w2 --cli V", "spawn w2 --cli demo --role V", "spawn w2 --cli demo --nickname V",
+    "spawn w2 --cli demo --max-rounds V", "spawn w2 --cli demo --parent V", "history -n V", "history --agent V",
+    "events --since V", "events --count V", "reclaim --to V", "reclaim --from V", "config V", "save V",
+    "restore V", "plan --file V", "sync push --file V", "sync pull --file V", "plan import-github V",
+    "status V", "V", "-t V status", "list V", "doctor V", "init --name V", "conductor --cli V",
+]
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_cli_arguments(fuzz, cases):
+    for _ in range(cases):
+        template, value = fuzz.pick(FUZZ_COMMANDS), fuzz.pick(fuzz.strings())
+        words = {"AGENT": fuzz.ids["agent"], "PENDING": fuzz.ids["pending"], "DONE": fuzz.ids["done"]}
+        argv = [value if word == "V" else words.get(word, word) for word in template.split()]
+        fuzz.cli(*argv, *fuzz.rng.choice([[], ["--json"]]))
+        fuzz.reseed()
+
+
+def mcp_call(server, tool, arguments, request_id=1):
+    return server.handle({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+                          "params": {"name": tool, "arguments": arguments}})
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_mcp_tool_arguments_and_messages(fuzz, cases, monkeypatch):
+    monkeypatch.setattr(tinytown, "MCP_WAIT_SECS", 0.3)  # every blocking call, bounded shorter
+    server = tinytown._McpServer(fuzz.town.root, io.StringIO(), io.StringIO())
+    tools = sorted(server.tools)
+    assert set(tinytown.MCP_GUARDED_TOOLS) <= set(tools)  # all allowed here, so all fuzzed
+    for number in range(cases):
+        tool = fuzz.pick(tools)
+        params = list(server.tools[tool].params)
+        arguments = {name: fuzz.pick([*fuzz.values(), fuzz.ids["agent"], fuzz.ids["pending"], "w1"])
+                     for name in params if fuzz.rng.random() < 0.6}
+        if fuzz.rng.random() < 0.1:
+            arguments[fuzz.pick(fuzz.strings())[:50]] = fuzz.pick(fuzz.values())
+        before = fuzz.state()
+        with fuzz.outside_untouched((tool, arguments)), at_most(60, tool):
+            reply = mcp_call(server, tool, arguments, number)
+        result = reply["result"]
+        text = result["content"][0]["text"]
+        if result["isError"]:
+            assert "\n" not in text and len(text) < 1000 and "unexpected error" not in text, (tool, text[:300])
+            if tool != "task_wait":  # the only tool that may time out after a change (none here)
+                assert fuzz.state() == before, (tool, text)
+        else:
+            json.loads(text)
+        fuzz.stop_loops()
+        fuzz.reseed()
+    # The protocol itself: hostile messages, ids, params and lines, through the serving loop.
+    lines = []
+    for number in range(cases):
+        message = {"jsonrpc": fuzz.pick(["2.0", *fuzz.values()]), "id": fuzz.pick([number, *fuzz.values()]),
+                   "method": fuzz.pick(["tools/call", "ping", "tools/list", "resources/read", "initialize",
+                                        "notifications/cancelled", *fuzz.strings()]),
+                   "params": fuzz.pick([{"name": "status"}, {"uri": "tinytown://x"}, *fuzz.values()])}
+        for key in fuzz.rng.sample(sorted(message), fuzz.rng.randrange(3)):
+            del message[key]
+        lines.append(json.dumps(message) if fuzz.rng.random() < 0.8 else fuzz.pick(fuzz.strings()).replace("\n", " "))
+    writer = io.StringIO()
+    with fuzz.outside_untouched("mcp lines"), at_most(120, "mcp lines"):
+        tinytown.serve_mcp(fuzz.town.root, io.StringIO("\n".join(lines) + "\n"), writer)
+    for line in writer.getvalue().splitlines():
+        reply = json.loads(line)
+        assert isinstance(reply, (dict, list)), line[:200]
+
+
+PLAN_BASE = '''[[task]]
+id = "a"
+description = "first"
+role = "dev"
+
+[[task]]
+id = "b"
+description = "second"
+after = ["a"]
+'''
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_tasks_toml(fuzz, cases):
+    plan = fuzz.town.root / "tasks.toml"
+    keys = ["id", "description", "agent", "role", "tags", "after", "priority", "parent", "on_failure", "state",
+            "result", "V"]
+    for _ in range(cases):
+        value, key = fuzz.pick(fuzz.values()), fuzz.pick(keys)
+        if fuzz.rng.random() < 0.7:  # a hostile value in a well-formed file
+            shown = tinytown._toml_value(value) if value is not None and not (
+                isinstance(value, float) and value != value) else '""'
+            text = PLAN_BASE.replace('description = "second"', f'description = "second"\n{key} = {shown}'
+                                     if key != "V" else f'description = "second"\n{shown} = 1')
+        else:  # hostile text anywhere
+            lines = PLAN_BASE.splitlines()
+            lines.insert(fuzz.rng.randrange(len(lines) + 1), str(value))
+            text = "\n".join(lines)
+        plan.write_bytes(text.encode("utf-8", "surrogatepass"))  # bytes that are not UTF-8, as written
+        for argv in (["plan"], ["sync", "push"], ["sync", "pull"], ["task", "list"]):
+            before = plan.read_bytes()
+            code, _, err = fuzz.cli(*argv)
+            if "tt: error: " in err:
+                assert plan.read_bytes() == before, argv  # a refused pull leaves the file as it was
+        fuzz.reseed()
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_snapshot_files(fuzz, cases):
+    original = fuzz.state()
+    path = fuzz.town.root / "hostile.json"
+    for _ in range(cases):
+        document = json.loads(json.dumps(original))
+        keys = sorted(document["keys"])
+        key, value = fuzz.pick(keys), fuzz.pick(fuzz.values())
+        how = fuzz.rng.randrange(6)
+        if how == 0:
+            document["keys"][key]["value"] = value
+        elif how == 1 and isinstance(document["keys"][key]["value"], dict):
+            fields = sorted(document["keys"][key]["value"]) + [str(fuzz.pick(fuzz.strings()))[:40]]
+            document["keys"][key]["value"][fuzz.pick(fields)] = value
+        elif how == 2:
+            document["keys"][str(fuzz.pick(fuzz.strings()))[:200]] = document["keys"].pop(key)
+        elif how == 3:
+            document["keys"][key]["type"] = value
+        elif how == 4:
+            document[fuzz.pick(["tinytown_snapshot", "town", "keys", "extra"])] = value
+        elif isinstance(document["keys"][key]["value"], list) and document["keys"][key]["value"]:
+            items = document["keys"][key]["value"]
+            items[fuzz.rng.randrange(len(items))] = value
+        raw = json.dumps(document, default=str).encode("utf-8", "surrogatepass")
+        if fuzz.rng.random() < 0.15:  # not even JSON: cut short, or bytes that are not UTF-8 in it
+            cut = fuzz.rng.randrange(len(raw))
+            raw = raw[:cut] + fuzz.pick([b"", b"\xff\xfe", b"\x00", b'"'])
+        path.write_bytes(raw)
+        code, _, err = fuzz.cli("restore", path.name if fuzz.rng.random() < 0.5 else path, "--force")
+        if code == 0:  # taken: the listings still read it, then the town is put back
+            for argv in (["list"], ["task", "list"], ["backlog", "list"], ["inbox", "--all"], ["status", "--deep"],
+                         ["history"]):
+                fuzz.cli(*argv, refused_changes_nothing=False)
+            for agent in fuzz.town.list_agents():
+                fuzz.cli("restart", agent.id, refused_changes_nothing=False)
+            fuzz.stop_loops()
+            tinytown.restore_snapshot(fuzz.town, original, force=True)
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_github_issue_json(fuzz, cases, tmp_path, monkeypatch):
+    bin_dir, output = tmp_path / "gh-bin", tmp_path / "gh-output"
+    bin_dir.mkdir()
+    (bin_dir / "gh").write_text('#!/bin/sh\ncat "$TT_FUZZ_GH_OUTPUT"\nexit "${TT_FUZZ_GH_EXIT:-0}"\n')
+    (bin_dir / "gh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("TT_FUZZ_GH_OUTPUT", str(output))
+    plan = fuzz.town.root / "tasks.toml"
+    for _ in range(cases):
+        issue = {"number": 12, "title": "Login API", "body": "Depends on #11.", "labels": []}
+        issue[fuzz.pick(["number", "title", "body", "labels", "extra"])] = fuzz.pick(fuzz.values())
+        raw = json.dumps(issue, default=str).encode("utf-8", "surrogatepass")
+        if fuzz.rng.random() < 0.2:
+            raw = str(fuzz.pick(fuzz.values())).encode("utf-8", "surrogatepass")
+        output.write_bytes(raw)
+        monkeypatch.setenv("TT_FUZZ_GH_EXIT", fuzz.pick(["0"] * 5 + ["1", "127"]))
+        before = plan.read_bytes() if plan.exists() else None
+        code, _, err = fuzz.cli("plan", "import-github", fuzz.pick(["12", "#12", *fuzz.strings()]))
+        if code:
+            assert (plan.read_bytes() if plan.exists() else None) == before
+        else:
+            tinytown.load_plan(plan)  # what it wrote reads back
+            fuzz.cli("sync", "push")
+        plan.unlink(missing_ok=True)
+
+
+def hook_fuzz(fuzz, cases, values, redis_url, task_field=None):
+    """Events made of hostile values, through the CLI and written by another client (raw bytes);
+    the runner must read them all and stay up."""
+    town, ran = fuzz.town, fuzz.town.root / "hooks-ran.log"
+    other_client = redis.Redis.from_url(redis_url)
+    hook_config(town.root, {kind: f"cat > /dev/null; echo {kind} >> {ran}" for kind in
+                            ("task_created", "task_completed", "message", "message_to_conductor", "agent_spawned")})
+    runner = tinytown.start_hook_runner(Town(town.root))
+    try:
+        for _ in range(cases):
+            value = fuzz.pick(values)
+            step = fuzz.rng.randrange(4)
+            if step == 0:
+                fuzz.cli("backlog", "add", value, "--tags", value, refused_changes_nothing=False)
+            elif step == 1:
+                fuzz.cli("task", "complete", town.assign("w1", "work").id, "--result", value,
+                         refused_changes_nothing=False)  # the runner's own counts change meanwhile
+            elif step == 2:
+                fuzz.cli("send", "conductor", "--from", "w1", "--", value, refused_changes_nothing=False)
+            else:  # an event another client wrote: fields, names and all, as bytes
+                raw = value.encode("utf-8", "surrogatepass")
+                other_client.xadd(town.keys.events, {b"event": fuzz.pick([b"message", b"task_created", raw[:100]]),
+                                                     raw[:100] or b"x": raw, b"agent": fuzz.pick([b"conductor", raw]),
+                                                     b"task": raw[:50] if task_field is None else task_field,
+                                                     b"sender": raw})
+        until(town, lambda: tinytown._hooks_drained(town) or not tinytown._hook_runner_pid(town.root),
+              "the hook runner to read every event")
+        assert tinytown._hook_runner_pid(town.root) == runner, "the hook runner died"
+    finally:
+        tinytown.stop_hook_runner(town.root)
+    assert not list(fuzz.outside.iterdir())
+
+
+def runner_killers(value):
+    """What kills today's hook runner: a NUL (issue 16, 1) or a value over the kernel's 128 KiB
+    for one environment string (E2BIG), both in the hook's environment."""
+    return "\x00" in value or len(value) > 32 * 1024  # characters: up to 4 bytes each
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_hook_event_data(fuzz, cases, redis_url):
+    hook_fuzz(fuzz, cases, [value for value in fuzz.strings() if not runner_killers(value)], redis_url,
+              task_field=str(uuid.uuid4()).encode())
+
+
+@pytest.mark.xfail(reason="the hook runner dies of a NUL or a 1 MB value in a hook's environment (E2BIG), and of"
+                          " an event whose task names several tasks by prefix (TaskAmbiguous): the hooks branch's")
+@pytest.mark.parametrize("killers", ["values", "task field"])
+def test_fuzz_hook_event_data_that_killed_the_runner(fuzz, redis_url, killers):
+    if killers == "values":
+        hook_fuzz(fuzz, 10, [value for value in fuzz.strings() if runner_killers(value)], redis_url,
+                  task_field=str(uuid.uuid4()).encode())
+    else:  # a task field that is the prefix of several task ids
+        first = collections.Counter(fuzz.town.backlog_add(f"task {n}").id[0] for n in range(40)).most_common(1)[0][0]
+        hook_fuzz(fuzz, 10, ["text"], redis_url, task_field=first.encode())
+
+
+CONFIG_KEYS = ["name", "default_cli", "max_agents", "redis.port", "redis.socket_path", "redis.persist",
+               "agent.max_rounds", "agent.round_timeout_secs", "agent.heartbeat_secs", "agent.max_attempts",
+               "agent.on_budget", "agent.max_cost_usd", "agent.keep_round_logs", "town.budget_usd",
+               "town.prune_after_secs", "mcp.allow", "agent_clis.mine.command", "agent_clis.mine.env",
+               "agent_clis.mine.cwd", "hooks.task_failed", "V"]
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_config_values(fuzz, cases):
+    path = fuzz.town.root / "tinytown.toml"
+    original = path.read_bytes()
+    for _ in range(cases):
+        key, value = fuzz.pick(CONFIG_KEYS), fuzz.pick(fuzz.strings())
+        if fuzz.rng.random() < 0.7:
+            code, _, err = fuzz.cli("config", value if key == "V" else key, value)
+            if code:
+                assert path.read_bytes() == original, (key, err)
+        else:  # a hand-edited file with the value in it
+            section, _, leaf = ("." + key).rpartition(".")
+            line = f"{leaf} = {value}" if fuzz.rng.random() < 0.5 else f"{leaf} = {tinytown._toml_value(value)}"
+            path.write_bytes(original + f"\n[{section[1:] or 'town'}]\n{line}\n".encode("utf-8", "surrogatepass"))
+        for argv in (["config"], ["list"], ["doctor"]):
+            fuzz.cli(*argv, refused_changes_nothing=False)
+        path.write_bytes(original)
 
 
 # Real agent CLIs (opt-in: make test-clis) ####################################

@@ -4035,6 +4035,8 @@ def load_plan(path: Path) -> list[PlanEntry]:
     if extra:
         raise PlanError(path, None, None, f"unknown top-level key {sorted(extra)[0]!r} (entries are [[task]] tables)")
     raw_entries, lines = data.get("task", []), _entry_lines(text)
+    if not isinstance(raw_entries, list) or not all(isinstance(raw, dict) for raw in raw_entries):
+        raise PlanError(path, None, None, "`task` must be [[task]] tables")
     entries: dict[str, PlanEntry] = {}
     for index, raw in enumerate(raw_entries):
         line = lines[index] if index < len(lines) else None
@@ -4057,6 +4059,10 @@ def load_plan(path: Path) -> list[PlanEntry]:
         if not isinstance(tags, list) or not isinstance(after, list) or not all(
                 isinstance(x, str) for x in [*tags, *after]):
             raise bad("`tags` and `after` are lists of strings")
+        texts = [key for key in ("agent", "role", "parent", "priority", "on_failure", "state", "result")
+                 if not isinstance(raw.get(key, ""), str)]
+        if texts:
+            raise bad(f"`{texts[0]}` must be a string")
         if raw.get("priority", "normal") not in set(Priority):
             raise bad(f"priority must be one of {', '.join(Priority)}")
         if raw.get("on_failure", "fail") not in ("fail", "run"):
@@ -5088,7 +5094,7 @@ class AgentLoop:
                                   last_heartbeat=_now())
         prompt_file = _agent_path(self.town.root, agent.name, "agents/{name}/prompt.md")
         prompt_file.parent.mkdir(parents=True, exist_ok=True)
-        prompt = build_prompt(self.town, agent, messages, round_no)
+        prompt = _valid_text(build_prompt(self.town, agent, messages, round_no))  # older records may hold bad bytes
         _write_atomic(prompt_file, prompt)
         log_file = _agent_path(self.town.root, agent.name, f"logs/{{name}}/round-{round_no}.log")
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -5846,13 +5852,18 @@ def _seconds_arg(text: str) -> float:
     return value
 
 
+def _path_arg(text: str) -> str:
+    """argparse type of a path: any text the file system takes (no NUL)."""
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"a path cannot hold a NUL byte, as {_shown(text)} does")
+    return text
+
+
 def _given_path(town: Town, args: Any, value: str, folder: Path | None = None) -> Path:
     """A path from the command line; a bare name goes into `folder` when given.  Over MCP
     (`args.confined`) a relative path starts at the town's folder, and one that leads
     outside it (or, with a `folder`, outside that) is refused: an assistant writes and
     reads only the town's files."""
-    if "\0" in value:
-        raise TinytownError(f"a path cannot hold a NUL byte: {_shown(value)}")
     path = Path(value)
     if folder is not None and not path.is_absolute() and path.parent == Path("."):
         path = folder / path
@@ -6795,7 +6806,7 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     Below the top they default to SUPPRESS, so an option given before the command is kept.
     """
     unset = {} if top else {"default": argparse.SUPPRESS}
-    parser.add_argument("-t", "--town", metavar="PATH", **({"default": None} if top else unset),
+    parser.add_argument("-t", "--town", metavar="PATH", type=_path_arg, **({"default": None} if top else unset),
                         help="the town's folder (default: $TINYTOWN_TOWN, else the nearest folder"
                              " at or above this one holding tinytown.toml)")
     parser.add_argument("-v", "--verbose", action="store_true", **unset,
@@ -6984,17 +6995,18 @@ def _build_parser() -> _Parser:
     sub.add_argument("what", nargs="*", metavar="import-github ISSUE...",
                      help="`import-github` and GitHub issue numbers to add as entries")
     sub.add_argument("--init", action="store_true", help=f"write a commented {PLAN_FILE} (never overwrites)")
-    sub.add_argument("--file", metavar="PATH", help=f"the plan (default: {PLAN_FILE} in the town's folder)")
+    sub.add_argument("--file", metavar="PATH", type=_path_arg,
+                     help=f"the plan (default: {PLAN_FILE} in the town's folder)")
     sync_parser = add(commands, "sync", doc="The plan and the town: push (tasks.toml -> tasks), pull"
                       " (states and results -> tasks.toml).\n\nExample: tt sync push")
     sync = actions(sync_parser, "sync")
     for name, handler in (("push", _cmd_sync_push), ("pull", _cmd_sync_pull)):
         add(sync, name, handler).add_argument(
-            "--file", metavar="PATH", help=f"the plan (default: {PLAN_FILE} in the town's folder)")
+            "--file", metavar="PATH", type=_path_arg, help=f"the plan (default: {PLAN_FILE} in the town's folder)")
     add(commands, "save", _cmd_save).add_argument(
-        "file", nargs="?", help="where (default: .tt/tasks/snapshot-DATE-TIME.json)")
+        "file", nargs="?", type=_path_arg, help="where (default: .tt/tasks/snapshot-DATE-TIME.json)")
     sub = add(commands, "restore", _cmd_restore)
-    sub.add_argument("file", help="a `tt save` snapshot")
+    sub.add_argument("file", type=_path_arg, help="a `tt save` snapshot")
     sub.add_argument("--force", action="store_true", help="reset a town that holds data first")
 
     sub = add(commands, "history", _cmd_history)
@@ -7032,12 +7044,16 @@ def _error_line(error: BaseException) -> tuple[str, str]:
                          f" them ({error})"), "old_layout"
     elif isinstance(error, redis.RedisError):
         message, code = f"{type(error).__name__}: {error}", "redis_error"
+    elif isinstance(error, OSError) and error.filename is not None:  # the file named, but briefly
+        message, code = f"{type(error).__name__}: {error.strerror}: {_shown(str(error.filename))}", "os_error"
     elif isinstance(error, OSError):
         message, code = f"{type(error).__name__}: {error}", "os_error"
     else:
         message, code = (f"{type(error).__name__}: {error} (an unexpected error: run with -v for the"
                          " traceback and report it)"), "unexpected"
-    return message, code
+    if len(message) > 500:  # a message that quotes a whole 1 MB value is no line to read
+        message = f"{message[:500]}...({len(message)} characters)"
+    return _printable(message), code  # one line, whatever the values it names hold
 
 
 def _report(error: BaseException, as_json: bool) -> int:
@@ -7046,7 +7062,7 @@ def _report(error: BaseException, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"error": message, "code": code}))
     usage = error.usage if isinstance(error, _UsageError) else ""
-    print(f"{usage}tt: error: {_printable(message)}", file=sys.stderr)
+    print(f"{usage}tt: error: {message}", file=sys.stderr)
     return 2 if isinstance(error, _UsageError) else 1
 
 
@@ -7065,8 +7081,14 @@ def _show(reply: _Reply, as_json: bool, *, stream: bool = False) -> None:
     print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), flush=stream)
 
 
+_PATH_ARGUMENTS = ("town", "file")  # kept byte for byte: they name files
+
+
 def _run(args: Any, show: Callable[..., None] = _show) -> int:
     """Open the town as the command declares, run it, show() what it returns."""
+    for key, value in vars(args).items():  # text that is not UTF-8 never reaches the town
+        if key not in _PATH_ARGUMENTS and isinstance(value, (str, list)):
+            setattr(args, key, _valid_text(value))
     use = getattr(args.handler, "town_use", _TownUse.CHANGE)
     try:
         town = None if use is _TownUse.NONE else _open_town(_town_root(args), use)
@@ -7095,7 +7117,7 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The `tt` command: returns the exit code (0 ok, 1 error, 2 usage)."""
-    argv = [_valid_text(str(arg)) for arg in (sys.argv[1:] if argv is None else argv)]
+    argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     options = argv[:argv.index("--")] if "--" in argv else argv
     as_json = "--json" in options  # known before parsing, for a usage error's JSON
     parser = _build_parser()
@@ -7476,7 +7498,7 @@ class _McpServer:
 
     def _receive(self, line: str) -> None:
         try:
-            message = _valid_text(json.loads(line))
+            message = json.loads(line)
         except (ValueError, RecursionError) as exc:
             self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": f"parse error: {exc}"}})
             return
@@ -7525,6 +7547,7 @@ class _McpServer:
 
     def handle(self, message: Any, call: _McpCall | None = None) -> dict[str, Any] | None:
         """The reply to one request (None for a notification)."""
+        message = _valid_text(message)  # a "\udcff" in JSON: the text rule, as for argv
         if not (isinstance(message, dict) and message.get("jsonrpc") == "2.0" and isinstance(message.get("method"), str)
                 and isinstance(message.get("id"), (str, int, type(None)))):
             return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "invalid request"}}
