@@ -642,6 +642,8 @@ def _typed(value: Any, expected: type, where: Callable[[], str]) -> Any:
     if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected) or (
             expected is list and not all(isinstance(item, str) for item in value)):
         raise ConfigError(f"{where()} must be {_TYPE_NAMES[expected]}, not {_shown(value)}")
+    if "\0" in (value if expected is str else "".join(value) if expected is list else ""):
+        raise ConfigError(f"{where()} must not hold a NUL character (no path, command or name can)")
     if expected in (int, float) and value < 0:
         raise ConfigError(f"{where()} must not be negative, not {value!r}")
     limit = 10**9 if expected is float else 2**63  # seconds, amounts; counts Redis can hold
@@ -738,8 +740,8 @@ def _parse_agent_cli(name: str, table: Any, where: Callable[[str | None, str], s
     if "command" not in table:
         raise ConfigError(f"{where(None, section)}: [{section}] needs a command")
     env = table.get("env", {})
-    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-        raise ConfigError(f"{where(section, 'env')} must be a table of strings")
+    if not isinstance(env, dict) or not all(isinstance(v, str) and "\0" not in k + v for k, v in env.items()):
+        raise ConfigError(f"{where(section, 'env')} must be a table of strings (no NUL in them)")
     if table.get("output", "") not in ("", *OUTPUT_PARSERS):
         raise ConfigError(f"{where(section, 'output')} must be one of {', '.join(OUTPUT_PARSERS)}")
     return AgentCLI(name=_typed(table.get("name", name), str, lambda: where(section, "name")),
@@ -4345,12 +4347,12 @@ def _check_snapshot(town: Town, snapshot: Any) -> None:
         kind, holds, found = layout
         if not isinstance(item, dict) or item.get("type") != kind or not isinstance(item.get("value"), _SHAPES[kind]):
             raise InvalidSnapshot(relative, f"must be a {kind}")
-        problem = _snapshot_value_problem(town, holds, item["value"], found[1] if found.groups() else "")
+        problem = _snapshot_value_problem(town, kind, holds, item["value"], found[1] if found.groups() else "")
         if problem:
             raise InvalidSnapshot(relative, problem)
 
 
-def _snapshot_value_problem(town: Town, holds: str, value: Any, key_id: str) -> str | None:
+def _snapshot_value_problem(town: Town, kind: str, holds: str, value: Any, key_id: str) -> str | None:
     """What is wrong with one key's value (None: nothing)."""
     if holds in ("agent", "task"):
         if not all(isinstance(v, str) for v in value.values()):
@@ -4361,18 +4363,19 @@ def _snapshot_value_problem(town: Town, holds: str, value: Any, key_id: str) -> 
                              "count": (_matcher("[a-z_]+"), _matcher(_NUMBER)),
                              "plan_entry": (_matcher(NAME_PATTERN.pattern), _matcher(_ID)),
                              "text": (bool, lambda text: True)}[holds]
-        bad = next((k for k, v in value.items() if not (name_ok(k) and isinstance(v, str) and value_ok(v))), None)
-        return None if bad is None else f"bad field {_shown(bad)}: {_shown(value[bad])}"
+        bad = [k for k, v in value.items() if not (name_ok(k) and isinstance(v, str) and value_ok(v))]
+        return f"bad field {_shown(bad[0])}: {_shown(value[bad[0]])}" if bad else None
     members = value if isinstance(value, list) else [value]
-    if holds == "task_id" and all(isinstance(m, list) and len(m) == 2 for m in members):  # a zset
-        if not all(type(score) in (int, float) and abs(score) < float("inf") for _, score in members):
-            return "scores must be finite numbers"
+    if kind == "zset":
+        if not all(isinstance(m, list) and len(m) == 2 and type(m[1]) in (int, float) and abs(m[1]) < float("inf")
+                   for m in members):
+            return "its members must be [member, score] pairs, each score a finite number"
         members = [member for member, _ in members]
     member_ok = {"message": lambda text: _parse_message(text) is not None, "agent_name": _snapshot_agent_name,
                  "task_id": _matcher(_ID), "agent_id": _matcher(_ID), "count": _matcher("[0-9]{1,18}"),
                  "layout": lambda text: text == LAYOUT_VERSION, "text": lambda text: True}[holds]
-    bad = next((m for m in members if not (isinstance(m, str) and member_ok(m))), None)
-    return None if bad is None else f"bad {holds.replace('_', ' ')} {_shown(bad)}"
+    bad = [m for m in members if not (isinstance(m, str) and member_ok(m))]
+    return f"bad {holds.replace('_', ' ')} {_shown(bad[0])}" if bad else None
 
 
 def _matcher(pattern: str) -> Callable[[str], bool]:
@@ -5853,10 +5856,13 @@ def _seconds_arg(text: str) -> float:
 
 
 def _path_arg(text: str) -> str:
-    """argparse type of a path: any text the file system takes (no NUL)."""
-    if "\0" in text:
-        raise argparse.ArgumentTypeError(f"a path cannot hold a NUL byte, as {_shown(text)} does")
-    return text
+    """argparse type of a path: any text the file system takes (no NUL, nothing but bytes)."""
+    try:
+        if b"\0" not in os.fsencode(text):
+            return text
+    except UnicodeEncodeError:  # a surrogate no byte stands for (only from JSON or Python, never from argv)
+        pass
+    raise argparse.ArgumentTypeError(f"{_shown(text)} cannot be a file name (it holds a NUL or a lone surrogate)")
 
 
 def _given_path(town: Town, args: Any, value: str, folder: Path | None = None) -> Path:
