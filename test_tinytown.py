@@ -3771,8 +3771,12 @@ def test_mcp_offers_file_writing_and_destroying_tools_only_when_allowed(town, tm
                "task_delete", "dead_drop"}
     server = McpProcess(town.root)
     try:
-        tools = {t["name"] for t in server.request("tools/list", {}, 2)["result"]["tools"]}
+        listed = {t["name"]: t["inputSchema"] for t in server.request("tools/list", {}, 2)["result"]["tools"]}
+        tools = set(listed)
         assert not guarded & tools and {"status", "assign", "dead", "dead_retry", "plan", "sync_push"} <= tools
+        assert set(listed["plan"]["properties"]) == {"file"}  # no `init`: that is plan_init's
+        assert listed["inbox"]["properties"]["ids"] == {"type": "array", "items": {"type": "string"},
+                                                       "description": listed["inbox"]["properties"]["ids"]["description"]}
         assert "unknown tool" in server.request("tools/call", {"name": "save", "arguments": {
             "file": str(outside)}}, 3)["error"]["message"]
         assert "unknown tool" in server.request("tools/call", {"name": "restore", "arguments": {

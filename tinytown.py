@@ -7391,7 +7391,7 @@ class _McpTool:
             prop["description"] = (action.help or name) + (
                 f" (over MCP at most {MCP_WAIT_SECS:g})" if name == "timeout" else "")
             properties[name] = prop
-            if not action.option_strings and action.nargs not in ("?", "*") or action.required:
+            if action.required if action.option_strings else action.nargs not in ("?", "*"):
                 required.append(name)
         return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
@@ -7431,6 +7431,8 @@ def _mcp_tools(parser: argparse.ArgumentParser, allowed: Iterable[str]) -> dict[
     """The tools of _MCP_TOOLS this town offers (the guarded ones only when allowed), each
     described and typed by its command's docstring and argparse options."""
     tools: dict[str, _McpTool] = {}
+    # Options that make a tool of their own (plan --init): never an argument of another one.
+    own_tools = {word for words in _MCP_TOOLS.values() for word in words.split() if word.startswith("-")}
     for name, words in _MCP_TOOLS.items():
         if name in MCP_GUARDED_TOOLS and name not in allowed:
             continue
@@ -7447,7 +7449,7 @@ def _mcp_tools(parser: argparse.ArgumentParser, allowed: Iterable[str]) -> dict[
         params: dict[str, argparse.Action] = {}
         for action in sub._actions:
             if action.dest in _MCP_LEFT_OUT_OPTIONS or action.help is argparse.SUPPRESS or set(
-                    action.option_strings) & set(fixed):
+                    action.option_strings) & own_tools:
                 continue
             if action.dest == "what":  # a command's actions (dead drop, plan import-github): tools of their own
                 if rest:  # the fixed words begin it, the list is the rest of it
