@@ -5726,6 +5726,11 @@ def _town_root(args: Any) -> Path:
     return Path(explicit) if explicit else find_town_root(Path.cwd())
 
 
+def _note(text: str) -> None:
+    """A line for the person on stderr, beside the command's output (escaped: it names data)."""
+    print(_printable(text), file=sys.stderr)
+
+
 def _open_town(root: Path, use: _TownUse) -> Town:
     """The one place the CLI connects to a town.
 
@@ -5738,9 +5743,9 @@ def _open_town(root: Path, use: _TownUse) -> Town:
     town = Town(root, start_server=use is _TownUse.START or (
         use is _TownUse.CHANGE and not stopped and not os.environ.get("TINYTOWN_AGENT_ID")))
     if town.stranded_name:
-        print(f"tt: warning: this folder's agents and tasks are in Redis under the name"
+        _note(f"tt: warning: this folder's agents and tasks are in Redis under the name"
               f" {town.stranded_name!r}, but {CONFIG_FILE} says {town.name!r}; put that name"
-              " back to see them (`tt stop` stops their loops either way)", file=sys.stderr)
+              " back to see them (`tt stop` stops their loops either way)")
     return town
 
 
@@ -6140,8 +6145,7 @@ def _cmd_conductor(town: Town, args: Any) -> _Reply:
         agent_cli, mcp_config = _conductor_mcp(town, agent_cli)
     if args.json or not (sys.stdin.isatty() and sys.stdout.isatty()):
         if not args.json:
-            print(f"tt: no terminal, so printing the conductor's context instead of starting"
-                  f" {agent_cli.name}", file=sys.stderr)
+            _note(f"tt: no terminal, so printing the conductor's context instead of starting {agent_cli.name}")
         return _Reply({"cli": agent_cli.name, "context": context, "command": agent_cli.command,
                        "mcp_config": mcp_config}, context)
     return _Reply(None, "", _launch_conductor(town, agent_cli, context))
@@ -6164,10 +6168,9 @@ def _cmd_spawn(town: Town, args: Any) -> _Reply:
     agent = handle.record()
     warning = missing_credentials(town.config.cli(agent.cli))
     if warning:
-        print(f"tt: warning: {warning}", file=sys.stderr)
+        _note(f"tt: warning: {warning}")
     if args.foreground:
-        print(f"running {agent.name} in this terminal; Ctrl-C stops it (or `tt kill {agent.name}`"
-              " from another one)", file=sys.stderr)
+        _note(f"running {agent.name} in this terminal; Ctrl-C stops it (or `tt kill {agent.name}` from another one)")
         logging.getLogger("tinytown").setLevel(logging.INFO)
         final = AgentLoop(town, agent.id).run()
         return _agent_reply(town, handle.record(), f"agent {agent.name} {final}")
@@ -6291,8 +6294,8 @@ def _cmd_assign(town: Town, args: Any) -> _Reply:
                        on_failure=args.on_failure)
     agent = town.channel.get_agent(task.assigned_to or "")
     if agent and agent.terminal:
-        print(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
-              f" `tt restart {agent.name}`", file=sys.stderr)
+        _note(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
+              f" `tt restart {agent.name}`")
     return _task_reply(task, _Names(town), task.id)
 
 
