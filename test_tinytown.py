@@ -1235,6 +1235,14 @@ def test_conductor_takes_or_acknowledges_its_inbox(town):
     assert len(tt_json("inbox", "ack", "--all")) == 1 and town.channel.inbox_len("conductor") == 0
 
 
+def test_an_ack_or_a_dead_letter_id_that_matches_nothing_is_an_error_and_acks_nothing(town):
+    kept = town.send("conductor", "keep me", type="info")
+    assert "no pending message 'ghost'" in fail_cli("inbox", "ack", kept.id[:8], "ghost")
+    assert "no pending message ''" in fail_cli("inbox", "ack", "")  # never a prefix of every id
+    assert [m.id for m in town.channel.peek("conductor")] == [kept.id]
+    assert tt("dead", "retry", "")[0] == 2 and tt("dead", "drop", " ")[0] == 2
+
+
 def test_round_logs_keep_the_newest_n(tmp_path):
     for n in range(1, 8):
         (tmp_path / f"round-{n}.log").write_text("x")

@@ -78,7 +78,7 @@ __all__ = [
     "RedisServer", "find_redis_server", "redis_server_version", "redact_url", "build_prompt",
     "TinytownError", "TownNotFound", "NestedTown", "ConfigError", "RedisServerError",
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
-    "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
+    "TaskNotFound", "TaskAmbiguous", "MessageNotFound", "InvalidName", "InvalidTransition", "SpawnError",
     "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask", "InvalidSnapshot",
     "HookRunner", "start_hook_runner", "stop_hook_runner", "serve_mcp",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
@@ -414,6 +414,13 @@ class TaskNotFound(TinytownError):
     def __init__(self, task_id: str):
         self.task_id = task_id
         super().__init__(f"no task {_shown(task_id)}; `tt task list` shows the tasks")
+
+
+class MessageNotFound(TinytownError):
+    def __init__(self, ref: str, mailbox: str):
+        self.ref, self.mailbox = ref, mailbox
+        super().__init__(f"no pending message {_shown(ref)} for {mailbox}; `tt inbox` lists them (ids or"
+                         " their first characters); nothing was acknowledged")
 
 
 class TaskAmbiguous(TinytownError):
@@ -2614,14 +2621,18 @@ class Channel:
         return [message for message in parsed if message]
 
     def ack(self, agent_id: str, message_ids: Iterable[str] | None) -> list[Message]:
-        """Remove pending messages by id or id prefix (None: all), each at most once."""
+        """Remove pending messages by id or id prefix (None: all), each at most once; an id
+        that matches none (an empty one included) is MessageNotFound, and nothing is removed."""
         wanted = None if message_ids is None else [str(m) for m in message_ids]
 
         def ack_in(pipe: Any) -> list[Message]:
             found = [(key, raw, _parse_message(raw)) for key in self.keys.queues(agent_id)
                      for raw in pipe.lrange(key, 0, -1)]
             chosen = [(key, raw, m) for key, raw, m in found if m and (
-                wanted is None or any(m.id.startswith(w) for w in wanted))]
+                wanted is None or any(w and m.id.startswith(w) for w in wanted))]
+            missing = [w for w in wanted or () if not w or not any(m.id.startswith(w) for _, _, m in chosen)]
+            if missing:
+                raise MessageNotFound(missing[0], "the conductor" if agent_id == CONDUCTOR_ID else agent_id[:8])
             pipe.multi()
             for key, raw, _ in chosen:
                 pipe.lrem(key, 1, raw)
@@ -6542,8 +6553,8 @@ def _cmd_dead(town: Town, args: Any) -> _Reply:
                       "\n".join(f"{names.show(agent_id)}: {_message_line(m, names)}" for agent_id, m in letters)
                       or "no dead letters")
     ids = args.what[1:]
-    if bool(ids) == bool(args.all):
-        raise _UsageError(f"`tt dead {action}` takes message ids or --all", args.parser.format_usage())
+    if bool(ids) == bool(args.all) or not all(message_id.strip() for message_id in ids):
+        raise _UsageError(f"`tt dead {action}` takes message ids (not empty ones) or --all", args.parser.format_usage())
     acted = town.act_on_dead(None if args.all else ids, retry=action == "retry", agent=args.agent)
     verb = "retried" if action == "retry" else "dropped"
     return _messages_reply(acted, names, f"{verb} {_count(len(acted), 'dead letter')}")
