@@ -2652,6 +2652,7 @@ def test_save_reset_restore_round_trip_is_identical_and_restores_elsewhere(town,
 def test_a_hostile_snapshot_is_refused_whole_and_agent_paths_never_leave_the_town(town, tmp_path):
     w = worker(town)
     town.assign("w1", "keep me")
+    town.backlog_add("odd but fine", tags=["two\nlines", "日本"])  # as creation takes them, restore does
     saved = Path(tt_json("save")["file"])
     before = tinytown.save_snapshot(town)
     escaped = tmp_path / "x"
@@ -2682,6 +2683,7 @@ def test_a_hostile_snapshot_is_refused_whole_and_agent_paths_never_leave_the_tow
         with pytest.raises(tinytown.InvalidSnapshot, match=re.escape(problem)):
             tinytown.restore_snapshot(town, document, force=True)
         assert tinytown.save_snapshot(town) == before
+    assert tinytown.restore_snapshot(town, json.loads(saved.read_text()), force=True) == len(before["keys"])
     # A record that reaches Redis some other way: its name still makes no path outside .tt/.
     town.channel.set_agent_state(w.id, "stopped")
     town.redis.hset(town.keys.agent(w.id), mapping={"name": name, "worktree": "/"})

@@ -4342,7 +4342,7 @@ _NUMBER = r"-?[0-9]{1,18}(\.[0-9]{1,18})?(e-?[0-9]{1,3})?"  # a counter or an am
 _SHAPES = {"string": str, "hash": dict, "list": list, "set": list, "zset": list}
 
 
-def _check_snapshot(town: Town, snapshot: Any) -> None:
+def _check_snapshot(snapshot: Any) -> None:
     """Refuse (InvalidSnapshot) a snapshot with anything `tt save` of a town never writes:
     an unknown key, a wrong type, a bad name, id, state, count, path or message."""
     if not isinstance(snapshot, dict) or snapshot.get("tinytown_snapshot") != SNAPSHOT_VERSION or \
@@ -4352,23 +4352,23 @@ def _check_snapshot(town: Town, snapshot: Any) -> None:
         if relative.startswith(_SNAPSHOT_SKIP):
             continue  # never written back
         layout = next(((kind, holds, found) for pattern, (kind, holds) in _SNAPSHOT_LAYOUT.items()
-                       if (found := re.fullmatch(pattern, relative))), None)
+                       if (found := re.fullmatch(pattern, relative, re.S))), None)
         if layout is None:
             raise InvalidSnapshot(relative, "unknown key")
         kind, holds, found = layout
         if not isinstance(item, dict) or item.get("type") != kind or not isinstance(item.get("value"), _SHAPES[kind]):
             raise InvalidSnapshot(relative, f"must be a {kind}")
-        problem = _snapshot_value_problem(town, kind, holds, item["value"], found[1] if found.groups() else "")
+        problem = _snapshot_value_problem(kind, holds, item["value"], found[1] if found.groups() else "")
         if problem:
             raise InvalidSnapshot(relative, problem)
 
 
-def _snapshot_value_problem(town: Town, kind: str, holds: str, value: Any, key_id: str) -> str | None:
+def _snapshot_value_problem(kind: str, holds: str, value: Any, key_id: str) -> str | None:
     """What is wrong with one key's value (None: nothing)."""
     if holds in ("agent", "task"):
         if not all(isinstance(v, str) for v in value.values()):
             return "its fields must be strings"
-        return _snapshot_record_problem(town, Agent if holds == "agent" else Task, value, key_id)
+        return _snapshot_record_problem(Agent if holds == "agent" else Task, value, key_id)
     if isinstance(value, dict):  # a hash: what its field names and values must be
         name_ok, value_ok = {"agent_index": (_snapshot_agent_name, _matcher(_ID)),
                              "count": (_matcher("[a-z_]+"), _matcher(_NUMBER)),
@@ -4397,7 +4397,7 @@ def _snapshot_agent_name(name: str) -> bool:
     return NAME_PATTERN.fullmatch(name) is not None and name.lower() not in RESERVED_NAMES
 
 
-def _snapshot_record_problem(town: Town, cls: type, fields: dict[str, str], key_id: str) -> str | None:
+def _snapshot_record_problem(cls: type, fields: dict[str, str], key_id: str) -> str | None:
     """An agent or task record's problem: each field parsed as the record's type, then the
     rules spawn and task creation follow (names, ids, states, where a worktree is)."""
     types = {f.name: f.type for f in dataclasses.fields(cls) if f.name not in ("lease", "malformed")}
@@ -4439,14 +4439,14 @@ def _snapshot_list_ok(raw: str, item: str) -> bool:
         value = json.loads(raw or "[]")
     except ValueError:
         return False
-    return isinstance(value, list) and all(isinstance(v, str) and re.fullmatch(item, v) for v in value)
+    return isinstance(value, list) and all(isinstance(v, str) and re.fullmatch(item, v, re.S) for v in value)
 
 
 def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = False) -> int:
     """Import a snapshot (of this or another town) into this one, in one transaction.
     Refused when the town holds data unless `force` (which resets it first, its loops
     stopped).  Restored agents are `stopped` until `tt restart`.  Returns keys written."""
-    _check_snapshot(town, snapshot)
+    _check_snapshot(snapshot)
     if any(key != town.keys.layout for key in town.redis.scan_iter(match=town.keys.prefix + "*", count=1000)):
         if not force:
             raise TinytownError(f"the town {town.name!r} already holds data; `tt restore FILE --force`"
@@ -5856,7 +5856,7 @@ def _count_arg(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, not {_shown(text)}") from None
     if not 0 <= value <= 10**9:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1000000000, not {text}")
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000000000, not {_shown(text)}")
     return value
 
 
@@ -5867,7 +5867,7 @@ def _seconds_arg(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, not {_shown(text)}") from None
     if not 0 <= value <= 10**9:  # nan and inf too
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1000000000 seconds, not {text}")
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000000000 seconds, not {_shown(text)}")
     return value
 
 
