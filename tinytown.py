@@ -4338,7 +4338,8 @@ _SNAPSHOT_LAYOUT = {
     "backlog_seq": ("string", "count"), "layout": ("string", "layout"),
 }
 _TASK_HASH_EXTRAS = ("waiting", "release_message")  # kept by _TASKS_LUA next to a Task's fields
-_NUMBER = r"-?[0-9]{1,18}(\.[0-9]{1,18})?(e-?[0-9]{1,3})?"  # a counter or an amount, as Redis writes it
+_AMOUNT = r"[0-9]{1,18}(\.[0-9]{1,18})?(e-?[0-9]{1,3})?"  # an amount as Redis writes it (HINCRBYFLOAT)
+_NUMBER = f"-?{_AMOUNT}"  # a counter or an amount
 _SHAPES = {"string": str, "hash": dict, "list": list, "set": list, "zset": list}
 
 
@@ -4401,14 +4402,16 @@ def _snapshot_record_problem(cls: type, fields: dict[str, str], key_id: str) -> 
     """An agent or task record's problem: each field parsed as the record's type, then the
     rules spawn and task creation follow (names, ids, states, where a worktree is)."""
     types = {f.name: f.type for f in dataclasses.fields(cls) if f.name not in ("lease", "malformed")}
+    parses = {"int": _matcher("[0-9]{0,18}"), "float": _matcher(f"|{_AMOUNT}"), "bool": _matcher("|True|False")}
     for name, raw in fields.items():
         kind = types.get(name, "int" if name == "waiting" and cls is Task else None)
         if kind is None and not (cls is Task and name in _TASK_HASH_EXTRAS):
             return f"unknown field {_shown(name)}"
-        ok = {"int": _matcher("[0-9]{0,18}"), "float": _matcher(f"|{_NUMBER}"), "bool": _matcher("|True|False"),
-              "list[str]": lambda text: _snapshot_list_ok(text, _ID if name == "after" else ".+")
-              }.get(kind, lambda text: True)
-        if not ok(raw) or kind == "float" and raw.startswith("-"):
+        if kind == "list[str]":
+            ok = _snapshot_list_ok(raw, _ID if name == "after" else ".+")
+        else:
+            ok = kind not in parses or parses[kind](raw)  # text fields take any text
+        if not ok:
             return f"bad {name} {_shown(raw)}"
     if fields.get("id") != key_id:
         return f"its id {_shown(fields.get('id'))} is not the one in its key"
@@ -6646,7 +6649,7 @@ def _cmd_restore(town: Town, args: Any) -> _Reply:
     Example: tt restore .tt/tasks/snapshot-20260101-120000.json --force
     """
     path = _given_path(town, args, args.file)
-    if not path.exists():  # a bare name: one of the snapshots `tt save` keeps
+    if not path.exists() and Path(args.file).parent == Path("."):  # one of the snapshots `tt save` keeps
         path = _given_path(town, args, args.file, town.root / RUNTIME_DIR / "tasks")
     try:
         snapshot = _valid_text(json.loads(_read_text(path)))
