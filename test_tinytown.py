@@ -3224,7 +3224,7 @@ HOSTILE_TEXT = "x\x1b[2K\r✓ all tasks completed\x1b]52;c;ZXZpbA==\x07\x9b2J\nf
 RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but newline and tab
 
 
-def test_escape_sequences_in_data_never_reach_the_terminal_raw(town, tmp_path):
+def test_escape_sequences_in_data_never_reach_the_terminal_raw(town, tmp_path, caplog):
     w = worker(town)
     town.redis.set(town.keys.alive(w.id), "1", ex=60)
     town.backlog_add(HOSTILE_TEXT, tags=["t\x1b[31m"])
@@ -3252,6 +3252,9 @@ def test_escape_sequences_in_data_never_reach_the_terminal_raw(town, tmp_path):
         tinytown._Watch(town).draw()
     assert "\x1b]52" not in screen.getvalue() and "\x1b[2K" not in screen.getvalue()
     assert "\\x1b[2K" in screen.getvalue()
+    with caplog.at_level("INFO", logger="tinytown"):  # log lines (a loop's, on stderr or in .tt/logs/)
+        tinytown.log.warning("agent %s: the CLI reported an error: %s", "w1", HOSTILE_TEXT)
+    assert not RAW_CONTROL.search(caplog.text) and "\\x1b]52;c;" in caplog.text and "\nfake line" not in caplog.text
 
 
 def test_bytes_that_are_not_utf8_are_stored_as_u_fffd(town, redis_url):

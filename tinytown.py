@@ -326,6 +326,19 @@ def _printable(text: Any, keep: str = "") -> str:
                         else found[0].encode("unicode_escape").decode("ascii"), str(text))
 
 
+class _PrintableLog(logging.Filter):
+    """Log lines quote data too (a CLI's error, a message's fault): each is one escaped line,
+    in a log file someone will `tail` as on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with contextlib.suppress(TypeError, ValueError):  # a bad format: logging reports it itself
+            record.msg, record.args = _printable(record.getMessage()), ()
+        return True
+
+
+log.addFilter(_PrintableLog())
+
+
 # Errors ######################################################################
 
 class TinytownError(Exception):
