@@ -3939,10 +3939,12 @@ class Fuzz:
     rng: random.Random
     ids: dict  # seeded records' ids: agent, pending, done
 
-    def strings(self):
+    @functools.cached_property
+    def hostile_strings(self):
         return hostile_strings(self.outside)
 
-    def values(self):
+    @functools.cached_property
+    def hostile_values(self):
         return hostile_json_values(self.outside)
 
     def pick(self, pool):
@@ -4051,7 +4053,7 @@ FUZZ_COMMANDS = [
 @pytest.mark.parametrize("cases", FUZZ_PROFILES)
 def test_fuzz_cli_arguments(fuzz, cases):
     for _ in range(cases):
-        template, value = fuzz.pick(FUZZ_COMMANDS), fuzz.pick(fuzz.strings())
+        template, value = fuzz.pick(FUZZ_COMMANDS), fuzz.pick(fuzz.hostile_strings)
         words = {"AGENT": fuzz.ids["agent"], "PENDING": fuzz.ids["pending"], "DONE": fuzz.ids["done"]}
         argv = [value if word == "V" else words.get(word, word) for word in template.split()]
         fuzz.cli(*argv, *fuzz.rng.choice([[], ["--json"]]))
@@ -4070,9 +4072,9 @@ def test_fuzz_mcp_tool_arguments_and_messages(fuzz, cases, monkeypatch):
     tools = sorted(server.tools)
     assert set(tinytown.MCP_GUARDED_TOOLS) <= set(tools)  # all allowed here, so all fuzzed
     def typed(schema):  # mostly a hostile value of the right JSON type, to get past the schema
-        strings = [*fuzz.strings(), fuzz.ids["agent"], fuzz.ids["pending"], fuzz.ids["done"], "w1"]
+        strings = [*fuzz.hostile_strings, fuzz.ids["agent"], fuzz.ids["pending"], fuzz.ids["done"], "w1"]
         if fuzz.rng.random() < 0.3:
-            return fuzz.pick(fuzz.values())
+            return fuzz.pick(fuzz.hostile_values)
         return {"string": lambda: fuzz.pick(strings), "boolean": lambda: fuzz.rng.random() < 0.5,
                 "integer": lambda: fuzz.pick([0, 1, -1, 7, 2**31, 2**64, 10**30]),
                 "number": lambda: fuzz.pick([0, 0.1, -1, 1e308, 2**64]),
@@ -4083,7 +4085,7 @@ def test_fuzz_mcp_tool_arguments_and_messages(fuzz, cases, monkeypatch):
         schema = server.tools[tool].input_schema()["properties"]
         arguments = {name: typed(prop) for name, prop in schema.items() if fuzz.rng.random() < 0.6}
         if fuzz.rng.random() < 0.1:
-            arguments[fuzz.pick(fuzz.strings())[:50]] = fuzz.pick(fuzz.values())
+            arguments[fuzz.pick(fuzz.hostile_strings)[:50]] = fuzz.pick(fuzz.hostile_values)
         before = fuzz.state()
         with fuzz.outside_untouched((tool, arguments)), at_most(60, tool):
             reply = mcp_call(server, tool, arguments, number)
@@ -4100,13 +4102,13 @@ def test_fuzz_mcp_tool_arguments_and_messages(fuzz, cases, monkeypatch):
     # The protocol itself: hostile messages, ids, params and lines, through the serving loop.
     lines = []
     for number in range(cases):
-        message = {"jsonrpc": fuzz.pick(["2.0", *fuzz.values()]), "id": fuzz.pick([number, *fuzz.values()]),
+        message = {"jsonrpc": fuzz.pick(["2.0", *fuzz.hostile_values]), "id": fuzz.pick([number, *fuzz.hostile_values]),
                    "method": fuzz.pick(["tools/call", "ping", "tools/list", "resources/read", "initialize",
-                                        "notifications/cancelled", *fuzz.strings()]),
-                   "params": fuzz.pick([{"name": "status"}, {"uri": "tinytown://x"}, *fuzz.values()])}
+                                        "notifications/cancelled", *fuzz.hostile_strings]),
+                   "params": fuzz.pick([{"name": "status"}, {"uri": "tinytown://x"}, *fuzz.hostile_values])}
         for key in fuzz.rng.sample(sorted(message), fuzz.rng.randrange(3)):
             del message[key]
-        lines.append(json.dumps(message) if fuzz.rng.random() < 0.8 else fuzz.pick(fuzz.strings()).replace("\n", " "))
+        lines.append(json.dumps(message) if fuzz.rng.random() < 0.8 else fuzz.pick(fuzz.hostile_strings).replace("\n", " "))
     writer = io.StringIO()
     with fuzz.outside_untouched("mcp lines"), at_most(120, "mcp lines"):
         tinytown.serve_mcp(fuzz.town.root, io.StringIO("\n".join(lines) + "\n"), writer)
@@ -4133,7 +4135,7 @@ def test_fuzz_tasks_toml(fuzz, cases):
     keys = ["id", "description", "agent", "role", "tags", "after", "priority", "parent", "on_failure", "state",
             "result", "V"]
     for _ in range(cases):
-        value, key = fuzz.pick(fuzz.values()), fuzz.pick(keys)
+        value, key = fuzz.pick(fuzz.hostile_values), fuzz.pick(keys)
         if fuzz.rng.random() < 0.7:  # a hostile value in a well-formed file
             shown = tinytown._toml_value(value) if value is not None and not (
                 isinstance(value, float) and value != value) else '""'
@@ -4159,15 +4161,15 @@ def test_fuzz_snapshot_files(fuzz, cases):
     for _ in range(cases):
         document = json.loads(json.dumps(original))
         keys = sorted(document["keys"])
-        key, value = fuzz.pick(keys), fuzz.pick(fuzz.values())
+        key, value = fuzz.pick(keys), fuzz.pick(fuzz.hostile_values)
         how = fuzz.rng.randrange(6)
         if how == 0:
             document["keys"][key]["value"] = value
         elif how == 1 and isinstance(document["keys"][key]["value"], dict):
-            fields = sorted(document["keys"][key]["value"]) + [str(fuzz.pick(fuzz.strings()))[:40]]
+            fields = sorted(document["keys"][key]["value"]) + [str(fuzz.pick(fuzz.hostile_strings))[:40]]
             document["keys"][key]["value"][fuzz.pick(fields)] = value
         elif how == 2:
-            document["keys"][str(fuzz.pick(fuzz.strings()))[:200]] = document["keys"].pop(key)
+            document["keys"][str(fuzz.pick(fuzz.hostile_strings))[:200]] = document["keys"].pop(key)
         elif how == 3:
             document["keys"][key]["type"] = value
         elif how == 4:
@@ -4202,15 +4204,15 @@ def test_fuzz_github_issue_json(fuzz, cases, tmp_path, monkeypatch):
     plan = fuzz.town.root / "tasks.toml"
     for _ in range(cases):
         issue = {"number": 12, "title": "Login API", "body": "Depends on #11.", "labels": []}
-        issue[fuzz.pick(["number", "title", "body", "labels", "extra"])] = fuzz.pick(fuzz.values())
+        issue[fuzz.pick(["number", "title", "body", "labels", "extra"])] = fuzz.pick(fuzz.hostile_values)
         raw = json.dumps(issue, default=str).encode("utf-8", "surrogatepass")
         if fuzz.rng.random() < 0.2:
-            raw = str(fuzz.pick(fuzz.values())).encode("utf-8", "surrogatepass")
+            raw = str(fuzz.pick(fuzz.hostile_values)).encode("utf-8", "surrogatepass")
         output.write_bytes(raw)
         monkeypatch.setenv("TT_FUZZ_GH_EXIT", fuzz.pick(["0"] * 5 + ["1", "127"]))
         before = plan.read_bytes() if plan.exists() else None
         code, _, err = fuzz.cli("plan", "import-github", fuzz.pick(["12", "#12"]) if fuzz.rng.random() < 0.7
-                                else fuzz.pick(fuzz.strings()))
+                                else fuzz.pick(fuzz.hostile_strings))
         if code:
             assert (plan.read_bytes() if plan.exists() else None) == before
         else:
@@ -4260,7 +4262,7 @@ def runner_killers(value):
 
 @pytest.mark.parametrize("cases", FUZZ_PROFILES)
 def test_fuzz_hook_event_data(fuzz, cases, redis_url):
-    hook_fuzz(fuzz, cases, [value for value in fuzz.strings() if not runner_killers(value)], redis_url,
+    hook_fuzz(fuzz, cases, [value for value in fuzz.hostile_strings if not runner_killers(value)], redis_url,
               task_field=str(uuid.uuid4()).encode())
 
 
@@ -4269,7 +4271,7 @@ def test_fuzz_hook_event_data(fuzz, cases, redis_url):
 @pytest.mark.parametrize("killers", ["values", "task field"])
 def test_fuzz_hook_event_data_that_killed_the_runner(fuzz, redis_url, killers):
     if killers == "values":
-        hook_fuzz(fuzz, 10, [value for value in fuzz.strings() if runner_killers(value)], redis_url,
+        hook_fuzz(fuzz, 10, [value for value in fuzz.hostile_strings if runner_killers(value)], redis_url,
                   task_field=str(uuid.uuid4()).encode())
     else:  # a task field that is the prefix of several task ids
         first = collections.Counter(fuzz.town.backlog_add(f"task {n}").id[0] for n in range(40)).most_common(1)[0][0]
@@ -4288,7 +4290,7 @@ def test_fuzz_config_values(fuzz, cases):
     path = fuzz.town.root / "tinytown.toml"
     original = path.read_bytes()
     for _ in range(cases):
-        key, value = fuzz.pick(CONFIG_KEYS), fuzz.pick(fuzz.strings())
+        key, value = fuzz.pick(CONFIG_KEYS), fuzz.pick(fuzz.hostile_strings)
         if fuzz.rng.random() < 0.7:
             code, _, err = fuzz.cli("config", value if key == "V" else key, value)
             if code:
