@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider test_tinytown.py
 
-# The fault and chaos tests (a few minutes): random SIGKILLs, Redis outages.
+# The fault and chaos tests (a few minutes): random SIGKILLs, Redis outages; and the long
+# fuzz of every door (TT_FUZZ_CASES per door, default 400; TT_FUZZ_SEED for another draw).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow -s test_tinytown.py
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import inspect
+import io
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -1232,6 +1235,14 @@ def test_conductor_takes_or_acknowledges_its_inbox(town):
     assert tt_json("inbox") == []
     town.send("conductor", "one more", type="info")
     assert len(tt_json("inbox", "ack", "--all")) == 1 and town.channel.inbox_len("conductor") == 0
+
+
+def test_an_ack_or_a_dead_letter_id_that_matches_nothing_is_an_error_and_acks_nothing(town):
+    kept = town.send("conductor", "keep me", type="info")
+    assert "no pending message 'ghost'" in fail_cli("inbox", "ack", kept.id[:8], "ghost")
+    assert "no pending message ''" in fail_cli("inbox", "ack", "")  # never a prefix of every id
+    assert [m.id for m in town.channel.peek("conductor")] == [kept.id]
+    assert tt("dead", "retry", "")[0] == 2 and tt("dead", "drop", " ")[0] == 2
 
 
 def test_round_logs_keep_the_newest_n(tmp_path):
@@ -2752,6 +2763,49 @@ def test_save_reset_restore_round_trip_is_identical_and_restores_elsewhere(town,
         proc.wait(10)
 
 
+def test_a_hostile_snapshot_is_refused_whole_and_agent_paths_never_leave_the_town(town, tmp_path):
+    w = worker(town)
+    town.assign("w1", "keep me")
+    town.backlog_add("odd but fine", tags=["two\nlines", "日本"])  # as creation takes them, restore does
+    saved = Path(tt_json("save")["file"])
+    before = tinytown.save_snapshot(town)
+    escaped = tmp_path / "x"
+    name = "../" * 20 + f"{str(escaped)[1:]}/ESCAPED"
+    hostile = json.loads(saved.read_text())
+    hostile["keys"][f"agent:{w.id}"]["value"].update(name=name, worktree="/")
+    hostile["keys"]["agents"]["value"] = {name: w.id}
+    (tmp_path / "hostile.json").write_text(json.dumps(hostile))
+    err = fail_cli("restore", tmp_path / "hostile.json", "--force")
+    assert "invalid agent name" in err and "nothing was changed" in err
+    assert tinytown.save_snapshot(town) == before  # refused before the reset that --force asks for
+    for key, value, problem in [  # one bad field each
+            (f"agent:{w.id}", {"worktree": "/"}, "worktree"), (f"agent:{w.id}", {"state": "bogus"}, "state"),
+            (f"agent:{w.id}", {"rounds_completed": "-1"}, "rounds_completed"),
+            (f"agent:{w.id}", {"lease": "x"}, "unknown field"),
+            (next(k for k in hostile["keys"] if k.startswith("task:")), {"tags": '["a", 3]'}, "tags"),
+            (next(k for k in hostile["keys"] if k.startswith("task:")), {"description": " "}, "description"),
+            (next(k for k in hostile["keys"] if k.startswith("task:")), {"id": str(uuid.uuid4())}, "id"),
+            (f"inbox:{w.id}", ["not a message"], "message"), ("tasks", [["x", "nan"]], "tasks"),
+            ("../../etc/passwd", "x", "unknown key")]:
+        document = json.loads(saved.read_text())
+        item = document["keys"].setdefault(key, {"type": "list" if isinstance(value, list) else "string",
+                                                 "value": value})
+        if isinstance(value, dict):
+            item["value"].update(value)
+        else:
+            item["value"] = value
+        with pytest.raises(tinytown.InvalidSnapshot, match=re.escape(problem)):
+            tinytown.restore_snapshot(town, document, force=True)
+        assert tinytown.save_snapshot(town) == before
+    assert tinytown.restore_snapshot(town, json.loads(saved.read_text()), force=True) == len(before["keys"])
+    # A record that reaches Redis some other way: its name still makes no path outside .tt/.
+    town.channel.set_agent_state(w.id, "stopped")
+    town.redis.hset(town.keys.agent(w.id), mapping={"name": name, "worktree": "/"})
+    town.redis.hset(town.keys.agents, name, w.id)
+    assert "invalid agent name" in fail_cli("restart", w.id)
+    assert not escaped.exists() and town.agent(w.id).record().state == "stopped"
+
+
 def test_import_github_with_a_stand_in_gh(town, tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -3889,6 +3943,60 @@ def test_people_see_agent_names_and_scripts_get_names_next_to_ids(town):
     assert tt("kill", "w1")[1] == "stopping w1 (was idle)\n"
 
 
+# Erase the line, go back to its start, print a fake line, set the clipboard (OSC 52), CSI as one C1 byte.
+HOSTILE_TEXT = "x\x1b[2K\r✓ all tasks completed\x1b]52;c;ZXZpbA==\x07\x9b2J\nfake line"
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but newline and tab
+
+
+def test_escape_sequences_in_data_never_reach_the_terminal_raw(town, tmp_path, caplog):
+    w = worker(town)
+    town.redis.set(town.keys.alive(w.id), "1", ex=60)
+    town.backlog_add(HOSTILE_TEXT, tags=["t\x1b[31m"])
+    done = town.assign("w1", "fine")
+    town.complete_task(done.id, HOSTILE_TEXT)
+    town.fail_task(town.assign("w1", "doomed").id, HOSTILE_TEXT)
+    town.send("conductor", HOSTILE_TEXT, "query", sender="w1")
+    town.redis.lpush(town.keys.activity(w.id), HOSTILE_TEXT)
+    (town.root / ".tt" / "logs" / "w1.log").write_text(HOSTILE_TEXT.replace("\n", " ") + "\n")  # its own lines
+    tasks = len(town.tasks())
+    for argv in (["task", "list"], ["backlog", "list"], ["status", "--deep", "--tasks"], ["history"],
+                 ["inbox"], ["inbox", "--all"], ["task", "show", done.id], ["events"], ["list"],
+                 ["restore", f"{tmp_path}/\x1b]52;c;ZXZpbA==\x07.json"]):
+        code, out, err = tt(*argv)
+        assert not RAW_CONTROL.search(out + err), (argv, out + err)
+        if argv[:2] != ["task", "show"]:
+            assert not re.search(r"^\s*(fake line|✓ all tasks)", out, re.M), argv  # never a line of its own
+    assert len(tt("task", "list")[1].splitlines()) == tasks
+    assert "\n  result: x\\x1b[2K\\r✓ all tasks completed" in tt("task", "show", done.id)[1]
+    assert "\\x9b2J\n          fake line\n" in tt("task", "show", done.id)[1]  # a result's lines, under its label
+    assert "\\x1b]52;c;ZXZpbA==\\x07" in tt("backlog", "list")[1]
+    assert tt_json("backlog", "list")[0]["description"] == HOSTILE_TEXT  # JSON keeps the data as it is
+    screen = io.StringIO()
+    with contextlib.redirect_stdout(screen):
+        tinytown._Watch(town).draw()
+    assert "\x1b]52" not in screen.getvalue() and "\x1b[2K" not in screen.getvalue()
+    assert "\\x1b[2K" in screen.getvalue()
+    with caplog.at_level("INFO", logger="tinytown"):  # log lines (a loop's, on stderr or in .tt/logs/)
+        tinytown.log.warning("agent %s: the CLI reported an error: %s", "w1", HOSTILE_TEXT)
+    assert not RAW_CONTROL.search(caplog.text) and "\\x1b]52;c;" in caplog.text and "\nfake line" not in caplog.text
+
+
+def test_bytes_that_are_not_utf8_are_stored_as_u_fffd(town, redis_url):
+    town.spawn_agent("w1", "demo")
+    raw = redis.Redis.from_url(redis_url)  # a plain client: it decodes what it reads as UTF-8
+    backlog_id = tt("backlog", "add", "desc\udcffz", "--tags", "t\udcfe")[1].strip()  # argv as Python decodes it
+    assigned_id = tt("assign", "w1", "caf\udce9 menu")[1].strip()
+    tt("send", "conductor", "hi\udcff")
+    assert raw.hget(town.keys.task(backlog_id), "description").decode() == "desc\ufffdz"
+    assert json.loads(raw.hget(town.keys.task(backlog_id), "tags")) == ["t\ufffd"]
+    assert town.wait_task(assigned_id, 30).state == "completed"  # the loop took it in its stride
+    assert town.task(assigned_id).result.endswith("caf\ufffd menu")
+    assert json.loads(raw.lindex(town.keys.inbox("conductor"), 0))["description"] == "hi\ufffd"
+    for _, fields in raw.xrange(town.keys.events):
+        assert all(b"\\ud" not in value for value in fields.values())  # no escaped surrogate either
+        {key.decode(): value.decode() for key, value in fields.items()}
+
+
 def test_task_show_says_why_a_task_failed(town):
     worker(town)
     task = town.assign("w1", "doomed")
@@ -4523,6 +4631,138 @@ def test_mcp_protocol_details_version_negotiation_errors_and_batches(town):
         -32700, -32601, -32602, [4, 5], -32002]
 
 
+class McpProcess:
+    """`tt mcp` as a process, spoken to a line at a time (each reply awaited at most 30 s)."""
+
+    def __init__(self, root):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinytown", "-t", str(root), "mcp"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONPATH": str(MODULE.parent)})
+        self.request("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                    "clientInfo": {"name": "test", "version": "1"}}, 0)
+
+    def send(self, message):
+        self.proc.stdin.write((json.dumps(message) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def receive(self):
+        import select
+        assert select.select([self.proc.stdout], [], [], 30)[0], "no reply within 30s"
+        return json.loads(self.proc.stdout.readline())
+
+    def request(self, method, params, request_id):
+        self.send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        reply = self.receive()
+        assert reply["id"] == request_id, reply
+        return reply
+
+    def call(self, tool, arguments, request_id=1):
+        return self.request("tools/call", {"name": tool, "arguments": arguments}, request_id)["result"]
+
+    def close(self):
+        """End the input; the server must exit within 30 s.  What it printed last."""
+        try:
+            rest, _ = self.proc.communicate(timeout=30)  # closes its stdin
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise AssertionError("tt mcp did not exit within 30s of its input ending") from None
+        assert self.proc.returncode == 0
+        return rest
+
+
+def mcp_error(result):
+    assert result["isError"], result
+    return result["content"][0].text if hasattr(result["content"][0], "text") else result["content"][0]["text"]
+
+
+def test_mcp_offers_file_writing_and_destroying_tools_only_when_allowed(town, tmp_path):
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.json"
+    outside.write_text("a person's file\n")
+    guarded = {"save", "restore", "reset", "sync_pull", "plan_init", "plan_import_github", "prune", "task_prune",
+               "task_delete", "dead_drop"}
+    server = McpProcess(town.root)
+    try:
+        listed = {t["name"]: t["inputSchema"] for t in server.request("tools/list", {}, 2)["result"]["tools"]}
+        tools = set(listed)
+        assert not guarded & tools and {"status", "assign", "dead", "dead_retry", "plan", "sync_push"} <= tools
+        assert set(listed["plan"]["properties"]) == {"file"}  # no `init`: that is plan_init's
+        assert listed["inbox"]["properties"]["ids"] == {"type": "array", "items": {"type": "string"},
+                                                       "description": listed["inbox"]["properties"]["ids"]["description"]}
+        assert "unknown tool" in server.request("tools/call", {"name": "save", "arguments": {
+            "file": str(outside)}}, 3)["error"]["message"]
+        assert "unknown tool" in server.request("tools/call", {"name": "restore", "arguments": {
+            "file": str(outside), "force": True}}, 4)["error"]["message"]
+    finally:
+        server.close()
+    assert outside.read_text() == "a person's file\n"
+    code, _, err = tt("config", "mcp.allow", '["save", "nonsense"]')
+    assert code == 1 and "mcp.allow" in err and "'nonsense'" in err and "save, restore" in err
+    assert tt("config", "mcp.allow", '["save", "restore"]')[0] == 0
+    town.backlog_add("kept")
+    server = McpProcess(town.root)
+    try:
+        tools = {t["name"] for t in server.request("tools/list", {}, 2)["result"]["tools"]}
+        assert guarded & tools == {"save", "restore"}
+        config = (town.root / "tinytown.toml").read_text()
+        for path in (str(outside), "../" + outside.name, ".tt/../../x.json", "src/main.py"):
+            assert "inside the town" in mcp_error(server.call("save", {"file": path}))
+        for path in (str(outside), "../" + outside.name, ".tt/../../x.json"):
+            assert "inside the town" in mcp_error(server.call("restore", {"file": path, "force": True}))
+        saved = tool_json(_McpResult(server.call("save", {"file": "tinytown.toml"})))["file"]
+        assert saved == str(town.root / ".tt" / "tasks" / "tinytown.toml")  # a bare name: with the snapshots
+    finally:
+        server.close()
+    assert outside.read_text() == "a person's file\n" and [t.description for t in town.tasks()] == ["kept"]
+    assert (town.root / "tinytown.toml").read_text() == config and not (town.root / "src").exists()
+
+
+class _McpResult:
+    """A tools/call result (JSON) shaped like the SDK's, for tool_json()."""
+
+    def __init__(self, result):
+        self.is_error = result["isError"]
+        self.content = [type("Text", (), {"text": result["content"][0]["text"]})]
+
+
+def test_mcp_answers_pings_during_a_wait_honours_cancels_and_passes_arrays_as_arrays(town):
+    w = worker(town)
+    town.redis.set(town.keys.alive(w.id), "1", ex=60)  # a live agent, for wait_agent
+    waited = town.backlog_add("never done")
+    server = McpProcess(town.root)
+    try:
+        server.send({"jsonrpc": "2.0", "id": 10, "method": "tools/call",
+                     "params": {"name": "task_wait", "arguments": {"id": waited.id}}})
+        assert server.request("ping", {}, 11)["result"] == {}  # answered while the wait goes on
+        server.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 10}})
+        town.complete_task(waited.id, "done after all")  # a wait still running would answer now
+        assert server.request("ping", {}, 12)["result"] == {}
+        for text in ("first", "second"):
+            town.send(w.id, text)
+            town.send("conductor", text, "info")
+        acked = server.call("inbox", {"agent": "ack", "ids": [m.id[:8] for m in town.channel.peek("conductor")]}, 13)
+        assert [m["summary"] for m in tool_json(_McpResult(acked))] == ["first", "second"]
+        assert town.channel.peek("conductor") == []
+        messages = town.channel.peek(w.id)
+        bad = server.call("send", {"to": "w1", "message": ["not", "a", "string"]}, 14)
+        assert "'message' must be a string" in mcp_error(bad)
+        for m in messages:
+            town.channel.ack(w.id, [m.id])
+            town.redis.rpush(town.keys.dead(w.id), m.to_json())
+        retried = tool_json(_McpResult(server.call("dead_retry", {"ids": [m.id[:8] for m in messages]}, 15)))
+        assert sorted(m["id"] for m in retried) == sorted(m.id for m in messages)
+        bounded = server.call("wait_agent", {"agent": "w1", "timeout": 0.2}, 16)
+        assert "timed out after 0.2s" in mcp_error(bounded)
+        server.proc.stdin.write(b"\xff\xfe{ not UTF-8, not JSON\n")  # a parse error, not the end of the server
+        server.proc.stdin.flush()
+        assert server.receive()["error"]["code"] == -32700
+        added = tool_json(_McpResult(server.call("backlog_add", {"description": "caf\udce9"}, 17)))  # "\udce9" in JSON
+        assert added["description"] == town.task(added["id"]).description == "caf\ufffd"
+    finally:
+        rest = server.close()
+    assert b'"id": 10' not in rest and b'"id":10' not in rest  # the cancelled call never answered
+
+
 def test_conductor_hands_the_town_over_as_an_mcp_server(town):
     data = tt_json("conductor", "--cli", "claude", "--mcp")
     config = json.loads(Path(data["mcp_config"]).read_text())["mcpServers"]["tinytown"]
@@ -4532,6 +4772,423 @@ def test_conductor_hands_the_town_over_as_an_mcp_server(town):
     assert codex.startswith("codex -c 'mcp_servers.tinytown.command=") and " exec " in codex
     code, _, err = tt("conductor", "--cli", "aider", "--mcp")
     assert code == 1 and "knows claude and codex" in err
+
+
+# Fuzz: every door, hostile values ############################################
+# Each door (CLI arguments, MCP tool arguments and messages, tasks.toml, snapshot files,
+# GitHub issue JSON, hook event data, config values) is fed hostile values, drawn by a seeded
+# generator.  Every case must end in success or a one-line error: never a traceback, an
+# "unexpected error", a hang, a raw control character on the terminal, a file written outside
+# the town, a dead hook runner, or a town changed by a command that was refused.  `make test`
+# runs FUZZ_QUICK cases per door; the slow profile (`make test-slow`) runs TT_FUZZ_CASES
+# (default 400) per door.  TT_FUZZ_SEED picks another draw.
+
+FUZZ_QUICK = 40
+FUZZ_SEED = int(os.environ.get("TT_FUZZ_SEED", "16"))
+FUZZ_PROFILES = [pytest.param(FUZZ_QUICK, id="quick"),
+                 pytest.param(int(os.environ.get("TT_FUZZ_CASES", "400")), id="long", marks=pytest.mark.slow)]
+
+
+class FuzzHang(BaseException):
+    """A case that ran too long (BaseException: no `except Exception` in the code under test takes it)."""
+
+
+@contextlib.contextmanager
+def at_most(seconds, what):
+    def expired(signum, frame):
+        raise FuzzHang(f"{what!r} ran over {seconds}s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def hostile_strings(outside):
+    """NUL, C0/C1 controls, bytes that are not UTF-8 (as Python decodes argv), 1 MB, TOML and
+    JSON quotes, shell metacharacters aimed at `outside`, ../ and absolute paths, numbers."""
+    canary = shlex.quote(str(outside / "shell-ran"))
+    return [
+        "", " ", "\x00", "a\x00b", "\x01\x02\x07\x08\t\x0b\x0c\x7f", "x\x1b[2K\r✓ all done", "\x1b]52;c;ZXZpbA==\x07",
+        "\x85\x9b2J\x9d0;t\x9c", "\udcff\udcfe", "caf\udce9", "\ud800", "x" * 1_000_000, "é" * 300_000,
+        '"""', "'''", '"', "\\", 'a"b\'c', 'x"\n[[task]]\nid = "evil"', "}\n[hooks]\nmessage = 'touch x'",
+        '{"a": "b"}', '"}]', "\\u0000", "\\ud800", f"$(touch {canary})", f"`touch {canary}`",
+        f"; touch {canary}", f"| touch {canary}", "&& rm -rf ~", "*", "~", "${HOME}", "%s%n",
+        "../" * 20 + f"{str(outside)[1:]}/deep", "../x", "../../x", str(outside / "abs"), "/", "/etc/passwd",
+        ".", "..", "-", "--", "--json", "-t", "--force", "-v", "-1", "-99999999999999999999",
+        "99999999999999999999999", "1e308", "nan", "inf", "0", "1", "0x10", "日本語", "\u202etxt.exe", "🏘️", "\u2028",
+        "w1", "conductor", "supervisor",
+    ]
+
+
+def hostile_json_values(outside):
+    """What a JSON document can hold that no schema wants: the strings above, and the rest."""
+    return [*hostile_strings(outside), None, True, False, 0, -1, 2**64, -(2**63) - 1, 1e308, 0.5, float("nan"),
+            [], ["a", 1], [["x"]], {}, {"a": {"b": []}}, functools.reduce(lambda v, _: [v], range(200), []),
+            {"$ref": "#"}, ["../" * 12 + "etc/passwd"]]
+
+
+@dataclasses.dataclass
+class Fuzz:
+    """One fuzzed town: its doors' cases, and the checks every case must pass."""
+    town: Town
+    outside: Path  # nothing may appear here (hostile paths and shell canaries point at it)
+    rng: random.Random
+    ids: dict  # seeded records' ids: agent, pending, done
+
+    @functools.cached_property
+    def hostile_strings(self):
+        return hostile_strings(self.outside)
+
+    @functools.cached_property
+    def hostile_values(self):
+        return hostile_json_values(self.outside)
+
+    def pick(self, pool):
+        return self.rng.choice(pool)
+
+    def state(self):
+        return tinytown.save_snapshot(self.town)
+
+    @contextlib.contextmanager
+    def outside_untouched(self, what, told=False):
+        """Nothing new in `outside`, nor next to the town (where "../x" from its folder goes),
+        unless a person `told` the command to write there (`tt save PATH`): then it is removed."""
+        listed = set(os.listdir(self.town.root.parent))
+        yield
+        written = [*self.outside.iterdir(), *(self.town.root.parent / name for name in
+                                              set(os.listdir(self.town.root.parent)) - listed)]
+        if told:
+            for path in written:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        assert not written or told, (what, written)
+
+    def cli(self, *argv, refused_changes_nothing=True):
+        """`tt ARGV` in-process: success, or one clear error line, and nothing else."""
+        before = self.state() if refused_changes_nothing else None
+        with self.outside_untouched(argv, told=argv[0] == "save"), at_most(60, argv[:3]):
+            code, out, err = tt(*argv)
+        check_output(argv, code, out, err)
+        if "tt: error: " in err and before is not None:
+            assert self.state() == before, (argv, err)  # refused: the town is as it was
+        self.stop_loops()
+        return code, out, err
+
+    def stop_loops(self):
+        """Loops a case started (spawn, restart) are stopped at once."""
+        for agent in self.town.list_agents():
+            if agent.pid and not agent.terminal:
+                self.town.kill_agent(agent.id)
+                assert _wait_gone(int(agent.pid), 15), agent.name
+
+    def reseed(self):
+        """The records the cases refer to, back when a case (reset, restore) removed them."""
+        if self.town.channel.get_agent(self.ids.get("agent", "")) is None:
+            self.town.reset(force=True)
+            self.town.channel.upgrade_layout()  # as a person's connect does: no command upgrades it later
+            self.ids.update(seed_records(self.town))
+
+
+def seed_records(town):
+    """A stopped agent w1, a pending and a completed task, messages for w1 and the conductor."""
+    agent = town.spawn_agent("w1", "demo", start=False)
+    town.channel.set_agent_state(agent.id, "stopped")
+    pending = town.backlog_add("pending work", tags=["dev"])
+    done = town.assign("w1", "done work")
+    town.complete_task(done.id, "its result")
+    town.send("w1", "hello w1")
+    town.send("conductor", "hello conductor", "query", sender="w1")
+    return {"agent": agent.id, "pending": pending.id, "done": done.id}
+
+
+def check_output(what, code, out, err):
+    """Success, or one clear `tt: error:` line (after the usage, for a usage error); never a
+    traceback, an unexpected error or a control character for the terminal."""
+    assert code in (0, 1, 2), (what, code, err[-300:])
+    assert "Traceback" not in out + err and "unexpected error" not in err, (what, err[-600:])
+    assert not RAW_CONTROL.search(out + err), (what, RAW_CONTROL.search(out + err))
+    lines = err.rstrip("\n").split("\n")  # a terminal's lines: U+2028 and the like are none
+    errors = [line for line in lines if line.startswith("tt: error: ")]
+    assert len(errors) <= 1 and (not errors or lines[-1] == errors[0]), (what, err[-600:])
+    assert all(len(line) < 1000 for line in errors), (what, errors[0][:300])
+    if code == 2:
+        assert errors, (what, err[-300:])
+
+
+@pytest.fixture
+def fuzz(town, tmp_path, tmp_path_factory, monkeypatch):
+    outside = tmp_path_factory.mktemp("outside")
+    (town.root / "sub").mkdir()
+    monkeypatch.chdir(town.root / "sub")  # "../x" is in the town, "../../x" is not
+    tinytown.set_config_value(town.root / "tinytown.toml", "agent.auto_claim", "false")
+    tinytown.set_config_value(town.root / "tinytown.toml", "mcp.allow", json.dumps(list(tinytown.MCP_GUARDED_TOOLS)))
+    fuzzed = Fuzz(town, outside, random.Random(FUZZ_SEED), {})
+    fuzzed.ids.update(seed_records(town))
+    yield fuzzed
+    fuzzed.stop_loops()
+
+
+# The command lines: V is the hostile value; AGENT, PENDING and DONE the seeded records.
+FUZZ_COMMANDS = [
+    "assign AGENT V", "assign V desc", "assign w1 desc --tags V", "assign w1 desc --after V",
+    "assign w1 desc --parent V", "assign w1 desc --on-failure V", "backlog add V", "backlog add desc --tags V",
+    "backlog add desc --after V", "backlog claim V w1", "backlog claim PENDING V", "backlog remove V",
+    "backlog assign-all V", "send w1 V", "send V text", "send w1 text --from V", "send conductor V --query",
+    "broadcast V", "inbox V", "inbox ack V", "dead V", "dead retry V", "dead drop V", "task show V",
+    "task complete PENDING --result V", "task fail PENDING --error V", "task cancel V", "task delete V",
+    "task list --agent V", "task list --state V", "task current V", "task wait V --timeout 0",
+    "task wait DONE --timeout V", "task prune --older-than V", "task prune --keep V", "wait V --timeout 0",
+    "kill V", "close V", "interrupt V", "resume V", "restart V", "restart w1 --rounds V", "spawn V --cli demo",
+    "spawn w2 --cli V", "spawn w2 --cli demo --role V", "spawn w2 --cli demo --nickname V",
+    "spawn w2 --cli demo --max-rounds V", "spawn w2 --cli demo --parent V", "history -n V", "history --agent V",
+    "events --since V", "events --count V", "reclaim --to V", "reclaim --from V", "config V", "save V",
+    "restore V", "plan --file V", "sync push --file V", "sync pull --file V", "plan import-github V",
+    "status V", "V", "-t V status", "list V", "doctor V", "init --name V", "conductor --cli V",
+]
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_cli_arguments(fuzz, cases):
+    for _ in range(cases):
+        template, value = fuzz.pick(FUZZ_COMMANDS), fuzz.pick(fuzz.hostile_strings)
+        words = {"AGENT": fuzz.ids["agent"], "PENDING": fuzz.ids["pending"], "DONE": fuzz.ids["done"]}
+        argv = [value if word == "V" else words.get(word, word) for word in template.split()]
+        fuzz.cli(*argv, *fuzz.rng.choice([[], ["--json"]]))
+        fuzz.reseed()
+
+
+def mcp_call(server, tool, arguments, request_id=1):
+    return server.handle({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+                          "params": {"name": tool, "arguments": arguments}})
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_mcp_tool_arguments_and_messages(fuzz, cases, monkeypatch):
+    monkeypatch.setattr(tinytown, "MCP_WAIT_SECS", 0.3)  # every blocking call, bounded shorter
+    server = tinytown._McpServer(fuzz.town.root, io.StringIO(), io.StringIO())
+    tools = sorted(server.tools)
+    assert set(tinytown.MCP_GUARDED_TOOLS) <= set(tools)  # all allowed here, so all fuzzed
+    def typed(schema):  # mostly a hostile value of the right JSON type, to get past the schema
+        strings = [*fuzz.hostile_strings, fuzz.ids["agent"], fuzz.ids["pending"], fuzz.ids["done"], "w1"]
+        if fuzz.rng.random() < 0.3:
+            return fuzz.pick(fuzz.hostile_values)
+        return {"string": lambda: fuzz.pick(strings), "boolean": lambda: fuzz.rng.random() < 0.5,
+                "integer": lambda: fuzz.pick([0, 1, -1, 7, 2**31, 2**64, 10**30]),
+                "number": lambda: fuzz.pick([0, 0.1, -1, 1e308, 2**64]),
+                "array": lambda: [fuzz.pick(strings) for _ in range(fuzz.rng.randrange(4))]}[schema["type"]]()
+
+    for number in range(cases):
+        tool = fuzz.pick(tools)
+        schema = server.tools[tool].input_schema()["properties"]
+        arguments = {name: typed(prop) for name, prop in schema.items() if fuzz.rng.random() < 0.6}
+        if fuzz.rng.random() < 0.1:
+            arguments[fuzz.pick(fuzz.hostile_strings)[:50]] = fuzz.pick(fuzz.hostile_values)
+        before = fuzz.state()
+        with fuzz.outside_untouched((tool, arguments)), at_most(60, tool):
+            reply = mcp_call(server, tool, arguments, number)
+        result = reply["result"]
+        text = result["content"][0]["text"]
+        if result["isError"]:
+            assert "\n" not in text and len(text) < 1000 and "unexpected error" not in text, (tool, text[:300])
+            if tool != "task_wait":  # the only tool that may time out after a change (none here)
+                assert fuzz.state() == before, (tool, text)
+        else:
+            json.loads(text)
+        fuzz.stop_loops()
+        fuzz.reseed()
+    # The protocol itself: hostile messages, ids, params and lines, through the serving loop.
+    lines = []
+    for number in range(cases):
+        message = {"jsonrpc": fuzz.pick(["2.0", *fuzz.hostile_values]), "id": fuzz.pick([number, *fuzz.hostile_values]),
+                   "method": fuzz.pick(["tools/call", "ping", "tools/list", "resources/read", "initialize",
+                                        "notifications/cancelled", *fuzz.hostile_strings]),
+                   "params": fuzz.pick([{"name": "status"}, {"uri": "tinytown://x"}, *fuzz.hostile_values])}
+        for key in fuzz.rng.sample(sorted(message), fuzz.rng.randrange(3)):
+            del message[key]
+        lines.append(json.dumps(message) if fuzz.rng.random() < 0.8 else fuzz.pick(fuzz.hostile_strings).replace("\n", " "))
+    writer = io.StringIO()
+    with fuzz.outside_untouched("mcp lines"), at_most(120, "mcp lines"):
+        tinytown.serve_mcp(fuzz.town.root, io.StringIO("\n".join(lines) + "\n"), writer)
+    for line in writer.getvalue().splitlines():
+        reply = json.loads(line)
+        assert isinstance(reply, (dict, list)), line[:200]
+
+
+PLAN_BASE = '''[[task]]
+id = "a"
+description = "first"
+role = "dev"
+
+[[task]]
+id = "b"
+description = "second"
+after = ["a"]
+'''
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_tasks_toml(fuzz, cases):
+    plan = fuzz.town.root / "tasks.toml"
+    keys = ["id", "description", "agent", "role", "tags", "after", "priority", "parent", "on_failure", "state",
+            "result", "V"]
+    for _ in range(cases):
+        value, key = fuzz.pick(fuzz.hostile_values), fuzz.pick(keys)
+        if fuzz.rng.random() < 0.7:  # a hostile value in a well-formed file
+            shown = tinytown._toml_value(value) if value is not None and not (
+                isinstance(value, float) and value != value) else '""'
+            text = PLAN_BASE.replace('description = "second"', f'description = "second"\n{key} = {shown}'
+                                     if key != "V" else f'description = "second"\n{shown} = 1')
+        else:  # hostile text anywhere
+            lines = PLAN_BASE.splitlines()
+            lines.insert(fuzz.rng.randrange(len(lines) + 1), str(value))
+            text = "\n".join(lines)
+        plan.write_bytes(text.encode("utf-8", "surrogatepass"))  # bytes that are not UTF-8, as written
+        for argv in (["plan"], ["sync", "push"], ["sync", "pull"], ["task", "list"]):
+            before = plan.read_bytes()
+            code, _, err = fuzz.cli(*argv)
+            if "tt: error: " in err:
+                assert plan.read_bytes() == before, argv  # a refused pull leaves the file as it was
+        fuzz.reseed()
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_snapshot_files(fuzz, cases):
+    original = fuzz.state()
+    path = fuzz.town.root / "hostile.json"
+    for _ in range(cases):
+        document = json.loads(json.dumps(original))
+        keys = sorted(document["keys"])
+        key, value = fuzz.pick(keys), fuzz.pick(fuzz.hostile_values)
+        how = fuzz.rng.randrange(6)
+        if how == 0:
+            document["keys"][key]["value"] = value
+        elif how == 1 and isinstance(document["keys"][key]["value"], dict):
+            fields = sorted(document["keys"][key]["value"]) + [str(fuzz.pick(fuzz.hostile_strings))[:40]]
+            document["keys"][key]["value"][fuzz.pick(fields)] = value
+        elif how == 2:
+            document["keys"][str(fuzz.pick(fuzz.hostile_strings))[:200]] = document["keys"].pop(key)
+        elif how == 3:
+            document["keys"][key]["type"] = value
+        elif how == 4:
+            document[fuzz.pick(["tinytown_snapshot", "town", "keys", "extra"])] = value
+        elif isinstance(document["keys"][key]["value"], list) and document["keys"][key]["value"]:
+            items = document["keys"][key]["value"]
+            items[fuzz.rng.randrange(len(items))] = value
+        raw = json.dumps(document, default=str).encode("utf-8", "surrogatepass")
+        if fuzz.rng.random() < 0.15:  # not even JSON: cut short, or bytes that are not UTF-8 in it
+            cut = fuzz.rng.randrange(len(raw))
+            raw = raw[:cut] + fuzz.pick([b"", b"\xff\xfe", b"\x00", b'"'])
+        path.write_bytes(raw)
+        code, _, err = fuzz.cli("restore", path.name if fuzz.rng.random() < 0.5 else path, "--force")
+        if code == 0:  # taken: the listings still read it, then the town is put back
+            for argv in (["list"], ["task", "list"], ["backlog", "list"], ["inbox", "--all"], ["status", "--deep"],
+                         ["history"]):
+                fuzz.cli(*argv, refused_changes_nothing=False)
+            for agent in fuzz.town.list_agents():
+                fuzz.cli("restart", agent.id, refused_changes_nothing=False)
+            fuzz.stop_loops()
+            tinytown.restore_snapshot(fuzz.town, original, force=True)
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_github_issue_json(fuzz, cases, tmp_path, monkeypatch):
+    bin_dir, output = tmp_path / "gh-bin", tmp_path / "gh-output"
+    bin_dir.mkdir()
+    (bin_dir / "gh").write_text('#!/bin/sh\ncat "$TT_FUZZ_GH_OUTPUT"\nexit "${TT_FUZZ_GH_EXIT:-0}"\n')
+    (bin_dir / "gh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("TT_FUZZ_GH_OUTPUT", str(output))
+    plan = fuzz.town.root / "tasks.toml"
+    for _ in range(cases):
+        issue = {"number": 12, "title": "Login API", "body": "Depends on #11.", "labels": []}
+        issue[fuzz.pick(["number", "title", "body", "labels", "extra"])] = fuzz.pick(fuzz.hostile_values)
+        raw = json.dumps(issue, default=str).encode("utf-8", "surrogatepass")
+        if fuzz.rng.random() < 0.2:
+            raw = str(fuzz.pick(fuzz.hostile_values)).encode("utf-8", "surrogatepass")
+        output.write_bytes(raw)
+        monkeypatch.setenv("TT_FUZZ_GH_EXIT", fuzz.pick(["0"] * 5 + ["1", "127"]))
+        before = plan.read_bytes() if plan.exists() else None
+        code, _, err = fuzz.cli("plan", "import-github", fuzz.pick(["12", "#12"]) if fuzz.rng.random() < 0.7
+                                else fuzz.pick(fuzz.hostile_strings))
+        if code:
+            assert (plan.read_bytes() if plan.exists() else None) == before
+        else:
+            tinytown.load_plan(plan)  # what it wrote reads back
+            fuzz.cli("sync", "push")
+        plan.unlink(missing_ok=True)
+
+
+def hook_fuzz(fuzz, cases, values, redis_url, task_field=None):
+    """Events made of hostile values, through the CLI and written by another client (raw bytes);
+    the runner must read them all and stay up."""
+    town, ran = fuzz.town, fuzz.town.root / "hooks-ran.log"
+    other_client = redis.Redis.from_url(redis_url)
+    hook_config(town.root, {kind: f"cat > /dev/null; echo {kind} >> {ran}" for kind in
+                            ("task_created", "task_completed", "message", "message_to_conductor", "agent_spawned")})
+    runner = tinytown.start_hook_runner(Town(town.root))
+    try:
+        for _ in range(cases):
+            value = fuzz.pick(values)
+            step = fuzz.rng.randrange(4)
+            if step == 0:
+                fuzz.cli("backlog", "add", value, "--tags", value, refused_changes_nothing=False)
+            elif step == 1:
+                fuzz.cli("task", "complete", town.assign("w1", "work").id, "--result", value,
+                         refused_changes_nothing=False)  # the runner's own counts change meanwhile
+            elif step == 2:
+                fuzz.cli("send", "conductor", "--from", "w1", "--", value, refused_changes_nothing=False)
+            else:  # an event another client wrote: fields, names and all, as bytes
+                raw = value.encode("utf-8", "surrogatepass")
+                other_client.xadd(town.keys.events, {b"event": fuzz.pick([b"message", b"task_created", raw[:100]]),
+                                                     raw[:100] or b"x": raw, b"agent": fuzz.pick([b"conductor", raw]),
+                                                     b"task": raw[:50] if task_field is None else task_field,
+                                                     b"sender": raw})
+        until(town, lambda: tinytown._hooks_drained(town) or not tinytown._hook_runner_pid(town.root),
+              "the hook runner to read every event")
+        assert tinytown._hook_runner_pid(town.root) == runner, "the hook runner died"
+    finally:
+        tinytown.stop_hook_runner(town.root)
+    assert not list(fuzz.outside.iterdir())
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_hook_event_data(fuzz, cases, redis_url):
+    """Every hostile value, a NUL and values past the kernel's 128 KiB for one environment
+    string (E2BIG) included: the runner records the failure and goes on."""
+    hook_fuzz(fuzz, cases, fuzz.hostile_strings, redis_url, task_field=str(uuid.uuid4()).encode())
+
+
+def test_fuzz_hook_event_whose_task_field_names_several_tasks_by_prefix(fuzz, redis_url):
+    first = collections.Counter(fuzz.town.backlog_add(f"task {n}").id[0] for n in range(40)).most_common(1)[0][0]
+    hook_fuzz(fuzz, 10, ["text"], redis_url, task_field=first.encode())
+
+
+CONFIG_KEYS = ["name", "default_cli", "max_agents", "redis.port", "redis.socket_path", "redis.persist",
+               "agent.max_rounds", "agent.round_timeout_secs", "agent.heartbeat_secs", "agent.max_attempts",
+               "agent.on_budget", "agent.max_cost_usd", "agent.keep_round_logs", "town.budget_usd",
+               "town.prune_after_secs", "mcp.allow", "agent_clis.mine.command", "agent_clis.mine.env",
+               "agent_clis.mine.cwd", "hooks.task_failed", "V"]
+
+
+@pytest.mark.parametrize("cases", FUZZ_PROFILES)
+def test_fuzz_config_values(fuzz, cases):
+    path = fuzz.town.root / "tinytown.toml"
+    original = path.read_bytes()
+    for _ in range(cases):
+        key, value = fuzz.pick(CONFIG_KEYS), fuzz.pick(fuzz.hostile_strings)
+        if fuzz.rng.random() < 0.7:
+            code, _, err = fuzz.cli("config", value if key == "V" else key, value)
+            if code:
+                assert path.read_bytes() == original, (key, err)
+        else:  # a hand-edited file with the value in it
+            section, _, leaf = ("." + key).rpartition(".")
+            line = f"{leaf} = {value}" if fuzz.rng.random() < 0.5 else f"{leaf} = {tinytown._toml_value(value)}"
+            path.write_bytes(original + f"\n[{section[1:] or 'town'}]\n{line}\n".encode("utf-8", "surrogatepass"))
+        for argv in (["config"], ["list"], ["doctor"]):
+            fuzz.cli(*argv, refused_changes_nothing=False)
+        path.write_bytes(original)
 
 
 # Real agent CLIs (opt-in: make test-clis) ####################################

@@ -8,6 +8,7 @@ Redis, and nothing that was sent is lost when a loop or the server dies.
 Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
 
     Constants and keys   Keys, built-in CLI presets
+    Text                 text at the doors: valid UTF-8 in, control characters escaped out
     Errors               TinytownError and its subclasses
     Config               Config, load_config(), set_config_value()
     Records              Agent, Task, Message and their enums
@@ -72,15 +73,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Town", "AgentHandle", "Channel", "TaskStore", "AgentLoop", "find_town_root",
-    "Config", "RedisConfig", "AgentSettings", "TownSettings", "AgentCLI", "load_config",
+    "Config", "RedisConfig", "AgentSettings", "TownSettings", "McpSettings", "AgentCLI", "load_config",
     "get_config_value", "set_config_value",
     "Preset", "PRESETS", "RoundUsage", "OUTPUT_PARSERS", "missing_credentials", "doctor", "Check",
     "Agent", "Task", "Message", "AgentState", "TaskState", "Priority", "MessageType",
     "RedisServer", "find_redis_server", "redis_server_version", "redact_url", "build_prompt",
     "TinytownError", "TownNotFound", "NestedTown", "ConfigError", "RedisServerError",
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
-    "TaskNotFound", "TaskAmbiguous", "InvalidName", "InvalidTransition", "SpawnError",
-    "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask",
+    "TaskNotFound", "TaskAmbiguous", "MessageNotFound", "InvalidName", "InvalidTransition", "SpawnError",
+    "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask", "InvalidSnapshot",
     "HookRunner", "start_hook_runner", "revive_hook_runner", "stop_hook_runner", "serve_mcp",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
     "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
@@ -129,6 +130,11 @@ HOOK_EVENTS = (
     "message_to_conductor", "message_dead", "broadcast", "reclaimed", "requeued", "round",
     "budget_reached", "restored", "upgraded", "all_tasks_done",
 )
+
+# The MCP tools that write files or destroy state: `tt mcp` offers one only when the town's
+# `[mcp] allow` names it.
+MCP_GUARDED_TOOLS = ("save", "restore", "reset", "sync_pull", "plan_init", "plan_import_github", "prune",
+                     "task_prune", "task_delete", "dead_drop")
 
 # 1920s first names for nicknames, picked by the agent id.
 NICKNAMES = (
@@ -295,6 +301,57 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+# Text ########################################################################
+# Text comes in from argv, files, JSON documents and programs, and goes out to terminals.
+# One rule each way: what comes in is valid Unicode (a byte that is not UTF-8 becomes
+# U+FFFD), and what is printed from data has its control characters escaped.
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# C0 and C1 controls and DEL: a terminal acts on them (ESC [2K erases a line, CR starts it
+# again, OSC 52 sets the clipboard); lone surrogates cannot be printed at all.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _valid_text(value: Any) -> Any:
+    """`value` with every lone surrogate replaced by U+FFFD, in strings, lists and dicts.
+
+    Lone surrogates are how Python decodes bytes that are not UTF-8 (argv, the environment,
+    file names) and what a JSON `\\udcff` escape gives; stored as they are, they become bytes
+    no client can decode (or escapes no encoder takes)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_valid_text(item) for item in value]
+    if isinstance(value, dict):
+        return {_valid_text(key): _valid_text(item) for key, item in value.items()}
+    return value
+
+
+def _read_text(path: Path) -> str:
+    """A file's text, bytes that are not UTF-8 replaced by U+FFFD (the rule above)."""
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def _printable(text: Any, keep: str = "") -> str:
+    """`text` fit for a terminal: each control character but those in `keep` (newline and
+    tab where the layout wants them) shown as its escape (\\x1b, \\r, \\n, \\udcff)."""
+    return _CONTROL.sub(lambda found: found[0] if found[0] in keep
+                        else found[0].encode("unicode_escape").decode("ascii"), str(text))
+
+
+class _PrintableLog(logging.Filter):
+    """Log lines quote data too (a CLI's error, a message's fault): each is one escaped line,
+    in a log file someone will `tail` as on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with contextlib.suppress(TypeError, ValueError):  # a bad format: logging reports it itself
+            record.msg, record.args = _printable(record.getMessage()), ()
+        return True
+
+
+log.addFilter(_PrintableLog())
+
+
 # Errors ######################################################################
 
 class TinytownError(Exception):
@@ -385,6 +442,13 @@ class TaskNotFound(TinytownError):
         super().__init__(f"no task {_shown(task_id)}; `tt task list` shows the tasks")
 
 
+class MessageNotFound(TinytownError):
+    def __init__(self, ref: str, mailbox: str):
+        self.ref, self.mailbox = ref, mailbox
+        super().__init__(f"no pending message {_shown(ref)} for {mailbox}; `tt inbox` lists them (ids or"
+                         " their first characters); nothing was acknowledged")
+
+
 class TaskAmbiguous(TinytownError):
     def __init__(self, prefix: str, candidates: list[str]):
         self.prefix, self.candidates = prefix, candidates
@@ -468,6 +532,15 @@ class PlanError(TinytownError):
         super().__init__(f"{where}: {problem}; nothing was changed")
 
 
+class InvalidSnapshot(TinytownError):
+    """A snapshot `tt restore` refuses (before it changes anything): which key, what is wrong."""
+
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"refused the snapshot: {f'key {_shown(key)}: ' if key else ''}{problem};"
+                         " nothing was changed")
+
+
 def _check_name(name: str, what: str = "name") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidName(name, what)
@@ -520,6 +593,11 @@ class TownSettings:
 
 
 @dataclass
+class McpSettings:
+    allow: list[str] = field(default_factory=list)  # of MCP_GUARDED_TOOLS, those `tt mcp` offers
+
+
+@dataclass
 class AgentCLI:
     """An [agent_clis.X] table; one named like a preset takes the preset's unset fields."""
     name: str
@@ -540,6 +618,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     agent: AgentSettings = field(default_factory=AgentSettings)
     town: TownSettings = field(default_factory=TownSettings)
+    mcp: McpSettings = field(default_factory=McpSettings)
     agent_clis: dict[str, AgentCLI] = field(default_factory=dict)
     hooks: dict[str, str] = field(default_factory=dict)  # event kind -> shell command
     path: Path | None = None
@@ -568,14 +647,15 @@ class Config:
         return _redacted("", data)
 
 
-_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings, "town": TownSettings}
+_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings, "town": TownSettings, "mcp": McpSettings}
 _TOP_LEVEL = {"name": str, "default_cli": str, "max_agents": int}
-_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+               list: "a list of strings"}
 
 
 def _field_types(cls: type) -> dict[str, type]:
     """The plain type of each dataclass field (str | None -> str)."""
-    hints = {"bool": bool, "int": int, "float": float, "str": str, "str | None": str}
+    hints = {"bool": bool, "int": int, "float": float, "str": str, "str | None": str, "list[str]": list}
     return {f.name: hints[f.type] for f in dataclasses.fields(cls) if f.type in hints}
 
 
@@ -595,10 +675,16 @@ def _typed(value: Any, expected: type, where: Callable[[], str]) -> Any:
     """`value` checked against `expected`; where() names the place, only for an error."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected):
-        raise ConfigError(f"{where()} must be {_TYPE_NAMES[expected]}, not {value!r}")
+    if expected in (int, float) and isinstance(value, bool) or not isinstance(value, expected) or (
+            expected is list and not all(isinstance(item, str) for item in value)):
+        raise ConfigError(f"{where()} must be {_TYPE_NAMES[expected]}, not {_shown(value)}")
+    if "\0" in (value if expected is str else "".join(value) if expected is list else ""):
+        raise ConfigError(f"{where()} must not hold a NUL character (no path, command or name can)")
     if expected in (int, float) and value < 0:
         raise ConfigError(f"{where()} must not be negative, not {value!r}")
+    limit = 10**9 if expected is float else 2**63  # seconds, amounts; counts Redis can hold
+    if expected in (int, float) and not value < limit:  # inf and nan too: TOML has both
+        raise ConfigError(f"{where()} must be less than {limit}, not {value!r}")
     return value
 
 
@@ -606,11 +692,11 @@ def load_config(path: Path) -> Config:
     """Read and validate tinytown.toml; errors name the file, the key and the line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         data = tomllib.loads(text)
     except FileNotFoundError:
         raise TownNotFound(path.parent) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
@@ -662,6 +748,10 @@ def load_config(path: Path) -> Config:
             raise ConfigError(f"{where('agent', key)} must be at least 1")
     if config.agent.on_budget not in ("stop", "pause"):
         raise ConfigError(f"{where('agent', 'on_budget')} must be \"stop\" or \"pause\"")
+    unknown_tools = [tool for tool in config.mcp.allow if tool not in MCP_GUARDED_TOOLS]
+    if unknown_tools:
+        raise ConfigError(f"{where('mcp', 'allow')}: no tool {_shown(unknown_tools[0])} needs allowing;"
+                          f" the tools that do are {', '.join(MCP_GUARDED_TOOLS)}")
     runtime = (path.parent / RUNTIME_DIR).resolve()
     if runtime not in (path.parent / config.redis.socket_path).resolve().parents:
         raise ConfigError(f"{where('redis', 'socket_path')} must be a path under {RUNTIME_DIR}/"
@@ -686,8 +776,8 @@ def _parse_agent_cli(name: str, table: Any, where: Callable[[str | None, str], s
     if "command" not in table:
         raise ConfigError(f"{where(None, section)}: [{section}] needs a command")
     env = table.get("env", {})
-    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-        raise ConfigError(f"{where(section, 'env')} must be a table of strings")
+    if not isinstance(env, dict) or not all(isinstance(v, str) and "\0" not in k + v for k, v in env.items()):
+        raise ConfigError(f"{where(section, 'env')} must be a table of strings (no NUL in them)")
     if table.get("output", "") not in ("", *OUTPUT_PARSERS):
         raise ConfigError(f"{where(section, 'output')} must be one of {', '.join(OUTPUT_PARSERS)}")
     return AgentCLI(name=_typed(table.get("name", name), str, lambda: where(section, "name")),
@@ -733,6 +823,9 @@ budget_usd = 0               # all the town's agents together (0: no limit)
 prune_after_secs = 604800    # `tt task prune` archives tasks finished longer ago than this
 keep_finished = 10000        # ... and beyond the newest this many finished tasks
 auto_prune = false           # agent loops prune after their rounds
+
+[mcp]
+allow = []                   # `tt mcp` tools that write files or destroy state, e.g. ["save"]
 {clis}"""
 
 
@@ -759,7 +852,7 @@ def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
     """
     path = Path(path)
     section, leaf = _config_key(key)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     value = raw_value
     if isinstance(raw_value, str) and (_key_type(key) is not str or raw_value[:1] in ('"', "'")):
         try:
@@ -1147,6 +1240,13 @@ def _write_atomic(path: Path, text: str, mode: int | None = None,
         scratch.unlink(missing_ok=True)
         raise
     os.replace(scratch, path)
+
+
+def _agent_path(root: Path, name: str, template: str) -> Path:
+    """An agent's file or folder under .tt/, e.g. template "logs/{name}.log".  The name is
+    checked where paths are made: no record (a restored snapshot's, another client's) puts
+    a log, a prompt, a worktree or a CLI run outside the town."""
+    return root / RUNTIME_DIR / template.format(name=_check_name(name, "agent name"))
 
 
 def _runtime_dir(root: Path) -> Path:
@@ -3215,14 +3315,18 @@ class Channel:
         return [message for message in parsed if message]
 
     def ack(self, agent_id: str, message_ids: Iterable[str] | None) -> list[Message]:
-        """Remove pending messages by id or id prefix (None: all), each at most once."""
+        """Remove pending messages by id or id prefix (None: all), each at most once; an id
+        that matches none (an empty one included) is MessageNotFound, and nothing is removed."""
         wanted = None if message_ids is None else [str(m) for m in message_ids]
 
         def ack_in(pipe: Any) -> list[Message]:
             found = [(key, raw, _parse_message(raw)) for key in self.keys.queues(agent_id)
                      for raw in pipe.lrange(key, 0, -1)]
             chosen = [(key, raw, m) for key, raw, m in found if m and (
-                wanted is None or any(m.id.startswith(w) for w in wanted))]
+                wanted is None or any(w and m.id.startswith(w) for w in wanted))]
+            missing = [w for w in wanted or () if not w or not any(m.id.startswith(w) for _, _, m in chosen)]
+            if missing:
+                raise MessageNotFound(missing[0], "the conductor" if agent_id == CONDUCTOR_ID else agent_id[:8])
             pipe.multi()
             for key, raw, _ in chosen:
                 pipe.lrem(key, 1, raw)
@@ -3823,7 +3927,7 @@ class Town:
         """A git worktree on branch tt/NAME for the agent; one this call made is removed
         again (with a branch it made) when the spawn is refused.  An existing branch is
         checked out as it is, never reset."""
-        path = self._root / RUNTIME_DIR / "agents" / name / "worktree"
+        path = _agent_path(self._root, name, "agents/{name}/worktree")
         if path.exists():
             yield path
             return
@@ -3852,7 +3956,8 @@ class Town:
 
     def _launch_loop(self, agent_id: str, name: str) -> None:
         """Start `agent-loop` detached: its own session, output to .tt/logs/NAME.log."""
-        proc = _start_detached(self._root, ["agent-loop", agent_id], f"{name}.log")
+        log_file = _agent_path(self._root, name, "logs/{name}.log")
+        proc = _start_detached(self._root, ["agent-loop", agent_id], log_file.name)
         self._spawned[agent_id] = proc
         pipe = self.redis.pipeline()
         pipe.hset(self.keys.agent(agent_id), mapping={"pid": proc.pid, "host": socket.gethostname()})
@@ -3942,6 +4047,7 @@ class Town:
 
     def _respawn(self, agent: Agent, *, start: bool = True, **fields: Any) -> AgentHandle:
         """A stopped agent back to `starting` (with `fields` changed), its loop started."""
+        _check_name(agent.name, "agent name")  # its paths are made of it (a record from elsewhere?)
         self._config.cli(fields.get("cli") or agent.cli or self._config.default_cli)  # still configured?
         if self._recover(agent, "its loop was gone when it was restarted")[0] == "alive":
             raise InvalidTransition(f"agent {agent.name}", f"{agent.state} with a live loop",
@@ -4293,7 +4399,8 @@ class Town:
             entry = {**agent.to_dict(), "dead": agent.dead, "pending": counts.get(agent.id, {})}
             if deep:
                 entry["recent_rounds"] = activity[index]
-                entry["log_tail"] = _tail(self._root / RUNTIME_DIR / "logs" / f"{agent.name}.log", 5)
+                with contextlib.suppress(InvalidName):  # no tail of a path a bad record names
+                    entry["log_tail"] = _tail(_agent_path(self._root, agent.name, "logs/{name}.log"), 5)
             listed.append(entry)
         return {
             "town": self.name, "root": str(self._root), "version": __version__,
@@ -4629,7 +4736,7 @@ def load_plan(path: Path) -> list[PlanEntry]:
     """The entries of a tasks.toml, checked: PlanError names the file, line and entry."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
     except FileNotFoundError:
         raise PlanError(path, None, None, f"no plan here; `tt plan --init` writes a {PLAN_FILE}") from None
     try:
@@ -4641,6 +4748,8 @@ def load_plan(path: Path) -> list[PlanEntry]:
     if extra:
         raise PlanError(path, None, None, f"unknown top-level key {sorted(extra)[0]!r} (entries are [[task]] tables)")
     raw_entries, lines = data.get("task", []), _entry_lines(text)
+    if not isinstance(raw_entries, list) or not all(isinstance(raw, dict) for raw in raw_entries):
+        raise PlanError(path, None, None, "`task` must be [[task]] tables")
     entries: dict[str, PlanEntry] = {}
     for index, raw in enumerate(raw_entries):
         line = lines[index] if index < len(lines) else None
@@ -4663,6 +4772,10 @@ def load_plan(path: Path) -> list[PlanEntry]:
         if not isinstance(tags, list) or not isinstance(after, list) or not all(
                 isinstance(x, str) for x in [*tags, *after]):
             raise bad("`tags` and `after` are lists of strings")
+        texts = [key for key in ("agent", "role", "parent", "priority", "on_failure", "state", "result")
+                 if not isinstance(raw.get(key, ""), str)]
+        if texts:
+            raise bad(f"`{texts[0]}` must be a string")
         if raw.get("priority", "normal") not in set(Priority):
             raise bad(f"priority must be one of {', '.join(Priority)}")
         if raw.get("on_failure", "fail") not in ("fail", "run"):
@@ -4814,7 +4927,7 @@ def sync_pull(town: Town, path: Path) -> list[dict[str, Any]]:
     """Write each pushed entry's state and result into tasks.toml (text edits)."""
     path = Path(path)
     rows = plan_status(town, path)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     for row in rows:
         if row["task"]:
             text = _set_entry_fields(text, row["entry"], {"state": row["state"], "result": row["result"]})
@@ -4835,6 +4948,19 @@ def _write_plan(path: Path, text: str) -> None:
 _DEPENDS = re.compile(r"\b(?:depends on|blocked by|after)\s+((?:#\d+(?:\s*,\s*|\s+and\s+|\s+)?)+)", re.I)
 
 
+def _github_issue(number: str, output: str) -> dict[str, Any]:
+    """The issue `gh issue view N --json number,title,body,labels` printed, checked."""
+    try:
+        issue = _valid_text(json.loads(output))
+    except (ValueError, RecursionError):
+        issue = None
+    if not (isinstance(issue, dict) and type(issue.get("number")) is int and issue["number"] > 0
+            and isinstance(issue.get("title"), str) and isinstance(issue.get("body") or "", str)):
+        raise TinytownError(f"`gh issue view {number}` printed no issue with a number, a title and a"
+                            f" text body: {_shown(output)}; is gh up to date?")
+    return issue
+
+
 def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[str]:
     """Entries for GitHub issues read with the `gh` CLI, appended to tasks.toml: the
     description is the title and body; "depends on / blocked by / after #N" become `after`.
@@ -4844,17 +4970,23 @@ def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[
         raise TinytownError("`tt plan import-github` reads issues with the GitHub CLI, and no `gh` is on"
                             " PATH; install it (https://cli.github.com) and run `gh auth login`")
     path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    text = _read_text(path) if path.exists() else ""
     known = {e for e in re.findall(r'^\s*id\s*=\s*"([^"]+)"', text, re.M)}
     fetched = []
     for number in issues:
         number = str(number).lstrip("#")
+        if not re.fullmatch(r"[0-9]{1,12}", number):  # never an option (--repo=...) for gh
+            raise TinytownError(f"GitHub issues are numbers like 12 or #12, not {_shown(number)}")
         try:
             out = subprocess.run([gh, "issue", "view", number, "--json", "number,title,body,labels"],
-                                 capture_output=True, text=True, timeout=GIT_TIMEOUT_SECS, check=True).stdout
+                                 capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                 timeout=GIT_TIMEOUT_SECS, check=True).stdout
         except subprocess.CalledProcessError as exc:
             raise TinytownError(f"`gh issue view {number}` failed: {(exc.stderr or '').strip()[:300]}") from None
-        fetched.append(json.loads(out))
+        except subprocess.TimeoutExpired:
+            raise TinytownError(f"`gh issue view {number}` took over {GIT_TIMEOUT_SECS:g}s; is GitHub"
+                                " reachable?") from None
+        fetched.append(_github_issue(number, out))
     wanted = {f"issue-{issue['number']}" for issue in fetched} | known
     blocks, added = [], []
     for issue in fetched:
@@ -4912,12 +5044,150 @@ def save_snapshot(town: Town) -> dict[str, Any]:
             "keys": data}
 
 
+# Snapshot checks: every key and field as the town itself would have written it, before
+# anything is written, so that a refused snapshot changes nothing.
+_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"  # uuid4, as made
+_MAILBOX = rf"(?:{_ID}|{CONDUCTOR_ID})"
+_TASK_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"  # uuid4 as made; the Python API may name its own
+_TASK_INDEXES = "|".join(["tasks", "finished", "task_ids", "backlog:any", "backlog:tag:.+",
+                          *(f"tasks:{state.value}" for state in TaskState)])
+# Each key a snapshot may hold (the name after the town's prefix): its type, what it holds.
+_SNAPSHOT_LAYOUT = {
+    "agents": ("hash", "agent_index"), f"agent:({_ID})": ("hash", "agent"),
+    f"(?:inbox|high|urgent|processing):{_MAILBOX}": ("list", "message"),
+    f"dead:{_MAILBOX}|activity:{_ID}|hooks:failed": ("list", "text"),
+    f"{_TASK_INDEXES}|(?:agent_tasks|open_tasks):{_ID}": ("zset", "task_id"),
+    "backlog": ("zset list", "task_id"),  # (a list in tinytown 0.1.0's layout)
+    f"task:({_TASK_ID})": ("hash", "task"), f"(?:dependents|waits):{_TASK_ID}": ("set", "task_id"),
+    "archived": ("hash", "task_state"), "plan_sig": ("hash", "plan_signature"),
+    "pruning": ("list", "text"), "graph_work": ("list", "graph_work"),
+    "role:.+": ("set", "agent_id"), "resume": ("set", "agent_name"),
+    "task_counts|usage": ("hash", "count"), "hooks": ("hash", "text"), "plan": ("hash", "plan_entry"),
+    "backlog_seq": ("string", "count"), "layout": ("string", "layout"),
+}
+# Kept by _TASKS_LUA next to a Task's fields (`waiting` and `release_message`: layout 2's).
+_TASK_HASH_EXTRAS = ("message", "failed_by", "plan_entry", "waiting", "release_message")
+_LAYOUTS = ("2", LAYOUT_VERSION)  # those a `layout` key may name (0.1.0 had none)
+_AMOUNT = r"[0-9]{1,18}(\.[0-9]{1,18})?(e-?[0-9]{1,3})?"  # an amount as Redis writes it (HINCRBYFLOAT)
+_NUMBER = f"-?{_AMOUNT}"  # a counter or an amount
+_SHAPES = {"string": str, "hash": dict, "list": list, "set": list, "zset": list}
+
+
+def _check_snapshot(snapshot: Any) -> None:
+    """Refuse (InvalidSnapshot) a snapshot with anything `tt save` of a town never writes:
+    an unknown key, a wrong type, a bad name, id, state, count, path or message."""
+    if not isinstance(snapshot, dict) or snapshot.get("tinytown_snapshot") != SNAPSHOT_VERSION or \
+            not isinstance(snapshot.get("keys"), dict) or not isinstance(snapshot.get("town", ""), str):
+        raise InvalidSnapshot("", "not a tinytown snapshot (`tt save` writes them)")
+    if snapshot.get("layout") not in (None, "1", *_LAYOUTS):
+        raise InvalidSnapshot("", f"an unknown storage layout {_shown(snapshot.get('layout'))}")
+    for relative, item in snapshot["keys"].items():
+        if relative.startswith(_SNAPSHOT_SKIP):
+            continue  # never written back
+        layout = next(((kind, holds, found) for pattern, (kind, holds) in _SNAPSHOT_LAYOUT.items()
+                       if (found := re.fullmatch(pattern, relative, re.S))), None)
+        if layout is None:
+            raise InvalidSnapshot(relative, "unknown key")
+        kinds, holds, found = layout
+        kind = item.get("type") if isinstance(item, dict) and item.get("type") in kinds.split() else kinds.split()[0]
+        if not isinstance(item, dict) or item.get("type") != kind or not isinstance(item.get("value"), _SHAPES[kind]):
+            raise InvalidSnapshot(relative, f"must be a {kinds.replace(' ', ' or a ')}")
+        problem = _snapshot_value_problem(kind, holds, item["value"], found[1] if found.groups() else "")
+        if problem:
+            raise InvalidSnapshot(relative, problem)
+
+
+def _snapshot_value_problem(kind: str, holds: str, value: Any, key_id: str) -> str | None:
+    """What is wrong with one key's value (None: nothing)."""
+    if holds in ("agent", "task"):
+        if not all(isinstance(v, str) for v in value.values()):
+            return "its fields must be strings"
+        return _snapshot_record_problem(Agent if holds == "agent" else Task, value, key_id)
+    if isinstance(value, dict):  # a hash: what its field names and values must be
+        name_ok, value_ok = {"agent_index": (_snapshot_agent_name, _matcher(_ID)),
+                             "count": (_matcher("[a-z_]+"), _matcher(_NUMBER)),
+                             "plan_entry": (_matcher(NAME_PATTERN.pattern), _matcher(_TASK_ID)),
+                             "plan_signature": (_matcher(NAME_PATTERN.pattern), _matcher("[0-9a-f]{1,64}")),
+                             "task_state": (_matcher(_TASK_ID), lambda state: state in set(TaskState)),
+                             "text": (bool, lambda text: True)}[holds]
+        bad = [k for k, v in value.items() if not (name_ok(k) and isinstance(v, str) and value_ok(v))]
+        return f"bad field {_shown(bad[0])}: {_shown(value[bad[0]])}" if bad else None
+    members = value if isinstance(value, list) else [value]
+    if kind == "zset":
+        if not all(isinstance(m, list) and len(m) == 2 and type(m[1]) in (int, float) and abs(m[1]) < float("inf")
+                   for m in members):
+            return "its members must be [member, score] pairs, each score a finite number"
+        members = [member for member, _ in members]
+    member_ok = {"message": lambda text: _parse_message(text) is not None, "agent_name": _snapshot_agent_name,
+                 "task_id": _matcher(_TASK_ID), "agent_id": _matcher(_ID), "count": _matcher("[0-9]{1,18}"),
+                 "graph_work": _matcher(f"{_TASK_ID}(\\|[0-9]{{1,20}})?"),
+                 "layout": lambda text: text in _LAYOUTS, "text": lambda text: True}[holds]
+    bad = [m for m in members if not (isinstance(m, str) and member_ok(m))]
+    return f"bad {holds.replace('_', ' ')} {_shown(bad[0])}" if bad else None
+
+
+def _matcher(pattern: str) -> Callable[[str], bool]:
+    return lambda text: re.fullmatch(pattern, text) is not None
+
+
+def _snapshot_agent_name(name: str) -> bool:
+    return NAME_PATTERN.fullmatch(name) is not None and name.lower() not in RESERVED_NAMES
+
+
+def _snapshot_record_problem(cls: type, fields: dict[str, str], key_id: str) -> str | None:
+    """An agent or task record's problem: each field parsed as the record's type, then the
+    rules spawn and task creation follow (names, ids, states, where a worktree is)."""
+    types = {f.name: f.type for f in dataclasses.fields(cls) if f.name not in ("lease", "malformed")}
+    parses = {"int": _matcher("[0-9]{0,18}"), "float": _matcher(f"|{_AMOUNT}"), "bool": _matcher("|True|False")}
+    for name, raw in fields.items():
+        kind = types.get(name, "int" if name == "waiting" and cls is Task else None)
+        if kind is None and not (cls is Task and name in _TASK_HASH_EXTRAS):
+            return f"unknown field {_shown(name)}"
+        if kind == "list[str]":
+            ok = _snapshot_list_ok(raw, _TASK_ID if name == "after" else ".+")
+        else:
+            ok = kind not in parses or parses[kind](raw)  # text fields take any text
+        if not ok:
+            return f"bad {name} {_shown(raw)}"
+    if fields.get("id") != key_id:
+        return f"its id {_shown(fields.get('id'))} is not the one in its key"
+    record = _from_hash(cls, fields)
+    if cls is Agent:
+        expected = f"/{RUNTIME_DIR}/agents/{record.name}/worktree"  # spawn's place, in any town's folder
+        checks = [(_snapshot_agent_name(record.name), f"invalid agent name {_shown(record.name)}"),
+                  (record.state in set(AgentState), f"bad state {_shown(record.state)}"),
+                  (re.fullmatch(f"|{_MAILBOX}", record.parent or ""), f"bad parent {_shown(record.parent)}"),
+                  (not record.worktree or record.worktree.startswith("/") and record.worktree.endswith(expected),
+                   f"bad worktree {_shown(record.worktree)} (spawn puts it at ...{expected})")]
+    else:
+        checks = [(record.description.strip(), "an empty description"),
+                  (record.state in set(TaskState), f"bad state {_shown(record.state)}"),
+                  (record.on_failure in ("fail", "run"), f"bad on_failure {_shown(record.on_failure)}"),
+                  (record.priority in set(Priority), f"bad priority {_shown(record.priority)}"),
+                  (re.fullmatch(f"|{_TASK_ID}", record.parent_id or ""), f"bad parent_id {_shown(record.parent_id)}"),
+                  (re.fullmatch(f"|{_TASK_ID}", fields.get("failed_by") or ""), "bad failed_by"),
+                  (re.fullmatch(f"|{NAME_PATTERN.pattern}", fields.get("plan_entry") or ""), "bad plan_entry"),
+                  *((re.fullmatch(f"|{_MAILBOX}", getattr(record, owner) or ""),
+                     f"bad {owner} {_shown(getattr(record, owner))}") for owner in ("assigned_to", "release_to")),
+                  *((_parse_message(fields.get(name) or "{}") or not fields.get(name), f"bad {name}")
+                    for name in ("message", "release_message"))]
+    return next((problem for ok, problem in checks if not ok), None)
+
+
+def _snapshot_list_ok(raw: str, item: str) -> bool:
+    """A list field as _hash_value stores it: a JSON list of strings, each matching `item`."""
+    try:
+        value = json.loads(raw or "[]")
+    except ValueError:
+        return False
+    return isinstance(value, list) and all(isinstance(v, str) and re.fullmatch(item, v, re.S) for v in value)
+
+
 def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = False) -> int:
     """Import a snapshot (of this or another town) into this one, in one transaction.
     Refused when the town holds data unless `force` (which resets it first, its loops
     stopped).  Restored agents are `stopped` until `tt restart`.  Returns keys written."""
-    if snapshot.get("tinytown_snapshot") != SNAPSHOT_VERSION or not isinstance(snapshot.get("keys"), dict):
-        raise TinytownError("not a tinytown snapshot (`tt save` writes them)")
+    _check_snapshot(snapshot)
     if any(key != town.keys.layout for key in town.redis.scan_iter(match=town.keys.prefix + "*", count=1000)):
         if not force:
             raise TinytownError(f"the town {town.name!r} already holds data; `tt restore FILE --force`"
@@ -4961,7 +5231,7 @@ def _json_objects(text: str) -> Iterator[dict[str, Any]]:
             index = text.find("\n", start) + 1 or len(text)
             continue
         if isinstance(value, dict):
-            yield value
+            yield _valid_text(value)  # a "\udcff" in it would be stored, and break the round log
 
 
 def _int(value: Any) -> int:
@@ -5594,12 +5864,11 @@ class AgentLoop:
             self._mark_running(task_id)
         self.channel.update_agent(agent_id, current_task=task_ids[0] if task_ids else "",
                                   last_heartbeat=_now())
-        work_dir = self.town.root / RUNTIME_DIR / "agents" / agent.name
-        work_dir.mkdir(parents=True, exist_ok=True)
-        prompt = build_prompt(self.town, agent, messages, round_no)
-        prompt_file = work_dir / "prompt.md"
+        prompt_file = _agent_path(self.town.root, agent.name, "agents/{name}/prompt.md")
+        prompt_file.parent.mkdir(parents=True, exist_ok=True)
+        prompt = _valid_text(build_prompt(self.town, agent, messages, round_no))  # older records may hold bad bytes
         _write_atomic(prompt_file, prompt)
-        log_file = self.town.root / RUNTIME_DIR / "logs" / agent.name / f"round-{round_no}.log"
+        log_file = _agent_path(self.town.root, agent.name, f"logs/{{name}}/round-{round_no}.log")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         _drop_old_round_logs(log_file.parent, round_no, self.settings.keep_round_logs)
         command, session = _session_command(self.cli, agent, round_no)
@@ -5692,7 +5961,9 @@ class AgentLoop:
         uses_file = "{prompt_file}" in command
         command = _fill_command(command, prompt_file)
         env = _cli_env(self.cli, agent, self.town.root, self.bin_dir)
-        cwd = Path(agent.worktree) if agent.worktree else self.town.root / (self.cli.cwd or ".")
+        # The worktree is where spawn made it, whatever the record says (a snapshot of a town elsewhere).
+        cwd = (_agent_path(self.town.root, agent.name, "agents/{name}/worktree") if agent.worktree
+               else self.town.root / (self.cli.cwd or "."))
         with open(log_file, "ab") as output, \
                 open(raw_file, "ab") if raw_file else contextlib.nullcontext(output) as stdout:
             output.write(f"[tinytown] {_now()} $ {command}\n".encode())  # a round run again appends
@@ -6258,10 +6529,17 @@ _COLORS = {"working": 32, "idle": 36, "paused": 33, "draining": 33, "error": 31,
 
 
 def _icon(state: str) -> str:
-    icon = _ICONS.get(state, "?")
-    if state in _COLORS and sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
-        return f"\033[{_COLORS[state]}m{icon}\033[0m"
-    return icon
+    return _ICONS.get(state, "?")
+
+
+_ICON_COLORS = {_ICONS[state]: color for state, color in _COLORS.items()}
+_LEADING_ICON = re.compile(rf"^(\s*)([{''.join(_ICON_COLORS)}])", re.M)
+
+
+def _colored(text: str) -> str:
+    """The state icons that start lines, in colour.  Applied to text already escaped, so
+    the only escape sequences on the screen are these."""
+    return _LEADING_ICON.sub(lambda found: f"{found[1]}\033[{_ICON_COLORS[found[2]]}m{found[2]}\033[0m", text)
 
 
 @dataclass
@@ -6298,6 +6576,11 @@ def _town_root(args: Any) -> Path:
     return Path(explicit) if explicit else find_town_root(Path.cwd())
 
 
+def _note(text: str) -> None:
+    """A line for the person on stderr, beside the command's output (escaped: it names data)."""
+    print(_printable(text), file=sys.stderr)
+
+
 def _open_town(root: Path, use: _TownUse) -> Town:
     """The one place the CLI connects to a town.
 
@@ -6314,9 +6597,9 @@ def _open_town(root: Path, use: _TownUse) -> Town:
         with contextlib.suppress(OSError, redis.RedisError):  # (never at the command's expense)
             revive_hook_runner(town)
     if town.stranded_name:
-        print(f"tt: warning: this folder's agents and tasks are in Redis under the name"
+        _note(f"tt: warning: this folder's agents and tasks are in Redis under the name"
               f" {town.stranded_name!r}, but {CONFIG_FILE} says {town.name!r}; put that name"
-              " back to see them (`tt stop` stops their loops either way)", file=sys.stderr)
+              " back to see them (`tt stop` stops their loops either way)")
     return town
 
 
@@ -6352,16 +6635,16 @@ def _count(n: int, noun: str) -> str:
 
 
 def _counts_text(counts: dict[str, int]) -> str:
-    return ", ".join(f"{n} {what}" for what, n in counts.items()) or "none"
+    return _printable(", ".join(f"{n} {what}" for what, n in counts.items()) or "none")
 
 
 def _agent_line(agent: Agent | dict[str, Any]) -> str:
     a = agent if isinstance(agent, dict) else {**agent.to_dict(), "dead": agent.dead}
     state = "dead" if a["dead"] else a["state"]
     liveness = f"pid {a['pid']}" if a.get("alive") and a.get("pid") else ("no heartbeat" if a["dead"] else "")
-    task = f", task {a['current_task'][:8]}" if a.get("current_task") else ""
-    return (f"{_icon(state)} {a['name']:<16} {state:<9} {a['cli'] or '':<10} rounds {a['rounds_completed']:<4}"
-            f" done {a['tasks_completed']:<4} {liveness}{task}")
+    task = f", task {_printable(a['current_task'][:8])}" if a.get("current_task") else ""
+    return (f"{_icon(state)} {_printable(a['name']):<16} {_printable(state):<9} {_printable(a['cli'] or ''):<10}"
+            f" rounds {a['rounds_completed']:<4} done {a['tasks_completed']:<4} {liveness}{task}")
 
 
 def _usage_text(usage: dict[str, Any]) -> str:
@@ -6375,14 +6658,16 @@ def _usage_text(usage: dict[str, Any]) -> str:
 def _task_line(task: Task, names: _Names) -> str:
     if task.malformed:
         return f"! {task.id} malformed record ({task.malformed}); `tt task delete {task.id}` removes it"
-    tags = f" [{', '.join(task.tags)}]" if task.tags else ""
-    owner = f" -> {names.show(task.assigned_to)}" if task.assigned_to else ""
-    return f"{_icon(task.state)} {task.id[:8]} {task.state:<9} {task.description[:70]}{tags}{owner}"
+    tags = f" [{_printable(', '.join(task.tags))}]" if task.tags else ""
+    owner = f" -> {_printable(names.show(task.assigned_to))}" if task.assigned_to else ""
+    return (f"{_icon(task.state)} {_printable(task.id[:8])} {_printable(task.state):<9}"
+            f" {_printable(task.description[:70])}{tags}{owner}")
 
 
 def _message_line(message: Message, names: _Names) -> str:
     urgent = "!" if message.priority == Priority.URGENT else " "
-    return f"{urgent}{message.type:<14} from {names.show(message.from_)[:16]:<16} {message.text[:80]}"
+    return (f"{urgent}{_printable(message.type):<14} from {_printable(names.show(message.from_)[:16]):<16}"
+            f" {_printable(message.text[:80])}")
 
 
 def _event_line(event: dict[str, str], names: _Names) -> str:
@@ -6391,7 +6676,7 @@ def _event_line(event: dict[str, str], names: _Names) -> str:
             return names.show(value)
         return value[:8] if key == "task" else value[:60]
     rest = " ".join(f"{k}={shown(k, v)}" for k, v in event.items() if k not in ("id", "event", "at"))
-    return f"{event.get('at', '')} {event.get('event', ''):<18} {rest}"
+    return _printable(f"{event.get('at', '')} {event.get('event', ''):<18} {rest}")
 
 
 def _task_reply(task: Task, names: _Names, text: str | None = None) -> _Reply:
@@ -6405,6 +6690,56 @@ def _tasks_reply(tasks: list[Task], names: _Names, empty: str) -> _Reply:
 
 def _agent_reply(town: Town, agent: Agent, text: str) -> _Reply:
     return _Reply(_Names(town).add_to(agent.to_dict()), text)
+
+
+def _count_arg(text: str) -> int:
+    """argparse type of a count (rounds, events, tasks kept): a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {_shown(text)}") from None
+    if not 0 <= value <= 10**9:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000000000, not {_shown(text)}")
+    return value
+
+
+def _seconds_arg(text: str) -> float:
+    """argparse type of a duration: seconds, 0 or more (finite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {_shown(text)}") from None
+    if not 0 <= value <= 10**9:  # nan and inf too
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000000000 seconds, not {_shown(text)}")
+    return value
+
+
+def _path_arg(text: str) -> str:
+    """argparse type of a path: any text the file system takes (no NUL, nothing but bytes)."""
+    try:
+        if b"\0" not in os.fsencode(text):
+            return text
+    except UnicodeEncodeError:  # a surrogate no byte stands for (only from JSON or Python, never from argv)
+        pass
+    raise argparse.ArgumentTypeError(f"{_shown(text)} cannot be a file name (it holds a NUL or a lone surrogate)")
+
+
+def _given_path(town: Town, args: Any, value: str, folder: Path | None = None) -> Path:
+    """A path from the command line; a bare name goes into `folder` when given.  Over MCP
+    (`args.confined`) a relative path starts at the town's folder, and one that leads
+    outside it (or, with a `folder`, outside that) is refused: an assistant writes and
+    reads only the town's files."""
+    path = Path(value)
+    if folder is not None and not path.is_absolute() and path.parent == Path("."):
+        path = folder / path
+    if not args.confined:
+        return path
+    within = folder or town.root
+    resolved = (town.root / path).resolve()  # symlinks followed: where the bytes would go
+    if not resolved.is_relative_to(within.resolve()):
+        raise TinytownError(f"{_shown(value)} is not inside the town's {within}; over MCP, files"
+                            " stay inside the town")
+    return resolved
 
 
 def _tags(raw: str | None) -> list[str]:
@@ -6546,8 +6881,8 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
         lines.append("  " + _agent_line(agent) + _usage_text(agent))
         if agent["pending"]:
             lines.append(f"      pending: {_counts_text(agent['pending'])}")
-        lines += [f"      {entry}" for entry in agent.get("recent_rounds", [])]
-        lines += [f"      | {entry}" for entry in agent.get("log_tail", [])]
+        lines += [f"      {_printable(entry)}" for entry in agent.get("recent_rounds", [])]
+        lines += [f"      | {_printable(entry)}" for entry in agent.get("log_tail", [])]
     lines.append(f"tasks: {_counts_text(status['tasks'])}; backlog: {status['backlog']};"
                  f" conductor inbox: {status['conductor_inbox']}")
     usage = status["usage"]
@@ -6672,8 +7007,7 @@ def _cmd_conductor(town: Town, args: Any) -> _Reply:
         agent_cli, mcp_config = _conductor_mcp(town, agent_cli)
     if args.json or not (sys.stdin.isatty() and sys.stdout.isatty()):
         if not args.json:
-            print(f"tt: no terminal, so printing the conductor's context instead of starting"
-                  f" {agent_cli.name}", file=sys.stderr)
+            _note(f"tt: no terminal, so printing the conductor's context instead of starting {agent_cli.name}")
         return _Reply({"cli": agent_cli.name, "context": context, "command": agent_cli.command,
                        "mcp_config": mcp_config}, context)
     return _Reply(None, "", _launch_conductor(town, agent_cli, context))
@@ -6696,10 +7030,9 @@ def _cmd_spawn(town: Town, args: Any) -> _Reply:
     agent = handle.record()
     warning = missing_credentials(town.config.cli(agent.cli))
     if warning:
-        print(f"tt: warning: {warning}", file=sys.stderr)
+        _note(f"tt: warning: {warning}")
     if args.foreground:
-        print(f"running {agent.name} in this terminal; Ctrl-C stops it (or `tt kill {agent.name}`"
-              " from another one)", file=sys.stderr)
+        _note(f"running {agent.name} in this terminal; Ctrl-C stops it (or `tt kill {agent.name}` from another one)")
         logging.getLogger("tinytown").setLevel(logging.INFO)
         final = AgentLoop(town, agent.id).run()
         return _agent_reply(town, handle.record(), f"agent {agent.name} {final}")
@@ -6823,8 +7156,8 @@ def _cmd_assign(town: Town, args: Any) -> _Reply:
                        on_failure=args.on_failure)
     agent = town.channel.get_agent(task.assigned_to or "")
     if agent and agent.terminal:
-        print(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
-              f" `tt restart {agent.name}`", file=sys.stderr)
+        _note(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
+              f" `tt restart {agent.name}`")
     return _task_reply(task, _Names(town), task.id)
 
 
@@ -6838,7 +7171,9 @@ def _cmd_task_show(town: Town, args: Any) -> _Reply:
     names = _Names(town)
     prerequisites = town.task_store.tasks_by_id(task.after)
     dependents = town.dependents(task.id)
-    details = [f"  {label}: {value}" for label, value in (
+    # A multi-line description or result keeps its lines, each indented under its label.
+    details = [f"  {label}: " + _printable(value, keep="\n\t").replace("\n", "\n" + " " * (len(label) + 4))
+               for label, value in (
         ("description", task.description), ("agent", names.show(task.assigned_to)),
         ("goes to", names.show(task.release_to) if task.state == TaskState.BLOCKED else None),
         ("tags", ", ".join(task.tags)), ("parent", task.parent_id), ("attempts", task.attempts),
@@ -7026,7 +7361,8 @@ def _cmd_inbox(town: Town, args: Any) -> _Reply:
         names = _Names(town, {a.id: a.name for a in agents})
         counts = town.channel.pending_counts([CONDUCTOR_ID] + [a.id for a in agents])
         data = {names.show(agent_id): c for agent_id, c in counts.items()}
-        return _Reply(data, "\n".join(f"{name:<16} {_counts_text(c) if c else 'empty'}" for name, c in data.items()))
+        return _Reply(data, "\n".join(f"{_printable(name):<16} {_counts_text(c) if c else 'empty'}"
+                                      for name, c in data.items()))
     acking = args.agent == "ack" and (args.ids or args.all)
     own = os.environ.get("TINYTOWN_AGENT_ID") or CONDUCTOR_ID
     agent_id = town.resolve_agent(own if acking else args.agent or own)
@@ -7068,8 +7404,8 @@ def _cmd_dead(town: Town, args: Any) -> _Reply:
                       "\n".join(f"{names.show(agent_id)}: {_message_line(m, names)}" for agent_id, m in letters)
                       or "no dead letters")
     ids = args.what[1:]
-    if bool(ids) == bool(args.all):
-        raise _UsageError(f"`tt dead {action}` takes message ids or --all", args.parser.format_usage())
+    if bool(ids) == bool(args.all) or not all(message_id.strip() for message_id in ids):
+        raise _UsageError(f"`tt dead {action}` takes message ids (not empty ones) or --all", args.parser.format_usage())
     acted = town.act_on_dead(None if args.all else ids, retry=action == "retry", agent=args.agent)
     verb = "retried" if action == "retry" else "dropped"
     return _messages_reply(acted, names, f"{verb} {_count(len(acted), 'dead letter')}")
@@ -7079,7 +7415,7 @@ def _cmd_dead(town: Town, args: Any) -> _Reply:
 # -- plans and snapshots -------------------------------------------------------
 
 def _plan_path(town: Town, args: Any) -> Path:
-    return Path(args.file) if args.file else town.root / PLAN_FILE
+    return _given_path(town, args, args.file) if args.file else town.root / PLAN_FILE
 
 
 def _plan_rows_text(rows: list[dict[str, Any]]) -> str:
@@ -7145,10 +7481,8 @@ def _cmd_save(town: Town, args: Any) -> _Reply:
 
     Example: tt save before-refactor.json
     """
-    folder = town.root / RUNTIME_DIR / "tasks"
-    path = Path(args.file) if args.file else folder / f"snapshot-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    if not path.is_absolute() and path.parent == Path("."):
-        path = folder / path  # a bare name goes with the other snapshots
+    folder = town.root / RUNTIME_DIR / "tasks"  # a bare name goes with the other snapshots
+    path = _given_path(town, args, args.file or f"snapshot-{time.strftime('%Y%m%d-%H%M%S')}.json", folder)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     snapshot = save_snapshot(town)
     _write_atomic(path, json.dumps(snapshot, indent=1, sort_keys=True), mode=0o600)
@@ -7162,12 +7496,12 @@ def _cmd_restore(town: Town, args: Any) -> _Reply:
 
     Example: tt restore .tt/tasks/snapshot-20260101-120000.json --force
     """
-    path = Path(args.file)
-    if not path.exists() and (town.root / RUNTIME_DIR / "tasks" / path).exists():
-        path = town.root / RUNTIME_DIR / "tasks" / path
+    path = _given_path(town, args, args.file)
+    if not path.exists() and Path(args.file).parent == Path("."):  # one of the snapshots `tt save` keeps
+        path = _given_path(town, args, args.file, town.root / RUNTIME_DIR / "tasks")
     try:
-        snapshot = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        snapshot = _valid_text(json.loads(_read_text(path)))
+    except (OSError, ValueError, RecursionError) as exc:
         raise TinytownError(f"cannot read the snapshot {path}: {exc}") from None
     written = restore_snapshot(town, snapshot, force=args.force)
     return _Reply({"file": str(path), "keys": written},
@@ -7343,7 +7677,7 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     Below the top they default to SUPPRESS, so an option given before the command is kept.
     """
     unset = {} if top else {"default": argparse.SUPPRESS}
-    parser.add_argument("-t", "--town", metavar="PATH", **({"default": None} if top else unset),
+    parser.add_argument("-t", "--town", metavar="PATH", type=_path_arg, **({"default": None} if top else unset),
                         help="the town's folder (default: $TINYTOWN_TOWN, else the nearest folder"
                              " at or above this one holding tinytown.toml)")
     parser.add_argument("-v", "--verbose", action="store_true", **unset,
@@ -7406,13 +7740,14 @@ def _build_parser() -> _Parser:
                             f" \"Write the README\"\n\n`{prog} COMMAND --help` explains a command.")
     _add_global_options(parser, top=True)
     parser.add_argument("--version", action="version", version=f"tinytown {__version__}")
+    parser.set_defaults(confined=False)  # `tt mcp` confines its calls' paths to the town
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog=prog,
                                      help=argparse.SUPPRESS)
 
     add(commands, "init", _cmd_init).add_argument("--name", help="the town's name (default: the folder's)")
     add(commands, "start", _cmd_start)
     add(commands, "stop", _cmd_stop).add_argument(
-        "--grace", type=float, default=STOP_GRACE_SECS, metavar="SECONDS",
+        "--grace", type=_seconds_arg, default=STOP_GRACE_SECS, metavar="SECONDS",
         help=f"how long running rounds may finish before their loops are ended (default: {STOP_GRACE_SECS:g})")
     sub = add(commands, "status", _cmd_status)
     sub.add_argument("--deep", action="store_true", help="also each agent's recent rounds and log tail")
@@ -7434,7 +7769,7 @@ def _build_parser() -> _Parser:
     sub.add_argument("--role", help="its role; backlog tasks tagged with it are claimed by it")
     sub.add_argument("--nickname", help="another name to refer to it by (default: picked for it)")
     sub.add_argument("--parent", metavar="AGENT", help="the agent that spawned this one")
-    sub.add_argument("--max-rounds", type=int, metavar="N",
+    sub.add_argument("--max-rounds", type=_count_arg, metavar="N",
                      help="CLI runs before the loop stops (default: agent.max_rounds)")
     sub.add_argument("--foreground", action="store_true", help="run the loop in this terminal")
     sub.add_argument("--worktree", action="store_true", help="work in a git worktree of its own")
@@ -7447,10 +7782,10 @@ def _build_parser() -> _Parser:
         add(commands, name, handler).add_argument("agent", help=agent_help)
     sub = add(commands, "wait", _cmd_wait)
     sub.add_argument("agent", help=agent_help)
-    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
+    sub.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS", help="give up after this long (default: never)")
     sub = add(commands, "restart", _cmd_restart)
     sub.add_argument("agent", help=agent_help)
-    sub.add_argument("--rounds", type=int, metavar="N", help="CLI runs before it stops again")
+    sub.add_argument("--rounds", type=_count_arg, metavar="N", help="CLI runs before it stops again")
     sub.add_argument("--fresh", action="store_true", help="start a new CLI conversation (forget the session)")
     add(commands, "prune", _cmd_prune).add_argument(
         "--all", action="store_true", help="also agents still holding work (it goes to the backlog)")
@@ -7486,13 +7821,13 @@ def _build_parser() -> _Parser:
     add(task, "cancel", _cmd_task_cancel).add_argument("id", help=task_help)
     add(task, "delete", _cmd_task_delete).add_argument("id", help=task_help)
     sub = add(task, "prune", _cmd_task_prune)
-    sub.add_argument("--older-than", type=float, metavar="SECONDS",
+    sub.add_argument("--older-than", type=_seconds_arg, metavar="SECONDS",
                      help="archive tasks finished longer ago than this (default: town.prune_after_secs)")
-    sub.add_argument("--keep", type=int, metavar="N",
+    sub.add_argument("--keep", type=_count_arg, metavar="N",
                      help="keep the newest N finished tasks, archive the rest (default: town.keep_finished; 0: no limit)")
     sub = add(task, "wait", _cmd_task_wait)
     sub.add_argument("id", help=task_help)
-    sub.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (default: never)")
+    sub.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS", help="give up after this long (default: never)")
 
     backlog_parser = add(commands, "backlog", doc="Unassigned work: add, list, claim, assign-all, remove."
                          "\n\nExample: tt backlog add \"Fix the flaky test\" --tags tests")
@@ -7531,24 +7866,25 @@ def _build_parser() -> _Parser:
     sub.add_argument("what", nargs="*", metavar="import-github ISSUE...",
                      help="`import-github` and GitHub issue numbers to add as entries")
     sub.add_argument("--init", action="store_true", help=f"write a commented {PLAN_FILE} (never overwrites)")
-    sub.add_argument("--file", metavar="PATH", help=f"the plan (default: {PLAN_FILE} in the town's folder)")
+    sub.add_argument("--file", metavar="PATH", type=_path_arg,
+                     help=f"the plan (default: {PLAN_FILE} in the town's folder)")
     sync_parser = add(commands, "sync", doc="The plan and the town: push (tasks.toml -> tasks), pull"
                       " (states and results -> tasks.toml).\n\nExample: tt sync push")
     sync = actions(sync_parser, "sync")
     for name, handler in (("push", _cmd_sync_push), ("pull", _cmd_sync_pull)):
         add(sync, name, handler).add_argument(
-            "--file", metavar="PATH", help=f"the plan (default: {PLAN_FILE} in the town's folder)")
+            "--file", metavar="PATH", type=_path_arg, help=f"the plan (default: {PLAN_FILE} in the town's folder)")
     add(commands, "save", _cmd_save).add_argument(
-        "file", nargs="?", help="where (default: .tt/tasks/snapshot-DATE-TIME.json)")
+        "file", nargs="?", type=_path_arg, help="where (default: .tt/tasks/snapshot-DATE-TIME.json)")
     sub = add(commands, "restore", _cmd_restore)
-    sub.add_argument("file", help="a `tt save` snapshot")
+    sub.add_argument("file", type=_path_arg, help="a `tt save` snapshot")
     sub.add_argument("--force", action="store_true", help="reset a town that holds data first")
 
     sub = add(commands, "history", _cmd_history)
-    sub.add_argument("-n", dest="count", type=int, default=20, metavar="N", help="how many (default: 20)")
+    sub.add_argument("-n", dest="count", type=_count_arg, default=20, metavar="N", help="how many (default: 20)")
     sub.add_argument("--agent", help="only this agent's events")
     sub = add(commands, "events", _cmd_events)
-    sub.add_argument("--count", type=int, default=20, metavar="N", help="how many (default: 20)")
+    sub.add_argument("--count", type=_count_arg, default=20, metavar="N", help="how many (default: 20)")
     sub.add_argument("--follow", action="store_true", help="keep printing new events (Ctrl-C stops)")
     sub.add_argument("--agent", help="only this agent's events")
     sub.add_argument("--since", metavar="ID", help="only the events after this event id (oldest first)")
@@ -7579,12 +7915,16 @@ def _error_line(error: BaseException) -> tuple[str, str]:
                          f" them ({error})"), "old_layout"
     elif isinstance(error, redis.RedisError):
         message, code = f"{type(error).__name__}: {error}", "redis_error"
+    elif isinstance(error, OSError) and error.filename is not None:  # the file named, but briefly
+        message, code = f"{type(error).__name__}: {error.strerror}: {_shown(str(error.filename))}", "os_error"
     elif isinstance(error, OSError):
         message, code = f"{type(error).__name__}: {error}", "os_error"
     else:
         message, code = (f"{type(error).__name__}: {error} (an unexpected error: run with -v for the"
                          " traceback and report it)"), "unexpected"
-    return message, code
+    if len(message) > 500:  # a message that quotes a whole 1 MB value is no line to read
+        message = f"{message[:500]}...({len(message)} characters)"
+    return _printable(message), code  # one line, whatever the values it names hold
 
 
 def _report(error: BaseException, as_json: bool) -> int:
@@ -7601,16 +7941,25 @@ def _show(reply: _Reply, as_json: bool, *, stream: bool = False) -> None:
     if as_json and reply.data is not None:
         text = json.dumps(reply.data, default=str, **({} if stream else {"indent": 2}))
     elif reply.text:
-        text = reply.text
+        # The text's parts from data are escaped where they are put in a line; this catches
+        # any part that was not: no control sequence from data reaches the terminal.
+        text = _printable(reply.text, keep="\n\t")
+        if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+            text = _colored(text)
     else:
         return
-    # Stored text may hold bytes that are not UTF-8 (surrogates): shown escaped, never a crash.
-    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"  # a terminal that is not UTF-8
     print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), flush=stream)
+
+
+_PATH_ARGUMENTS = ("town", "file")  # kept byte for byte: they name files
 
 
 def _run(args: Any, show: Callable[..., None] = _show) -> int:
     """Open the town as the command declares, run it, show() what it returns."""
+    for key, value in vars(args).items():  # text that is not UTF-8 never reaches the town
+        if key not in _PATH_ARGUMENTS and isinstance(value, (str, list)):
+            setattr(args, key, _valid_text(value))
     use = getattr(args.handler, "town_use", _TownUse.CHANGE)
     try:
         town = None if use is _TownUse.NONE else _open_town(_town_root(args), use)
@@ -7776,8 +8125,9 @@ class _Watch:
     def draw(self) -> None:
         width, height = shutil.get_terminal_size()
         lines = _watch_lines(_watch_snapshot(self.town, height), self.names, height)
-        shown = [f"\033[{sgr}m{text[:width]}\033[0m" if sgr and self.color else text[:width]
-                 for text, sgr in lines]
+        shown = [_printable(text)[:width] for text, _ in lines]
+        shown = [f"\033[{sgr}m{text}\033[0m" if sgr and self.color else text
+                 for text, (_, sgr) in zip(shown, lines)]
         # Home, each line cleared to its end, the rest of the screen cleared: no flicker.
         sys.stdout.write("\033[H" + "\033[K\r\n".join(shown) + "\033[K\033[J")
         sys.stdout.flush()
@@ -7835,12 +8185,31 @@ class _Watch:
 # would and runs the same handler, and the result is the command's --json document.
 
 MCP_PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
-# Commands that are no tools: they start, stop or wipe the town, take over a terminal,
-# edit the config file, or are internal.
-_MCP_LEFT_OUT = {"init", "start", "stop", "reset", "config", "conductor", "mcp", "watch",
-                 *_INTERNAL_COMMANDS}
+MCP_WAIT_SECS = 300.0  # the longest a blocking tool (task_wait, wait_agent) waits: every call ends
+MCP_MAX_CALLS = 16  # calls answered at once (each a thread and a connection); more are refused
+_MCP_SLICE_SECS = 1.0  # a blocking tool waits in slices this long: a cancel ends it within one
+# The tools, an explicit list (a new command is no tool until it is added here): name -> the
+# `tt` words it runs; "NAMES..." is the list argument the rest of its command line is made
+# of.  Left out on purpose: init, start, stop, config, conductor, mcp and watch (they start,
+# stop or configure the town, or take over a terminal) and the internal commands; those in
+# MCP_GUARDED_TOOLS are offered only when [mcp] allow names them.
+_MCP_TOOLS = {
+    "status": "status", "list_agents": "list", "spawn": "spawn", "kill": "kill", "close": "close",
+    "interrupt": "interrupt", "resume": "resume", "wait_agent": "wait", "restart": "restart",
+    "recover": "recover", "reclaim": "reclaim", "assign": "assign", "task_show": "task show",
+    "task_list": "task list", "task_current": "task current", "task_complete": "task complete",
+    "task_fail": "task fail", "task_cancel": "task cancel", "task_wait": "task wait",
+    "backlog_add": "backlog add", "backlog_list": "backlog list", "backlog_claim": "backlog claim",
+    "backlog_assign_all": "backlog assign-all", "backlog_remove": "backlog remove", "send": "send",
+    "broadcast": "broadcast", "inbox": "inbox", "dead": "dead", "dead_retry": "dead retry IDS...",
+    "plan": "plan", "sync_push": "sync push", "history": "history", "events": "events", "doctor": "doctor",
+    "save": "save", "restore": "restore", "reset": "reset", "sync_pull": "sync pull", "plan_init": "plan --init",
+    "plan_import_github": "plan import-github ISSUES...", "prune": "prune", "task_prune": "task prune",
+    "task_delete": "task delete", "dead_drop": "dead drop IDS...",
+}
 _MCP_LEFT_OUT_OPTIONS = {"help", "town", "verbose", "json", "foreground", "follow", "watch"}
-_MCP_TOOL_NAMES = {"list": "list_agents", "wait": "wait_agent"}  # clearer out of the CLI's context
+_MCP_TYPES = {_count_arg: "integer", _seconds_arg: "number"}  # argparse type -> JSON Schema type
+_JSON_TYPES = {"boolean": (bool,), "integer": (int,), "number": (int, float), "string": (str,), "array": (list,)}
 _MCP_RESOURCES = {  # uri -> (name, description, the command behind it)
     "tinytown://status": ("status", "The town at a glance: agents, task counts, usage", ["status"]),
     "tinytown://agents": ("agents", "Every agent with its state and liveness", ["list"]),
@@ -7860,42 +8229,64 @@ def _long_flag(action: argparse.Action) -> str:
     return next((s for s in action.option_strings if s.startswith("--")), "")
 
 
+def _json_type(action: argparse.Action) -> str:
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        return "boolean"
+    if action.nargs in ("*", "+"):
+        return "array"
+    return _MCP_TYPES.get(action.type, "string")  # type: ignore[arg-type]
+
+
 @dataclass
 class _McpTool:
     name: str
-    path: list[str]  # the subcommand: ["task", "show"]
+    path: list[str]  # the command: ["task", "show"]
+    fixed: list[str]  # words every call adds: options ("--init"), then leading positionals ("drop")
     description: str
     params: dict[str, argparse.Action]
+
+    @property
+    def blocking(self) -> bool:
+        return "timeout" in self.params
 
     def input_schema(self) -> dict[str, Any]:
         properties, required = {}, []
         for name, action in self.params.items():
-            if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
-                prop: dict[str, Any] = {"type": "boolean"}
-            else:
-                prop = {"type": {int: "integer", float: "number"}.get(action.type, "string")}  # type: ignore[call-overload]
+            prop: dict[str, Any] = {"type": _json_type(action)}
+            if prop["type"] == "array":
+                prop["items"] = {"type": "string"}
             if action.choices:
                 prop["enum"] = list(action.choices)
-            prop["description"] = action.help or name
+            prop["description"] = (action.help or name) + (
+                f" (over MCP at most {MCP_WAIT_SECS:g})" if name == "timeout" else "")
             properties[name] = prop
-            if not action.option_strings and action.nargs != "?" or action.required:
+            if action.required if action.option_strings else action.nargs not in ("?", "*"):
                 required.append(name)
         return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
-    def argv(self, arguments: dict[str, Any]) -> list[str]:
-        """The `tt` command line of a call (options first, then `--` and the positionals)."""
+    def argv(self, arguments: Any) -> list[str]:
+        """The `tt` command line of a call (options first, then `--` and the positionals);
+        each argument checked against the schema first."""
+        if not isinstance(arguments, dict):
+            raise _UsageError(f"the arguments must be an object, not {_shown(arguments)}", "")
         unknown = set(arguments) - set(self.params)
         if unknown:
-            raise _UsageError(f"unknown argument {min(unknown)!r}; {self.name} takes"
+            raise _UsageError(f"unknown argument {_shown(min(unknown))}; {self.name} takes"
                               f" {', '.join(self.params) or 'none'}", "")
-        options, positionals = [], []
+        options = [word for word in self.fixed if word.startswith("-")]
+        positionals = [word for word in self.fixed if not word.startswith("-")]
         for name, action in self.params.items():
             value = arguments.get(name)
             if value is None:
                 continue
+            kind = _json_type(action)
+            if not isinstance(value, _JSON_TYPES[kind]) or isinstance(value, bool) != (kind == "boolean") or (
+                    kind == "array" and not all(isinstance(item, str) for item in value)):
+                raise _UsageError(f"argument {name!r} must be {'an' if kind[0] in 'aei' else 'a'} {kind}"
+                                  f"{' of strings' if kind == 'array' else ''}, not {_shown(value)}", "")
             flag = _long_flag(action) or (action.option_strings or [""])[0]
             if not flag:
-                positionals.append(str(value))
+                positionals += value if kind == "array" else [str(value)]
             elif isinstance(action, argparse.BooleanOptionalAction):
                 options.append(flag if value else f"--no-{flag[2:]}")
             elif isinstance(action, argparse._StoreTrueAction):
@@ -7905,24 +8296,37 @@ class _McpTool:
         return [*self.path, *options, "--", *positionals] if positionals else [*self.path, *options]
 
 
-def _mcp_tools(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[str, _McpTool]:
-    """A tool per command with a handler, nested commands (task show) included."""
+def _mcp_tools(parser: argparse.ArgumentParser, allowed: Iterable[str]) -> dict[str, _McpTool]:
+    """The tools of _MCP_TOOLS this town offers (the guarded ones only when allowed), each
+    described and typed by its command's docstring and argparse options."""
     tools: dict[str, _McpTool] = {}
-    for action in parser._actions:
-        if not isinstance(action, argparse._SubParsersAction):
+    # Options that make a tool of their own (plan --init): never an argument of another one.
+    own_tools = {word for words in _MCP_TOOLS.values() for word in words.split() if word.startswith("-")}
+    for name, words in _MCP_TOOLS.items():
+        if name in MCP_GUARDED_TOOLS and name not in allowed:
             continue
-        for name, sub in action.choices.items():
-            if name in _MCP_LEFT_OUT:
+        sub, path, fixed = parser, [], []
+        rest = ""
+        for word in words.split():
+            commands = next((a.choices for a in sub._actions if isinstance(a, argparse._SubParsersAction)), {})
+            if word in commands and not fixed:
+                sub, path = commands[word], [*path, word]
+            elif word.endswith("..."):
+                rest = word[:-3].lower()
+            else:
+                fixed.append(word)
+        params: dict[str, argparse.Action] = {}
+        for action in sub._actions:
+            if action.dest in _MCP_LEFT_OUT_OPTIONS or action.help is argparse.SUPPRESS or set(
+                    action.option_strings) & own_tools:
                 continue
-            tools.update(_mcp_tools(sub, (*path, name)))
-            handler = sub.get_default("handler")
-            if handler:
-                tool = "_".join((*path, name)).replace("-", "_")
-                tool = _MCP_TOOL_NAMES.get(tool, tool)
-                description = inspect.cleandoc(handler.__doc__ or "").partition("\n\nExample:")[0]
-                params = {_option_name(a): a for a in sub._actions
-                          if a.dest not in _MCP_LEFT_OUT_OPTIONS and a.help is not argparse.SUPPRESS}
-                tools[tool] = _McpTool(tool, [*path, name], description, params)
+            if action.dest == "what":  # a command's actions (dead drop, plan import-github): tools of their own
+                if rest:  # the fixed words begin it, the list is the rest of it
+                    params[rest] = action
+                continue
+            params[_option_name(action)] = action
+        description = inspect.cleandoc(sub.get_default("handler").__doc__ or "").partition("\n\nExample:")[0]
+        tools[name] = _McpTool(name, path, fixed, description, params)
     return tools
 
 
@@ -7934,49 +8338,116 @@ class _JsonRpcError(Exception):
         super().__init__(message)
 
 
+@dataclass
+class _McpCall:
+    """A request answered in a thread of its own; notifications/cancelled sets `cancelled`."""
+    request_id: Any
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    blocking: bool = False  # a wait, which the end of the input cancels too
+
+
 class _McpServer:
-    """One MCP session over a pair of streams; `serve()` until the input ends."""
+    """One MCP session over a pair of streams; `serve()` until the input ends.
+
+    Tool calls and resource reads are answered in threads of their own, so a long one
+    (task_wait) neither delays `ping` nor stops a cancel from reaching it."""
 
     def __init__(self, root: Path, reader: Any, writer: Any):
         self.root, self._reader, self._writer = root, reader, writer
         self.parser = _build_parser()
-        self.tools = _mcp_tools(self.parser)
+        self.tools = _mcp_tools(self.parser, load_config(root / CONFIG_FILE).mcp.allow)
+        self._lock = threading.Lock()  # one reply written at a time; the calls below
+        self._calls: dict[str, _McpCall] = {}  # by json.dumps(request id), for cancels
+        self._threads: dict[threading.Thread, _McpCall] = {}  # the calls being answered
 
     def serve(self) -> None:
-        for line in self._reader:
-            if not line.strip():
-                continue
-            try:
-                message = json.loads(line)
-            except ValueError as exc:
-                self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": f"parse error: {exc}"}})
-                continue
-            # A batch (2025-03-26) gets a batch of replies; notifications get none.
-            replies = [r for r in map(self.handle, message if isinstance(message, list) else [message]) if r]
-            if replies:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the protocol only
+            for line in self._reader:
+                if line.strip():
+                    self._receive(line)
+            with self._lock:  # the client is gone: its waits end at their next slice
+                for call in self._threads.values():
+                    if call.blocking:
+                        call.cancelled.set()
+                threads = list(self._threads)
+            for thread in threads:
+                thread.join()
+
+    def _receive(self, line: str) -> None:
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            self._send({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": f"parse error: {exc}"}})
+            return
+        if isinstance(message, list) or isinstance(message, dict) and message.get("method") in (
+                "tools/call", "resources/read"):
+            self._answer_apart(message)
+        else:
+            reply = self.handle(message)
+            if reply:
+                self._send(reply)
+
+    def _answer_apart(self, message: Any) -> None:
+        """Answer a call (or a batch) in a thread of its own."""
+        call = _McpCall(message.get("id") if isinstance(message, dict) else None)
+        key = json.dumps(call.request_id)
+        with self._lock:
+            if len(self._threads) >= MCP_MAX_CALLS:
+                busy = {"code": -32000, "message": f"{MCP_MAX_CALLS} calls are in progress; try again when one ended"}
+                self._write({"jsonrpc": "2.0", "id": call.request_id, "error": busy})
+                return
+            thread = threading.Thread(target=self._answer, args=(message, call, key), daemon=True)
+            self._threads[thread] = call
+            if isinstance(message, dict) and "id" in message:
+                self._calls[key] = call
+        thread.start()
+
+    def _answer(self, message: Any, call: _McpCall, key: str) -> None:
+        try:
+            replies = [r for r in (self.handle(m, call) for m in (message if isinstance(message, list) else [message]))
+                       if r]
+            if replies and not call.cancelled.is_set():
                 self._send(replies if isinstance(message, list) else replies[0])
+        finally:
+            with self._lock:
+                self._threads.pop(threading.current_thread(), None)
+                if self._calls.get(key) is call:
+                    del self._calls[key]
 
     def _send(self, reply: Any) -> None:
+        with self._lock:
+            self._write(reply)
+
+    def _write(self, reply: Any) -> None:
         self._writer.write(json.dumps(reply, default=str) + "\n")  # ASCII: no stray newline or bad byte
         self._writer.flush()
 
-    def handle(self, message: Any) -> dict[str, Any] | None:
+    def handle(self, message: Any, call: _McpCall | None = None) -> dict[str, Any] | None:
         """The reply to one request (None for a notification)."""
-        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or "method" not in message:
+        message = _valid_text(message)  # a "\udcff" in JSON: the text rule, as for argv
+        if not (isinstance(message, dict) and message.get("jsonrpc") == "2.0" and isinstance(message.get("method"), str)
+                and isinstance(message.get("id"), (str, int, type(None)))):
             return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "invalid request"}}
-        if "id" not in message:
-            return None  # notifications/initialized, notifications/cancelled: nothing to answer
         params = message.get("params") or {}
+        if "id" not in message:  # a notification: nothing to answer
+            if message["method"] == "notifications/cancelled" and isinstance(params, dict):
+                with self._lock:
+                    cancelled = self._calls.get(json.dumps(params.get("requestId")))
+                if cancelled:
+                    cancelled.cancelled.set()
+            return None
         try:
             method = getattr(self, "_" + message["method"].replace("/", "_"), None)
             if method is None:
-                raise _JsonRpcError(-32601, f"method not found: {message['method']}")
-            result = method(params)
+                raise _JsonRpcError(-32601, f"method not found: {_shown(message['method'])}")
+            if not isinstance(params, dict):
+                raise _JsonRpcError(-32602, "params must be an object")
+            result = method(params, call or _McpCall(message["id"]))
         except _JsonRpcError as exc:
             return {"jsonrpc": "2.0", "id": message["id"], "error": {"code": exc.code, "message": exc.message}}
         return {"jsonrpc": "2.0", "id": message["id"], "result": result}
 
-    def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _initialize(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         asked = params.get("protocolVersion")
         return {"protocolVersion": asked if asked in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[0],
                 "capabilities": {"tools": {"listChanged": False},
@@ -7985,19 +8456,20 @@ class _McpServer:
                 "instructions": f"The Tinytown town at {self.root}: spawn agents, assign tasks, read"
                                 " their results. Tool results are the `tt --json` documents."}
 
-    def _ping(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _ping(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         return {}
 
-    def _tools_list(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _tools_list(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         return {"tools": [{"name": t.name, "description": t.description, "inputSchema": t.input_schema()}
                           for t in self.tools.values()]}
 
-    def _tools_call(self, params: dict[str, Any]) -> dict[str, Any]:
-        tool = self.tools.get(params.get("name", ""))
+    def _tools_call(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
+        tool = self.tools.get(params.get("name")) if isinstance(params.get("name"), str) else None
         if tool is None:
-            raise _JsonRpcError(-32602, f"unknown tool: {params.get('name')!r}")
+            raise _JsonRpcError(-32602, f"unknown tool: {_shown(params.get('name'))}")
         try:
-            reply = self.run(tool.argv(params.get("arguments") or {}))
+            arguments = params.get("arguments") or {}
+            reply = self._wait(tool, arguments, call) if tool.blocking else self.run(tool.argv(arguments))
         except Exception as exc:  # a tool error: the model reads the one-line message
             return {"content": [{"type": "text", "text": _error_line(exc)[0]}], "isError": True}
         data = reply.data if reply.data is not None else reply.text
@@ -8007,17 +8479,35 @@ class _McpServer:
             result["structuredContent"] = json.loads(json.dumps(data, default=str))
         return result
 
-    def _resources_list(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _wait(self, tool: _McpTool, arguments: dict[str, Any], call: _McpCall) -> _Reply:
+        """A blocking tool, run as waits of one slice each until its timeout (at most
+        MCP_WAIT_SECS): a cancel, or the end of the input, ends it at the next slice."""
+        tool.argv(arguments)  # the arguments checked once, up front
+        call.blocking = True
+        try:
+            timeout = min(_seconds_arg(str(arguments.get("timeout", MCP_WAIT_SECS))), MCP_WAIT_SECS)
+        except argparse.ArgumentTypeError as exc:
+            raise _UsageError(f"argument 'timeout' {exc}", "") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return self.run(tool.argv({**arguments, "timeout": max(min(remaining, _MCP_SLICE_SECS), 0.0)}))
+            except WaitTimeout as exc:
+                if remaining <= _MCP_SLICE_SECS or call.cancelled.is_set():
+                    raise WaitTimeout(exc.what, timeout) from None
+
+    def _resources_list(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         return {"resources": [{"uri": uri, "name": name, "description": text, "mimeType": "application/json"}
                               for uri, (name, text, _) in _MCP_RESOURCES.items()]}
 
-    def _resources_templates_list(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _resources_templates_list(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         return {"resourceTemplates": []}
 
-    def _resources_read(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _resources_read(self, params: dict[str, Any], call: _McpCall) -> dict[str, Any]:
         uri = params.get("uri", "")
-        if uri not in _MCP_RESOURCES:
-            raise _JsonRpcError(-32002, f"resource not found: {uri}")
+        if not isinstance(uri, str) or uri not in _MCP_RESOURCES:
+            raise _JsonRpcError(-32002, f"resource not found: {_shown(uri)}")
         try:
             reply = self.run(_MCP_RESOURCES[uri][2])
         except Exception as exc:
@@ -8026,13 +8516,14 @@ class _McpServer:
                               "text": json.dumps(reply.data, default=str)}]}
 
     def run(self, argv: list[str]) -> _Reply:
-        """A `tt -t ROOT ARGV --json` through the command layer; its reply (errors raise)."""
+        """A `tt -t ROOT ARGV --json` through the command layer, its paths confined to the
+        town; its reply (errors raise)."""
         replies: list[_Reply] = []
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the protocol only
-            args, extras = self.parser.parse_known_args(["-t", str(self.root), "--json", *argv])
-            if extras:
-                args.parser.unknown(extras)
-            _run(args, show=lambda reply, as_json, **_: replies.append(reply))
+        args, extras = self.parser.parse_known_args(["-t", str(self.root), "--json", *argv])
+        if extras:
+            args.parser.unknown(extras)
+        args.confined = True
+        _run(args, show=lambda reply, as_json, **_: replies.append(reply))
         return replies[0]
 
 
@@ -8040,6 +8531,8 @@ def serve_mcp(root: str | os.PathLike[str], reader: Any = None, writer: Any = No
     """Serve the town at `root` over MCP on `reader`/`writer` (default: stdin/stdout)."""
     root = Path(root).resolve()
     load_config(root / CONFIG_FILE)  # no town: the error now, not at the first call
+    if reader is None:
+        sys.stdin.reconfigure(errors="replace")  # type: ignore[union-attr]  # bytes that are not UTF-8: U+FFFD
     _McpServer(root, reader or sys.stdin, writer or sys.stdout).serve()
 
 
