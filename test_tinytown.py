@@ -958,6 +958,7 @@ def _write_old_town(town):
     `task_counts` (wrong on purpose: the upgrade counts the records), no `layout`."""
     town.reset(force=True)
     r, k, now = town.redis, town.keys, "2026-01-01T00:00:00+00:00"
+    r.delete(k.layout)  # (0.1.0 had none)
     agents = {"dev1": ("dev", "idle", ""), "ops1": ("ops", "idle", ""),
               "busy": ("dev", "working", "t-run"), "gone": ("", "stopped", "")}
     ids = {name: str(uuid.uuid4()) for name in agents}

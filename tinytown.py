@@ -2869,7 +2869,8 @@ class TaskStore:
             written += 1
         if layout == LAYOUT_VERSION:
             pipe.set(self.keys.layout, LAYOUT_VERSION)
-        else:
+        else:  # (the keys just written are of `layout`, whatever the town's mark said)
+            pipe.delete(self.keys.layout)
             self._queue_upgrade(pipe)
         pipe.xadd(self.keys.events, {"event": "restored", "at": _now(), "keys": str(written), "source": source},
                   maxlen=EVENTS_MAXLEN, approximate=True)
@@ -2877,6 +2878,10 @@ class TaskStore:
         pipe.execute()
         self.settle_graph()
         return written
+
+    def stamp_layout(self) -> None:
+        """Mark the town's keys as this layout's (a town with no task keys left)."""
+        self.redis.set(self.keys.layout, LAYOUT_VERSION)
 
     def layout(self) -> str:
         """The layout this town's keys are in ('1': tinytown 0.1.0's, which had no `layout`)."""
@@ -4381,6 +4386,7 @@ class Town:
         if force:
             for start in range(0, len(found), 500):
                 self.redis.delete(*found[start:start + 500])
+            self._tasks.stamp_layout()  # (empty keys are of this layout: nothing to upgrade later)
         return {"keys": sorted(found), "loops": [a.name for a in live]}
 
     # -- status ------------------------------------------------------------------
