@@ -3205,7 +3205,6 @@ class Channel:
         pipe.xadd(self.keys.events, entry, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.incr(self.keys.events_added)
 
-    _event = add_event  # (its older name, still used across the module)
 
     def events(self, count: int = 20, agent_id: str | None = None) -> list[dict[str, str]]:
         """The newest `count` events (of one agent), oldest first."""
@@ -3265,7 +3264,7 @@ class Channel:
         pipe = self.redis.pipeline()
         for copy in copies:
             self._push(pipe, copy)
-        self._event(pipe, "broadcast", type=message.type, sender=message.from_, count=len(copies),
+        self.add_event(pipe, "broadcast", type=message.type, sender=message.from_, count=len(copies),
                     detail=message.text[:EVENT_DETAIL_MAX])
         pipe.execute()
         return copies
@@ -3280,7 +3279,7 @@ class Channel:
             if source:
                 pipe.lrem(source, 1, raw)
             pipe.rpush(self.keys.dead(agent_id), raw)
-            self._event(pipe, "message_dead", agent=agent_id, reason=f"malformed: {exc}")
+            self.add_event(pipe, "message_dead", agent=agent_id, reason=f"malformed: {exc}")
             pipe.execute()
             return None
 
@@ -3513,7 +3512,7 @@ class Channel:
                 pipe.sadd(self.keys.role(agent.role), agent.id)
             if launching:
                 self.hold_for_launch(pipe, agent.id)
-            self._event(pipe, "agent_spawned", agent=agent.id, name=agent.name, cli=agent.cli)
+            self.add_event(pipe, "agent_spawned", agent=agent.id, name=agent.name, cli=agent.cli)
             return agent
 
         return self.redis.transaction(register_in, self.keys.agents, value_from_callable=True)
@@ -3607,7 +3606,7 @@ class Channel:
                 else:
                     self._push(pipe, dataclasses.replace(message, to=CONDUCTOR_ID))
             if messages:
-                self._event(pipe, "reclaimed", agent=agent_id, to=target or "backlog",
+                self.add_event(pipe, "reclaimed", agent=agent_id, to=target or "backlog",
                             count=len(messages))
             if retire:
                 if owner == agent_id:
@@ -3618,7 +3617,7 @@ class Channel:
                     pipe.srem(self.keys.role(role), agent_id)
                 if name:
                     pipe.srem(self.keys.resume, name)
-                self._event(pipe, "agent_deleted", agent=agent_id, name=name)
+                self.add_event(pipe, "agent_deleted", agent=agent_id, name=name)
             return messages
 
         watched = [*lists, self.keys.alive(agent_id), self.keys.agent(agent_id), self.keys.agents]
@@ -3978,7 +3977,7 @@ class Town:
             self._channel.set_agent_state(agent_id, state, allowed, pipe=pipe)
         if stop:
             pipe.set(self.keys.stop(agent_id), stop)
-            self._channel._event(pipe, f"{stop}_requested", agent=agent_id)
+            self._channel.add_event(pipe, f"{stop}_requested", agent=agent_id)
         self._channel.wake_all(pipe, [agent_id])
         results = pipe.execute()
         return results[0] if state else None
@@ -5907,7 +5906,7 @@ class AgentLoop:
         pipe.hincrby(self.keys.agent(agent_id), "rounds_completed", 1)
         pipe.hset(self.keys.agent(agent_id), mapping={"current_task": "", "cli_pgid": "",
                                                       "last_heartbeat": _now()})
-        self.channel._event(pipe, "round", agent=agent_id, round=round_no, outcome=outcome,
+        self.channel.add_event(pipe, "round", agent=agent_id, round=round_no, outcome=outcome,
                             secs=f"{seconds:.2f}", tokens_in=usage.tokens_in or None,
                             tokens_out=usage.tokens_out or None, cost_usd=usage.cost_usd)
         pipe.execute()
@@ -5949,7 +5948,7 @@ class AgentLoop:
         if reason is None:
             return False
         pipe = self.channel.redis.pipeline()
-        self.channel._event(pipe, "budget_reached", agent=self.agent.id, detail=reason,
+        self.channel.add_event(pipe, "budget_reached", agent=self.agent.id, detail=reason,
                             action=settings.on_budget)
         pipe.execute()
         log.warning("agent %s: budget reached (%s); %s", self.agent.name, reason,
