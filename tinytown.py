@@ -2879,10 +2879,6 @@ class TaskStore:
         self.settle_graph()
         return written
 
-    def stamp_layout(self) -> None:
-        """Mark the town's keys as this layout's (a town with no task keys left)."""
-        self.redis.set(self.keys.layout, LAYOUT_VERSION)
-
     def layout(self) -> str:
         """The layout this town's keys are in ('1': tinytown 0.1.0's, which had no `layout`)."""
         return self.redis.get(self.keys.layout) or "1"
@@ -4385,7 +4381,6 @@ class Town:
         if force:
             for start in range(0, len(found), 500):
                 self.redis.delete(*found[start:start + 500])
-            self._tasks.stamp_layout()  # (empty keys are of this layout: nothing to upgrade later)
         return {"keys": sorted(found), "loops": [a.name for a in live]}
 
     # -- status ------------------------------------------------------------------
