@@ -4888,7 +4888,7 @@ class Fuzz:
         """The records the cases refer to, back when a case (reset, restore) removed them."""
         if self.town.channel.get_agent(self.ids.get("agent", "")) is None:
             self.town.reset(force=True)
-            self.town.channel.upgrade_layout()  # as a person's connect does: no command upgrades it later
+            self.town.task_store.upgrade_layout()  # as a person's connect does: no command upgrades it later
             self.ids.update(seed_records(self.town))
 
 
