@@ -2130,8 +2130,11 @@ local function drop(task_id)
   return state, entry
 end
 
--- Why a new task cannot be stored (nil: it can).  `known`: tasks this script creates first.
-local function refusal(task_id, after, known)
+-- Why a new task (its record's field/value list) cannot be stored (nil: it can).  `known`:
+-- tasks this script creates first.
+local function refusal(task_id, fields, known)
+  local after
+  for i = 1, #fields - 1, 2 do if fields[i] == 'after' then after = fields[i + 1] end end
   if redis.call('EXISTS', key('task', task_id)) == 1 then return 'task ' .. task_id .. ' exists already' end
   for _, pre in ipairs(decode_list(after)) do
     if pre == task_id then return 'a task cannot wait for itself' end
@@ -2189,10 +2192,8 @@ return 1
 # A new task, or an error reply (writing nothing) naming what refused it.
 _NEW_TASK_LUA = _TASKS_LUA + """
 local task_id, fields = ARGV[2], {unpack(ARGV, 8)}
-local after
-for i = 1, #fields - 1, 2 do if fields[i] == 'after' then after = fields[i + 1] end end
 local archived = cjson.decode(ARGV[7])
-local problem = refusal(task_id, after, archived)
+local problem = refusal(task_id, fields, archived)
 if problem then return redis.error_reply(problem) end
 for pre, state in pairs(archived) do redis.call('HSET', prefix .. 'archived', pre, state) end
 create(task_id, ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6], fields)
@@ -2222,9 +2223,7 @@ local now, ops = ARGV[2], cjson.decode(ARGV[3])
 local known = {}
 for _, op in ipairs(ops) do
   if op.op == 'create' then
-    local after
-    for i = 1, #op.fields - 1, 2 do if op.fields[i] == 'after' then after = op.fields[i + 1] end end
-    local problem = refusal(op.id, after, known)
+    local problem = refusal(op.id, op.fields, known)
     if problem then return redis.error_reply('plan entry ' .. op.entry .. ': ' .. problem) end
     known[op.id] = true
   end
