@@ -957,8 +957,7 @@ def _write_old_town(town):
     """The town's keys as tinytown 0.1.0 wrote them: backlog a LIST, no index but `tasks` and
     `task_counts` (wrong on purpose: the upgrade counts the records), no `layout`."""
     town.reset(force=True)
-    r, k, now = town.redis, town.keys, "2026-01-01T00:00:00+00:00"
-    r.delete(k.layout)  # (0.1.0 had none)
+    r, k, now = town.redis, tinytown.Keys(town.name, legacy=True), "2026-01-01T00:00:00+00:00"
     agents = {"dev1": ("dev", "idle", ""), "ops1": ("ops", "idle", ""),
               "busy": ("dev", "working", "t-run"), "gone": ("", "stopped", "")}
     ids = {name: str(uuid.uuid4()) for name in agents}
@@ -987,7 +986,7 @@ def _write_old_town(town):
 def test_a_town_written_by_0_1_0_is_upgraded_once_on_a_persons_connect(town):
     ids = _write_old_town(town)
     assert "`tt start` upgrades" in fail_cli("status")  # read-only: never upgrades, says how
-    assert town.redis.type(town.keys.backlog) == "list"
+    assert town.redis.type(tinytown.Keys(town.name, legacy=True).backlog) == "list"
 
     with Town(town.root) as old:
         assert old.redis.get(old.keys.layout) == tinytown.LAYOUT_VERSION
@@ -1016,6 +1015,49 @@ def test_a_town_written_by_0_1_0_is_upgraded_once_on_a_persons_connect(town):
         upgrades = [e for e in again.channel.events(100) if e["event"] == "upgraded"]
         assert [(e["tasks"], e["backlog"], e["agents"]) for e in upgrades] == [("8", "4", "4")]
         assert again.task_store.task_counts() == {"assigned": 5, "running": 1, "completed": 1, "failed": 1}
+
+
+def _as_layout_3(town):
+    """Rename every key of the town to the names layout 3 had (no hash tag)."""
+    legacy = tinytown.Keys(town.name, legacy=True)
+    for key in list(town.redis.scan_iter(match=town.keys.prefix + "*")):
+        town.redis.rename(key, legacy.prefix + key[len(town.keys.prefix):])
+    town.redis.set(legacy.layout, "3")
+    return legacy
+
+
+def test_a_town_of_layout_3_is_renamed_into_one_slot_on_a_persons_connect(town):
+    w = worker(town, "dev")
+    first = w.assign("first")
+    then = town.backlog_add("then", after=[first.id])
+    legacy = _as_layout_3(town)
+    assert town.redis.exists(legacy.agents) and not town.redis.exists(town.keys.agents)
+    assert "`tt start` upgrades" in fail_cli("status")  # read-only: never upgrades
+    with Town(town.root) as upgraded:
+        assert upgraded.redis.get(upgraded.keys.layout) == tinytown.LAYOUT_VERSION == "4"
+        assert upgraded.keys.prefix == f"tt:{{{town.name}}}:"
+        assert list(upgraded.redis.scan_iter(match=legacy.prefix + "*")) == []
+        assert upgraded.task(then.id).state == tinytown.TaskState.BLOCKED
+        assert tt_json("status")["tasks"] == {"assigned": 1, "blocked": 1}
+        upgraded.complete_task(first.id, "done")
+        assert upgraded.task(then.id).state == tinytown.TaskState.PENDING  # the graph came along
+        assert [t.id for t in upgraded.backlog()] == [then.id]
+        assert upgraded.agent("dev").id == w.id
+
+
+def test_a_snapshot_of_layout_3_restores_into_layout_4(town):
+    w = worker(town, "dev")
+    first = w.assign("first")
+    then = town.backlog_add("then", after=[first.id])
+    snapshot = tinytown.save_snapshot(town)
+    assert snapshot["layout"] == "4"
+    old = {**snapshot, "layout": "3", "keys": {**snapshot["keys"], "layout": {"type": "string", "value": "3"}}}
+    town.reset(force=True)
+    tinytown.restore_snapshot(town, old)
+    assert town.redis.get(town.keys.layout) == "4"
+    assert town.task(then.id).state == tinytown.TaskState.BLOCKED
+    town.complete_task(first.id, "done")
+    assert [t.id for t in town.backlog()] == [then.id]
 
 
 def test_a_changing_command_upgrades_and_the_backlog_goes_on_in_order(town):
@@ -2983,6 +3025,9 @@ def test_respawning_with_a_new_role_moves_the_agent_between_role_indexes(town):
 
 def test_a_snapshot_of_an_old_layout_is_upgraded_after_it_is_restored(town):
     _write_old_town(town)
+    legacy = tinytown.Keys(town.name, legacy=True)
+    for key in list(town.redis.scan_iter(match=legacy.prefix + "*")):  # as 0.1.0 saved them
+        town.redis.rename(key, town.keys.prefix + key[len(legacy.prefix):])
     snapshot = tinytown.save_snapshot(town)
     town.reset(force=True)
     tinytown.restore_snapshot(town, snapshot)

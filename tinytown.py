@@ -116,8 +116,10 @@ REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to co
 # The storage layout's version, in `layout`: 0.1.0 (no key) kept the backlog as a list and
 # no indexes but `tasks` and `task_counts`; "2" counted a blocked task's open prerequisites
 # (`waiting`) where "3" keeps their set (`waits:<id>`).  A person's connect upgrades a town
-# (_UPGRADE_LUA), and so does restoring an older snapshot.
-LAYOUT_VERSION = "3"
+# (_UPGRADE_LUA), and so does restoring an older snapshot.  "4" put every key of a town in
+# one Redis Cluster slot: the hash tag `{<town>}` in the prefix (older layouts' keys are
+# renamed from `tt:<town>:` on that connect).
+LAYOUT_VERSION = "4"
 
 # The event kinds a [hooks] table may name: the stream's own kinds, plus two the hook
 # runner derives (message_to_conductor: a `message` event to the conductor; all_tasks_done:
@@ -147,13 +149,17 @@ NICKNAMES = (
 
 
 class Keys:
-    """Every Redis key of a town, in one place: ``tt:<town>:...``.
+    """Every Redis key of a town, in one place: ``tt:{<town>}:...``.
 
-    The layout is part of the interface (users read it with redis-cli).
+    The layout is part of the interface (users read it with redis-cli).  The hash tag
+    `{<town>}` puts all of a town's keys in one Redis Cluster slot, so that every script
+    and transaction touches one slot, while towns spread over the cluster.  `legacy`: the
+    names of layouts before 4 (`tt:<town>:...`, no hash tag), for their upgrade.
     """
 
-    def __init__(self, town: str):
-        self.prefix = f"tt:{town}:"
+    def __init__(self, town: str, *, legacy: bool = False):
+        self.town = town
+        self.prefix = f"tt:{town}:" if legacy else f"tt:{{{town}}}:"
         self.agents = self.prefix + "agents"            # hash name -> id
         self.tasks = self.prefix + "tasks"              # zset task id by creation time
         self.backlog = self.prefix + "backlog"          # zset unassigned task id by arrival (FIFO)
@@ -176,6 +182,9 @@ class Keys:
         self.hooks = self.prefix + "hooks"              # hash: the hook runner's pid, counts
         self.hooks_failed = self.prefix + "hooks:failed"  # list: hooks that failed every retry
         self.layout = self.prefix + "layout"            # string: LAYOUT_VERSION of these keys
+        # The KEYS of a script that reaches keys only it can find (the tasks a change spreads
+        # to): one key of the town, which routes it to the town's slot on a Redis Cluster.
+        self.slot = [self.layout]
 
     def agent(self, agent_id: str) -> str: return f"{self.prefix}agent:{agent_id}"
     def inbox(self, agent_id: str) -> str: return f"{self.prefix}inbox:{agent_id}"
@@ -532,6 +541,14 @@ class PlanError(TinytownError):
         super().__init__(f"{where}: {problem}; nothing was changed")
 
 
+class OldLayout(TinytownError):
+    """The town's keys are in an older tinytown's layout, which only a person's start upgrades."""
+
+    def __init__(self, detail: str = ""):
+        super().__init__("this town's keys are in an older tinytown's layout; `tt start` upgrades"
+                         f" them{f' ({detail})' if detail else ''}")
+
+
 class InvalidSnapshot(TinytownError):
     """A snapshot `tt restore` refuses (before it changes anything): which key, what is wrong."""
 
@@ -563,6 +580,16 @@ class RedisConfig:
     tls_ca: str | None = None  # CA file for a rediss:// server
     tls_cert: str | None = None  # client certificate and key, when the server asks for one
     tls_key: str | None = None
+    # Beyond one server (an external Redis only): a Redis Cluster reached through any node
+    # of `url`, or the master Sentinel names `master`, found through `sentinels`.
+    cluster: bool = False
+    sentinels: list[str] = field(default_factory=list)  # "host:port" of each sentinel
+    master: str | None = None
+    sentinel_password: str | None = None  # or TINYTOWN_SENTINEL_PASSWORD
+    sentinel_tls: bool = False  # the sentinels speak TLS (with tls_ca, tls_cert, tls_key)
+    # Writes a caller is told succeeded wait until this many replicas have them (WAIT):
+    # a failover then cannot lose them.  0: replication stays asynchronous.
+    wait_replicas: int = 0
 
 
 @dataclass
@@ -907,7 +934,7 @@ _SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY|CREDENTIAL", re.I)
 def _redacted(key: str, value: Any) -> Any:
     """A config value fit to print: passwords, URL credentials and secret env values hidden."""
     leaf = key.rpartition(".")[2]
-    if leaf == "password" and value:
+    if leaf.endswith("password") and value:
         return "****"
     if leaf == "url" and value:
         return redact_url(value)
@@ -1548,6 +1575,20 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+def _is_cluster(client: Any) -> bool:
+    """A Redis Cluster client (or its pipeline): no SCAN of one node, no server-wide commands."""
+    return isinstance(client, (redis.RedisCluster, redis.cluster.ClusterPipeline))
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """ "host:port" (a sentinel's address; IPv6 in brackets) -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"[redis] sentinels: {address!r} is not host:port; write e.g."
+                          ' "10.0.0.5:26379"')
+    return host.strip("[]"), int(port)
+
+
 class RedisServer:
     """The town's Redis: a managed server under .tt/, or an external one by URL.
 
@@ -1570,7 +1611,15 @@ class RedisServer:
         self.last_error = ""  # why the last ping failed, for messages
         tls = {"tls_ca": config.redis.tls_ca, "tls_cert": config.redis.tls_cert,
                "tls_key": config.redis.tls_key}
-        if any(tls.values()) and not (self.url or "").startswith("rediss://"):
+        redis_cfg = config.redis
+        if redis_cfg.cluster and (not self.url or redis_cfg.sentinels):
+            raise ConfigError("[redis] cluster = true needs [redis] url (any node of the cluster)"
+                              " and no sentinels")
+        if redis_cfg.sentinels and not redis_cfg.master:
+            raise ConfigError("[redis] sentinels need [redis] master, the name the sentinels"
+                              " know the master by")
+        if any(tls.values()) and not (self.url or "").startswith("rediss://") and not (
+                redis_cfg.sentinels and redis_cfg.sentinel_tls):
             raise ConfigError(f"[redis] {', '.join(k for k, v in tls.items() if v)} need a"
                               " rediss:// url; set [redis] url or REDIS_URL")
 
@@ -1582,7 +1631,7 @@ class RedisServer:
 
     @property
     def managed(self) -> bool:
-        return not self.url
+        return not self.url and not self.config.redis.sentinels
 
     @property
     def stopped_on_purpose(self) -> bool:
@@ -1617,8 +1666,11 @@ class RedisServer:
 
     @property
     def display_url(self) -> str:
+        redis_cfg = self.config.redis
+        if redis_cfg.sentinels:
+            return f"sentinel://{','.join(redis_cfg.sentinels)}/{redis_cfg.master}"
         if self.url:
-            return redact_url(self.url)
+            return redact_url(self.url) + (" (cluster)" if redis_cfg.cluster else "")
         if self.config.redis.use_socket:
             return f"unix://{self.socket_path}"
         return f"redis://{self.config.redis.host}:{self.config.redis.port}"
@@ -1647,16 +1699,40 @@ class RedisServer:
         if tcp:
             options.update(socket_keepalive=True,
                            socket_keepalive_options=_keepalive_options(settings.heartbeat_secs))
+        redis_cfg = self.config.redis
+        tls = {k: v for k, v in (("ssl_ca_certs", redis_cfg.tls_ca), ("ssl_certfile", redis_cfg.tls_cert),
+                                 ("ssl_keyfile", redis_cfg.tls_key)) if v}
+        if redis_cfg.sentinels:
+            return self._sentinel_master(options, tls)
         if self.url:
             if self.url.startswith("rediss://"):
-                redis_cfg = self.config.redis
-                options.update({k: v for k, v in (("ssl_ca_certs", redis_cfg.tls_ca),
-                                                   ("ssl_certfile", redis_cfg.tls_cert),
-                                                   ("ssl_keyfile", redis_cfg.tls_key)) if v})
+                options.update(tls)
+            if redis_cfg.cluster:
+                # MOVED and ASK are followed by the client (the slot map is refreshed); a lost
+                # connection is an outage for the caller to ride out, as on one server.
+                options.pop("health_check_interval")
+                return redis.RedisCluster.from_url(self.url, **options)
             return redis.Redis.from_url(self.url, **options)
         if self.config.redis.use_socket:
             return redis.Redis(unix_socket_path=str(self.socket_path), **options)
         return redis.Redis(host=self.config.redis.host, port=self.config.redis.port, **options)
+
+    def _sentinel_master(self, options: dict[str, Any], tls: dict[str, Any]) -> redis.Redis:
+        """A client of the master the sentinels name: each new connection asks them where
+        it is now, and one that finds itself talking to a demoted master (READONLY) drops."""
+        redis_cfg = self.config.redis
+        sentinel_options: dict[str, Any] = {key: options[key] for key in (
+            "socket_timeout", "socket_connect_timeout", "decode_responses", "protocol")}
+        password = os.environ.get("TINYTOWN_SENTINEL_PASSWORD") or redis_cfg.sentinel_password
+        if password:
+            sentinel_options["password"] = password
+        if redis_cfg.sentinel_tls:
+            sentinel_options.update(ssl=True, **tls)
+        if (self.url or "").startswith("rediss://") or redis_cfg.sentinel_tls and tls:
+            options.update(ssl=True, **tls)
+        addresses = [_host_port(address) for address in redis_cfg.sentinels]
+        sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_options, **options)
+        return sentinel.master_for(redis_cfg.master or "mymaster")
 
     def ping(self, conn: redis.Redis | None = None, *, loaded: bool = False) -> bool:
         """True when a server answers (one still loading its data counts, unless `loaded`)."""
@@ -2641,7 +2717,7 @@ class TaskStore:
                      archived: dict[str, str] | None = None) -> None:
         """Queue create()'s script in `pipe` (a MULTI of the caller's)."""
         kind, fields = self._creation(task, assign_to, backlog, sender, priority, None)
-        self._new(args=[self.keys.prefix, task.id, time.time(), "1" if backlog and not task.after else "",
+        self._new(keys=self.keys.slot, args=[self.keys.prefix, task.id, time.time(), "1" if backlog and not task.after else "",
                         kind, task.description[:200], json.dumps(archived or {}), *fields], client=pipe)
 
     def create(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
@@ -2668,7 +2744,7 @@ class TaskStore:
         """Finish the graph's queued work (a change that reached more dependents than one
         script settles), a budget per script: one LLEN when there is none."""
         while self.redis.llen(self.keys.graph_work):
-            self._graph(args=[self.keys.prefix, _now()])
+            self._graph(keys=self.keys.slot, args=[self.keys.prefix, _now()])
 
     def queue_change(self, pipe: Any, task: Task, *, mode: str = "", **changes: Any) -> Task:
         """Queue (in a MULTI) a change with its counters, indexes, backlog place, event and
@@ -2676,7 +2752,7 @@ class TaskStore:
         backlog."""
         now = _now()
         detail = (changes.get("result") or changes.get("error") or "")[:200]
-        self._change(args=[self.keys.prefix, task.id, now, detail, mode, *_field_args(changes)], client=pipe)
+        self._change(keys=self.keys.slot, args=[self.keys.prefix, task.id, now, detail, mode, *_field_args(changes)], client=pipe)
         return dataclasses.replace(task, **changes, updated_at=now)
 
     def queue_usage(self, pipe: Any, task_ids: list[str], tokens_in: int, tokens_out: int, cost_usd: float) -> None:
@@ -2687,7 +2763,7 @@ class TaskStore:
 
     def queue_assign(self, pipe: Any, task_id: str, message: Message) -> None:
         """Queue (in a MULTI) handing an open task to `message.to` with this task_assign message."""
-        self._change(args=[self.keys.prefix, task_id, _now(), "", "assign", message.to, message.to_json()],
+        self._change(keys=self.keys.slot, args=[self.keys.prefix, task_id, _now(), "", "assign", message.to, message.to_json()],
                      client=pipe)
 
     def change_task(self, task_id: str, decide: Callable[[Task], dict[str, Any] | None]) -> Task:
@@ -2724,12 +2800,12 @@ class TaskStore:
         the task is no longer in the backlog (a claim got there first).
         """
         template = self.assignment(Task(description="\x02", id="\x01"), agent_id, sender)
-        claimed = self._claim(args=[self.keys.prefix, agent_id, task_id or "", template.to_json(), _now()])
+        claimed = self._claim(keys=self.keys.slot, args=[self.keys.prefix, agent_id, task_id or "", template.to_json(), _now()])
         return self.get(claimed) if claimed else None
 
     def unbacklog(self, task_id: str) -> Task | None:
         """Cancel a backlog task (None: it was claimed meanwhile)."""
-        changed = self._change(args=[self.keys.prefix, task_id, _now(), "removed from the backlog",
+        changed = self._change(keys=self.keys.slot, args=[self.keys.prefix, task_id, _now(), "removed from the backlog",
                                      "from_backlog", *_field_args({
                                          "state": TaskState.CANCELLED, "result": "removed from the backlog",
                                          "completed_at": _now()})])
@@ -2739,7 +2815,7 @@ class TaskStore:
     def delete(self, task_id: str) -> bool:
         """Remove a task everywhere it is indexed (e.g. a malformed one); its dependents see
         it as failed (on_failure decides), its messages stay where they are."""
-        dropped = bool(self._drop(args=[self.keys.prefix, _now(), task_id]))
+        dropped = bool(self._drop(keys=self.keys.slot, args=[self.keys.prefix, _now(), task_id]))
         self.settle_graph()
         return dropped
 
@@ -2759,7 +2835,7 @@ class TaskStore:
         [(_, highest)] = self.redis.zrange(finished, count - 1, count - 1, withscores=True)
         lowest = "-inf"
         while True:
-            last, looked = self._prune(args=[self.keys.prefix, lowest, repr(highest), PRUNE_BATCH])
+            last, looked = self._prune(keys=self.keys.slot, args=[self.keys.prefix, lowest, repr(highest), PRUNE_BATCH])
             pruned += self._flush_pruned()
             if int(looked) < PRUNE_BATCH:
                 return pruned
@@ -2830,7 +2906,7 @@ class TaskStore:
         """One batch of a plan push, atomically (_PLAN_PUSH_LUA): per operation, the fields
         applied and, as 'field: reason', those kept."""
         try:
-            answers = self._plan_push(args=[self.keys.prefix, _now(), json.dumps(ops)])
+            answers = self._plan_push(keys=self.keys.slot, args=[self.keys.prefix, _now(), json.dumps(ops)])
         except redis.ResponseError as exc:
             raise TinytownError(f"the plan was not applied: {exc}") from None
         self.settle_graph()
@@ -2843,6 +2919,7 @@ class TaskStore:
         Returns [tasks, backlog tasks, agents] indexed, or None when nothing was to do."""
         if self.redis.get(self.keys.layout) == LAYOUT_VERSION:
             return None
+        self._rename_legacy_keys()
         done = self._queue_upgrade(self.redis)
         self.settle_graph()
         if done:
@@ -2850,8 +2927,34 @@ class TaskStore:
                      self.keys.prefix, LAYOUT_VERSION, *done)
         return [int(n) for n in done] if done else None
 
+    def in_legacy_names(self) -> bool:
+        """The town's keys are still under the names of a layout before 4 (one GET when not)."""
+        if self.redis.get(self.keys.layout) == LAYOUT_VERSION or _is_cluster(self.redis):
+            return False
+        legacy = Keys(self.keys.town, legacy=True)
+        return bool(self.redis.exists(legacy.layout, legacy.agents, legacy.tasks, legacy.events,
+                                      legacy.backlog))
+
+    def _rename_legacy_keys(self) -> int:
+        """Move the keys of a layout before 4 (`tt:<town>:...`) to their names with the hash
+        tag.  RENAMENX never overwrites: a key both under the old and the new name (an old
+        loop still writing) keeps the new one, and the old one stays for a person to look at.
+        Only a town on one server can have such keys (a cluster refuses their scripts)."""
+        if not self.in_legacy_names():
+            return 0
+        legacy = Keys(self.keys.town, legacy=True)
+        renamed, found = 0, self.redis.scan_iter(match=legacy.prefix + "*", count=1000)
+        while batch := list(itertools.islice(found, 500)):
+            pipe = self.redis.pipeline(transaction=False)
+            for old in batch:
+                pipe.renamenx(old, self.keys.prefix + old[len(legacy.prefix):])
+            renamed += sum(1 for done in pipe.execute(raise_on_error=False) if done is True)
+        log.info("town %s: %s keys renamed from %s* to %s*", self.keys.town, renamed, legacy.prefix,
+                 self.keys.prefix)
+        return renamed
+
     def _queue_upgrade(self, client: Any) -> Any:
-        return self._upgrade(args=[self.keys.prefix, LAYOUT_VERSION, _now(), *(s.value for s in TaskState)],
+        return self._upgrade(keys=self.keys.slot, args=[self.keys.prefix, LAYOUT_VERSION, _now(), *(s.value for s in TaskState)],
                              client=client)
 
     def load(self, keys: dict[str, tuple[str, Any]], layout: str, source: str) -> int:
@@ -3345,7 +3448,7 @@ class Channel:
         """Drop dead letters, or `retry` them: back to the end of their queue with fresh
         counters (a failed task they assign reopened as assigned), all at once.  Ids or
         prefixes (None: every one)."""
-        chosen = self._dead(args=[self.keys.prefix, agent_id, "retry" if retry else "drop", _now(),
+        chosen = self._dead(keys=self.keys.slot, args=[self.keys.prefix, agent_id, "retry" if retry else "drop", _now(),
                                   *(message_ids if message_ids is not None else ["*"])])
         self.task_store.settle_graph()
         return [Message.from_json(raw) for raw in chosen]
@@ -3387,7 +3490,7 @@ class Channel:
         and their tasks fail with `reason`.  One Lua script; returns the dead ones.  With
         `holder`, only that lease holder may settle (LostLease otherwise).
         """
-        reply = self._settle(args=[self.keys.prefix, agent_id, holder, count, reason,
+        reply = self._settle(keys=self.keys.slot, args=[self.keys.prefix, agent_id, holder, count, reason,
                                    self.settings.max_attempts, self.settings.max_interruptions,
                                    "1" if wake else "0", _now(), *acked])
         if reply is None:
@@ -3403,7 +3506,7 @@ class Channel:
         `running_loop`, the record's `pid@host` when that loop runs there.  Returns
         (verdict, requeued): 'gone', 'alive', 'recovered' or 'idle' (terminal already).
         """
-        verdict, *rest = self._recover(args=[self.keys.prefix, agent_id, gone_holder, running_loop,
+        verdict, *rest = self._recover(keys=self.keys.slot, args=[self.keys.prefix, agent_id, gone_holder, running_loop,
                                              reason, self.settings.max_attempts,
                                              self.settings.max_interruptions, _now()])
         self.task_store.settle_graph()
@@ -3712,6 +3815,8 @@ class Town:
         self.created = False  # set by init() when it made the town
         if start_server:  # a person's connect: keys of an older tinytown are upgraded here, once
             self._tasks.upgrade_layout()
+        elif self._tasks.in_legacy_names():
+            raise OldLayout()
         self.stranded_name = self._name_with_data()
 
     def _name_with_data(self) -> str | None:
@@ -5066,7 +5171,7 @@ _SNAPSHOT_LAYOUT = {
 }
 # Kept by _TASKS_LUA next to a Task's fields (`waiting` and `release_message`: layout 2's).
 _TASK_HASH_EXTRAS = ("message", "failed_by", "plan_entry", "waiting", "release_message")
-_LAYOUTS = ("2", LAYOUT_VERSION)  # those a `layout` key may name (0.1.0 had none)
+_LAYOUTS = ("2", "3", LAYOUT_VERSION)  # those a `layout` key may name (0.1.0 had none)
 _AMOUNT = r"[0-9]{1,18}(\.[0-9]{1,18})?(e-?[0-9]{1,3})?"  # an amount as Redis writes it (HINCRBYFLOAT)
 _NUMBER = f"-?{_AMOUNT}"  # a counter or an amount
 _SHAPES = {"string": str, "hash": dict, "list": list, "set": list, "zset": list}
@@ -7910,8 +8015,7 @@ def _error_line(error: BaseException) -> tuple[str, str]:
     if isinstance(error, TinytownError):
         message, code = str(error), error.code
     elif isinstance(error, redis.ResponseError) and "WRONGTYPE" in str(error):
-        message, code = ("this town's keys are in an older tinytown's layout; `tt start` upgrades"
-                         f" them ({error})"), "old_layout"
+        message, code = str(OldLayout(str(error))), "old_layout"
     elif isinstance(error, redis.RedisError):
         message, code = f"{type(error).__name__}: {error}", "redis_error"
     elif isinstance(error, OSError) and error.filename is not None:  # the file named, but briefly
