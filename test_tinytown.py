@@ -5609,3 +5609,211 @@ def test_a_redis_outage_longer_than_the_ttl_loses_nothing(cli_town):
         task = town.assign("a1", "after the outage")
         assert town.wait_task(task.id, timeout=60).state == "completed"
         assert town.agent("a1").record().alive
+
+
+# Beyond one server: Redis Cluster and Sentinel (issue 19) ###################
+# Real servers on 127.0.0.1: a cluster of three masters (slots assigned with CLUSTER
+# ADDSLOTS and MEET, so no redis-cli is needed), and a master, a replica and three
+# sentinels (Debian's redis-sentinel; skipped, saying so, where there is none).
+
+def _start_server(folder: Path, port: int, *extra: str) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(tinytown.find_redis_server()), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(folder), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and proc.poll() is None, f"redis on {port} did not start"
+            time.sleep(0.02)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = random.randrange(20000, 45000)
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in (port, port + 10000):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+        return port
+
+
+class LocalCluster:
+    """Three cluster masters on 127.0.0.1, slots split evenly."""
+
+    def __init__(self, folder: Path):
+        self.ports = [_cluster_port() for _ in range(3)]
+        self.procs = [_start_server(folder / str(port), port, "--cluster-enabled", "yes",
+                                    "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000")
+                      for port in self.ports]
+        self.nodes = [redis.Redis(port=port, decode_responses=True) for port in self.ports]
+        bounds = [0, 5461, 10923, 16384]
+        for i, node in enumerate(self.nodes):
+            node.execute_command("CLUSTER", "ADDSLOTS", *range(bounds[i], bounds[i + 1]))
+        for node in self.nodes[1:]:
+            node.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0])
+        deadline = time.monotonic() + 30
+        while not all(node.cluster("info")["cluster_state"] == "ok" and len(node.cluster("nodes")) == 3
+                      for node in self.nodes):
+            assert time.monotonic() < deadline, "the cluster did not form"
+            time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def node_id(self, node) -> str:
+        return node.execute_command("CLUSTER", "MYID")
+
+    def owner(self, slot: int):
+        for node in self.nodes:
+            for start, end, *_ in node.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return next(n for n in self.nodes if any(
+                        str(n.connection_pool.connection_kwargs["port"]) == str(info[1]) for info in _[:1]))
+        raise AssertionError(f"slot {slot} has no owner")
+
+    def migrate(self, slot: int, source, target, batch: int = 10, pause: float = 0.05) -> int:
+        """Move `slot` the way `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, the
+        keys in batches with MIGRATE, then the new owner announced.  Returns keys moved."""
+        target_port = target.connection_pool.connection_kwargs["port"]
+        target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+        moved = 0
+        while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+            source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            time.sleep(pause)  # work goes on between the batches
+        for node in (target, source, *self.nodes):
+            node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.node_id(target))
+        return moved
+
+    def close(self):
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def cluster_town(tmp_path, redis_cluster, monkeypatch):
+    """A fresh town on the local Redis Cluster."""
+    monkeypatch.setenv("REDIS_URL", redis_cluster.url)
+    monkeypatch.setenv("TINYTOWN_TOWN", str(tmp_path))
+    with Town.init(tmp_path, f"c-{uuid.uuid4().hex[:8]}", redis={"cluster": True},
+                   agent={"heartbeat_secs": 1}) as t:
+        yield t
+        for agent in t.list_agents():
+            if agent.pid and not agent.terminal:
+                t.kill_agent(agent.id)
+        for agent in t.list_agents():
+            if agent.pid:
+                _wait_gone(int(agent.pid), 10)
+        t.reset(force=True)
+
+
+def _dag_of_20(town) -> list[str]:
+    """20 backlog tasks, each after up to two earlier ones."""
+    ids: list[str] = []
+    for i in range(20):
+        after = [ids[j] for j in (i - 3, i - 7) if j >= 0]
+        ids.append(town.backlog_add(f"dag step {i}", after=after).id)
+    return ids
+
+
+def _assert_ran_in_order(town, ids):
+    for task_id in ids:
+        task = town.task(task_id)
+        assert task.state == "completed", task
+        for pre in task.after:
+            assert town.task(pre).completed_at <= task.started_at, (pre, task_id)
+
+
+def test_a_town_on_a_redis_cluster_runs_a_dag_with_three_agents(cluster_town, redis_cluster):
+    town = cluster_town
+    assert isinstance(town.redis, redis.RedisCluster)
+    assert town.keys.prefix == f"tt:{{{town.name}}}:"
+    cluster = tt_json("status")["redis"]["cluster"]
+    assert cluster["slot"] == town.redis.keyslot(town.keys.layout) and len(cluster["nodes"]) == 3
+    ids = _dag_of_20(town)
+    for name in ("a1", "a2", "a3"):
+        town.spawn_agent(name, "demo", max_rounds=0)
+    for task_id in ids:
+        assert town.wait_task(task_id, timeout=120).state == "completed"
+    _assert_ran_in_order(town, ids)
+    # every key of the town is in its one slot
+    owner = next(n for n in redis_cluster.nodes if n.connection_pool.connection_kwargs["port"]
+                 == int(cluster["owner"].rpartition(":")[2]))
+    slot_keys = owner.execute_command("CLUSTER", "COUNTKEYSINSLOT", cluster["slot"])
+    assert slot_keys == sum(1 for _ in town.redis.scan_iter(match=town.keys.prefix + "*")) > 20
+
+
+def test_every_cli_command_works_on_a_redis_cluster(cluster_town, tmp_path):
+    town = cluster_town
+    town.spawn_agent("w", "demo", start=False)
+    first = tt_json("assign", "w", "first")["id"]
+    later = tt_json("backlog", "add", "later", "--after", first)["id"]
+    commands = [
+        ("status",), ("list",), ("task", "list"), ("task", "show", first), ("task", "current", "w"),
+        ("backlog", "list"), ("send", "w", "hello", "--info"), ("send", "conductor", "hi"),
+        ("inbox",), ("inbox", "w"), ("broadcast", "all hands"), ("dead",), ("history", "-n", "5"),
+        ("events",), ("config",), ("reclaim",), ("recover",),
+        ("task", "complete", first, "--result", "done"), ("backlog", "claim", later, "w"),
+        ("task", "fail", later, "--error", "no"), ("task", "prune", "--older-than", "0"),
+        ("save", str(tmp_path / "snap.json")), ("backlog", "add", "x"), ("reset",),
+        ("restore", str(tmp_path / "snap.json"), "--force"), ("restart", "w"), ("interrupt", "w"),
+        ("resume", "w"), ("kill", "w"), ("wait", "w", "--timeout", "30"), ("prune",),
+    ]
+    for argv in commands:
+        code, out, err = tt(*argv, "--json")
+        assert code == 0 and "Traceback" not in err, (argv, out, err)
+    checks = {check["name"]: check for check in json.loads(tt("doctor", "--json")[1])}
+    assert checks["redis"]["ok"] and checks["cluster"]["ok"] and "slot" in checks["cluster"]["detail"]
+
+
+def test_two_towns_on_a_cluster_land_in_different_slots(redis_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", redis_cluster.url)
+    slots = set()
+    for name in ("north", "south"):
+        with Town.init(tmp_path / name, name, redis={"cluster": True}) as t:
+            t.backlog_add(f"work of {name}")
+            slots.add(t.redis.keyslot(t.keys.layout))
+            assert [task.description for task in t.backlog()] == [f"work of {name}"]
+            t.reset(force=True)
+    assert len(slots) == 2
+
+
+@pytest.mark.slow
+def test_migrating_the_towns_slot_during_work_loses_nothing(cluster_town, redis_cluster):
+    town = cluster_town
+    slot = town.redis.keyslot(town.keys.layout)
+    ids = [town.backlog_add(f"job {i} [sleep 0.05]").id for i in range(60)]
+    for name in ("m1", "m2", "m3"):
+        town.spawn_agent(name, "demo", max_rounds=0)
+    wait_for(town, lambda: town.task_store.task_counts().get("completed", 0) >= 5 or None, 60)
+    ports = [n.connection_pool.connection_kwargs["port"] for n in redis_cluster.nodes]
+    owner_port = int(town.redis.get_node_from_key(town.keys.layout).port)
+    source = redis_cluster.nodes[ports.index(owner_port)]
+    target = redis_cluster.nodes[(ports.index(owner_port) + 1) % 3]
+    moved = redis_cluster.migrate(slot, source, target)
+    assert moved > 20
+    for task_id in ids:
+        assert town.wait_task(task_id, timeout=120).state == "completed"
+    assert town.redis.get_node_from_key(town.keys.layout).port == target.connection_pool.connection_kwargs["port"]
+    assert sum(a.tasks_completed for a in town.list_agents()) == 60
+    assert all(a.state in ("idle", "working") and not a.error for a in town.list_agents())

@@ -1580,6 +1580,17 @@ def _is_cluster(client: Any) -> bool:
     return isinstance(client, (redis.RedisCluster, redis.cluster.ClusterPipeline))
 
 
+class _Script(redis.commands.core.Script):
+    """A Lua script run by its SHA, which also runs in a Redis Cluster's transaction (where
+    redis-py does not load a pipeline's scripts first, as it does on one server): there it
+    is sent whole, so no node can answer NOSCRIPT after the transaction's other commands ran."""
+
+    def __call__(self, keys: Any = (), args: Any = (), client: Any = None) -> Any:
+        if client is not None and _is_cluster(client):
+            return client.execute_command("EVAL", self.script, len(keys), *keys, *args)
+        return super().__call__(list(keys), list(args), client)
+
+
 def _host_port(address: str) -> tuple[str, int]:
     """ "host:port" (a sentinel's address; IPv6 in brackets) -> (host, port)."""
     host, _, port = address.rpartition(":")
@@ -1733,6 +1744,18 @@ class RedisServer:
         addresses = [_host_port(address) for address in redis_cfg.sentinels]
         sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_options, **options)
         return sentinel.master_for(redis_cfg.master or "mymaster")
+
+    def topology(self, client: Any, town_key: str) -> dict[str, Any]:
+        """Where the town lives beyond one server: the cluster's nodes and which one owns the
+        town's slot, or the master the sentinels name now ({} on one server)."""
+        if _is_cluster(client):
+            owner = client.get_node_from_key(town_key)
+            return {"cluster": {"slot": client.keyslot(town_key), "owner": owner.name,
+                                "nodes": sorted(f"{node.name} {node.server_type}" for node in client.get_nodes())}}
+        if self.config.redis.sentinels:
+            host, port = client.connection_pool.get_master_address()
+            return {"sentinel": {"master": self.config.redis.master, "address": f"{host}:{port}"}}
+        return {}
 
     def ping(self, conn: redis.Redis | None = None, *, loaded: bool = False) -> bool:
         """True when a server answers (one still loading its data counts, unless `loaded`)."""
@@ -2602,12 +2625,12 @@ class TaskStore:
         self.redis = client
         self.keys = keys
         self.archive_dir = archive_dir
-        script = lambda text: client.register_script(_lua(text))  # noqa: E731
+        script = lambda text: _Script(client, _lua(text))  # noqa: E731
         self._change, self._new = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
         self._plan_push, self._drop = script(_PLAN_PUSH_LUA), script(_DROP_TASKS_LUA)
         self._prune, self._claim = script(_PRUNE_LUA), script(_CLAIM_LUA)
         self._upgrade, self._graph = script(_UPGRADE_LUA), script(_GRAPH_LUA)
-        self._usage = client.register_script(_TASK_USAGE_LUA)
+        self._usage = _Script(client, _TASK_USAGE_LUA)
 
     # -- reading -----------------------------------------------------------------
 
@@ -3023,13 +3046,13 @@ return out
 """
 
 # KEYS[1] = the recipient's queue, KEYS[2] = wake:<id>, KEYS[3] = events,
-# KEYS[4] = agent:<id> ('' for the conductor, whose mailbox always exists)
+# KEYS[4] = agent:<id> (KEYS[1] for the conductor, whose mailbox always exists)
 # ARGV[1] = the message (JSON), ARGV[2] = wake tokens to keep, ARGV[3..] = event fields
 # Channel.send in one command: the hot path's version of Channel._push plus an event.
 # Returns 0, sending nothing, when the agent was deleted meanwhile (`tt prune`): a message
 # is never pushed to a mailbox nobody will read.
 _SEND_LUA = """
-if KEYS[4] ~= '' and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
+if KEYS[4] ~= KEYS[1] and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[2], '1')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
@@ -3286,7 +3309,7 @@ class Channel:
         self.keys = keys
         self.settings = settings
         self.task_store = task_store or TaskStore(client, keys)  # (reclaim moves tasks)
-        script = lambda text: client.register_script(_lua(text))  # noqa: E731
+        script = lambda text: _Script(client, _lua(text))  # noqa: E731
         self._send, self._take, self._pop = script(_SEND_LUA), script(_TAKE_LUA), script(_POP_LUA)
         self._set_state = script(_SET_STATE_LUA)
         self._acquire_lease = script(_ACQUIRE_LEASE_LUA)
@@ -3345,8 +3368,9 @@ class Channel:
 
     def send(self, message: Message) -> Message:
         """Queue a message for `message.to` (an agent id or the conductor) and wake it."""
-        record = "" if message.to == CONDUCTOR_ID else self.keys.agent(message.to)
-        if not self._send(keys=[self.keys.queue_for(message.to, message.priority),
+        queue = self.keys.queue_for(message.to, message.priority)
+        record = queue if message.to == CONDUCTOR_ID else self.keys.agent(message.to)
+        if not self._send(keys=[queue,
                                 self.keys.wake(message.to), self.keys.events, record],
                           args=[message.to_json(), WAKE_KEEP, "event", "message", "at", _now(),
                                 "agent", message.to, "type", message.type, "sender", message.from_,
@@ -4509,7 +4533,8 @@ class Town:
         return {
             "town": self.name, "root": str(self._root), "version": __version__,
             "redis": {"url": self.server.display_url, "managed": self.server.managed,
-                      "running": True, "pid": self.server.read_pid() if self.server.managed else None},
+                      "running": True, "pid": self.server.read_pid() if self.server.managed else None,
+                      **self.server.topology(self.redis, self.keys.layout)},
             "agents": listed,
             "conductor_inbox": self._channel.inbox_len(CONDUCTOR_ID),
             "tasks": self._tasks.task_counts(),
@@ -4638,7 +4663,7 @@ def _hook_runner_pid(root: Path) -> int | None:
 
 
 def _create_hook_group(town: Town) -> None:
-    town.redis.register_script(_lua(_HOOK_GROUP_LUA))(
+    _Script(town.redis, _lua(_HOOK_GROUP_LUA))(
         keys=[town.keys.events, town.keys.events_added, town.keys.hooks], args=[_HOOK_GROUP])
 
 
@@ -5137,6 +5162,10 @@ def save_snapshot(town: Town) -> dict[str, Any]:
     data = {}
     for (key, kind), value in zip(pairs, pipe.execute()):
         relative = key[len(town.keys.prefix):]
+        if kind in ("hash", "zset") and isinstance(value, list) and value and not isinstance(value[0], tuple):
+            # (a Redis Cluster transaction hands back the raw reply: field, value, field, ...)
+            value = dict(zip(value[::2], value[1::2])) if kind == "hash" else list(
+                zip(value[::2], map(float, value[1::2])))
         if kind == "set":
             value = sorted(value)
         elif kind == "zset":
@@ -6178,6 +6207,12 @@ def doctor(path: str | os.PathLike[str] = ".") -> list[Check]:
     agents: list[Agent] = []
     if reachable:
         channel = Channel(server.client(), Keys(config.name), config.agent)
+        where = server.topology(channel.redis, channel.keys.layout)
+        if cluster := where.get("cluster"):
+            checks.append(Check("cluster", True, f"{len(cluster['nodes'])} nodes; the town's slot"
+                                f" {cluster['slot']} is on {cluster['owner']}"))
+        if sentinel := where.get("sentinel"):
+            checks.append(Check("sentinel", True, f"master {sentinel['master']} is {sentinel['address']}"))
         agents = channel.agents()
         checks += _agent_checks(channel, agents)
         if config.hooks:
@@ -6380,7 +6415,7 @@ class HookRunner:
         self._check_gap = True  # at the start, and after each batch: trimming may have passed us
         self._stopping = False
         self._last_beat = 0.0
-        self._gap = town.redis.register_script(_lua(_HOOK_GAP_LUA))
+        self._gap = _Script(town.redis, _lua(_HOOK_GAP_LUA))
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stopping = True  # a flag only: the loop checks it between entries
@@ -6979,8 +7014,12 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
     status["agents"] = [names.add_to(agent) for agent in status["agents"]]
     status["hooks"] = _hooks_status(town.root, town.config, town.channel)
     redis_pid = f" (pid {status['redis']['pid']})" if status["redis"]["pid"] else ""
-    lines = [f"town {status['town']} at {status['root']}", f"redis {status['redis']['url']}{redis_pid}",
-             f"agents: {len(status['agents'])}"]
+    lines = [f"town {status['town']} at {status['root']}", f"redis {status['redis']['url']}{redis_pid}"]
+    if cluster := status["redis"].get("cluster"):
+        lines.append(f"  cluster: slot {cluster['slot']} on {cluster['owner']}; nodes: {', '.join(cluster['nodes'])}")
+    if sentinel := status["redis"].get("sentinel"):
+        lines.append(f"  sentinel: master {sentinel['master']} at {sentinel['address']}")
+    lines.append(f"agents: {len(status['agents'])}")
     for agent in status["agents"]:
         lines.append("  " + _agent_line(agent) + _usage_text(agent))
         if agent["pending"]:
