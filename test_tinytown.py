@@ -5820,3 +5820,128 @@ def test_moving_the_towns_slot_to_another_node_during_work_loses_nothing(cluster
     assert town.redis.get_node_from_key(town.keys.layout).port == target.connection_pool.connection_kwargs["port"]
     assert sum(a.tasks_completed for a in town.list_agents()) == 60
     assert all(a.state in ("idle", "working") and not a.error for a in town.list_agents())
+
+
+class LocalSentinels:
+    """A master, a replica and three redis-sentinel processes watching it as `tt`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.master_port, self.replica_port = free_port(), free_port()
+        self.master = _start_server(folder / "master", self.master_port)
+        self.replica = _start_server(folder / "replica", self.replica_port,
+                                     "--replicaof", "127.0.0.1", str(self.master_port))
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels = []
+        for port in self.sentinel_ports:
+            conf = folder / f"sentinel-{port}.conf"
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                            f"sentinel monitor tt 127.0.0.1 {self.master_port} 2\n"
+                            "sentinel down-after-milliseconds tt 1000\nsentinel failover-timeout tt 5000\n")
+            self.sentinels.append(subprocess.Popen([shutil.which("redis-sentinel"), str(conf)],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        replica = redis.Redis(port=self.replica_port, decode_responses=True)
+        deadline = time.monotonic() + 30
+        while replica.info("replication").get("master_link_status") != "up" or not all(
+                self._sentinel(port).sentinel_master("tt").get("num-other-sentinels") == 2
+                for port in self.sentinel_ports):
+            assert time.monotonic() < deadline, "the sentinels did not come up"
+            time.sleep(0.1)
+
+    def _sentinel(self, port):
+        try:
+            return redis.Redis(port=port, decode_responses=True)
+        except redis.ConnectionError:
+            return None
+
+    def master_address(self) -> tuple[str, int]:
+        host, port = redis.Redis(port=self.sentinel_ports[0]).sentinel_get_master_addr_by_name("tt")
+        return (host.decode() if isinstance(host, bytes) else host), int(port)
+
+    def kill_master(self) -> None:
+        self.master.kill()
+        self.master.wait(10)
+
+    def restart_old_master(self) -> None:
+        self.master = _start_server(self.folder / "master", self.master_port)
+
+    def close(self):
+        for proc in (*self.sentinels, self.master, self.replica):
+            proc.terminate()
+        for proc in (*self.sentinels, self.master, self.replica):
+            proc.wait(10)
+
+
+sentinel_missing = pytest.mark.skipif(not shutil.which("redis-sentinel"),
+                                      reason="no redis-sentinel here (Debian: apt-get install redis-sentinel)")
+
+
+def _sentinel_run(tmp_path, monkeypatch, wait_replicas: int) -> dict:
+    """Two agents work and a person completes tasks (from a thread, as fast as they can)
+    while the master is SIGKILLed; the replica is promoted, the old master comes back as its
+    replica.  Returns how many completions were acknowledged and which of them the new
+    master lacks."""
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("TINYTOWN_TOWN", str(tmp_path / "town"))
+    setup = LocalSentinels(tmp_path / "servers")
+    try:
+        sentinels = [f"127.0.0.1:{port}" for port in setup.sentinel_ports]
+        with Town.init(tmp_path / "town", "sentinel-town", agent={"heartbeat_secs": 1}, redis={
+                "sentinels": sentinels, "master": "tt", "wait_replicas": wait_replicas}) as town:
+            assert tt_json("status")["redis"]["sentinel"]["address"] == f"127.0.0.1:{setup.master_port}"
+            work = [town.backlog_add(f"agent job {i} [sleep 0.1]").id for i in range(20)]
+            mine = [town.backlog_add(f"person job {i}", tags=["nobody"]).id for i in range(400)]
+            for name in ("s1", "s2"):
+                town.spawn_agent(name, "demo", max_rounds=1000)
+            wait_for(town, lambda: town.task_store.task_counts().get("completed", 0) >= 2 or None, 60)
+            acknowledged, refused, stop = [], [], threading.Event()
+
+            def person():
+                with Town(town.root) as mine_town:
+                    for task_id in mine:
+                        if stop.is_set():
+                            return
+                        try:
+                            mine_town.complete_task(task_id, "done")
+                            mine_town.confirm_replicated()  # what `tt task complete` does
+                            acknowledged.append(task_id)
+                        except (TinytownError, redis.RedisError):
+                            refused.append(task_id)  # not acknowledged: may or may not be there
+                            time.sleep(0.05)
+            worker_thread = threading.Thread(target=person)
+            worker_thread.start()
+            wait_for(town, lambda: len(acknowledged) >= 30 or None, 60)
+            setup.kill_master()
+            deadline = time.monotonic() + 60
+            while setup.master_address() != ("127.0.0.1", setup.replica_port):
+                assert time.monotonic() < deadline, "no failover"
+                time.sleep(0.1)
+            setup.restart_old_master()  # the sentinels make it the new master's replica
+            before = len(acknowledged)
+            wait_for(town, lambda: len(acknowledged) >= before + 30 or None, 60)
+            stop.set()
+            worker_thread.join(30)
+            for task_id in work:  # the agents went on on the promoted replica
+                assert town.wait_task(task_id, timeout=120).state == "completed"
+            lost = [t for t in acknowledged if town.task(t).state != "completed"]
+            return {"acknowledged": len(acknowledged), "refused": len(refused), "lost": lost}
+    finally:
+        setup.close()
+
+
+@pytest.mark.slow
+@sentinel_missing
+def test_a_sentinel_failover_with_wait_replicas_loses_no_acknowledged_completion(tmp_path, monkeypatch):
+    outcome = _sentinel_run(tmp_path, monkeypatch, wait_replicas=1)
+    print(f"\nsentinel failover, wait_replicas = 1: {outcome['acknowledged']} completions acknowledged,"
+          f" {outcome['refused']} not acknowledged, {len(outcome['lost'])} lost")
+    assert outcome["acknowledged"] >= 60 and outcome["lost"] == []
+
+
+@pytest.mark.slow
+@sentinel_missing
+def test_a_sentinel_failover_without_wait_replicas_is_ridden_out(tmp_path, monkeypatch):
+    outcome = _sentinel_run(tmp_path, monkeypatch, wait_replicas=0)
+    print(f"\nsentinel failover, wait_replicas = 0: {outcome['acknowledged']} completions acknowledged,"
+          f" {len(outcome['lost'])} lost (the asynchronous replication window)")
+    assert outcome["acknowledged"] >= 60

@@ -112,6 +112,7 @@ STOP_GRACE_SECS = 10.0
 LAUNCH_LEASE_SECS = 30.0  # a spawned loop must take its lease within this
 CLI_GRACE_SECS = 5.0  # a CLI's whole process group gets this long between SIGTERM and SIGKILL
 GIT_TIMEOUT_SECS = 60.0
+WAIT_REPLICAS_SECS = 5.0  # how long a write waits for [redis] wait_replicas replicas to have it
 REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to come back
 # The storage layout's version, in `layout`: 0.1.0 (no key) kept the backlog as a list and
 # no indexes but `tasks` and `task_counts`; "2" counted a blocked task's open prerequisites
@@ -182,6 +183,7 @@ class Keys:
         self.hooks = self.prefix + "hooks"              # hash: the hook runner's pid, counts
         self.hooks_failed = self.prefix + "hooks:failed"  # list: hooks that failed every retry
         self.layout = self.prefix + "layout"            # string: LAYOUT_VERSION of these keys
+        self.replicated = self.prefix + "replicated"    # counter: writes confirmed by [redis] wait_replicas
         # The KEYS of a script that reaches keys only it can find (the tasks a change spreads
         # to): one key of the town, which routes it to the town's slot on a Redis Cluster.
         self.slot = [self.layout]
@@ -539,6 +541,16 @@ class PlanError(TinytownError):
         self.path, self.line, self.entry, self.problem = path, line, entry, problem
         where = f"{path}{f':{line}' if line else ''}{f' (entry {entry!r})' if entry else ''}"
         super().__init__(f"{where}: {problem}; nothing was changed")
+
+
+class NotReplicated(TinytownError):
+    """[redis] wait_replicas: the change was made, but fewer replicas confirmed it in time."""
+
+    def __init__(self, confirmed: int, wanted: int):
+        self.confirmed, self.wanted = confirmed, wanted
+        super().__init__(f"the change was made, but only {confirmed} of {wanted} replicas confirmed it"
+                         f" within {WAIT_REPLICAS_SECS:g} s ([redis] wait_replicas): a failover now"
+                         " could lose it; check the replicas (`tt doctor`)")
 
 
 class OldLayout(TinytownError):
@@ -3939,6 +3951,26 @@ class Town:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
+    def confirm_replicated(self) -> int:
+        """With [redis] wait_replicas = N, block until N replicas have every write made so
+        far (NotReplicated when they do not within WAIT_REPLICAS_SECS): a failover after
+        this cannot lose them.  WAIT counts the writes of its own connection, so a barrier
+        (INCR of `replicated`, on the town's own node) goes first on the same connection;
+        replicas apply the stream in order, so having it they have everything before it.
+        Returns the replicas that confirmed (0 when nothing is asked)."""
+        wanted = self.config.redis.wait_replicas
+        if not wanted:
+            return 0
+        client = self.redis.get_node_from_key(self.keys.replicated).redis_connection if _is_cluster(
+            self.redis) else self.redis
+        pipe = client.pipeline(transaction=False)
+        pipe.incr(self.keys.replicated)
+        pipe.execute_command("WAIT", wanted, int(WAIT_REPLICAS_SECS * 1000))
+        confirmed = int(pipe.execute()[1])
+        if confirmed < wanted:
+            raise NotReplicated(confirmed, wanted)
+        return confirmed
+
     def release(self) -> None:
         """Give up ownership: close() then leaves the server and the spawned loops running."""
         self._owns_server = False
@@ -4137,22 +4169,50 @@ class Town:
             raise InvalidTransition(f"agent {agent.name}", agent.state, "only a paused agent can be resumed")
         return self._channel.get_agent(agent_id)
 
+    def _ride_out(self, exc: Exception, since: float | None) -> float:
+        """A long wait met a lost Redis (a failover, a restart): back off a little and say
+        when the outage began; re-raise once the town was stopped on purpose or the outage
+        outlasted REDIS_OUTAGE_SECS.  (The client finds the new master by itself.)"""
+        now = time.monotonic()
+        if self.server.stopped_on_purpose or since is not None and now - since > REDIS_OUTAGE_SECS:
+            raise exc
+        log.info("Redis unavailable (%s); waiting for it", exc)
+        time.sleep(0.5)
+        return now if since is None else since
+
     def _wait_until(self, check: Callable[[], Any], timeout: float | None, what: str) -> Any:
         """Block on the event stream (XREAD) until check() returns something."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        after = self._channel.last_event_id()
+        after, outage = None, None
         while True:
-            result = check()
-            if result is not None:
-                return result
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise WaitTimeout(what, timeout)
-            block = self._config.agent.heartbeat_secs * 2
-            block = min(block, remaining) if remaining is not None else block
-            reply = self.redis.xread({self.keys.events: after}, block=max(int(block * 1000), 1), count=500)
-            if reply:
-                after = reply[0][1][-1][0]
+            try:
+                after = after or self._channel.last_event_id()
+                result = check()
+                if result is not None:
+                    return result
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WaitTimeout(what, timeout)
+                block = self._config.agent.heartbeat_secs * 2
+                block = min(block, remaining) if remaining is not None else block
+                reply = self.redis.xread({self.keys.events: after}, block=max(int(block * 1000), 1), count=500)
+                if reply:
+                    after = reply[0][1][-1][0]
+                outage = None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                outage = self._ride_out(exc, outage)
+
+    def follow_events(self, after: str = "$", block_secs: float = 5.0) -> Iterator[dict[str, str]]:
+        """Channel.follow_events, riding out a lost Redis: it goes on after the last event
+        it gave, so a failover skips nothing the new master has."""
+        outage = None
+        while True:
+            try:
+                for event in self._channel.follow_events(after, block_secs):
+                    after, outage = event.get("id", after), None
+                    yield event
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                outage = self._ride_out(exc, outage)
 
     def wait_agent(self, ref: str, timeout: float | None = None) -> Agent:
         """Block until the agent is stopped, cold or in error; errors if its loop died."""
@@ -5855,6 +5915,10 @@ class AgentLoop:
             try:
                 self._beat(due_only=False)
                 self.channel.settle(self.agent.id, acked, reason, count=count, wake=wake, holder=self.identity)
+                try:
+                    self.town.confirm_replicated()
+                except NotReplicated as exc:  # (the round is over either way: said, not undone)
+                    log.warning("agent %s: round settled; %s", self.agent.name, exc)
                 return
             except redis.ConnectionError:
                 if last or not self.town.revive_server():
@@ -7675,7 +7739,7 @@ def _cmd_history(town: Town, args: Any) -> _Reply:
 
 def _follow_events(town: Town, agent_id: str | None, after: str = "$") -> Iterator[_Reply]:
     names = _Names(town)
-    for event in town.channel.follow_events(after or "$"):
+    for event in town.follow_events(after or "$"):
         if event and (agent_id is None or event.get("agent") == agent_id):
             yield _Reply(names.add_to(event), _event_line(event, names))
 
@@ -8114,6 +8178,8 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
         return reply.exit_code
     try:
         reply = args.handler(town, args)
+        if town and isinstance(reply, _Reply) and reply.exit_code == 0 and use is not _TownUse.READ:
+            town.confirm_replicated()  # (told it succeeded only once the replicas have it)
         if isinstance(reply, _Reply):
             show(reply, args.json)
             return reply.exit_code
@@ -8253,7 +8319,7 @@ class _Watch:
     def _follow(self, wake: int) -> None:
         """The event thread: each batch of events is a byte on the wake pipe."""
         try:
-            for event in self.town.channel.follow_events(block_secs=1.0):
+            for event in self.town.follow_events(block_secs=1.0):
                 if self._quit:
                     return
                 if event:
