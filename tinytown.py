@@ -116,8 +116,9 @@ CLI_GRACE_SECS = 5.0  # a CLI's whole process group gets this long between SIGTE
 GIT_TIMEOUT_SECS = 60.0
 REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to come back
 # A provider's rate limit with no reset time given pauses its agents for a back-off that
-# doubles from the first to the last (a report while a pause is in force is the same limit).
-RATE_LIMIT_BACKOFF_SECS = (30.0, 1800.0)
+# doubles from [agent] rate_limit_backoff_secs up to this (a report while a pause is in
+# force is the same limit).
+RATE_LIMIT_MAX_BACKOFF_SECS = 1800.0
 AGENT_MEMORY_MB = 370  # what one AI CLI takes resident, at most (270-370 MB measured)
 MEMORY_RECHECK_SECS = 5.0  # a loop waiting for memory looks again this often
 ROUND_OUTPUT_SCANNED = 256 * 1024  # bytes of a failed round's stdout and log read for a rate limit
@@ -611,6 +612,7 @@ class AgentSettings:
     max_tokens: int = 0         # per agent, in + out; 0: no limit
     on_budget: str = "stop"     # a budget reached: "stop" (state error) or "pause"
     keep_round_logs: int = 50   # each agent's newest round logs kept in .tt/logs/<name>/; 0: all
+    rate_limit_backoff_secs: float = 30.0  # the first pause for a rate limit with no reset time
 
 
 @dataclass
@@ -862,6 +864,7 @@ max_cost_usd = 0             # budgets: stop an agent at this cost or token coun
 max_tokens = 0
 on_budget = "stop"           # "stop" (state error) or "pause"
 keep_round_logs = 50         # each agent's newest round logs kept (0: all)
+rate_limit_backoff_secs = 30 # a provider's rate limit with no reset time: the first pause (doubling, up to 30 min)
 
 [town]
 budget_usd = 0               # all the town's agents together (0: no limit)
@@ -3753,7 +3756,7 @@ class Channel:
         """A provider refused `agent_id`'s round: pause the provider's agents until the reset
         (`reset_secs` from now), else for the doubling back-off (_RATE_LIMIT_LUA); the
         seconds the pause has left."""
-        first, last = RATE_LIMIT_BACKOFF_SECS
+        first, last = self.settings.rate_limit_backoff_secs, RATE_LIMIT_MAX_BACKOFF_SECS
         return self._rate_limit(keys=[self.keys.rate_limit(provider), self.keys.rate_limit_streak(provider),
                                       self.keys.events],
                                 args=[provider, agent_id, "" if reset_secs is None else f"{reset_secs:.3f}",
@@ -6229,7 +6232,7 @@ class AgentLoop:
             return (f"rate limit of {self.provider}, {_duration_text(pause['secs_left'])} left:"
                     f" {pause.get('reason', '')[:160]}", pause["secs_left"])
         shortfall = memory_shortfall(self._current_memory_floor())
-        return (shortfall, MEMORY_RECHECK_SECS) if shortfall else None
+        return (shortfall, min(MEMORY_RECHECK_SECS, self.settings.heartbeat_secs)) if shortfall else None
 
     def _wait_out_hold(self, hold: tuple[str, float] | None = None) -> bool:
         """`waiting` (the reason in `waiting_for`) while a hold lasts, blocked until it may
@@ -6578,13 +6581,9 @@ def _memory_check(floor: int) -> Check:
                      " min_free_memory_mb is not checked")
     fit = max((available - floor) // AGENT_MEMORY_MB, 0)
     detail = (f"{available} MB available, floor {floor} MB (min_free_memory_mb): room for"
-              f" {_count_agents(fit)} more at {AGENT_MEMORY_MB} MB each")
+              f" {fit} more agent{'' if fit == 1 else 's'} at {AGENT_MEMORY_MB} MB each")
     return Check("memory", available >= floor, detail, "" if available >= floor else
                  "free memory, or lower [town] min_free_memory_mb: no agent starts a round below it")
-
-
-def _count_agents(n: int) -> str:
-    return f"{n} agent{'' if n == 1 else 's'}"
 
 
 def _agent_checks(channel: Channel, agents: list[Agent]) -> list[Check]:
