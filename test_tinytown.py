@@ -5777,8 +5777,11 @@ def test_resume_now_lifts_a_pause_and_a_provider_key_groups_clis(town, configure
     tasks = [one.assign("held"), two.assign("held too")]
     for agent in (one, two):
         assert wait_state(town, agent.id, "waiting").waiting_for.startswith("rate limit of acme, 9m")
-    code, out, _ = tt("resume")
-    assert code == 2 and "--now" in out + _
+    screen = "\n".join(text for text, _ in tinytown._watch_lines(tinytown._watch_snapshot(town),
+                                                                tinytown._Names(town), 200))
+    assert "rate limit: acme's agents paused, 9m" in screen and "waiting: rate limit of acme, 9m" in screen
+    code, out, err = tt("resume")
+    assert code == 2 and "--now" in out + err
     assert tt_json("resume", "--now") == {"rate_limits_lifted": ["acme"]}
     assert all(town.wait_task(t.id, timeout=30).state == "completed" for t in tasks)
     lifted = [e for e in town.channel.events(100) if e["event"] == "rate_limit_lifted"]
