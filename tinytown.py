@@ -77,7 +77,7 @@ __all__ = [
     "Config", "RedisConfig", "AgentSettings", "TownSettings", "McpSettings", "AgentCLI", "load_config",
     "get_config_value", "set_config_value",
     "Preset", "PRESETS", "RoundUsage", "RateLimit", "OUTPUT_PARSERS", "find_rate_limit", "missing_credentials",
-    "available_memory_mb", "doctor", "Check",
+    "round_rate_limit", "available_memory_mb", "memory_shortfall", "doctor", "Check",
     "Agent", "Task", "Message", "AgentState", "TaskState", "Priority", "MessageType",
     "RedisServer", "find_redis_server", "redis_server_version", "redact_url", "build_prompt",
     "TinytownError", "TownNotFound", "NestedTown", "ConfigError", "RedisServerError",
