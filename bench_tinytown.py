@@ -430,7 +430,7 @@ class Bench:
         if self.quick:
             task_sizes, agent_sizes = (1_000, 10_000), (10, 100)
         folder = self.root / "curves"
-        ops = ("claim", "assign", "send", "task current", "status --json", "list")
+        ops = ("claim", "assign", "send", "task current", "status --json", "list", "scaling")
         grid = {}
         with Town.init(folder, "curves", max_agents=100_000) as town:
             for tasks_n in task_sizes:
@@ -443,7 +443,7 @@ class Bench:
             town.reset(force=True)
         small, large = (task_sizes[0], agent_sizes[0]), (task_sizes[-1], agent_sizes[-1])
         for op in ops:
-            listing = op in ("status --json", "list")  # they show every agent: O(agents) by nature
+            listing = op in ("status --json", "list", "scaling")  # they read every agent: O(agents) by nature
             if listing:  # tasks grow at a fixed agent count; agents grow: cost per agent shown
                 by_tasks = [grid[t, a][op] for a in agent_sizes for t in (task_sizes[0], task_sizes[-1])]
                 growth_cmd = max(by_tasks[i + 1]["commands"] / by_tasks[i]["commands"] for i in range(0, len(by_tasks), 2))
@@ -477,6 +477,7 @@ class Bench:
             "task current": lambda: cli("task", "current", target),
             "status --json": lambda: cli("status"),
             "list": lambda: cli("list"),
+            "scaling": town.scaling,  # what an autoscaler polls (/api/v1/scaling)
         }
         row = {}
         commands, ms = self._claim_cost(town, dev.id)  # the backlog_add behind it is not its cost

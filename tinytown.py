@@ -34,6 +34,7 @@ this one file into a repository, and as ``with Town("."):`` in scripts.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -75,13 +76,14 @@ __all__ = [
     "Town", "AgentHandle", "Channel", "TaskStore", "AgentLoop", "find_town_root",
     "Config", "RedisConfig", "AgentSettings", "TownSettings", "McpSettings", "AgentCLI", "load_config",
     "get_config_value", "set_config_value",
-    "Preset", "PRESETS", "RoundUsage", "OUTPUT_PARSERS", "missing_credentials", "doctor", "Check",
+    "Preset", "PRESETS", "RoundUsage", "RateLimit", "OUTPUT_PARSERS", "find_rate_limit", "missing_credentials",
+    "round_rate_limit", "available_memory_mb", "memory_shortfall", "doctor", "Check",
     "Agent", "Task", "Message", "AgentState", "TaskState", "Priority", "MessageType",
     "RedisServer", "find_redis_server", "redis_server_version", "redact_url", "build_prompt",
     "TinytownError", "TownNotFound", "NestedTown", "ConfigError", "RedisServerError",
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
     "TaskNotFound", "TaskAmbiguous", "MessageNotFound", "InvalidName", "InvalidTransition", "SpawnError",
-    "TooManyAgents", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask", "InvalidSnapshot",
+    "TooManyAgents", "LowMemory", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask", "InvalidSnapshot",
     "HookRunner", "start_hook_runner", "revive_hook_runner", "stop_hook_runner", "serve_mcp",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
     "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
@@ -114,6 +116,13 @@ CLI_GRACE_SECS = 5.0  # a CLI's whole process group gets this long between SIGTE
 GIT_TIMEOUT_SECS = 60.0
 WAIT_REPLICAS_SECS = 5.0  # how long a write waits for [redis] wait_replicas replicas to have it
 REDIS_OUTAGE_SECS = 60.0  # an agent loop waits this long for a lost Redis to come back
+# A provider's rate limit with no reset time given pauses its agents for a back-off that
+# doubles from [agent] rate_limit_backoff_secs up to this (a report while a pause is in
+# force is the same limit).
+RATE_LIMIT_MAX_BACKOFF_SECS = 1800.0
+AGENT_MEMORY_MB = 370  # what one AI CLI takes resident, at most (270-370 MB measured)
+MEMORY_RECHECK_SECS = 5.0  # a loop waiting for memory looks again this often
+ROUND_OUTPUT_SCANNED = 256 * 1024  # bytes of a failed round's stdout and log read for a rate limit
 # The storage layout's version, in `layout`: 0.1.0 (no key) kept the backlog as a list and
 # no indexes but `tasks` and `task_counts`; "2" counted a blocked task's open prerequisites
 # (`waiting`) where "3" keeps their set (`waits:<id>`).  A person's connect upgrades a town
@@ -128,10 +137,10 @@ LAYOUT_VERSION = "4"
 HOOK_EVENTS = (
     "task_created", "task_blocked", "task_pending", "task_assigned", "task_running",
     "task_completed", "task_failed", "task_cancelled", "task_deleted", "agent_spawned", "agent_starting", "agent_idle",
-    "agent_working", "agent_paused", "agent_draining", "agent_stopped", "agent_cold",
+    "agent_working", "agent_waiting", "agent_paused", "agent_draining", "agent_stopped", "agent_cold",
     "agent_error", "agent_deleted", "kill_requested", "close_requested", "message",
     "message_to_conductor", "message_dead", "broadcast", "reclaimed", "requeued", "round",
-    "budget_reached", "restored", "upgraded", "all_tasks_done",
+    "budget_reached", "rate_limited", "rate_limit_lifted", "restored", "upgraded", "all_tasks_done",
 )
 
 # The MCP tools that write files or destroy state: `tt mcp` offers one only when the town's
@@ -208,6 +217,10 @@ class Keys:
     def role(self, role: str) -> str: return f"{self.prefix}role:{role}"  # set: agent ids with the role
     def dependents(self, task_id: str) -> str: return f"{self.prefix}dependents:{task_id}"  # set
     def waits(self, task_id: str) -> str: return f"{self.prefix}waits:{task_id}"  # set: unsatisfied prerequisites
+    # A model provider's rate limit: the pause of its agents (a hash whose TTL is the time
+    # left), and the back-off's streak (outlives the pause, so the next one is longer).
+    def rate_limit(self, provider: str) -> str: return f"{self.prefix}ratelimit:{provider}"
+    def rate_limit_streak(self, provider: str) -> str: return f"{self.prefix}ratelimit_streak:{provider}"
 
     def queues(self, agent_id: str) -> tuple[str, str, str]:
         """The pending queues in delivery order."""
@@ -306,6 +319,16 @@ def _self_command() -> str:
 def _fill_command(command: str, prompt_file: Path) -> str:
     """A CLI command line with its placeholders filled in (all shell-quoted)."""
     return command.replace("{prompt_file}", shlex.quote(str(prompt_file))).replace("{tt}", _self_command())
+
+
+def _cli_executable(command: str) -> str | None:
+    """The program a command line starts (after VAR=value words); None if unparsable."""
+    try:
+        words = [w for w in shlex.split(_fill_command(command, Path("prompt.md")))
+                 if not re.match(r"[A-Za-z_]\w*=", w)]
+    except ValueError:
+        return None
+    return words[0] if words else None
 
 
 def _now() -> str:
@@ -495,6 +518,15 @@ class TooManyAgents(SpawnError):
                          f" stop one or raise max_agents in {CONFIG_FILE}")
 
 
+class LowMemory(SpawnError):
+    """Too little memory left to start an AI CLI ([town] min_free_memory_mb)."""
+
+    def __init__(self, name: str, shortfall: str):
+        self.name, self.shortfall = name, shortfall
+        super().__init__(f"not starting {name}: {shortfall}; free some memory, or lower the floor"
+                         " with `tt config town.min_free_memory_mb N` (0: no check)")
+
+
 class CLINotFound(SpawnError):
     """An agent CLI whose program is not on PATH."""
 
@@ -619,6 +651,7 @@ class AgentSettings:
     max_tokens: int = 0         # per agent, in + out; 0: no limit
     on_budget: str = "stop"     # a budget reached: "stop" (state error) or "pause"
     keep_round_logs: int = 50   # each agent's newest round logs kept in .tt/logs/<name>/; 0: all
+    rate_limit_backoff_secs: float = 30.0  # the first pause for a rate limit with no reset time
 
 
 @dataclass
@@ -629,6 +662,8 @@ class TownSettings:
     prune_after_secs: float = 7 * 86400.0
     keep_finished: int = 10_000
     auto_prune: bool = False    # agent loops prune after their rounds (at most once a minute)
+    # Memory (MB) that must stay available: no spawn, and no round, below it (0: no check).
+    min_free_memory_mb: int = 600
 
 
 @dataclass
@@ -647,6 +682,13 @@ class AgentCLI:
     new_session: str | None = None
     output: str | None = None
     resume_session: bool = False  # the default of `tt spawn --resume-session`
+    # Whose rate limits its agents share (default: the program, so `codex` and `codex-mini` do).
+    provider: str | None = None
+
+    @property
+    def provider_key(self) -> str:
+        """The provider its rate limits are kept under: `provider`, else the program's name."""
+        return self.provider or Path(_cli_executable(self.command) or self.name).name or self.name
 
 
 @dataclass
@@ -807,11 +849,16 @@ def _parse_agent_cli(name: str, table: Any, where: Callable[[str | None, str], s
     section = f"agent_clis.{name}"
     if not isinstance(table, dict):
         raise ConfigError(f"{where(None, section)} must be a table")
-    texts = ("name", "command", "cwd", "resume", "new_session", "output")
+    texts = ("name", "command", "cwd", "resume", "new_session", "output", "provider")
     unknown = set(table) - {*texts, "env", "resume_session"}
     if unknown:
         raise ConfigError(f"{where(section, min(unknown))}: unknown key; an [agent_clis] table"
-                          " has name, command, env, cwd, resume, new_session, output and resume_session")
+                          " has name, command, env, cwd, resume, new_session, output, provider"
+                          " and resume_session")
+    if "provider" in table and not (isinstance(table["provider"], str)
+                                    and NAME_PATTERN.fullmatch(table["provider"])):
+        raise ConfigError(f"{where(section, 'provider')} must be a name (letters, digits, '.', '_', '-'),"
+                          f" not {_shown(table['provider'])}")
     if "command" not in table:
         raise ConfigError(f"{where(None, section)}: [{section}] needs a command")
     env = table.get("env", {})
@@ -847,7 +894,7 @@ persist = true
 [agent]
 max_rounds = 10
 round_timeout_secs = 1800
-idle_timeout_secs = 0
+idle_timeout_secs = 0        # idle this long: the agent goes cold (work wakes it); 0: never
 heartbeat_secs = 5
 max_attempts = 3
 max_interruptions = 10
@@ -856,12 +903,14 @@ max_cost_usd = 0             # budgets: stop an agent at this cost or token coun
 max_tokens = 0
 on_budget = "stop"           # "stop" (state error) or "pause"
 keep_round_logs = 50         # each agent's newest round logs kept (0: all)
+rate_limit_backoff_secs = 30 # a provider's rate limit with no reset time: the first pause (doubling, up to 30 min)
 
 [town]
 budget_usd = 0               # all the town's agents together (0: no limit)
 prune_after_secs = 604800    # `tt task prune` archives tasks finished longer ago than this
 keep_finished = 10000        # ... and beyond the newest this many finished tasks
 auto_prune = false           # agent loops prune after their rounds
+min_free_memory_mb = 600     # no spawn and no round while less memory is available (0: no check)
 
 [mcp]
 allow = []                   # `tt mcp` tools that write files or destroy state, e.g. ["save"]
@@ -932,7 +981,7 @@ def _config_key(key: str) -> tuple[str | None, str]:
     known = ((len(parts) == 1 and parts[0] in _TOP_LEVEL)
              or (len(parts) == 2 and parts[0] in _SECTIONS and parts[1] in _field_types(_SECTIONS[parts[0]]))
              or (len(parts) == 3 and parts[0] == "agent_clis" and parts[1]
-                 and parts[2] in ("name", "command", "cwd", "env"))
+                 and parts[2] in ("name", "command", "cwd", "env", "provider"))
              or (len(parts) == 2 and parts[0] == "hooks" and parts[1] in HOOK_EVENTS))
     if not known:
         raise ConfigError(f"unknown config key {key!r}; `tt config` lists them (e.g. max_agents,"
@@ -962,7 +1011,8 @@ def _key_type(key: str) -> type | None:
     if not section:
         return _TOP_LEVEL.get(leaf)
     if section.startswith("agent_clis.") or section == "hooks":
-        return str if section == "hooks" or leaf in ("name", "command", "cwd", "resume", "new_session", "output") else None
+        return str if section == "hooks" or leaf in ("name", "command", "cwd", "resume", "new_session", "output",
+                                                     "provider") else None
     return _field_types(_SECTIONS[section]).get(leaf) if section in _SECTIONS else None
 
 
@@ -993,6 +1043,7 @@ class AgentState(enum.StrEnum):
     STARTING = "starting"
     IDLE = "idle"
     WORKING = "working"
+    WAITING = "waiting"  # has work, but holds it: its provider's rate limit, or too little memory
     PAUSED = "paused"
     DRAINING = "draining"
     STOPPED = "stopped"
@@ -1124,6 +1175,7 @@ class Agent:
     cost_usd: float = 0.0
     loop: str | None = None  # identity of the loop serving it: pid.start@host
     cli_pgid: str | None = None  # the running CLI's process group, on `host`
+    waiting_for: str | None = None  # why a `waiting` agent holds its work
     lease: str | None = None  # derived: who holds the heartbeat lease (never stored)
 
     @property
@@ -1261,6 +1313,31 @@ def _parse_message(raw: str) -> Message | None:
 
 
 # Files and processes #########################################################
+
+def available_memory_mb() -> int | None:
+    """Memory (MB) this machine can still give a new process: /proc/meminfo's MemAvailable,
+    else (no /proc) the free pages sysconf reports; None when neither says."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_shortfall(min_free_mb: int) -> str | None:
+    """Why there is too little memory to start an AI CLI now (None: enough, or no check)."""
+    available = available_memory_mb() if min_free_mb else None
+    if available is None or available >= min_free_mb:
+        return None
+    return (f"{available} MB of memory available, under [town] min_free_memory_mb {min_free_mb}"
+            f" (an AI CLI takes up to {AGENT_MEMORY_MB} MB)")
+
 
 def _write_atomic(path: Path, text: str, mode: int | None = None,
                   check: Callable[[Path], Any] | None = None) -> None:
@@ -3028,7 +3105,8 @@ class TaskStore:
 # KEYS[8] = events, KEYS[9] = idle
 # ARGV[1] = most actionable messages to take, ARGV[2] = agent id, ARGV[3] = timestamp
 # Moves pending messages into processing and returns {stop request, state, messages...}.
-# Nothing is taken on a kill request or while paused: the messages wait where they are.
+# Nothing is taken on a kill request, while paused or while waiting (for a provider's rate
+# limit to lift, for memory): the messages wait where they are.
 # Informational messages ride along without counting (so a pile of them never keeps a
 # task out of reach).  An idle agent that takes actionable work is `working` from here
 # on: the round starts in the same command that woke it.
@@ -3037,7 +3115,7 @@ local stop = redis.call('GET', KEYS[1]) or ''
 local state = redis.call('HGET', KEYS[2], 'state') or ''
 redis.call('DEL', KEYS[3])
 local out = {stop, state}
-if stop == 'kill' or state == 'paused' then return out end
+if stop == 'kill' or state == 'paused' or state == 'waiting' then return out end
 local limit, work = tonumber(ARGV[1]), 0
 for i = 4, 6 do
   while work < limit and #out < 1000 do
@@ -3304,6 +3382,52 @@ return out
 """
 
 
+# KEYS[1] = ratelimit:<provider>, KEYS[2] = ratelimit_streak:<provider>, KEYS[3] = events
+# ARGV[1] = provider, ARGV[2] = agent id, ARGV[3] = seconds until the reset the CLI gave
+# ('': none given), ARGV[4] = the first back-off, ARGV[5] = the longest (seconds), ARGV[6] =
+# what the CLI said, ARGV[7] = timestamp
+# A provider refused an agent's round: its agents pause until the reset, else for a back-off
+# that doubles with each limit met after the last pause ended (a report while a pause is in
+# force is the same limit).  A pause in force is never shortened.  The pause is the key's
+# TTL, so every host sees the same time left.  Returns the milliseconds left.
+_RATE_LIMIT_LUA = """
+local left = redis.call('PTTL', KEYS[1])
+local first, last = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ms
+if ARGV[3] ~= '' then
+  ms = math.max(math.floor(tonumber(ARGV[3]) * 1000), 1000)
+elseif left > 0 then
+  return left
+else
+  local streak = redis.call('INCR', KEYS[2])
+  ms = math.floor(math.min(first * 2 ^ (streak - 1), last) * 1000)
+end
+if ms <= left then return left end
+redis.call('EXPIRE', KEYS[2], math.ceil(ms / 1000 + 2 * last))  -- a quiet while ends the streak
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'agent', ARGV[2], 'reason', ARGV[6], 'at', ARGV[7], 'secs', ms / 1000)
+redis.call('PEXPIRE', KEYS[1], ms)
+add_event(KEYS[3], 'event', 'rate_limited', 'provider', ARGV[1], 'agent', ARGV[2], 'secs', ms / 1000,
+          'reason', ARGV[6], 'at', ARGV[7])
+return ms
+"""
+
+# KEYS[1] = events, KEYS[2i], KEYS[2i+1] = ratelimit:<provider>, ratelimit_streak:<provider>
+# ARGV[1] = timestamp, ARGV[1+i] = the providers
+# `tt resume --now`: the pauses lifted and their streaks forgotten; an event for each pause
+# that was in force.  Returns the providers whose pause was lifted.
+_LIFT_RATE_LIMITS_LUA = """
+local lifted = {}
+for i = 2, #ARGV do
+  redis.call('DEL', KEYS[2 * i - 1])
+  if redis.call('DEL', KEYS[2 * i - 2]) == 1 then
+    lifted[#lifted + 1] = ARGV[i]
+    add_event(KEYS[1], 'event', 'rate_limit_lifted', 'provider', ARGV[i], 'at', ARGV[1])
+  end
+end
+return lifted
+"""
+
 
 class Channel:
     """Messages, agents and tasks in Redis, and the delivery contract.
@@ -3329,6 +3453,7 @@ class Channel:
         self._release_lease = script(_RELEASE_LEASE_LUA)
         self._settle, self._recover = script(_SETTLE_LUA), script(_RECOVER_LUA)
         self._dead = script(_DEAD_LUA)
+        self._rate_limit, self._lift_rate_limits = script(_RATE_LIMIT_LUA), script(_LIFT_RATE_LIMITS_LUA)
 
     # -- events ------------------------------------------------------------------
 
@@ -3764,6 +3889,47 @@ class Channel:
             pipe.rpush(self.keys.wake(agent_id), "1")
             pipe.ltrim(self.keys.wake(agent_id), -WAKE_KEEP, -1)
 
+    # -- rate limits ---------------------------------------------------------------
+
+    def pause_provider(self, provider: str, agent_id: str, reset_secs: float | None, reason: str) -> float:
+        """A provider refused `agent_id`'s round: pause the provider's agents until the reset
+        (`reset_secs` from now), else for the doubling back-off (_RATE_LIMIT_LUA); the
+        seconds the pause has left."""
+        first, last = self.settings.rate_limit_backoff_secs, RATE_LIMIT_MAX_BACKOFF_SECS
+        return self._rate_limit(keys=[self.keys.rate_limit(provider), self.keys.rate_limit_streak(provider),
+                                      self.keys.events],
+                                args=[provider, agent_id, "" if reset_secs is None else f"{reset_secs:.3f}",
+                                      first, last, reason[:EVENT_DETAIL_MAX], _now()]) / 1000
+
+    def provider_pauses(self, providers: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The pauses in force among these providers: {provider: {secs_left, reason, agent,
+        at, secs}} (one round trip)."""
+        wanted = sorted(set(providers))
+        pipe = self.redis.pipeline(transaction=True)  # the time left and the record of one moment
+        for provider in wanted:
+            pipe.pttl(self.keys.rate_limit(provider))
+            pipe.hgetall(self.keys.rate_limit(provider))
+        replies = pipe.execute() if wanted else []
+        return {provider: {**record, "secs_left": left / 1000}
+                for provider, left, record in zip(wanted, replies[::2], replies[1::2]) if left > 0}
+
+    def lift_provider_pauses(self, providers: Iterable[str], wake: Iterable[str]) -> list[str]:
+        """End these providers' pauses (and their back-off streaks) and wake the `wake`
+        agents, at once; the providers whose pause was in force."""
+        wanted = sorted(set(providers))
+        if not wanted:
+            return []
+        pipe = self.redis.pipeline()
+        keys = [key for provider in wanted
+                for key in (self.keys.rate_limit(provider), self.keys.rate_limit_streak(provider))]
+        self._lift_rate_limits(keys=[self.keys.events, *keys], args=[_now(), *wanted], client=pipe)
+        self.wake_all(pipe, wake)
+        return pipe.execute()[0]
+
+    def forget_rate_limit_streak(self, provider: str) -> None:
+        """A round of the provider went through: its next rate limit starts the back-off afresh."""
+        self.redis.delete(self.keys.rate_limit_streak(provider))
+
 
 # Town ########################################################################
 
@@ -4048,6 +4214,8 @@ class Town:
         agent_cli = self._config.cli(cli_name)
         if not force:
             self._check_cli_installed(agent_cli)
+        if start:
+            self._check_memory(name)
         if resume_session is None:
             resume_session = agent_cli.resume_session
         previous = self._channel.get_agent(self.redis.hget(self.keys.agents, name) or "")
@@ -4069,6 +4237,11 @@ class Town:
         if start:
             self._launch_loop(agent_id, name)
         return AgentHandle(self, agent_id)
+
+    def _check_memory(self, name: str) -> None:
+        shortfall = memory_shortfall(self._config.town.min_free_memory_mb)
+        if shortfall:
+            raise LowMemory(name, shortfall)
 
     def _check_cli_installed(self, agent_cli: AgentCLI) -> None:
         executable = _cli_executable(agent_cli.command)
@@ -4149,14 +4322,14 @@ class Town:
     def close_agent(self, ref: str) -> Agent:
         """Drain: the agent finishes what is queued for it, takes nothing new, then goes cold."""
         agent_id = self.agent(ref).id
-        self._signal_agent(agent_id, state=AgentState.DRAINING, allowed="starting idle working paused",
+        self._signal_agent(agent_id, state=AgentState.DRAINING, allowed="starting idle working waiting paused",
                            stop="close")
         return self._channel.get_agent(agent_id)
 
     def interrupt_agent(self, ref: str) -> Agent:
         """Pause: `paused` at once; the loop stops taking work after the current round."""
         agent_id = self.agent(ref).id
-        if self._signal_agent(agent_id, state=AgentState.PAUSED, allowed="starting idle working") is None:
+        if self._signal_agent(agent_id, state=AgentState.PAUSED, allowed="starting idle working waiting") is None:
             agent = self._channel.get_agent(agent_id)
             if agent.state != AgentState.PAUSED:
                 raise InvalidTransition(f"agent {agent.name}", agent.state, "only a live agent can be interrupted")
@@ -4244,6 +4417,8 @@ class Town:
         live = sum(1 for a in self._channel.agents() if not a.terminal)
         if live >= self._config.max_agents:
             raise TooManyAgents(live, self._config.max_agents)
+        if start:
+            self._check_memory(agent.name)
         fields = {k: v for k, v in fields.items() if v is not None}
         pipe = self.redis.pipeline()
         self._channel.set_agent_state(agent.id, AgentState.STARTING, " ".join(TERMINAL_AGENT_STATES),
@@ -4382,7 +4557,7 @@ class Town:
                     continue
                 self.restart_agent(name)
                 restarted.append(name)
-            except (AgentNotFound, InvalidTransition) as exc:
+            except (AgentNotFound, InvalidTransition, SpawnError) as exc:
                 log.info("not restarting %s: %s", name, exc)
         self.redis.delete(self.keys.resume)
         record.unlink(missing_ok=True)
@@ -4420,8 +4595,11 @@ class Town:
         """
         agent_id = self.resolve_agent(agent)
         task, archived = self._new_task(task, tags, parent, after, on_failure)
-        return self._tasks.create(task, assign_to=agent_id, priority=Priority(priority), archived=archived,
+        task = self._tasks.create(task, assign_to=agent_id, priority=Priority(priority), archived=archived,
                                   sender=self.resolve_agent(sender) if sender else CONDUCTOR_ID)
+        if task.state != TaskState.BLOCKED:
+            self.wake_cold(agent_id=agent_id)
+        return task
 
     def _new_task(self, task: Task | str, tags: Iterable[str], parent: str | None,
                   after: Iterable[str], on_failure: str) -> tuple[Task, dict[str, str]]:
@@ -4519,7 +4697,10 @@ class Town:
                     on_failure: str = "fail", parent: str | None = None) -> Task:
         """An unassigned task (with `after`: blocked until those tasks are completed)."""
         task, archived = self._new_task(description, tags, parent, after, on_failure)
-        return self._tasks.create(task, backlog=True, archived=archived)
+        task = self._tasks.create(task, backlog=True, archived=archived)
+        if task.state == TaskState.PENDING:
+            self.wake_cold(tags=task.tags)
+        return task
 
     def dependents(self, ref: str) -> list[Task]:
         """The tasks that wait (or waited) for this one."""
@@ -4571,6 +4752,91 @@ class Town:
                 self.redis.delete(*found[start:start + 500])
         return {"keys": sorted(found), "loops": [a.name for a in live]}
 
+    # -- scale to zero, rate limits ----------------------------------------------
+
+    def wake_cold(self, *, agent_id: str | None = None, tags: Iterable[str] | None = None) -> list[str]:
+        """Start again the loop of a cold agent of this host that now has work: `agent_id`
+        (a task was assigned to it), or, for a backlog task with these `tags`, one agent whose
+        role or name they name (any agent: untagged), unless a live one may claim it already.
+        Names of the agents woken; one that cannot start (max_agents, memory) stays cold, and
+        its work waits for it."""
+        here = socket.gethostname()
+        if agent_id is not None:
+            agent = self._channel.get_agent(agent_id) if agent_id != CONDUCTOR_ID else None
+            candidates = [agent] if agent and agent.state == AgentState.COLD else []
+        else:
+            wanted = set(tags or ())
+            may_claim = [a for a in self._channel.agents()
+                         if not wanted or a.name in wanted or (a.role or "") in wanted]
+            if not self._config.agent.auto_claim or any(not a.terminal and not a.dead for a in may_claim):
+                return []
+            candidates = [a for a in may_claim if a.state == AgentState.COLD][:1]
+        woken = []
+        for agent in candidates:
+            if (agent.host or here) != here:
+                continue  # its loop belongs to its own host
+            try:
+                self._respawn(agent)
+                woken.append(agent.name)
+                log.info("agent %s: woken from cold, it has work", agent.name)
+            except TinytownError as exc:
+                log.warning("agent %s stays cold: %s", agent.name, exc)
+        return woken
+
+    def agent_provider(self, agent: Agent) -> str:
+        """The provider whose rate limits the agent shares ([agent_clis.X] provider, else its program)."""
+        try:
+            return self._config.cli(agent.cli or self._config.default_cli).provider_key
+        except ConfigError:  # a CLI no longer configured: its name will do
+            return agent.cli or self._config.default_cli
+
+    def rate_limits(self, agents: list[Agent] | None = None) -> dict[str, dict[str, Any]]:
+        """The providers whose agents are paused by a rate limit, with the time left."""
+        agents = self._channel.agents() if agents is None else agents
+        return self._channel.provider_pauses(self.agent_provider(a) for a in agents)
+
+    def lift_rate_limits(self, agent: str | None = None) -> list[str]:
+        """`tt resume --now`: end the rate-limit pause of every provider (of one agent's),
+        its agents woken at once; the providers that were paused."""
+        agents = self._channel.agents()
+        providers = {self.agent_provider(a) for a in agents}
+        if agent is not None:
+            providers = {self.agent_provider(self.agent(agent).record())}
+        return self._channel.lift_provider_pauses(
+            providers, [a.id for a in agents if self.agent_provider(a) in providers and not a.terminal])
+
+    def scaling(self, agents: list[Agent] | None = None) -> dict[str, Any]:
+        """What an autoscaler needs (`tt status --json`'s `scaling`, `/api/v1/scaling`):
+        open and queued work, busy / idle / cold agents and a recommendation.  O(agents):
+        the task counters and the backlog's length, never the tasks."""
+        agents = self._channel.agents() if agents is None else agents
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.task_counts)
+        pipe.zcard(self.keys.backlog)
+        counts, queued = pipe.execute()
+        open_work = sum(max(int(n), 0) for state, n in counts.items() if state not in TERMINAL_TASK_STATES)
+        live = [a for a in agents if not a.terminal and not a.dead]
+        states = collections.Counter(a.state for a in live)
+        busy = states[AgentState.WORKING] + states[AgentState.DRAINING]
+        idle = states[AgentState.IDLE] + states[AgentState.STARTING]
+        cold = sum(1 for a in agents if a.state == AgentState.COLD)
+        if open_work == 0 and busy == 0:
+            recommendation = "scale_to_zero"
+        elif queued > idle:
+            recommendation = "scale_up"
+        elif idle and not queued:
+            recommendation = "scale_down"
+        else:
+            recommendation = "steady"
+        available = available_memory_mb()
+        floor = self._config.town.min_free_memory_mb
+        return {"open": open_work, "queued": queued, "busy": busy, "idle": idle, "cold": cold,
+                "recommendation": recommendation, "waiting": states[AgentState.WAITING],
+                "paused": states[AgentState.PAUSED], "live": len(live), "max_agents": self._config.max_agents,
+                "memory_available_mb": available,
+                "agents_that_fit": None if available is None else
+                max((available - floor) // AGENT_MEMORY_MB, 0)}
+
     # -- status ------------------------------------------------------------------
 
     def status(self, *, deep: bool = False) -> dict[str, Any]:
@@ -4582,9 +4848,12 @@ class Town:
         for agent in agents if deep else ():
             pipe.lrange(self.keys.activity(agent.id), 0, 4)
         backlog_len, *activity = pipe.execute()
+        rate_limits = self.rate_limits(agents)
         listed = []
         for index, agent in enumerate(agents):
-            entry = {**agent.to_dict(), "dead": agent.dead, "pending": counts.get(agent.id, {})}
+            provider = self.agent_provider(agent)
+            entry = {**agent.to_dict(), "dead": agent.dead, "pending": counts.get(agent.id, {}),
+                     "provider": provider, "rate_limit_secs": rate_limits.get(provider, {}).get("secs_left")}
             if deep:
                 entry["recent_rounds"] = activity[index]
                 with contextlib.suppress(InvalidName):  # no tail of a path a bad record names
@@ -4600,6 +4869,8 @@ class Town:
             "tasks": self._tasks.task_counts(),
             "backlog": backlog_len,
             "usage": self.usage(),
+            "rate_limits": rate_limits,
+            "scaling": self.scaling(agents),
         }
 
     def usage(self) -> dict[str, Any]:
@@ -5198,10 +5469,12 @@ def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[
 
 
 # Snapshots: every key of the town but the ones that only mean something while loops run.
-_SNAPSHOT_SKIP = ("alive:", "stop:", "wake:", "prune_lock", "events", "idle", "hooks")  # (events: events_added too)
+_SNAPSHOT_SKIP = ("alive:", "stop:", "wake:", "prune_lock", "events", "idle", "hooks",  # (events: events_added too)
+                  "ratelimit")  # (the streak too)
 SNAPSHOT_VERSION = 1
 _SNAPSHOT_TYPES = ("string", "hash", "list", "set", "zset")
-_STOPPED_AGENT = {"state": AgentState.STOPPED.value, "pid": "", "loop": "", "cli_pgid": "", "current_task": ""}
+_STOPPED_AGENT = {"state": AgentState.STOPPED.value, "pid": "", "loop": "", "cli_pgid": "", "current_task": "",
+                  "waiting_for": ""}
 
 
 def save_snapshot(town: Town) -> dict[str, Any]:
@@ -5530,6 +5803,135 @@ OUTPUT_PARSERS: dict[str, Callable[[str], RoundUsage]] = {
 }
 
 
+# Rate limits.  What the five CLIs print when the model API refuses (429, Anthropic's 529
+# overload, an exhausted quota or usage limit), in JSON and text mode, on stdout or stderr
+# (the real outputs are in the README's sources).  A refusal comes after the CLI's own
+# retries, so it is the round's outcome, not a passing blip.
+_REFUSAL = re.compile("|".join([
+    # claude: JSON `api_error_status`, stream-json `api_retry` events, the text line
+    r'"api_error_status":\s*(?:429|529)', r'"error_status":\s*(?:429|529)', r'"error":\s*"(?:rate_limit|overloaded)"',
+    r"API Error: Request rejected \(429\)", r"API Error: (?:Repeated )?529 Overloaded",
+    r"rate_limit_error", r"overloaded_error",
+    # codex: JSON `error` / `turn.failed` events and stderr
+    r"\b429 Too Many Requests\b", r"Quota exceeded\. Check your plan",
+    # gemini: stderr (JSON mode too), stream-json's result, its error object
+    r"failed with status 429", r"RESOURCE_EXHAUSTED", r"Resource has been exhausted",
+    r"exhausted your daily quota", r"(?:Retryable|Terminal)QuotaError", r'"code":\s*429\b',
+    # opencode: the `error` event's data; copilot: `model.call_failure`, `session.error`, stderr
+    r'"statusCode":\s*(?:429|529)\b', r'"errorType":\s*"rate_limit"', r"Last error: 429\b",
+    # what the APIs say, as the CLIs pass it on; subscription usage limits
+    r"Rate limit reached for", r"exceeded your current quota", r"insufficient_quota",
+    r"usage limit reached", r"hit your usage limit", r"\brate limit exceeded\b",
+]), re.I)
+_DURATION = r"(?:\d+(?:\.\d+)?\s*(?:ms|milliseconds?|s|secs?|seconds?|m|mins?|minutes?|h|hrs?|hours?|d|days?)(?![a-z])[\s,]*(?:and\s+)?)+"
+_UNIT_SECS = {"ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001, "m": 60, "min": 60, "mins": 60,
+              "minute": 60, "minutes": 60, "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+              "d": 86400, "day": 86400, "days": 86400}
+# How long until the limit lifts, where a CLI passes it on: the API's response headers
+# (opencode's JSON), claude's own retry delay (stream-json), the API's message text
+# ("Please try again in 20s.", "Please retry in 20.5s."), gemini's RetryInfo.
+_RESET_AFTER = re.compile("|".join([
+    rf'(?:try again|retry|retry after|resets?|available again) in\s+(?P<wait>{_DURATION})',
+    rf'"(?:retryDelay|x-ratelimit-reset-requests)":\s*"(?P<header>{_DURATION})"',
+    r'"retry-after":\s*"?(?P<secs>\d+(?:\.\d+)?)\b', r'(?:"retry-after-ms"|"retry_delay_ms"|retryDelayMs):\s*"?(?P<ms>\d+)',
+]), re.I)
+# When it lifts: a time ("API access will resume at 2027-01-01T00:00:00Z", claude's
+# "usage limit reached|<epoch>", "resets 3pm (Europe/Paris)", "try again at 3:27 PM").
+_RESET_AT = re.compile("|".join([
+    r"(?:reset|resume|retry|try again|available)\w*\"?(?:\s+at|:)?\s*\"?(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:Z|[+-]\d\d:?\d\d)?)",
+    r"limit reached\|(?P<epoch>\d{9,11})\b",
+    r"(?:resets?|try again|available again)\s+(?:at\s+)?(?P<hour>\d{1,2})(?::(?P<minute>\d\d))?\s*"
+    r"(?P<half>[ap]\.?m\.?)?(?:\s*\((?P<zone>[\w/+-]+)\))?",
+]), re.I)
+
+
+def _duration_text(secs: float) -> str:
+    """'45s', '2m 05s', '3h 20m', '27d 4h': a time left, for people."""
+    secs = max(int(secs + 0.999), 0)
+    for unit, size, small, small_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if secs >= size:
+            return f"{secs // size}{unit} {secs % size // small_size:02d}{small}"
+    return f"{secs}s"
+
+
+@dataclass
+class RateLimit:
+    """A model API's refusal a CLI reported: what it said, and the seconds until the limit
+    lifts when the CLI told (None: it did not; the loop backs off)."""
+    reason: str
+    reset_secs: float | None = None
+
+
+def _duration_secs(text: str) -> float:
+    return sum(float(number) * _UNIT_SECS.get(unit.lower(), 1)
+               for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]+)", text, re.I))
+
+
+def _reset_time(found: re.Match[str], now: float) -> float | None:
+    """The epoch time a _RESET_AT match names (a bare clock time: its next occurrence)."""
+    if found["iso"]:
+        with contextlib.suppress(ValueError):
+            stamp = datetime.fromisoformat(found["iso"].replace("Z", "+00:00"))
+            return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+        return None
+    if found["epoch"]:
+        return float(found["epoch"])
+    if found["hour"] is None or not (found["minute"] or found["half"]):
+        return None  # "resets 5": no clock time
+    hour, minute = int(found["hour"]), int(found["minute"] or 0)
+    if found["half"]:
+        hour = hour % 12 + (12 if found["half"].lower().startswith("p") else 0)
+    if hour > 23 or minute > 59:
+        return None
+    zone: Any = None
+    if found["zone"]:
+        with contextlib.suppress(Exception):  # an unknown zone: local time
+            import zoneinfo
+            zone = zoneinfo.ZoneInfo(found["zone"])
+    local = datetime.fromtimestamp(now, zone).astimezone(zone)
+    at = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    return at.timestamp() + (86400 if at.timestamp() <= now else 0)
+
+
+def find_rate_limit(text: str, now: float | None = None) -> RateLimit | None:
+    """The rate limit, overload or exhausted quota a CLI's output reports, with the time
+    until it lifts when the output says (the longest it names); None: no such report."""
+    refusal = _REFUSAL.search(text)
+    if refusal is None:
+        return None
+    now = time.time() if now is None else now
+    waits = []
+    for found in _RESET_AFTER.finditer(text):
+        if found["wait"] or found["header"]:
+            waits.append(_duration_secs(found["wait"] or found["header"]))
+        else:
+            waits.append(float(found["secs"]) if found["secs"] else int(found["ms"]) / 1000)
+    for found in _RESET_AT.finditer(text):
+        at = _reset_time(found, now)
+        if at is not None and at > now:
+            waits.append(at - now)
+    line_start = text.rfind("\n", 0, refusal.start()) + 1
+    line_end = text.find("\n", refusal.end())
+    line = text[line_start:len(text) if line_end == -1 else line_end].strip()
+    if len(line) > 300:  # a long JSON line: the part around what was found
+        line = line[max(refusal.start() - line_start - 100, 0):][:300]
+    # (under a second is a CLI's own quick retry, not when the limit lifts)
+    return RateLimit(line, max((w for w in waits if w >= 1), default=None))
+
+
+def round_rate_limit(output: str, code: int | None, stdout: str, log_text: str, prompt: str) -> RateLimit | None:
+    """The rate limit a failed round ran into, from all its CLI printed (stdout, and the
+    round log's stderr or text output, less the prompt some CLIs echo) and, for gemini in
+    JSON mode, its exit code (173: HTTP 429 modulo 256, whatever stderr held)."""
+    text = stdout + "\n" + log_text
+    if prompt.strip():
+        text = text.replace(prompt.strip(), "")
+    found = find_rate_limit(text)
+    if found is None and output == "gemini" and code == 173:
+        found = RateLimit("gemini exited with 173 (HTTP 429)")
+    return found
+
+
 def _read_round_output(output: str, raw_file: Path, log_file: Path) -> RoundUsage:
     """Parse a JSON-mode run's stdout and append its final text (or, when there is no
     parsable result, the raw stdout) to the round log, where a text-mode run's output is."""
@@ -5547,16 +5949,6 @@ def _read_round_output(output: str, raw_file: Path, log_file: Path) -> RoundUsag
         handle.write(f"[tinytown] usage: {usage.summary()}"
                      f"{f', session {usage.session}' if usage.session else ''}\n")
     return usage
-
-
-def _cli_executable(command: str) -> str | None:
-    """The program a command line starts (after VAR=value words); None if unparsable."""
-    try:
-        words = [w for w in shlex.split(_fill_command(command, Path("prompt.md")))
-                 if not re.match(r"[A-Za-z_]\w*=", w)]
-    except ValueError:
-        return None
-    return words[0] if words else None
 
 
 def _without_secrets(environ: Any) -> dict[str, str]:
@@ -5775,7 +6167,12 @@ class AgentLoop:
         self.rounds_run = 0
         self.draining = False
         self.budget_error = ""  # set when a budget stops the loop
+        self.went_cold = False  # idle for idle_timeout_secs: the loop ends, the agent is `cold`
         self.idle_since = time.monotonic()
+        self.provider = town.agent_provider(agent)  # whose rate limits pause this agent
+        self._rate_limited = False  # since the last round that went through
+        self._memory_floor = town.config.town.min_free_memory_mb
+        self._config_stamp = self._config_mtime()
         self._stop_requested = False  # a signal or a shutdown message: no new CLI run
         self._failures = 0  # failed rounds in a row: the retry back-off grows with them
         self._signals = 0  # a second signal cuts the running CLI short
@@ -5794,7 +6191,7 @@ class AgentLoop:
                 self._begin()
                 while self._step_surviving_outages():
                     pass
-                final = AgentState.COLD if self.draining else AgentState.STOPPED
+                final = AgentState.COLD if self.draining or self.went_cold else AgentState.STOPPED
                 if self.budget_error:
                     final, error = AgentState.ERROR, self.budget_error
             except LostLease:
@@ -5962,9 +6359,15 @@ class AgentLoop:
             return False
         if state == AgentState.PAUSED:
             return self._block(idle_limit=False)
+        if state == AgentState.WAITING:
+            return self._wait_out_hold()
         self.draining = self.draining or stop == "close"
         handled = self._settle_without_ai(messages)
         if any(m.actionable and m.id not in handled for m in messages):
+            hold = self._hold()
+            if hold:  # no CLI now: the work goes back, uncounted, and waits with the agent
+                self._settle(handled, "", count="none", wake=False)
+                return self._wait_out_hold(hold)
             self._round(messages, handled, state)
             self.idle_since = time.monotonic()
             self._beat()
@@ -5986,7 +6389,7 @@ class AgentLoop:
             self._settle(handled, "", count="none", wake=False)
         if self._stop_requested:
             return False
-        if self.settings.auto_claim and not self.draining and self._claim_backlog():
+        if self.settings.auto_claim and not self.draining and not self._hold() and self._claim_backlog():
             return True
         return self._block()
 
@@ -6005,8 +6408,9 @@ class AgentLoop:
             if idle_limit and self.settings.idle_timeout_secs:
                 left = self.settings.idle_timeout_secs - (time.monotonic() - self.idle_since)
                 if left <= 0:
-                    log.info("agent %s: idle for %gs, stopping", self.agent.name,
+                    log.info("agent %s: idle for %gs, going cold (work wakes it)", self.agent.name,
                              self.settings.idle_timeout_secs)
+                    self.went_cold = True
                     return False
                 timeout = min(timeout, left)
             woken = self.channel.redis.blpop([wake], timeout=max(timeout, 0.01))
@@ -6014,6 +6418,48 @@ class AgentLoop:
             if woken:
                 return True
         return True
+
+    # -- holds: a provider's rate limit, memory -------------------------------------
+
+    def _hold(self) -> tuple[str, float] | None:
+        """Why no CLI may start now, and how long until a look again: the provider's rate
+        limit (decided in Redis, seen by every host) or too little memory; None: go."""
+        pause = self.channel.provider_pauses([self.provider]).get(self.provider)
+        if pause:
+            self._rate_limited = True
+            return (f"rate limit of {self.provider}, {_duration_text(pause['secs_left'])} left:"
+                    f" {pause.get('reason', '')[:160]}", pause["secs_left"])
+        shortfall = memory_shortfall(self._current_memory_floor())
+        return (shortfall, min(MEMORY_RECHECK_SECS, self.settings.heartbeat_secs)) if shortfall else None
+
+    def _wait_out_hold(self, hold: tuple[str, float] | None = None) -> bool:
+        """`waiting` (the reason in `waiting_for`) while a hold lasts, blocked until it may
+        have ended or something wakes the loop; `idle` again after, the work taken next."""
+        hold = hold or self._hold()
+        if hold is None:
+            self.channel.set_agent_state(self.agent.id, AgentState.IDLE, "waiting", waiting_for="")
+            self.idle_since = time.monotonic()
+            return True
+        reason, secs = hold
+        if self.channel.set_agent_state(self.agent.id, AgentState.WAITING, "idle working starting waiting",
+                                        waiting_for=reason) not in (AgentState.WAITING, None):
+            log.info("agent %s: waiting: %s", self.agent.name, reason)
+        return self._block(idle_limit=False, secs=secs)
+
+    def _config_mtime(self) -> int:
+        with contextlib.suppress(OSError):
+            return (self.town.root / CONFIG_FILE).stat().st_mtime_ns
+        return 0
+
+    def _current_memory_floor(self) -> int:
+        """[town] min_free_memory_mb, read again when tinytown.toml changed: lowering it
+        lets a waiting loop go on."""
+        stamp = self._config_mtime()
+        if stamp != self._config_stamp:
+            self._config_stamp = stamp
+            with contextlib.suppress(TinytownError):
+                self._memory_floor = load_config(self.town.root / CONFIG_FILE).town.min_free_memory_mb
+        return self._memory_floor
 
     def _settle_without_ai(self, messages: list[Message]) -> set[str]:
         """Ids of the messages that need no AI: pings and status requests (answered
@@ -6070,14 +6516,22 @@ class AgentLoop:
         _drop_old_round_logs(log_file.parent, round_no, self.settings.keep_round_logs)
         command, session = _session_command(self.cli, agent, round_no)
         raw_file = log_file.with_suffix(".out") if self.cli.output in OUTPUT_PARSERS else None
+        log_start = log_file.stat().st_size if log_file.exists() else 0
         started = time.monotonic()
         code, outcome = self._run_cli(prompt, prompt_file, log_file, agent, command, raw_file)
         seconds = time.monotonic() - started
         usage = _read_round_output(self.cli.output, raw_file, log_file) if raw_file else RoundUsage()
         if code == 0 and usage.error:  # codex, for one, exits 0 after a failed turn
             code, outcome = 1, f"the CLI reported an error: {usage.error[:200]}"
+        limit = None if code == 0 else self._rate_limit_of(code, raw_file, log_file, log_start, prompt, usage)
         count = "attempt"
-        if code == 0:
+        if limit:  # the provider's refusal, not the work's fault: nothing spent, all wait
+            acked, reason, count = handled | {m.id for m in messages if not m.actionable}, "", "none"
+            left = self.channel.pause_provider(self.provider, agent_id, limit.reset_secs, limit.reason)
+            outcome = f"rate_limited: {limit.reason[:200]}"
+            log.warning("agent %s: %s refused the round (%s); its agents pause for %s", agent.name,
+                        self.provider, limit.reason[:200], _duration_text(left))
+        elif code == 0:
             states = dict(zip(task_ids, self.town.task_store.task_states(task_ids)))
             acked = handled | {m.id for m in messages if m.type != MessageType.TASK_ASSIGN
                                or _task_over(states.get(m.body.get("task_id")))}
@@ -6086,9 +6540,12 @@ class AgentLoop:
             acked, reason = handled | {m.id for m in messages if not m.actionable}, outcome
             if self._signals > 1:  # cut short by this loop's stop: not the messages' fault
                 count = "interruption"
-        self._failures = 0 if code == 0 else self._failures + 1
+        self._failures = 0 if code == 0 or limit else self._failures + 1
         self._settle(acked, reason, count=count, wake=not self._failures)  # retried after a back-off
-        self.rounds_run += 1
+        if code == 0 and self._rate_limited:  # the provider answers again: the back-off starts afresh
+            self._rate_limited = False
+            self.channel.forget_rate_limit_streak(self.provider)
+        self.rounds_run += 0 if limit else 1  # (a refused run is no round of the agent's budget)
         summary = (f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
                    f"{', ' + usage.summary() if raw_file else ''}")
         pipe = self.channel.redis.pipeline()
@@ -6098,7 +6555,9 @@ class AgentLoop:
         pipe.hincrby(self.keys.agent(agent_id), "rounds_completed", 1)
         pipe.hset(self.keys.agent(agent_id), mapping={"current_task": "", "cli_pgid": "",
                                                       "last_heartbeat": _now()})
-        self.channel.add_event(pipe, "round", agent=agent_id, round=round_no, outcome=outcome,
+        self.channel.add_event(pipe, "round", agent=agent_id, round=round_no,
+                            outcome="rate_limited" if limit else outcome,
+                            detail=outcome[len("rate_limited: "):] if limit else None,
                             secs=f"{seconds:.2f}", tokens_in=usage.tokens_in or None,
                             tokens_out=usage.tokens_out or None, cost_usd=usage.cost_usd)
         pipe.execute()
@@ -6106,6 +6565,22 @@ class AgentLoop:
         log.info("agent %s: %s", agent.name, summary)
         if self.town.maybe_prune():
             log.info("agent %s: pruned finished tasks into .tt/tasks/", agent.name)
+
+    def _rate_limit_of(self, code: int | None, raw_file: Path | None, log_file: Path, log_start: int,
+                       prompt: str, usage: RoundUsage) -> RateLimit | None:
+        """The rate limit a failed round's CLI reported (round_rate_limit over its output)."""
+        def tail(path: Path | None, start: int = 0) -> str:
+            if path is None or not path.exists():
+                return ""
+            with open(path, "rb") as handle:
+                handle.seek(max(start, path.stat().st_size - ROUND_OUTPUT_SCANNED))
+                return handle.read().decode(errors="replace")
+        found = round_rate_limit(self.cli.output or "", code, tail(raw_file), tail(log_file, log_start), prompt)
+        if found and usage.error and _REFUSAL.search(usage.error):  # the CLI's own words read best
+            found.reason = usage.error
+        if found:
+            self._rate_limited = True
+        return found
 
     def _mark_running(self, task_id: str) -> None:
         def decide(task: Task) -> dict[str, Any] | None:
@@ -6264,6 +6739,7 @@ def doctor(path: str | os.PathLike[str] = ".") -> list[Check]:
                                 if size <= 107 else f"too long to bind ({size} bytes): the server"
                                 f" listens on {server._short_socket_path()} instead"))
     checks.append(_runtime_check(root / RUNTIME_DIR))
+    checks.append(_memory_check(config.town.min_free_memory_mb))
     reachable = server.ping()
     checks.append(Check("redis", reachable or server.managed, server.display_url + (
         " answers" if reachable else " is not running" + (" (started on demand)" if server.managed else "")),
@@ -6299,6 +6775,19 @@ def _runtime_check(runtime: Path) -> Check:
     if mode & 0o022:
         return Check(".tt", False, f"{runtime} is writable by others (mode {mode:o})", f"chmod 700 {runtime}")
     return Check(".tt", True, f"{runtime} (mode {mode:o})")
+
+
+def _memory_check(floor: int) -> Check:
+    """The memory headroom, as the number of AI CLIs that still fit above the floor."""
+    available = available_memory_mb()
+    if available is None:
+        return Check("memory", True, "this system does not say how much memory is available;"
+                     " min_free_memory_mb is not checked")
+    fit = max((available - floor) // AGENT_MEMORY_MB, 0)
+    detail = (f"{available} MB available, floor {floor} MB (min_free_memory_mb): room for"
+              f" {fit} more agent{'' if fit == 1 else 's'} at {AGENT_MEMORY_MB} MB each")
+    return Check("memory", available >= floor, detail, "" if available >= floor else
+                 "free memory, or lower [town] min_free_memory_mb: no agent starts a round below it")
 
 
 def _agent_checks(channel: Channel, agents: list[Agent]) -> list[Check]:
@@ -6723,11 +7212,11 @@ class _UsageError(TinytownError):
         return "usage"
 
 
-_ICONS = {"starting": "◌", "idle": "○", "working": "●", "paused": "‖", "draining": "◐",
+_ICONS = {"starting": "◌", "idle": "○", "working": "●", "waiting": "◔", "paused": "‖", "draining": "◐",
           "stopped": "■", "cold": "❄", "error": "✗", "dead": "☠",
           "blocked": "⧗", "pending": "·", "assigned": "→", "running": "▶", "completed": "✓", "failed": "✗",
           "cancelled": "⊘"}
-_COLORS = {"working": 32, "idle": 36, "paused": 33, "draining": 33, "error": 31, "dead": 31,
+_COLORS = {"working": 32, "idle": 36, "waiting": 33, "paused": 33, "draining": 33, "error": 31, "dead": 31,
            "failed": 31, "completed": 32, "running": 32}
 
 
@@ -6846,8 +7335,22 @@ def _agent_line(agent: Agent | dict[str, Any]) -> str:
     state = "dead" if a["dead"] else a["state"]
     liveness = f"pid {a['pid']}" if a.get("alive") and a.get("pid") else ("no heartbeat" if a["dead"] else "")
     task = f", task {_printable(a['current_task'][:8])}" if a.get("current_task") else ""
+    waiting = f"\n      waiting: {_printable(a['waiting_for'])}" if state == "waiting" and a.get("waiting_for") else ""
     return (f"{_icon(state)} {_printable(a['name']):<16} {_printable(state):<9} {_printable(a['cli'] or ''):<10}"
-            f" rounds {a['rounds_completed']:<4} done {a['tasks_completed']:<4} {liveness}{task}")
+            f" rounds {a['rounds_completed']:<4} done {a['tasks_completed']:<4} {liveness}{task}{waiting}")
+
+
+def _rate_limit_lines(rate_limits: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per provider whose agents a rate limit pauses, with the time left."""
+    return [_printable(f"rate limit: {provider}'s agents paused, {_duration_text(pause['secs_left'])} left"
+                       f" ({pause.get('reason', '')[:100]}); `tt resume --now` lifts it")
+            for provider, pause in rate_limits.items()]
+
+
+def _scaling_text(scaling: dict[str, Any]) -> str:
+    return (f"scaling: {scaling['recommendation']} (open {scaling['open']}, queued {scaling['queued']};"
+            f" agents busy {scaling['busy']}, idle {scaling['idle']}, waiting {scaling['waiting']},"
+            f" cold {scaling['cold']})")
 
 
 def _usage_text(usage: dict[str, Any]) -> str:
@@ -7092,6 +7595,8 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
         lines += [f"      | {_printable(entry)}" for entry in agent.get("log_tail", [])]
     lines.append(f"tasks: {_counts_text(status['tasks'])}; backlog: {status['backlog']};"
                  f" conductor inbox: {status['conductor_inbox']}")
+    lines += _rate_limit_lines(status["rate_limits"])
+    lines.append(_scaling_text(status["scaling"]))
     usage = status["usage"]
     if usage["tokens_in"] or usage["tokens_out"] or usage["cost_usd"] or usage["budget_usd"]:
         budget = f" of budget ${usage['budget_usd']:g}" if usage["budget_usd"] else ""
@@ -7290,12 +7795,26 @@ def _cmd_interrupt(town: Town, args: Any) -> _Reply:
 
 
 def _cmd_resume(town: Town, args: Any) -> _Reply:
-    """Resume a paused agent.
+    """Resume a paused agent; --now also lifts a rate-limit pause (of every provider, or the agent's).
 
-    Example: tt resume worker-1
+    Agents a provider's rate limit paused resume by themselves when it lifts.
+
+    Example: tt resume --now
     """
-    agent = town.resume_agent(args.agent)
-    return _agent_reply(town, agent, f"resumed {agent.name}")
+    if args.agent is None and not args.now:
+        raise _UsageError("name the agent to resume, or pass --now to lift rate-limit pauses",
+                          args.parser.format_usage())
+    lifted = town.lift_rate_limits(args.agent) if args.now else []
+    lifted_text = (f"lifted the rate limit of {', '.join(lifted)}; their agents go on now" if lifted
+                   else "no rate limit was in force")
+    if args.agent is None:
+        return _Reply({"rate_limits_lifted": lifted}, _printable(lifted_text))
+    agent = town.agent(args.agent).record()
+    if agent.state == AgentState.PAUSED or not args.now:
+        agent = town.resume_agent(agent.id)
+    names = _Names(town)
+    return _Reply({**names.add_to(agent.to_dict()), "rate_limits_lifted": lifted},
+                  _printable(f"resumed {agent.name}" + (f"; {lifted_text}" if args.now else "")))
 
 
 @_uses_town(_TownUse.READ)
@@ -7358,6 +7877,7 @@ def _cmd_assign(town: Town, args: Any) -> _Reply:
 
     Example: tt assign worker-1 "Implement the login API" --tags backend
     """
+    was_cold = town.channel.get_agent(town.resolve_agent(args.agent))
     task = town.assign(args.agent, args.description, tags=_tags(args.tags), parent=args.parent,
                        priority=_priority(args), sender=_sender(args), after=_tags(args.after),
                        on_failure=args.on_failure)
@@ -7365,6 +7885,8 @@ def _cmd_assign(town: Town, args: Any) -> _Reply:
     if agent and agent.terminal:
         _note(f"tt: note: {agent.name} is {agent.state}; the task waits in its inbox until"
               f" `tt restart {agent.name}`")
+    elif agent and was_cold and was_cold.state == AgentState.COLD:
+        _note(f"tt: note: {agent.name} was cold; its loop is starting again")
     return _task_reply(task, _Names(town), task.id)
 
 
@@ -7984,9 +8506,12 @@ def _build_parser() -> _Parser:
     sub.add_argument("--resume-session", action=argparse.BooleanOptionalAction, default=None,
                      help="each round continues the CLI's conversation (default: the CLI's resume_session)")
     add(commands, "list", _cmd_list)
-    for name, handler in (("kill", _cmd_kill), ("close", _cmd_close), ("interrupt", _cmd_interrupt),
-                          ("resume", _cmd_resume)):
+    for name, handler in (("kill", _cmd_kill), ("close", _cmd_close), ("interrupt", _cmd_interrupt)):
         add(commands, name, handler).add_argument("agent", help=agent_help)
+    sub = add(commands, "resume", _cmd_resume)
+    sub.add_argument("agent", nargs="?", help=agent_help + " (optional with --now)")
+    sub.add_argument("--now", action="store_true",
+                     help="lift the rate-limit pause of every provider (of the agent's, with AGENT)")
     sub = add(commands, "wait", _cmd_wait)
     sub.add_argument("agent", help=agent_help)
     sub.add_argument("--timeout", type=_seconds_arg, metavar="SECONDS", help="give up after this long (default: never)")
@@ -8273,6 +8798,8 @@ def _watch_lines(snapshot: dict[str, Any], names: _Names, height: int) -> list[t
         task = snapshot["current_tasks"].get(a.get("current_task") or "")
         doing = (f"task {task.id[:8]} {_age(task.started_at or task.updated_at):>4}  {task.description[:60]}"
                  if task else "")
+        if state == AgentState.WAITING:
+            doing = f"waiting: {(a.get('waiting_for') or '')[:90]}"
         budget = f"/{a['max_rounds']}" if a["max_rounds"] else ""
         lines.append((f"  {_ICONS.get(state, '?')} {a['name']:<16} {state:<9} {liveness:<12}"
                       f" round {f'{rounds}{budget}':<6} {doing}", str(_COLORS.get(state, ""))))
@@ -8281,6 +8808,8 @@ def _watch_lines(snapshot: dict[str, Any], names: _Names, height: int) -> list[t
     counts = " · ".join(f"{n} {state}" for state, n in snapshot["tasks"].items() if n) or "none"
     lines += [("", ""), (f"TASKS  {counts}   backlog {snapshot['backlog']}   conductor inbox"
                          f" {snapshot['conductor_inbox']}", _HEADER_SGR)]
+    lines += [(f"  {line}", "33") for line in _rate_limit_lines(snapshot["rate_limits"])]
+    lines.append((f"  {_scaling_text(snapshot['scaling'])}", ""))
     attention = [f"  ✗ task {t.id[:8]} failed: {(t.error or '')[:80]}  ({t.description[:40]})"
                  for t in snapshot["failed_tasks"]]
     attention += [f"  ☠ {a['name']}: {a['pending']['dead']} dead letters" for a in snapshot["agents"]
