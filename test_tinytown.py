@@ -5859,3 +5859,165 @@ def test_serve_keeps_answering_while_redis_is_down(tmp_path, monkeypatch):
         with _serve_redis(folder):  # back, on the same socket: found again without a restart
             assert http(base + "/ready")[0] == 200 and "tinytown_redis_up 1" in http(base + "/metrics")[2]
             assert http(base + "/api/v1/agents")[0] == 200
+
+
+def test_serve_openapi_document_validates_and_lists_every_route(town):
+    from openapi_spec_validator import validate
+    with served(town.root) as base:
+        document = http(base + "/api/v1/openapi.json")[2]
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    for route in tinytown._API_ROUTES:
+        assert route.method.lower() in document["paths"]["/api/v1/" + route.path], route
+    operations = [op["operationId"] for path in document["paths"].values() for op in path.values()]
+    assert len(operations) == len(set(operations))
+    assign = document["paths"]["/api/v1/tasks"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert assign["required"] == ["description"] and {"agent", "tags", "after"} <= set(assign["properties"])
+    assert document["paths"]["/health"]["get"]["security"] == []
+
+
+@pytest.mark.skipif(not hasattr(tinytown.Town, "scaling"), reason="issue 20 not merged yet")
+def test_serve_scaling_answers_the_towns_scaling_report(town):
+    worker(town)
+    town.backlog_add("queued work")
+    with served(town.root) as base:
+        status, _, data = http(base + "/api/v1/scaling")
+    assert status == 200 and data == json.loads(json.dumps(town.scaling(), default=str))
+    assert {"open", "queued", "busy", "idle", "cold", "recommendation"} <= set(data)
+    assert data["recommendation"] in ("scale_up", "steady", "scale_down", "scale_to_zero")
+
+
+def test_serve_mcp_over_http_with_the_official_sdk(town):
+    import anyio
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+    worker(town)
+
+    async def steps(url):
+        async with streamable_http_client(url) as streams, ClientSession(*streams[:2]) as client:
+            await client.initialize()
+            tools = {tool.name for tool in (await client.list_tools()).tools}
+            status = tool_json(await client.call_tool("status", {}))
+            task = tool_json(await client.call_tool("assign", {"agent": "w1", "description": "over HTTP"}))
+            missing = await client.call_tool("task_show", {"id": "ghost"})
+            return tools, status, task, missing
+    with served(town.root) as base:
+        tools, status, task, missing = anyio.run(steps, base + "/mcp")
+        assert http(base + "/mcp")[0] == 405
+    assert {"status", "assign", "task_show"} <= tools and not {"reset", "serve", "mcp"} & tools
+    assert status["agents"][0]["name"] == "w1"
+    shown = tt_json("task", "show", task["id"])
+    assert task["description"] == "over HTTP" and task == {key: shown[key] for key in task}
+    assert missing.is_error and "no task 'ghost'" in missing.content[0].text
+
+
+def test_serve_a_slow_client_cannot_hold_a_thread(town, monkeypatch):
+    monkeypatch.setattr(tinytown, "SERVE_REQUEST_SECS", 0.5)
+    monkeypatch.setattr(tinytown, "SERVE_MAX_CONNECTIONS", 3)
+    server = tinytown.TownHttpServer(town.root, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        slow = [socket.create_connection((host, port)) for _ in range(3)]
+        for connection in slow:  # a request line, then nothing more
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.1)
+        turned_away = http(server.url + "health")
+        assert turned_away[0] == 503  # every slot taken ...
+        for connection in slow:  # ... until the reaper closes the late ones
+            connection.settimeout(5)
+            assert connection.recv(100) == b""
+            connection.close()
+        assert http(server.url + "health")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _chromium():
+    """(chromium, chromedriver) paths, or the reason the browser tests cannot run here."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return None, "selenium is not installed (`pip install -e '.[test]'`)"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or (Path("/usr/bin/chromedriver") if Path("/usr/bin/chromedriver").exists() else None)
+    if not (browser and driver):
+        return None, "no chromium and chromium-driver here (`apt-get install chromium chromium-driver`; make test does where apt works)"
+    return (browser, str(driver)), ""
+
+
+@pytest.fixture
+def browser():
+    found, reason = _chromium()
+    if not found:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(found[1]), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_serve_dashboard_in_a_real_browser_live_safe_and_usable(town, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    hostile = "<img src=x onerror=alert(1)>"
+    assert tt("spawn", "alice", "--cli", "demo", "--max-rounds", "20")[0] == 0
+    assert tt("spawn", "bob", "--cli", "demo", "--max-rounds", "20")[0] == 0
+    first = town.assign("alice", "Write the README intro")
+    town.wait_task(first.id, timeout=60)
+    town.assign("bob", hostile)
+    town.backlog_add("Fix the typo in the docs", ["nobody-has-this-role"])
+    town.send("conductor", "Which license should the README name?", "query", sender=town.agent("bob").id)
+
+    def page_text(driver=browser):
+        return driver.find_element(By.TAG_NAME, "body").text
+
+    def shows(text, timeout=10.0):
+        WebDriverWait(browser, timeout, poll_frequency=0.05).until(lambda d: text in page_text(d))
+    with served(town.root) as base:
+        browser.get(base + "/")
+        shows("alice")
+        shows("Write the README intro")
+        shows(hostile)  # the description as characters, not an element
+        assert not browser.find_elements(By.CSS_SELECTOR, "main img")
+        assert "Which license" in page_text()
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "live").text == "live")
+
+        # a demo agent's task completes: the page shows it within 2 s, without a reload
+        marker = browser.execute_script("window.notReloaded = 1; return 1")
+        task = town.assign("alice", "Live update check")
+        town.wait_task(task.id, timeout=60)
+        shows("Live update check", timeout=2)
+        WebDriverWait(browser, 2, poll_frequency=0.05).until(lambda d: d.execute_script(
+            "const li = document.querySelector(`li[data-task='${arguments[0]}']`);"
+            " return li && li.closest('ul').previousElementSibling.textContent.startsWith('completed')", task.id))
+        assert browser.execute_script("return window.notReloaded") == marker
+
+        # assign through the form, with the keyboard only
+        browser.find_element(By.ID, "assign-agent").send_keys("bob")
+        field = browser.find_element(By.ID, "assign-text")
+        field.send_keys("Typed into the dashboard")
+        field.send_keys(Keys.ENTER)
+        WebDriverWait(browser, 10).until(lambda d: any(t.description == "Typed into the dashboard" for t in town.tasks()))
+        made = next(t for t in town.tasks() if t.description == "Typed into the dashboard")
+        assert made.assigned_to == town.agent("bob").id
+        shows("Typed into the dashboard")
+
+        # (`make screenshot` keeps it as the README's dashboard.png)
+        browser.save_screenshot(os.environ.get("TINYTOWN_SCREENSHOT") or str(tmp_path / "dashboard.png"))
+        browser.set_window_size(360, 800)  # a phone: nothing wider than the screen
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 360
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == [], errors
