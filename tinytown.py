@@ -9040,6 +9040,7 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
     server: TownHttpServer
     protocol_version = "HTTP/1.1"  # kept connections (the reaper bounds their idle time)
     timeout = SERVE_IO_SECS
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
     server_version = f"tinytown/{__version__}"
     sys_version = ""
 
