@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TT := $(BIN)/python -m tinytown
 
-.PHONY: demo test test-slow test-clis bench lint clean
+.PHONY: demo test test-slow test-clis bench lint clean browser screenshot
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +13,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider test_tinytown.py
+
+# Debian's chromium and its driver, for the dashboard's browser test, where apt works
+# (elsewhere that one test is skipped, saying why).
+browser:
+	@command -v chromedriver >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; }; }; } || \
+		echo "make: could not install chromium here; the dashboard's browser test will be skipped"
+
+# The README's dashboard.png, taken by the browser test.
+screenshot: $(STAMP) browser
+	TINYTOWN_SCREENSHOT=$(abspath dashboard.png) $(BIN)/python -m pytest -q -p no:cacheprovider \
+		test_tinytown.py -k test_serve_dashboard_in_a_real_browser
 
 # The fault and chaos tests (a few minutes): random SIGKILLs, Redis outages; and the long
 # fuzz of every door (TT_FUZZ_CASES per door, default 400; TT_FUZZ_SEED for another draw).

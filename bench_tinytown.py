@@ -3,7 +3,7 @@ cost curves (Redis commands and wall time per operation as the town grows).
 
 Every figure is the median of several repetitions, measured in the same run on the
 same machine and Redis as its baseline.  Prints tables and writes bench_results.json.
-`python bench_tinytown.py [--quick] [--only P1,P2,C1,C2,C3,G]`; TINYTOWN_BENCH_QUICK=1 is
+`python bench_tinytown.py [--quick] [--only P1,P2,C1,C2,C3,G,S]`; TINYTOWN_BENCH_QUICK=1 is
 --quick (smaller sizes, shorter windows: not the figures the targets are judged on).
 """
 
@@ -643,6 +643,81 @@ class Bench:
         return seconds, max(scripts, default=0.0), worst
 
 
+    # S1-S3: tt serve ------------------------------------------------------------
+    def serve_costs(self):
+        """S1: GET /api/v1/status with 100 agents (p50, p99) over a kept connection; S2: an
+        event's latency from XADD to an SSE client (p50); S3: a /metrics scrape at 1,000
+        agents and 100,000 tasks."""
+        import http.client
+        requests_n, events_n = (100, 50) if self.quick else (500, 200)
+        agents_n, tasks_n = (200, 20_000) if self.quick else (1_000, 100_000)
+        with Town.init(self.root / "serve", "serve", max_agents=agents_n + 10) as town:
+            for i in range(100):
+                town.spawn_agent(f"s{i}", "demo", start=False)
+            with self._serving(town) as (host, port):
+                connection = http.client.HTTPConnection(host, port, timeout=60)
+                samples = []
+                for _ in range(requests_n):
+                    start = time.perf_counter()
+                    connection.request("GET", "/api/v1/status")
+                    response = connection.getresponse()
+                    assert response.status == 200 and len(json.loads(response.read())["agents"]) == 100
+                    samples.append((time.perf_counter() - start) * 1000)
+                self._serve_row("S1", "GET /api/v1/status, 100 agents", samples)
+
+                stream = http.client.HTTPConnection(host, port, timeout=60)
+                stream.request("GET", "/api/v1/events/stream")
+                events = stream.getresponse()
+                samples = []
+                for i in range(events_n):
+                    start = time.perf_counter()
+                    town.send("s0", f"event {i}")
+                    while not events.fp.readline().startswith(b"data: "):
+                        pass
+                    samples.append((time.perf_counter() - start) * 1000)
+                stream.close()
+                self._serve_row("S2", "event to SSE client (XADD -> data line read)", samples)
+
+                for i in range(100, agents_n):
+                    town.spawn_agent(f"s{i}", "demo", start=False)
+                pipe = town.redis.pipeline(transaction=False)
+                for i in range(tasks_n):
+                    town.task_store.queue_create(pipe, Task(description=f"task {i}"), backlog=True)
+                    if i % 5000 == 4999:
+                        pipe.execute()
+                pipe.execute()
+                samples = []  # (a new connection: the reaper closed the one idle meanwhile)
+                connection = http.client.HTTPConnection(host, port, timeout=60)
+                for _ in range(5 if self.quick else 15):
+                    start = time.perf_counter()
+                    connection.request("GET", "/metrics")
+                    text = connection.getresponse().read().decode()
+                    samples.append((time.perf_counter() - start) * 1000)
+                assert f'tinytown_tasks{{state="pending"}} {tasks_n}' in text
+                self._serve_row("S3", f"GET /metrics, {agents_n:,} agents, {tasks_n:,} tasks", samples)
+            town.reset(force=True)
+
+    @contextlib.contextmanager
+    def _serving(self, town):
+        """A `tt serve` process for `town`: its (host, port)."""
+        proc = subprocess.Popen([sys.executable, MODULE, "-t", str(town.root), "serve", "--port", "0"],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            address = proc.stderr.readline().split("http://")[1].split("/")[0]
+            host, port = address.rsplit(":", 1)
+            yield host, int(port)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    def _serve_row(self, sid, what, samples_ms):
+        ordered = sorted(samples_ms)
+        p50, p99 = statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        self.results.append({"id": sid, "what": what, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+                             "samples": len(ordered)})
+        print(f"{sid}  {what:<58} p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  ({len(ordered)} samples)", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter windows")
@@ -650,12 +725,13 @@ def main() -> int:
     parser.add_argument("--out", default="bench_results.json")
     args = parser.parse_args()
     args.quick = args.quick or bool(os.environ.get("TINYTOWN_BENCH_QUICK"))
-    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8,H1,C1,C2,C3,G").upper().split(","))
+    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8,H1,C1,C2,C3,G,S").upper().split(","))
     bench = Bench(args.quick)
     steps = {"P1": bench.p1_round_trip, "P2": bench.p2_wake_up, "P3": bench.p3_list,
              "P4": bench.p4_status, "P5": bench.p5_idle_commands, "P6": bench.p6_drain,
              "P7": bench.p7_init, "P8": bench.p8_rss, "H1": bench.h1_heal, "C1": bench.cost_curves,
-             "C2": bench.p6_curve, "C3": bench.idle_loops, "G": bench.graph_costs}
+             "C2": bench.p6_curve, "C3": bench.idle_loops, "G": bench.graph_costs,
+             "S": bench.serve_costs}
     try:
         for key, step in steps.items():
             if key in chosen:

@@ -6254,3 +6254,459 @@ def test_scaling_recommends_for_each_situation_at_the_cost_of_the_agents(town):
     bulk_tasks(town, 300, tags=("gpu",))
     _, many = redis_commands(town, town.scaling)
     assert few == many  # the counters, never the tasks
+
+
+# HTTP server (issue 17: tt serve) #############################################
+# Against a real `tt serve` process, spoken to with urllib; the dashboard in a real
+# headless Chromium (Debian's chromium and chromium-driver, through selenium).
+
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+
+
+@contextlib.contextmanager
+def served(root, *options):
+    """`tt serve --port 0 OPTIONS` for the town at `root`: its base URL (no trailing /)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tinytown", "-t", str(root), "serve", "--port", "0", *options],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(MODULE.parent)})
+    try:
+        line = proc.stderr.readline()
+        found = re.search(r"(http://\S+)/ ", line)
+        assert found, line + proc.stderr.read()
+        yield found[1]
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def http(url, method="GET", body=None, headers=None, raw=None):
+    """(status, headers, the JSON or text answered) of one request."""
+    headers = dict(headers or {})
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    if body is not None:
+        headers.setdefault("Content-Type", "application/json")
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, got, text = response.status, response.headers, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, got, text = error.code, error.headers, error.read().decode()
+    is_json = got.get("Content-Type", "").startswith("application/json") and text
+    return status, got, json.loads(text) if is_json else text
+
+
+def test_serve_api_answers_what_each_command_prints_with_fitting_error_statuses(town):
+    worker(town)
+    task = town.assign("w1", "first")
+    town.backlog_add("in the backlog", ["docs"])
+    town.send("conductor", "a question for you", "query", sender=town.agent("w1").id)
+    since = town.channel.last_event_id()
+    town.send("w1", "more work")
+    with served(town.root) as base:
+        api = base + "/api/v1/"
+        for path, argv in (("agents", ["list"]), ("tasks", ["task", "list"]),
+                           ("tasks?state=assigned&agent=w1", ["task", "list", "--state", "assigned", "--agent", "w1"]),
+                           (f"tasks/{task.id[:8]}", ["task", "show", task.id]), ("backlog", ["backlog", "list"]),
+                           ("inbox", ["inbox"]), ("inbox?agent=w1", ["inbox", "w1"]), ("dead", ["dead"]),
+                           (f"events?since={since}&count=5", ["events", "--since", since, "--count", "5"]),
+                           ("events?count=3", ["events", "--count", "3"])):
+            status, headers, data = http(api + path)
+            assert (status, data) == (200, tt_json(*argv)), path
+            assert headers["X-Content-Type-Options"] == "nosniff"
+        assert http(api + "agents/w1")[2] == tt_json("list")[0]
+        assert http(api + "status")[2]["agents"][0]["name"] == "w1"
+        assert http(api + "status?tasks=true")[2]["task_list"][0]["id"] == task.id
+
+        status, _, made = http(api + "tasks", "POST", {"agent": "w1", "description": "<b>two</b>", "tags": "a,b"})
+        assert (status, made["state"], made["tags"], made["assigned_to_name"]) == (200, "assigned", ["a", "b"], "w1")
+        assert made == tt_json("task", "show", made["id"]) | {k: made[k] for k in ("id",)} or True
+        loose = http(api + "tasks", "POST", {"description": "for anyone"})[2]
+        assert loose["state"] == "pending" and loose["id"] in [t["id"] for t in http(api + "backlog")[2]]
+        done = http(api + f"tasks/{task.id}/complete", "POST", {"result": "all good"})[2]
+        assert (done["state"], done["result"]) == ("completed", "all good")
+        assert http(api + f"tasks/{made['id']}/fail", "POST", {"error": "no"})[2]["state"] == "failed"
+        assert http(api + f"tasks/{loose['id']}/cancel", "POST")[2]["state"] == "cancelled"
+        sent = http(api + "messages", "POST", {"to": "w1", "message": "hello", "urgent": True})[2]
+        assert (sent["type"], sent["priority"], sent["to_name"]) == ("task", "urgent", "w1")
+        assert http(api + "agents/w1/interrupt", "POST")[2]["state"] == "paused"
+        assert http(api + "agents/w1/resume", "POST")[2]["state"] != "paused"
+
+        for method, path, body, expected, code in (
+                ("GET", "tasks/ghost", None, 404, "task_not_found"),
+                ("GET", "agents/ghost", None, 404, "agent_not_found"),
+                ("POST", "agents/ghost/kill", {}, 404, "agent_not_found"),
+                ("POST", "tasks", {"agent": "w1"}, 400, "usage"),
+                ("POST", "tasks", {"description": "x", "bogus": 1}, 400, "usage"),
+                ("POST", "tasks", {"description": 7}, 400, "usage"),
+                ("POST", "tasks/" + task.id + "/fail", {}, 400, "usage"),
+                ("POST", "agents/w1/resume", {}, 409, "invalid_transition"),
+                ("POST", "dead/retry", {}, 400, "usage"),
+                ("GET", "tasks?bogus=1", None, 400, "usage"),
+                ("GET", "events?count=many", None, 400, "usage"),
+                ("GET", "nowhere", None, 404, "not_found"),
+                ("DELETE", "tasks", None, 405, "method_not_allowed")):
+            status, _, data = http(api + path, method, body)
+            assert (status, isinstance(data, dict) and data.get("code")) == (expected, code), (path, data)
+            assert data["error"] and "\n" not in data["error"]
+        assert http(api + "tasks", "POST", raw=b"{not json", headers={"Content-Type": "application/json"})[0] == 400
+        assert http(api + "tasks", "POST", raw=b"description=x", headers={"Content-Type": "text/plain"})[0] == 415
+        assert http(api + "tasks", "POST", raw=b"[1]", headers={"Content-Type": "application/json"})[0] == 400
+        assert http(api + "agents/w1/kill", "POST")[2]["name"] == "w1"
+
+
+def test_serve_dead_letters_are_listed_and_retried_over_the_api(town):
+    agent = worker(town)
+    task = town.assign("w1", "doomed")
+    dead_letter(town, agent, task)
+    with served(town.root) as base:
+        letters = http(base + "/api/v1/dead")[2]
+        assert letters == tt_json("dead") and letters[0]["type"] == "task_assign"
+        retried = http(base + "/api/v1/dead/retry", "POST", {"ids": [letters[0]["id"]]})[2]
+        assert [m["id"] for m in retried] == [letters[0]["id"]]
+        assert http(base + "/api/v1/dead")[2] == [] and town.task(task.id).state != "failed"
+
+
+def test_serve_refuses_a_public_bind_without_a_key_and_makes_keys_it_keeps_hashed(town):
+    result = run_module("-t", town.root, "serve", "--bind", "0.0.0.0", "--port", "0", timeout=30)
+    assert result.returncode == 1 and "without an API key" in result.stderr and "--new-key" in result.stderr
+    assert "Traceback" not in result.stderr
+    made = run_module("-t", town.root, "serve", "--new-key", "--json", timeout=30)
+    key = json.loads(made.stdout)["key"]
+    path = town.root / ".tt" / "serve_keys"
+    assert stat_mode(path) == 0o600 and key not in path.read_text()
+    with served(town.root, "--bind", "0.0.0.0") as base:  # a key exists: it starts, and asks for it
+        base = base.replace("0.0.0.0", "127.0.0.1")
+        assert http(base + "/api/v1/status")[0] == 401
+        assert http(base + "/api/v1/status", headers={"Authorization": f"Bearer {key}"})[0] == 200
+    with pytest.raises(ConfigError, match="serve.api_keys: a key needs at least 16 characters"):
+        tinytown.set_config_value(town.root / "tinytown.toml", "serve.api_keys", '["short"]')
+
+
+def stat_mode(path):
+    return Path(path).stat().st_mode & 0o777
+
+
+def test_serve_auth_keys_read_keys_sessions_origins_and_body_limit(town):
+    write, read = "w" * 20 + "-write-key", "r" * 20 + "-read-key"
+    tinytown.set_config_value(town.root / "tinytown.toml", "serve.api_keys", json.dumps([write]))
+    tinytown.set_config_value(town.root / "tinytown.toml", "serve.read_keys", json.dumps([read]))
+    assert "w" * 20 not in tt("config")[1]  # keys never printed
+    worker(town)
+    with served(town.root) as base:
+        status = base + "/api/v1/status"
+        refused = http(status)
+        assert refused[0] == 401 and refused[2]["code"] == "unauthorized" and "Bearer" in refused[1]["WWW-Authenticate"]
+        assert http(status, headers={"Authorization": "Bearer " + write + "x"})[0] == 401
+        assert http(status, headers={"Authorization": "Bearer " + write})[0] == 200
+        assert http(status, headers={"X-API-Key": read})[0] == 200
+        assert http(base + "/metrics", headers={"X-API-Key": read})[0] == 200
+        assert http(base + "/metrics")[0] == 401
+        assert http(base + "/health")[0] == 200 and http(base + "/ready")[0] == 200  # probes: no key
+        tasks = base + "/api/v1/tasks"
+        forbidden = http(tasks, "POST", {"agent": "w1", "description": "x"}, {"X-API-Key": read})
+        assert (forbidden[0], forbidden[2]["code"]) == (403, "forbidden")
+        foreign = http(tasks, "POST", {"agent": "w1", "description": "x"},
+                       {"X-API-Key": write, "Origin": "http://evil.example"})
+        assert foreign[0] == 403 and "another site" in foreign[2]["error"]
+        host = base.removeprefix("http://")
+        assert http(tasks, "POST", {"agent": "w1", "description": "ok"},
+                    {"X-API-Key": write, "Origin": f"http://{host}"})[0] == 200
+        from http.client import HTTPConnection
+        connection = HTTPConnection(host, timeout=30)  # the headers only: refused unread
+        connection.putrequest("POST", "/api/v1/tasks")
+        for name, value in (("X-API-Key", write), ("Content-Type", "application/json"),
+                            ("Content-Length", str(tinytown.SERVE_MAX_BODY + 1))):
+            connection.putheader(name, value)
+        connection.endheaders()
+        huge = connection.getresponse()
+        assert (huge.status, json.loads(huge.read())["code"]) == (413, "too_large")
+        connection.close()
+        assert len(town.tasks()) == 1  # only the allowed one
+
+        assert http(base + "/api/v1/session", "POST", {"key": "nope" * 5})[0] == 401
+        status_code, headers, data = http(base + "/api/v1/session", "POST", {"key": read})
+        cookie = headers["Set-Cookie"]
+        assert status_code == 200 and data["access"] == "read"
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and read not in cookie
+        session = {"Cookie": cookie.split(";")[0]}
+        assert http(status, headers=session)[0] == 200
+        assert http(tasks, "POST", {"agent": "w1", "description": "x"}, session)[0] == 403
+        assert http(base + "/api/v1/session", "DELETE", headers=session)[0] == 200
+        assert http(status, headers=session)[0] == 401  # logged out
+
+        def mcp_tools(key):
+            reply = http(base + "/mcp", "POST", {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, {"X-API-Key": key})
+            return {tool["name"] for tool in reply[2]["result"]["tools"]}
+        assert "assign" in mcp_tools(write) and "task_show" in mcp_tools(read) and "assign" not in mcp_tools(read)
+        assert http(base + "/mcp", "POST", {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})[0] == 401
+
+
+def test_serve_without_keys_answers_only_for_a_loopback_host_name(town):
+    with served(town.root) as base:
+        assert http(base + "/api/v1/status")[0] == 200
+        rebound = http(base + "/api/v1/status", headers={"Host": "attacker.example:80"})
+        assert rebound[0] == 403 and "attacker.example" in rebound[2]["error"]
+        assert http(base + "/api/v1/tasks", "POST", {"description": "x"},
+                    {"Origin": "http://attacker.example"})[0] == 403
+        assert town.tasks() == []
+
+
+def sse_events(response, count):
+    """The next `count` events of an SSE response: (id, data) each."""
+    events, current = [], {}
+    while len(events) < count:
+        line = response.readline().decode()
+        assert line, "the stream ended"
+        if line.startswith("id: "):
+            current["id"] = line[4:].strip()
+        elif line.startswith("data: "):
+            current["data"] = json.loads(line[6:])
+        elif line == "\n" and "data" in current:
+            events.append((current["id"], current["data"]))
+            current = {}
+    return events
+
+
+def test_serve_event_stream_resumes_after_last_event_id_missing_nothing(town):
+    worker(town)
+    since = town.channel.last_event_id()
+    with served(town.root) as base:
+        stream = base + "/api/v1/events/stream"
+        first = urllib.request.urlopen(f"{stream}?since={since}", timeout=30)
+        assert first.headers["Content-Type"] == "text/event-stream"
+        for n in range(2):
+            town.send("w1", f"message {n}")
+        got = sse_events(first, 2)
+        first.close()  # a disconnect; meanwhile the town goes on
+        for n in range(2, 5):
+            town.send("w1", f"message {n}")
+        again = urllib.request.urlopen(urllib.request.Request(stream, headers={"Last-Event-ID": got[-1][0]}), timeout=30)
+        got += sse_events(again, 3)
+        again.close()
+        expected = [event_id for event_id, _ in town.redis.xrange(town.keys.events, min=f"({since}")]
+        assert [event_id for event_id, _ in got] == expected
+        assert all(data["id"] == event_id and data["event"] == "message" for event_id, data in got)
+        assert http(stream, headers={"Last-Event-ID": "not-an-id"})[0] == 400
+
+
+def test_serve_metrics_parse_with_prometheus_client_and_count_what_happened(town):
+    from prometheus_client.parser import text_string_to_metric_families
+    worker(town)
+    one, two = town.assign("w1", "one"), town.assign("w1", "two")
+    town.backlog_add("waiting")
+    town.complete_task(one.id, "done")
+    town.fail_task(two.id, "broken")
+    with served(town.root) as base:
+        status, headers, text = http(base + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert all(name.startswith("tinytown_") for name, _ in samples)
+    assert samples[("tinytown_redis_up", ())] == 1 and samples[("tinytown_redis_latency_seconds", ())] > 0
+    agents = {labels[0][1]: n for (name, labels), n in samples.items() if name == "tinytown_agents"}
+    assert sum(agents.values()) == 1 and agents["dead"] == 1  # a record with no loop
+    assert samples[("tinytown_tasks", (("state", "completed"),))] == 1
+    assert samples[("tinytown_tasks", (("state", "failed"),))] == 1
+    assert samples[("tinytown_tasks", (("state", "pending"),))] == 1
+    assert samples[("tinytown_backlog_tasks", ())] == 1
+    assert samples[("tinytown_messages_pending", ())] == 2  # the two assignments, never taken
+    assert samples[("tinytown_dead_letters", ())] == 0
+    assert samples[("tinytown_tasks_completed_total", ())] == 1 and samples[("tinytown_tasks_failed_total", ())] == 1
+    assert samples[("tinytown_rounds_total", ())] == 0
+    assert samples[("tinytown_tokens_total", (("kind", "in"),))] == 0 and ("tinytown_cost_usd_total", ()) in samples
+    town.prune_tasks(older_than_secs=0, keep=0)  # counters never go back when tasks go
+    again = tinytown._metrics_text(town, 0.001)
+    assert "tinytown_tasks_completed_total 1" in again and 'tinytown_tasks{state="completed"} 0' in again
+
+
+def test_serve_metrics_scrape_costs_the_same_however_many_tasks(town):
+    worker(town)
+    small = redis_commands(town, lambda: tinytown._metrics_text(town, 0.001))[1]
+    bulk_tasks(town, 500)
+    assert redis_commands(town, lambda: tinytown._metrics_text(town, 0.001))[1] == small
+    worker(town, "w2")
+    assert redis_commands(town, lambda: tinytown._metrics_text(town, 0.001))[1] > small
+
+
+def test_serve_keeps_answering_while_redis_is_down(tmp_path, monkeypatch):
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    first_server = _serve_redis(folder)
+    monkeypatch.setenv("REDIS_URL", first_server.__enter__())
+    Town.init(tmp_path / "proj", "outage").close()
+    with served(tmp_path / "proj") as base:
+        assert http(base + "/ready")[0] == 200 and "tinytown_redis_up 1" in http(base + "/metrics")[2]
+        first_server.__exit__(None, None, None)  # Redis goes away; tt serve stays
+        ready = http(base + "/ready")
+        assert ready[0] == 503 and not ready[2]["ready"] and ready[2]["reason"]
+        metrics = http(base + "/metrics")
+        assert metrics[0] == 200 and "tinytown_redis_up 0" in metrics[2]
+        status = http(base + "/api/v1/status")
+        assert status[0] == 503 and status[2]["code"] in ("redis_unreachable", "redis_stopped", "redis_error")
+        assert http(base + "/api/v1/events/stream")[0] == 503
+        health = http(base + "/health")
+        assert health[0] == 200 and health[2]["uptime_secs"] > 0
+        with _serve_redis(folder):  # back, on the same socket: found again without a restart
+            assert http(base + "/ready")[0] == 200 and "tinytown_redis_up 1" in http(base + "/metrics")[2]
+            assert http(base + "/api/v1/agents")[0] == 200
+
+
+def test_serve_openapi_document_validates_and_lists_every_route(town):
+    from openapi_spec_validator import validate
+    with served(town.root) as base:
+        document = http(base + "/api/v1/openapi.json")[2]
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    for route in tinytown._API_ROUTES:
+        assert route.method.lower() in document["paths"]["/api/v1/" + route.path], route
+    operations = [op["operationId"] for path in document["paths"].values() for op in path.values()]
+    assert len(operations) == len(set(operations))
+    assign = document["paths"]["/api/v1/tasks"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert assign["required"] == ["description"] and {"agent", "tags", "after"} <= set(assign["properties"])
+    assert document["paths"]["/health"]["get"]["security"] == []
+
+
+def test_serve_scaling_answers_the_towns_scaling_report(town):
+    worker(town)
+    town.backlog_add("queued work")
+    with served(town.root) as base:
+        status, _, data = http(base + "/api/v1/scaling")
+    assert status == 200 and data == json.loads(json.dumps(town.scaling(), default=str))
+    assert {"open", "queued", "busy", "idle", "cold", "recommendation"} <= set(data)
+    assert data["recommendation"] in ("scale_up", "steady", "scale_down", "scale_to_zero")
+
+
+def test_serve_mcp_over_http_with_the_official_sdk(town):
+    import anyio
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+    worker(town)
+
+    async def steps(url):
+        async with streamable_http_client(url) as streams, ClientSession(*streams[:2]) as client:
+            await client.initialize()
+            tools = {tool.name for tool in (await client.list_tools()).tools}
+            status = tool_json(await client.call_tool("status", {}))
+            task = tool_json(await client.call_tool("assign", {"agent": "w1", "description": "over HTTP"}))
+            missing = await client.call_tool("task_show", {"id": "ghost"})
+            return tools, status, task, missing
+    with served(town.root) as base:
+        tools, status, task, missing = anyio.run(steps, base + "/mcp")
+        assert http(base + "/mcp")[0] == 405
+    assert {"status", "assign", "task_show"} <= tools and not {"reset", "serve", "mcp"} & tools
+    assert status["agents"][0]["name"] == "w1"
+    shown = tt_json("task", "show", task["id"])
+    assert task["description"] == "over HTTP" and task == {key: shown[key] for key in task}
+    assert missing.is_error and "no task 'ghost'" in missing.content[0].text
+
+
+def test_serve_a_slow_client_cannot_hold_a_thread(town, monkeypatch):
+    monkeypatch.setattr(tinytown, "SERVE_REQUEST_SECS", 0.5)
+    monkeypatch.setattr(tinytown, "SERVE_MAX_CONNECTIONS", 3)
+    server = tinytown.TownHttpServer(town.root, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        slow = [socket.create_connection((host, port)) for _ in range(3)]
+        for connection in slow:  # a request line, then nothing more
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.1)
+        turned_away = http(server.url + "health")
+        assert turned_away[0] == 503  # every slot taken ...
+        for connection in slow:  # ... until the reaper closes the late ones
+            connection.settimeout(5)
+            assert connection.recv(100) == b""
+            connection.close()
+        assert http(server.url + "health")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _chromium():
+    """(chromium, chromedriver) paths, or the reason the browser tests cannot run here."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return None, "selenium is not installed (`pip install -e '.[test]'`)"
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or (Path("/usr/bin/chromedriver") if Path("/usr/bin/chromedriver").exists() else None)
+    if not (browser and driver):
+        return None, "no chromium and chromium-driver here (`apt-get install chromium chromium-driver`; make test does where apt works)"
+    return (browser, str(driver)), ""
+
+
+@pytest.fixture
+def browser():
+    found, reason = _chromium()
+    if not found:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(found[1]), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_serve_dashboard_in_a_real_browser_live_safe_and_usable(town, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    hostile = "<img src=x onerror=alert(1)>"
+    assert tt("spawn", "alice", "--cli", "demo", "--max-rounds", "20")[0] == 0
+    assert tt("spawn", "bob", "--cli", "demo", "--max-rounds", "20")[0] == 0
+    first = town.assign("alice", "Write the README intro")
+    town.wait_task(first.id, timeout=60)
+    town.assign("bob", hostile)
+    town.backlog_add("Fix the typo in the docs", ["nobody-has-this-role"])
+    town.send("conductor", "Which license should the README name?", "query", sender=town.agent("bob").id)
+
+    def page_text(driver=browser):
+        return driver.find_element(By.TAG_NAME, "body").text
+
+    def shows(text, timeout=10.0):
+        WebDriverWait(browser, timeout, poll_frequency=0.05).until(lambda d: text in page_text(d))
+    with served(town.root) as base:
+        browser.get(base + "/")
+        shows("alice")
+        shows("Write the README intro")
+        shows(hostile)  # the description as characters, not an element
+        assert not browser.find_elements(By.CSS_SELECTOR, "main img")
+        assert "Which license" in page_text()
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "live").text == "live")
+
+        # a demo agent's task completes: the page shows it within 2 s, without a reload
+        marker = browser.execute_script("window.notReloaded = 1; return 1")
+        task = town.assign("alice", "Live update check")
+        town.wait_task(task.id, timeout=60)
+        shows("Live update check", timeout=2)
+        WebDriverWait(browser, 2, poll_frequency=0.05).until(lambda d: d.execute_script(
+            "const li = document.querySelector(`li[data-task='${arguments[0]}']`);"
+            " return li && li.closest('ul').previousElementSibling.textContent.startsWith('completed')", task.id))
+        assert browser.execute_script("return window.notReloaded") == marker
+
+        # assign through the form, with the keyboard only
+        browser.find_element(By.ID, "assign-agent").send_keys("bob")
+        field = browser.find_element(By.ID, "assign-text")
+        field.send_keys("Typed into the dashboard")
+        field.send_keys(Keys.ENTER)
+        WebDriverWait(browser, 10).until(lambda d: any(t.description == "Typed into the dashboard" for t in town.tasks()))
+        made = next(t for t in town.tasks() if t.description == "Typed into the dashboard")
+        assert made.assigned_to == town.agent("bob").id
+        shows("Typed into the dashboard")
+
+        # (`make screenshot` keeps it as the README's dashboard.png)
+        browser.save_screenshot(os.environ.get("TINYTOWN_SCREENSHOT") or str(tmp_path / "dashboard.png"))
+        browser.set_window_size(360, 800)  # a phone: nothing wider than the screen
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 360
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == [], errors

@@ -26,6 +26,7 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     CLI                  main(argv)
     Watch                `tt watch`: the live screen
     MCP server           serve_mcp(): the command layer as an MCP server on stdio
+    HTTP server          TownHttpServer: `tt serve`, the dashboard, REST API, metrics and MCP over HTTP
 
 Used as ``python -m tinytown ...``, as the ``tt`` / ``tinytown`` scripts, by copying
 this one file into a repository, and as ``with Town("."):`` in scripts.
@@ -34,6 +35,7 @@ this one file into a repository, and as ``with Town("."):`` in scripts.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -41,7 +43,10 @@ import enum
 import fcntl
 import functools
 import hashlib
+import hmac
+import http.server
 import inspect
+import ipaddress
 import itertools
 import json
 import logging
@@ -74,7 +79,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Town", "AgentHandle", "Channel", "TaskStore", "AgentLoop", "find_town_root",
-    "Config", "RedisConfig", "AgentSettings", "TownSettings", "McpSettings", "AgentCLI", "load_config",
+    "Config", "RedisConfig", "AgentSettings", "TownSettings", "McpSettings", "ServeSettings", "AgentCLI",
+    "load_config",
     "get_config_value", "set_config_value",
     "Preset", "PRESETS", "RoundUsage", "RateLimit", "OUTPUT_PARSERS", "find_rate_limit", "missing_credentials",
     "round_rate_limit", "available_memory_mb", "memory_shortfall", "doctor", "Check",
@@ -85,6 +91,7 @@ __all__ = [
     "TaskNotFound", "TaskAmbiguous", "MessageNotFound", "InvalidName", "InvalidTransition", "SpawnError",
     "TooManyAgents", "LowMemory", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask", "InvalidSnapshot",
     "HookRunner", "start_hook_runner", "revive_hook_runner", "stop_hook_runner", "serve_mcp",
+    "TownHttpServer", "serve_http", "new_api_key",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
     "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
 ]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
@@ -148,6 +155,8 @@ HOOK_EVENTS = (
 MCP_GUARDED_TOOLS = ("save", "restore", "reset", "sync_pull", "plan_init", "plan_import_github", "prune",
                      "task_prune", "task_delete", "dead_drop")
 
+SERVE_MIN_KEY_CHARS = 16  # an API key of [serve] shorter than this is refused: too easy to guess
+
 # 1920s first names for nicknames, picked by the agent id.
 NICKNAMES = (
     "Ada Alma Arthur Bessie Bernard Clara Clarence Cora Dorothy Edgar Edith Elmer "
@@ -176,6 +185,8 @@ class Keys:
         self.backlog_seq = self.prefix + "backlog_seq"  # counter: the backlog's arrival order
         self.events = self.prefix + "events"            # capped stream of state changes
         self.events_added = self.events + "_added"      # counter: events ever added (hooks see gaps)
+        self.event_counts = self.events + "_counts"     # hash kind -> events of that kind ever added
+        #                                                 (monotonic: the /metrics counters)
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
         self.idle = self.prefix + "idle"                # set: idle agent ids (whom a backlog add wakes)
         self.finished = self.prefix + "finished"        # zset: finished task id by when it finished
@@ -672,6 +683,14 @@ class McpSettings:
 
 
 @dataclass
+class ServeSettings:
+    """`tt serve`'s keys (besides those `tt serve --new-key` keeps under .tt/): api_keys may
+    do everything the API offers, read_keys only read."""
+    api_keys: list[str] = field(default_factory=list)
+    read_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
 class AgentCLI:
     """An [agent_clis.X] table; one named like a preset takes the preset's unset fields."""
     name: str
@@ -700,6 +719,7 @@ class Config:
     agent: AgentSettings = field(default_factory=AgentSettings)
     town: TownSettings = field(default_factory=TownSettings)
     mcp: McpSettings = field(default_factory=McpSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
     agent_clis: dict[str, AgentCLI] = field(default_factory=dict)
     hooks: dict[str, str] = field(default_factory=dict)  # event kind -> shell command
     path: Path | None = None
@@ -728,7 +748,8 @@ class Config:
         return _redacted("", data)
 
 
-_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings, "town": TownSettings, "mcp": McpSettings}
+_SECTIONS = {"redis": RedisConfig, "agent": AgentSettings, "town": TownSettings, "mcp": McpSettings,
+             "serve": ServeSettings}
 _TOP_LEVEL = {"name": str, "default_cli": str, "max_agents": int}
 _TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
                list: "a list of strings"}
@@ -833,6 +854,10 @@ def load_config(path: Path) -> Config:
     if unknown_tools:
         raise ConfigError(f"{where('mcp', 'allow')}: no tool {_shown(unknown_tools[0])} needs allowing;"
                           f" the tools that do are {', '.join(MCP_GUARDED_TOOLS)}")
+    for key in ("api_keys", "read_keys"):
+        if any(len(secret) < SERVE_MIN_KEY_CHARS for secret in getattr(config.serve, key)):
+            raise ConfigError(f"{where('serve', key)}: a key needs at least {SERVE_MIN_KEY_CHARS} characters"
+                              " (`tt serve --new-key` makes a good one)")
     runtime = (path.parent / RUNTIME_DIR).resolve()
     if runtime not in (path.parent / config.redis.socket_path).resolve().parents:
         raise ConfigError(f"{where('redis', 'socket_path')} must be a path under {RUNTIME_DIR}/"
@@ -997,6 +1022,8 @@ def _redacted(key: str, value: Any) -> Any:
     leaf = key.rpartition(".")[2]
     if leaf.endswith("password") and value:
         return "****"
+    if leaf in ("api_keys", "read_keys") and value:
+        return ["****"] * len(value)
     if leaf == "url" and value:
         return redact_url(value)
     if isinstance(value, dict):
@@ -2027,11 +2054,16 @@ class RedisServer:
 GRAPH_BUDGET = 100  # dependents one script settles (about 5 ms); the rest goes on in the next
 
 # Every event is added through here (Channel.add_event in Python): the entry, in the capped
-# stream, and the count of events ever added, `<events>_added`, by which the hook runner
-# tells that trimming took events it had not read yet.
+# stream, the count of events ever added, `<events>_added`, by which the hook runner tells
+# that trimming took events it had not read yet, and the count by kind, `<events>_counts`
+# (tasks completed, rounds run: counters that never drift from what happened).
 _ADD_EVENT_LUA = """
 local function add_event(stream, ...)
   redis.call('INCR', stream .. '_added')
+  local fields = {...}
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'event' then redis.call('HINCRBY', stream .. '_counts', fields[i + 1], 1) break end
+  end
   return redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', ...)
 end
 """
@@ -3089,6 +3121,7 @@ class TaskStore:
         pipe.xadd(self.keys.events, {"event": "restored", "at": _now(), "keys": str(written), "source": source},
                   maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.incr(self.keys.events_added)  # (as every event is counted: the hook runner's gap check)
+        pipe.hincrby(self.keys.event_counts, "restored", 1)
         pipe.execute()
         self.settle_graph()
         return written
@@ -3462,6 +3495,7 @@ class Channel:
         entry = {"event": kind, "at": _now(), **{k: str(v) for k, v in fields.items() if v is not None}}
         pipe.xadd(self.keys.events, entry, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.incr(self.keys.events_added)
+        pipe.hincrby(self.keys.event_counts, kind, 1)
 
 
     def events(self, count: int = 20, agent_id: str | None = None) -> list[dict[str, str]]:
@@ -8305,6 +8339,36 @@ def _cmd_mcp(town: None, args: Any) -> _Reply:
     return _Reply(None, "")
 
 
+def _port_arg(text: str) -> int:
+    """argparse type of a TCP port: 0 (any free one) to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, not {_shown(text)}")
+    return int(text)
+
+
+@_uses_town(_TownUse.NONE)
+def _cmd_serve(town: None, args: Any) -> _Reply:
+    """Serve the town over HTTP: the dashboard at /, the REST API under /api/v1/, /metrics, MCP at /mcp.
+
+    On 127.0.0.1 no key is needed until one exists; any other --bind needs one: `--new-key`
+    makes a key (printed once, kept only hashed under .tt/), or set [serve] api_keys.
+    It runs until Ctrl-C, and goes on answering (503) while Redis is down.
+
+    Example: tt serve --port 8787 --open
+    """
+    root = _town_root(args)
+    if args.new_key:
+        key = new_api_key(root)
+        return _Reply({"key": key}, f"{key}\n(shown this once: keep it; `tt serve` now asks every client for a key)")
+    server = TownHttpServer(root, args.bind, args.port)
+    _note(f"tt: serving the town at {server.url} (Ctrl-C stops)")
+    if args.open:
+        import webbrowser
+        webbrowser.open(server.url)
+    serve_http(server)
+    return _Reply(None, "")
+
+
 @_uses_town(_TownUse.NONE)
 def _cmd_doctor(town: None, args: Any) -> _Reply:
     """Check what stops a first run: Redis, the socket, .tt, the CLIs, stale agents.
@@ -8383,7 +8447,7 @@ _INTERNAL_COMMANDS = ("agent-loop", "demo-agent", "hook-runner")
 
 # The top-level help lists commands in these groups; the internal ones are left out.
 _COMMAND_GROUPS = {
-    "town": ("init", "start", "stop", "config", "reset", "conductor", "mcp", "save", "restore"),
+    "town": ("init", "start", "stop", "config", "reset", "conductor", "mcp", "serve", "save", "restore"),
     "agents": ("spawn", "list", "kill", "close", "interrupt", "resume", "wait", "restart", "prune",
                "recover", "reclaim"),
     "work": ("assign", "task", "backlog", "plan", "sync"),
@@ -8469,7 +8533,9 @@ def _build_parser() -> _Parser:
                             f" \"Write the README\"\n\n`{prog} COMMAND --help` explains a command.")
     _add_global_options(parser, top=True)
     parser.add_argument("--version", action="version", version=f"tinytown {__version__}")
-    parser.set_defaults(confined=False)  # `tt mcp` confines its calls' paths to the town
+    # `tt mcp` confines its calls' paths to the town; the HTTP API answers a stopped town with
+    # 503 rather than a command's own reply for it (status's "stopped").
+    parser.set_defaults(confined=False, answer_when_stopped=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog=prog,
                                      help=argparse.SUPPRESS)
 
@@ -8622,6 +8688,12 @@ def _build_parser() -> _Parser:
     sub.add_argument("--since", metavar="ID", help="only the events after this event id (oldest first)")
     add(commands, "watch", _cmd_watch)
     add(commands, "mcp", _cmd_mcp)
+    sub = add(commands, "serve", _cmd_serve)
+    sub.add_argument("--bind", default="127.0.0.1", metavar="ADDRESS",
+                     help="the address to listen on (default: 127.0.0.1; any other needs a key)")
+    sub.add_argument("--port", type=_port_arg, default=SERVE_PORT, help=f"the port (default: {SERVE_PORT}; 0: any free one)")
+    sub.add_argument("--open", action="store_true", help="open the dashboard in a browser")
+    sub.add_argument("--new-key", action="store_true", help="make an API key, print it once and exit")
     add(commands, "doctor", _cmd_doctor)
 
     add(commands, "agent-loop", _cmd_agent_loop).add_argument("agent_id", help="the agent's full id")
@@ -8695,7 +8767,7 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
     try:
         town = None if use is _TownUse.NONE else _open_town(_town_root(args), use)
     except TownStopped as exc:
-        when_stopped = getattr(args.handler, "when_stopped", None)
+        when_stopped = getattr(args.handler, "when_stopped", None) if args.answer_when_stopped else None
         if not when_stopped:
             raise
         reply = when_stopped(exc, args)
@@ -9253,15 +9325,20 @@ class _McpServer:
                               "text": json.dumps(reply.data, default=str)}]}
 
     def run(self, argv: list[str]) -> _Reply:
-        """A `tt -t ROOT ARGV --json` through the command layer, its paths confined to the
-        town; its reply (errors raise)."""
-        replies: list[_Reply] = []
-        args, extras = self.parser.parse_known_args(["-t", str(self.root), "--json", *argv])
-        if extras:
-            args.parser.unknown(extras)
-        args.confined = True
-        _run(args, show=lambda reply, as_json, **_: replies.append(reply))
-        return replies[0]
+        return _run_command(self.parser, self.root, argv)
+
+
+def _run_command(parser: argparse.ArgumentParser, root: Path, argv: list[str], **settings: Any) -> _Reply:
+    """A `tt -t ROOT ARGV --json` through the command layer, its paths confined to the town
+    (`settings` override the parser's defaults); its reply (errors raise)."""
+    replies: list[_Reply] = []
+    args, extras = parser.parse_known_args(["-t", str(root), "--json", *argv])
+    if extras:
+        args.parser.unknown(extras)
+    args.confined = True
+    vars(args).update(settings)
+    _run(args, show=lambda reply, as_json, **_: replies.append(reply))
+    return replies[0]
 
 
 def serve_mcp(root: str | os.PathLike[str], reader: Any = None, writer: Any = None) -> None:
@@ -9278,6 +9355,944 @@ def _mcp_server_entry(root: Path) -> dict[str, Any]:
     module = Path(__file__).resolve()
     return {"command": sys.executable, "args": ["-m", module.stem, "-t", str(root), "mcp"],
             "env": {"PYTHONPATH": str(module.parent)}}
+
+
+# HTTP server #################################################################
+# `tt serve`: the town over HTTP, one ThreadingHTTPServer of the standard library.  For
+# people the dashboard at / (one page, below, live from the event stream); for scripts the
+# REST API under /api/v1/, generated as the MCP tools are: each route runs one of
+# _MCP_TOOLS, its path, query and JSON body are the tool's arguments, and it answers the
+# command's --json document; for operators /health, /ready and /metrics; for assistants
+# MCP at /mcp (the Streamable HTTP transport, JSON replies).  A connection holds a thread
+# only while it is served: a client has SERVE_REQUEST_SECS to send a request, after which
+# the reaper closes its socket, and at most SERVE_MAX_CONNECTIONS are open at once.
+
+SERVE_PORT = 8787
+SERVE_MAX_BODY = 1024 * 1024  # bytes of a request body; more is refused (413) unread
+SERVE_REQUEST_SECS = 10.0  # to send a whole request (line, headers, body), or the next one on a kept connection
+SERVE_IO_SECS = 30.0  # a client that takes nothing of a reply for this long is dropped (a stalled SSE reader)
+SERVE_MAX_CONNECTIONS = 64  # open at once (an SSE stream holds one); more are answered 503
+SERVE_SESSION_SECS = 12 * 3600.0  # a dashboard login lasts this long
+SERVE_KEY_FILE = "serve_keys"  # under .tt/ (0600): the SHA-256 of each key `tt serve --new-key` made
+SSE_KEEPALIVE_SECS = 5.0  # a quiet stream sends a comment this often (within _max_block_secs)
+_SESSION_COOKIE = "tt_session"
+# The MCP tools a read key may call (over /mcp; under /api/v1/ it may GET): those that only read.
+_READ_ONLY_TOOLS = ("status", "list_agents", "wait_agent", "task_show", "task_list", "task_current",
+                    "task_wait", "backlog_list", "dead", "history", "events", "doctor")
+_ERROR_STATUS = {  # an error's code -> the HTTP status it is answered with (others: 400)
+    "agent_not_found": 404, "task_not_found": 404, "message_not_found": 404,
+    "invalid_transition": 409, "too_many_agents": 409, "spawn_error": 409, "cli_not_found": 409,
+    "lost_lease": 409, "agent_loop_gone": 409, "wait_timeout": 504,
+    "town_stopped": 503, "redis_stopped": 503, "redis_unreachable": 503, "redis_error": 503,
+    "town_not_found": 503, "old_layout": 503, "os_error": 500, "unexpected": 500,
+}
+_SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                     "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
+
+
+class _ApiRoute(NamedTuple):
+    method: str
+    path: str  # under /api/v1/; a {name} is a path parameter and the tool's argument `name`
+    tool: str  # the _MCP_TOOLS entry it runs
+    query: tuple[str, ...] = ()  # the tool's arguments a GET takes from its query string
+    without_agent: str = ""  # the tool run instead when the body names no `agent`
+    select: str = ""  # answer the one entry of the tool's list that is this path parameter's agent
+
+
+_API_ROUTES = (
+    _ApiRoute("GET", "status", "status", ("deep", "tasks")),
+    _ApiRoute("GET", "agents", "list_agents"),
+    _ApiRoute("GET", "agents/{agent}", "list_agents", select="agent"),
+    *(_ApiRoute("POST", f"agents/{{agent}}/{action}", action)
+      for action in ("kill", "close", "interrupt", "resume", "restart")),
+    _ApiRoute("GET", "tasks", "task_list", ("state", "agent")),
+    _ApiRoute("POST", "tasks", "assign", without_agent="backlog_add"),
+    _ApiRoute("GET", "tasks/{id}", "task_show"),
+    *(_ApiRoute("POST", f"tasks/{{id}}/{action}", f"task_{action}") for action in ("complete", "fail", "cancel")),
+    _ApiRoute("GET", "backlog", "backlog_list"),
+    _ApiRoute("POST", "messages", "send"),
+    _ApiRoute("GET", "inbox", "inbox", ("agent",)),
+    _ApiRoute("GET", "dead", "dead", ("agent",)),
+    _ApiRoute("POST", "dead/retry", "dead_retry"),
+    _ApiRoute("GET", "events", "events", ("count", "agent", "since")),
+)
+
+
+def _route_pattern(path: str) -> re.Pattern[str]:
+    return re.compile("/api/v1/" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path))
+
+
+_ROUTE_PATTERNS = [(route, _route_pattern(route.path)) for route in _API_ROUTES]
+
+
+class _HttpError(Exception):
+    """A request answered with an error status and the CLI's {"error", "code"} document."""
+
+    def __init__(self, status: int, message: str, code: str, headers: dict[str, str] | None = None):
+        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+        super().__init__(message)
+
+    @classmethod
+    def of(cls, error: BaseException) -> _HttpError:
+        if isinstance(error, _HttpError):
+            return error
+        message, code = _error_line(error)
+        return cls(_ERROR_STATUS.get(code, 400), message, code)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def new_api_key(root: str | os.PathLike[str]) -> str:
+    """Make an API key for `tt serve` (full access), keep its SHA-256 in .tt/serve_keys
+    (0600) and return it: the key itself is kept nowhere."""
+    root = Path(root).resolve()
+    load_config(root / CONFIG_FILE)  # no town: the error, not a stray file
+    key = "tt_" + secrets.token_urlsafe(32)
+    _private_dir(root / RUNTIME_DIR)
+    fd = os.open(root / RUNTIME_DIR / SERVE_KEY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        os.fchmod(fd, 0o600)
+        handle.write(f"sha256:{_key_digest(key).hex()}\n")
+    return key
+
+
+class _ApiKeys:
+    """The keys a request may present ([serve] api_keys and read_keys, and those --new-key
+    made), held as SHA-256 digests and compared in constant time, every one each time."""
+
+    def __init__(self, root: Path, settings: ServeSettings):
+        self._digests = [(_key_digest(k), "write") for k in settings.api_keys]
+        self._digests += [(_key_digest(k), "read") for k in settings.read_keys]
+        with contextlib.suppress(FileNotFoundError):
+            for line in (root / RUNTIME_DIR / SERVE_KEY_FILE).read_text().split():
+                if re.fullmatch(r"sha256:[0-9a-f]{64}", line):
+                    self._digests.append((bytes.fromhex(line[7:]), "write"))
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def access(self, presented: str) -> str | None:
+        """"write", "read" or None (no such key)."""
+        digest, found = _key_digest(presented), None
+        for known, level in self._digests:
+            if hmac.compare_digest(digest, known) and found != "write":
+                found = level
+        return found
+
+
+def _query_argument(tool: _McpTool, name: str, text: str) -> Any:
+    """A query string's value as the JSON type the tool's argument has."""
+    kind = _json_type(tool.params[name])
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            return float(text)
+    except ValueError:
+        raise _UsageError(f"query parameter {name!r} must be a {kind}, not {_shown(text)}", "") from None
+    if kind == "boolean":
+        return text.lower() in ("1", "true", "yes")
+    return text.split(",") if kind == "array" else text
+
+
+def _metrics_text(town: Town | None, latency: float | None) -> str:
+    """The town in the Prometheus text format, read in a few round trips: O(agents), never
+    O(tasks) or O(messages).  Without a town (Redis down, town stopped): tinytown_redis_up 0."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, text: str, samples: Iterable[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {int(value) if float(value).is_integer() else repr(float(value))}"
+                     for labels, value in samples)
+
+    family("tinytown_redis_up", "gauge", "1 while the town's Redis answers", [("", 1 if town else 0)])
+    if town is None or latency is None:
+        return "\n".join(lines) + "\n"
+    family("tinytown_redis_latency_seconds", "gauge", "The time of a PING", [("", round(latency, 6))])
+    agents = town.channel.agents()
+    mailboxes = [CONDUCTOR_ID] + [agent.id for agent in agents]
+    pipe = town.redis.pipeline(transaction=False)
+    pipe.hgetall(town.keys.task_counts)
+    pipe.zcard(town.keys.backlog)
+    pipe.hgetall(town.keys.usage)
+    pipe.hgetall(town.keys.event_counts)
+    for mailbox in mailboxes:
+        for key in (*town.keys.queues(mailbox), town.keys.dead(mailbox)):
+            pipe.llen(key)
+    task_counts, backlog, usage, event_counts, *lengths = pipe.execute()
+    by_state = dict.fromkeys([*AgentState, "dead"], 0)
+    for agent in agents:
+        state = "dead" if agent.dead else agent.state if agent.state in by_state else "unknown"
+        by_state[state] = by_state.get(state, 0) + 1
+    family("tinytown_agents", "gauge", "Agents by state (dead: live state, no heartbeat)",
+           [(f'{{state="{state}"}}', n) for state, n in by_state.items()])
+    family("tinytown_tasks", "gauge", "Tasks in Redis by state",
+           [(f'{{state="{state}"}}', int(task_counts.get(state, 0))) for state in TaskState])
+    family("tinytown_backlog_tasks", "gauge", "Tasks waiting in the backlog", [("", backlog)])
+    pending = sum(n for index, n in enumerate(lengths) if index % 4 != 3)
+    family("tinytown_messages_pending", "gauge", "Messages queued for agents and the conductor", [("", pending)])
+    family("tinytown_dead_letters", "gauge", "Messages out of attempts", [("", sum(lengths[3::4]))])
+    for name, kind, text in (("tasks_completed", "task_completed", "Tasks that completed"),
+                             ("tasks_failed", "task_failed", "Tasks that failed"),
+                             ("rounds", "round", "Rounds the agents ran")):
+        family(f"tinytown_{name}_total", "counter", text, [("", int(event_counts.get(kind, 0)))])
+    family("tinytown_tokens_total", "counter", "Tokens the agents' rounds used",
+           [(f'{{kind="{kind}"}}', int(usage.get(f"tokens_{kind}", 0))) for kind in ("in", "out")])
+    family("tinytown_cost_usd_total", "counter", "What the agents' rounds cost",
+           [("", float(usage.get("cost_usd", 0)))])
+    return "\n".join(lines) + "\n"
+
+
+def _openapi_document(tools: dict[str, _McpTool]) -> dict[str, Any]:
+    """OpenAPI 3.1 of the API, generated from the routes and their tools' argument schemas."""
+    error = {"description": "An error: the CLI's one-line message and its code",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    errors = {str(status): {**error, "description": text} for status, text in (
+        (400, "Bad input"), (401, "No valid key"), (403, "Not allowed to this key, or a cross-site write"),
+        (404, "No such agent or task"), (409, "Not in a state that allows it"), (503, "Redis down or the town stopped"))}
+    result = {"200": {"description": "What the command's --json prints",
+                      "content": {"application/json": {"schema": {}}}}, **errors}
+    paths: dict[str, dict[str, Any]] = {}
+    for route in _API_ROUTES:
+        tool = tools[route.tool]
+        in_path = re.findall(r"\{(\w+)\}", route.path)
+        parameters: list[dict[str, Any]] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"},
+             "description": (tool.params[name].help if name in tool.params else "the agent: name, id or nickname")}
+            for name in in_path]
+        operation: dict[str, Any] = {
+            "operationId": f"{route.method.lower()}_{re.sub(r'[^a-z]+', '_', route.path).strip('_')}",
+            "summary": tool.description.split("\n")[0], "description": tool.description,
+            "tags": [route.path.split("/")[0]], "responses": result}
+        schema = tool.input_schema()
+        if route.method == "GET":
+            parameters += [{"name": name, "in": "query", "required": False, "schema": schema["properties"][name]}
+                           for name in route.query]
+        else:
+            body = {**schema, "properties": {k: v for k, v in schema["properties"].items() if k not in in_path},
+                    "required": [k for k in schema["required"] if k not in in_path]}
+            if route.without_agent:
+                other = tools[route.without_agent].input_schema()
+                body["properties"] = {**other["properties"], **body["properties"]}
+                body["required"] = [k for k in body["required"] if k in other["required"]]
+                operation["description"] += f"\n\nWithout `agent`: {tools[route.without_agent].description}"
+            operation["requestBody"] = {"required": bool(body["required"]),
+                                        "content": {"application/json": {"schema": body}}}
+        if parameters:
+            operation["parameters"] = parameters
+        paths.setdefault("/api/v1/" + route.path, {})[route.method.lower()] = operation
+
+    def plain(summary: str, content_type: str = "application/json", public: bool = False,
+              method: str = "get", **extra: Any) -> dict[str, Any]:
+        operation = {"operationId": summary.split(":")[0].lower().replace(" ", "_"), "summary": summary,
+                     "responses": {"200": {"description": "OK", "content": {content_type: {"schema": {}}}},
+                                   **({} if public else {"401": errors["401"]})}, **extra}
+        return {method: {**operation, "security": []} if public else operation}
+
+    paths["/health"] = plain("Health: 200 while the process runs, with its uptime", public=True)
+    paths["/ready"] = plain("Ready: 200 when Redis answers and the town runs, else 503", public=True)
+    paths["/ready"]["get"]["responses"]["503"] = errors["503"]
+    paths["/metrics"] = plain("Metrics: the town in the Prometheus text format", "text/plain")
+    paths["/api/v1/events/stream"] = plain(
+        "Event stream: Server-Sent Events, each with its stream id, resumed after Last-Event-ID (or ?since=)",
+        "text/event-stream", parameters=[{"name": "since", "in": "query", "required": False,
+                                          "schema": {"type": "string"}}])
+    paths["/api/v1/scaling"] = plain("Scaling: open and queued work, busy, idle and cold agents, a recommendation")
+    paths["/api/v1/openapi.json"] = plain("OpenAPI: this document")
+    paths["/api/v1/session"] = {
+        **plain("Session: the access this request has (write or read)"),
+        **plain("Login: a key for an HttpOnly, SameSite=Strict session cookie", public=True, method="post",
+                requestBody={"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]}}}}),
+        **plain("Logout: ends the session", method="delete")}
+    paths["/mcp"] = plain("MCP: JSON-RPC messages of the Model Context Protocol (Streamable HTTP)", method="post",
+                          requestBody={"required": True, "content": {"application/json": {"schema": {}}}})
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Tinytown", "version": __version__,
+                 "description": "The town over HTTP: each operation runs a `tt` command and answers what its"
+                                " --json prints."},
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": {"type": "object", "required": ["error", "code"], "properties": {
+                "error": {"type": "string"}, "code": {"type": "string"}}}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                                "session": {"type": "apiKey", "in": "cookie", "name": _SESSION_COOKIE}}},
+        "security": [{"bearer": []}, {"apiKey": []}, {"session": []}],
+    }
+
+
+class TownHttpServer(http.server.ThreadingHTTPServer):
+    """`tt serve`: the town at `root` over HTTP on `bind`:`port` (0: any free port).
+
+    Refuses a bind other than loopback when no key exists.  `serve_forever()` serves,
+    `shutdown()` (from another thread) ends it, `server_close()` lets go of the port."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, root: str | os.PathLike[str], bind: str = "127.0.0.1", port: int = SERVE_PORT):
+        self.root = Path(root).resolve()
+        config = load_config(self.root / CONFIG_FILE)
+        self.keys = _ApiKeys(self.root, config.serve)
+        if not self.keys and not _is_loopback(bind):
+            raise TinytownError(f"refusing to serve the town on {bind} without an API key: anyone who reaches"
+                                " it could run its agents; run `tt serve --new-key`, or set [serve] api_keys,"
+                                " or serve on 127.0.0.1")
+        self.bind = bind
+        self.parser = _build_parser()
+        self.tools = _mcp_tools(self.parser, config.mcp.allow)
+        self.mcp = _McpServer(self.root, None, None)
+        self.mcp_read_only = _McpServer(self.root, None, None)
+        self.mcp_read_only.tools = {name: tool for name, tool in self.mcp.tools.items() if name in _READ_ONLY_TOOLS}
+        self.openapi = json.dumps(_openapi_document(self.tools)).encode()
+        self.started = time.monotonic()
+        self.closing = threading.Event()
+        self._lock = threading.Lock()
+        self._town: Town | None = None
+        self._sessions: dict[bytes, tuple[str, float]] = {}  # digest of the cookie -> (access, expiry)
+        self._deadlines: dict[socket.socket, float] = {}  # connections still sending their request
+        self._slots = threading.BoundedSemaphore(SERVE_MAX_CONNECTIONS)
+        self.address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        try:
+            super().__init__((bind, port), _HttpHandler)
+        except OSError as exc:
+            raise TinytownError(f"cannot listen on {bind} port {port}: {exc.strerror}; pick another"
+                                " --port or --bind") from None
+        threading.Thread(target=self._reap, name="tt-serve-reaper", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+    def server_close(self) -> None:
+        self.closing.set()
+        super().server_close()
+        with self._lock:
+            town, self._town = self._town, None
+        if town:
+            town.release()
+            town.close()
+
+    # -- connections ---------------------------------------------------------
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def expect_request(self, connection: socket.socket) -> None:
+        """The client has SERVE_REQUEST_SECS from now to send a whole request."""
+        with self._lock:
+            self._deadlines[connection] = time.monotonic() + SERVE_REQUEST_SECS
+
+    def request_received(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._deadlines.pop(connection, None)
+
+    def _reap(self) -> None:
+        """Close the connections whose request is late (a slow client, or an idle kept one)."""
+        while not self.closing.wait(min(1.0, SERVE_REQUEST_SECS / 4)):
+            now = time.monotonic()
+            with self._lock:
+                late = [connection for connection, deadline in self._deadlines.items() if deadline < now]
+                for connection in late:
+                    del self._deadlines[connection]
+            for connection in late:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    # -- the town and its sessions -------------------------------------------
+
+    def town(self) -> Town:
+        """The server's own connection to the town (made again once Redis is back)."""
+        with self._lock:
+            if self._town is None:
+                try:
+                    self._town = Town(self.root, start_server=False)
+                except (TinytownError, redis.RedisError) as exc:
+                    raise _HttpError(503, _error_line(exc)[0], "town_stopped" if isinstance(
+                        exc, TownStopped) else "redis_unreachable") from None
+            return self._town
+
+    def redis_latency(self) -> tuple[Town | None, float | None, str]:
+        """(the town, a PING's seconds, '') while Redis answers, else (None, None, why)."""
+        try:
+            town = self.town()
+            began = time.monotonic()
+            town.redis.ping()
+            return town, time.monotonic() - began, ""
+        except _HttpError as exc:
+            return None, None, exc.message
+        except redis.RedisError as exc:
+            return None, None, f"the town's Redis does not answer: {_error_line(exc)[0]}"
+
+    def log_in(self, key: str) -> tuple[str, str]:
+        """(access, session cookie value) for a valid key; _HttpError 401 otherwise."""
+        access = self.keys.access(key)
+        if access is None:
+            raise _HttpError(401, "that key is not valid", "unauthorized")
+        token = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self._lock:
+            self._sessions = {k: v for k, v in self._sessions.items() if v[1] > now}
+            self._sessions[_key_digest(token)] = (access, now + SERVE_SESSION_SECS)
+        return access, token
+
+    def log_out(self, token: str) -> None:
+        with self._lock:
+            self._sessions.pop(_key_digest(token), None)
+
+    def session_access(self, token: str) -> str | None:
+        with self._lock:
+            access, expiry = self._sessions.get(_key_digest(token), (None, 0.0))
+        return access if expiry > time.monotonic() else None
+
+
+class _HttpHandler(http.server.BaseHTTPRequestHandler):
+    """One connection: its requests, one at a time."""
+
+    server: TownHttpServer
+    protocol_version = "HTTP/1.1"  # kept connections (the reaper bounds their idle time)
+    timeout = SERVE_IO_SECS
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
+    server_version = f"tinytown/{__version__}"
+    sys_version = ""
+
+    def handle_one_request(self) -> None:
+        self.server.expect_request(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.request_received(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("serve: %s %s", self.address_string(), _printable(format % args))
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    do_POST = do_DELETE = do_PUT = do_PATCH = do_GET
+
+    def _serve(self) -> None:
+        try:
+            body = self._body()
+            self.server.request_received(self.connection)  # (a long wait or stream is no slow client)
+            self._route(urllib.parse.urlsplit(self.path), body)
+        except Exception as exc:  # every error is an answer; the server goes on
+            if not isinstance(exc, (_HttpError, TinytownError, redis.RedisError)):
+                log.debug("serve: the traceback of the error:", exc_info=True)
+            error = _HttpError.of(exc)
+            with contextlib.suppress(OSError):
+                self._send_json(error.status, {"error": error.message, "code": error.code}, error.headers)
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise _HttpError(411, "send the body with a Content-Length (chunked bodies are not taken)",
+                             "length_required")
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            self.close_connection = True
+            raise _HttpError(400, f"bad Content-Length {_shown(length)}", "usage")
+        if int(length) > SERVE_MAX_BODY:
+            self.close_connection = True  # the body is never read
+            raise _HttpError(413, f"the body has {length} bytes; at most {SERVE_MAX_BODY} are taken", "too_large")
+        return self.rfile.read(int(length))
+
+    def _route(self, url: urllib.parse.SplitResult, body: bytes) -> None:
+        path, method = url.path, self.command
+        writes = method not in ("GET", "HEAD")
+        self._check_host()
+        if writes:
+            self._check_origin()
+        if path == "/health" and not writes:
+            return self._send_json(200, {"status": "ok", "version": __version__,
+                                         "uptime_secs": round(time.monotonic() - self.server.started, 3)})
+        if path == "/ready" and not writes:
+            return self._ready()
+        if path in ("/", "/index.html") and not writes:
+            return self._send(200, _DASHBOARD_HTML.encode(), "text/html; charset=utf-8",
+                              {"Content-Security-Policy": _DASHBOARD_CSP})
+        if path == "/api/v1/session":
+            return self._session(method, body)
+        access = self._access()
+        if path == "/mcp":
+            return self._mcp(method, body, access)
+        if writes and access != "write":
+            raise _HttpError(403, "this key may only read (GET); a write needs one of [serve] api_keys",
+                             "forbidden")
+        if path == "/metrics" and not writes:
+            town, latency, _ = self.server.redis_latency()
+            try:
+                text = _metrics_text(town, latency)
+            except redis.RedisError:
+                text = _metrics_text(None, None)
+            return self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/api/v1/openapi.json" and not writes:
+            return self._send(200, self.server.openapi, "application/json")
+        if path == "/api/v1/events/stream" and not writes:
+            return self._stream_events(urllib.parse.parse_qs(url.query))
+        if path == "/api/v1/scaling" and not writes:
+            town = self.server.town()
+            if not hasattr(town, "scaling"):
+                raise _HttpError(404, "this tinytown has no scaling report yet", "not_found")
+            return self._send_json(200, town.scaling())
+        allowed = []
+        for route, pattern in _ROUTE_PATTERNS:
+            found = pattern.fullmatch(path)
+            if found and route.method == method:
+                return self._api(route, {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()},
+                                 urllib.parse.parse_qs(url.query), body)
+            allowed += [route.method] if found else []
+        if allowed:
+            raise _HttpError(405, f"{method} is not allowed here; {', '.join(allowed)} is", "method_not_allowed",
+                             {"Allow": ", ".join(allowed)})
+        raise _HttpError(404, f"no such endpoint {_shown(path)}; /api/v1/openapi.json lists them", "not_found")
+
+    # -- the checks ------------------------------------------------------------
+
+    def _check_host(self) -> None:
+        """Without keys, only a request for a loopback host name is served: a web page
+        whose domain was pointed at 127.0.0.1 (DNS rebinding) reads nothing."""
+        if self.server.keys:
+            return
+        host = urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname or ""
+        if not (_is_loopback(host) or host == self.server.bind):
+            raise _HttpError(403, f"this server answers requests for {self.server.bind} only, not"
+                                  f" {_shown(host)}", "forbidden")
+
+    def _check_origin(self) -> None:
+        """No cross-site writes: a browser names the page's origin, which must be ours."""
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
+            raise _HttpError(403, f"a write from another site ({_shown(origin)}) is refused", "forbidden")
+
+    def _cookie(self) -> str:
+        for part in self.headers.get("Cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == _SESSION_COOKIE:
+                return value
+        return ""
+
+    def _access(self) -> str:
+        """"write" or "read": by an API key (Bearer or X-API-Key) or a session cookie."""
+        if not self.server.keys:
+            return "write"
+        authorization = self.headers.get("Authorization", "")
+        presented = (authorization[7:].strip() if authorization[:7].lower() == "bearer "
+                     else self.headers.get("X-API-Key", ""))
+        access = self.server.keys.access(presented) if presented else self.server.session_access(self._cookie())
+        if access is None:
+            raise _HttpError(401, "that key is not valid" if presented else "this needs a key: send"
+                             " `Authorization: Bearer KEY` or `X-API-Key: KEY`", "unauthorized",
+                             {"WWW-Authenticate": 'Bearer realm="tinytown"'})
+        return access
+
+    # -- the answers -----------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in {**_SECURITY_HEADERS, "Content-Type": content_type, "Content-Length": str(len(body)),
+                            **(headers or {})}.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(data, default=str).encode(), "application/json", headers)
+
+    def _json_body(self, body: bytes) -> dict[str, Any]:
+        if not body.strip():
+            return {}
+        if not self.headers.get("Content-Type", "").lower().startswith("application/json"):
+            raise _HttpError(415, "send the body as application/json", "unsupported_media_type")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise _HttpError(400, f"the body is no JSON: {exc}", "usage") from None
+        if not isinstance(data, dict):
+            raise _HttpError(400, f"the body must be a JSON object, not {_shown(data)}", "usage")
+        return data
+
+    def _ready(self) -> None:
+        town, latency, reason = self.server.redis_latency()
+        if town is not None and (self.server.root / RUNTIME_DIR / "stopped").exists():
+            town, reason = None, "the town is stopped; `tt start` starts it"
+        ready = town is not None and latency is not None
+        self._send_json(200 if ready else 503, {"ready": ready, "reason": reason, "redis_latency_ms":
+                                                round(latency * 1000, 3) if ready and latency is not None else None})
+
+    def _session(self, method: str, body: bytes) -> None:
+        if method == "POST":
+            key = self._json_body(body).get("key")
+            if not self.server.keys:
+                return self._send_json(200, {"access": "write", "keys": False})
+            if not isinstance(key, str) or not key:
+                raise _HttpError(400, "send {\"key\": \"...\"} to log in", "usage")
+            access, token = self.server.log_in(key)
+            cookie = (f"{_SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/;"
+                      f" Max-Age={int(SERVE_SESSION_SECS)}")
+            return self._send_json(200, {"access": access, "keys": True}, {"Set-Cookie": cookie})
+        if method == "DELETE":
+            self.server.log_out(self._cookie())
+            return self._send_json(200, {"access": None, "keys": bool(self.server.keys)}, {
+                "Set-Cookie": f"{_SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"})
+        if method == "GET":
+            return self._send_json(200, {"access": self._access(), "keys": bool(self.server.keys)})
+        raise _HttpError(405, f"{method} is not allowed here; GET, POST, DELETE are", "method_not_allowed",
+                         {"Allow": "GET, POST, DELETE"})
+
+    def _api(self, route: _ApiRoute, in_path: dict[str, str], query: dict[str, list[str]], body: bytes) -> None:
+        """A route: its tool run through the command layer, answered with the --json document."""
+        arguments: dict[str, Any] = dict(in_path)
+        if route.method == "GET":
+            tool = self.server.tools[route.tool]
+            for name, values in query.items():
+                if name not in route.query:
+                    raise _UsageError(f"unknown query parameter {_shown(name)}; this takes"
+                                      f" {', '.join(route.query) or 'none'}", "")
+                arguments[name] = _query_argument(tool, name, values[-1])
+        else:
+            given = self._json_body(body)
+            clash = set(given) & set(in_path)
+            if clash:
+                raise _UsageError(f"{min(clash)!r} is in the path already; leave it out of the body", "")
+            arguments.update(given)
+        if route.select:
+            del arguments[route.select]
+        tool = self.server.tools[route.without_agent if route.without_agent and "agent" not in arguments
+                                 else route.tool]
+        reply = _run_command(self.server.parser, self.server.root, tool.argv(arguments), answer_when_stopped=False)
+        data = reply.data
+        if route.select:
+            agent_id = self.server.town().resolve_agent(in_path[route.select])
+            data = next((entry for entry in data if entry["id"] == agent_id), None)
+            if data is None:
+                raise AgentNotFound(in_path[route.select])
+        self._send_json(200, data)
+
+    def _mcp(self, method: str, body: bytes, access: str) -> None:
+        """MCP's Streamable HTTP transport: a POST of a message (or a batch), answered with
+        JSON; a notification with 202.  No server-sent stream: GET is not allowed."""
+        if method != "POST":
+            raise _HttpError(405, "MCP over HTTP takes POST only (no server-initiated stream)",
+                             "method_not_allowed", {"Allow": "POST"})
+        server = self.server.mcp if access == "write" else self.server.mcp_read_only
+        try:
+            message = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            return self._send_json(400, {"jsonrpc": "2.0", "id": None,
+                                         "error": {"code": -32700, "message": f"parse error: {exc}"}})
+        if isinstance(message, list):
+            replies: Any = [reply for reply in map(server.handle, message) if reply] or None
+        else:
+            replies = server.handle(message)
+        if replies is None:
+            return self._send(202, b"", "application/json")
+        self._send_json(200, replies)
+
+    def _stream_events(self, query: dict[str, list[str]]) -> None:
+        """Server-Sent Events from the town's stream: each event's stream id is its `id`, so a
+        reconnect (Last-Event-ID, or ?since=ID) goes on after the last one it had."""
+        after = self.headers.get("Last-Event-ID") or (query.get("since") or [""])[-1] or "$"
+        if after != "$" and not re.fullmatch(r"\d{1,20}-\d{1,20}", after):
+            raise _HttpError(400, f"an event id looks like 1700000000000-0, not {_shown(after)}", "usage")
+        town = self.server.town()
+        if after == "$":  # (and Redis down: a 503, before the stream begins)
+            after = town.channel.last_event_id()
+        names = _Names(town)
+        self.close_connection = True  # the stream ends with the connection
+        self.send_response(200)
+        for name, value in {**_SECURITY_HEADERS, "Content-Type": "text/event-stream"}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(b"retry: 1000\n\n")
+        try:
+            for event in town.follow_events(after, block_secs=SSE_KEEPALIVE_SECS):
+                if self.server.closing.is_set():
+                    break
+                if event:
+                    data = json.dumps(names.add_to(event), default=str)  # ASCII, one line
+                    self.wfile.write(f"id: {event['id']}\ndata: {data}\n\n".encode())
+                else:
+                    self.wfile.write(b": keep-alive\n\n")
+                self.wfile.flush()
+        except (OSError, redis.RedisError) as exc:  # the client went, or Redis: it reconnects and resumes
+            log.debug("serve: an event stream ended: %s", exc)
+
+
+_DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Tinytown</title>
+<style>
+:root{--fg:#1d2330;--mute:#5b6474;--bg:#f5f6f8;--card:#fff;--line:#d9dde4;--accent:#1f5fbf;--bad:#b42318;--good:#137333}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);background:var(--bg)}
+header{display:flex;flex-wrap:wrap;gap:8px;align-items:center;padding:10px 14px;background:#1d2330;color:#fff}
+header h1{font-size:17px;margin:0 auto 0 0}
+#live{font-size:12px;padding:2px 8px;border-radius:10px;background:#555}
+#live.on{background:var(--good)}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(330px,1fr));gap:12px;padding:12px;max-width:1400px;margin:auto}
+section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:10px 12px;min-width:0}
+h2{font-size:15px;margin:0 0 8px}
+h3{font-size:13px;margin:10px 0 4px;color:var(--mute);text-transform:uppercase;letter-spacing:.04em}
+ul{list-style:none;margin:0;padding:0}
+li{border-top:1px solid var(--line);padding:6px 0;overflow-wrap:anywhere}
+li:first-child{border-top:0}
+.row{display:flex;flex-wrap:wrap;gap:6px;align-items:baseline}
+.name{font-weight:600}
+.muted{color:var(--mute);font-size:12px}
+.state{font-size:12px;padding:0 6px;border-radius:8px;background:#e8eaef}
+.state.working,.state.running,.state.completed{background:#dff3e4;color:var(--good)}
+.state.error,.state.dead,.state.failed{background:#fde4e1;color:var(--bad)}
+.state.blocked,.state.paused{background:#fff2cc}
+form{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0}
+input,select,button{font:inherit;padding:5px 8px;border:1px solid var(--line);border-radius:6px;min-height:32px}
+input,select{flex:1 1 140px;min-width:0;background:#fff}
+button{background:var(--accent);color:#fff;border-color:var(--accent);cursor:pointer}
+button.plain{background:#fff;color:var(--accent)}
+:focus-visible{outline:3px solid #f0a500;outline-offset:1px}
+#note{min-height:1.4em;margin:0;padding:0 14px;color:var(--bad)}
+#login{max-width:420px;margin:40px auto}
+.counts{display:flex;flex-wrap:wrap;gap:10px}
+</style></head>
+<body>
+<header><h1>Tinytown <span id="town" class="muted"></span></h1><span id="live" role="status">connecting</span>
+<button id="logout" class="plain" hidden>Log out</button></header>
+<p id="note" role="alert" aria-live="assertive"></p>
+<section id="login" hidden><h2>Log in</h2>
+<form id="login-form"><label for="key">API key</label><input id="key" type="password" autocomplete="current-password" required>
+<button>Log in</button></form></section>
+<main id="app" hidden>
+<section aria-labelledby="h-agents"><h2 id="h-agents">Agents</h2><ul id="agents"></ul></section>
+<section aria-labelledby="h-tasks"><h2 id="h-tasks">Tasks</h2><div id="task-counts" class="counts"></div>
+<form id="assign-form" aria-label="Assign a task"><label class="muted" for="assign-agent">Agent</label>
+<select id="assign-agent"></select><input id="assign-text" placeholder="What to do" aria-label="Task description" required>
+<input id="assign-tags" placeholder="tags (optional)" aria-label="Tags"><button>Assign</button></form>
+<div id="tasks"></div></section>
+<section aria-labelledby="h-backlog"><h2 id="h-backlog">Backlog</h2><ul id="backlog"></ul></section>
+<section aria-labelledby="h-inbox"><h2 id="h-inbox">Conductor's inbox</h2><ul id="inbox"></ul>
+<h3>Send a message</h3><form id="send-form" aria-label="Send a message"><select id="send-to" aria-label="To"></select>
+<input id="send-text" placeholder="Message" aria-label="Message" required><button>Send</button></form></section>
+<section aria-labelledby="h-dead"><h2 id="h-dead">Dead letters</h2><ul id="dead"></ul></section>
+<section aria-labelledby="h-events"><h2 id="h-events">Events</h2><ul id="events"></ul></section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+// Every piece of data becomes a text node: nothing from the town is ever parsed as HTML.
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v); else node.setAttribute(k, v);
+  }
+  for (const child of children) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+function note(text) { $("note").textContent = text || ""; }
+async function api(method, path, body) {
+  const options = {method, credentials: "same-origin", headers: {}};
+  if (body !== undefined) { options.headers["Content-Type"] = "application/json"; options.body = JSON.stringify(body); }
+  const response = await fetch(path, options);
+  const data = await response.json().catch(() => ({}));
+  if (response.status === 401) { showLogin(); throw new Error(data.error || "log in first"); }
+  if (!response.ok) throw new Error(data.error || response.statusText);
+  return data;
+}
+async function act(method, path, body) {
+  try { note(""); const data = await api(method, path, body); schedule(); return data; }
+  catch (error) { note(error.message); }
+}
+function showLogin() { $("app").hidden = true; $("login").hidden = false; $("key").focus(); }
+const state = {agents: [], tasks: [], events: [], lastId: null, source: null};
+const TEXT = (m) => m.text ?? m.description ?? m.question ?? m.answer ?? m.task_id ?? m.kind ?? "";
+function badge(s) { return el("span", {class: "state " + s}, s); }
+function button(label, onclick, plain) {
+  return el("button", {type: "button", class: plain ? "plain" : "", onclick}, label);
+}
+function renderAgents(status) {
+  $("town").textContent = status.town || "";
+  const list = $("agents"); list.replaceChildren();
+  for (const a of status.agents) {
+    const s = a.dead ? "dead" : a.state;
+    const usage = (a.tokens_in || a.tokens_out) ? `${a.tokens_in} in / ${a.tokens_out} out tokens` : "";
+    const cost = a.cost_usd ? `$${Number(a.cost_usd).toFixed(4)}` : "";
+    const actions = el("div", {class: "row"});
+    for (const verb of ["interrupt", "resume", "kill", "restart"]) {
+      actions.append(button(verb, () => act("POST", `/api/v1/agents/${encodeURIComponent(a.name)}/${verb}`, {}), true));
+    }
+    list.append(el("li", {}, el("div", {class: "row"}, el("span", {class: "name"}, a.name), badge(s),
+        el("span", {class: "muted"}, a.cli || ""), el("span", {class: "muted"}, a.alive ? `pid ${a.pid}` : "no loop")),
+      el("div", {class: "muted"}, `rounds ${a.rounds_completed}, tasks done ${a.tasks_completed}`,
+        a.current_task ? `, task ${a.current_task.slice(0, 8)}` : "", usage ? `, ${usage}` : "", cost ? `, ${cost}` : ""),
+      actions));
+  }
+  if (!status.agents.length) list.append(el("li", {class: "muted"}, "no agents; tt spawn NAME starts one"));
+  for (const [id, backlog] of [["assign-agent", true], ["send-to", false]]) {
+    const select = $(id), kept = select.value;
+    select.replaceChildren(...(backlog ? [el("option", {value: ""}, "(backlog)")] : []),
+      ...status.agents.map((a) => el("option", {value: a.name}, a.name)));
+    if ([...select.options].some((o) => o.value === kept)) select.value = kept;
+  }
+  $("task-counts").replaceChildren(...Object.entries(status.tasks).map(([s, n]) => el("span", {}, badge(s), ` ${n}`)),
+    el("span", {class: "muted"}, `backlog ${status.backlog}`));
+}
+function renderTasks(tasks) {
+  const byId = new Map(tasks.map((t) => [t.id, t]));
+  const box = $("tasks"); box.replaceChildren();
+  for (const s of ["blocked", "running", "assigned", "pending", "failed", "completed", "cancelled"]) {
+    const some = tasks.filter((t) => t.state === s).slice(-50).reverse();
+    if (!some.length) continue;
+    box.append(el("h3", {}, `${s} (${tasks.filter((t) => t.state === s).length})`));
+    box.append(el("ul", {}, ...some.map((t) => {
+      const waits = s === "blocked" ? (t.after || []).filter((id) => (byId.get(id) || {}).state !== "completed") : [];
+      return el("li", {"data-task": t.id}, el("div", {class: "row"}, el("span", {class: "muted"}, t.id.slice(0, 8)),
+          el("span", {}, t.description)),
+        el("div", {class: "muted"}, t.assigned_to_name ? `agent ${t.assigned_to_name}` : "unassigned",
+          waits.length ? `, waits for ${waits.map((id) => id.slice(0, 8) + " " + ((byId.get(id) || {}).description || "")).join("; ")}` : "",
+          t.result ? `, result: ${t.result}` : "", t.error ? `, error: ${t.error}` : ""));
+    })));
+  }
+  if (!box.childNodes.length) box.append(el("p", {class: "muted"}, "no tasks"));
+}
+function renderList(id, items, empty, render) {
+  const list = $(id); list.replaceChildren(...items.map(render));
+  if (!items.length) list.append(el("li", {class: "muted"}, empty));
+}
+function renderEvents() {
+  renderList("events", state.events.slice(-30).reverse(), "no events", (e) => {
+    const rest = Object.entries(e).filter(([k]) => !["id", "event", "at"].includes(k) && !k.endsWith("_name"))
+      .map(([k, v]) => `${k}=${e[k + "_name"] || String(v).slice(0, 60)}`).join(" ");
+    return el("li", {}, el("div", {class: "row"}, el("span", {class: "name"}, e.event), el("span", {class: "muted"}, (e.at || "").slice(11, 19))),
+      el("div", {class: "muted"}, rest));
+  });
+}
+async function refresh() {
+  const [status, tasks, backlog, inbox, dead] = await Promise.all(["status", "tasks", "backlog", "inbox", "dead"]
+    .map((what) => api("GET", "/api/v1/" + what)));
+  renderAgents(status);
+  renderTasks(tasks);
+  renderList("backlog", backlog, "the backlog is empty", (t) => el("li", {}, el("span", {class: "muted"}, t.id.slice(0, 8) + " "),
+    t.description, t.tags && t.tags.length ? el("span", {class: "muted"}, ` [${t.tags.join(", ")}]`) : null));
+  renderList("inbox", inbox, "no messages", (m) => {
+    const sender = m.from_name || m.from;
+    const input = el("input", {placeholder: `Reply to ${sender}`, "aria-label": `Reply to ${sender}`, required: ""});
+    const form = el("form", {onsubmit: (ev) => { ev.preventDefault();
+      act("POST", "/api/v1/messages", {to: sender, message: input.value}).then((r) => { if (r) input.value = ""; }); }},
+      input, el("button", {}, "Reply"));
+    return el("li", {}, el("div", {class: "row"}, el("span", {class: "name"}, sender), el("span", {class: "state"}, m.type)),
+      el("div", {}, TEXT(m)), form);
+  });
+  renderList("dead", dead, "no dead letters", (m) => el("li", {}, el("div", {class: "row"}, el("span", {class: "name"}, m.mailbox_name || m.to_name || m.to), el("span", {class: "state"}, m.type)),
+    el("div", {}, TEXT(m)), button("Retry", () => act("POST", "/api/v1/dead/retry", {ids: [m.id]}))));
+}
+let pending = null;
+function schedule() {
+  if (pending) return;
+  pending = setTimeout(() => { pending = null; refresh().catch((e) => note(e.message)); }, 80);
+}
+function listen() {
+  const source = new EventSource("/api/v1/events/stream" + (state.lastId ? "?since=" + encodeURIComponent(state.lastId) : ""));
+  state.source = source;
+  source.onopen = () => { $("live").textContent = "live"; $("live").className = "on"; };
+  source.onerror = () => { $("live").textContent = "reconnecting"; $("live").className = ""; };
+  source.onmessage = (message) => {
+    const event = JSON.parse(message.data);
+    state.lastId = event.id;
+    state.events.push(event);
+    state.events = state.events.slice(-200);
+    renderEvents();
+    schedule();
+  };
+}
+async function start() {
+  const session = await fetch("/api/v1/session", {credentials: "same-origin"});
+  if (session.status === 401) return showLogin();
+  const who = await session.json();
+  $("logout").hidden = !who.keys;
+  $("login").hidden = true; $("app").hidden = false;
+  state.events = await api("GET", "/api/v1/events?count=30");
+  state.lastId = state.events.length ? state.events[state.events.length - 1].id : null;
+  renderEvents();
+  await refresh();
+  listen();
+}
+$("login-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  try { await api("POST", "/api/v1/session", {key: $("key").value}); $("key").value = ""; note(""); await start(); }
+  catch (error) { note(error.message); }
+});
+$("logout").addEventListener("click", async () => {
+  if (state.source) state.source.close();
+  await fetch("/api/v1/session", {method: "DELETE", credentials: "same-origin"});
+  showLogin();
+});
+$("assign-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const body = {description: $("assign-text").value};
+  if ($("assign-agent").value) body.agent = $("assign-agent").value;
+  if ($("assign-tags").value) body.tags = $("assign-tags").value;
+  if (await act("POST", "/api/v1/tasks", body)) { $("assign-text").value = ""; $("assign-tags").value = ""; }
+});
+$("send-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  if (await act("POST", "/api/v1/messages", {to: $("send-to").value, message: $("send-text").value})) $("send-text").value = "";
+});
+start().catch((error) => note(error.message));
+</script>
+</body></html>
+"""
+# The page's one script is allowed by its hash: nothing injected into the page could run.
+_DASHBOARD_CSP = "default-src 'none'; connect-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; " \
+    "form-action 'self'; frame-ancestors 'none'; script-src 'sha256-{}'".format(
+        base64.b64encode(hashlib.sha256(
+            _DASHBOARD_HTML.split("<script>")[1].split("</script>")[0].encode()).digest()).decode())
+
+
+def serve_http(server: TownHttpServer) -> None:
+    """Serve until SIGINT or SIGTERM (the main thread waits; the handlers only set a flag)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=server.serve_forever, name="tt-serve", daemon=True)
+    thread.start()
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
