@@ -858,7 +858,8 @@ auto_prune = false           # agent loops prune after their rounds
 [mcp]
 allow = []                   # `tt mcp` tools that write files or destroy state, e.g. ["save"]
 
-[land]                       # `tt land`: the worktree agents' changes onto the target branch
+# `tt land`: the worktree agents' changes onto the target branch
+[land]
 target = "main"
 test = "make test"           # must pass on the merged result ("": no test)
 strategy = "rebase"          # rebase, merge, squash, or pr (push and open a pull request)
