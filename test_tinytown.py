@@ -5735,6 +5735,18 @@ def test_with_require_review_nothing_lands_before_approval_and_a_rejection_goes_
     assert "change_rejected" in kinds and "change_approved" in kinds
 
 
+def test_with_auto_each_ready_change_lands_by_itself(landing_town):
+    town = landing_town(auto=True, test="test -s a.txt -o -s b.txt")
+    for name in ("a", "b"):
+        town.spawn_agent(name, "bot", worktree=True)
+        town.assign(name, f"[write {name}.txt=from {name}] add {name}.txt")
+    landed = _changes_in(town, "landed", 2)  # a background `tt land --all` each time, one at a time
+    assert {c["agent_name"] for c in landed} == {"a", "b"}
+    assert _git(town.root, "show", "main:a.txt") == "from a" and _git(town.root, "show", "main:b.txt") == "from b"
+    screen = tinytown._watch_lines(tinytown._watch_snapshot(town), tinytown._Names(town), 60)
+    assert ("CHANGES  2 landed", "1") in screen
+
+
 def test_a_persons_commit_to_the_target_during_the_test_is_kept(landing_town, tmp_path):
     marker = tmp_path / "person-committed"
     root = shlex.quote(str(tmp_path))

@@ -8897,6 +8897,9 @@ def _watch_lines(snapshot: dict[str, Any], names: _Names, height: int) -> list[t
     counts = " · ".join(f"{n} {state}" for state, n in snapshot["tasks"].items() if n) or "none"
     lines += [("", ""), (f"TASKS  {counts}   backlog {snapshot['backlog']}   conductor inbox"
                          f" {snapshot['conductor_inbox']}", _HEADER_SGR)]
+    if snapshot.get("changes"):
+        lines.append((f"CHANGES  {' · '.join(f'{n} {state}' for state, n in snapshot['changes'].items())}",
+                      _HEADER_SGR))
     attention = [f"  ✗ task {t.id[:8]} failed: {(t.error or '')[:80]}  ({t.description[:40]})"
                  for t in snapshot["failed_tasks"]]
     attention += [f"  ☠ {a['name']}: {a['pending']['dead']} dead letters" for a in snapshot["agents"]
