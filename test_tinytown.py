@@ -5848,7 +5848,7 @@ def test_strategy_pr_opens_a_pull_request_and_merges_it_once_approved_and_green(
                                  "statusCheckRollup": [{"name": "ci", "status": "COMPLETED", "conclusion": "SUCCESS"}]}))
     assert [e["task"] for e in tt_json("land", "--all")["landed"]] == [task.id]
     made = calls.read_text().splitlines()
-    assert made[0].startswith("pr create --base main --head tt/a --title [write a.txt=from a] add a.txt --body")
+    assert made[0].startswith("pr create --base main --head tt/a --title=[write a.txt=from a] add a.txt --body=")
     assert made.count("pr merge https://github.com/example/repo/pull/7 --merge") == 1
     assert [c.split()[:2] for c in made].count(["pr", "create"]) == 1
     assert made[-1].startswith("pr merge")  # merged only after approval and green checks
@@ -5868,3 +5868,19 @@ def test_landing_commands_refuse_what_cannot_be_done(landing_town):
         tinytown.set_config_value(path, "land.strategy", "yolo")
     with pytest.raises(ConfigError, match="land.target must be a branch name"):
         tinytown.set_config_value(path, "land.target", "../main")
+
+
+_LANDING_FUZZ_COMMANDS = ["changes --state V", "diff V", "approve V", "approve DONE --note V", "reject V why",
+                          "reject DONE V", "land V", "land V --all", "config land.target V", "config land.strategy V",
+                          "config land.test V"]
+
+
+def test_fuzz_landing_commands(fuzz):
+    """Each landing command with each hostile value: success, or one clear error line
+    that changed nothing (the town is no git repository: every change is refused)."""
+    for template in _LANDING_FUZZ_COMMANDS:
+        for value in fuzz.hostile_strings:
+            argv = [value if word == "V" else fuzz.ids["done"] if word == "DONE" else word
+                    for word in template.split()]
+            fuzz.cli(*argv, *fuzz.rng.choice([[], ["--json"]]))
+        fuzz.reseed()

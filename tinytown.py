@@ -5881,11 +5881,10 @@ class Lander:
         url = change.pr_url
         if not url:
             _git_out(self.root, "push", "--quiet", "origin", f"{change.head}:refs/heads/{change.branch}")
-            title = (change.description or change.task).splitlines()[0][:120] if change.description else change.task
-            body = (f"{change.description}\n\nTinytown task {change.task} by {change.agent_name}"
-                    f" (branch {change.branch}).")
+            text = (change.description or "").replace("\0", "").strip() or f"Tinytown task {change.task}"
+            body = f"{text}\n\nTinytown task {change.task} by {change.agent_name} (branch {change.branch})."
             created = _gh(self.town, "pr", "create", "--base", self.settings.target, "--head", change.branch or "",
-                          "--title", title, "--body", body)
+                          f"--title={text.splitlines()[0][:120]}", f"--body={body}")
             url = next((w for w in reversed(created.split()) if w.startswith("http")), created.strip())
             self.changes.transition(change.task, "ready approved", change.state, pr_url=url)
         status = _pr_status(self.town, url)
