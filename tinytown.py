@@ -86,7 +86,7 @@ __all__ = [
     "HookRunner", "start_hook_runner", "revive_hook_runner", "stop_hook_runner", "serve_mcp",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
     "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
-    "LandSettings", "Change", "Changes", "Lander", "LandError", "list_changes", "change_diff", "start_lander",
+    "LandSettings", "Change", "Changes", "Lander", "LandError", "list_changes", "change_diff", "change_stats", "start_lander",
 ]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
 # the UPPER_CASE constants and tables the code is configured by (CONFIG_FILE, PRESETS, ...).
 
@@ -5425,9 +5425,6 @@ class Changes:
         found = [_from_hash(Change, data) for data in (pipe.execute() if ids else []) if data]
         return [c for c in found if state is None or c.state == state]
 
-    def counts(self) -> dict[str, int]:
-        return {state: int(n) for state, n in self.redis.hgetall(self.keys.change_counts).items() if int(n)}
-
     def landable(self) -> list[Change]:
         """The queue: ready changes (approved ones, with require_review), oldest first."""
         wanted = ("approved",) if self.settings.require_review else ("ready", "approved")
@@ -5707,13 +5704,14 @@ class Lander:
             self._stop_leftover_test()
         return taken
 
-    def _beat(self, verify: bool = False) -> None:
-        """Keep the lease (LostLease when another lander took it)."""
-        since = time.monotonic() - self._last_beat
-        if not verify and since < self.town.config.agent.heartbeat_secs:
+    def _beat(self, now: bool = False) -> None:
+        """Keep the lease, once a heartbeat period has passed (`now`: at once); one that
+        lapsed during a long git command is taken again if nobody else took it."""
+        if not now and time.monotonic() - self._last_beat < self.town.config.agent.heartbeat_secs:
             return
-        if not self.town.channel.refresh_lease(LANDER_ID, self.identity, self.ttl, verify=verify or since > self.ttl - 1):
-            raise LostLease(LANDER_ID)
+        holder = self.town.channel.acquire_lease(LANDER_ID, self.identity, self.ttl, replaceable="-")
+        if holder:
+            raise LandError(f"another lander ({holder}) took over while this one was busy; it lands the queue")
         self._last_beat = time.monotonic()
 
     # -- one change ----------------------------------------------------------------------
@@ -5746,8 +5744,9 @@ class Lander:
             passed, output = self._test(change)
             if not passed:
                 return self._return(change, f"the test (`{self.settings.test}`) fails on it", output, report)
-            self._beat(verify=True)
-            self.changes.transition(change.task, "landing", "landing", landing_onto=onto, landing_as=made)
+            self._beat(now=True)
+            if self.changes.transition(change.task, "landing", "landing", landing_onto=onto, landing_as=made) is None:
+                return  # another lander took it back meanwhile (this one's lease had lapsed)
             if _run_git(self.root, "update-ref", "-m", f"tt land {change.task[:8]}", self.target_ref, made,
                         onto).returncode == 0:
                 self._sync_checkouts(onto, made)
