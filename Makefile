@@ -45,12 +45,14 @@ test-clis: $(STAMP)
 	TINYTOWN_CLIS_BIN=$(abspath $(CLIS))/node_modules/.bin \
 		$(BIN)/python -m pytest -q -p no:cacheprovider -m clis -rA test_tinytown.py
 
-# A throwaway town: three demo agents, tasks assigned and completed, one backlog
-# task claimed by an idle agent, status, then everything stopped.
+# A throwaway town (a git repository): three demo agents, tasks assigned and completed, one
+# backlog task claimed by an idle agent; then two worktree agents whose changes land on
+# main; status, then everything stopped.
 demo: $(STAMP)
-	@set -e; town=$$(mktemp -d); tt="$(TT) -t $$town"; \
+	@set -e; town=$$(mktemp -d); tt="$(TT) -t $$town"; git="git -C $$town -c user.name=demo -c user.email=demo@example.com"; \
 	trap '$$tt stop >/dev/null 2>&1 || true; rm -rf "$$town"' EXIT; \
 	echo "== tt init --name demo-town"; $$tt init --name demo-town; \
+	$$git init -q -b main; $$git add -A; $$git commit -q -m "the demo town"; \
 	for name in alice bob carol; do $$tt spawn $$name --cli demo --max-rounds 5; done; \
 	echo "== tt assign"; \
 	t1=$$($$tt assign alice "Write the README intro"); \
@@ -59,6 +61,14 @@ demo: $(STAMP)
 	$$tt task list; \
 	echo "== tt task wait"; \
 	for t in $$t1 $$t2 $$t3; do $$tt task wait $$t --timeout 60; done; \
+	echo "== landing: two worktree agents, each change tested, then main moved"; \
+	$$tt config land.test "test -d demo" >/dev/null; \
+	for name in dora eli; do $$tt spawn $$name --cli demo --worktree --max-rounds 1; done; \
+	$$tt assign dora "Write the changelog" >/dev/null; $$tt assign eli "Add the licence file" >/dev/null; \
+	for name in dora eli; do $$tt wait $$name --timeout 60 >/dev/null; done; \
+	echo "== tt changes"; $$tt changes; \
+	echo "== tt land --all"; $$tt land --all; \
+	echo "== git log main"; $$git log --oneline main; \
 	echo "== tt status"; $$tt status; \
 	echo "== tt history"; $$tt history -n 12; \
 	echo "== tt stop"; $$tt stop

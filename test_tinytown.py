@@ -6710,3 +6710,323 @@ def test_serve_dashboard_in_a_real_browser_live_safe_and_usable(town, browser, t
         assert browser.execute_script("return document.documentElement.scrollWidth") <= 360
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == [], errors
+
+
+# Landing the work (issue 18) ##################################################
+# Real git repositories; the agents are a scripted stand-in CLI (like the demo agent) that
+# does what a task's `[write PATH=TEXT]` says in its worktree and commits, and that meets a
+# returned change by merging the target into its branch (both sides of a conflict kept).
+
+_LANDING_AGENT = r'''
+import re, subprocess, sys
+from pathlib import Path
+prompt = sys.stdin.read()
+
+def git(*args):
+    return subprocess.run(["git", "-c", "user.name=bot", "-c", "user.email=bot@t", *args],
+                          capture_output=True, text=True)
+
+for task_id, description in re.findall(r"^### Task (\S+).*?\n.*?\n\n(.*?)\n\nWhen it is done", prompt, re.M | re.S):
+    if " went back: " in description:
+        target = re.search(r"`git merge (\S+)`", description)[1]
+        if git("merge", "--no-edit", target).returncode:
+            for path in git("diff", "--name-only", "--diff-filter=U").stdout.split():
+                lines = Path(path).read_text().splitlines()
+                Path(path).write_text("".join(line + "\n" for line in lines
+                                              if not line.startswith(("<<<<<<<", "=======", ">>>>>>>"))))
+            git("add", "-A")
+            git("commit", "-q", "--no-edit")
+    else:
+        for path, text in re.findall(r"\[write ([\w./-]+)=([^\]]*)\]", description):
+            Path(path).write_text(text + "\n")
+        git("add", "-A")
+        git("commit", "-q", "-m", description[:60])
+    subprocess.run(["tt", "task", "complete", task_id, "--result", "done"], check=True)
+'''
+
+
+def _git(root, *args):
+    done = subprocess.run(["git", "-C", str(root), "-c", "user.name=person", "-c", "user.email=p@t", *args],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def landing_town(town, configure):
+    """The town's folder as a git repository on `main` (shared.txt holds "base"), a `bot`
+    CLI, and [land] set as each test asks: returns make(**land) -> a connected Town."""
+    def make(**land):
+        root = town.root
+        _git(root, "init", "-q", "-b", "main")
+        (root / "shared.txt").write_text("base\n")
+        script = root / ".tt" / "bot.py"
+        script.write_text(_LANDING_AGENT)
+        for key, value in {"test": "", **land}.items():
+            tinytown.set_config_value(root / "tinytown.toml", f"land.{key}", value)
+        _git(root, "add", "-A")
+        _git(root, "commit", "-q", "-m", "start")
+        return configure(clis={"bot": f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}"})
+    return make
+
+
+def _changes_in(town, state, count):
+    """Wait until `count` changes are in `state` (the loop records them after its round)."""
+    def check():
+        found = town.changes(state)
+        return found if len(found) >= count else None
+    return wait_for(town, check, timeout=60, what=f"{count} {state} changes")
+
+
+def test_three_agents_changes_land_in_queue_order_each_result_tested(landing_town, tmp_path):
+    tested = tmp_path / "tested.log"
+    town = landing_town(test=f"git rev-parse HEAD >> {tested} && test -s a.txt -o -s b.txt -o -s c.txt")
+    tasks = []
+    for name in ("a", "b", "c"):
+        town.spawn_agent(name, "bot", worktree=True)
+        tasks.append(town.assign(name, f"[write {name}.txt=from {name}] add {name}.txt"))
+        _changes_in(town, "ready", len(tasks))  # one after the other: the queue's order is known
+    ready = town.changes("ready")
+    assert [c["task"] for c in ready] == [t.id for t in tasks]
+    assert all((c["commits"], c["files"], c["added"], c["removed"]) == (1, 1, 1, 0) for c in ready)
+    assert [c["branch"] for c in ready] == ["tt/a", "tt/b", "tt/c"]
+    before = _git(town.root, "rev-parse", "main")
+    report = tt_json("land", "--all")
+    assert [e["task"] for e in report["landed"]] == [t.id for t in tasks] and not report["returned"]
+    history = _git(town.root, "log", "--format=%H %s", "main").splitlines()
+    assert [line.split(" ", 1)[1][:14] for line in history[:3]] == ["[write c.txt=f", "[write b.txt=f",
+                                                                    "[write a.txt=f"]
+    assert history[3].startswith(before)  # rebased onto the target one by one, the start kept
+    # The test ran on each merged result: the landed commits are exactly the tested ones.
+    assert tested.read_text().split() == [e["commit"] for e in report["landed"]]
+    assert [line.split()[0] for line in history[:3]] == [e["commit"] for e in reversed(report["landed"])]
+    assert (town.root / "c.txt").read_text() == "from c\n"  # the person's checkout of main followed
+    assert tt_json("status")["changes"] == {"landed": 3}
+    assert [c["landed_as"] for c in tt_json("changes", "--state", "landed")] == [e["commit"] for e in report["landed"]]
+    kinds = [e["event"] for e in town.channel.events(200) if e["event"].startswith("change_")]
+    assert kinds.count("change_ready") == 3 and kinds.count("change_landed") == 3
+    assert "+from a" in tt("diff", tasks[0].id[:8])[1]
+    assert tt("land", "--all")[1].strip() == "nothing to land"
+
+
+def test_a_conflicting_change_goes_back_and_lands_once_its_agent_resolves_it(landing_town):
+    town = landing_town()
+    for name in ("a", "b"):
+        town.spawn_agent(name, "bot", worktree=True)
+    first = town.assign("a", "[write shared.txt=from a] edit the shared line")
+    _changes_in(town, "ready", 1)
+    second = town.assign("b", "[write shared.txt=from b] edit the shared line too")
+    _changes_in(town, "ready", 2)
+    report = town.land()
+    assert [e["task"] for e in report["landed"]] == [first.id]
+    assert [e["task"] for e in report["returned"]] == [second.id]
+    returned = tinytown.Changes(town).get(second.id)
+    assert returned.state == "returned" and "conflicts with main" in returned.note
+    rework = town.task(returned.rework)
+    assert rework.assigned_to == town.agent("b").id
+    assert "Conflicting files: shared.txt" in rework.description and "from b" in rework.description
+    assert _git(town.root, "show", "main:shared.txt") == "from a"
+    resolved = _changes_in(town, "ready", 1)  # the bot merged main into tt/b, kept both sides
+    assert resolved[0]["task"] == rework.id and resolved[0]["reworks"] == second.id
+    assert [e["task"] for e in town.land()["landed"]] == [rework.id]
+    assert sorted(_git(town.root, "show", "main:shared.txt").splitlines()) == ["from a", "from b"]
+    assert tt_json("status")["changes"] == {"landed": 2, "returned": 1}
+
+
+def test_a_change_that_breaks_the_test_is_returned_with_its_output_and_the_target_stays(landing_town):
+    town = landing_town(test="if [ -e broken.txt ]; then echo 'FAILED: broken.txt is here'; exit 1; fi")
+    town.spawn_agent("a", "bot", worktree=True, max_rounds=1)
+    task = town.assign("a", "[write broken.txt=oops] break the build")
+    _changes_in(town, "ready", 1)
+    before = _git(town.root, "rev-parse", "main")
+    report = tt_json("land", task.id[:8])
+    assert report["returned"][0]["why"].startswith("the test (`if [ -e broken.txt ]")
+    assert _git(town.root, "rev-parse", "main") == before
+    change = tinytown.Changes(town).get(task.id)
+    assert change.state == "returned"
+    rework = town.task(change.rework)
+    assert "FAILED: broken.txt is here" in rework.description and rework.assigned_to == town.agent("a").id
+    returned = [e for e in town.channel.events(100) if e["event"] == "change_returned"]
+    assert returned and returned[-1]["task"] == task.id
+
+
+def test_with_require_review_nothing_lands_before_approval_and_a_rejection_goes_back(landing_town, monkeypatch):
+    town = landing_town(require_review=True)
+    reviewer = town.spawn_agent("rev", "demo", role="reviewer", start=False)
+    town.spawn_agent("a", "bot", worktree=True)
+    task = town.assign("a", "[write a.txt=from a] add a.txt")
+    _changes_in(town, "ready", 1)
+    review = wait_for(town, lambda: town.tasks(agent="rev") or None, what="a review task")
+    assert len(review) == 1 and f"tt approve {task.id}" in review[0].description
+    assert "+from a" in review[0].description  # the diff is in the reviewer's task
+    before = _git(town.root, "rev-parse", "main")
+    assert tt_json("land", "--all")["landed"] == []
+    assert "waits for a review" in fail_cli("land", task.id[:8])
+    assert _git(town.root, "rev-parse", "main") == before
+    rejected = tt_json("reject", task.id[:8], "needs a test")
+    assert rejected["state"] == "returned" and rejected["reviewed_by"] == "conductor"
+    rework = town.task(rejected["rework"])
+    assert "conductor rejected it: needs a test" in rework.description
+    assert rework.assigned_to == town.agent("a").id
+    again = _changes_in(town, "ready", 1)[0]  # the rework (it holds the first commit too)
+    assert again["task"] == rework.id and again["commits"] == 1
+    assert tt_json("land", "--all")["landed"] == []
+    monkeypatch.setenv("TINYTOWN_AGENT_ID", reviewer.id)  # an agent's approval carries its name
+    assert tt_json("approve", rework.id, "--note", "good now")["reviewed_by"] == "rev"
+    monkeypatch.delenv("TINYTOWN_AGENT_ID")
+    assert "approved" in fail_cli("approve", rework.id)  # once
+    assert [e["task"] for e in tt_json("land", "--all")["landed"]] == [rework.id]
+    assert _git(town.root, "show", "main:a.txt") == "from a"
+    kinds = [e["event"] for e in town.channel.events(200)]
+    assert "change_rejected" in kinds and "change_approved" in kinds
+
+
+def test_with_auto_each_ready_change_lands_by_itself(landing_town):
+    town = landing_town(auto=True, test="test -s a.txt -o -s b.txt")
+    for name in ("a", "b"):
+        town.spawn_agent(name, "bot", worktree=True)
+        town.assign(name, f"[write {name}.txt=from {name}] add {name}.txt")
+    landed = _changes_in(town, "landed", 2)  # a background `tt land --all` each time, one at a time
+    assert {c["agent_name"] for c in landed} == {"a", "b"}
+    assert _git(town.root, "show", "main:a.txt") == "from a" and _git(town.root, "show", "main:b.txt") == "from b"
+    screen = tinytown._watch_lines(tinytown._watch_snapshot(town), tinytown._Names(town), 60)
+    assert ("CHANGES  2 landed", "1") in screen
+
+
+def test_a_persons_commit_to_the_target_during_the_test_is_kept(landing_town, tmp_path):
+    marker = tmp_path / "person-committed"
+    root = shlex.quote(str(tmp_path))
+    town = landing_town(test=(  # the first test run is when the person commits
+        f"[ -e {marker} ] || {{ touch {marker}; echo mine > {root}/person.txt;"
+        f" git -C {root} add person.txt; git -C {root} -c user.name=p -c user.email=p@t commit -qm person; }}"))
+    town.spawn_agent("a", "bot", worktree=True)
+    town.assign("a", "[write a.txt=from a] add a.txt")
+    _changes_in(town, "ready", 1)
+    report = town.land()
+    assert len(report["landed"]) == 1
+    subjects = _git(town.root, "log", "--format=%s", "main").splitlines()
+    assert subjects[:2] == ["[write a.txt=from a] add a.txt", "person"]  # redone on top of it
+    assert _git(town.root, "show", "main:person.txt") == "mine"
+    assert (town.root / "a.txt").read_text() == "from a\n" and (town.root / "person.txt").exists()
+    assert _git(town.root, "status", "--porcelain", "--untracked-files=no") in ("", "M tinytown.toml")
+
+
+@pytest.mark.slow
+def test_a_lander_killed_during_the_test_leaves_the_target_and_the_next_one_lands(landing_town, tmp_path):
+    started = tmp_path / "test-started"
+    town = landing_town(test=f"touch {started}; sleep 60")
+    town.spawn_agent("a", "bot", worktree=True)
+    task = town.assign("a", "[write a.txt=from a] add a.txt")
+    _changes_in(town, "ready", 1)
+    before = _git(town.root, "rev-parse", "main")
+    lander = subprocess.Popen([sys.executable, str(MODULE), "land", "--all"], cwd=town.root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert time.monotonic() < deadline and lander.poll() is None
+        time.sleep(0.05)
+    pgid = int((town.root / ".tt" / "land" / "test.pgid").read_text())
+    lander.kill()
+    lander.wait()
+    assert _git(town.root, "rev-parse", "main") == before
+    assert tinytown.Changes(town).get(task.id).state == "landing"
+    assert tt("config", "land.test", "true")[0] == 0
+    report = Town(town.root).land()  # the lease's holder is gone from this host: no wait
+    assert [e["task"] for e in report["landed"]] == [task.id]
+    assert _git(town.root, "show", "main:a.txt") == "from a"
+    assert not tinytown._group_alive(pgid)  # the killed lander's test was stopped
+
+
+def test_a_lander_killed_after_moving_the_target_is_finished_by_the_next(landing_town):
+    town = landing_town()
+    town.spawn_agent("a", "bot", worktree=True)
+    task = town.assign("a", "[write a.txt=from a] add a.txt")
+    change = _changes_in(town, "ready", 1)[0]
+    changes = tinytown.Changes(town)
+    onto = _git(town.root, "rev-parse", "main")
+    # As a lander leaves it when killed right after its compare-and-swap:
+    _git(town.root, "update-ref", "refs/heads/main", change["head"], onto)
+    changes.transition(task.id, "ready", "landing", prior="ready", landing_onto=onto, landing_as=change["head"])
+    report = town.land()
+    assert [e["task"] for e in report["landed"]] == [task.id]
+    assert changes.get(task.id).landed_as == change["head"] == _git(town.root, "rev-parse", "main")
+    assert (town.root / "a.txt").exists()  # the checkout followed
+    assert tt_json("status")["changes"] == {"landed": 1}
+
+
+_STAND_IN_GH = r'''#!/bin/sh
+printf '%s\n' "$*" >> "$GH_CALLS"
+case "$1 $2" in
+  "pr create") echo "https://github.com/example/repo/pull/7" ;;
+  "pr view") cat "$GH_STATE" ;;
+  "pr merge") ;;
+  *) echo "unexpected gh call: $*" >&2; exit 1 ;;
+esac
+'''
+
+
+def test_strategy_pr_opens_a_pull_request_and_merges_it_once_approved_and_green(landing_town, tmp_path,
+                                                                                 monkeypatch):
+    bin_dir, calls, state = tmp_path / "bin", tmp_path / "gh-calls", tmp_path / "gh-state"
+    bin_dir.mkdir()
+    (bin_dir / "gh").write_text(_STAND_IN_GH)
+    (bin_dir / "gh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("GH_CALLS", str(calls))
+    monkeypatch.setenv("GH_STATE", str(state))
+    state.write_text(json.dumps({"state": "OPEN", "reviewDecision": "REVIEW_REQUIRED",
+                                 "statusCheckRollup": [{"name": "ci", "status": "IN_PROGRESS", "conclusion": ""}]}))
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    town = landing_town(strategy="pr")
+    _git(town.root, "remote", "add", "origin", str(origin))
+    town.spawn_agent("a", "bot", worktree=True)
+    task = town.assign("a", "[write a.txt=from a] add a.txt")
+    change = _changes_in(town, "ready", 1)[0]
+    before = _git(town.root, "rev-parse", "main")
+    report = tt_json("land", "--all")
+    assert report["landed"] == [] and report["waiting"][0]["checks"] == "pending"
+    assert _git(origin, "rev-parse", "tt/a") == change["head"]  # the branch was pushed
+    listed = tt_json("changes")[0]
+    assert listed["pr_url"] == "https://github.com/example/repo/pull/7"
+    assert (listed["pr"]["review"], listed["pr"]["checks"]) == ("REVIEW_REQUIRED", "pending")
+    state.write_text(json.dumps({"state": "OPEN", "reviewDecision": "APPROVED",
+                                 "statusCheckRollup": [{"name": "ci", "status": "COMPLETED", "conclusion": "SUCCESS"}]}))
+    assert [e["task"] for e in tt_json("land", "--all")["landed"]] == [task.id]
+    made = calls.read_text().splitlines()
+    assert made[0].startswith("pr create --base main --head tt/a --title=[write a.txt=from a] add a.txt --body=")
+    assert made.count("pr merge https://github.com/example/repo/pull/7 --merge") == 1
+    assert [c.split()[:2] for c in made].count(["pr", "create"]) == 1
+    assert made[-1].startswith("pr merge")  # merged only after approval and green checks
+    assert _git(town.root, "rev-parse", "main") == before  # the merge is GitHub's; nothing local moved
+
+
+def test_landing_commands_refuse_what_cannot_be_done(landing_town):
+    town = landing_town()
+    plain = town.assign(town.spawn_agent("p", "demo", start=False).name, "no worktree here")
+    assert "has no change" in fail_cli("diff", plain.id)
+    assert "has no change" in fail_cli("approve", plain.id)
+    assert "no task" in fail_cli("reject", "nosuchtask", "why")
+    code, _, err = tt("land", "x", "--all")
+    assert code == 2 and "not both" in err
+    path = town.root / "tinytown.toml"
+    with pytest.raises(ConfigError, match="land.strategy must be one of rebase, merge, squash, pr"):
+        tinytown.set_config_value(path, "land.strategy", "yolo")
+    with pytest.raises(ConfigError, match="land.target must be a branch name"):
+        tinytown.set_config_value(path, "land.target", "../main")
+
+
+_LANDING_FUZZ_COMMANDS = ["changes --state V", "diff V", "approve V", "approve DONE --note V", "reject V why",
+                          "reject DONE V", "land V", "land V --all", "config land.target V", "config land.strategy V",
+                          "config land.test V"]
+
+
+def test_fuzz_landing_commands(fuzz):
+    """Each landing command with each hostile value: success, or one clear error line
+    that changed nothing (the town is no git repository: every change is refused)."""
+    for template in _LANDING_FUZZ_COMMANDS:
+        for value in fuzz.hostile_strings:
+            argv = [value if word == "V" else fuzz.ids["done"] if word == "DONE" else word
+                    for word in template.split()]
+            fuzz.cli(*argv, *fuzz.rng.choice([[], ["--json"]]))
+        fuzz.reseed()

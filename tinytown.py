@@ -18,6 +18,7 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Channel              Channel: the delivery contract, the liveness script, agents and messages
     Town                 Town, AgentHandle, the hook runner's process (start, revive, stop)
     Plans and snapshots  tasks.toml (plan, sync push / pull), save / restore, import-github
+    Landing              changes (a task's commits on a worktree agent's branch), review, Lander
     Agent CLIs           RoundUsage and the CLIs' JSON parsers, env, credentials, sessions
     Agent loop           AgentLoop: one round per step()
     Doctor               doctor(): what stops a first run
@@ -94,6 +95,7 @@ __all__ = [
     "TownHttpServer", "serve_http", "new_api_key",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
     "import_github", "save_snapshot", "restore_snapshot", "demo_agent", "main", "__version__",
+    "LandSettings", "Change", "Changes", "Lander", "LandError", "list_changes", "change_diff", "change_stats", "start_lander",
 ]  # Left out on purpose: Keys and the Lua scripts (the storage layout, not the API) and
 # the UPPER_CASE constants and tables the code is configured by (CONFIG_FILE, PRESETS, ...).
 
@@ -108,6 +110,7 @@ MIN_REDIS_VERSION = (6, 2)
 RESERVED_NAMES = ("supervisor", "conductor")
 CONDUCTOR_ID = "conductor"  # the human's one mailbox; `supervisor` is an alias
 HOOK_RUNNER_ID = "hooks"  # the hook runner holds alive:hooks as a loop holds alive:<agent id>
+LANDER_ID = "lander"  # so does the one lander of a town (`tt land`), alive:lander
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 EVENTS_MAXLEN = 10_000
 EVENT_DETAIL_MAX = 2000  # characters of a message's text its event carries (for hooks)
@@ -148,6 +151,7 @@ HOOK_EVENTS = (
     "agent_error", "agent_deleted", "kill_requested", "close_requested", "message",
     "message_to_conductor", "message_dead", "broadcast", "reclaimed", "requeued", "round",
     "budget_reached", "rate_limited", "rate_limit_lifted", "restored", "upgraded", "all_tasks_done",
+    "change_ready", "change_approved", "change_rejected", "change_returned", "change_landed",
 )
 
 # The MCP tools that write files or destroy state: `tt mcp` offers one only when the town's
@@ -207,6 +211,9 @@ class Keys:
         # The KEYS of a script that reaches keys only it can find (the tasks a change spreads
         # to): one key of the town, which routes it to the town's slot on a Redis Cluster.
         self.slot = [self.layout]
+        self.changes = self.prefix + "changes"          # zset: changes (task ids), the landing queue's order
+        self.change_counts = self.prefix + "change_counts"  # hash: change state -> count
+        self.change_seq = self.prefix + "change_seq"    # counter: the queue's order
 
     def agent(self, agent_id: str) -> str: return f"{self.prefix}agent:{agent_id}"
     def inbox(self, agent_id: str) -> str: return f"{self.prefix}inbox:{agent_id}"
@@ -232,6 +239,7 @@ class Keys:
     # left), and the back-off's streak (outlives the pause, so the next one is longer).
     def rate_limit(self, provider: str) -> str: return f"{self.prefix}ratelimit:{provider}"
     def rate_limit_streak(self, provider: str) -> str: return f"{self.prefix}ratelimit_streak:{provider}"
+    def change(self, task_id: str) -> str: return f"{self.prefix}change:{task_id}"  # hash: a task's change
 
     def queues(self, agent_id: str) -> tuple[str, str, str]:
         """The pending queues in delivery order."""
@@ -678,6 +686,21 @@ class TownSettings:
 
 
 @dataclass
+class LandSettings:
+    """[land]: how `tt land` puts the agents' changes on the target branch."""
+    target: str = "main"
+    test: str = "make test"     # must pass on the merged result; "": no test
+    strategy: str = "rebase"    # rebase, merge, squash, or pr (push and open a pull request)
+    require_review: bool = False  # a change lands only after `tt approve`
+    auto: bool = False          # land each change once it is ready (approved, with require_review)
+    test_timeout_secs: float = 1800.0
+
+
+LAND_STRATEGIES = ("rebase", "merge", "squash", "pr")
+_BRANCH_NAME = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])(?<!\.lock)")
+
+
+@dataclass
 class McpSettings:
     allow: list[str] = field(default_factory=list)  # of MCP_GUARDED_TOOLS, those `tt mcp` offers
 
@@ -720,6 +743,7 @@ class Config:
     town: TownSettings = field(default_factory=TownSettings)
     mcp: McpSettings = field(default_factory=McpSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+    land: LandSettings = field(default_factory=LandSettings)
     agent_clis: dict[str, AgentCLI] = field(default_factory=dict)
     hooks: dict[str, str] = field(default_factory=dict)  # event kind -> shell command
     path: Path | None = None
@@ -749,7 +773,7 @@ class Config:
 
 
 _SECTIONS = {"redis": RedisConfig, "agent": AgentSettings, "town": TownSettings, "mcp": McpSettings,
-             "serve": ServeSettings}
+             "serve": ServeSettings, "land": LandSettings}
 _TOP_LEVEL = {"name": str, "default_cli": str, "max_agents": int}
 _TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
                list: "a list of strings"}
@@ -850,6 +874,12 @@ def load_config(path: Path) -> Config:
             raise ConfigError(f"{where('agent', key)} must be at least 1")
     if config.agent.on_budget not in ("stop", "pause"):
         raise ConfigError(f"{where('agent', 'on_budget')} must be \"stop\" or \"pause\"")
+    if config.land.strategy not in LAND_STRATEGIES:
+        raise ConfigError(f"{where('land', 'strategy')} must be one of {', '.join(LAND_STRATEGIES)},"
+                          f" not {_shown(config.land.strategy)}")
+    if not _BRANCH_NAME.fullmatch(config.land.target):
+        raise ConfigError(f"{where('land', 'target')} must be a branch name (e.g. \"main\"), not"
+                          f" {_shown(config.land.target)}")
     unknown_tools = [tool for tool in config.mcp.allow if tool not in MCP_GUARDED_TOOLS]
     if unknown_tools:
         raise ConfigError(f"{where('mcp', 'allow')}: no tool {_shown(unknown_tools[0])} needs allowing;"
@@ -939,6 +969,14 @@ min_free_memory_mb = 600     # no spawn and no round while less memory is availa
 
 [mcp]
 allow = []                   # `tt mcp` tools that write files or destroy state, e.g. ["save"]
+
+# `tt land`: the worktree agents' changes onto the target branch
+[land]
+target = "main"
+test = "make test"           # must pass on the merged result ("": no test)
+strategy = "rebase"          # rebase, merge, squash, or pr (push and open a pull request)
+require_review = false       # land only after `tt approve`
+auto = false                 # land each change once it is ready (or approved)
 {clis}"""
 
 
@@ -4902,10 +4940,21 @@ class Town:
             "conductor_inbox": self._channel.inbox_len(CONDUCTOR_ID),
             "tasks": self._tasks.task_counts(),
             "backlog": backlog_len,
+            "changes": {state: int(n) for state, n in self.redis.hgetall(self.keys.change_counts).items() if int(n)},
             "usage": self.usage(),
             "rate_limits": rate_limits,
             "scaling": self.scaling(agents),
         }
+
+    # -- landing (the Landing section does the work) -------------------------------
+
+    def changes(self, state: str | None = None) -> list[dict[str, Any]]:
+        """The worktree agents' changes in queue order, with their numbers (README "Landing the work")."""
+        return list_changes(self, state)
+
+    def land(self, tasks: Iterable[str] = ()) -> dict[str, Any]:
+        """Land these changes (default: every one in the queue) as [land] says; what happened."""
+        return Lander(self).run(tasks)
 
     def usage(self) -> dict[str, Any]:
         """The town's tokens and cost over all rounds, and its budget (0: none)."""
@@ -5564,6 +5613,8 @@ _SNAPSHOT_LAYOUT = {
     "role:.+": ("set", "agent_id"), "resume": ("set", "agent_name"),
     "task_counts|usage": ("hash", "count"), "hooks": ("hash", "text"), "plan": ("hash", "plan_entry"),
     "backlog_seq": ("string", "count"), "layout": ("string", "layout"),
+    f"change:{_TASK_ID}": ("hash", "text"), "changes": ("zset", "task_id"),
+    "change_counts": ("hash", "count"), "change_seq": ("string", "count"),
 }
 # Kept by _TASKS_LUA next to a Task's fields (`waiting` and `release_message`: layout 2's).
 _TASK_HASH_EXTRAS = ("message", "failed_by", "plan_entry", "waiting", "release_message")
@@ -5699,6 +5750,657 @@ def restore_snapshot(town: Town, snapshot: dict[str, Any], *, force: bool = Fals
             if item.get("type") in _SNAPSHOT_TYPES and item.get("value") and not relative.startswith(_SNAPSHOT_SKIP)}
     layout = snapshot.get("layout") or snapshot["keys"].get("layout", {}).get("value") or "1"
     return town.task_store.load(keys, str(layout), str(snapshot.get("town")))
+
+
+# Landing #####################################################################
+# A *change* is one task's work by a worktree agent: the commits on its branch (tt/NAME)
+# from when its loop took the task (`base`) to when the task completed (`head`).  Changes
+# wait in a queue (`changes`, in the order they became ready); `tt land` puts each on the
+# target branch ([land] strategy) in a scratch worktree, runs [land] test on the result,
+# and moves the target only by a compare-and-swap (`git update-ref TARGET NEW OLD`): a
+# commit a person made meanwhile makes it redo the change on top, a conflict or a failing
+# test returns the change to its agent as a new task on the same branch.  One lander per
+# town at a time, holding alive:lander as a loop holds its agent.
+#
+# States: open (the task is being worked on) -> ready -> approved (a review's) -> landing
+# -> landed; ready, approved or landing -> returned (a rejection, a conflict, a red test:
+# the rework task gets a new open change that starts where the returned one started).
+
+class LandError(TinytownError):
+    """A change that cannot be reviewed or landed as asked (the message says why and what to do)."""
+
+
+CHANGE_STATES = ("open", "ready", "approved", "landing", "landed", "returned")
+LAND_REDOS = 5  # a target that keeps moving under the lander: the change waits for the next `tt land`
+LAND_TAIL_CHARS = 4000  # of a conflict or a test's output, in the task that returns a change
+REVIEW_DIFF_CHARS = 20_000  # of a change's diff, in a reviewer's task
+
+# KEYS[1] = change:<task id>, KEYS[2] = changes, KEYS[3] = change_counts, KEYS[4] = events,
+# KEYS[5] = change_seq
+# ARGV[1] = task id, ARGV[2] = timestamp, ARGV[3] = the states it may change from, space-
+# separated ('' : a new change, only if the task has none), ARGV[4] = the new state ('':
+# the change goes), ARGV[5] = the event kind ('' : none), ARGV[6] = the event's detail,
+# ARGV[7..] = field/value pairs
+# One guarded transition: its fields, the queue (a change that becomes ready goes to the
+# back), the counts and its event.  Returns the state it had ('' : new), or false when it
+# was in none of the allowed states (nothing is changed then).
+_CHANGE_LUA = """
+local old = redis.call('HGET', KEYS[1], 'state')
+if ARGV[3] == '' then
+  if old then return false end
+else
+  local allowed = false
+  for state in string.gmatch(ARGV[3], '%S+') do if state == old then allowed = true end end
+  if not allowed then return false end
+end
+if old then redis.call('HINCRBY', KEYS[3], old, -1) end
+if ARGV[4] == '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return old
+end
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+redis.call('HSET', KEYS[1], 'state', ARGV[4], 'updated_at', ARGV[2], unpack(ARGV, 7))
+if not old then
+  redis.call('HSET', KEYS[1], 'task', ARGV[1], 'created_at', ARGV[2])
+end
+if not old or (ARGV[4] == 'ready' and old ~= 'ready') then
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[5]), ARGV[1])
+end
+if ARGV[5] ~= '' then
+  add_event(KEYS[4], 'event', ARGV[5], 'at', ARGV[2], 'task', ARGV[1],
+            'agent', redis.call('HGET', KEYS[1], 'agent') or '', 'detail', ARGV[6])
+end
+return old or ''
+"""
+
+
+@dataclass
+class Change:
+    """One task's work by a worktree agent (the fields of `change:<task id>`)."""
+    task: str
+    state: str = "open"
+    agent: str | None = None        # the agent's id, and its name and branch then
+    agent_name: str | None = None
+    branch: str | None = None
+    base: str | None = None         # its branch's commit when the task was taken
+    head: str | None = None         # ... and when it was completed
+    description: str | None = None  # the task's, for listings
+    note: str | None = None         # the review's note, or why it was returned
+    reviewed_by: str | None = None
+    review_task: str | None = None  # the reviewer's task
+    rework: str | None = None       # the task that redoes a returned change
+    reworks: str | None = None      # the returned change this one redoes
+    prior: str | None = None        # the state it lands from (ready or approved)
+    landing_onto: str | None = None  # the target's commit it is being landed onto ...
+    landing_as: str | None = None   # ... and the commit it becomes there
+    landed_as: str | None = None
+    pr_url: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _run_git(cwd: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+             timeout: float = GIT_TIMEOUT_SECS) -> subprocess.CompletedProcess[str]:
+    """`git -C cwd ARGS` (output captured, never raising on a non-zero exit); git's own
+    GIT_DIR and such from a calling hook never leak in."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GIT_") or k.startswith("GIT_SSH")}
+    try:
+        return subprocess.run(["git", "-C", str(cwd), *args], input=stdin, capture_output=True, text=True,
+                              errors="replace", timeout=timeout, env={**clean, **(env or {}),
+                                                                     "GIT_EDITOR": "true", "GIT_TERMINAL_PROMPT": "0"})
+    except subprocess.TimeoutExpired:
+        raise LandError(f"`git {' '.join(args[:3])}` took over {timeout:g}s; is the repository locked?") from None
+
+
+def _git_out(cwd: Path, *args: str) -> str:
+    """A git command's stdout, stripped; LandError naming git's complaint when it fails."""
+    done = _run_git(cwd, *args)
+    if done.returncode != 0:
+        raise LandError(f"`git {' '.join(args[:4])}` failed: {(done.stderr or done.stdout).strip()[:300]}")
+    return done.stdout.strip()
+
+
+def _git_identity(root: Path) -> dict[str, str]:
+    """Who commits what the lander and the change recorder commit: the repository's own
+    user, else `tinytown` (a fresh machine has none, and git refuses to commit then)."""
+    if _run_git(root, "config", "user.email").returncode == 0:
+        return {}
+    return {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+            for what, value in (("NAME", "tinytown"), ("EMAIL", "tinytown@localhost"))}
+
+
+def _is_ancestor(cwd: Path, older: str, newer: str) -> bool:
+    return _run_git(cwd, "merge-base", "--is-ancestor", older, newer).returncode == 0
+
+
+def _tail_text(text: str, limit: int = LAND_TAIL_CHARS) -> str:
+    return text if len(text) <= limit else f"...({len(text) - limit} characters before)\n{text[-limit:]}"
+
+
+class Changes:
+    """The changes of a town in Redis: records, queue, counts and events (_CHANGE_LUA)."""
+
+    def __init__(self, town: Town):
+        self.town = town
+        self.redis = town.redis
+        self.keys = town.keys
+        self.settings = town.config.land
+        self._change = town.redis.register_script(_lua(_CHANGE_LUA))
+
+    def transition(self, task_id: str, allowed: str, state: str, event: str = "", detail: str = "",
+                   pipe: Any = None, **fields: Any) -> str | None:
+        """Move a change from one of the `allowed` states to `state` (see _CHANGE_LUA); the
+        state it had, or None when it was in none of them (queued in `pipe` when given)."""
+        old = self._change(keys=[self.keys.change(task_id), self.keys.changes, self.keys.change_counts,
+                                 self.keys.events, self.keys.change_seq],
+                           args=[task_id, _now(), allowed, state, event, detail[:200], *_field_args(fields)],
+                           client=pipe)
+        return None if old is False or old is None else old
+
+    def get(self, task_id: str) -> Change | None:
+        data = self.redis.hgetall(self.keys.change(task_id))
+        return _from_hash(Change, data) if data else None
+
+    def find(self, ref: str) -> Change:
+        """A change by its task's id or unique prefix."""
+        task_id = str(ref).strip()
+        if not self.redis.exists(self.keys.change(task_id)):
+            task_id = self.town.task(ref, archived=True).id
+        change = self.get(task_id)
+        if change is None:
+            raise LandError(f"task {task_id[:8]} has no change (only a worktree agent's task that committed"
+                            " something has one); `tt changes` lists them")
+        return change
+
+    def all(self, state: str | None = None) -> list[Change]:
+        """Changes in queue order, optionally of one state."""
+        ids = self.redis.zrange(self.keys.changes, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hgetall(self.keys.change(task_id))
+        found = [_from_hash(Change, data) for data in (pipe.execute() if ids else []) if data]
+        return [c for c in found if state is None or c.state == state]
+
+    def landable(self) -> list[Change]:
+        """The queue: ready changes (approved ones, with require_review), oldest first."""
+        wanted = ("approved",) if self.settings.require_review else ("ready", "approved")
+        return [c for c in self.all() if c.state in wanted]
+
+    # -- what the agent loop records ----------------------------------------------
+
+    def started(self, agent: Agent, task_ids: list[str]) -> None:
+        """The loop took these tasks: each gets an open change from its branch's head (a
+        rework task has one already, starting where the returned change started)."""
+        if not task_ids or not agent.worktree:
+            return
+        worktree = _agent_path(self.town.root, agent.name, "agents/{name}/worktree")
+        base = _git_out(worktree, "rev-parse", "HEAD")
+        branch = _git_out(worktree, "rev-parse", "--abbrev-ref", "HEAD")
+        descriptions = {t.id: t.description for t in self.town.task_store.tasks_by_id(task_ids)}
+        pipe = self.redis.pipeline()
+        for task_id in task_ids:
+            self.transition(task_id, "", "open", pipe=pipe, agent=agent.id, agent_name=agent.name,
+                            branch=branch, base=base, description=descriptions.get(task_id, "")[:500])
+        pipe.execute()
+
+    def finished(self, agent: Agent, task_ids: list[str]) -> list[Change]:
+        """After a round: each of these tasks that completed has its head recorded (work
+        left uncommitted is committed first) and is ready; one that failed, or made no
+        commit, has no change.  Asks for reviews and starts the lander as configured."""
+        if not task_ids or not agent.worktree:
+            return []
+        worktree = _agent_path(self.town.root, agent.name, "agents/{name}/worktree")
+        states = dict(zip(task_ids, self.town.task_store.task_states(task_ids)))
+        ready = []
+        for task_id in task_ids:
+            change = self.get(task_id)
+            if change is None or change.state != "open" or states[task_id] not in (None, *TERMINAL_TASK_STATES):
+                continue
+            if states[task_id] != TaskState.COMPLETED:
+                self.transition(task_id, "open", "")
+                continue
+            if _run_git(worktree, "status", "--porcelain").stdout.strip():
+                _run_git(worktree, "add", "-A")
+                _run_git(worktree, "commit", "-q", "-F", "-", stdin=_commit_message(change),
+                         env=_git_identity(self.town.root))
+            head = _git_out(worktree, "rev-parse", "HEAD")
+            if head == change.base and not change.reworks:
+                self.transition(task_id, "open", "")  # nothing to land
+                continue
+            if self.transition(task_id, "open", "ready", "change_ready", change.description or "", head=head) is not None:
+                ready.append(dataclasses.replace(change, state="ready", head=head))
+        for change in ready:
+            if self.settings.require_review:
+                self.ask_review(change)
+        if ready and self.settings.auto and not self.settings.require_review:
+            start_lander(self.town)
+        return ready
+
+    # -- review --------------------------------------------------------------------
+
+    def ask_review(self, change: Change) -> Task | None:
+        """A review task for an agent whose role is `reviewer` (a live one, not the change's
+        own), with the task and the diff in it; None when the town has no reviewer."""
+        reviewers = [a for a in self.town.channel.agents() if a.role == "reviewer" and not a.terminal
+                     and a.id != change.agent]
+        if not reviewers:
+            return None
+        reviewer = min(reviewers, key=lambda a: (a.state != AgentState.IDLE, a.created_at or ""))
+        diff = _tail_text(change_diff(self.town, change), REVIEW_DIFF_CHARS)
+        description = (f"Review the change of task {change.task} by {change.agent_name} (branch {change.branch}):"
+                       f" {change.description}\n\nIf it is right: `tt approve {change.task} --note \"...\"`."
+                       f" If not: `tt reject {change.task} \"what to fix\"` (the note goes back to"
+                       f" {change.agent_name}).\n\n```diff\n{diff}\n```")
+        task = self.town.assign(reviewer.id, description, tags=["review"])
+        self.transition(change.task, "ready", "ready", review_task=task.id)
+        return task
+
+    def approve(self, ref: str, note: str | None, by: str) -> Change:
+        change = self.find(ref)
+        if self.transition(change.task, "ready", "approved", "change_approved", note or "",
+                           reviewed_by=by, note=note or "") is None:
+            raise InvalidTransition(f"change {change.task[:8]}", change.state, "only a ready change can be approved")
+        if self.settings.auto:
+            start_lander(self.town)
+        return self.get(change.task) or change
+
+    def reject(self, ref: str, note: str, by: str) -> Change:
+        change = self.find(ref)
+        if not note.strip():
+            raise LandError("a rejection needs a note saying what to fix: tt reject TASK \"why\"")
+        if change.state not in ("ready", "approved"):
+            raise InvalidTransition(f"change {change.task[:8]}", change.state,
+                                    "only a ready or approved change can be rejected")
+        return self.send_back(change, "change_rejected", f"{by} rejected it: {note}", "ready approved",
+                              reviewed_by=by)
+
+    def send_back(self, change: Change, event: str, why: str, allowed: str, **fields: Any) -> Change:
+        """Return a change to its agent: a new task on the same branch says why; its change
+        starts where this one started, so it holds this one's commits too."""
+        target = self.settings.target
+        rework = Task(description=(
+            f"Your change for task {change.task} ({(change.description or '')[:200]}) went back: {why}\n\n"
+            f"On your branch {change.branch}: bring it up to date with {target} if it conflicts"
+            f" (`git merge {target}` or `git rebase {target}`), fix what is said above, commit, then"
+            " complete this task."))
+        pipe = self.redis.pipeline()
+        self.transition(change.task, allowed, "returned", event, why, pipe=pipe, note=why, rework=rework.id,
+                        **fields)
+        self.transition(rework.id, "", "open", pipe=pipe, agent=change.agent or "",
+                        agent_name=change.agent_name or "", branch=change.branch or "", base=change.base or "",
+                        reworks=change.task, description=rework.description[:500])
+        moved, _ = pipe.execute()
+        if moved is None:
+            raise InvalidTransition(f"change {change.task[:8]}", (self.get(change.task) or change).state,
+                                    "it changed meanwhile; nothing was sent back")
+        try:
+            self.town.assign(change.agent or "", rework)
+        except AgentNotFound:  # its agent was pruned: the task waits for one of that name
+            rework.tags = [change.agent_name or "worker"]
+            self.town.task_store.create(rework, backlog=True)
+        return self.get(change.task) or change
+
+
+def _commit_message(change: Change) -> str:
+    """A commit message made of the task's description (one summary line, then the rest)."""
+    text = (change.description or f"task {change.task}").replace("\0", "").strip()
+    summary, _, rest = text.partition("\n")
+    return f"{summary[:72]}\n\n{rest.strip()}\n\nTinytown task {change.task}\n".replace("\n\n\n\n", "\n\n")
+
+
+def _change_upstream(root: Path, change: Change, target: str) -> str:
+    """Where the change's own commits start: its base, or, once its agent brought the
+    branch up to date with a rebase (the base is no longer in it), where it meets the target."""
+    head = change.head or change.base or ""
+    if change.base and _is_ancestor(root, change.base, head):
+        return change.base
+    return _git_out(root, "merge-base", target, head)
+
+
+def change_diff(town: Town, change: Change) -> str:
+    """The change's diff (its commits, from where they start to its head)."""
+    target = town.config.land.target
+    return _git_out(town.root, "diff", _change_upstream(town.root, change, target), change.head or "HEAD")
+
+
+def change_stats(town: Town, change: Change) -> dict[str, Any]:
+    """Commits, files, lines added and removed ({} for a change not ready yet)."""
+    if not change.head:
+        return {}
+    try:
+        upstream = _change_upstream(town.root, change, town.config.land.target)
+        commits = int(_git_out(town.root, "rev-list", "--count", f"{upstream}..{change.head}"))
+        numstat = _git_out(town.root, "diff", "--numstat", upstream, change.head)
+    except (LandError, ValueError) as exc:
+        return {"error": str(exc)}
+    rows = [line.split("\t", 2) for line in numstat.splitlines() if line]
+    return {"commits": commits, "files": len(rows),
+            "added": sum(int(r[0]) for r in rows if r[0].isdigit()),
+            "removed": sum(int(r[1]) for r in rows if r[1].isdigit())}
+
+
+def list_changes(town: Town, state: str | None = None) -> list[dict[str, Any]]:
+    """Each change with its numbers (and its pull request's state, when it has one open)."""
+    listed = []
+    for change in Changes(town).all(state):
+        entry = {**change.to_dict(), **change_stats(town, change)}
+        if change.pr_url and change.state not in ("landed", "returned"):
+            with contextlib.suppress(LandError):
+                entry["pr"] = _pr_status(town, change.pr_url)
+        listed.append(entry)
+    return listed
+
+
+def start_lander(town: Town) -> int | None:
+    """`tt land --all` in the background unless a lander holds the town (it looks at the
+    queue again before it ends); its pid."""
+    if town.redis.exists(town.keys.alive(LANDER_ID)):
+        return None
+    return _start_detached(town.root, ["land", "--all"], "lander.log").pid
+
+
+# -- pull requests (strategy = "pr") ---------------------------------------------
+
+def _gh(town: Town, *args: str) -> str:
+    gh = shutil.which("gh")
+    if gh is None:
+        raise LandError("[land] strategy = \"pr\" needs the GitHub CLI `gh` on PATH (https://cli.github.com),"
+                        " logged in with `gh auth login`")
+    try:
+        done = subprocess.run([gh, *args], cwd=town.root, capture_output=True, text=True, errors="replace",
+                              timeout=GIT_TIMEOUT_SECS, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise LandError(f"`gh {' '.join(args[:2])}` took over {GIT_TIMEOUT_SECS:g}s") from None
+    if done.returncode != 0:
+        raise LandError(f"`gh {' '.join(args[:2])}` failed: {(done.stderr or done.stdout).strip()[:300]}")
+    return done.stdout
+
+
+def _pr_status(town: Town, url: str) -> dict[str, Any]:
+    """A pull request's state, review decision and checks (passing, failing, pending, none)."""
+    try:
+        view = json.loads(_gh(town, "pr", "view", url, "--json", "state,reviewDecision,statusCheckRollup"))
+    except ValueError:
+        raise LandError(f"`gh pr view {url}` did not answer JSON") from None
+    results = set()
+    for check in view.get("statusCheckRollup") or []:
+        outcome = str(check.get("conclusion") or check.get("state") or check.get("status") or "").upper()
+        results.add("passing" if outcome in ("SUCCESS", "NEUTRAL", "SKIPPED") else
+                    "failing" if outcome in ("FAILURE", "ERROR", "CANCELLED", "TIMED_OUT", "ACTION_REQUIRED",
+                                             "STARTUP_FAILURE") else "pending")
+    checks = next((kind for kind in ("failing", "pending", "passing") if kind in results), "none")
+    failing = [str(c.get("name") or c.get("context") or "?") for c in view.get("statusCheckRollup") or []
+               if str(c.get("conclusion") or c.get("state") or "").upper() in ("FAILURE", "ERROR", "TIMED_OUT")]
+    return {"url": url, "state": view.get("state"), "review": view.get("reviewDecision") or "", "checks": checks,
+            "failing": failing}
+
+
+# -- the lander ------------------------------------------------------------------
+
+class Lander:
+    """`tt land`: the town's one lander, for as long as it holds alive:lander.
+
+    ``run()`` finishes what a killed lander left (`landing`), then lands the queue: each
+    change in a scratch worktree on the target's current commit, tested, then the target
+    moved by compare-and-swap; nothing is pushed unless the strategy is `pr`.
+    """
+
+    def __init__(self, town: Town):
+        self.town = town
+        self.root = town.root
+        self.changes = Changes(town)
+        self.settings = town.config.land
+        self.target_ref = f"refs/heads/{self.settings.target}"
+        self.identity = _loop_identity(os.getpid())
+        self.ttl = _lease_ttl(town.config.agent)
+        self.scratch = town.root / RUNTIME_DIR / "land" / "scratch"
+        self._last_beat = 0.0
+
+    def run(self, task_refs: Iterable[str] = ()) -> dict[str, Any]:
+        """Land the named changes (default: the whole queue); a report of what happened."""
+        named = [self.changes.find(ref) for ref in task_refs]
+        for change in named:
+            if change.state not in ("ready", "approved"):
+                raise InvalidTransition(f"change {change.task[:8]}", change.state, "only a ready or approved"
+                                        " change lands")
+            if self.settings.require_review and change.state != "approved":
+                raise LandError(f"change {change.task[:8]} waits for a review ([land] require_review);"
+                                f" `tt approve {change.task[:8]}` first")
+        report: dict[str, Any] = {"landed": [], "returned": [], "waiting": [], "target": self.settings.target}
+        tried: set[str] = set()
+        while True:
+            holder = self._take_lease()
+            if holder:
+                report["lander"] = holder
+                return report
+            try:
+                self._finish_interrupted(report)
+                queue = [c for c in named] if named else self.changes.landable()
+                for change in queue:
+                    if change.task not in tried:
+                        tried.add(change.task)
+                        self._land(self.changes.get(change.task) or change, report)
+            finally:
+                self._remove_scratch()
+                self.town.channel.release_lease(LANDER_ID, self.identity, "stopped")
+            # A change that became ready while we held the lease found no lander to start.
+            if named or not any(c.task not in tried for c in self.changes.landable()):
+                return report
+
+    # -- the lease ---------------------------------------------------------------------
+
+    def _take_lease(self) -> str | None:
+        """Hold alive:lander (a holder that died on this host gives way at once); None when
+        held, else the holder's identity."""
+        holder = self.town.redis.get(self.town.keys.alive(LANDER_ID)) or ""
+        gone = holder if _identity_state(holder) == "gone" else "-"
+        taken = self.town.channel.acquire_lease(LANDER_ID, self.identity, self.ttl, replaceable=gone)
+        self._last_beat = time.monotonic()
+        if taken is None:
+            self._stop_leftover_test()
+        return taken
+
+    def _beat(self, now: bool = False) -> None:
+        """Keep the lease, once a heartbeat period has passed (`now`: at once); one that
+        lapsed during a long git command is taken again if nobody else took it."""
+        if not now and time.monotonic() - self._last_beat < self.town.config.agent.heartbeat_secs:
+            return
+        holder = self.town.channel.acquire_lease(LANDER_ID, self.identity, self.ttl, replaceable="-")
+        if holder:
+            raise LandError(f"another lander ({holder}) took over while this one was busy; it lands the queue")
+        self._last_beat = time.monotonic()
+
+    # -- one change ----------------------------------------------------------------------
+
+    def _finish_interrupted(self, report: dict[str, Any]) -> None:
+        """A lander killed mid-change left it `landing`: landed if the target holds the
+        commit it was landing as (the compare-and-swap happened), else back in the queue."""
+        for change in self.changes.all("landing"):
+            if change.landing_as and _is_ancestor(self.root, change.landing_as, self.target_ref):
+                self._sync_checkouts(change.landing_onto or "", change.landing_as)
+                self._landed(change, change.landing_as, report)
+            else:
+                self.changes.transition(change.task, "landing", change.prior or "ready", landing_as="", landing_onto="")
+
+    def _land(self, change: Change, report: dict[str, Any]) -> None:
+        if self.settings.strategy == "pr":
+            return self._land_pr(change, report)
+        if self.changes.transition(change.task, "ready approved", "landing", prior=change.state) is None:
+            return  # reviewed or returned meanwhile
+        self._beat()
+        for _ in range(LAND_REDOS):
+            onto = _run_git(self.root, "rev-parse", "--verify", "--quiet", self.target_ref).stdout.strip()
+            if not onto:
+                self.changes.transition(change.task, "landing", change.state)
+                raise LandError(f"the target branch {self.settings.target!r} does not exist; create it or set"
+                                " [land] target")
+            made, detail = self._put_on(change, onto)
+            if made is None:
+                return self._return(change, f"it conflicts with {self.settings.target}", detail, report)
+            passed, output = self._test(change)
+            if not passed:
+                return self._return(change, f"the test (`{self.settings.test}`) fails on it", output, report)
+            self._beat(now=True)
+            if self.changes.transition(change.task, "landing", "landing", landing_onto=onto, landing_as=made) is None:
+                return  # another lander took it back meanwhile (this one's lease had lapsed)
+            if _run_git(self.root, "update-ref", "-m", f"tt land {change.task[:8]}", self.target_ref, made,
+                        onto).returncode == 0:
+                self._sync_checkouts(onto, made)
+                return self._landed(change, made, report)
+            log.info("land: %s moved while %s was tested; landing it again on top", self.settings.target,
+                     change.task[:8])
+        self.changes.transition(change.task, "landing", change.state, landing_as="", landing_onto="")
+        report["waiting"].append({"task": change.task, "why": f"{self.settings.target} kept moving"})
+
+    def _landed(self, change: Change, commit: str, report: dict[str, Any]) -> None:
+        self.changes.transition(change.task, "landing ready approved", "landed", "change_landed",
+                                f"{self.settings.target} at {commit[:12]}", landed_as=commit, landing_as="",
+                                landing_onto="")
+        report["landed"].append({"task": change.task, "agent": change.agent_name, "commit": commit})
+        log.info("land: %s landed on %s as %s", change.task[:8], self.settings.target, commit[:12])
+
+    def _return(self, change: Change, why: str, detail: str, report: dict[str, Any]) -> None:
+        self.changes.send_back(change, "change_returned", f"{why}.\n\n{_tail_text(detail)}", "landing")
+        report["returned"].append({"task": change.task, "agent": change.agent_name, "why": why})
+        log.info("land: %s returned to %s: %s", change.task[:8], change.agent_name, why)
+
+    # -- in the scratch worktree ------------------------------------------------------
+
+    def _scratch_at(self, commit: str) -> Path:
+        """The scratch worktree, clean, at `commit` (detached)."""
+        if (self.scratch / ".git").exists():
+            _run_git(self.scratch, "rebase", "--abort")
+            _run_git(self.scratch, "merge", "--abort")
+            if _run_git(self.scratch, "checkout", "-q", "--force", "--detach", commit).returncode == 0:
+                _run_git(self.scratch, "clean", "-q", "-fdx")
+                return self.scratch
+        self._remove_scratch()
+        self.scratch.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _git_out(self.root, "worktree", "add", "--force", "--detach", str(self.scratch), commit)
+        return self.scratch
+
+    def _remove_scratch(self) -> None:
+        if self.scratch.exists():
+            _run_git(self.root, "worktree", "remove", "--force", str(self.scratch))
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        _run_git(self.root, "worktree", "prune")
+
+    def _put_on(self, change: Change, onto: str) -> tuple[str | None, str]:
+        """The change on `onto` per the strategy: (the new commit, '') or (None, the conflict)."""
+        work = self._scratch_at(onto)
+        head = change.head or ""
+        upstream = _change_upstream(self.root, change, onto)
+        identity = _git_identity(self.root)
+        strategy = self.settings.strategy
+        if strategy == "rebase" and _git_out(self.root, "rev-list", "--merges", f"{upstream}..{head}"):
+            strategy = "squash"  # merge commits (a branch brought up to date by a merge) cannot be replayed
+        if strategy == "rebase":
+            done = _run_git(work, "rebase", "--onto", onto, upstream, head, env=identity)
+        elif strategy == "merge":
+            done = _run_git(work, "merge", "--no-ff", "-m", f"Land task {change.task[:8]} by {change.agent_name}"
+                            f" ({change.branch})\n\n{_commit_message(change)}", head, env=identity)
+        else:
+            done = _run_git(work, "merge", "--squash", head, env=identity)
+            if done.returncode == 0 and _run_git(work, "diff", "--cached", "--quiet").returncode != 0:
+                done = _run_git(work, "commit", "-q", "-F", "-", stdin=_commit_message(change), env=identity)
+        if done.returncode != 0:
+            conflicted = _run_git(work, "diff", "--name-only", "--diff-filter=U").stdout.split()
+            detail = (f"Conflicting files: {', '.join(conflicted) or '(none named)'}\n\n"
+                      f"{_run_git(work, 'diff').stdout or done.stdout + done.stderr}")
+            _run_git(work, "rebase" if strategy == "rebase" else "merge", "--abort")
+            return None, detail
+        return _git_out(work, "rev-parse", "HEAD"), ""
+
+    def _test(self, change: Change) -> tuple[bool, str]:
+        """[land] test in the scratch worktree, in its own process group (killed at the
+        timeout, and by the next lander if this one dies), the lease kept meanwhile."""
+        if not self.settings.test.strip():
+            return True, ""
+        logs = _runtime_dir(self.root) / "logs" / "land"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{change.task}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_") and k != "TINYTOWN_AGENT_ID"}
+        with open(log_path, "wb") as output:
+            proc = subprocess.Popen(["sh", "-c", self.settings.test], cwd=self.scratch, stdin=subprocess.DEVNULL,
+                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            _write_atomic(self._test_group_file(), f"{proc.pid}\n")
+            try:
+                deadline = time.monotonic() + self.settings.test_timeout_secs
+                while proc.poll() is None:
+                    if time.monotonic() >= deadline:
+                        _terminate_group(proc.pid, CLI_GRACE_SECS)
+                        proc.wait()
+                        output.write(f"\n[tinytown] the test ran over {self.settings.test_timeout_secs:g}s"
+                                     " and was stopped\n".encode())
+                        break
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=min(self.town.config.agent.heartbeat_secs,
+                                              max(deadline - time.monotonic(), 0.01)))
+                    self._beat()
+            except BaseException:
+                _terminate_group(proc.pid, CLI_GRACE_SECS)
+                proc.wait()
+                raise
+            finally:
+                self._test_group_file().unlink(missing_ok=True)
+        return proc.returncode == 0, _read_text(log_path)
+
+    def _test_group_file(self) -> Path:
+        return _runtime_dir(self.root) / "land" / "test.pgid"
+
+    def _stop_leftover_test(self) -> None:
+        """A killed lander's test may still run (its own process group): it goes first."""
+        with contextlib.suppress(OSError, ValueError):
+            pgid = int(self._test_group_file().read_text())
+            if _group_alive(pgid):
+                _terminate_group(pgid, CLI_GRACE_SECS)
+            self._test_group_file().unlink()
+
+    def _sync_checkouts(self, old: str, new: str) -> None:
+        """A worktree with the target checked out (a person's) follows the moved branch as a
+        checkout would (their own edits kept); one where that cannot be is left as it was."""
+        listing = _run_git(self.root, "worktree", "list", "--porcelain").stdout
+        for block in listing.split("\n\n"):
+            fields = dict(line.partition(" ")[::2] for line in block.splitlines())
+            if fields.get("branch") == self.target_ref and old and fields.get("worktree"):
+                done = _run_git(Path(fields["worktree"]), "read-tree", "-m", "-u", old, new)
+                if done.returncode != 0:
+                    log.warning("land: %s in %s is now at %s but its files are not (%s); `git status` there",
+                                self.settings.target, fields["worktree"], new[:12], done.stderr.strip()[:200])
+
+    # -- pull requests -------------------------------------------------------------------
+
+    def _land_pr(self, change: Change, report: dict[str, Any]) -> None:
+        """Push the branch and open a pull request once; merge it with `gh pr merge` when it
+        is approved and its checks pass; a failing check returns the change."""
+        url = change.pr_url
+        if not url:
+            _git_out(self.root, "push", "--quiet", "origin", f"{change.head}:refs/heads/{change.branch}")
+            text = (change.description or "").replace("\0", "").strip() or f"Tinytown task {change.task}"
+            body = f"{text}\n\nTinytown task {change.task} by {change.agent_name} (branch {change.branch})."
+            created = _gh(self.town, "pr", "create", "--base", self.settings.target, "--head", change.branch or "",
+                          f"--title={text.splitlines()[0][:120]}", f"--body={body}")
+            url = next((w for w in reversed(created.split()) if w.startswith("http")), created.strip())
+            self.changes.transition(change.task, "ready approved", change.state, pr_url=url)
+        status = _pr_status(self.town, url)
+        if status["state"] == "MERGED":
+            return self._landed(change, "", report)
+        if status["checks"] == "failing":
+            return self._return_pr(change, status, report)
+        if status["review"] == "APPROVED" and status["checks"] in ("passing", "none"):
+            _gh(self.town, "pr", "merge", url, "--merge")
+            return self._landed(change, "", report)
+        report["waiting"].append({"task": change.task, "pr": url, "review": status["review"] or "none",
+                                  "checks": status["checks"]})
+
+    def _return_pr(self, change: Change, status: dict[str, Any], report: dict[str, Any]) -> None:
+        why = f"checks fail on its pull request {status['url']}: {', '.join(status['failing']) or 'see the PR'}"
+        self.changes.send_back(change, "change_returned", why, "ready approved")
+        report["returned"].append({"task": change.task, "agent": change.agent_name, "why": why})
 
 
 # Agent CLIs ##################################################################
@@ -6539,6 +7241,7 @@ class AgentLoop:
                     if m.type == MessageType.TASK_ASSIGN and m.body.get("task_id")]
         for task_id in task_ids:
             self._mark_running(task_id)
+        self._note_changes(agent, task_ids, finished=False)
         self.channel.update_agent(agent_id, current_task=task_ids[0] if task_ids else "",
                                   last_heartbeat=_now())
         prompt_file = _agent_path(self.town.root, agent.name, "agents/{name}/prompt.md")
@@ -6579,6 +7282,7 @@ class AgentLoop:
         if code == 0 and self._rate_limited:  # the provider answers again: the back-off starts afresh
             self._rate_limited = False
             self.channel.forget_rate_limit_streak(self.provider)
+        self._note_changes(agent, task_ids, finished=True)
         self.rounds_run += 0 if limit else 1  # (a refused run is no round of the agent's budget)
         summary = (f"{_now()} round {round_no}: {outcome} in {seconds:.1f}s, {len(messages)} messages"
                    f"{', ' + usage.summary() if raw_file else ''}")
@@ -6615,6 +7319,17 @@ class AgentLoop:
         if found:
             self._rate_limited = True
         return found
+
+    def _note_changes(self, agent: Agent, task_ids: list[str], *, finished: bool) -> None:
+        """A worktree agent's tasks are changes to land (Landing): their base when taken,
+        their head when completed.  Git trouble is logged; it never ends the loop."""
+        if not agent.worktree or not task_ids:
+            return
+        try:
+            changes = Changes(self.town)
+            changes.finished(agent, task_ids) if finished else changes.started(agent, task_ids)
+        except (LandError, OSError) as exc:
+            log.warning("agent %s: could not record the change of %s: %s", agent.name, task_ids[0][:8], exc)
 
     def _mark_running(self, task_id: str) -> None:
         def decide(task: Task) -> dict[str, Any] | None:
@@ -6900,14 +7615,17 @@ _QUERY_LINE = re.compile(r"^- query from (\S+) \(\w+\)(?: \*\*URGENT\*\*)?: (.*)
 def demo_agent(prompt: str) -> int:
     """A scripted stand-in for an AI CLI, driven by the same prompt as a real one.
 
-    Each assigned task is done by writing a small file, then completed with
-    `tt task complete`; each query is answered with `tt send`.  Task descriptions
+    Each assigned task is done by writing a small file (committed, in a worktree agent's
+    own worktree), then completed with `tt task complete`; each query is answered with
+    `tt send`.  Task descriptions
     may steer it, for tests and demos: `[fail]` exits 1, `[skip]` leaves the task
     unfinished, `[sleep N]` works N seconds first.
     """
     name = os.environ.get("TINYTOWN_AGENT_NAME", "demo")
     root = Path(os.environ.get("TINYTOWN_TOWN", "."))
-    work_dir = root / RUNTIME_DIR / "agents" / name / "work"
+    worktree = root / RUNTIME_DIR / "agents" / name / "worktree"
+    in_worktree = worktree.is_dir() and Path.cwd().resolve() == worktree.resolve()
+    work_dir = worktree / "demo" if in_worktree else root / RUNTIME_DIR / "agents" / name / "work"
     for task_id, description in _TASK_BLOCK.findall(prompt):
         pause = re.search(r"\[sleep ([\d.]+)\]", description)
         if pause:
@@ -6920,6 +7638,10 @@ def demo_agent(prompt: str) -> int:
             continue
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / f"{task_id[:8]}.txt").write_text(f"{name} did: {description}\n")
+        if in_worktree:  # as an AI CLI would: its work committed on its branch
+            git = ["git", "-c", f"user.name={name}", "-c", f"user.email={name}@tinytown.invalid"]
+            subprocess.run([*git, "add", "demo"], check=False)
+            subprocess.run([*git, "commit", "-q", "-m", f"{name}: {description[:60]}"], check=False)
         print(f"demo agent {name}: did task {task_id}")
         main(["-t", str(root), "task", "complete", task_id, f"--result={name} did it: {description[:60]}"])
     for sender, question in _QUERY_LINE.findall(prompt):
@@ -7249,7 +7971,8 @@ class _UsageError(TinytownError):
 _ICONS = {"starting": "◌", "idle": "○", "working": "●", "waiting": "◔", "paused": "‖", "draining": "◐",
           "stopped": "■", "cold": "❄", "error": "✗", "dead": "☠",
           "blocked": "⧗", "pending": "·", "assigned": "→", "running": "▶", "completed": "✓", "failed": "✗",
-          "cancelled": "⊘"}
+          "cancelled": "⊘", "open": "…", "ready": "◆", "approved": "✔", "landing": "⇢", "landed": "✓",
+          "returned": "↩"}
 _COLORS = {"working": 32, "idle": 36, "waiting": 33, "paused": 33, "draining": 33, "error": 31, "dead": 31,
            "failed": 31, "completed": 32, "running": 32}
 
@@ -7631,6 +8354,8 @@ def _cmd_status(town: Town, args: Any) -> _Reply:
                  f" conductor inbox: {status['conductor_inbox']}")
     lines += _rate_limit_lines(status["rate_limits"])
     lines.append(_scaling_text(status["scaling"]))
+    if status["changes"]:
+        lines.append(f"changes: {_counts_text(status['changes'])}")
     usage = status["usage"]
     if usage["tokens_in"] or usage["tokens_out"] or usage["cost_usd"] or usage["budget_usd"]:
         budget = f" of budget ${usage['budget_usd']:g}" if usage["budget_usd"] else ""
@@ -8174,6 +8899,89 @@ def _cmd_dead(town: Town, args: Any) -> _Reply:
     return _messages_reply(acted, names, f"{verb} {_count(len(acted), 'dead letter')}")
 
 
+# -- landing -------------------------------------------------------------------
+
+def _reviewer(town: Town) -> str:
+    """Who reviews: the agent this runs inside (by name), else the conductor (a person)."""
+    agent_id = os.environ.get("TINYTOWN_AGENT_ID")
+    agent = town.channel.get_agent(agent_id) if agent_id else None
+    return agent.name if agent else CONDUCTOR_ID
+
+
+def _change_line(change: dict[str, Any]) -> str:
+    numbers = (f"{_count(change['commits'], 'commit')}, {_count(change['files'], 'file')},"
+               f" +{change['added']} -{change['removed']}" if "commits" in change else change.get("error", ""))
+    pr = change.get("pr")
+    pr_text = f"  PR {pr['url']} review {pr['review'] or 'none'}, checks {pr['checks']}" if pr else (
+        f"  PR {change['pr_url']}" if change.get("pr_url") else "")
+    return _printable(f"{_icon(change['state'])} {change['task'][:8]} {change['state']:<9}"
+                      f" {change.get('agent_name') or '':<12} {numbers}  {(change.get('description') or '')[:50]}"
+                      f"{pr_text}")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_changes(town: Town, args: Any) -> _Reply:
+    """The worktree agents' changes (a task's commits on its agent's branch), in queue
+    order: state, agent, branch, commits, files, lines added and removed.
+
+    Example: tt changes --state ready
+    """
+    changes = town.changes(args.state)
+    return _Reply(changes, "\n".join(_change_line(c) for c in changes) or "no changes")
+
+
+@_uses_town(_TownUse.READ)
+def _cmd_diff(town: Town, args: Any) -> _Reply:
+    """A change's diff (its commits, from where its task started to where it completed).
+
+    Example: tt diff 3f2a9c1e
+    """
+    change = Changes(town).find(args.id)
+    diff = change_diff(town, change) if change.head else ""
+    return _Reply({"task": change.task, "state": change.state, "branch": change.branch, "diff": diff},
+                  diff or f"change {change.task[:8]} is {change.state}: no diff yet")
+
+
+def _cmd_approve(town: Town, args: Any) -> _Reply:
+    """Approve a ready change (inside an agent, recorded with its name); with
+    [land] require_review only approved changes land.
+
+    Example: tt approve 3f2a9c1e --note "looks right"
+    """
+    change = Changes(town).approve(args.id, args.note, _reviewer(town))
+    return _Reply(change.to_dict(), _printable(f"approved {change.task[:8]} by {change.reviewed_by}"))
+
+
+def _cmd_reject(town: Town, args: Any) -> _Reply:
+    """Reject a change: its agent gets a new task with the note, on the same branch.
+
+    Example: tt reject 3f2a9c1e "the new function has no test"
+    """
+    change = Changes(town).reject(args.id, args.note, _reviewer(town))
+    return _Reply(change.to_dict(), _printable(f"rejected {change.task[:8]}; task {(change.rework or '')[:8]}"
+                                               f" sends it back to {change.agent_name}"))
+
+
+def _cmd_land(town: Town, args: Any) -> _Reply:
+    """Land changes on [land] target: each put on the target's current commit (rebase,
+    merge or squash), tested, then the target moved only if nobody moved it meanwhile; a
+    conflict or a failing test returns the change to its agent.  strategy = "pr" opens
+    and merges pull requests instead.  Without TASK: the whole queue.
+
+    Example: tt land --all
+    """
+    if args.all and args.ids:
+        raise _UsageError("name changes or give --all, not both", args.parser.format_usage())
+    report = town.land(args.ids)
+    if report.get("lander"):
+        return _Reply(report, _printable(f"another lander ({report['lander']}) is landing the queue"))
+    lines = [f"landed {e['task'][:8]} ({e['agent']}) on {report['target']}"
+             f"{' as ' + e['commit'][:12] if e['commit'] else ''}" for e in report["landed"]]
+    lines += [f"returned {e['task'][:8]} to {e['agent']}: {e['why']}" for e in report["returned"]]
+    lines += [f"waiting {e['task'][:8]}: " + ", ".join(f"{k} {v}" for k, v in e.items() if k != "task")
+              for e in report["waiting"]]
+    return _Reply(report, _printable("\n".join(lines) or "nothing to land", keep="\n"))
+
 
 # -- plans and snapshots -------------------------------------------------------
 
@@ -8453,6 +9261,7 @@ _COMMAND_GROUPS = {
     "work": ("assign", "task", "backlog", "plan", "sync"),
     "messages": ("send", "broadcast", "inbox", "dead"),
     "inspection": ("status", "watch", "history", "events", "doctor"),
+    "landing": ("changes", "diff", "approve", "reject", "land"),
 }
 
 
@@ -8696,6 +9505,19 @@ def _build_parser() -> _Parser:
     sub.add_argument("--new-key", action="store_true", help="make an API key, print it once and exit")
     add(commands, "doctor", _cmd_doctor)
 
+    sub = add(commands, "changes", _cmd_changes)
+    sub.add_argument("--state", choices=CHANGE_STATES, help="only changes in this state")
+    add(commands, "diff", _cmd_diff).add_argument("id", help=task_help)
+    sub = add(commands, "approve", _cmd_approve)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("--note", help="what the review found")
+    sub = add(commands, "reject", _cmd_reject)
+    sub.add_argument("id", help=task_help)
+    sub.add_argument("note", help="what to fix (the agent's new task says it)")
+    sub = add(commands, "land", _cmd_land)
+    sub.add_argument("ids", nargs="*", metavar="TASK", help="the changes to land (default: the whole queue)")
+    sub.add_argument("--all", action="store_true", help="the whole queue, in order")
+
     add(commands, "agent-loop", _cmd_agent_loop).add_argument("agent_id", help="the agent's full id")
     add(commands, "demo-agent", _cmd_demo_agent)
     add(commands, "hook-runner", _cmd_hook_runner)
@@ -8882,6 +9704,9 @@ def _watch_lines(snapshot: dict[str, Any], names: _Names, height: int) -> list[t
                          f" {snapshot['conductor_inbox']}", _HEADER_SGR)]
     lines += [(f"  {line}", "33") for line in _rate_limit_lines(snapshot["rate_limits"])]
     lines.append((f"  {_scaling_text(snapshot['scaling'])}", ""))
+    if snapshot.get("changes"):
+        lines.append((f"CHANGES  {' · '.join(f'{n} {state}' for state, n in snapshot['changes'].items())}",
+                      _HEADER_SGR))
     attention = [f"  ✗ task {t.id[:8]} failed: {(t.error or '')[:80]}  ({t.description[:40]})"
                  for t in snapshot["failed_tasks"]]
     attention += [f"  ☠ {a['name']}: {a['pending']['dead']} dead letters" for a in snapshot["agents"]
@@ -9015,6 +9840,7 @@ _MCP_TOOLS = {
     "save": "save", "restore": "restore", "reset": "reset", "sync_pull": "sync pull", "plan_init": "plan --init",
     "plan_import_github": "plan import-github ISSUES...", "prune": "prune", "task_prune": "task prune",
     "task_delete": "task delete", "dead_drop": "dead drop IDS...",
+    "changes": "changes", "diff": "diff", "approve": "approve", "reject": "reject", "land": "land",
 }
 _MCP_LEFT_OUT_OPTIONS = {"help", "town", "verbose", "json", "foreground", "follow", "watch"}
 _MCP_TYPES = {_count_arg: "integer", _seconds_arg: "number"}  # argparse type -> JSON Schema type
