@@ -15,7 +15,9 @@ import io
 import json
 import os
 import platform
+import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +38,12 @@ REPEATS = 5
 
 def median_of(fn, repeats=REPEATS):
     return statistics.median(fn() for _ in range(repeats))
+
+
+def _timed_ms(action) -> float:
+    start = time.perf_counter()
+    action()
+    return (time.perf_counter() - start) * 1000
 
 
 def paired(ours, raw, repeats=REPEATS):
@@ -122,33 +130,8 @@ class Bench:
         town = Town(self.town.root)
         agent = town.spawn_agent("p2", "noop")
         self._wait_state(town, agent.id, "idle")
-        events = town.keys.events
-
         observed = []
-
-        def ours():
-            # The round starts when the loop's take marks it `working`; that event carries
-            # the loop's own timestamp (same clock), so the XREAD that sees it is not counted.
-            samples = []
-            for _ in range(n):
-                self._wait_state(town, agent.id, "idle")
-                after = town.channel.last_event_id()
-                sent_at = time.time()
-                start = time.perf_counter()
-                town.channel.send(Message(type="task", to=agent.id, body={"description": "go"}))
-                while True:
-                    reply = town.redis.xread({events: after}, block=5000)
-                    entries = reply[0][1] if reply else []
-                    after = entries[-1][0] if entries else after
-                    working = [e for _, e in entries if e.get("event") == "agent_working"]
-                    if working:
-                        observed.append((time.perf_counter() - start) * 1000)
-                        at = datetime.fromisoformat(working[0]["at"].replace("Z", "+00:00"))
-                        samples.append((at.timestamp() - sent_at) * 1000)
-                        break
-            return statistics.median(samples)
-
-        value = median_of(ours, 3)
+        value = median_of(lambda: self._wake_up_ms(town, agent.id, n, observed), 3)
         town.kill_agent(agent.id)
         town.wait_agent(agent.id, 30)
         town.release()
@@ -156,6 +139,29 @@ class Bench:
         self.record("P2", "wake-up: send -> idle loop's round starts (vs BLPOP one-way)",
                     value, baseline, 3.0,
                     note=f"seen by another client's XREAD after {statistics.median(observed):.2f} ms")
+
+    def _wake_up_ms(self, town, agent_id, n, observed):
+        """Median ms from a send to the idle loop's round starting.  The round starts when the
+        loop's take marks it `working`; that event carries the loop's own timestamp (same
+        clock), so the XREAD that sees it is not counted."""
+        samples = []
+        for _ in range(n):
+            self._wait_state(town, agent_id, "idle")
+            after = town.channel.last_event_id()
+            sent_at = time.time()
+            start = time.perf_counter()
+            town.channel.send(Message(type="task", to=agent_id, body={"description": "go"}))
+            while True:
+                reply = town.redis.xread({town.keys.events: after}, block=5000)
+                entries = reply[0][1] if reply else []
+                after = entries[-1][0] if entries else after
+                working = [e for _, e in entries if e.get("event") == "agent_working"]
+                if working:
+                    observed.append((time.perf_counter() - start) * 1000)
+                    at = datetime.fromisoformat(working[0]["at"].replace("Z", "+00:00"))
+                    samples.append((at.timestamp() - sent_at) * 1000)
+                    break
+        return statistics.median(samples)
 
     def _wait_state(self, town, agent_id, state, timeout=30):
         deadline = time.monotonic() + timeout
@@ -644,6 +650,48 @@ class Bench:
 
 
     # S1-S3: tt serve ------------------------------------------------------------
+    def beyond_one_server(self):
+        """P1 and P2 with the town on one server over TCP, on a Redis Cluster and behind
+        Sentinel (issue 19): each row against the one server's."""
+        topologies = _Topologies(self.root / "topologies")
+        n1, n2 = (300, 15) if self.quick else (1000, 40)
+        try:
+            rows = {}
+            for label, redis_table in topologies.configs.items():
+                name = f"b{len(rows)}"
+                town = Town.init(self.root / name, name, redis=redis_table, max_agents=10,
+                                 agent={"heartbeat_secs": 5, "max_rounds": 100000},
+                                 agent_clis={"noop": {"command": "true"}})
+                agent = town.spawn_agent("sink", "demo", start=False)
+
+                def round_trip(town=town, agent=agent):
+                    start = time.perf_counter()
+                    for _ in range(n1):
+                        town.channel.send(Message(type="task", to=agent.id, body={"description": "x" * 100}))
+                        town.channel.receive(agent.id, timeout=1)
+                    return (time.perf_counter() - start) / n1 * 1000
+                p1 = median_of(round_trip, 5)
+                loop = town.spawn_agent("p2", "noop")
+                self._wait_state(town, loop.id, "idle")
+                p2 = median_of(lambda town=town, loop=loop: self._wake_up_ms(town, loop.id, n2, []), 3)
+                if redis_table.get("wait_replicas"):  # what an acknowledged write costs more
+                    p1 = median_of(lambda town=town: _timed_ms(town.confirm_replicated), 200)
+                rows[label] = (p1, p2)
+                town.kill_agent(loop.id)
+                town.wait_agent(loop.id, 30)
+                town.reset(force=True)
+                town.close()
+            base_p1, base_p2 = rows["one server (TCP)"]
+            for label, (p1, p2) in rows.items():
+                if "wait_replicas" in label:
+                    self.record("B1", f"WAIT for 1 replica after a write, {label.split(',')[0]}", p1,
+                                base_p1, 3.0, note="added to each acknowledged write")
+                    continue
+                self.record("B1", f"P1 round trip, {label}", p1, base_p1, 3.0)
+                self.record("B2", f"P2 wake-up, {label}", p2, base_p2, 3.0)
+        finally:
+            topologies.close()
+
     def serve_costs(self):
         """S1: GET /api/v1/status with 100 agents (p50, p99) over a kept connection; S2: an
         event's latency from XADD to an SSE client (p50); S3: a /metrics scrape at 1,000
@@ -718,6 +766,90 @@ class Bench:
         print(f"{sid}  {what:<58} p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  ({len(ordered)} samples)", flush=True)
 
 
+def _redis_on(folder: Path, port: int, *extra: str) -> subprocess.Popen:
+    """A throwaway redis-server on 127.0.0.1:port, answering."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(tinytown.find_redis_server()), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(folder), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            return proc
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _free_port(spread: int = 0) -> int:
+    """A free TCP port (and port + spread free too: a cluster node's bus)."""
+    while True:
+        port = random.randrange(20000, 45000)
+        try:
+            for candidate in {port, port + spread}:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+            return port
+        except OSError:
+            continue
+
+
+class _Topologies:
+    """One server over TCP, a three-master Redis Cluster, and a master + replica behind three
+    sentinels, all on 127.0.0.1: the `[redis]` table of a town on each."""
+
+    def __init__(self, root: Path):
+        self.procs: list[subprocess.Popen] = []
+        single = _free_port()
+        self.procs.append(_redis_on(root / "single", single))
+        ports = [_free_port(10000) for _ in range(3)]
+        self.procs += [_redis_on(root / f"node{port}", port, "--cluster-enabled", "yes",
+                                 "--cluster-config-file", "nodes.conf") for port in ports]
+        nodes = [redis.Redis(port=port, decode_responses=True) for port in ports]
+        for node, (low, high) in zip(nodes, ((0, 5460), (5461, 10922), (10923, 16383))):
+            node.execute_command("CLUSTER", "ADDSLOTS", *range(low, high + 1))
+        for node in nodes[1:]:
+            node.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+        while not all(node.cluster("info")["cluster_state"] == "ok" and len(node.cluster("nodes")) == 3
+                      for node in nodes):
+            time.sleep(0.1)
+        self.configs = {"one server (TCP)": {"url": f"redis://127.0.0.1:{single}"},
+                        "Redis Cluster (3 masters)": {"url": f"redis://127.0.0.1:{ports[0]}", "cluster": True}}
+        if shutil.which("redis-sentinel"):
+            master, replica = _free_port(), _free_port()
+            self.procs.append(_redis_on(root / "master", master))
+            self.procs.append(_redis_on(root / "replica", replica, "--replicaof", "127.0.0.1", str(master)))
+            sentinels = [_free_port() for _ in range(3)]
+            for port in sentinels:
+                conf = root / f"sentinel-{port}.conf"
+                conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {root}\n"
+                                f"sentinel monitor tt 127.0.0.1 {master} 2\n")
+                self.procs.append(subprocess.Popen([shutil.which("redis-sentinel"), str(conf)],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+            while redis.Redis(port=replica, decode_responses=True).info("replication").get(
+                    "master_link_status") != "up":
+                time.sleep(0.1)
+            for port in sentinels:
+                while True:
+                    try:
+                        redis.Redis(port=port).ping()
+                        break
+                    except redis.ConnectionError:
+                        time.sleep(0.05)
+            self.configs["behind Sentinel (1 replica)"] = {
+                "sentinels": [f"127.0.0.1:{port}" for port in sentinels], "master": "tt"}
+            self.configs["behind Sentinel, wait_replicas = 1"] = {
+                **self.configs["behind Sentinel (1 replica)"], "wait_replicas": 1}
+
+    def close(self):
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter windows")
@@ -725,13 +857,13 @@ def main() -> int:
     parser.add_argument("--out", default="bench_results.json")
     args = parser.parse_args()
     args.quick = args.quick or bool(os.environ.get("TINYTOWN_BENCH_QUICK"))
-    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8,H1,C1,C2,C3,G,S").upper().split(","))
+    chosen = set((args.only or "P1,P2,P3,P4,P5,P6,P7,P8,H1,C1,C2,C3,G,S,B").upper().split(","))
     bench = Bench(args.quick)
     steps = {"P1": bench.p1_round_trip, "P2": bench.p2_wake_up, "P3": bench.p3_list,
              "P4": bench.p4_status, "P5": bench.p5_idle_commands, "P6": bench.p6_drain,
              "P7": bench.p7_init, "P8": bench.p8_rss, "H1": bench.h1_heal, "C1": bench.cost_curves,
              "C2": bench.p6_curve, "C3": bench.idle_loops, "G": bench.graph_costs,
-             "S": bench.serve_costs}
+             "S": bench.serve_costs, "B": bench.beyond_one_server}
     try:
         for key, step in steps.items():
             if key in chosen:
