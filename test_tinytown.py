@@ -6571,7 +6571,10 @@ def test_serve_scaling_answers_the_towns_scaling_report(town):
     town.backlog_add("queued work")
     with served(town.root) as base:
         status, _, data = http(base + "/api/v1/scaling")
-    assert status == 200 and data == json.loads(json.dumps(town.scaling(), default=str))
+    expected = json.loads(json.dumps(town.scaling(), default=str))
+    for volatile in ("memory_available_mb", "agents_that_fit"):  # (the machine's, read apart)
+        assert isinstance(data.pop(volatile), int) and isinstance(expected.pop(volatile), int)
+    assert status == 200 and data == expected
     assert {"open", "queued", "busy", "idle", "cold", "recommendation"} <= set(data)
     assert data["recommendation"] in ("scale_up", "steady", "scale_down", "scale_to_zero")
 

@@ -91,6 +91,7 @@ __all__ = [
     "RedisUnreachable", "RedisStopped", "AgentNotFound", "AgentAmbiguous", "AgentLoopGone",
     "TaskNotFound", "TaskAmbiguous", "MessageNotFound", "InvalidName", "InvalidTransition", "SpawnError",
     "TooManyAgents", "LowMemory", "CLINotFound", "WaitTimeout", "TownStopped", "LostLease", "InvalidTask", "InvalidSnapshot",
+    "OldLayout", "NotReplicated",
     "HookRunner", "start_hook_runner", "revive_hook_runner", "stop_hook_runner", "serve_mcp",
     "TownHttpServer", "serve_http", "new_api_key",
     "PlanError", "PlanEntry", "load_plan", "plan_status", "sync_push", "sync_pull",
