@@ -242,6 +242,19 @@ def test_config_get_and_set_keep_comments(town):
     assert tinytown.load_config(path).agent.max_rounds == 4  # a bad value leaves the file as it was
 
 
+def test_config_set_finds_a_table_whose_header_has_a_comment(tmp_path):
+    path = tmp_path / "tinytown.toml"
+    path.write_text('name = "x"\n\n[agent]   # the loops\nmax_rounds = 3\n\n[ town ]\nbudget_usd = 1\n')
+    tinytown.set_config_value(path, "agent.max_rounds", "5")
+    tinytown.set_config_value(path, "agent.max_attempts", "7")
+    tinytown.set_config_value(path, "town.keep_finished", "9")
+    text = path.read_text()
+    assert text.count("[agent]") == 1 and text.count("town ]") == 1 and "[town]" not in text
+    config = tinytown.load_config(path)
+    assert (config.agent.max_rounds, config.agent.max_attempts, config.town.keep_finished) == (5, 7, 9)
+    assert tt("config", "agent.max_rounds", town_path=tmp_path)[1].strip() == "5"
+
+
 def test_redaction_of_urls_and_config():
     assert tinytown.redact_url("redis://user:s3cret@host:6379/0") == "redis://user:****@host:6379/0"
     assert tinytown.redact_url("rediss://:pw@h:1") == "rediss://:****@h:1"

@@ -786,14 +786,22 @@ def _field_types(cls: type) -> dict[str, type]:
     return {f.name: hints[f.type] for f in dataclasses.fields(cls) if f.type in hints}
 
 
+_TABLE_HEADER = re.compile(r"\s*\[\s*([^\[\]]*?)\s*\]\s*(?:#.*)?")
+
+
+def _table_of(line: str) -> str | None:
+    """The table a header line opens (`[agent]`, `[ agent ]  # a note`), else None."""
+    found = _TABLE_HEADER.fullmatch(line)
+    return found[1] if found else None
+
+
 def _line_of(text: str, section: str | None, key: str) -> int | None:
     """The line where `key` is set in `[section]` (None: the top level)."""
     current = None
     for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            current = stripped.strip("[] ")
-        elif current == section and re.match(rf"{re.escape(key)}\s*=", stripped):
+        if (table := _table_of(line)) is not None:
+            current = table
+        elif current == section and re.match(rf"{re.escape(key)}\s*=", line.strip()):
             return number
     return None
 
@@ -1020,11 +1028,11 @@ def set_config_value(path: Path, key: str, raw_value: Any) -> Any:
         first_table = next((i for i, ln in enumerate(lines) if ln.strip().startswith("[")), len(lines))
         lines.insert(first_table, line)
     else:
-        header = next((i for i, ln in enumerate(lines) if ln.strip() == f"[{section}]"), None)
+        header = next((i for i, ln in enumerate(lines) if _table_of(ln) == section), None)
         if header is None:
             lines += ["", f"[{section}]", line]
         else:
-            end = next((i for i in range(header + 1, len(lines)) if lines[i].strip().startswith("[")),
+            end = next((i for i in range(header + 1, len(lines)) if _table_of(lines[i]) is not None),
                        len(lines))
             while end > header + 1 and not lines[end - 1].strip():
                 end -= 1
