@@ -5825,6 +5825,38 @@ def test_moving_the_towns_slot_to_another_node_during_work_loses_nothing(cluster
     assert all(a.state in ("idle", "working") and not a.error for a in town.list_agents())
 
 
+@pytest.mark.slow
+def test_a_loop_that_starts_while_its_external_redis_is_down_waits_for_it(tmp_path, monkeypatch):
+    """A loop started in an outage (a failover not yet done, a restart) rides it out as a
+    running loop does, instead of dying at its start."""
+    port = free_port()
+    folder = tmp_path / "redis"
+    server = _start_server(folder, port, "--appendonly", "yes")
+    url = f"redis://127.0.0.1:{port}"
+    monkeypatch.setenv("REDIS_URL", url)
+    with Town.init(tmp_path / "town", "outage", agent={"heartbeat_secs": 1}) as town:
+        agent = town.spawn_agent("late", "demo", start=False)
+        redis.Redis(port=port).shutdown(save=True)
+        server.wait(10)
+        loop = subprocess.Popen([sys.executable, str(MODULE), "-t", str(town.root), "agent-loop", agent.id],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert loop.poll() is None, loop.stderr.read()  # still waiting for its Redis
+        server = _start_server(folder, port, "--appendonly", "yes")
+        try:
+            again = Town(town.root)
+            assert wait_state(again, agent.id, "idle").pid == str(loop.pid)
+            task = again.assign("late", "after the outage")
+            assert again.wait_task(task.id, timeout=60).state == "completed"
+            again.kill_agent(agent.id)
+            assert loop.wait(30) == 0
+            again.close()
+        finally:
+            loop.kill()
+            server.terminate()
+            server.wait(10)
+
+
 class LocalSentinels:
     """A master, a replica and three redis-sentinel processes watching it as `tt`."""
 

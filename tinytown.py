@@ -8014,6 +8014,7 @@ class _TownUse(enum.Enum):
     READ = "only reads"
     CHANGE = "changes the town"
     NEVER_START = "must not start a stopped server"
+    LOOP = "a loop: never starts a server, and waits out an outage of an external one at its start"
     START = "starts the town (a person's `tt start`)"
 
 
@@ -8049,9 +8050,19 @@ def _open_town(root: Path, use: _TownUse) -> Town:
     if it died (the internal ones, which never start anything, aside).
     """
     stopped = (root / RUNTIME_DIR / "stopped").exists()
-    town = Town(root, start_server=use is _TownUse.START or (
-        use is _TownUse.CHANGE and not stopped and not os.environ.get("TINYTOWN_AGENT_ID")))
-    if use is not _TownUse.NEVER_START:
+    start_server = use is _TownUse.START or (
+        use is _TownUse.CHANGE and not stopped and not os.environ.get("TINYTOWN_AGENT_ID"))
+    give_up = time.monotonic() + REDIS_OUTAGE_SECS
+    while True:
+        try:
+            town = Town(root, start_server=start_server)
+            break
+        except RedisUnreachable:
+            # A loop started in an outage (a failover under way) waits as a running one does.
+            if use is not _TownUse.LOOP or time.monotonic() > give_up:
+                raise
+            time.sleep(0.5)
+    if use not in (_TownUse.NEVER_START, _TownUse.LOOP):
         with contextlib.suppress(OSError, redis.RedisError):  # (never at the command's expense)
             revive_hook_runner(town)
     if town.stranded_name:
@@ -9203,7 +9214,7 @@ def _cmd_doctor(town: None, args: Any) -> _Reply:
 
 # -- internal ------------------------------------------------------------------
 
-@_uses_town(_TownUse.NEVER_START)  # a loop never starts a server
+@_uses_town(_TownUse.LOOP)
 def _cmd_agent_loop(town: Town, args: Any) -> _Reply:
     """(internal) Run one agent's loop in this process; `tt spawn` starts it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
@@ -9211,7 +9222,7 @@ def _cmd_agent_loop(town: Town, args: Any) -> _Reply:
     return _Reply(None, "", 0 if final != AgentState.ERROR else 1)
 
 
-@_uses_town(_TownUse.NEVER_START)  # like a loop, the runner never starts a server
+@_uses_town(_TownUse.LOOP)  # (like an agent's loop)
 def _cmd_hook_runner(town: Town, args: Any) -> _Reply:
     """(internal) Run the town's [hooks] in this process; `tt init` and `tt start` start it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
@@ -9606,7 +9617,7 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
         return reply.exit_code
     try:
         reply = args.handler(town, args)
-        if town and isinstance(reply, _Reply) and reply.exit_code == 0 and use is not _TownUse.READ:
+        if town and isinstance(reply, _Reply) and reply.exit_code == 0 and use not in (_TownUse.READ, _TownUse.LOOP):
             town.confirm_replicated()  # (told it succeeded only once the replicas have it)
         if isinstance(reply, _Reply):
             show(reply, args.json)
