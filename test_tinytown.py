@@ -5857,6 +5857,24 @@ def test_a_loop_that_starts_while_its_external_redis_is_down_waits_for_it(tmp_pa
             server.wait(10)
 
 
+def test_a_write_no_replica_confirms_is_reported_with_what_was_done(town, monkeypatch):
+    """wait_replicas = 1 on a server without a replica: the change is made, the command
+    prints it and then says, exit 1, that no replica confirmed it."""
+    tinytown.set_config_value(town.root / "tinytown.toml", "redis.wait_replicas", "1")
+    monkeypatch.setattr(tinytown, "WAIT_REPLICAS_SECS", 0.1)
+    worker(town, "w")
+    code, out, err = tt("assign", "w", "unconfirmed")
+    assert code == 1 and err == ("tt: error: the change was made, but only 0 of 1 replicas confirmed it"
+                                 " within 0.1 s ([redis] wait_replicas): a failover now could lose it;"
+                                 " check the replicas (`tt doctor`)\n")
+    assert town.task(out.strip()).description == "unconfirmed"
+    code, out, _ = tt("backlog", "add", "also unconfirmed", "--json")
+    document = json.loads(out)
+    assert code == 1 and document["code"] == "not_replicated"
+    assert town.task(document["result"]["id"]).description == "also unconfirmed"
+    assert tt_json("status")["tasks"] == {"assigned": 1, "pending": 1}  # a read waits for nothing
+
+
 class LocalSentinels:
     """A master, a replica and three redis-sentinel processes watching it as `tt`."""
 

@@ -600,6 +600,7 @@ class NotReplicated(TinytownError):
 
     def __init__(self, confirmed: int, wanted: int):
         self.confirmed, self.wanted = confirmed, wanted
+        self.result: Any = None  # what the command did (its --json), for the caller to follow up
         super().__init__(f"the change was made, but only {confirmed} of {wanted} replicas confirmed it"
                          f" within {WAIT_REPLICAS_SECS:g} s ([redis] wait_replicas): a failover now"
                          " could lose it; check the replicas (`tt doctor`)")
@@ -9576,7 +9577,9 @@ def _report(error: BaseException, as_json: bool) -> int:
     """An error as one line on stderr (and one JSON document on stdout with --json)."""
     message, code = _error_line(error)
     if as_json:
-        print(json.dumps({"error": message, "code": code}))
+        done = getattr(error, "result", None)  # (NotReplicated: the change was made)
+        print(json.dumps({"error": message, "code": code, **({"result": done} if done is not None else {})},
+                         default=str))
     usage = error.usage if isinstance(error, _UsageError) else ""
     print(f"{usage}tt: error: {message}", file=sys.stderr)
     return 2 if isinstance(error, _UsageError) else 1
@@ -9618,7 +9621,13 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
     try:
         reply = args.handler(town, args)
         if town and isinstance(reply, _Reply) and reply.exit_code == 0 and use not in (_TownUse.READ, _TownUse.LOOP):
-            town.confirm_replicated()  # (told it succeeded only once the replicas have it)
+            try:
+                town.confirm_replicated()  # (told it succeeded only once the replicas have it)
+            except NotReplicated as unconfirmed:  # done, unconfirmed: what was done, then why not
+                unconfirmed.result = reply.data
+                if not args.json:
+                    show(reply, False)
+                raise
         if isinstance(reply, _Reply):
             show(reply, args.json)
             return reply.exit_code
