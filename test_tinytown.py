@@ -6171,7 +6171,7 @@ def test_a_rate_limit_pauses_exactly_the_providers_agents_until_its_reset(town, 
     wait_rounds(town, first.id, 2)  # (the task completes inside the round: its event comes after)
     rounds = [e for e in town.channel.events(200) if e["event"] == "round" and e["agent"] == first.id]
     assert [e["outcome"] for e in rounds] == ["rate_limited", "ok"]
-    assert town.channel.get_agent(first.id).state == "idle"
+    wait_state(town, first.id, "idle")  # (a moment after its round event)
     assert "rate_limited" in tinytown.HOOK_EVENTS  # [hooks] rate_limited = "notify-send ..." notifies
 
 
