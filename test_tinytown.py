@@ -6275,6 +6275,29 @@ def test_an_idle_agent_goes_cold_and_work_wakes_it(town, configure, monkeypatch)
     assert tt_json("status")["scaling"]["cold"] == 1
 
 
+def test_work_released_by_a_prerequisite_wakes_a_cold_agent(town, configure):
+    """A dependent released into the backlog (or to its agent) is new work too: the command
+    or loop that completed its prerequisite starts the cold agent that may take it."""
+    fresh = configure(idle_timeout_secs="2")
+    sleeper = fresh.spawn_agent("sleeper", "demo", role="night")
+    assert wait_state(town, sleeper.id, "cold")
+    first = tt_json("backlog", "add", "by day", "--tags", "day")
+    then = tt_json("backlog", "add", "by night", "--tags", "night", "--after", first["id"])
+    direct = tt_json("assign", "sleeper", "for the sleeper itself", "--after", first["id"])
+    assert town.channel.get_agent(sleeper.id).state == "cold"  # blocked work wakes nobody
+    code, _, _ = tt("task", "complete", first["id"], "--result", "done by hand")
+    assert code == 0
+    for task_id in (then["id"], direct["id"]):
+        done = town.wait_task(task_id, timeout=30)
+        assert done.state == "completed" and done.assigned_to == sleeper.id
+    day = fresh.spawn_agent("day", "demo", role="day")  # and when a loop completes the prerequisite
+    wait_state(town, sleeper.id, "cold")
+    first = town.backlog_add("by day again", ["day"])
+    then = town.backlog_add("by night again", ["night"], after=[first.id])
+    assert town.wait_task(then.id, timeout=30).assigned_to == sleeper.id
+    assert town.task(first.id).assigned_to == day.id
+
+
 def test_scaling_recommends_for_each_situation_at_the_cost_of_the_agents(town):
     assert town.scaling()["recommendation"] == "scale_to_zero"  # nothing at all
     gpu = [town.backlog_add(f"render {i}", ["gpu"]) for i in range(3)]

@@ -208,6 +208,8 @@ class Keys:
         self.hooks = self.prefix + "hooks"              # hash: the hook runner's pid, counts
         self.hooks_failed = self.prefix + "hooks:failed"  # list: hooks that failed every retry
         self.layout = self.prefix + "layout"            # string: LAYOUT_VERSION of these keys
+        self.cold_work = self.prefix + "cold_work"      # list: tasks no live agent was woken for
+        #                                                 (Town.wake_cold_for_work starts a cold one)
         self.replicated = self.prefix + "replicated"    # counter: writes confirmed by [redis] wait_replicas
         # The KEYS of a script that reaches keys only it can find (the tasks a change spreads
         # to): one key of the town, which routes it to the town's slot on a Redis Cluster.
@@ -2100,6 +2102,7 @@ class RedisServer:
 #   caller (TaskStore.settle_graph) before it returns, so no script holds Redis for long.
 
 GRAPH_BUDGET = 100  # dependents one script settles (about 5 ms); the rest goes on in the next
+COLD_WORK_KEEP = 1000  # newest tasks kept in `cold_work` (each names its tags: a few suffice)
 
 # Every event is added through here (Channel.add_event in Python): the entry, in the capped
 # stream, the count of events ever added, `<events>_added`, by which the hook runner tells
@@ -2125,7 +2128,7 @@ def _lua(script: str) -> str:
             f"local TERMINAL_TASK = {table(TERMINAL_TASK_STATES)}\n"
             f"local ACTIONABLE = {table(ACTIONABLE_TYPES)}\n" + _ADD_EVENT_LUA + script
             ).replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace("WAKE_KEEP", str(WAKE_KEEP)
-                      ).replace("GRAPH_BUDGET", str(GRAPH_BUDGET))
+                      ).replace("GRAPH_BUDGET", str(GRAPH_BUDGET)).replace("COLD_WORK_KEEP", str(COLD_WORK_KEEP))
 
 
 # The tasks library.  ARGV[1] = the town's key prefix.  Keys are built from it because the
@@ -2200,16 +2203,21 @@ local function to_backlog(task_id, place)
   redis.call('ZADD', prefix .. 'backlog', seq, task_id)
   local indexes, tags = backlog_indexes(task_id)
   for _, index in ipairs(indexes) do redis.call('ZADD', index, seq, task_id) end
+  local woken = {}
   if #tags == 0 then
-    for _, agent in ipairs(redis.call('SMEMBERS', prefix .. 'idle')) do wake(agent) end
-    return
+    woken = redis.call('SMEMBERS', prefix .. 'idle')
   end
   for _, tag in ipairs(tags) do
     for _, agent in ipairs(redis.call('SINTER', prefix .. 'idle', key('role', tostring(tag)))) do
-      wake(agent)
+      woken[#woken + 1] = agent
     end
     local named = redis.call('HGET', prefix .. 'agents', tostring(tag))
-    if named and redis.call('SISMEMBER', prefix .. 'idle', named) == 1 then wake(named) end
+    if named and redis.call('SISMEMBER', prefix .. 'idle', named) == 1 then woken[#woken + 1] = named end
+  end
+  for _, agent in ipairs(woken) do wake(agent) end
+  if #woken == 0 then  -- nobody idle may take it: a cold agent of its role may (Town.wake_cold_for_work)
+    redis.call('RPUSH', prefix .. 'cold_work', task_id)
+    redis.call('LTRIM', prefix .. 'cold_work', -COLD_WORK_KEEP, -1)
   end
 end
 
@@ -2267,6 +2275,10 @@ local function assign(task_id, now, detail, agent, message)
   change_task(task_id, now, detail, 'state', 'assigned', 'assigned_to', agent, 'message', message)
   redis.call('RPUSH', queue_of(agent, message), message)
   wake(agent)
+  if redis.call('HGET', key('agent', agent), 'state') == 'cold' then
+    redis.call('RPUSH', prefix .. 'cold_work', task_id)
+    redis.call('LTRIM', prefix .. 'cold_work', -COLD_WORK_KEEP, -1)
+  end
 end
 
 -- A blocked task with nothing left to wait for: to the agent it was meant for (its stored
@@ -4723,7 +4735,9 @@ class Town:
                                  self.resolve_agent(agent) if agent else None, open_only=open_only)
 
     def complete_task(self, ref: str, result: str | None = None) -> Task:
-        return self._tasks.finish(self.task(ref).id, TaskState.COMPLETED, result)
+        task = self._tasks.finish(self.task(ref).id, TaskState.COMPLETED, result)
+        self.wake_cold_for_work()  # (its dependents may be work for a cold agent)
+        return task
 
     def fail_task(self, ref: str, error: str) -> Task:
         return self._tasks.finish(self.task(ref).id, TaskState.FAILED, error)
@@ -4780,8 +4794,7 @@ class Town:
         """An unassigned task (with `after`: blocked until those tasks are completed)."""
         task, archived = self._new_task(description, tags, parent, after, on_failure)
         task = self._tasks.create(task, backlog=True, archived=archived)
-        if task.state == TaskState.PENDING:
-            self.wake_cold(tags=task.tags)
+        self.wake_cold_for_work()
         return task
 
     def dependents(self, ref: str) -> list[Task]:
@@ -4835,6 +4848,23 @@ class Town:
         return {"keys": sorted(found), "loops": [a.name for a in live]}
 
     # -- scale to zero, rate limits ----------------------------------------------
+
+    def wake_cold_for_work(self) -> list[str]:
+        """Start the cold agents that new work is for: the tasks the tasks library put in
+        `cold_work` (into the backlog with no idle agent to wake, or assigned to a cold
+        agent), by whatever made them (a person's command, a released dependent, a loop's
+        round).  One LPOP when there is none.  Names of the agents woken."""
+        task_ids = self.redis.lpop(self.keys.cold_work, COLD_WORK_KEEP) or []
+        woken: list[str] = []
+        seen: set[tuple[str, ...]] = set()
+        for task in self._tasks.tasks_by_id(list(dict.fromkeys(task_ids))):
+            reach = (task.assigned_to,) if task.state == TaskState.ASSIGNED else (
+                ("", *sorted(task.tags)) if task.state == TaskState.PENDING else None)
+            if reach is None or reach in seen:
+                continue
+            seen.add(reach)
+            woken += self.wake_cold(agent_id=task.assigned_to) if reach[0] else self.wake_cold(tags=task.tags)
+        return woken
 
     def wake_cold(self, *, agent_id: str | None = None, tags: Iterable[str] | None = None) -> list[str]:
         """Start again the loop of a cold agent of this host that now has work: `agent_id`
@@ -7289,6 +7319,7 @@ class AgentLoop:
                 count = "interruption"
         self._failures = 0 if code == 0 or limit else self._failures + 1
         self._settle(acked, reason, count=count, wake=not self._failures)  # retried after a back-off
+        self.town.wake_cold_for_work()  # (what the round released may be a cold agent's work)
         if code == 0 and self._rate_limited:  # the provider answers again: the back-off starts afresh
             self._rate_limited = False
             self.channel.forget_rate_limit_streak(self.provider)
@@ -9621,6 +9652,7 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
     try:
         reply = args.handler(town, args)
         if town and isinstance(reply, _Reply) and reply.exit_code == 0 and use not in (_TownUse.READ, _TownUse.LOOP):
+            town.wake_cold_for_work()  # (what the command made or released may be a cold agent's)
             try:
                 town.confirm_replicated()  # (told it succeeded only once the replicas have it)
             except NotReplicated as unconfirmed:  # done, unconfirmed: what was done, then why not
