@@ -6522,20 +6522,51 @@ def test_serve_without_keys_answers_only_for_a_loopback_host_name(town):
         assert town.tasks() == []
 
 
-def sse_events(response, count):
-    """The next `count` events of an SSE response: (id, data) each."""
+def sse_events(response, count, *, kind="message", others=None):
+    """The next `count` events of an SSE response of that kind (`event:`): (id, data) each;
+    the kinds of the others passed meanwhile go to `others`."""
     events, current = [], {}
+    deadline = time.monotonic() + 30  # (keep-alives would hold a plain read for ever)
     while len(events) < count:
+        assert time.monotonic() < deadline, f"no {kind} event came"
         line = response.readline().decode()
         assert line, "the stream ended"
         if line.startswith("id: "):
             current["id"] = line[4:].strip()
+        elif line.startswith("event: "):
+            current["event"] = line[7:].strip()
         elif line.startswith("data: "):
             current["data"] = json.loads(line[6:])
         elif line == "\n" and "data" in current:
-            events.append((current["id"], current["data"]))
+            if current.get("event", "message") == kind:
+                events.append((current.get("id"), current["data"]))
+            elif others is not None:
+                others.append(current.get("event"))
             current = {}
     return events
+
+
+def test_serve_event_stream_says_when_events_it_should_resume_after_were_trimmed(town):
+    worker(town)
+    old = town.channel.last_event_id()
+    for n in range(5):
+        town.send("w1", f"message {n}")
+    town.redis.xtrim(town.keys.events, maxlen=2, approximate=False)  # as the cap does, in time
+    kept = [event_id for event_id, _ in town.redis.xrange(town.keys.events)]
+    with served(town.root) as base:
+        stream = urllib.request.urlopen(urllib.request.Request(
+            base + "/api/v1/events/stream", headers={"Last-Event-ID": old}), timeout=30)
+        [(gap_id, gap)] = sse_events(stream, 1, kind="gap")
+        assert gap_id is None and gap == {"after": old, "oldest_kept": kept[0]}
+        assert [event_id for event_id, _ in sse_events(stream, 2)] == kept  # then what is left
+        stream.close()
+        fresh = urllib.request.urlopen(urllib.request.Request(
+            base + "/api/v1/events/stream", headers={"Last-Event-ID": kept[0]}), timeout=30)
+        town.send("w1", "after")
+        others = []
+        assert [data["event"] for _, data in sse_events(fresh, 2, others=others)] == ["message", "message"]
+        assert others == []  # nothing was trimmed after that id: no gap
+        fresh.close()
 
 
 def test_serve_event_stream_resumes_after_last_event_id_missing_nothing(town):

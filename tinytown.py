@@ -3587,6 +3587,22 @@ class Channel:
                 after = event_id
                 yield {"id": event_id, **entry}
 
+    def trimmed_since(self, after: str) -> str:
+        """When events a reader resuming after `after` should see may have been trimmed by the
+        stream's cap (`after` is older than the oldest event held, and the stream has been
+        trimmed): the oldest id held, else ''."""
+        try:
+            info = self.redis.xinfo_stream(self.keys.events)
+        except redis.ResponseError:  # no stream yet
+            return ""
+        def order(event_id: str) -> tuple[int, ...]:
+            return tuple(int(part) for part in event_id.split("-"))
+        first = info.get("first-entry")
+        if not first or order(after) >= order(first[0]):
+            return ""
+        # (entries-added: Redis 7; an older server is taken to have trimmed)
+        return first[0] if info.get("entries-added", info["length"] + 1) > info["length"] else ""
+
     def last_event_id(self) -> str:
         newest = self.redis.xrevrange(self.keys.events, count=1)
         return newest[0][0] if newest else "0-0"
@@ -10911,8 +10927,11 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
         if after != "$" and not re.fullmatch(r"\d{1,20}-\d{1,20}", after):
             raise _HttpError(400, f"an event id looks like 1700000000000-0, not {_shown(after)}", "usage")
         town = self.server.town()
+        trimmed = ""
         if after == "$":  # (and Redis down: a 503, before the stream begins)
             after = town.channel.last_event_id()
+        else:
+            trimmed = town.channel.trimmed_since(after)
         names = _Names(town)
         self.close_connection = True  # the stream ends with the connection
         self.send_response(200)
@@ -10920,6 +10939,9 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(b"retry: 1000\n\n")
+        if trimmed:  # (no id: the client's place stays where it was)
+            gap = json.dumps({"after": after, "oldest_kept": trimmed})
+            self.wfile.write(f"event: gap\ndata: {gap}\n\n".encode())
         try:
             for event in town.follow_events(after, block_secs=SSE_KEEPALIVE_SECS):
                 if self.server.closing.is_set():
@@ -11113,6 +11135,10 @@ function listen() {
   state.source = source;
   source.onopen = () => { $("live").textContent = "live"; $("live").className = "on"; };
   source.onerror = () => { $("live").textContent = "reconnecting"; $("live").className = ""; };
+  source.addEventListener("gap", () => {  // events it missed were trimmed: show the town as it is
+    note("some events were trimmed before this page saw them; the lists are read afresh");
+    schedule();
+  });
   source.onmessage = (message) => {
     const event = JSON.parse(message.data);
     state.lastId = event.id;
