@@ -1742,7 +1742,7 @@ def _private_dir(path: Path) -> Path:
 
 
 def _is_cluster(client: Any) -> bool:
-    """A Redis Cluster client (or its pipeline): no SCAN of one node, no server-wide commands."""
+    """A Redis Cluster client (or its pipeline), which routes each command by its keys' slot."""
     return isinstance(client, (redis.RedisCluster, redis.cluster.ClusterPipeline))
 
 
