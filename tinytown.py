@@ -5609,7 +5609,7 @@ def import_github(path: Path, issues: list[str], gh: str | None = None) -> list[
 
 # Snapshots: every key of the town but the ones that only mean something while loops run.
 _SNAPSHOT_SKIP = ("alive:", "stop:", "wake:", "prune_lock", "events", "idle", "hooks",  # (events: events_added too)
-                  "ratelimit")  # (the streak too)
+                  "ratelimit", "cold_work", "replicated")  # (ratelimit: the streak too)
 SNAPSHOT_VERSION = 1
 _SNAPSHOT_TYPES = ("string", "hash", "list", "set", "zset")
 _STOPPED_AGENT = {"state": AgentState.STOPPED.value, "pid": "", "loop": "", "cli_pgid": "", "current_task": "",
@@ -9667,7 +9667,7 @@ def _run(args: Any, show: Callable[..., None] = _show) -> int:
         return reply.exit_code
     try:
         reply = args.handler(town, args)
-        if town and isinstance(reply, _Reply) and reply.exit_code == 0 and use not in (_TownUse.READ, _TownUse.LOOP):
+        if town and isinstance(reply, _Reply) and reply.exit_code == 0 and use in (_TownUse.CHANGE, _TownUse.START):
             town.wake_cold_for_work()  # (what the command made or released may be a cold agent's)
             try:
                 town.confirm_replicated()  # (told it succeeded only once the replicas have it)
