@@ -13,7 +13,7 @@ Map of the module (``grep -n '^# .*####' tinytown.py`` prints it):
     Config               Config, load_config(), set_config_value()
     Records              Agent, Task, Message and their enums
     Files and processes  private folders, atomic writes, pids, process groups, loop identities
-    Redis server         RedisServer: find, start, connect, stop
+    Redis server         RedisServer: find, start, connect (one server, Cluster, Sentinel), stop
     Tasks                TaskStore: the one owner of task keys, the graph's rules, prune, archive
     Channel              Channel: the delivery contract, the liveness script, agents and messages
     Town                 Town, AgentHandle, the hook runner's process (start, revive, stop)
