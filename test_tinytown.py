@@ -7094,6 +7094,8 @@ def test_strategy_pr_opens_a_pull_request_and_merges_it_once_approved_and_green(
     assert _git(origin, "rev-parse", "tt/a") == change["head"]  # the branch was pushed
     listed = tt_json("changes")[0]
     assert listed["pr_url"] == "https://github.com/example/repo/pull/7"
+    assert tt_json("task", "show", task.id)["change"]["pr_url"] == listed["pr_url"]  # on the task too
+    assert "pull request https://github.com/example/repo/pull/7" in tt("task", "show", task.id)[1]
     assert (listed["pr"]["review"], listed["pr"]["checks"]) == ("REVIEW_REQUIRED", "pending")
     state.write_text(json.dumps({"state": "OPEN", "reviewDecision": "APPROVED",
                                  "statusCheckRollup": [{"name": "ci", "status": "COMPLETED", "conclusion": "SUCCESS"}]}))

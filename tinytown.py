@@ -8739,9 +8739,14 @@ def _cmd_task_show(town: Town, args: Any) -> _Reply:
         details += [f"  {label}:"] + [f"    {_task_line(t, names)}" for t in linked] if linked else []
     if task.after and task.on_failure == "run":
         details.append("  on failure of a prerequisite: runs anyway")
+    change = Changes(town).get(task.id)  # (a worktree agent's work: its change, and pull request)
+    if change:
+        details.append(f"  change: {change.state}" + (f" on {_printable(change.branch)}" if change.branch else "")
+                       + (f", pull request {_printable(change.pr_url)}" if change.pr_url else ""))
     reply = _task_reply(task, names, "\n".join([_task_line(task, names), *details]))
     reply.data["prerequisites"] = [{"id": t.id, "state": t.state} for t in prerequisites]
     reply.data["dependents"] = [{"id": t.id, "state": t.state} for t in dependents]
+    reply.data["change"] = change.to_dict() if change else None
     return reply
 
 
