@@ -2619,6 +2619,37 @@ priority = "high"
 """
 
 
+def test_an_after_a_push_could_not_apply_is_applied_once_the_task_is_blocked_again(town):
+    """The plan says x waits for a; a's task was deleted, so the push creates a again while x
+    is already released: x keeps its old `after`, for now.  When a prerequisite reopens and
+    pulls x back, the next push applies the plan's `after`: x also waits for the new a,
+    never released before it (found by the model-based test)."""
+    m1 = worker(town, "m1")
+    path = write_plan(town, '[[task]]\nid = "a"\ndescription = "a"\n\n'
+                            '[[task]]\nid = "p"\ndescription = "p"\nagent = "m1"\n\n'
+                            '[[task]]\nid = "x"\ndescription = "x"\nafter = ["a", "p"]\non_failure = "run"\n')
+    tinytown.sync_push(town, path)
+    plan = town.redis.hgetall(town.keys.plan)
+    town.delete_task(plan["a"])  # (under on_failure = "run", a deleted prerequisite is done)
+    for _ in range(3):  # p's rounds fail until its message is dead and p failed: x is released
+        town.channel.take(m1.id)
+        town.channel.settle(m1.id, set(), "the CLI crashed")
+    assert town.task(plan["p"]).state == "failed" and town.task(plan["x"]).state == "pending"
+    report = tinytown.sync_push(town, path)  # a again, under a new id; x keeps its `after`
+    new_a = town.redis.hget(town.keys.plan, "a")
+    assert report["created"] == ["a"] and any(k.startswith("x: after") for k in report["kept"])
+    town.act_on_dead(None, retry=True, agent="m1")  # p reopens: x goes back to blocked
+    assert town.task(plan["x"]).state == "blocked"
+    tinytown.sync_push(town, path)  # the file did not change, but x can follow it now
+    assert town.task(plan["x"]).after == [new_a, plan["p"]]
+    assert town.redis.smembers(town.keys.waits(plan["x"])) == {new_a, plan["p"]}
+    town.complete_task(plan["p"], "done")
+    assert town.task(plan["x"]).state == "blocked"  # still waits for the new a
+    town.complete_task(new_a, "done")
+    assert town.task(plan["x"]).state == "pending"
+    assert tinytown.sync_push(town, path)["kept"] == []  # applied: nothing is sent again
+
+
 def test_plan_push_is_idempotent_and_pull_keeps_order_and_comments(town):
     w = worker(town)
     assert tt_json("plan", "--init")["file"].endswith("tasks.toml")

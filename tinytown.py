@@ -2607,20 +2607,28 @@ local function update(op)
       out[#out + 1] = 'after'
     end
   end
-  return out
+  -- An `after` kept is offered again by each push (its signature is not recorded): a task
+  -- pulled back to `blocked` later follows the plan then, and is never released before a
+  -- prerequisite the plan names.
+  return out, op.after ~= (old_after or '[]') and out[#out] ~= 'after'
 end
 
 local answers = {}
 for i, op in ipairs(ops) do
+  local after_kept = false
   if op.op == 'create' then
     create(op.id, op.score, op.backlog, op.kind, op.detail, op.fields)
     answers[i] = {'created'}
   else
-    answers[i] = update(op)
+    answers[i], after_kept = update(op)
   end
   if redis.call('EXISTS', key('task', op.id)) == 1 then redis.call('HSET', key('task', op.id), 'plan_entry', op.entry) end
   redis.call('HSET', prefix .. 'plan', op.entry, op.id)
-  redis.call('HSET', prefix .. 'plan_sig', op.entry, op.sig)
+  if after_kept then
+    redis.call('HDEL', prefix .. 'plan_sig', op.entry)
+  else
+    redis.call('HSET', prefix .. 'plan_sig', op.entry, op.sig)
+  end
   settle_graph(now)
 end
 return answers
