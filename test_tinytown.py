@@ -5947,7 +5947,10 @@ class LocalSentinels:
         self.master.wait(10)
 
     def restart_old_master(self) -> None:
-        self.master = _start_server(self.folder / "master", self.master_port)
+        """Back as the promoted replica's replica, as an operator brings a failed master back
+        (without waiting for the sentinels to notice it and reconfigure it)."""
+        self.master = _start_server(self.folder / "master", self.master_port,
+                                    "--replicaof", "127.0.0.1", str(self.replica_port))
 
     def close(self):
         for proc in (*self.sentinels, self.master, self.replica):
@@ -6000,7 +6003,7 @@ def _sentinel_run(tmp_path, monkeypatch, wait_replicas: int) -> dict:
             while setup.master_address() != ("127.0.0.1", setup.replica_port):
                 assert time.monotonic() < deadline, "no failover"
                 time.sleep(0.1)
-            setup.restart_old_master()  # the sentinels make it the new master's replica
+            setup.restart_old_master()
             before = len(acknowledged)
             wait_for(town, lambda: len(acknowledged) >= before + 30 or None, 60)
             stop.set()
