@@ -172,6 +172,18 @@ NICKNAMES = (
 ).split()
 
 
+# The town's keys a script of the tasks library may touch, KEYS[1..] in this order (the Lua
+# names them town.<name>), before the keys of the tasks and agents it reaches.
+LIBRARY_TOWN_KEYS = ("tasks", "task_counts", "finished", "task_ids", "backlog", "backlog_any",
+                     "backlog_seq", "idle", "agents", "cold_work", "events", "events_added",
+                     "event_counts", "graph_work", "plan", "plan_sig", "archived", "pruning", "layout")
+# Of an agent, the keys a task's change may touch (its record's counter, its task indexes,
+# a wake, its queues), and those of its loop's messages (a round's settle, a recovery).
+AGENT_KEY_KINDS = ("agent", "agent_tasks", "open_tasks", "wake", "inbox", "high", "urgent")
+LOOP_KEY_KINDS = ("processing", "dead", "alive", "stop")
+NEED_ROUNDS = 20  # a script's calls before the keys it needs are settled (each adds some)
+
+
 class Keys:
     """Every Redis key of a town, in one place: ``tt:{<town>}:...``.
 
@@ -188,10 +200,12 @@ class Keys:
         self.tasks = self.prefix + "tasks"              # zset task id by creation time
         self.backlog = self.prefix + "backlog"          # zset unassigned task id by arrival (FIFO)
         self.backlog_seq = self.prefix + "backlog_seq"  # counter: the backlog's arrival order
+        self.backlog_any = self.prefix + "backlog:any"  # zset: untagged backlog tasks (an index)
         self.events = self.prefix + "events"            # capped stream of state changes
         self.events_added = self.events + "_added"      # counter: events ever added (hooks see gaps)
         self.event_counts = self.events + "_counts"     # hash kind -> events of that kind ever added
         #                                                 (monotonic: the /metrics counters)
+        self.event_keys = [self.events, self.events_added, self.event_counts]  # what an event touches
         self.task_counts = self.prefix + "task_counts"  # hash state -> count
         self.idle = self.prefix + "idle"                # set: idle agent ids (whom a backlog add wakes)
         self.finished = self.prefix + "finished"        # zset: finished task id by when it finished
@@ -211,9 +225,6 @@ class Keys:
         self.cold_work = self.prefix + "cold_work"      # list: tasks no live agent was woken for
         #                                                 (Town.wake_cold_for_work starts a cold one)
         self.replicated = self.prefix + "replicated"    # counter: writes confirmed by [redis] wait_replicas
-        # The KEYS of a script that reaches keys only it can find (the tasks a change spreads
-        # to): one key of the town, which routes it to the town's slot on a Redis Cluster.
-        self.slot = [self.layout]
         self.changes = self.prefix + "changes"          # zset: changes (task ids), the landing queue's order
         self.change_counts = self.prefix + "change_counts"  # hash: change state -> count
         self.change_seq = self.prefix + "change_seq"    # counter: the queue's order
@@ -233,7 +244,6 @@ class Keys:
     def tasks_in(self, state: str) -> str: return f"{self.prefix}tasks:{state}"  # zset id by creation
     def agent_tasks(self, agent_id: str) -> str: return f"{self.prefix}agent_tasks:{agent_id}"  # zset
     def open_tasks(self, agent_id: str) -> str: return f"{self.prefix}open_tasks:{agent_id}"  # zset
-    def backlog_any(self) -> str: return f"{self.prefix}backlog:any"  # zset: untagged backlog tasks
     def backlog_tag(self, tag: str) -> str: return f"{self.prefix}backlog:tag:{tag}"  # zset per tag
     def role(self, role: str) -> str: return f"{self.prefix}role:{role}"  # set: agent ids with the role
     def dependents(self, task_id: str) -> str: return f"{self.prefix}dependents:{task_id}"  # set
@@ -243,6 +253,14 @@ class Keys:
     def rate_limit(self, provider: str) -> str: return f"{self.prefix}ratelimit:{provider}"
     def rate_limit_streak(self, provider: str) -> str: return f"{self.prefix}ratelimit_streak:{provider}"
     def change(self, task_id: str) -> str: return f"{self.prefix}change:{task_id}"  # hash: a task's change
+
+    def of_task(self, task_id: str) -> list[str]:
+        """The keys a change of this task touches itself (what its record names aside)."""
+        return [self.task(task_id), self.waits(task_id), self.dependents(task_id)]
+
+    def of_agent(self, agent_id: str, *, loop: bool = False) -> list[str]:
+        """The keys a task's change may touch of this agent (`loop`: and of its loop)."""
+        return [f"{self.prefix}{kind}:{agent_id}" for kind in AGENT_KEY_KINDS + (LOOP_KEY_KINDS if loop else ())]
 
     def queues(self, agent_id: str) -> tuple[str, str, str]:
         """The pending queues in delivery order."""
@@ -1746,15 +1764,46 @@ def _is_cluster(client: Any) -> bool:
     return isinstance(client, (redis.RedisCluster, redis.cluster.ClusterPipeline))
 
 
+def _needed_keys(exc: Exception) -> list[str] | None:
+    """The keys a script asked to be declared (its `TTNEED [...]` error reply), else None."""
+    text = str(exc).partition("of pipeline caused error: ")[2] or str(exc)  # (redis-py's prefix in a MULTI)
+    if not isinstance(exc, redis.ResponseError) or not text.startswith("TTNEED "):
+        return None
+    return json.loads(text[len("TTNEED "):])
+
+
 class _Script(redis.commands.core.Script):
     """A Lua script run by its SHA, which also runs in a Redis Cluster's transaction (where
     redis-py does not load a pipeline's scripts first, as it does on one server): there it
-    is sent whole, so no node can answer NOSCRIPT after the transaction's other commands ran."""
+    is sent whole, so no node can answer NOSCRIPT after the transaction's other commands ran.
+
+    A script that finds it would touch keys its caller did not declare writes nothing and
+    answers `TTNEED [keys]` (the tasks library); called directly, it is called again with
+    them, and `learn` is told which they were.  (In a pipeline the caller declares them all.)
+    """
+
+    def __init__(self, client: Any, script: str, learn: Callable[[list[str]], None] | None = None):
+        super().__init__(client, script)
+        self.learn = learn
 
     def __call__(self, keys: Any = (), args: Any = (), client: Any = None) -> Any:
-        if client is not None and _is_cluster(client):
+        keys, args = list(keys), list(args)
+        if isinstance(client, redis.cluster.ClusterPipeline):
             return client.execute_command("EVAL", self.script, len(keys), *keys, *args)
-        return super().__call__(list(keys), list(args), client)
+        if isinstance(client, redis.client.Pipeline):
+            return super().__call__(keys, args, client)  # (queued: the pipeline's execute() answers)
+        for _ in range(NEED_ROUNDS):
+            try:
+                return super().__call__(keys, args, client)
+            except redis.ResponseError as exc:
+                if (needed := _needed_keys(exc)) is None:
+                    raise
+                if self.learn:
+                    self.learn(needed)
+                declared = set(keys)
+                keys += [key for key in needed if key not in declared]
+        raise TinytownError(f"a script still missed keys after {NEED_ROUNDS} tries; the town changes"
+                            " faster than it can be read: try again")
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -2103,41 +2152,63 @@ class RedisServer:
 
 GRAPH_BUDGET = 100  # dependents one script settles (about 5 ms); the rest goes on in the next
 COLD_WORK_KEEP = 1000  # newest tasks kept in `cold_work` (each names its tags: a few suffice)
+USUAL_KEYS_KEPT = 500  # keys of agents and tags a TaskStore declares to every script
 
 # Every event is added through here (Channel.add_event in Python): the entry, in the capped
 # stream, the count of events ever added, `<events>_added`, by which the hook runner tells
 # that trimming took events it had not read yet, and the count by kind, `<events>_counts`
-# (tasks completed, rounds run: counters that never drift from what happened).
+# (tasks completed, rounds run: counters that never drift from what happened).  `at` holds
+# the three keys (Keys.event_keys), which the script got in KEYS.
 _ADD_EVENT_LUA = """
-local function add_event(stream, ...)
-  redis.call('INCR', stream .. '_added')
+local function add_event(at, ...)
+  redis.call('INCR', at[2])
   local fields = {...}
   for i = 1, #fields - 1, 2 do
-    if fields[i] == 'event' then redis.call('HINCRBY', stream .. '_counts', fields[i + 1], 1) break end
+    if fields[i] == 'event' then redis.call('HINCRBY', at[3], fields[i + 1], 1) break end
   end
-  return redis.call('XADD', stream, 'MAXLEN', '~', EVENTS_MAXLEN, '*', ...)
+  return redis.call('XADD', at[1], 'MAXLEN', '~', EVENTS_MAXLEN, '*', ...)
 end
 """
-
 
 def _lua(script: str) -> str:
     """A Lua script with the module's constants filled in."""
     def table(names: Iterable[str]) -> str:
         return "{" + ", ".join(f"{name} = true" for name in sorted(names)) + "}"
+    def names(items: Iterable[str]) -> str:
+        return "{" + ", ".join(f"'{item}'" for item in items) + "}"
     return (f"local TERMINAL_AGENT = {table(TERMINAL_AGENT_STATES)}\n"
             f"local TERMINAL_TASK = {table(TERMINAL_TASK_STATES)}\n"
             f"local ACTIONABLE = {table(ACTIONABLE_TYPES)}\n" + _ADD_EVENT_LUA + script
             ).replace("EVENTS_MAXLEN", str(EVENTS_MAXLEN)).replace("WAKE_KEEP", str(WAKE_KEEP)
-                      ).replace("GRAPH_BUDGET", str(GRAPH_BUDGET)).replace("COLD_WORK_KEEP", str(COLD_WORK_KEEP))
+                      ).replace("GRAPH_BUDGET", str(GRAPH_BUDGET)).replace("COLD_WORK_KEEP", str(COLD_WORK_KEEP)
+                      ).replace("LIBRARY_TOWN_KEYS", names(LIBRARY_TOWN_KEYS)
+                      ).replace("AGENT_KEY_KINDS", names(AGENT_KEY_KINDS)
+                      ).replace("LOOP_KEY_KINDS", names(LOOP_KEY_KINDS))
 
 
-# The tasks library.  ARGV[1] = the town's key prefix.  Keys are built from it because the
-# tasks a change reaches (dependents, the task a message names) are only known inside the
-# script (a town lives on one Redis).
+# The tasks library.  ARGV[1] = the town's key prefix.
+#
+# Every key a script touches is in its KEYS (a Redis Cluster checks only those when the
+# town's slot is being moved, key by key, to another node): the town's keys first, then
+# those of the tasks and agents the change reaches, which only the script can know for
+# sure.  So each script first *reaches*: it looks at what it is about to change, reading
+# only declared keys, and notes each key it will touch that its caller did not declare.
+# Missing any, it writes nothing and answers `TTNEED <json list>`; the caller calls again
+# with them (_Script).  The graph's later steps reach likewise, each on its own, and one
+# that misses keys waits in `graph_work` for the next script (TaskStore.settle_graph).
+# `key()` names a declared key, and stops the script on any other (a reach that missed it
+# is a bug, which the tests would meet).
 _TASKS_LUA = """
 local prefix = ARGV[1]
-local function key(kind, id) return prefix .. kind .. ':' .. id end
-local function event(...) add_event(prefix .. 'events', ...) end
+local town, declared = {}, {}
+for i, name in ipairs(LIBRARY_TOWN_KEYS) do town[name] = KEYS[i] end
+for _, name in ipairs(KEYS) do declared[name] = true end
+local function key(kind, id)
+  local name = prefix .. kind .. ':' .. id
+  if not declared[name] then return error('tinytown: ' .. name .. ' was not declared by the caller') end
+  return name
+end
+local function event(...) add_event({town.events, town.events_added, town.event_counts}, ...) end
 local function wake(agent)
   redis.call('RPUSH', key('wake', agent), '1')
   redis.call('LTRIM', key('wake', agent), -WAKE_KEEP, -1)
@@ -2147,23 +2218,82 @@ local function decode_list(raw)
   return ok and type(list) == 'table' and list or {}
 end
 
+-- Reaching.  want() notes a key not declared (`short` then says the step misses some);
+-- the reach_ functions want every key a change of a task or agent can touch.
+local needed, noted, short = {}, {}, false
+local function want(kind, id)
+  local name = prefix .. kind .. ':' .. id
+  if declared[name] then return true end
+  short = true
+  if not noted[name] then
+    noted[name] = true
+    needed[#needed + 1] = name
+  end
+  return false
+end
+local function need_keys() return redis.error_reply('TTNEED ' .. cjson.encode(needed)) end
+local function reach_each(raw, reach)
+  for _, item in ipairs(decode_list(raw)) do reach(tostring(item)) end
+end
+local function reach_agent(agent)
+  if agent and agent ~= '' then
+    for _, kind in ipairs(AGENT_KEY_KINDS) do want(kind, agent) end
+  end
+end
+local function reach_loop(agent)  -- and what its loop took
+  reach_agent(agent)
+  for _, kind in ipairs(LOOP_KEY_KINDS) do want(kind, agent) end
+end
+local function reach_tag(tag) want('backlog:tag', tag) want('role', tag) end
+local function reach_prerequisite(pre) want('task', pre) want('dependents', pre) end
+-- A task going into the backlog wakes idle agents.
+local idle_reached
+local function reach_idle()
+  if idle_reached == nil then
+    idle_reached = true
+    for _, agent in ipairs(redis.call('SMEMBERS', town.idle)) do idle_reached = want('wake', agent) and idle_reached end
+  end
+  if not idle_reached then short = true end
+end
+-- Of a task's fields (a field/value list), those that name keys: its agents, tags and prerequisites.
+local function reach_fields(fields)
+  for i = 1, #fields - 1, 2 do
+    local name, value = fields[i], fields[i + 1] or ''
+    if name == 'assigned_to' or name == 'release_to' then reach_agent(value)
+    elseif name == 'tags' then reach_each(value, reach_tag)
+    elseif name == 'after' then reach_each(value, reach_prerequisite) end
+  end
+end
+-- A task's change (to these `fields`, if given): its keys and those its record names.
+-- (Its dependents are the graph's next steps, which reach on their own.)
+local function reach_task(task_id, fields)
+  want('waits', task_id)
+  want('dependents', task_id)
+  if want('task', task_id) then
+    local agent, to, tags, after =
+      unpack(redis.call('HMGET', key('task', task_id), 'assigned_to', 'release_to', 'tags', 'after'))
+    reach_fields({'assigned_to', agent, 'release_to', to, 'tags', tags, 'after', after})
+  end
+  if fields then reach_fields(fields) end
+end
+
 -- Moves a task between the per-state and per-agent indexes (nil state: out of all).
 local function reindex(task_id, old_state, old_agent, state, agent)
-  local score = redis.call('ZSCORE', prefix .. 'tasks', task_id) or 0
+  local score = redis.call('ZSCORE', town.tasks, task_id) or 0
   if old_state ~= state then
     if old_state then
       redis.call('ZREM', key('tasks', old_state), task_id)
-      redis.call('HINCRBY', prefix .. 'task_counts', old_state, -1)
+      redis.call('HINCRBY', town.task_counts, old_state, -1)
     end
     if state then
       redis.call('ZADD', key('tasks', state), score, task_id)
-      redis.call('HINCRBY', prefix .. 'task_counts', state, 1)
+      redis.call('HINCRBY', town.task_counts, state, 1)
     end
     if TERMINAL_TASK[state] then  -- what `tt task prune` archives, by when it finished
       local time = redis.call('TIME')
-      redis.call('ZADD', prefix .. 'finished', tonumber(time[1]) + tonumber(time[2]) / 1e6, task_id)
+      redis.call('ZADD', town.finished, tonumber(time[1]) + tonumber(time[2]) / 1e6, task_id)
     else
-      redis.call('ZREM', prefix .. 'finished', task_id)
+      redis.call('ZREM', town.finished, task_id)
     end
   end
   if old_agent and old_agent ~= '' and old_agent ~= agent then
@@ -2185,12 +2315,12 @@ local function backlog_indexes(task_id)
   local tags = decode_list(redis.call('HGET', key('task', task_id), 'tags'))
   local out = {}
   for _, tag in ipairs(tags) do out[#out + 1] = key('backlog:tag', tostring(tag)) end
-  if #out == 0 then out[1] = prefix .. 'backlog:any' end
+  if #out == 0 then out[1] = town.backlog_any end
   return out, tags
 end
 
 local function off_backlog(task_id)
-  if redis.call('ZREM', prefix .. 'backlog', task_id) == 0 then return false end
+  if redis.call('ZREM', town.backlog, task_id) == 0 then return false end
   for _, index in ipairs(backlog_indexes(task_id)) do redis.call('ZREM', index, task_id) end
   return true
 end
@@ -2199,25 +2329,25 @@ end
 -- that may claim it: any idle one for an untagged task, else those whose role or name is
 -- one of its tags.
 local function to_backlog(task_id, place)
-  local seq = place or redis.call('INCR', prefix .. 'backlog_seq')
-  redis.call('ZADD', prefix .. 'backlog', seq, task_id)
+  local seq = place or redis.call('INCR', town.backlog_seq)
+  redis.call('ZADD', town.backlog, seq, task_id)
   local indexes, tags = backlog_indexes(task_id)
   for _, index in ipairs(indexes) do redis.call('ZADD', index, seq, task_id) end
   local woken = {}
   if #tags == 0 then
-    woken = redis.call('SMEMBERS', prefix .. 'idle')
+    woken = redis.call('SMEMBERS', town.idle)
   end
   for _, tag in ipairs(tags) do
-    for _, agent in ipairs(redis.call('SINTER', prefix .. 'idle', key('role', tostring(tag)))) do
+    for _, agent in ipairs(redis.call('SINTER', town.idle, key('role', tostring(tag)))) do
       woken[#woken + 1] = agent
     end
-    local named = redis.call('HGET', prefix .. 'agents', tostring(tag))
-    if named and redis.call('SISMEMBER', prefix .. 'idle', named) == 1 then woken[#woken + 1] = named end
+    local named = redis.call('HGET', town.agents, tostring(tag))
+    if named and redis.call('SISMEMBER', town.idle, named) == 1 then woken[#woken + 1] = named end
   end
   for _, agent in ipairs(woken) do wake(agent) end
   if #woken == 0 then  -- nobody idle may take it: a cold agent of its role may (Town.wake_cold_for_work)
-    redis.call('RPUSH', prefix .. 'cold_work', task_id)
-    redis.call('LTRIM', prefix .. 'cold_work', -COLD_WORK_KEEP, -1)
+    redis.call('RPUSH', town.cold_work, task_id)
+    redis.call('LTRIM', town.cold_work, -COLD_WORK_KEEP, -1)
   end
 end
 
@@ -2276,8 +2406,8 @@ local function assign(task_id, now, detail, agent, message)
   redis.call('RPUSH', queue_of(agent, message), message)
   wake(agent)
   if redis.call('HGET', key('agent', agent), 'state') == 'cold' then
-    redis.call('RPUSH', prefix .. 'cold_work', task_id)
-    redis.call('LTRIM', prefix .. 'cold_work', -COLD_WORK_KEEP, -1)
+    redis.call('RPUSH', town.cold_work, task_id)
+    redis.call('LTRIM', town.cold_work, -COLD_WORK_KEEP, -1)
   end
 end
 
@@ -2297,7 +2427,7 @@ end
 -- `archived` hash), one that is gone as `deleted`.
 local function state_of(task_id)
   return redis.call('HGET', key('task', task_id), 'state')
-      or redis.call('HGET', prefix .. 'archived', task_id) or 'deleted'
+      or redis.call('HGET', town.archived, task_id) or 'deleted'
 end
 
 local FAILED = {failed = true, cancelled = true, deleted = true}
@@ -2372,28 +2502,46 @@ local function settle_edge(task_id, pre, pre_state, now)
   end
 end
 
--- Works through the work list (it grows as dependents change) while the budget lasts; an
--- item is a task id, or 'id|cursor' for a set of dependents scanned in parts.
+-- One item of the work list: a task id, or 'id|cursor' for a set of dependents scanned in
+-- parts.  Reaches the dependents it will settle (nil when some of their keys are missing).
+local function reach_item(item)
+  local pre, cursor = item, '0'
+  local bar = string.find(item, '|', 1, true)
+  if bar then pre, cursor = string.sub(item, 1, bar - 1), string.sub(item, bar + 1) end
+  short = false
+  want('task', pre)
+  if not want('dependents', pre) then return nil end
+  local scan = redis.call('SSCAN', key('dependents', pre), cursor, 'COUNT', 100)
+  reach_idle()  -- (a dependent released goes to the backlog)
+  for _, dependent in ipairs(scan[2]) do reach_task(dependent) end
+  if short then return nil end
+  return pre, scan
+end
+
+-- Works through the work list (it grows as dependents change) while the budget lasts.  An
+-- item whose dependents' keys are not all declared waits in `graph_work` too.
 local function settle_graph(now)
-  local i = 1
+  local i, later = 1, {}
   while i <= #changed and budget > 0 do
-    local pre, cursor = changed[i], '0'
-    local bar = string.find(pre, '|', 1, true)
-    if bar then pre, cursor = string.sub(pre, 1, bar - 1), string.sub(pre, bar + 1) end
-    local state = state_of(pre)
-    local scan = redis.call('SSCAN', key('dependents', pre), cursor, 'COUNT', 100)
-    for _, dependent in ipairs(scan[2]) do
-      settle_edge(dependent, pre, state, now)
-      budget = budget - 1
-    end
-    if scan[1] ~= '0' then
-      changed[#changed + 1] = pre .. '|' .. scan[1]
-    elseif state == 'deleted' then
-      redis.call('DEL', key('dependents', pre))
+    local pre, scan = reach_item(changed[i])
+    if not pre then
+      later[#later + 1] = changed[i]
+    else
+      local state = state_of(pre)
+      for _, dependent in ipairs(scan[2]) do
+        settle_edge(dependent, pre, state, now)
+        budget = budget - 1
+      end
+      if scan[1] ~= '0' then
+        changed[#changed + 1] = pre .. '|' .. scan[1]
+      elseif state == 'deleted' then
+        redis.call('DEL', key('dependents', pre))
+      end
     end
     i = i + 1
   end
-  for j = i, #changed do redis.call('RPUSH', prefix .. 'graph_work', changed[j]) end
+  for j = i, #changed do later[#later + 1] = changed[j] end
+  if #later > 0 then redis.call('RPUSH', town.graph_work, unpack(later)) end
   changed = {}
 end
 
@@ -2405,8 +2553,8 @@ local function drop(task_id)
   for _, pre in ipairs(decode_list(after)) do redis.call('SREM', key('dependents', pre), task_id) end
   if state then reindex(task_id, state, agent, nil, nil) end
   redis.call('DEL', task_key, key('waits', task_id))
-  redis.call('ZREM', prefix .. 'tasks', task_id)
-  redis.call('ZREM', prefix .. 'task_ids', task_id)
+  redis.call('ZREM', town.tasks, task_id)
+  redis.call('ZREM', town.task_ids, task_id)
   return state, entry
 end
 
@@ -2419,7 +2567,7 @@ local function refusal(task_id, fields, known)
   for _, pre in ipairs(decode_list(after)) do
     if pre == task_id then return 'a task cannot wait for itself' end
     if not known[pre] and redis.call('EXISTS', key('task', pre)) == 0 and
-       not redis.call('HGET', prefix .. 'archived', pre) then
+       not redis.call('HGET', town.archived, pre) then
       return 'unknown prerequisite ' .. pre
     end
   end
@@ -2430,8 +2578,8 @@ end
 local function create(task_id, score, backlog, kind, detail, fields)
   local task_key = key('task', task_id)
   redis.call('HSET', task_key, unpack(fields))
-  redis.call('ZADD', prefix .. 'tasks', score, task_id)
-  redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
+  redis.call('ZADD', town.tasks, score, task_id)
+  redis.call('ZADD', town.task_ids, 0, task_id)
   local state, agent, now, message =
     unpack(redis.call('HMGET', task_key, 'state', 'assigned_to', 'created_at', 'message'))
   reindex(task_id, nil, nil, state, agent)
@@ -2454,7 +2602,15 @@ end
 # Returns 1, or 0 when nothing changed.
 _CHANGE_TASK_LUA = _TASKS_LUA + """
 local task_id, now, detail, mode = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-if mode == 'from_backlog' and not redis.call('ZSCORE', prefix .. 'backlog', task_id) then return 0 end
+if mode == 'assign' then
+  reach_task(task_id)
+  reach_agent(ARGV[6])
+else
+  reach_task(task_id, {unpack(ARGV, 6)})
+end
+if mode == 'to_backlog' then reach_idle() end
+if short then return need_keys() end
+if mode == 'from_backlog' and not redis.call('ZSCORE', town.backlog, task_id) then return 0 end
 if mode == 'assign' then
   if TERMINAL_TASK[redis.call('HGET', key('task', task_id), 'state') or 'deleted'] then return 0 end
   assign(task_id, now, detail, ARGV[6], ARGV[7])
@@ -2472,10 +2628,13 @@ return 1
 # A new task, or an error reply (writing nothing) naming what refused it.
 _NEW_TASK_LUA = _TASKS_LUA + """
 local task_id, fields = ARGV[2], {unpack(ARGV, 8)}
+reach_task(task_id, fields)
+reach_idle()  -- (into the backlog now, or once its prerequisites are done)
+if short then return need_keys() end
 local archived = cjson.decode(ARGV[7])
 local problem = refusal(task_id, fields, archived)
 if problem then return redis.error_reply(problem) end
-for pre, state in pairs(archived) do redis.call('HSET', prefix .. 'archived', pre, state) end
+for pre, state in pairs(archived) do redis.call('HSET', town.archived, pre, state) end
 create(task_id, ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6], fields)
 settle_graph(redis.call('HGET', key('task', task_id), 'created_at'))
 return 1
@@ -2484,10 +2643,13 @@ return 1
 # _TASKS_LUA, then: ARGV[2] = timestamp.  Goes on with the graph's queued work (a budget's
 # worth); returns how much is left.
 _GRAPH_LUA = _TASKS_LUA + """
-local items = redis.call('LPOP', prefix .. 'graph_work', GRAPH_BUDGET) or {}
+local first = redis.call('LINDEX', town.graph_work, 0)
+if not first then return 0 end
+if not reach_item(first) then return need_keys() end
+local items = redis.call('LPOP', town.graph_work, GRAPH_BUDGET) or {}
 for _, item in ipairs(items) do changed[#changed + 1] = item end
 settle_graph(ARGV[2])
-return redis.call('LLEN', prefix .. 'graph_work')
+return redis.call('LLEN', town.graph_work)
 """
 
 # _TASKS_LUA, then: ARGV[2] = timestamp, ARGV[3] = a JSON list of plan operations, in
@@ -2500,6 +2662,36 @@ return redis.call('LLEN', prefix .. 'graph_work')
 # 'field: reason', those the task keeps.
 _PLAN_PUSH_LUA = _TASKS_LUA + """
 local now, ops = ARGV[2], cjson.decode(ARGV[3])
+-- Reaching: each operation's task, and the tasks a cycle check may walk through (by the
+-- `after` links they have, or get in this batch).
+local new_after = {}
+for _, op in ipairs(ops) do
+  if op.op == 'create' then
+    reach_task(op.id, op.fields)
+    for i = 1, #op.fields - 1, 2 do if op.fields[i] == 'after' then new_after[op.id] = op.fields[i + 1] end end
+  else
+    reach_task(op.id, {'assigned_to', op.agent, 'tags', op.tags, 'after', op.after})
+    new_after[op.id] = op.after
+  end
+end
+local walked = {}
+for _, op in ipairs(ops) do
+  local stack = op.op == 'update' and decode_list(op.after) or {}
+  while #stack > 0 do
+    local at = tostring(table.remove(stack))
+    if not walked[at] then
+      walked[at] = true
+      if want('task', at) then
+        for _, raw in ipairs({new_after[at] or '', redis.call('HGET', key('task', at), 'after') or ''}) do
+          for _, pre in ipairs(decode_list(raw)) do stack[#stack + 1] = pre end
+        end
+      end
+    end
+  end
+end
+reach_idle()
+if short then return need_keys() end
+
 local known = {}
 for _, op in ipairs(ops) do
   if op.op == 'create' then
@@ -2562,7 +2754,7 @@ local function update(op)
   else
     if described then set('description', op.description); out[#out + 1] = 'description' end
     if retagged then
-      local backlog_place = redis.call('ZSCORE', prefix .. 'backlog', task_id)
+      local backlog_place = redis.call('ZSCORE', town.backlog, task_id)
       if backlog_place then off_backlog(task_id) end  -- (its indexes follow its tags)
       set('tags', op.tags)
       if backlog_place then to_backlog(task_id, backlog_place) end
@@ -2623,11 +2815,11 @@ for i, op in ipairs(ops) do
     answers[i], after_kept = update(op)
   end
   if redis.call('EXISTS', key('task', op.id)) == 1 then redis.call('HSET', key('task', op.id), 'plan_entry', op.entry) end
-  redis.call('HSET', prefix .. 'plan', op.entry, op.id)
+  redis.call('HSET', town.plan, op.entry, op.id)
   if after_kept then
-    redis.call('HDEL', prefix .. 'plan_sig', op.entry)
+    redis.call('HDEL', town.plan_sig, op.entry)
   else
-    redis.call('HSET', prefix .. 'plan_sig', op.entry, op.sig)
+    redis.call('HSET', town.plan_sig, op.entry, op.sig)
   end
   settle_graph(now)
 end
@@ -2639,15 +2831,17 @@ return answers
 # that named one is forgotten (the next push creates it again).  Returns how many existed.
 _DROP_TASKS_LUA = _TASKS_LUA + """
 local now, dropped = ARGV[2], 0
+for i = 3, #ARGV do reach_task(ARGV[i]) end
+if short then return need_keys() end
 for i = 3, #ARGV do
   local state, entry = drop(ARGV[i])
   if state then
     dropped = dropped + 1
     changed[#changed + 1] = ARGV[i]
     event('event', 'task_deleted', 'at', now, 'task', ARGV[i])
-    if entry and entry ~= '' and redis.call('HGET', prefix .. 'plan', entry) == ARGV[i] then
-      redis.call('HDEL', prefix .. 'plan', entry)
-      redis.call('HDEL', prefix .. 'plan_sig', entry)
+    if entry and entry ~= '' and redis.call('HGET', town.plan, entry) == ARGV[i] then
+      redis.call('HDEL', town.plan, entry)
+      redis.call('HDEL', town.plan_sig, entry)
     end
   end
 end
@@ -2661,8 +2855,15 @@ return dropped
 # the archive file) and dropped; one that a plan entry or another task names is remembered
 # as it ended (`archived`).  Returns {the last finish time looked at, how many were looked at}.
 _PRUNE_LUA = _TASKS_LUA + """
-local window = redis.call('ZRANGEBYSCORE', prefix .. 'finished', ARGV[2], ARGV[3], 'WITHSCORES',
+local window = redis.call('ZRANGEBYSCORE', town.finished, ARGV[2], ARGV[3], 'WITHSCORES',
                           'LIMIT', 0, tonumber(ARGV[4]))
+for i = 1, #window, 2 do
+  reach_task(window[i])
+  if want('dependents', window[i]) then
+    for _, dependent in ipairs(redis.call('SMEMBERS', key('dependents', window[i]))) do want('task', dependent) end
+  end
+end
+if short then return need_keys() end
 local last = ARGV[2]
 for i = 1, #window, 2 do
   local task_id = window[i]
@@ -2675,9 +2876,9 @@ for i = 1, #window, 2 do
     if not TERMINAL_TASK[redis.call('HGET', key('task', dependent), 'state') or 'deleted'] then needed = true end
   end
   if not needed then
-    redis.call('RPUSH', prefix .. 'pruning', cjson.encode(fields))
+    redis.call('RPUSH', town.pruning, cjson.encode(fields))
     if (fields.plan_entry or '') ~= '' or redis.call('EXISTS', key('dependents', task_id)) == 1 then
-      redis.call('HSET', prefix .. 'archived', task_id, fields.state)
+      redis.call('HSET', town.archived, task_id, fields.state)
     end
     drop(task_id)
     redis.call('DEL', key('dependents', task_id))
@@ -2694,11 +2895,16 @@ return {last, #window / 2}
 # holds.  Returns the task id, or false (nothing to claim, or the task is not in the backlog).
 _CLAIM_LUA = _TASKS_LUA + """
 local agent, task_id, now = ARGV[2], ARGV[3], ARGV[5]
+reach_agent(agent)
+if short then return need_keys() end
 local role, name = unpack(redis.call('HMGET', key('agent', agent), 'role', 'name'))
 if not name then return false end
 if task_id == '' then
+  want('backlog:tag', name)
+  if role and role ~= '' then want('backlog:tag', role) end
+  if short then return need_keys() end
   local best
-  local indexes = {prefix .. 'backlog:any', key('backlog:tag', name)}
+  local indexes = {town.backlog_any, key('backlog:tag', name)}
   if role and role ~= '' then indexes[3] = key('backlog:tag', role) end
   for _, index in ipairs(indexes) do
     local head = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
@@ -2706,9 +2912,11 @@ if task_id == '' then
   end
   if not best then return false end
   task_id = best[1]
-elseif not redis.call('ZSCORE', prefix .. 'backlog', task_id) then
+elseif not redis.call('ZSCORE', town.backlog, task_id) then
   return false
 end
+reach_task(task_id)
+if short then return need_keys() end
 local state, description = unpack(redis.call('HMGET', key('task', task_id), 'state', 'description'))
 if state ~= 'pending' then
   off_backlog(task_id)  -- a stray entry (a finished task): never offered again
@@ -2730,27 +2938,41 @@ return task_id
 # refilled by a Town object that outlived the reset).  Returns false when `layout` was
 # already set, else {tasks, backlog, agents} indexed.
 _UPGRADE_LUA = _TASKS_LUA + """
-if redis.call('GET', prefix .. 'layout') == ARGV[2] then return false end
+if redis.call('GET', town.layout) == ARGV[2] then return false end
 local now = ARGV[3]
-local backlog, kind = {}, redis.call('TYPE', prefix .. 'backlog')['ok']
+local backlog, kind = {}, redis.call('TYPE', town.backlog)['ok']
+-- Reaching: every task, agent and index of the town.
+for i = 4, #ARGV do want('tasks', ARGV[i]) end
+for _, task_id in ipairs(kind == 'list' and redis.call('LRANGE', town.backlog, 0, -1)
+                         or kind == 'zset' and redis.call('ZRANGE', town.backlog, 0, -1) or {}) do
+  reach_task(task_id)
+end
+for _, task_id in ipairs(redis.call('ZRANGE', town.tasks, 0, -1)) do reach_task(task_id) end
+for _, agent in ipairs(redis.call('HVALS', town.agents)) do
+  reach_agent(agent)
+  local role = want('agent', agent) and redis.call('HGET', key('agent', agent), 'role')
+  if role and role ~= '' then want('role', role) end
+end
+reach_idle()
+if short then return need_keys() end
 if kind == 'list' then
-  backlog = redis.call('LRANGE', prefix .. 'backlog', 0, -1)
-  redis.call('DEL', prefix .. 'backlog')
+  backlog = redis.call('LRANGE', town.backlog, 0, -1)
+  redis.call('DEL', town.backlog)
 elseif kind == 'zset' then
-  backlog = redis.call('ZRANGE', prefix .. 'backlog', 0, -1)
+  backlog = redis.call('ZRANGE', town.backlog, 0, -1)
   for _, task_id in ipairs(backlog) do off_backlog(task_id) end
 end
-redis.call('DEL', prefix .. 'task_counts', prefix .. 'idle')
+redis.call('DEL', town.task_counts, town.idle)
 for i = 4, #ARGV do redis.call('DEL', key('tasks', ARGV[i])) end
-local tasks = redis.call('ZRANGE', prefix .. 'tasks', 0, -1)
+local tasks = redis.call('ZRANGE', town.tasks, 0, -1)
 for _, task_id in ipairs(tasks) do
   local task_key = key('task', task_id)
   local state, agent, old_message = unpack(redis.call('HMGET', task_key, 'state', 'assigned_to', 'release_message'))
   if state then
-    local finished = redis.call('ZSCORE', prefix .. 'finished', task_id)
-    redis.call('ZADD', prefix .. 'task_ids', 0, task_id)
+    local finished = redis.call('ZSCORE', town.finished, task_id)
+    redis.call('ZADD', town.task_ids, 0, task_id)
     reindex(task_id, nil, nil, state, agent)
-    if finished and TERMINAL_TASK[state] then redis.call('ZADD', prefix .. 'finished', finished, task_id) end
+    if finished and TERMINAL_TASK[state] then redis.call('ZADD', town.finished, finished, task_id) end
     if old_message then redis.call('HSET', task_key, 'message', old_message) end  -- (layout 2's name)
     redis.call('HDEL', task_key, 'release_message', 'waiting')
     for _, pre in ipairs(decode_list(redis.call('HGET', task_key, 'after'))) do
@@ -2758,30 +2980,38 @@ for _, task_id in ipairs(tasks) do
     end
   end
 end
-for _, task_id in ipairs(redis.call('ZRANGE', prefix .. 'tasks:blocked', 0, -1)) do
+for _, task_id in ipairs(redis.call('ZRANGE', key('tasks', 'blocked'), 0, -1)) do
   wait_for_prerequisites(task_id, now)
 end
 local queued = 0
 for _, task_id in ipairs(backlog) do  -- (before the idle set exists: nobody is woken)
   if redis.call('HGET', key('task', task_id), 'state') == 'pending' and
-     not redis.call('ZSCORE', prefix .. 'backlog', task_id) then
+     not redis.call('ZSCORE', town.backlog, task_id) then
     to_backlog(task_id)
     queued = queued + 1
   end
 end
 settle_graph(now)
-local agents = redis.call('HVALS', prefix .. 'agents')
+local agents = redis.call('HVALS', town.agents)
 for _, agent in ipairs(agents) do
   local state, role = unpack(redis.call('HMGET', key('agent', agent), 'state', 'role'))
-  if state == 'idle' then redis.call('SADD', prefix .. 'idle', agent) end
+  if state == 'idle' then redis.call('SADD', town.idle, agent) end
   if role and role ~= '' then redis.call('SADD', key('role', role), agent) end
 end
-redis.call('SET', prefix .. 'layout', ARGV[2])
+redis.call('SET', town.layout, ARGV[2])
 if #tasks + #backlog + #agents > 0 then
   event('event', 'upgraded', 'at', now, 'layout', ARGV[2], 'tasks', #tasks, 'backlog', queued,
         'agents', #agents)
 end
 return {#tasks, queued, #agents}
+"""
+
+# _TASKS_LUA, then: ARGV[2..] = task ids.  Writes nothing: the keys a change of these tasks
+# may touch (into the backlog too) that KEYS lacks (TaskStore.reach).
+_REACH_LUA = _TASKS_LUA + """
+for i = 2, #ARGV do reach_task(ARGV[i]) end
+reach_idle()
+return needed
 """
 
 # KEYS = task:<id>...; ARGV[1] = tokens in, ARGV[2] = tokens out, ARGV[3] = cost in USD
@@ -2814,12 +3044,57 @@ class TaskStore:
         self.redis = client
         self.keys = keys
         self.archive_dir = archive_dir
-        script = lambda text: _Script(client, _lua(text))  # noqa: E731
+        self._town_keys = [getattr(keys, name) for name in LIBRARY_TOWN_KEYS] + [keys.tasks_in(s) for s in TaskState]
+        self._usual: dict[str, None] = {}  # keys of agents and tags scripts asked for lately
+        script = self.script
         self._change, self._new = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
         self._plan_push, self._drop = script(_PLAN_PUSH_LUA), script(_DROP_TASKS_LUA)
         self._prune, self._claim = script(_PRUNE_LUA), script(_CLAIM_LUA)
         self._upgrade, self._graph = script(_UPGRADE_LUA), script(_GRAPH_LUA)
+        self._reach = script(_REACH_LUA)
         self._usage = _Script(client, _TASK_USAGE_LUA)
+
+    # -- the keys a script touches -------------------------------------------------
+
+    def script(self, text: str) -> _Script:
+        """A script of the tasks library (_TASKS_LUA + `text`), which learns what it reaches."""
+        return _Script(self.redis, _lua(text), learn=self._learn)
+
+    def _learn(self, needed: list[str]) -> None:
+        """Keep the keys of agents and tags a script asked for: the next calls declare them
+        at once (a task's own keys are asked for once, and not kept)."""
+        per_task = tuple(self.keys.prefix + kind + ":" for kind in ("task", "waits", "dependents"))
+        for key in needed:
+            if not key.startswith(per_task):
+                self._usual.pop(key, None)
+                self._usual[key] = None
+        while len(self._usual) > USUAL_KEYS_KEPT:
+            del self._usual[next(iter(self._usual))]
+
+    def declared(self, tasks: Iterable[str | None] = (), agents: Iterable[str | None] = (),
+                 loops: Iterable[str] = (), tags: Iterable[str] = ()) -> list[str]:
+        """The KEYS to call a script of the tasks library with: the town's, these tasks',
+        agents' (and their loops'), and tags', and the usual ones; a script asks for the rest."""
+        keys = list(self._town_keys)
+        for tag in tags:
+            keys += [self.keys.backlog_tag(tag), self.keys.role(tag)]
+        for task_id in tasks:
+            if task_id:
+                keys += self.keys.of_task(task_id)
+        for agent_id in agents:
+            if agent_id:
+                keys += self.keys.of_agent(agent_id)
+        for agent_id in loops:
+            keys += self.keys.of_agent(agent_id, loop=True)
+        return keys + list(self._usual)
+
+    def reach(self, task_ids: Iterable[str], agents: Iterable[str | None] = ()) -> list[str]:
+        """All the keys a change of these tasks (to these agents, or into the backlog) may
+        touch, for a transaction that queues such changes: read by the library itself, so it
+        is exact while the transaction WATCHes the tasks' records and the idle set."""
+        task_ids = list(task_ids)
+        keys = self.declared(task_ids, agents)
+        return keys + self._reach(keys=keys, args=[self.keys.prefix, *task_ids])
 
     # -- reading -----------------------------------------------------------------
 
@@ -2888,7 +3163,7 @@ class TaskStore:
 
     def backlog_for(self, agent: Agent, limit: int) -> list[Task]:
         """The first `limit` backlog tasks `agent` may claim, from the heads of its indexes."""
-        indexes = [self.keys.backlog_any(), self.keys.backlog_tag(agent.name)]
+        indexes = [self.keys.backlog_any, self.keys.backlog_tag(agent.name)]
         if agent.role:
             indexes.append(self.keys.backlog_tag(agent.role))
         pipe = self.redis.pipeline(transaction=False)
@@ -2926,10 +3201,12 @@ class TaskStore:
 
     def queue_create(self, pipe: Any, task: Task, *, assign_to: str | None = None, backlog: bool = False,
                      sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL,
-                     archived: dict[str, str] | None = None) -> None:
-        """Queue create()'s script in `pipe` (a MULTI of the caller's)."""
+                     archived: dict[str, str] | None = None, reach: Iterable[str] = ()) -> None:
+        """Queue create()'s script in `pipe` (a MULTI of the caller's, which passes the
+        `reach` of its changes: at least reach([]), the idle agents a backlog task wakes)."""
         kind, fields = self._creation(task, assign_to, backlog, sender, priority, None)
-        self._new(keys=self.keys.slot, args=[self.keys.prefix, task.id, time.time(), "1" if backlog and not task.after else "",
+        keys = [*self.declared([task.id, *task.after], [assign_to], tags=task.tags), *reach]
+        self._new(keys=keys, args=[self.keys.prefix, task.id, time.time(), "1" if backlog and not task.after else "",
                         kind, task.description[:200], json.dumps(archived or {}), *fields], client=pipe)
 
     def create(self, task: Task, *, assign_to: str | None = None, backlog: bool = False,
@@ -2956,15 +3233,17 @@ class TaskStore:
         """Finish the graph's queued work (a change that reached more dependents than one
         script settles), a budget per script: one LLEN when there is none."""
         while self.redis.llen(self.keys.graph_work):
-            self._graph(keys=self.keys.slot, args=[self.keys.prefix, _now()])
+            self._graph(keys=self.declared(), args=[self.keys.prefix, _now()])
 
-    def queue_change(self, pipe: Any, task: Task, *, mode: str = "", **changes: Any) -> Task:
+    def queue_change(self, pipe: Any, task: Task, *, mode: str = "", reach: Iterable[str] = (),
+                     **changes: Any) -> Task:
         """Queue (in a MULTI) a change with its counters, indexes, backlog place, event and
         what it means to the task's dependents.  `mode` "to_backlog" also puts it into the
-        backlog."""
+        backlog.  `reach`: keys it touches beyond the task's and its agents'."""
         now = _now()
         detail = (changes.get("result") or changes.get("error") or "")[:200]
-        self._change(keys=self.keys.slot, args=[self.keys.prefix, task.id, now, detail, mode, *_field_args(changes)], client=pipe)
+        keys = [*self.declared([task.id], [task.assigned_to, task.release_to, changes.get("assigned_to")]), *reach]
+        self._change(keys=keys, args=[self.keys.prefix, task.id, now, detail, mode, *_field_args(changes)], client=pipe)
         return dataclasses.replace(task, **changes, updated_at=now)
 
     def queue_usage(self, pipe: Any, task_ids: list[str], tokens_in: int, tokens_out: int, cost_usd: float) -> None:
@@ -2973,13 +3252,17 @@ class TaskStore:
             self._usage(keys=[self.keys.task(t) for t in task_ids], args=[tokens_in, tokens_out, cost_usd],
                         client=pipe)
 
-    def queue_assign(self, pipe: Any, task_id: str, message: Message) -> None:
+    def queue_assign(self, pipe: Any, task_id: str, message: Message, reach: Iterable[str] = ()) -> None:
         """Queue (in a MULTI) handing an open task to `message.to` with this task_assign message."""
-        self._change(keys=self.keys.slot, args=[self.keys.prefix, task_id, _now(), "", "assign", message.to, message.to_json()],
+        self._change(keys=[*self.declared([task_id], [message.to]), *reach], args=[self.keys.prefix, task_id, _now(), "", "assign", message.to, message.to_json()],
                      client=pipe)
 
     def change_task(self, task_id: str, decide: Callable[[Task], dict[str, Any] | None]) -> Task:
-        """Apply `decide(task)`'s changes under WATCH (None: leave the task as it is)."""
+        """Apply `decide(task)`'s changes under WATCH (None: leave the task as it is).  The
+        transaction holds the one script, so one that asked for more keys wrote nothing, and
+        goes again with them."""
+        reach: list[str] = []
+
         def change_in(pipe: Any) -> Task:
             data = pipe.hgetall(self.keys.task(task_id))
             if not data:
@@ -2989,9 +3272,19 @@ class TaskStore:
             if not changes:
                 return task
             pipe.multi()
-            return self.queue_change(pipe, task, **changes)
+            return self.queue_change(pipe, task, reach=reach, **changes)
 
-        changed = self.redis.transaction(change_in, self.keys.task(task_id), value_from_callable=True)
+        for _ in range(NEED_ROUNDS):
+            try:
+                changed = self.redis.transaction(change_in, self.keys.task(task_id), value_from_callable=True)
+                break
+            except redis.ResponseError as exc:
+                if (needed := _needed_keys(exc)) is None:
+                    raise
+                self._learn(needed)
+                reach += needed
+        else:
+            raise TinytownError(f"task {task_id} changes faster than it can be read: try again")
         self.settle_graph()
         return changed
 
@@ -3012,12 +3305,12 @@ class TaskStore:
         the task is no longer in the backlog (a claim got there first).
         """
         template = self.assignment(Task(description="\x02", id="\x01"), agent_id, sender)
-        claimed = self._claim(keys=self.keys.slot, args=[self.keys.prefix, agent_id, task_id or "", template.to_json(), _now()])
+        claimed = self._claim(keys=self.declared([task_id], [agent_id]), args=[self.keys.prefix, agent_id, task_id or "", template.to_json(), _now()])
         return self.get(claimed) if claimed else None
 
     def unbacklog(self, task_id: str) -> Task | None:
         """Cancel a backlog task (None: it was claimed meanwhile)."""
-        changed = self._change(keys=self.keys.slot, args=[self.keys.prefix, task_id, _now(), "removed from the backlog",
+        changed = self._change(keys=self.declared([task_id]), args=[self.keys.prefix, task_id, _now(), "removed from the backlog",
                                      "from_backlog", *_field_args({
                                          "state": TaskState.CANCELLED, "result": "removed from the backlog",
                                          "completed_at": _now()})])
@@ -3027,7 +3320,7 @@ class TaskStore:
     def delete(self, task_id: str) -> bool:
         """Remove a task everywhere it is indexed (e.g. a malformed one); its dependents see
         it as failed (on_failure decides), its messages stay where they are."""
-        dropped = bool(self._drop(keys=self.keys.slot, args=[self.keys.prefix, _now(), task_id]))
+        dropped = bool(self._drop(keys=self.declared([task_id]), args=[self.keys.prefix, _now(), task_id]))
         self.settle_graph()
         return dropped
 
@@ -3047,7 +3340,7 @@ class TaskStore:
         [(_, highest)] = self.redis.zrange(finished, count - 1, count - 1, withscores=True)
         lowest = "-inf"
         while True:
-            last, looked = self._prune(keys=self.keys.slot, args=[self.keys.prefix, lowest, repr(highest), PRUNE_BATCH])
+            last, looked = self._prune(keys=self.declared(), args=[self.keys.prefix, lowest, repr(highest), PRUNE_BATCH])
             pruned += self._flush_pruned()
             if int(looked) < PRUNE_BATCH:
                 return pruned
@@ -3118,7 +3411,7 @@ class TaskStore:
         """One batch of a plan push, atomically (_PLAN_PUSH_LUA): per operation, the fields
         applied and, as 'field: reason', those kept."""
         try:
-            answers = self._plan_push(keys=self.keys.slot, args=[self.keys.prefix, _now(), json.dumps(ops)])
+            answers = self._plan_push(keys=self.declared(op["id"] for op in ops), args=[self.keys.prefix, _now(), json.dumps(ops)])
         except redis.ResponseError as exc:
             raise TinytownError(f"the plan was not applied: {exc}") from None
         self.settle_graph()
@@ -3132,7 +3425,9 @@ class TaskStore:
         if self.redis.get(self.keys.layout) == LAYOUT_VERSION:
             return None
         self._rename_legacy_keys()
-        done = self._queue_upgrade(self.redis)
+        # (It reaches every task and agent: a few calls, each declaring what the last found.)
+        done = self._upgrade(keys=self.declared(), args=[self.keys.prefix, LAYOUT_VERSION, _now(),
+                                                         *(s.value for s in TaskState)])
         self.settle_graph()
         if done:
             log.info("town %s: storage upgraded to layout %s (%s tasks, %s in the backlog, %s agents)",
@@ -3165,13 +3460,10 @@ class TaskStore:
                  self.keys.prefix)
         return renamed
 
-    def _queue_upgrade(self, client: Any) -> Any:
-        return self._upgrade(keys=self.keys.slot, args=[self.keys.prefix, LAYOUT_VERSION, _now(), *(s.value for s in TaskState)],
-                             client=client)
-
     def load(self, keys: dict[str, tuple[str, Any]], layout: str, source: str) -> int:
         """Write a snapshot's keys (relative name -> (type, value)) into this town in one
-        transaction, then bring an older layout to this one.  Returns keys written."""
+        transaction, then bring an older layout to this one (a town left without its
+        `layout` mark in between is upgraded by the next connect).  Returns keys written."""
         write = {"string": lambda p, k, v: p.set(k, v), "hash": lambda p, k, v: p.hset(k, mapping=v),
                  "list": lambda p, k, v: p.rpush(k, *v), "set": lambda p, k, v: p.sadd(k, *v),
                  "zset": lambda p, k, v: p.zadd(k, {member: score for member, score in v})}
@@ -3185,12 +3477,13 @@ class TaskStore:
             pipe.set(self.keys.layout, LAYOUT_VERSION)
         else:  # (the keys just written are of `layout`, whatever the town's mark said)
             pipe.delete(self.keys.layout)
-            self._queue_upgrade(pipe)
         pipe.xadd(self.keys.events, {"event": "restored", "at": _now(), "keys": str(written), "source": source},
                   maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.incr(self.keys.events_added)  # (as every event is counted: the hook runner's gap check)
         pipe.hincrby(self.keys.event_counts, "restored", 1)
         pipe.execute()
+        if layout != LAYOUT_VERSION:
+            self.upgrade_layout()
         self.settle_graph()
         return written
 
@@ -3203,7 +3496,7 @@ class TaskStore:
 
 # KEYS[1] = stop:<id>, KEYS[2] = agent:<id>, KEYS[3] = wake:<id>,
 # KEYS[4..6] = urgent:<id>, high:<id>, inbox:<id> (delivery order), KEYS[7] = processing:<id>,
-# KEYS[8] = events, KEYS[9] = idle
+# KEYS[8..10] = events (Keys.event_keys), KEYS[11] = idle
 # ARGV[1] = most actionable messages to take, ARGV[2] = agent id, ARGV[3] = timestamp
 # Moves pending messages into processing and returns {stop request, state, messages...}.
 # Nothing is taken on a kill request, while paused or while waiting (for a provider's rate
@@ -3229,25 +3522,25 @@ for i = 4, 6 do
 end
 if work > 0 and (state == 'idle' or state == 'starting') then
   redis.call('HSET', KEYS[2], 'state', 'working')
-  redis.call('SREM', KEYS[9], ARGV[2])
-  add_event(KEYS[8], 'event', 'agent_working', 'agent', ARGV[2], 'from', state, 'at', ARGV[3])
+  redis.call('SREM', KEYS[11], ARGV[2])
+  add_event({KEYS[8], KEYS[9], KEYS[10]}, 'event', 'agent_working', 'agent', ARGV[2], 'from', state, 'at', ARGV[3])
   out[2] = 'working'
 end
 return out
 """
 
-# KEYS[1] = the recipient's queue, KEYS[2] = wake:<id>, KEYS[3] = events,
-# KEYS[4] = agent:<id> (KEYS[1] for the conductor, whose mailbox always exists)
+# KEYS[1] = the recipient's queue, KEYS[2] = wake:<id>, KEYS[3] = agent:<id> (KEYS[1] for the
+# conductor, whose mailbox always exists), KEYS[4..6] = events (Keys.event_keys)
 # ARGV[1] = the message (JSON), ARGV[2] = wake tokens to keep, ARGV[3..] = event fields
 # Channel.send in one command: the hot path's version of Channel._push plus an event.
 # Returns 0, sending nothing, when the agent was deleted meanwhile (`tt prune`): a message
 # is never pushed to a mailbox nobody will read.
 _SEND_LUA = """
-if KEYS[4] ~= KEYS[1] and redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
+if KEYS[3] ~= KEYS[1] and redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[2], '1')
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
-add_event(KEYS[3], unpack(ARGV, 3))
+add_event({KEYS[4], KEYS[5], KEYS[6]}, unpack(ARGV, 3))
 return 1
 """
 
@@ -3261,28 +3554,40 @@ end
 return false
 """
 
-# KEYS[1] = agent:<id>, KEYS[2] = events, KEYS[3] = idle
+# KEYS[1] = agent:<id>, KEYS[2..4] = events (Keys.event_keys), KEYS[5] = idle, KEYS[6..] = the
+# role indexes (role:<role>) a role change moves the agent between
 # ARGV[1] = new state, ARGV[2] = the states it may replace, space-separated ('*': any),
-# ARGV[3] = agent id, ARGV[4] = timestamp, ARGV[5..] = more field/value pairs to set
-# KEYS[4] = the role index's prefix (role:)
+# ARGV[3] = agent id, ARGV[4] = timestamp, ARGV[5] = the role indexes' prefix,
+# ARGV[6..] = more field/value pairs to set
 # Returns the old state, or false when the agent is gone or in a state not allowed.
-# The idle set follows, for the backlog's wake-ups, and the role indexes a role change.
+# The idle set follows, for the backlog's wake-ups, and the role indexes a role change
+# (`TTNEED` and nothing written when the caller did not declare them).
 _SET_STATE_LUA = """
 local old, old_role = unpack(redis.call('HMGET', KEYS[1], 'state', 'role'))
 if not old then return false end
 if ARGV[2] ~= '*' and not string.find(' ' .. ARGV[2] .. ' ', ' ' .. old .. ' ', 1, true) then
   return false
 end
-for i = 5, #ARGV - 1, 2 do
+local moves, missing = {}, {}
+for i = 6, #ARGV - 1, 2 do
   if ARGV[i] == 'role' and ARGV[i + 1] ~= (old_role or '') then
-    if old_role and old_role ~= '' then redis.call('SREM', KEYS[4] .. old_role, ARGV[3]) end
-    if ARGV[i + 1] ~= '' then redis.call('SADD', KEYS[4] .. ARGV[i + 1], ARGV[3]) end
+    moves = {{'SREM', old_role or ''}, {'SADD', ARGV[i + 1]}}
   end
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 5))
-redis.call(ARGV[1] == 'idle' and 'SADD' or 'SREM', KEYS[3], ARGV[3])
+for _, move in ipairs(moves) do
+  move[2] = move[2] ~= '' and ARGV[5] .. move[2]
+  local found = not move[2]
+  for i = 6, #KEYS do found = found or KEYS[i] == move[2] end
+  if not found then missing[#missing + 1] = move[2] end
+end
+if #missing > 0 then return redis.error_reply('TTNEED ' .. cjson.encode(missing)) end
+for _, move in ipairs(moves) do
+  if move[2] then redis.call(move[1], move[2], ARGV[3]) end
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 6))
+redis.call(ARGV[1] == 'idle' and 'SADD' or 'SREM', KEYS[5], ARGV[3])
 if old ~= ARGV[1] then
-  add_event(KEYS[2], 'event', 'agent_' .. ARGV[1], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
+  add_event({KEYS[2], KEYS[3], KEYS[4]}, 'event', 'agent_' .. ARGV[1], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
 end
 return old
 """
@@ -3319,7 +3624,8 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 
-# KEYS[1] = alive:<id>, KEYS[2] = stop:<id>, KEYS[3] = agent:<id>, KEYS[4] = events, KEYS[5] = idle
+# KEYS[1] = alive:<id>, KEYS[2] = stop:<id>, KEYS[3] = agent:<id>, KEYS[4..6] = events
+# (Keys.event_keys), KEYS[7] = idle
 # ARGV[1] = the loop's identity, ARGV[2] = final state, ARGV[3] = agent id, ARGV[4] = timestamp,
 # ARGV[5..] = more field/value pairs to set
 # Ends a loop's tenure at once: heartbeat and stop request gone, final state written, so
@@ -3329,11 +3635,11 @@ _RELEASE_LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SREM', KEYS[5], ARGV[3])
+redis.call('SREM', KEYS[7], ARGV[3])
 local old = redis.call('HGET', KEYS[3], 'state')
 if not old then return 1 end
 redis.call('HSET', KEYS[3], 'state', ARGV[2], unpack(ARGV, 5))
-add_event(KEYS[4], 'event', 'agent_' .. ARGV[2], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
+add_event({KEYS[4], KEYS[5], KEYS[6]}, 'event', 'agent_' .. ARGV[2], 'agent', ARGV[3], 'from', old, 'at', ARGV[4])
 return 1
 """
 
@@ -3344,6 +3650,8 @@ return 1
 # blocked again).  Returns them.
 _DEAD_LUA = _TASKS_LUA + """
 local agent, now = ARGV[2], ARGV[4]
+reach_loop(agent)
+if short then return need_keys() end
 local dead = key('dead', agent)
 local chosen = {}
 for _, raw in ipairs(redis.call('LRANGE', dead, 0, -1)) do
@@ -3352,11 +3660,13 @@ for _, raw in ipairs(redis.call('LRANGE', dead, 0, -1)) do
     for i = 5, #ARGV do
       if ARGV[i] == '*' or string.sub(m['id'], 1, #ARGV[i]) == ARGV[i] then
         chosen[#chosen + 1] = {raw, m}
+        if m['type'] == 'task_assign' and type(m['task_id']) == 'string' then reach_task(m['task_id']) end
         break
       end
     end
   end
 end
+if short then return need_keys() end
 local acted = {}
 for _, pick in ipairs(chosen) do
   local raw, m = pick[1], pick[2]
@@ -3383,6 +3693,18 @@ return acted
 
 # The requeue shared by settling (a loop ends its round) and recovering (a loop died).
 _REQUEUE_LUA = _TASKS_LUA + """
+
+-- The agent's keys, its loop's, and those of the tasks its processing list assigns.
+local function reach_requeue(agent)
+  reach_loop(agent)
+  if short then return end
+  for _, raw in ipairs(redis.call('LRANGE', key('processing', agent), 0, -1)) do
+    local ok, m = pcall(cjson.decode, raw)
+    if ok and type(m) == 'table' and m['type'] == 'task_assign' and type(m['task_id']) == 'string' then
+      reach_task(m['task_id'])
+    end
+  end
+end
 
 -- Empties processing:<agent>.  Acked ids are dropped; the rest go back to the front of
 -- their queue in their original order, or to dead:<agent> once out of attempts (failed
@@ -3441,6 +3763,8 @@ end
 # A round's end: what the agent took is acknowledged or requeued.  False when the lease is
 # not the caller's (what a loop took is its own).
 _SETTLE_LUA = _REQUEUE_LUA + """
+reach_requeue(ARGV[2])
+if short then return need_keys() end
 if ARGV[3] ~= '' and redis.call('GET', key('alive', ARGV[2])) ~= ARGV[3] then return false end
 local acked = {}
 for i = 10, #ARGV do acked[ARGV[i]] = true end
@@ -3460,6 +3784,8 @@ return requeue(ARGV[2], acked, ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARG
 # what it had taken is requeued as an interruption, all at once.
 # Returns {'gone'}, {'alive', holder} or {'recovered' | 'idle', requeued, buried...}.
 _RECOVER_LUA = _REQUEUE_LUA + """
+reach_requeue(ARGV[2])
+if short then return need_keys() end
 local agent_key, alive_key = key('agent', ARGV[2]), key('alive', ARGV[2])
 local state, loop = unpack(redis.call('HMGET', agent_key, 'state', 'loop'))
 if not state then return {'gone'} end
@@ -3470,7 +3796,7 @@ local now = ARGV[8]
 local out = requeue(ARGV[2], {}, 'interruption', ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]),
                     true, now)
 redis.call('DEL', alive_key, key('stop', ARGV[2]))
-redis.call('SREM', prefix .. 'idle', ARGV[2])
+redis.call('SREM', town.idle, ARGV[2])
 if TERMINAL_AGENT[state] then
   table.insert(out, 1, 'idle')
   return out
@@ -3483,7 +3809,8 @@ return out
 """
 
 
-# KEYS[1] = ratelimit:<provider>, KEYS[2] = ratelimit_streak:<provider>, KEYS[3] = events
+# KEYS[1] = ratelimit:<provider>, KEYS[2] = ratelimit_streak:<provider>, KEYS[3..5] = events
+# (Keys.event_keys)
 # ARGV[1] = provider, ARGV[2] = agent id, ARGV[3] = seconds until the reset the CLI gave
 # ('': none given), ARGV[4] = the first back-off, ARGV[5] = the longest (seconds), ARGV[6] =
 # what the CLI said, ARGV[7] = timestamp
@@ -3508,22 +3835,23 @@ redis.call('EXPIRE', KEYS[2], math.ceil(ms / 1000 + 2 * last))  -- a quiet while
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'agent', ARGV[2], 'reason', ARGV[6], 'at', ARGV[7], 'secs', ms / 1000)
 redis.call('PEXPIRE', KEYS[1], ms)
-add_event(KEYS[3], 'event', 'rate_limited', 'provider', ARGV[1], 'agent', ARGV[2], 'secs', ms / 1000,
+add_event({KEYS[3], KEYS[4], KEYS[5]}, 'event', 'rate_limited', 'provider', ARGV[1], 'agent', ARGV[2], 'secs', ms / 1000,
           'reason', ARGV[6], 'at', ARGV[7])
 return ms
 """
 
-# KEYS[1] = events, KEYS[2i], KEYS[2i+1] = ratelimit:<provider>, ratelimit_streak:<provider>
+# KEYS[1..3] = events (Keys.event_keys), KEYS[2i+2], KEYS[2i+3] = ratelimit:<provider>,
+# ratelimit_streak:<provider>
 # ARGV[1] = timestamp, ARGV[1+i] = the providers
 # `tt resume --now`: the pauses lifted and their streaks forgotten; an event for each pause
 # that was in force.  Returns the providers whose pause was lifted.
 _LIFT_RATE_LIMITS_LUA = """
 local lifted = {}
 for i = 2, #ARGV do
-  redis.call('DEL', KEYS[2 * i - 1])
-  if redis.call('DEL', KEYS[2 * i - 2]) == 1 then
+  redis.call('DEL', KEYS[2 * i + 1])
+  if redis.call('DEL', KEYS[2 * i]) == 1 then
     lifted[#lifted + 1] = ARGV[i]
-    add_event(KEYS[1], 'event', 'rate_limit_lifted', 'provider', ARGV[i], 'at', ARGV[1])
+    add_event({KEYS[1], KEYS[2], KEYS[3]}, 'event', 'rate_limit_lifted', 'provider', ARGV[i], 'at', ARGV[1])
   end
 end
 return lifted
@@ -3552,8 +3880,8 @@ class Channel:
         self._acquire_lease = script(_ACQUIRE_LEASE_LUA)
         self._refresh_lease = script(_REFRESH_LEASE_LUA)
         self._release_lease = script(_RELEASE_LEASE_LUA)
-        self._settle, self._recover = script(_SETTLE_LUA), script(_RECOVER_LUA)
-        self._dead = script(_DEAD_LUA)
+        library = self.task_store.script  # (scripts built on the tasks library)
+        self._settle, self._recover, self._dead = library(_SETTLE_LUA), library(_RECOVER_LUA), library(_DEAD_LUA)
         self._rate_limit, self._lift_rate_limits = script(_RATE_LIMIT_LUA), script(_LIFT_RATE_LIMITS_LUA)
 
     # -- events ------------------------------------------------------------------
@@ -3625,8 +3953,7 @@ class Channel:
         """Queue a message for `message.to` (an agent id or the conductor) and wake it."""
         queue = self.keys.queue_for(message.to, message.priority)
         record = queue if message.to == CONDUCTOR_ID else self.keys.agent(message.to)
-        if not self._send(keys=[queue,
-                                self.keys.wake(message.to), self.keys.events, record],
+        if not self._send(keys=[queue, self.keys.wake(message.to), record, *self.keys.event_keys],
                           args=[message.to_json(), WAKE_KEEP, "event", "message", "at", _now(),
                                 "agent", message.to, "type", message.type, "sender", message.from_,
                                 "message", message.id, "detail", message.text[:EVENT_DETAIL_MAX]]):
@@ -3727,7 +4054,7 @@ class Channel:
         """Drop dead letters, or `retry` them: back to the end of their queue with fresh
         counters (a failed task they assign reopened as assigned), all at once.  Ids or
         prefixes (None: every one)."""
-        chosen = self._dead(keys=self.keys.slot, args=[self.keys.prefix, agent_id, "retry" if retry else "drop", _now(),
+        chosen = self._dead(keys=self.task_store.declared(loops=[agent_id]), args=[self.keys.prefix, agent_id, "retry" if retry else "drop", _now(),
                                   *(message_ids if message_ids is not None else ["*"])])
         self.task_store.settle_graph()
         return [Message.from_json(raw) for raw in chosen]
@@ -3751,7 +4078,7 @@ class Channel:
         """Move pending messages into processing; returns (stop request, state, messages)."""
         stop, state, *raws = self._take(keys=[self.keys.stop(agent_id), self.keys.agent(agent_id),
                                               self.keys.wake(agent_id), *self.keys.queues(agent_id),
-                                              self.keys.processing(agent_id), self.keys.events,
+                                              self.keys.processing(agent_id), *self.keys.event_keys,
                                               self.keys.idle],
                                         args=[limit, agent_id, _now()])
         processing = self.keys.processing(agent_id)
@@ -3769,7 +4096,7 @@ class Channel:
         and their tasks fail with `reason`.  One Lua script; returns the dead ones.  With
         `holder`, only that lease holder may settle (LostLease otherwise).
         """
-        reply = self._settle(keys=self.keys.slot, args=[self.keys.prefix, agent_id, holder, count, reason,
+        reply = self._settle(keys=self.task_store.declared(loops=[agent_id]), args=[self.keys.prefix, agent_id, holder, count, reason,
                                    self.settings.max_attempts, self.settings.max_interruptions,
                                    "1" if wake else "0", _now(), *acked])
         if reply is None:
@@ -3785,7 +4112,7 @@ class Channel:
         `running_loop`, the record's `pid@host` when that loop runs there.  Returns
         (verdict, requeued): 'gone', 'alive', 'recovered' or 'idle' (terminal already).
         """
-        verdict, *rest = self._recover(keys=self.keys.slot, args=[self.keys.prefix, agent_id, gone_holder, running_loop,
+        verdict, *rest = self._recover(keys=self.task_store.declared(loops=[agent_id]), args=[self.keys.prefix, agent_id, gone_holder, running_loop,
                                              reason, self.settings.max_attempts,
                                              self.settings.max_interruptions, _now()])
         self.task_store.settle_graph()
@@ -3826,16 +4153,17 @@ class Channel:
     # -- agents ------------------------------------------------------------------
 
     def set_agent_state(self, agent_id: str, state: str, allowed_from: str | Iterable[str] = "*",
-                        *, pipe: Any = None, **fields: Any) -> str | None:
+                        *, pipe: Any = None, old_role: str | None = None, **fields: Any) -> str | None:
         """Change the state only if the current one is in `allowed_from` (done in Redis).
 
         Returns the previous state, or None when the change did not apply (queued in
-        `pipe` instead when one is given).
+        `pipe` instead when one is given; a `role` changed there needs the `old_role`).
         """
         allowed = allowed_from if isinstance(allowed_from, str) else " ".join(allowed_from)
-        return self._set_state(keys=[self.keys.agent(agent_id), self.keys.events, self.keys.idle,
-                                     self.keys.role("")],
-                               args=[state, allowed, agent_id, _now(), *_field_args(fields)], client=pipe)
+        roles = [self.keys.role(r) for r in {fields.get("role"), old_role} if r] if "role" in fields else []
+        return self._set_state(keys=[self.keys.agent(agent_id), *self.keys.event_keys, self.keys.idle, *roles],
+                               args=[state, allowed, agent_id, _now(), self.keys.role(""), *_field_args(fields)],
+                               client=pipe)
 
     def acquire_lease(self, agent_id: str, identity: str, ttl: int, replaceable: str = "") -> str | None:
         """Take `alive:<id>` for a new loop; None when taken, else the holder's identity.
@@ -3859,7 +4187,7 @@ class Channel:
         """Drop the lease and write the final state at once; False when not ours."""
         return bool(self._release_lease(
             keys=[self.keys.alive(agent_id), self.keys.stop(agent_id), self.keys.agent(agent_id),
-                  self.keys.events, self.keys.idle],
+                  *self.keys.event_keys, self.keys.idle],
             args=[identity, final, agent_id, _now(), *_field_args(fields)]))
 
     def update_agent(self, agent_id: str, **fields: Any) -> None:
@@ -3962,6 +4290,7 @@ class Channel:
             tasks = {t: _from_hash(Task, data) for t in task_ids if (data := pipe.hgetall(self.keys.task(t)))}
             name, role = pipe.hmget(self.keys.agent(agent_id), "name", "role") if retire else (None, None)
             owner = pipe.hget(self.keys.agents, name) if name else None
+            reach = self.task_store.reach(tasks, [target])  # (exact: the tasks and idle set are watched)
             pipe.multi()
             pipe.delete(*lists)
             bad = [raw for raw, message in parsed if message is None]
@@ -3972,14 +4301,14 @@ class Channel:
                 if message.type == MessageType.TASK_ASSIGN and (task is None or task.terminal):
                     continue  # the work is over; nothing to hand on
                 if target and task:
-                    self.task_store.queue_assign(pipe, task.id, dataclasses.replace(message, to=target))
+                    self.task_store.queue_assign(pipe, task.id, dataclasses.replace(message, to=target), reach)
                 elif target:
                     self._push(pipe, dataclasses.replace(message, to=target))
                 elif task:
-                    self.task_store.queue_change(pipe, task, mode="to_backlog", state=TaskState.PENDING,
-                                                 assigned_to=None)
+                    self.task_store.queue_change(pipe, task, mode="to_backlog", reach=reach,
+                                                 state=TaskState.PENDING, assigned_to=None)
                 elif message.type == MessageType.TASK:  # plain work becomes a backlog task
-                    self.task_store.queue_create(pipe, Task(description=message.text), backlog=True)
+                    self.task_store.queue_create(pipe, Task(description=message.text), backlog=True, reach=reach)
                 else:
                     self._push(pipe, dataclasses.replace(message, to=CONDUCTOR_ID))
             if messages:
@@ -3997,7 +4326,7 @@ class Channel:
                 self.add_event(pipe, "agent_deleted", agent=agent_id, name=name)
             return messages
 
-        watched = [*lists, self.keys.alive(agent_id), self.keys.agent(agent_id), self.keys.agents]
+        watched = [*lists, self.keys.alive(agent_id), self.keys.agent(agent_id), self.keys.agents, self.keys.idle]
         moved = self.redis.transaction(move_in, *watched, value_from_callable=True)
         self.task_store.settle_graph()
         return moved
@@ -4015,7 +4344,7 @@ class Channel:
         seconds the pause has left."""
         first, last = self.settings.rate_limit_backoff_secs, RATE_LIMIT_MAX_BACKOFF_SECS
         return self._rate_limit(keys=[self.keys.rate_limit(provider), self.keys.rate_limit_streak(provider),
-                                      self.keys.events],
+                                      *self.keys.event_keys],
                                 args=[provider, agent_id, "" if reset_secs is None else f"{reset_secs:.3f}",
                                       first, last, reason[:EVENT_DETAIL_MAX], _now()]) / 1000
 
@@ -4040,7 +4369,7 @@ class Channel:
         pipe = self.redis.pipeline()
         keys = [key for provider in wanted
                 for key in (self.keys.rate_limit(provider), self.keys.rate_limit_streak(provider))]
-        self._lift_rate_limits(keys=[self.keys.events, *keys], args=[_now(), *wanted], client=pipe)
+        self._lift_rate_limits(keys=[*self.keys.event_keys, *keys], args=[_now(), *wanted], client=pipe)
         self.wake_all(pipe, wake)
         return pipe.execute()[0]
 
@@ -4540,7 +4869,7 @@ class Town:
         fields = {k: v for k, v in fields.items() if v is not None}
         pipe = self.redis.pipeline()
         self._channel.set_agent_state(agent.id, AgentState.STARTING, " ".join(TERMINAL_AGENT_STATES),
-                                      pipe=pipe, error="", created_at=_now(), **fields)
+                                      pipe=pipe, old_role=agent.role, error="", created_at=_now(), **fields)
         if start:
             self._channel.hold_for_launch(pipe, agent.id, only_if_free=True)
         if pipe.execute()[0] is None:
@@ -5839,8 +6168,8 @@ LAND_REDOS = 5  # a target that keeps moving under the lander: the change waits 
 LAND_TAIL_CHARS = 4000  # of a conflict or a test's output, in the task that returns a change
 REVIEW_DIFF_CHARS = 20_000  # of a change's diff, in a reviewer's task
 
-# KEYS[1] = change:<task id>, KEYS[2] = changes, KEYS[3] = change_counts, KEYS[4] = events,
-# KEYS[5] = change_seq
+# KEYS[1] = change:<task id>, KEYS[2] = changes, KEYS[3] = change_counts, KEYS[4] = change_seq,
+# KEYS[5..7] = events (Keys.event_keys)
 # ARGV[1] = task id, ARGV[2] = timestamp, ARGV[3] = the states it may change from, space-
 # separated ('' : a new change, only if the task has none), ARGV[4] = the new state ('':
 # the change goes), ARGV[5] = the event kind ('' : none), ARGV[6] = the event's detail,
@@ -5869,10 +6198,10 @@ if not old then
   redis.call('HSET', KEYS[1], 'task', ARGV[1], 'created_at', ARGV[2])
 end
 if not old or (ARGV[4] == 'ready' and old ~= 'ready') then
-  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[5]), ARGV[1])
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[1])
 end
 if ARGV[5] ~= '' then
-  add_event(KEYS[4], 'event', ARGV[5], 'at', ARGV[2], 'task', ARGV[1],
+  add_event({KEYS[5], KEYS[6], KEYS[7]}, 'event', ARGV[5], 'at', ARGV[2], 'task', ARGV[1],
             'agent', redis.call('HGET', KEYS[1], 'agent') or '', 'detail', ARGV[6])
 end
 return old or ''
@@ -5953,14 +6282,14 @@ class Changes:
         self.redis = town.redis
         self.keys = town.keys
         self.settings = town.config.land
-        self._change = town.redis.register_script(_lua(_CHANGE_LUA))
+        self._change = _Script(town.redis, _lua(_CHANGE_LUA))
 
     def transition(self, task_id: str, allowed: str, state: str, event: str = "", detail: str = "",
                    pipe: Any = None, **fields: Any) -> str | None:
         """Move a change from one of the `allowed` states to `state` (see _CHANGE_LUA); the
         state it had, or None when it was in none of them (queued in `pipe` when given)."""
         old = self._change(keys=[self.keys.change(task_id), self.keys.changes, self.keys.change_counts,
-                                 self.keys.events, self.keys.change_seq],
+                                 self.keys.change_seq, *self.keys.event_keys],
                            args=[task_id, _now(), allowed, state, event, detail[:200], *_field_args(fields)],
                            client=pipe)
         return None if old is False or old is None else old
@@ -7729,7 +8058,7 @@ HOOK_STDERR_TAIL = 500      # characters of a failing hook's stderr kept in its 
 _TASK_ENDINGS = ("task_completed", "task_failed", "task_cancelled", "task_deleted")
 
 
-# KEYS[1] = events, KEYS[2] = events_added, KEYS[3] = hooks; ARGV[1] = the group, ARGV[2] = timestamp
+# KEYS[1..3] = events (Keys.event_keys), KEYS[4] = hooks; ARGV[1] = the group, ARGV[2] = timestamp
 # The gap trimming left.  Every event ever added (events_added) is accounted for (acked by
 # the runner, or added before its group was made), pending, unread in the stream, or lost.
 # Lost ones can only be there once the stream's first entry lies past the group's
@@ -7747,10 +8076,10 @@ for _, group in ipairs(groups) do
 end
 if not last then return 0 end
 local added = tonumber(redis.call('GET', KEYS[2]) or '0')
-local accounted = redis.call('HGET', KEYS[3], 'accounted')
+local accounted = redis.call('HGET', KEYS[4], 'accounted')
 if not accounted then  -- a group an older tinytown made: counted from here on
   local unread = #redis.call('XRANGE', KEYS[1], '(' .. last, '+')
-  redis.call('HSET', KEYS[3], 'accounted', added - pending - unread)
+  redis.call('HSET', KEYS[4], 'accounted', added - pending - unread)
   return 0
 end
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
@@ -7762,9 +8091,9 @@ if first then
 end
 local missed = added - tonumber(accounted) - pending - redis.call('XLEN', KEYS[1])
 if missed <= 0 then return 0 end
-redis.call('HINCRBY', KEYS[3], 'accounted', missed)
-redis.call('HINCRBY', KEYS[3], 'missed', missed)
-add_event(KEYS[1], 'event', 'hooks_missed', 'at', ARGV[2], 'count', missed)
+redis.call('HINCRBY', KEYS[4], 'accounted', missed)
+redis.call('HINCRBY', KEYS[4], 'missed', missed)
+add_event({KEYS[1], KEYS[2], KEYS[3]}, 'event', 'hooks_missed', 'at', ARGV[2], 'count', missed)
 return missed
 """
 
@@ -7857,7 +8186,7 @@ class HookRunner:
         """Read a batch of entries, run their hooks, ack each; returns how many were read."""
         keys = self.town.keys
         if self._check_gap:
-            missed = self._gap(keys=[keys.events, keys.events_added, keys.hooks], args=[_HOOK_GROUP, _now()])
+            missed = self._gap(keys=[*keys.event_keys, keys.hooks], args=[_HOOK_GROUP, _now()])
             if missed:
                 log.warning("hooks: %d events were trimmed off the stream before the runner read them", missed)
         try:
