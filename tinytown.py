@@ -1759,6 +1759,13 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+# What a lost or moving Redis raises: an outage to ride out (the client reconnects, finds the
+# new master, or follows the town's slot once its keys have moved), never a failed task.
+# (ClusterError: a cluster that is down, or a slot being moved longer than redis-py retries.)
+REDIS_OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.TryAgainError,
+                 redis.exceptions.ClusterError, redis.exceptions.SlotNotCoveredError)
+
+
 def _is_cluster(client: Any) -> bool:
     """A Redis Cluster client (or its pipeline), which routes each command by its keys' slot."""
     return isinstance(client, (redis.RedisCluster, redis.cluster.ClusterPipeline))
@@ -4819,7 +4826,7 @@ class Town:
                 if reply:
                     after = reply[0][1][-1][0]
                 outage = None
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except REDIS_OUTAGES as exc:
                 outage = self._ride_out(exc, outage)
 
     def follow_events(self, after: str = "$", block_secs: float = 5.0) -> Iterator[dict[str, str]]:
@@ -4831,7 +4838,7 @@ class Town:
                 for event in self._channel.follow_events(after, block_secs):
                     after, outage = event.get("id", after), None
                     yield event
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except REDIS_OUTAGES as exc:
                 outage = self._ride_out(exc, outage)
 
     def wait_agent(self, ref: str, timeout: float | None = None) -> Agent:
@@ -7463,7 +7470,7 @@ class AgentLoop:
                     self._settle(set(), "Redis went away mid-round", count="none")
                     log.info("agent %s: Redis is back", self.agent.name)
                 return self.step()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except REDIS_OUTAGES as exc:
                 interrupted = True
                 if self._stop_requested or self.town.server.stopped_on_purpose:
                     raise
@@ -8160,7 +8167,7 @@ class HookRunner:
                 self._beat()
                 self.step()
                 give_up = None
-            except (redis.ConnectionError, redis.TimeoutError):
+            except REDIS_OUTAGES:
                 if self.town.server.stopped_on_purpose:
                     log.info("hooks: the town was stopped; exiting")
                     return
