@@ -3238,9 +3238,30 @@ class TaskStore:
 
     def settle_graph(self) -> None:
         """Finish the graph's queued work (a change that reached more dependents than one
-        script settles), a budget per script: one LLEN when there is none."""
-        while self.redis.llen(self.keys.graph_work):
-            self._graph(keys=self.declared(), args=[self.keys.prefix, _now()])
+        script settles, or dependents whose keys it did not have), a budget per script: one
+        LRANGE when there is none."""
+        while items := self.redis.lrange(self.keys.graph_work, 0, GRAPH_BUDGET - 1):
+            self._graph(keys=self.declared(self._ahead(items)), args=[self.keys.prefix, _now()])
+
+    def _ahead(self, items: list[str]) -> list[str]:
+        """The tasks the graph's work `items` will likely reach: their dependents, and
+        theirs, breadth first, up to GRAPH_BUDGET (a guess, one read a level, that spares a
+        chain of dependents a script per link; the script checks what it was given)."""
+        found: dict[str, None] = {}
+        level = [tuple(item.partition("|")[::2]) for item in items]
+        while level and len(found) < GRAPH_BUDGET:
+            for task_id, _ in level:
+                found[task_id] = None
+            if len(level) == 1:  # (a chain: one command costs less than a pipeline of one)
+                scans = [self.redis.sscan(self.keys.dependents(level[0][0]), level[0][1] or 0, count=100)]
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                for task_id, cursor in level:
+                    pipe.sscan(self.keys.dependents(task_id), cursor or 0, count=100)
+                scans = pipe.execute()
+            level = [(dependent, "") for _, dependents in scans for dependent in dependents
+                     if dependent not in found]
+        return list(found)
 
     def queue_change(self, pipe: Any, task: Task, *, mode: str = "", reach: Iterable[str] = (),
                      **changes: Any) -> Task:
@@ -3701,13 +3722,15 @@ return acted
 # The requeue shared by settling (a loop ends its round) and recovering (a loop died).
 _REQUEUE_LUA = _TASKS_LUA + """
 
--- The agent's keys, its loop's, and those of the tasks its processing list assigns.
-local function reach_requeue(agent)
+-- The agent's keys, its loop's, and those of the tasks its processing list assigns (but
+-- for the `acked` ids: those are done with).
+local function reach_requeue(agent, acked)
   reach_loop(agent)
   if short then return end
   for _, raw in ipairs(redis.call('LRANGE', key('processing', agent), 0, -1)) do
     local ok, m = pcall(cjson.decode, raw)
-    if ok and type(m) == 'table' and m['type'] == 'task_assign' and type(m['task_id']) == 'string' then
+    if ok and type(m) == 'table' and m['type'] == 'task_assign' and type(m['task_id']) == 'string'
+       and not acked[m['id']] then
       reach_task(m['task_id'])
     end
   end
@@ -3770,11 +3793,11 @@ end
 # A round's end: what the agent took is acknowledged or requeued.  False when the lease is
 # not the caller's (what a loop took is its own).
 _SETTLE_LUA = _REQUEUE_LUA + """
-reach_requeue(ARGV[2])
-if short then return need_keys() end
-if ARGV[3] ~= '' and redis.call('GET', key('alive', ARGV[2])) ~= ARGV[3] then return false end
 local acked = {}
 for i = 10, #ARGV do acked[ARGV[i]] = true end
+reach_requeue(ARGV[2], acked)
+if short then return need_keys() end
+if ARGV[3] ~= '' and redis.call('GET', key('alive', ARGV[2])) ~= ARGV[3] then return false end
 return requeue(ARGV[2], acked, ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]),
                ARGV[8] == '1', ARGV[9])
 """
@@ -3791,7 +3814,7 @@ return requeue(ARGV[2], acked, ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARG
 # what it had taken is requeued as an interruption, all at once.
 # Returns {'gone'}, {'alive', holder} or {'recovered' | 'idle', requeued, buried...}.
 _RECOVER_LUA = _REQUEUE_LUA + """
-reach_requeue(ARGV[2])
+reach_requeue(ARGV[2], {})
 if short then return need_keys() end
 local agent_key, alive_key = key('agent', ARGV[2]), key('alive', ARGV[2])
 local state, loop = unpack(redis.call('HMGET', agent_key, 'state', 'loop'))
