@@ -1162,6 +1162,16 @@ def test_backlog_add_wakes_only_idle_agents_that_may_claim_it(town):
     assert woken(lambda: town.backlog_add("dev again", tags=["dev"])) == set()
 
 
+def test_a_tag_that_is_not_valid_text_keeps_its_task_for_that_tag(town):
+    """A lone surrogate (a byte that was not UTF-8) in a tag: the task is indexed under the
+    tag (as U+FFFD), not taken for an untagged one that any agent may claim."""
+    w = worker(town, "w")
+    task = town.backlog_add("hostile tag", tags=["x\udcff"])
+    assert town.task(task.id).tags == ["x\ufffd"]
+    assert town.task_store.claim(None, w.id) is None
+    assert town.redis.zrange(town.keys.backlog_tag("x\ufffd"), 0, -1) == [task.id]
+
+
 def test_task_indexes_follow_every_change_and_cost_follows_the_result(town):
     w, v = worker(town), worker(town, "w2")
     bulk_tasks(town, 300, backlog=True)  # a crowd the agent's queries must not pay for

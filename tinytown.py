@@ -1191,8 +1191,9 @@ TEXT_FIELDS = {"task": "description", "task_assign": "description", "query": "qu
 
 
 def _hash_value(value: Any) -> str:
-    """A field as Redis stores it: None -> '', lists as JSON, the rest as text."""
-    return json.dumps(value) if isinstance(value, list) else "" if value is None else str(value)
+    """A field as Redis stores it: None -> '', lists as JSON (of valid text: Lua's JSON
+    decoder refuses a lone surrogate's escape), the rest as text."""
+    return json.dumps(_valid_text(value)) if isinstance(value, list) else "" if value is None else str(value)
 
 
 def _field_args(fields: dict[str, Any]) -> list[str]:
