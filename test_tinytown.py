@@ -6108,7 +6108,9 @@ def _sentinel_run(tmp_path, monkeypatch, wait_replicas: int) -> dict:
             stop.set()
             worker_thread.join(30)
             for task_id in work:  # the agents went on on the promoted replica
-                assert town.wait_task(task_id, timeout=120).state == "completed"
+                task = town.wait_task(task_id, timeout=120)
+                assert task.state == "completed", (task, [(e.get("event"), e.get("detail")) for e in
+                                                         town.events(200) if e.get("task") == task_id])
             lost = [t for t in acknowledged if town.task(t).state != "completed"]
             return {"acknowledged": len(acknowledged), "refused": len(refused), "lost": lost}
     finally:

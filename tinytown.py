@@ -8466,17 +8466,21 @@ def _open_town(root: Path, use: _TownUse) -> Town:
     if it died (the internal ones, which never start anything, aside).
     """
     stopped = (root / RUNTIME_DIR / "stopped").exists()
-    start_server = use is _TownUse.START or (
-        use is _TownUse.CHANGE and not stopped and not os.environ.get("TINYTOWN_AGENT_ID"))
-    give_up = time.monotonic() + REDIS_OUTAGE_SECS
+    in_agent = bool(os.environ.get("TINYTOWN_AGENT_ID"))
+    start_server = use is _TownUse.START or (use is _TownUse.CHANGE and not stopped and not in_agent)
+    give_up, said = time.monotonic() + REDIS_OUTAGE_SECS, False
     while True:
         try:
             town = Town(root, start_server=start_server)
             break
         except RedisUnreachable:
-            # A loop started in an outage (a failover under way) waits as a running one does.
-            if use is not _TownUse.LOOP or time.monotonic() > give_up:
+            # A loop, or an agent's own `tt` (its round's report), started in an outage (a
+            # failover under way) waits as a running loop does: a round must not fail for it.
+            if not (use is _TownUse.LOOP or in_agent) or stopped or time.monotonic() > give_up:
                 raise
+            if not said:
+                _note("tt: Redis does not answer; waiting for it (a failover?)")
+                said = True
             time.sleep(0.5)
     if use not in (_TownUse.NEVER_START, _TownUse.LOOP):
         with contextlib.suppress(OSError, redis.RedisError):  # (never at the command's expense)
