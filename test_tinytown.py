@@ -5966,15 +5966,24 @@ def test_a_loop_that_starts_while_its_external_redis_is_down_waits_for_it(tmp_pa
     monkeypatch.setenv("REDIS_URL", url)
     with Town.init(tmp_path / "town", "outage", agent={"heartbeat_secs": 1}) as town:
         agent = town.spawn_agent("late", "demo", start=False)
+        reported = town.backlog_add("an agent reports it done", tags=["nobody"])
         redis.Redis(port=port).shutdown(save=True)
         server.wait(10)
         loop = subprocess.Popen([sys.executable, str(MODULE), "-t", str(town.root), "agent-loop", agent.id],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        report = subprocess.Popen(  # an agent's own `tt`, in a round that meets the outage
+            [sys.executable, str(MODULE), "-t", str(town.root), "task", "complete", reported.id],
+            env={**os.environ, "TINYTOWN_AGENT_ID": agent.id}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
         time.sleep(3)
         assert loop.poll() is None, loop.stderr.read()  # still waiting for its Redis
+        assert report.poll() is None, report.communicate()  # and so is the report
         server = _start_server(folder, port, "--appendonly", "yes")
         try:
             again = Town(town.root)
+            out, err = report.communicate(timeout=30)
+            assert report.returncode == 0 and "waiting for it" in err, (out, err)
+            assert again.task(reported.id).state == "completed"
             assert wait_state(again, agent.id, "idle").pid == str(loop.pid)
             task = again.assign("late", "after the outage")
             assert again.wait_task(task.id, timeout=60).state == "completed"

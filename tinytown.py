@@ -2178,6 +2178,7 @@ local function add_event(at, ...)
 end
 """
 
+
 def _lua(script: str) -> str:
     """A Lua script with the module's constants filled in."""
     def table(names: Iterable[str]) -> str:
