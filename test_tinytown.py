@@ -1109,7 +1109,7 @@ def bulk_tasks(town, n, *, tags=(), backlog=True, assign_to=None):
     """n tasks in one pipeline (a big town, quickly)."""
     pipe = town.redis.pipeline()
     tasks = []
-    reach = town.task_store.reach([])  # (the idle agents a backlog task wakes)
+    reach = town.task_store.reach([], new_tasks=True)  # (the idle agents a backlog task wakes)
     for i in range(n):
         task = tinytown.Task(description=f"bulk {i}", tags=list(tags))
         if assign_to:
@@ -3020,7 +3020,7 @@ def test_failing_the_head_of_a_long_chain_fails_every_task_and_a_retry_reopens_t
     w = worker(town)
     head = w.assign("head")
     ids, previous = [], head.id
-    pipe, reach = town.redis.pipeline(), town.task_store.reach([])
+    pipe, reach = town.redis.pipeline(), town.task_store.reach([], new_tasks=True)
     for i in range(12_000):
         task = tinytown.Task(description=f"link {i}", after=[previous])
         town.task_store.queue_create(pipe, task, assign_to=None, backlog=True, reach=reach)

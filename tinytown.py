@@ -2255,14 +2255,21 @@ local function reach_loop(agent)  -- and what its loop took
 end
 local function reach_tag(tag) want('backlog:tag', tag) want('role', tag) end
 local function reach_prerequisite(pre) want('task', pre) want('dependents', pre) end
--- A task going into the backlog wakes idle agents.
-local idle_reached
-local function reach_idle()
-  if idle_reached == nil then
-    idle_reached = true
-    for _, agent in ipairs(redis.call('SMEMBERS', town.idle)) do idle_reached = want('wake', agent) and idle_reached end
+-- A task going into the backlog wakes the idle agents that may claim it (to_backlog's
+-- choice): any idle one when it has no tags, else those whose role or name is one of them.
+local function reach_wakes(raw_tags)
+  local tags = decode_list(raw_tags)
+  if #tags == 0 then
+    for _, agent in ipairs(redis.call('SMEMBERS', town.idle)) do want('wake', agent) end
   end
-  if not idle_reached then short = true end
+  for _, tag in ipairs(tags) do
+    tag = tostring(tag)
+    if want('role', tag) then
+      for _, agent in ipairs(redis.call('SINTER', town.idle, key('role', tag))) do want('wake', agent) end
+    end
+    local named = redis.call('HGET', town.agents, tag)
+    if named and redis.call('SISMEMBER', town.idle, named) == 1 then want('wake', named) end
+  end
 end
 -- Of a task's fields (a field/value list), those that name keys: its agents, tags and prerequisites.
 local function reach_fields(fields)
@@ -2273,17 +2280,23 @@ local function reach_fields(fields)
     elseif name == 'after' then reach_each(value, reach_prerequisite) end
   end
 end
--- A task's change (to these `fields`, if given): its keys and those its record names.
--- (Its dependents are the graph's next steps, which reach on their own.)
-local function reach_task(task_id, fields)
+-- A task's change (to these `fields`, if given; `backlog`: it may go into the backlog): its
+-- keys and those its record names.  (Its dependents are the graph's next steps, which
+-- reach on their own.)
+local function reach_task(task_id, fields, backlog)
   want('waits', task_id)
   want('dependents', task_id)
+  local tags
   if want('task', task_id) then
-    local agent, to, tags, after =
-      unpack(redis.call('HMGET', key('task', task_id), 'assigned_to', 'release_to', 'tags', 'after'))
+    local agent, to, after
+    agent, to, tags, after = unpack(redis.call('HMGET', key('task', task_id), 'assigned_to', 'release_to', 'tags', 'after'))
     reach_fields({'assigned_to', agent, 'release_to', to, 'tags', tags, 'after', after})
   end
+  for i = 1, #(fields or {}) - 1, 2 do
+    if fields[i] == 'tags' then tags = fields[i + 1] end
+  end
   if fields then reach_fields(fields) end
+  if backlog then reach_wakes(tags) end
 end
 
 -- Moves a task between the per-state and per-agent indexes (nil state: out of all).
@@ -2521,8 +2534,7 @@ local function reach_item(item)
   want('task', pre)
   if not want('dependents', pre) then return nil end
   local scan = redis.call('SSCAN', key('dependents', pre), cursor, 'COUNT', 100)
-  reach_idle()  -- (a dependent released goes to the backlog)
-  for _, dependent in ipairs(scan[2]) do reach_task(dependent) end
+  for _, dependent in ipairs(scan[2]) do reach_task(dependent, nil, true) end  -- (released: to the backlog)
   if short then return nil end
   return pre, scan
 end
@@ -2615,9 +2627,8 @@ if mode == 'assign' then
   reach_task(task_id)
   reach_agent(ARGV[6])
 else
-  reach_task(task_id, {unpack(ARGV, 6)})
+  reach_task(task_id, {unpack(ARGV, 6)}, mode == 'to_backlog')
 end
-if mode == 'to_backlog' then reach_idle() end
 if short then return need_keys() end
 if mode == 'from_backlog' and not redis.call('ZSCORE', town.backlog, task_id) then return 0 end
 if mode == 'assign' then
@@ -2637,8 +2648,7 @@ return 1
 # A new task, or an error reply (writing nothing) naming what refused it.
 _NEW_TASK_LUA = _TASKS_LUA + """
 local task_id, fields = ARGV[2], {unpack(ARGV, 8)}
-reach_task(task_id, fields)
-reach_idle()  -- (into the backlog now, or once its prerequisites are done)
+reach_task(task_id, fields, true)  -- (into the backlog now, or once its prerequisites are done)
 if short then return need_keys() end
 local archived = cjson.decode(ARGV[7])
 local problem = refusal(task_id, fields, archived)
@@ -2676,10 +2686,10 @@ local now, ops = ARGV[2], cjson.decode(ARGV[3])
 local new_after = {}
 for _, op in ipairs(ops) do
   if op.op == 'create' then
-    reach_task(op.id, op.fields)
+    reach_task(op.id, op.fields, true)
     for i = 1, #op.fields - 1, 2 do if op.fields[i] == 'after' then new_after[op.id] = op.fields[i + 1] end end
   else
-    reach_task(op.id, {'assigned_to', op.agent, 'tags', op.tags, 'after', op.after})
+    reach_task(op.id, {'assigned_to', op.agent, 'tags', op.tags, 'after', op.after}, true)
     new_after[op.id] = op.after
   end
 end
@@ -2698,7 +2708,6 @@ for _, op in ipairs(ops) do
     end
   end
 end
-reach_idle()
 if short then return need_keys() end
 
 local known = {}
@@ -2962,7 +2971,6 @@ for _, agent in ipairs(redis.call('HVALS', town.agents)) do
   local role = want('agent', agent) and redis.call('HGET', key('agent', agent), 'role')
   if role and role ~= '' then want('role', role) end
 end
-reach_idle()
 if short then return need_keys() end
 if kind == 'list' then
   backlog = redis.call('LRANGE', town.backlog, 0, -1)
@@ -3015,11 +3023,13 @@ end
 return {#tasks, queued, #agents}
 """
 
-# _TASKS_LUA, then: ARGV[2..] = task ids.  Writes nothing: the keys a change of these tasks
-# may touch (into the backlog too) that KEYS lacks (TaskStore.reach).
+# _TASKS_LUA, then: ARGV[2..] = task ids ('': a new task without tags).  Writes nothing: the
+# keys a change of these tasks may touch (into the backlog too) that KEYS lacks
+# (TaskStore.reach).
 _REACH_LUA = _TASKS_LUA + """
-for i = 2, #ARGV do reach_task(ARGV[i]) end
-reach_idle()
+for i = 2, #ARGV do
+  if ARGV[i] == '' then reach_wakes('[]') else reach_task(ARGV[i], nil, true) end
+end
 return needed
 """
 
@@ -3097,13 +3107,15 @@ class TaskStore:
             keys += self.keys.of_agent(agent_id, loop=True)
         return keys + list(self._usual)
 
-    def reach(self, task_ids: Iterable[str], agents: Iterable[str | None] = ()) -> list[str]:
+    def reach(self, task_ids: Iterable[str], agents: Iterable[str | None] = (), *,
+              new_tasks: bool = False) -> list[str]:
         """All the keys a change of these tasks (to these agents, or into the backlog) may
-        touch, for a transaction that queues such changes: read by the library itself, so it
-        is exact while the transaction WATCHes the tasks' records and the idle set."""
+        touch, and with `new_tasks` the creation of untagged backlog tasks, for a transaction
+        that queues such changes: read by the library itself, so it is exact while the
+        transaction WATCHes the tasks' records and the idle set."""
         task_ids = list(task_ids)
         keys = self.declared(task_ids, agents)
-        return keys + self._reach(keys=keys, args=[self.keys.prefix, *task_ids])
+        return keys + self._reach(keys=keys, args=[self.keys.prefix, *task_ids, *([""] if new_tasks else [])])
 
     # -- reading -----------------------------------------------------------------
 
@@ -3212,9 +3224,11 @@ class TaskStore:
                      sender: str = CONDUCTOR_ID, priority: str = Priority.NORMAL,
                      archived: dict[str, str] | None = None, reach: Iterable[str] = ()) -> None:
         """Queue create()'s script in `pipe` (a MULTI of the caller's, which passes the
-        `reach` of its changes: at least reach([]), the idle agents a backlog task wakes)."""
+        `reach` of its changes, such as reach([], new_tasks=True): the idle agents an untagged
+        backlog task wakes)."""
         kind, fields = self._creation(task, assign_to, backlog, sender, priority, None)
-        keys = [*self.declared([task.id, *task.after], [assign_to], tags=task.tags), *reach]
+        keys = [*self.declared([task.id, *task.after], [assign_to, task.assigned_to, task.release_to], tags=task.tags),
+                *reach]
         self._new(keys=keys, args=[self.keys.prefix, task.id, time.time(), "1" if backlog and not task.after else "",
                         kind, task.description[:200], json.dumps(archived or {}), *fields], client=pipe)
 
@@ -4322,7 +4336,7 @@ class Channel:
             tasks = {t: _from_hash(Task, data) for t in task_ids if (data := pipe.hgetall(self.keys.task(t)))}
             name, role = pipe.hmget(self.keys.agent(agent_id), "name", "role") if retire else (None, None)
             owner = pipe.hget(self.keys.agents, name) if name else None
-            reach = self.task_store.reach(tasks, [target])  # (exact: the tasks and idle set are watched)
+            reach = self.task_store.reach(tasks, [target], new_tasks=True)  # (exact: tasks and idle set watched)
             pipe.multi()
             pipe.delete(*lists)
             bad = [raw for raw, message in parsed if message is None]
