@@ -3047,7 +3047,7 @@ end
 return 1
 """
 
-PUSH_BATCH = 250  # plan operations per script: each batch keeps Redis busy for a few ms
+PUSH_BATCH = 150  # plan operations per script: each batch keeps Redis busy for a few ms
 PRUNE_BATCH = 500  # finished tasks a prune script looks at
 
 
