@@ -1484,6 +1484,21 @@ def test_unfinished_task_is_requeued_with_attempts_then_failed(town):
     assert "leaving task" in (town.root / ".tt" / "logs" / "skipper" / "round-3.log").read_text()
 
 
+def test_a_round_whose_own_tt_met_a_redis_outage_costs_its_task_no_attempt(town, configure):
+    """The agent's `tt` in a round could not reach Redis (a failover, a restart: here a URL
+    where nothing answers): its report may be what was lost, so the task goes back to the
+    agent without an attempt, and an outage never uses up a task's attempts."""
+    town = configure({"cutoff": "cat >/dev/null; env -u TINYTOWN_AGENT_ID REDIS_URL=redis://127.0.0.1:1"
+                                " {tt} task list; true"}, max_attempts=1)
+    worker = town.spawn_agent("cutoff", "cutoff", max_rounds=1)  # one round per loop: observable
+    task = worker.assign("report it")
+    assert worker.wait(timeout=30).state == "stopped"
+    assert [(m.body["task_id"], m.attempts) for m in worker.inbox()] == [(task.id, 0)]
+    current = town.task(task.id)
+    assert current.state == "assigned" and current.attempts == 0
+    assert "could not reach Redis" in (town.root / ".tt" / "logs" / "cutoff.log").read_text()
+
+
 # -- round timeout --
 
 def test_round_timeout_kills_the_whole_process_group(town, configure, tmp_path):

@@ -1461,6 +1461,12 @@ def _agent_path(root: Path, name: str, template: str) -> Path:
     return root / RUNTIME_DIR / template.format(name=_check_name(name, "agent name"))
 
 
+# Left by an agent's own `tt` that could not reach Redis (a failover, a restart) during its
+# round: the loop counts no attempt for what the round left unfinished (its report may be
+# what the outage took).
+ROUND_OUTAGE_FILE = "agents/{name}/redis-outage"
+
+
 def _runtime_dir(root: Path) -> Path:
     """The town's .tt/ folder, private (0700) however it came to be made."""
     runtime = root / RUNTIME_DIR
@@ -7694,8 +7700,11 @@ class AgentLoop:
         raw_file = log_file.with_suffix(".out") if self.cli.output in OUTPUT_PARSERS else None
         log_start = log_file.stat().st_size if log_file.exists() else 0
         started = time.monotonic()
+        outage_file = _agent_path(self.town.root, agent.name, ROUND_OUTAGE_FILE)
+        outage_file.unlink(missing_ok=True)
         code, outcome = self._run_cli(prompt, prompt_file, log_file, agent, command, raw_file)
         seconds = time.monotonic() - started
+        met_outage = outage_file.exists()
         usage = _read_round_output(self.cli.output, raw_file, log_file) if raw_file else RoundUsage()
         if code == 0 and usage.error:  # codex, for one, exits 0 after a failed turn
             code, outcome = 1, f"the CLI reported an error: {usage.error[:200]}"
@@ -7716,7 +7725,11 @@ class AgentLoop:
             acked, reason = handled | {m.id for m in messages if not m.actionable}, outcome
             if self._signals > 1:  # cut short by this loop's stop: not the messages' fault
                 count = "interruption"
-        self._failures = 0 if code == 0 or limit else self._failures + 1
+        if met_outage and not limit and count == "attempt":  # (its report may be what was lost)
+            count = "none"
+            log.warning("agent %s: the round's own tt could not reach Redis; what it left unfinished"
+                        " goes back without an attempt", agent.name)
+        self._failures = 0 if (code == 0 and not met_outage) or limit else self._failures + 1
         self._settle(acked, reason, count=count, wake=not self._failures)  # retried after a back-off
         self.town.wake_cold_for_work()  # (what the round released may be a cold agent's work)
         if code == 0 and self._rate_limited:  # the provider answers again: the back-off starts afresh
@@ -10107,7 +10120,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # one line, never a traceback (unless -v asks for it)
         log.debug("the traceback of the error:", exc_info=True)
+        if isinstance(exc, (RedisUnreachable, *REDIS_OUTAGES)):
+            _tell_the_round_of_an_outage()
         return _report(exc, args.json)
+
+
+def _tell_the_round_of_an_outage() -> None:
+    """Inside an agent's round, leave ROUND_OUTAGE_FILE for its loop (see there)."""
+    name, town = os.environ.get("TINYTOWN_AGENT_NAME"), os.environ.get("TINYTOWN_TOWN")
+    if name and town:
+        with contextlib.suppress(OSError, TinytownError):
+            _agent_path(Path(town), name, ROUND_OUTAGE_FILE).touch()
 
 
 # Watch #######################################################################
