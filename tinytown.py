@@ -1786,6 +1786,25 @@ def _needed_keys(exc: Exception) -> list[str] | None:
     return json.loads(text[len("TTNEED "):])
 
 
+def _with_needed_keys(run: Callable[[list[str]], Any], learn: Callable[[list[str]], None] | None) -> Any:
+    """run(keys asked for so far) until it no longer answers `TTNEED` (a script, or a
+    transaction holding only one, that wrote nothing and named the keys it lacks); `learn`
+    is told each time which they were."""
+    extra: list[str] = []
+    for _ in range(NEED_ROUNDS):
+        try:
+            return run(extra)
+        except redis.ResponseError as exc:
+            if (needed := _needed_keys(exc)) is None:
+                raise
+            if learn:
+                learn(needed)
+            asked = set(extra)
+            extra += [key for key in needed if key not in asked]
+    raise TinytownError(f"a script still missed keys after {NEED_ROUNDS} tries; the town changes"
+                        " faster than it can be read: try again")
+
+
 class _Script(redis.commands.core.Script):
     """A Lua script run by its SHA, which also runs in a Redis Cluster's transaction (where
     redis-py does not load a pipeline's scripts first, as it does on one server): there it
@@ -1806,18 +1825,7 @@ class _Script(redis.commands.core.Script):
             return client.execute_command("EVAL", self.script, len(keys), *keys, *args)
         if isinstance(client, redis.client.Pipeline):
             return super().__call__(keys, args, client)  # (queued: the pipeline's execute() answers)
-        for _ in range(NEED_ROUNDS):
-            try:
-                return super().__call__(keys, args, client)
-            except redis.ResponseError as exc:
-                if (needed := _needed_keys(exc)) is None:
-                    raise
-                if self.learn:
-                    self.learn(needed)
-                declared = set(keys)
-                keys += [key for key in needed if key not in declared]
-        raise TinytownError(f"a script still missed keys after {NEED_ROUNDS} tries; the town changes"
-                            " faster than it can be read: try again")
+        return _with_needed_keys(lambda extra: super(_Script, self).__call__(keys + extra, args, client), self.learn)
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -3071,6 +3079,7 @@ class TaskStore:
         self.archive_dir = archive_dir
         self._town_keys = [getattr(keys, name) for name in LIBRARY_TOWN_KEYS] + [keys.tasks_in(s) for s in TaskState]
         self._usual: dict[str, None] = {}  # keys of agents and tags scripts asked for lately
+        self._per_task = tuple(keys.of_task(""))  # (prefixes of a task's own keys: never kept)
         script = self.script
         self._change, self._new = script(_CHANGE_TASK_LUA), script(_NEW_TASK_LUA)
         self._plan_push, self._drop = script(_PLAN_PUSH_LUA), script(_DROP_TASKS_LUA)
@@ -3088,9 +3097,8 @@ class TaskStore:
     def _learn(self, needed: list[str]) -> None:
         """Keep the keys of agents and tags a script asked for: the next calls declare them
         at once (a task's own keys are asked for once, and not kept)."""
-        per_task = tuple(self.keys.prefix + kind + ":" for kind in ("task", "waits", "dependents"))
         for key in needed:
-            if not key.startswith(per_task):
+            if not key.startswith(self._per_task):
                 self._usual.pop(key, None)
                 self._usual[key] = None
         while len(self._usual) > USUAL_KEYS_KEPT:
@@ -3272,16 +3280,11 @@ class TaskStore:
         found: dict[str, None] = {}
         level = [tuple(item.partition("|")[::2]) for item in items]
         while level and len(found) < GRAPH_BUDGET:
-            for task_id, _ in level:
+            pipe = self.redis.pipeline(transaction=False)
+            for task_id, cursor in level:
                 found[task_id] = None
-            if len(level) == 1:  # (a chain: one command costs less than a pipeline of one)
-                scans = [self.redis.sscan(self.keys.dependents(level[0][0]), level[0][1] or 0, count=100)]
-            else:
-                pipe = self.redis.pipeline(transaction=False)
-                for task_id, cursor in level:
-                    pipe.sscan(self.keys.dependents(task_id), cursor or 0, count=100)
-                scans = pipe.execute()
-            level = [(dependent, "") for _, dependents in scans for dependent in dependents
+                pipe.sscan(self.keys.dependents(task_id), cursor or 0, count=100)
+            level = [(dependent, "") for _, dependents in pipe.execute() for dependent in dependents
                      if dependent not in found]
         return list(found)
 
@@ -3311,30 +3314,20 @@ class TaskStore:
         """Apply `decide(task)`'s changes under WATCH (None: leave the task as it is).  The
         transaction holds the one script, so one that asked for more keys wrote nothing, and
         goes again with them."""
-        reach: list[str] = []
+        def change_with(reach: list[str]) -> Task:
+            def change_in(pipe: Any) -> Task:
+                data = pipe.hgetall(self.keys.task(task_id))
+                if not data:
+                    raise TaskNotFound(task_id)
+                task = _from_hash(Task, data)
+                changes = decide(task)
+                if not changes:
+                    return task
+                pipe.multi()
+                return self.queue_change(pipe, task, reach=reach, **changes)
+            return self.redis.transaction(change_in, self.keys.task(task_id), value_from_callable=True)
 
-        def change_in(pipe: Any) -> Task:
-            data = pipe.hgetall(self.keys.task(task_id))
-            if not data:
-                raise TaskNotFound(task_id)
-            task = _from_hash(Task, data)
-            changes = decide(task)
-            if not changes:
-                return task
-            pipe.multi()
-            return self.queue_change(pipe, task, reach=reach, **changes)
-
-        for _ in range(NEED_ROUNDS):
-            try:
-                changed = self.redis.transaction(change_in, self.keys.task(task_id), value_from_callable=True)
-                break
-            except redis.ResponseError as exc:
-                if (needed := _needed_keys(exc)) is None:
-                    raise
-                self._learn(needed)
-                reach += needed
-        else:
-            raise TinytownError(f"task {task_id} changes faster than it can be read: try again")
+        changed = _with_needed_keys(change_with, self._learn)
         self.settle_graph()
         return changed
 
